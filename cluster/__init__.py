@@ -1,0 +1,1 @@
+"""Local cluster lifecycle, the `orfeas` CLI and the cluster-wide actors."""

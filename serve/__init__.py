@@ -1,0 +1,1 @@
+"""Ray Serve applications: the OpenAI-compatible gateway and the services behind it."""

@@ -1,0 +1,69 @@
+"""The Serve applications a configuration deploys, as one list.
+
+`orfeas up` deploys this list on the local cluster and `orfeas k8s render` writes the same list
+into a RayService's serveConfigV2, so the two cannot drift. Each entry names an importable
+builder and JSON-safe arguments, which is what Serve's declarative config needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from config import ModelSpec, Settings
+
+GATEWAY_APP = "gateway"
+GATEWAY_IMPORT_PATH = "serve.gateway.app:build_app"
+MODEL_IMPORT_PATH = "models.serving:build_model_app"
+VLLM_IMPORT_PATH = "models.engines.vllm_engine:build_vllm_app"
+
+# Engines that run inside the cluster as their own Serve application; `openai` backends are
+# called by the gateway directly over HTTPS.
+IN_CLUSTER_ENGINES = ("transformers", "sentence-transformers", "vllm")
+
+
+@dataclass(frozen=True)
+class AppSpec:
+    name: str
+    import_path: str
+    route_prefix: str | None
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def build(self):
+        """Import the builder and return the bound Serve application."""
+        module, _, attr = self.import_path.partition(":")
+        return getattr(importlib.import_module(module), attr)(self.args)
+
+    def to_serve_config(self) -> dict[str, Any]:
+        app: dict[str, Any] = {"name": self.name, "import_path": self.import_path, "args": self.args}
+        if self.route_prefix is not None:
+            app["route_prefix"] = self.route_prefix
+        return app
+
+
+def model_app_name(model_id: str) -> str:
+    """Serve application name of an in-cluster model (Serve names allow a limited alphabet)."""
+    return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_id)
+
+
+def model_app(spec: ModelSpec) -> AppSpec:
+    import_path = VLLM_IMPORT_PATH if spec.engine == "vllm" else MODEL_IMPORT_PATH
+    return AppSpec(model_app_name(spec.id), import_path, None, {"model": spec.model_dump(mode="json")})
+
+
+def applications(settings: Settings) -> list[AppSpec]:
+    """Model applications first (the gateway finds them by name), then the gateway at `/`."""
+    apps = [model_app(m) for m in settings.models if m.engine in IN_CLUSTER_ENGINES]
+    apps.append(AppSpec(GATEWAY_APP, GATEWAY_IMPORT_PATH, "/", {"settings": settings.to_dict()}))
+    return apps
+
+
+def serve_config(settings: Settings) -> dict[str, Any]:
+    """Serve's declarative config (the body of `serve deploy` and a RayService's serveConfigV2)."""
+    return {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": settings.serve.host, "port": settings.serve.port},
+        "applications": [a.to_serve_config() for a in applications(settings)],
+    }
