@@ -41,6 +41,7 @@ class ServeSettings(_Section):
 
 class GatewaySettings(_Section):
     num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(100, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
     health_cache_s: float = Field(2.0, ge=0, description="How long a backend health answer is reused.")

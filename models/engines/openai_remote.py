@@ -1,0 +1,122 @@
+"""Any remote OpenAI-compatible endpoint (OpenAI, Anthropic's and Gemini's compatibility APIs,
+a vLLM server elsewhere) as a backend. Requests are streamed upstream and passed through as
+events; provider errors become typed API errors."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+
+from config import ModelSpec
+from models.errors import APIError, InvalidRequest, UpstreamError, UpstreamTimeout
+from models.protocol import GenerationEvent, Usage
+
+log = logging.getLogger(__name__)
+
+
+class RateLimited(APIError):
+    status, type, code = 429, "rate_limit_error", "upstream_rate_limited"
+
+
+class RemoteOpenAIEngine:
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.base_url = (spec.base_url or "").rstrip("/")
+        self._client: httpx.AsyncClient | None = None
+
+    def problem(self) -> str | None:
+        """Why this backend cannot serve at all (configuration), or None."""
+        if self.spec.api_key_env and not os.environ.get(self.spec.api_key_env):
+            return f"environment variable {self.spec.api_key_env} (API key for {self.spec.id!r}) is not set"
+        return None
+
+    def _headers(self) -> dict[str, str]:
+        key = os.environ.get(self.spec.api_key_env or "", "")
+        return {"Authorization": f"Bearer {key}"} if key else {}
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        if self._client is None:
+            t = self.spec.timeout_s
+            self._client = httpx.AsyncClient(timeout=httpx.Timeout(t, connect=min(t, 10.0)))
+        return self._client
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+
+    # ------------------------------------------------------------ errors
+
+    async def _raise_for_status(self, resp: httpx.Response) -> None:
+        if resp.status_code < 400:
+            return
+        body = (await resp.aread()).decode("utf-8", "replace")
+        try:
+            message = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = body[:300] or resp.reason_phrase
+        where = f"provider of {self.spec.id!r} answered {resp.status_code}"
+        if resp.status_code in (400, 404, 422):
+            raise InvalidRequest(f"{where}: {message}")
+        if resp.status_code == 429:
+            raise RateLimited(f"{where}: {message}")
+        raise UpstreamError(f"{where}: {message}")
+
+    def _transport_error(self, e: httpx.HTTPError) -> APIError:
+        if isinstance(e, httpx.TimeoutException):
+            return UpstreamTimeout(f"provider of {self.spec.id!r} did not answer within {self.spec.timeout_s:g}s")
+        return UpstreamError(f"cannot reach the provider of {self.spec.id!r} at {self.base_url}: {type(e).__name__}")
+
+    # ------------------------------------------------------------ generation
+
+    async def stream(self, kind: str, payload: dict[str, Any]) -> AsyncIterator[GenerationEvent]:
+        """kind is 'chat' or 'completion'; payload is the OpenAI request body minus model and stream."""
+        path = "/chat/completions" if kind == "chat" else "/completions"
+        body = {**payload, "model": self.spec.source, "stream": True, "stream_options": {"include_usage": True}}
+        finish: str | None = None
+        usage: Usage | None = None
+        try:
+            async with self.client.stream("POST", self.base_url + path, json=body, headers=self._headers()) as resp:
+                await self._raise_for_status(resp)
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == "[DONE]":
+                        break
+                    try:
+                        chunk = json.loads(data)
+                    except ValueError:
+                        raise UpstreamError(f"provider of {self.spec.id!r} sent an unreadable stream event") from None
+                    if "error" in chunk:
+                        raise UpstreamError(f"provider of {self.spec.id!r} failed mid-stream: {chunk['error']}")
+                    if chunk.get("usage"):
+                        usage = Usage.model_validate(chunk["usage"])
+                    for choice in chunk.get("choices") or []:
+                        text = (choice.get("delta") or {}).get("content") if kind == "chat" else choice.get("text")
+                        if text:
+                            yield GenerationEvent(text=text)
+                        finish = choice.get("finish_reason") or finish
+        except httpx.HTTPError as e:
+            raise self._transport_error(e) from None
+        if finish is None:
+            raise UpstreamError(f"provider of {self.spec.id!r} ended the stream before finishing")
+        yield GenerationEvent(finish_reason="length" if finish == "length" else "stop", usage=usage)
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        body = {"model": self.spec.source, "input": texts}
+        try:
+            resp = await self.client.post(self.base_url + "/embeddings", json=body, headers=self._headers())
+            await self._raise_for_status(resp)
+            data = resp.json()
+            vectors = [d["embedding"] for d in sorted(data["data"], key=lambda d: d["index"])]
+            return vectors, int((data.get("usage") or {}).get("prompt_tokens", 0))
+        except httpx.HTTPError as e:
+            raise self._transport_error(e) from None
+        except (ValueError, KeyError, TypeError):
+            raise UpstreamError(f"provider of {self.spec.id!r} sent an unreadable embeddings response") from None

@@ -1,0 +1,64 @@
+"""Typed API errors. Engines and the gateway raise them; one handler turns them into
+OpenAI-style JSON error objects with the right HTTP status."""
+
+from __future__ import annotations
+
+
+class APIError(Exception):
+    status: int = 500
+    type: str = "api_error"
+    code: str | None = None
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    # Errors cross process boundaries (Serve replicas, actors): keep every field on the way.
+    def __reduce__(self):
+        return (self.__class__, (self.message, self.param, self.code))
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class InvalidRequest(APIError):
+    status, type = 400, "invalid_request_error"
+
+
+class AuthenticationFailed(APIError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class PermissionDenied(APIError):
+    status, type, code = 403, "permission_error", "model_not_allowed"
+
+
+class NotFound(APIError):
+    status, type = 404, "not_found_error"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class PayloadTooLarge(APIError):
+    status, type, code = 413, "invalid_request_error", "payload_too_large"
+
+
+class ModelUnavailable(APIError):
+    """The model exists but cannot serve now (failed to load, still loading, no healthy backend)."""
+
+    status, type, code = 503, "service_unavailable", "model_unavailable"
+
+
+class UpstreamError(APIError):
+    """A remote provider answered with an error or something unreadable."""
+
+    status, type, code = 502, "upstream_error", "bad_gateway"
+
+
+class UpstreamTimeout(APIError):
+    status, type, code = 504, "timeout_error", "upstream_timeout"

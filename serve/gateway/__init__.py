@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: the Serve ingress in front of every model."""

@@ -1,0 +1,194 @@
+"""The gateway's view of each catalog model: how to reach it and whether it can serve now.
+
+In-cluster engines are Serve applications reached through deployment handles; remote
+providers are called over HTTPS from the gateway replica itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from abc import ABC, abstractmethod
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from ray import serve
+from ray.exceptions import RayTaskError
+
+from config import ModelSpec, Settings
+from models.engines.openai_remote import RemoteOpenAIEngine
+from models.engines.vllm_engine import MISSING_EXTRA, stream_from_llm_server, vllm_available
+from models.errors import APIError, ModelUnavailable
+from models.protocol import GenerationEvent
+from serve.applications import model_app_name
+
+log = logging.getLogger(__name__)
+
+STATUS_TIMEOUT_S = 3.0
+
+
+@dataclass
+class Health:
+    status: str  # ready | loading | unhealthy
+    error: str | None = None
+
+
+def provider_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Sampling parameters as an OpenAI-compatible server takes them (unset ones left to it)."""
+    return {k: v for k, v in params.items() if v is not None and k != "max_tokens_cap"}
+
+
+def unwrap(e: BaseException) -> BaseException:
+    """The API error a replica raised, out of Ray's wrapper."""
+    if isinstance(e, RayTaskError) and isinstance(getattr(e, "cause", None), APIError):
+        return e.cause
+    return e
+
+
+class Backend(ABC):
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+
+    @abstractmethod
+    async def health(self) -> Health: ...
+
+    @abstractmethod
+    def stream(self, kind: str, payload: dict[str, Any], params: dict[str, Any]) -> AsyncIterator[GenerationEvent]:
+        """Generation events for a chat (`messages`) or completion (`prompt`) payload."""
+
+    async def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
+        raise ModelUnavailable(f"model {self.spec.id!r} does not serve embeddings")
+
+
+class ServeAppBackend(Backend):
+    """A model hosted by our own deployment (`models.serving`) in its own Serve application."""
+
+    def __init__(self, spec: ModelSpec, serve_status):
+        super().__init__(spec)
+        self.app_name = model_app_name(spec.id)
+        self._serve_status = serve_status
+        self._handle = None
+
+    @property
+    def handle(self):
+        if self._handle is None:
+            self._handle = serve.get_app_handle(self.app_name)
+        return self._handle
+
+    async def health(self) -> Health:
+        apps = await self._serve_status()
+        app = apps.get(self.app_name)
+        if app is None:
+            return Health("unhealthy", f"Serve application {self.app_name!r} is not deployed")
+        if app.status in ("NOT_STARTED", "DEPLOYING"):
+            return Health("loading")
+        if app.status != "RUNNING":
+            return Health("unhealthy", f"Serve application {self.app_name!r} is {app.status}: {app.message}"[:500])
+        try:
+            st = await asyncio.wait_for(self.handle.status.remote(), STATUS_TIMEOUT_S)
+        except Exception as e:  # a replica that cannot answer its status is not serving
+            return Health("unhealthy", f"status check failed: {type(e).__name__}")
+        return Health(st["status"], st.get("error"))
+
+    async def stream(self, kind, payload, params):
+        try:
+            async for event in self.handle.options(stream=True).generate.remote(kind, payload, params):
+                yield GenerationEvent.model_validate(event)
+        except Exception as e:
+            raise unwrap(e) from None
+
+    async def embed(self, texts):
+        try:
+            return await self.handle.embed.remote(texts)
+        except Exception as e:
+            raise unwrap(e) from None
+
+
+class VLLMBackend(ServeAppBackend):
+    """vLLM through `ray.serve.llm`'s LLMServer deployment."""
+
+    async def health(self) -> Health:
+        if not vllm_available():
+            return Health("unhealthy", MISSING_EXTRA.format(id=self.spec.id))
+        apps = await self._serve_status()
+        app = apps.get(self.app_name)
+        if app is None:
+            return Health("unhealthy", f"Serve application {self.app_name!r} is not deployed")
+        return Health({"RUNNING": "ready", "DEPLOYING": "loading"}.get(app.status, "unhealthy"), app.message or None)
+
+    async def stream(self, kind, payload, params):
+        body = {**payload, "model": self.spec.id, **provider_params(params)}
+        try:
+            async for event in stream_from_llm_server(self.handle, kind, body):
+                yield event
+        except Exception as e:
+            raise unwrap(e) from None
+
+
+class RemoteBackend(Backend):
+    def __init__(self, spec: ModelSpec):
+        super().__init__(spec)
+        self.engine = RemoteOpenAIEngine(spec)
+
+    async def health(self) -> Health:
+        problem = self.engine.problem()
+        return Health("unhealthy", problem) if problem else Health("ready")
+
+    async def stream(self, kind, payload, params):
+        body = {**payload, **provider_params(params)}
+        async for event in self.engine.stream(kind, body):
+            yield event
+
+    async def embed(self, texts):
+        vectors, tokens = await self.engine.embed(texts)
+        # Providers report one total; spread it so per-input counts still add up.
+        per = [tokens // len(texts)] * len(texts)
+        per[0] += tokens - sum(per)
+        return vectors, per
+
+
+class BackendRegistry:
+    """One backend per catalog model, with health answers cached briefly."""
+
+    def __init__(self, settings: Settings):
+        self.cache_s = settings.gateway.health_cache_s
+        self._apps: tuple[float, dict[str, Any]] = (0.0, {})
+        self._health: dict[str, tuple[float, Health]] = {}
+        self.backends: dict[str, Backend] = {}
+        for spec in settings.models:
+            if spec.engine == "openai":
+                self.backends[spec.id] = RemoteBackend(spec)
+            elif spec.engine == "vllm":
+                self.backends[spec.id] = VLLMBackend(spec, self._serve_status)
+            else:
+                self.backends[spec.id] = ServeAppBackend(spec, self._serve_status)
+
+    async def _serve_status(self) -> dict[str, Any]:
+        at, apps = self._apps
+        if time.monotonic() - at > self.cache_s:
+            status = await asyncio.to_thread(serve.status)
+            apps = {name: _AppState(a.status.value if hasattr(a.status, "value") else str(a.status), a.message)
+                    for name, a in status.applications.items()}
+            self._apps = (time.monotonic(), apps)
+        return apps
+
+    def get(self, model_id: str) -> Backend | None:
+        return self.backends.get(model_id)
+
+    async def health(self, model_id: str) -> Health:
+        at, h = self._health.get(model_id, (0.0, None))
+        if h is None or time.monotonic() - at > self.cache_s:
+            h = await self.backends[model_id].health()
+            self._health[model_id] = (time.monotonic(), h)
+        return h
+
+    def forget_health(self, model_id: str) -> None:
+        self._health.pop(model_id, None)
+
+
+@dataclass
+class _AppState:
+    status: str
+    message: str
