@@ -125,15 +125,25 @@ def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Se
 
 @app.command()
 def down(config: ConfigOpt = None):
-    """Remove the Serve applications and stop the local Ray head if ORFEAS started it."""
+    """Remove the Serve applications and stop the local Ray head if ORFEAS started it.
+
+    On an external cluster only ORFEAS's own applications are removed; the cluster keeps running.
+    """
     from ray import serve
 
     from cluster.local import ClusterError, connect, is_managed, stop_local_head
+    from serve.applications import applications
 
     settings = settings_or_exit(config)
     try:
         connect(settings)
-        serve.shutdown()
+        if is_managed(settings):
+            serve.shutdown()
+        else:
+            deployed = serve.status().applications
+            for a in applications(settings):
+                if a.name in deployed:
+                    serve.delete(a.name)
         console.print("Serve applications removed")
     except ClusterError:
         console.print("no ORFEAS cluster is running")
