@@ -92,3 +92,16 @@ def test_bad_cli_input_is_refused_without_changes(config_file, admin_key, tmp_pa
     bad.write_text("serve:\n  port: -1\n")
     r = orfeas("status", config=bad, check=False)
     assert r.returncode == 2 and "serve.port" in r.stderr and "greater than or equal to 1" in r.stderr
+
+
+def test_auth_off_only_on_purpose_and_up_warns(config_file, admin_key, serve_port):
+    import os
+
+    base = f"http://127.0.0.1:{serve_port}"
+    assert httpx.get(base + "/v1/models", timeout=30).status_code == 401  # on by default
+    env = {**os.environ, "ORFEAS_AUTH__ENABLED": "false"}
+    r = subprocess.run([ORFEAS, "up", "--config", str(config_file)], capture_output=True, text=True, env=env,
+                       timeout=400)
+    assert r.returncode == 0, r.stderr
+    assert "auth is switched off" in r.stderr
+    assert httpx.get(base + "/v1/models", timeout=30).status_code == 200
