@@ -195,8 +195,11 @@ class Gateway:
                 cls = ChatCompletionChunk if kind == "chat" else Completion
                 yield _sse(cls(id=rid, created=created, model=req.model, choices=[], usage=usage))
             yield "data: [DONE]\n\n"
-        except APIError as e:
+        except Exception as e:
             # Past the first token the status line is sent: report the error in the stream itself.
+            if not isinstance(e, APIError):
+                log.exception("stream from %s failed", call.model)
+                e = ModelUnavailable(f"model {call.model!r} failed while streaming: {type(e).__name__}")
             status, error_type = e.status, e.type
             yield _sse(e.body())
         finally:
