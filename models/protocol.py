@@ -259,3 +259,26 @@ class GenerationEvent(BaseModel):
     text: str = ""
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+
+
+class StreamReader:
+    """Turns an OpenAI-compatible server's stream chunks (chat or completion) into generation events."""
+
+    def __init__(self, kind: Literal["chat", "completion"]):
+        self.kind = kind
+        self.finish: str | None = None
+        self.usage: Usage | None = None
+
+    def read(self, chunk: dict[str, Any]) -> list[GenerationEvent]:
+        if chunk.get("usage"):
+            self.usage = Usage.model_validate(chunk["usage"])
+        events = []
+        for choice in chunk.get("choices") or []:
+            text = (choice.get("delta") or {}).get("content") if self.kind == "chat" else choice.get("text")
+            if text:
+                events.append(GenerationEvent(text=text))
+            self.finish = choice.get("finish_reason") or self.finish
+        return events
+
+    def final(self) -> GenerationEvent:
+        return GenerationEvent(finish_reason="length" if self.finish == "length" else "stop", usage=self.usage)

@@ -14,7 +14,7 @@ import httpx
 
 from config import ModelSpec
 from models.errors import APIError, InvalidRequest, UpstreamError, UpstreamTimeout
-from models.protocol import GenerationEvent, Usage
+from models.protocol import GenerationEvent, StreamReader
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +78,7 @@ class RemoteOpenAIEngine:
         """kind is 'chat' or 'completion'; payload is the OpenAI request body minus model and stream."""
         path = "/chat/completions" if kind == "chat" else "/completions"
         body = {**payload, "model": self.spec.source, "stream": True, "stream_options": {"include_usage": True}}
-        finish: str | None = None
-        usage: Usage | None = None
+        reader = StreamReader(kind)
         try:
             async with self.client.stream("POST", self.base_url + path, json=body, headers=self._headers()) as resp:
                 await self._raise_for_status(resp)
@@ -95,18 +94,13 @@ class RemoteOpenAIEngine:
                         raise UpstreamError(f"provider of {self.spec.id!r} sent an unreadable stream event") from None
                     if "error" in chunk:
                         raise UpstreamError(f"provider of {self.spec.id!r} failed mid-stream: {chunk['error']}")
-                    if chunk.get("usage"):
-                        usage = Usage.model_validate(chunk["usage"])
-                    for choice in chunk.get("choices") or []:
-                        text = (choice.get("delta") or {}).get("content") if kind == "chat" else choice.get("text")
-                        if text:
-                            yield GenerationEvent(text=text)
-                        finish = choice.get("finish_reason") or finish
+                    for event in reader.read(chunk):
+                        yield event
         except httpx.HTTPError as e:
             raise self._transport_error(e) from None
-        if finish is None:
+        if reader.finish is None:
             raise UpstreamError(f"provider of {self.spec.id!r} ended the stream before finishing")
-        yield GenerationEvent(finish_reason="length" if finish == "length" else "stop", usage=usage)
+        yield reader.final()
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], int]:
         body = {"model": self.spec.source, "input": texts}

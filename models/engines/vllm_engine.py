@@ -12,7 +12,7 @@ from typing import Any
 
 from config import ModelSpec
 from models.errors import InvalidRequest, UpstreamError
-from models.protocol import GenerationEvent, Usage
+from models.protocol import GenerationEvent, StreamReader
 
 MISSING_EXTRA = (
     "model {id!r} uses engine 'vllm', which needs vLLM: install the gpu extra "
@@ -54,7 +54,7 @@ async def stream_from_llm_server(handle, kind: str, payload: dict[str, Any]) -> 
 
     request_cls, method = (ChatCompletionRequest, "chat") if kind == "chat" else (CompletionRequest, "completions")
     request = request_cls(**payload, stream=True, stream_options={"include_usage": True})
-    finish, usage = None, None
+    reader = StreamReader(kind)
     async for batch in getattr(handle.options(stream=True), method).remote(request):
         for item in batch if isinstance(batch, list) else [batch]:
             if not isinstance(item, str):  # an ErrorResponse object
@@ -66,12 +66,6 @@ async def stream_from_llm_server(handle, kind: str, payload: dict[str, Any]) -> 
             for line in item.splitlines():
                 if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                     continue
-                chunk = json.loads(line[5:])
-                if chunk.get("usage"):
-                    usage = Usage.model_validate(chunk["usage"])
-                for choice in chunk.get("choices") or []:
-                    text = (choice.get("delta") or {}).get("content") if kind == "chat" else choice.get("text")
-                    if text:
-                        yield GenerationEvent(text=text)
-                    finish = choice.get("finish_reason") or finish
-    yield GenerationEvent(finish_reason="length" if finish == "length" else "stop", usage=usage)
+                for event in reader.read(json.loads(line[5:])):
+                    yield event
+    yield reader.final()
