@@ -388,3 +388,14 @@ def object_id(o: dict[str, Any]) -> str:
 
 def dumps_json(o: Any) -> str:
     return json.dumps(o, sort_keys=True)
+
+
+def find_object(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    """The object of that kind (and name); KeyError when there is none."""
+    for o in objs:
+        if o.get("kind") == kind and (name is None or (o.get("metadata") or {}).get("name") == name):
+            return o
+    raise KeyError(f"no {kind}{'/' + name if name else ''}")
+
+
+ALL_TARGETS = (*OVERLAYS, "jobs")
