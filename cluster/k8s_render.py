@@ -45,6 +45,10 @@ RAYSERVICE_NAME = "orfeas"
 APP_DIR = "/home/ray/orfeas"
 DATA_DIR = "/home/ray/data"
 SERVE_PORT = 8000
+# The namespace's Qdrant server (kuberay/base/qdrant.yaml) and the variable holding its API key
+# (from the orfeas-qdrant Secret in every Ray pod).
+QDRANT_URL = "http://orfeas-qdrant:6333"
+QDRANT_API_KEY_ENV = "ORFEAS_QDRANT_API_KEY"
 
 
 class RenderError(Exception):
@@ -100,6 +104,13 @@ def in_cluster(settings: Settings, config_file: Path) -> Settings:
     for m in s.models:
         if m.engine != "openai":
             m.source = _rebase(m.source, root)
+    # The RAG settings (rag.qdrant_url, rag.qdrant_api_key_env): the cluster uses its Qdrant
+    # server unless the file names another one.
+    rag = getattr(s, "rag", None)
+    if rag is not None and hasattr(rag, "qdrant_url") and not rag.qdrant_url:
+        rag.qdrant_url = QDRANT_URL
+        if hasattr(rag, "qdrant_api_key_env") and not rag.qdrant_api_key_env:
+            rag.qdrant_api_key_env = QDRANT_API_KEY_ENV
     return s
 
 
