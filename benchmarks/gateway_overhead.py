@@ -1,0 +1,169 @@
+"""What the gateway adds: the same tiny model through its Serve handle vs through the gateway over HTTP.
+
+Both paths run in one process against one deployment in the same run, so the ratio compares
+like with like. The HTTP path pays for the proxy, authentication, validation, routing and SSE.
+
+    .venv/bin/python benchmarks/gateway_overhead.py [--requests 200] [--concurrency 1 4 16]
+
+Writes benchmarks/results/gateway_overhead.json and prints a markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import httpx  # noqa: E402
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+PAYLOAD = {"messages": [{"role": "user", "content": "Say something short."}]}
+MAX_TOKENS = 8
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+async def run_level(call, concurrency: int, n: int) -> dict:
+    latencies, ttfts = [], []
+    queue = list(range(n))
+
+    async def worker():
+        while queue:
+            queue.pop()
+            start = time.perf_counter()
+            first = await call()
+            end = time.perf_counter()
+            latencies.append(end - start)
+            ttfts.append(first - start)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    wall = time.perf_counter() - t0
+    return {
+        "requests": n,
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "p99_ms": pct(latencies, 99) * 1e3,
+        "ttft_p50_ms": statistics.median(ttfts) * 1e3,
+        "req_per_s": n / wall,
+    }
+
+
+async def measure(handle, base_url: str, key: str, levels: list[int], n: int) -> list[dict]:
+    params = {"max_tokens": MAX_TOKENS, "temperature": 0.0}
+    stream_handle = handle.options(stream=True)
+
+    async def direct() -> float:
+        first = None
+        async for event in stream_handle.generate.remote("chat", PAYLOAD, params):
+            if first is None and event.get("text"):
+                first = time.perf_counter()
+        return first or time.perf_counter()
+
+    client = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                               limits=httpx.Limits(max_connections=max(levels) * 2))
+    body = {"model": "tiny-chat", **PAYLOAD, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+
+    async def via_gateway() -> float:
+        first = None
+        async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+            resp.raise_for_status()
+            async for line in resp.aiter_lines():
+                if first is None and line.startswith("data:") and '"content":"' in line and '"content":""' not in line:
+                    first = time.perf_counter()
+        return first or time.perf_counter()
+
+    rows = []
+    for c in levels:
+        # Warm both paths, then alternate the measured order so drift favours neither.
+        await run_level(direct, c, c * 2)
+        await run_level(via_gateway, c, c * 2)
+        d = await run_level(direct, c, n)
+        g = await run_level(via_gateway, c, n)
+        rows.append({
+            "concurrency": c,
+            "direct": d,
+            "gateway": g,
+            "added_p50_ms": g["p50_ms"] - d["p50_ms"],
+            "added_p99_ms": g["p99_ms"] - d["p99_ms"],
+            "ttft_added_p50_ms": g["ttft_p50_ms"] - d["ttft_p50_ms"],
+            "throughput_ratio": g["req_per_s"] / d["req_per_s"],
+        })
+        print(json.dumps(rows[-1], indent=1))
+    await client.aclose()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| concurrency | direct p50 / p99 (ms) | gateway p50 / p99 (ms) | added p50 / p99 (ms) | TTFT added p50 (ms) "
+           "| direct req/s | gateway req/s | throughput ratio |",
+           "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        d, g = r["direct"], r["gateway"]
+        out.append(f"| {r['concurrency']} | {d['p50_ms']:.1f} / {d['p99_ms']:.1f} | {g['p50_ms']:.1f} / {g['p99_ms']:.1f} "
+                   f"| {r['added_p50_ms']:.1f} / {r['added_p99_ms']:.1f} | {r['ttft_added_p50_ms']:.1f} "
+                   f"| {d['req_per_s']:.0f} | {g['req_per_s']:.0f} | {r['throughput_ratio']:.2f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--port", type=int, default=18431)
+    args = ap.parse_args()
+
+    from cluster.deploy import deploy, wait_running
+    from cluster.keys import keystore
+    from config import ModelSpec, Settings
+    from models.tiny import build_tiny_chat_model
+    from serve.applications import model_app_name
+
+    work = Path(tempfile.mkdtemp(prefix="orfeas-bench-"))
+    model_dir = build_tiny_chat_model(work / "tiny-chat")
+    settings = Settings(
+        data_dir=work / "data",
+        serve={"host": "127.0.0.1", "port": args.port},
+        models=[ModelSpec(id="tiny-chat", engine="transformers", source=str(model_dir), max_context=256,
+                          max_ongoing_requests=64)],
+    )
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        names = deploy(settings)
+        assert set(wait_running(names).values()) == {"RUNNING"}
+        _, key = ray.get(keystore(settings.resolved_data_dir()).create.remote("admin", None, "bench"))
+        handle = serve.get_app_handle(model_app_name("tiny-chat"))
+        rows = asyncio.run(measure(handle, f"http://127.0.0.1:{args.port}", key, args.concurrency, args.requests))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    result = {
+        "benchmark": "gateway_overhead",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "model": "tiny-chat (random weights, 2 layers, hidden 64)",
+        "max_tokens": MAX_TOKENS,
+        "requests_per_level": args.requests,
+        "rows": rows,
+        "targets": {"added_p50_ms": 2.0, "throughput_ratio": 0.8},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "gateway_overhead.json").write_text(json.dumps(result, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
