@@ -8,6 +8,8 @@ import tomllib
 
 import pytest
 
+from k8s_fixtures import fresh, rendered  # noqa: F401  (fixtures)
+
 from cluster import k8s_render
 
 IMAGES = k8s_render.KUBERAY_DIR / "images"

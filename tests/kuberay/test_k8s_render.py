@@ -9,6 +9,8 @@ import subprocess
 import pytest
 import yaml
 
+from k8s_fixtures import fresh, rendered  # noqa: F401  (fixtures)
+
 from cluster import k8s_render
 from config import load_settings
 from serve.applications import serve_config

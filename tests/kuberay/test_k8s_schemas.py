@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import pytest
 
+from k8s_fixtures import fresh, rendered  # noqa: F401  (fixtures)
+
 from cluster import k8s_render, k8s_validate
 
 find = k8s_render.find_object

@@ -1,4 +1,4 @@
-"""Fixtures for the offline KubeRay manifest tests: every overlay rendered once per session."""
+"""Fixtures for the offline KubeRay manifest tests (imported by name: tests/conftest.py owns `conftest`)."""
 
 from __future__ import annotations
 
