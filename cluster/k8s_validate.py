@@ -1,0 +1,574 @@
+"""Offline validation of rendered manifests: schemas and policy, no cluster needed.
+
+- Built-in kinds validate against Kubernetes' own JSON schemas (`kubernetes-validate`, strict:
+  an unknown field is an error, as `kubectl apply --validate=strict` makes it).
+- KubeRay kinds validate against the `openAPIV3Schema` of the operator's CRDs (KubeRay v1.7,
+  `shared/kuberay/crds`), made strict the same way: an object schema that lists its properties
+  and does not preserve unknown fields rejects any other field.
+- Prometheus Operator kinds (PodMonitor, ServiceMonitor) validate against a minimal strict
+  schema of the fields ORFEAS uses (their CRDs are not vendored here).
+- Policy: requests, limits and probes on every container, no `latest` or untagged images, no
+  privileged containers, every Serve `import_path` imports, every RayJob entrypoint module
+  exists, vLLM models fit a GPU group, secrets only referenced, Ray pods never under an HPA.
+
+Every function returns a list of problems (strings naming the object and the field); empty is
+valid.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import importlib
+import importlib.util
+import json
+import os
+import re
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cluster.k8s_render import REPO_ROOT, object_id
+
+K8S_VERSION = "1.32"
+# The CRDs are 4 MB of YAML: libyaml's loader reads them in a fraction of the pure-Python time.
+_FastLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+CRDS_ENV = "ORFEAS_KUBERAY_CRDS"
+KUBERAY_KINDS = {"RayCluster", "RayService", "RayJob", "RayCronJob"}
+MONITORING_KINDS = {"PodMonitor", "ServiceMonitor"}
+
+
+# ---------------------------------------------------------------------------------------------
+# schemas
+
+
+def crd_dir() -> Path:
+    """Where the KubeRay CRDs are: $ORFEAS_KUBERAY_CRDS, else shared/ beside the repository."""
+    if os.environ.get(CRDS_ENV):
+        return Path(os.environ[CRDS_ENV])
+    for candidate in (REPO_ROOT.parent / "shared" / "kuberay" / "crds", REPO_ROOT / "shared" / "kuberay" / "crds"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(
+        f"KubeRay CRDs not found: set {CRDS_ENV} or put them in ../shared/kuberay/crds (see kuberay/README.md)"
+    )
+
+
+def _strict(schema: Any) -> Any:
+    """Reject unknown fields where the API server would (properties listed, nothing preserved)."""
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if (
+            out.get("type") == "object"
+            and "properties" in out
+            and "additionalProperties" not in out
+            and not out.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(v) for v in schema]
+    return schema
+
+
+@functools.cache
+def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
+    """(apiVersion, kind) -> strict JSON schema, for every served version of every KubeRay CRD."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for f in sorted(crd_dir().glob("*.yaml")):
+        crd = yaml.load(f.read_text(), Loader=_FastLoader)
+        group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
+        for v in crd["spec"]["versions"]:
+            if v.get("served", True):
+                out[(f"{group}/{v['name']}", kind)] = _strict(v["schema"]["openAPIV3Schema"])
+    return out
+
+
+@functools.cache
+def _crd_validator(api_version: str, kind: str):
+    import jsonschema
+
+    schema = crd_schemas().get((api_version, kind))
+    if schema is None:
+        return None
+    return jsonschema.Draft7Validator(schema)
+
+
+_LABELS = {"type": "object", "additionalProperties": {"type": "string"}}
+_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "matchLabels": _LABELS,
+        "matchExpressions": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["key", "operator"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "operator": {"enum": ["In", "NotIn", "Exists", "DoesNotExist"]},
+                    "values": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+_RELABEL = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {
+        "sourceLabels": {"type": "array", "items": {"type": "string"}},
+        "targetLabel": {"type": "string"},
+        "regex": {"type": "string"},
+        "replacement": {"type": "string"},
+        "action": {"type": "string"},
+        "separator": {"type": "string"},
+    },
+}
+_ENDPOINT = {
+    "type": "object",
+    "additionalProperties": False,
+    "required": ["port"],
+    "properties": {
+        "port": {"type": "string"},
+        "path": {"type": "string"},
+        "interval": {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?(([0-9]+)ms)?)$"},
+        "scheme": {"enum": ["http", "https"]},
+        "relabelings": {"type": "array", "items": _RELABEL},
+        "authorization": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "type": {"type": "string"},
+                "credentials": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["key", "name"],
+                    "properties": {"key": {"type": "string"}, "name": {"type": "string"}, "optional": {"type": "boolean"}},
+                },
+            },
+        },
+    },
+}
+
+
+def _monitor_schema(kind: str) -> dict[str, Any]:
+    endpoints = "podMetricsEndpoints" if kind == "PodMonitor" else "endpoints"
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": ["apiVersion", "kind", "metadata", "spec"],
+        "properties": {
+            "apiVersion": {"const": "monitoring.coreos.com/v1"},
+            "kind": {"const": kind},
+            "metadata": {"type": "object"},
+            "spec": {
+                "type": "object",
+                "additionalProperties": False,
+                "required": ["selector", endpoints],
+                "properties": {
+                    "selector": _SELECTOR,
+                    "namespaceSelector": {"type": "object"},
+                    endpoints: {"type": "array", "minItems": 1, "items": _ENDPOINT},
+                },
+            },
+        },
+    }
+
+
+def _errors(validator, obj: dict[str, Any]) -> list[str]:
+    out = []
+    for e in sorted(validator.iter_errors(obj), key=lambda e: list(e.absolute_path)):
+        path = ".".join(str(p) for p in e.absolute_path) or "(top level)"
+        out.append(f"{object_id(obj)}: {path}: {e.message}")
+    return out
+
+
+def schema_problems(obj: dict[str, Any]) -> list[str]:
+    """Problems of one object against its schema; an object of an unknown kind is a problem."""
+    kind, api_version = obj.get("kind"), obj.get("apiVersion")
+    if not isinstance(obj.get("metadata"), dict) or not obj["metadata"].get("name"):
+        return [f"{object_id(obj)}: metadata.name is missing"]
+    if kind in KUBERAY_KINDS:
+        validator = _crd_validator(api_version, kind)
+        if validator is None:
+            return [f"{object_id(obj)}: no KubeRay CRD serves {api_version} {kind}"]
+        return _errors(validator, obj)
+    if kind in MONITORING_KINDS:
+        import jsonschema
+
+        return _errors(jsonschema.Draft7Validator(_monitor_schema(kind)), obj)
+    return _builtin_problems(obj)
+
+
+def _builtin_problems(obj: dict[str, Any]) -> list[str]:
+    import kubernetes_validate
+    from kubernetes_validate.utils import SchemaNotFoundError
+
+    try:
+        kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as e:
+        path = ".".join(str(p) for p in e.path) or "(top level)"
+        return [f"{object_id(obj)}: {path}: {e.message}"]
+    except SchemaNotFoundError as e:
+        return [f"{object_id(obj)}: {e.message}"]
+    return []
+
+
+def _speed_up_kubernetes_validate() -> None:
+    """kubernetes-validate re-reads its (large) schema files for every object: cache them."""
+    from kubernetes_validate import utils
+
+    if not getattr(utils.schema_contents, "_orfeas_cached", False):
+        cached = functools.lru_cache(maxsize=None)(utils.schema_contents)
+        cached._orfeas_cached = True  # type: ignore[attr-defined]
+        utils.schema_contents = cached
+
+
+def all_schema_problems(objs: list[dict[str, Any]]) -> list[str]:
+    _speed_up_kubernetes_validate()
+    return [p for o in objs for p in schema_problems(o)]
+
+
+# ---------------------------------------------------------------------------------------------
+# walking pod templates
+
+
+def pod_specs(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(where, pod spec) for every pod template in an object, KubeRay's nested ones included."""
+    spec = obj.get("spec") or {}
+    kind = obj.get("kind")
+    if kind == "Pod":
+        yield "spec", spec
+    elif kind in ("Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"):
+        yield "spec.template.spec", (spec.get("template") or {}).get("spec") or {}
+    elif kind == "CronJob":
+        yield "spec.jobTemplate.spec.template.spec", spec["jobTemplate"]["spec"]["template"]["spec"]
+    elif kind == "RayCluster":
+        yield from _ray_cluster_pods(spec, "spec")
+    elif kind == "RayService":
+        yield from _ray_cluster_pods(spec.get("rayClusterConfig") or {}, "spec.rayClusterConfig")
+    elif kind == "RayJob":
+        yield from _ray_job_pods(spec, "spec")
+    elif kind == "RayCronJob":
+        yield from _ray_job_pods(spec.get("jobTemplate") or {}, "spec.jobTemplate")
+
+
+def _ray_cluster_pods(cluster: dict[str, Any], where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    head = cluster.get("headGroupSpec") or {}
+    yield f"{where}.headGroupSpec.template.spec", (head.get("template") or {}).get("spec") or {}
+    for g in cluster.get("workerGroupSpecs") or []:
+        yield f"{where}.workerGroupSpecs[{g.get('groupName')}].template.spec", (g.get("template") or {}).get("spec") or {}
+
+
+def _ray_job_pods(job: dict[str, Any], where: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    if job.get("rayClusterSpec"):
+        yield from _ray_cluster_pods(job["rayClusterSpec"], f"{where}.rayClusterSpec")
+    if job.get("submitterPodTemplate"):
+        yield f"{where}.submitterPodTemplate.spec", job["submitterPodTemplate"].get("spec") or {}
+
+
+def containers(pod: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any]]]:
+    for field in ("initContainers", "containers"):
+        for c in pod.get(field) or []:
+            yield f"{field}[{c.get('name')}]", c
+
+
+# ---------------------------------------------------------------------------------------------
+# policy
+
+_SECRETISH = re.compile(r"(^|_)(API_?KEY|KEY|TOKEN|PASSWORD|PASSWD|SECRET|CREDENTIALS?)(_|$)", re.I)
+
+
+def _image_problem(image: str) -> str | None:
+    if not image:
+        return "has no image"
+    if "@sha256:" in image:
+        return None
+    last = image.rsplit("/", 1)[-1]
+    if ":" not in last:
+        return f"image {image!r} has no tag (that means latest)"
+    tag = last.rsplit(":", 1)[1]
+    if tag == "latest" or tag.endswith("-latest") or tag.startswith("latest"):
+        return f"image {image!r} uses a latest tag"
+    return None
+
+
+def container_problems(obj: dict[str, Any]) -> list[str]:
+    out = []
+    for where, pod in pod_specs(obj):
+        for flag in ("hostNetwork", "hostPID", "hostIPC"):
+            if pod.get(flag):
+                out.append(f"{object_id(obj)}: {where}.{flag} is set")
+        for v in pod.get("volumes") or []:
+            if "hostPath" in v:
+                out.append(f"{object_id(obj)}: {where}.volumes[{v.get('name')}] mounts a hostPath")
+        pod_sc = pod.get("securityContext") or {}
+        for cwhere, c in containers(pod):
+            at = f"{object_id(obj)}: {where}.{cwhere}"
+            res = c.get("resources") or {}
+            for part in ("requests", "limits"):
+                for r in ("cpu", "memory"):
+                    if r not in (res.get(part) or {}):
+                        out.append(f"{at}: resources.{part}.{r} is missing")
+            run_to_completion = cwhere.startswith("initContainers")
+            if not run_to_completion:
+                for probe in ("readinessProbe", "livenessProbe"):
+                    if not c.get(probe):
+                        out.append(f"{at}: {probe} is missing")
+            problem = _image_problem(c.get("image", ""))
+            if problem:
+                out.append(f"{at}: {problem}")
+            sc = c.get("securityContext") or {}
+            if sc.get("privileged"):
+                out.append(f"{at}: runs privileged")
+            if sc.get("allowPrivilegeEscalation", True):
+                out.append(f"{at}: securityContext.allowPrivilegeEscalation must be false")
+            if (sc.get("capabilities") or {}).get("add"):
+                out.append(f"{at}: adds capabilities {sc['capabilities']['add']}")
+            if "ALL" not in ((sc.get("capabilities") or {}).get("drop") or []):
+                out.append(f"{at}: securityContext.capabilities.drop must include ALL")
+            if not (sc.get("runAsNonRoot") or pod_sc.get("runAsNonRoot")):
+                out.append(f"{at}: runAsNonRoot is not set (container or pod)")
+            if sc.get("runAsUser") == 0 or (pod_sc.get("runAsUser") == 0 and "runAsUser" not in sc):
+                out.append(f"{at}: runs as root (runAsUser 0)")
+            for e in c.get("env") or []:
+                if "value" in e and _SECRETISH.search(e.get("name", "")) and not e.get("name", "").endswith("_ENV") and e["value"] not in ("", "0", "1", "true", "false"):
+                    out.append(f"{at}: env {e['name']} carries a literal value; reference a Secret")
+    return out
+
+
+def secret_problems(obj: dict[str, Any]) -> list[str]:
+    if obj.get("kind") == "Secret" and (obj.get("data") or obj.get("stringData")):
+        return [f"{object_id(obj)}: a Secret with values is in the manifests; reference it, create it out of band"]
+    if obj.get("kind") == "ConfigMap":
+        return [
+            f"{object_id(obj)}: ConfigMap key {k} looks like a secret"
+            for k in (obj.get("data") or {})
+            if _SECRETISH.search(k) and not k.endswith("_ENV")  # *_ENV names a variable, holds no value
+        ]
+    return []
+
+
+def hpa_problems(obj: dict[str, Any]) -> list[str]:
+    if obj.get("kind") == "HorizontalPodAutoscaler":
+        target = (obj.get("spec") or {}).get("scaleTargetRef") or {}
+        if target.get("kind") in KUBERAY_KINDS or str(target.get("apiVersion", "")).startswith("ray.io/"):
+            return [f"{object_id(obj)}: Ray pods scale through the KubeRay autoscaler, not an HPA"]
+    return []
+
+
+def autoscaling_problems(obj: dict[str, Any]) -> list[str]:
+    clusters = []
+    if obj.get("kind") == "RayService":
+        clusters.append(("spec.rayClusterConfig", obj["spec"].get("rayClusterConfig") or {}))
+    elif obj.get("kind") == "RayCluster":
+        clusters.append(("spec", obj.get("spec") or {}))
+    elif obj.get("kind") == "RayJob" and obj["spec"].get("rayClusterSpec"):
+        clusters.append(("spec.rayClusterSpec", obj["spec"]["rayClusterSpec"]))
+    elif obj.get("kind") == "RayCronJob" and (obj["spec"].get("jobTemplate") or {}).get("rayClusterSpec"):
+        clusters.append(("spec.jobTemplate.rayClusterSpec", obj["spec"]["jobTemplate"]["rayClusterSpec"]))
+    out = []
+    for where, c in clusters:
+        at = f"{object_id(obj)}: {where}"
+        if not c.get("enableInTreeAutoscaling"):
+            out.append(f"{at}.enableInTreeAutoscaling must be true")
+        head = c.get("headGroupSpec") or {}
+        for _, ctr in containers((head.get("template") or {}).get("spec") or {}):
+            if any(k.startswith("nvidia.com/") for k in (ctr.get("resources") or {}).get("limits") or {}):
+                out.append(f"{at}.headGroupSpec: the head must not take GPUs")
+        for g in c.get("workerGroupSpecs") or []:
+            name = g.get("groupName")
+            lo, hi = g.get("minReplicas"), g.get("maxReplicas")
+            if lo is None or hi is None or lo > hi:
+                out.append(f"{at}.workerGroupSpecs[{name}]: needs minReplicas <= maxReplicas")
+            if g.get("idleTimeoutSeconds") is None:
+                out.append(f"{at}.workerGroupSpecs[{name}]: idleTimeoutSeconds is missing")
+    return out
+
+
+def _accelerator_types(group: dict[str, Any]) -> set[str]:
+    raw = (group.get("rayStartParams") or {}).get("resources")
+    found: set[str] = set()
+    if raw:
+        text = raw.strip()
+        if text.startswith('"') and text.endswith('"'):
+            text = text[1:-1].replace('\\"', '"')
+        try:
+            found |= {k.split(":", 1)[1] for k in json.loads(text) if k.startswith("accelerator_type:")}
+        except (ValueError, AttributeError):
+            pass
+    found |= {k.split(":", 1)[1] for k in (group.get("resources") or {}) if k.startswith("accelerator_type:")}
+    return found
+
+
+def _gpus(group: dict[str, Any]) -> float:
+    total = 0.0
+    for _, c in containers((group.get("template") or {}).get("spec") or {}):
+        total += float(((c.get("resources") or {}).get("limits") or {}).get("nvidia.com/gpu", 0))
+    return total
+
+
+def serve_config_of(obj: dict[str, Any]) -> dict[str, Any] | None:
+    if obj.get("kind") != "RayService":
+        return None
+    return yaml.safe_load(obj["spec"].get("serveConfigV2") or "") or {}
+
+
+def import_path_problems(obj: dict[str, Any]) -> list[str]:
+    cfg = serve_config_of(obj)
+    if cfg is None:
+        return []
+    out = []
+    apps = cfg.get("applications") or []
+    if not apps:
+        out.append(f"{object_id(obj)}: serveConfigV2 has no applications")
+    for app in apps:
+        path = app.get("import_path", "")
+        module, _, attr = path.partition(":")
+        if not module or not attr:
+            out.append(f"{object_id(obj)}: application {app.get('name')}: import_path {path!r} is not module:attribute")
+            continue
+        try:
+            mod = importlib.import_module(module)
+        except Exception as e:  # any import failure is the finding
+            out.append(f"{object_id(obj)}: application {app.get('name')}: {module} does not import: {e!r}")
+            continue
+        if not callable(getattr(mod, attr, None)):
+            out.append(f"{object_id(obj)}: application {app.get('name')}: {module} has no callable {attr}")
+    return out
+
+
+def gpu_problems(obj: dict[str, Any]) -> list[str]:
+    """Every vLLM application fits a GPU worker group: its accelerator type and GPU count."""
+    cfg = serve_config_of(obj)
+    if cfg is None:
+        return []
+    groups = (obj["spec"].get("rayClusterConfig") or {}).get("workerGroupSpecs") or []
+    out = []
+    for app in cfg.get("applications") or []:
+        model = (app.get("args") or {}).get("model") or {}
+        if model.get("engine") != "vllm":
+            continue
+        need, accel = float(model.get("num_gpus") or 0), model.get("accelerator_type")
+        fits = [g for g in groups if _gpus(g) >= max(need, 1) and (accel is None or accel in _accelerator_types(g))]
+        if not fits:
+            declared = {g.get("groupName"): sorted(_accelerator_types(g)) for g in groups if _gpus(g)}
+            out.append(
+                f"{object_id(obj)}: vLLM model {model.get('id')!r} needs {need:g} GPU(s) of type {accel}; "
+                f"GPU groups declare {declared or 'nothing'}"
+            )
+        for g in fits:
+            pod = (g.get("template") or {}).get("spec") or {}
+            if not pod.get("tolerations") or not pod.get("nodeSelector"):
+                out.append(f"{object_id(obj)}: GPU group {g.get('groupName')} needs tolerations and a nodeSelector")
+    return out
+
+
+def _entrypoint_module(entrypoint: str) -> str | None:
+    words = shlex.split(entrypoint)
+    for i, w in enumerate(words[:-1]):
+        if w == "-m" and words[i - 1].split("/")[-1].startswith("python"):
+            return words[i + 1]
+    return None
+
+
+def entrypoint_problems(obj: dict[str, Any]) -> list[str]:
+    kind = obj.get("kind")
+    if kind == "RayJob":
+        entry = obj["spec"].get("entrypoint")
+    elif kind == "RayCronJob":
+        entry = (obj["spec"].get("jobTemplate") or {}).get("entrypoint")
+    else:
+        return []
+    if not entry:
+        return [f"{object_id(obj)}: has no entrypoint"]
+    module = _entrypoint_module(entry)
+    if module is None:
+        return [f"{object_id(obj)}: entrypoint {entry!r} is not `python -m <module> ...`"]
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return [f"{object_id(obj)}: entrypoint module {module} does not exist in the repository"]
+    origin = Path(spec.origin).resolve()
+    if REPO_ROOT not in origin.parents:
+        return [f"{object_id(obj)}: entrypoint module {module} resolves outside the repository ({origin})"]
+    return []
+
+
+def _size_bytes(text: str) -> int:
+    m = re.fullmatch(r"(\d+)([kmg]?)", str(text).strip().lower())
+    if not m:
+        raise ValueError(f"not an nginx size: {text!r}")
+    return int(m.group(1)) * {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}[m.group(2)]
+
+
+def ingress_problems(objs: list[dict[str, Any]]) -> list[str]:
+    """The API ingress enforces the gateway's body limit, rate limits, TLS; the dashboard has auth."""
+    out = []
+    limit = None
+    for o in objs:
+        cfg = serve_config_of(o)
+        for app in (cfg or {}).get("applications") or []:
+            if "settings" in (app.get("args") or {}):
+                limit = app["args"]["settings"]["limits"]["max_body_bytes"]
+    for o in objs:
+        if o.get("kind") != "Ingress":
+            continue
+        ann = (o.get("metadata") or {}).get("annotations") or {}
+        at = object_id(o)
+        if not (ann.get("cert-manager.io/cluster-issuer") or ann.get("cert-manager.io/issuer")) or not o["spec"].get("tls"):
+            out.append(f"{at}: needs TLS (a cert-manager issuer annotation and spec.tls)")
+        for a in ("proxy-body-size", "limit-rps", "limit-connections"):
+            if f"nginx.ingress.kubernetes.io/{a}" not in ann:
+                out.append(f"{at}: nginx.ingress.kubernetes.io/{a} is missing")
+        backends = {
+            p["backend"]["service"]["name"] + ":" + str(p["backend"]["service"]["port"].get("number"))
+            for r in o["spec"].get("rules") or []
+            for p in (r.get("http") or {}).get("paths") or []
+        }
+        if any(b.endswith(":8265") for b in backends) and not (
+            ann.get("nginx.ingress.kubernetes.io/auth-type") or ann.get("nginx.ingress.kubernetes.io/auth-url")
+        ):
+            out.append(f"{at}: exposes the Ray dashboard without authentication")
+        if any(b.endswith(":8000") for b in backends) and limit is not None:
+            body = ann.get("nginx.ingress.kubernetes.io/proxy-body-size")
+            if body is not None and _size_bytes(body) != limit:
+                out.append(f"{at}: proxy-body-size {body} differs from the gateway's limits.max_body_bytes {limit}")
+    return out
+
+
+def policy_problems(objs: list[dict[str, Any]]) -> list[str]:
+    out: list[str] = []
+    for o in objs:
+        out += container_problems(o)
+        out += secret_problems(o)
+        out += hpa_problems(o)
+        out += autoscaling_problems(o)
+        out += gpu_problems(o)
+        out += import_path_problems(o)
+        out += entrypoint_problems(o)
+    out += ingress_problems(objs)
+    return out
+
+
+def text_problems(root: Path = REPO_ROOT / "kuberay") -> list[str]:
+    """No `latest` image tag anywhere under kuberay/ (manifests, Dockerfiles), comments included."""
+    out = []
+    pattern = re.compile(r"[\w./-]+:latest\b|FROM\s+[^\s:@]+\s*$", re.M)
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and (f.suffix in (".yaml", ".yml") or f.name.startswith("Dockerfile")):
+            for m in pattern.finditer(f.read_text()):
+                out.append(f"{f.relative_to(root)}: {m.group(0).strip()!r} is an unpinned image")
+    return out
+
+
+def validate(objs: list[dict[str, Any]]) -> list[str]:
+    return all_schema_problems(objs) + policy_problems(objs)
