@@ -137,7 +137,7 @@ class Retriever:
                  mode: str | None = None, fusion: str | None = None, filters: PayloadFilter | None = None,
                  mmr: bool = False, mmr_lambda: float | None = None, group_by_doc: bool = False,
                  rerank: bool | None = None, vectors: tuple[Any, SparseVec] | None = None,
-                 ) -> tuple[list[RetrievedChunk], RetrievalDiagnostics]:
+                 payload_fields: list[str] | None = None) -> tuple[list[RetrievedChunk], RetrievalDiagnostics]:
         query, k, mode, fusion = self.validate(query, top_k, mode, fusion)
         r = self.settings.rag
         name = collection or r.collection
@@ -165,7 +165,8 @@ class Retriever:
             weights = [r.dense_weight, r.sparse_weight]
         spec = SearchSpec(mode=mode, dense=[float(x) for x in dvec], sparse=svec if svec.indices else None,
                           fusion=fusion, rrf_k=r.rrf_k, weights=weights, limit=want,
-                          prefetch=max(r.prefetch, want), filter=filters, with_dense=mmr)
+                          prefetch=max(r.prefetch, want), filter=filters, with_dense=mmr,
+                          payload_fields=payload_fields)
         if spec.sparse is None and mode in ("sparse", "hybrid"):
             # no indexable word in the query (only stop words): fall back to dense ranking
             spec.mode = "dense" if mode == "hybrid" else mode

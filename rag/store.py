@@ -62,6 +62,7 @@ class SearchSpec(BaseModel):
     prefetch: int = Field(100, ge=1)
     filter: PayloadFilter | None = None
     with_dense: bool = False
+    payload_fields: list[str] | None = None  # None: the whole payload
 
     model_config = {"arbitrary_types_allowed": True}
 
@@ -308,6 +309,7 @@ class EdgeStore(VectorStore):
         shard = self._shard(name)
         flt = self._filter(spec.filter)
         with_vector = [DENSE] if spec.with_dense else False
+        with_payload = list(spec.payload_fields) if spec.payload_fields else True
 
         def dense_q():
             return q.Query.Nearest(list(spec.dense), using=DENSE)
@@ -316,15 +318,15 @@ class EdgeStore(VectorStore):
             return q.Query.Nearest(q.SparseVector(list(spec.sparse.indices), list(spec.sparse.values)), using=SPARSE)
 
         if spec.mode == "dense":
-            req = q.QueryRequest(limit=spec.limit, query=dense_q(), filter=flt, with_payload=True,
+            req = q.QueryRequest(limit=spec.limit, query=dense_q(), filter=flt, with_payload=with_payload,
                                  with_vector=with_vector)
         elif spec.mode == "sparse":
-            req = q.QueryRequest(limit=spec.limit, query=sparse_q(), filter=flt, with_payload=True,
+            req = q.QueryRequest(limit=spec.limit, query=sparse_q(), filter=flt, with_payload=with_payload,
                                  with_vector=with_vector)
         else:
             fusion = q.Fusion.Dbsf() if spec.fusion == "dbsf" else q.Fusion.Rrf(k=spec.rrf_k, weights=spec.weights)
             req = q.QueryRequest(
-                limit=spec.limit, query=fusion, with_payload=True, with_vector=with_vector,
+                limit=spec.limit, query=fusion, with_payload=with_payload, with_vector=with_vector,
                 prefetches=[q.Prefetch(limit=spec.prefetch, query=dense_q(), filter=flt),
                             q.Prefetch(limit=spec.prefetch, query=sparse_q(), filter=flt)])
         if spec.mode in ("dense", "hybrid") and spec.dense is None:
@@ -467,19 +469,20 @@ class QdrantServerStore(VectorStore):
         sparse = m.SparseVector(indices=list(spec.sparse.indices), values=list(spec.sparse.values)) \
             if spec.sparse is not None else None
         with_vectors = [DENSE] if spec.with_dense else False
+        wp = list(spec.payload_fields) if spec.payload_fields else True
         if spec.mode == "dense":
             res = self.client.query_points(name, query=list(spec.dense), using=DENSE, limit=spec.limit,
-                                           query_filter=flt, with_payload=True, with_vectors=with_vectors)
+                                           query_filter=flt, with_payload=wp, with_vectors=with_vectors)
         elif spec.mode == "sparse":
             res = self.client.query_points(name, query=sparse, using=SPARSE, limit=spec.limit,
-                                           query_filter=flt, with_payload=True, with_vectors=with_vectors)
+                                           query_filter=flt, with_payload=wp, with_vectors=with_vectors)
         else:
             fusion = (m.FusionQuery(fusion=m.Fusion.DBSF) if spec.fusion == "dbsf"
                       else m.RrfQuery(rrf=m.Rrf(k=spec.rrf_k, weights=spec.weights)))
             res = self.client.query_points(
                 name, prefetch=[m.Prefetch(query=list(spec.dense), using=DENSE, limit=spec.prefetch, filter=flt),
                                 m.Prefetch(query=sparse, using=SPARSE, limit=spec.prefetch, filter=flt)],
-                query=fusion, limit=spec.limit, with_payload=True, with_vectors=with_vectors)
+                query=fusion, limit=spec.limit, with_payload=wp, with_vectors=with_vectors)
         hits = []
         for p in res.points:
             vec = None
