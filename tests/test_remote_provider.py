@@ -1,0 +1,104 @@
+"""The `openai` engine against a real OpenAI-compatible server on loopback, through the gateway."""
+
+import httpx
+import openai
+import pytest
+
+from conftest import PROVIDER_KEY, deployed, free_port, make_key
+from config import ModelSpec, Settings
+from provider_server import ProviderServer
+
+
+@pytest.fixture(scope="module")
+def provider():
+    server = ProviderServer(free_port(), slow_s=3.0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(serve_port, provider, tmp_path_factory):
+    def remote(model_id, source, **kw):
+        return ModelSpec(id=model_id, engine="openai", base_url=provider.base_url, source=source,
+                         api_key_env="ORFEAS_TEST_PROVIDER_KEY", **kw)
+
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("remote-data"),
+        serve={"host": "127.0.0.1", "port": serve_port},
+        auth={"key_cache_s": 0},
+        models=[
+            remote("echo", "echo"),
+            remote("fails", "fail-500"),
+            remote("limited", "rate-limited"),
+            remote("slow", "slow", timeout_s=1.0),
+            remote("drops", "drop"),
+            remote("garbage", "garbage"),
+            remote("remote-emb", "emb-model", task="embedding"),
+            ModelSpec(id="keyless", engine="openai", base_url=provider.base_url, source="echo",
+                      api_key_env="ORFEAS_TEST_UNSET_KEY"),
+        ],
+    )
+    with deployed(settings):
+        _, key = make_key(settings, "admin")
+        yield openai.OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key=key, max_retries=0), key
+
+
+def test_stream_is_passed_through_with_usage(gateway, provider):
+    client, _ = gateway
+    n = len(provider.requests)
+    chunks = list(client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "alpha beta gamma delta"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "alpha beta gamma delta"
+    assert chunks[-1].usage.completion_tokens == 4
+    sent = provider.requests[n]
+    assert sent["body"]["model"] == "echo" and sent["body"]["stream"] is True
+    assert sent["authorization"] == f"Bearer {PROVIDER_KEY}"
+
+
+def test_non_streamed_chat_and_completion_and_sampling_params(gateway, provider):
+    client, _ = gateway
+    r = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "one two three"}],
+                                       max_tokens=2, temperature=0.3, stop=["zzz"])
+    assert r.choices[0].message.content == "one two" and r.choices[0].finish_reason == "length"
+    assert r.usage.prompt_tokens == 3 and r.usage.completion_tokens == 2
+    body = provider.requests[-1]["body"]
+    assert body["max_tokens"] == 2 and body["temperature"] == 0.3 and body["stop"] == ["zzz"]
+    assert "max_tokens_cap" not in body
+    c = client.completions.create(model="echo", prompt="x y z", max_tokens=5)
+    assert c.choices[0].text == "x y z" and c.choices[0].finish_reason == "stop"
+
+
+def test_remote_embeddings(gateway):
+    client, _ = gateway
+    r = client.embeddings.create(model="remote-emb", input=["ab", "abcd"], encoding_format="float")
+    assert [d.embedding[0] for d in r.data] == [2.0, 4.0] and r.usage.prompt_tokens == 2
+
+
+@pytest.mark.parametrize("model, status, etype, fragment", [
+    ("fails", 502, "upstream_error", "provider exploded"),
+    ("limited", 429, "rate_limit_error", "slow down"),
+    ("slow", 504, "timeout_error", "did not answer within 1s"),
+    ("garbage", 502, "upstream_error", "unreadable"),
+    ("keyless", 503, "service_unavailable", "ORFEAS_TEST_UNSET_KEY"),
+])
+def test_provider_failures_map_to_clear_errors(gateway, model, status, etype, fragment):
+    client, key = gateway
+    for stream in (False, True):
+        r = httpx.post(str(client.base_url) + "chat/completions", timeout=30,
+                       headers={"Authorization": f"Bearer {key}"},
+                       json={"model": model, "messages": [{"role": "user", "content": "a b c"}], "stream": stream})
+        assert r.status_code == status, r.text
+        err = r.json()["error"]
+        assert err["type"] == etype and fragment in err["message"]
+
+
+def test_stream_dropped_mid_way_ends_with_an_error_event(gateway):
+    client, _ = gateway
+    stream = client.chat.completions.create(model="drops", messages=[{"role": "user", "content": "a b c d"}],
+                                            stream=True)
+    got = []
+    with pytest.raises(openai.APIError, match="ended the stream before finishing"):
+        for chunk in stream:
+            got.append(chunk.choices[0].delta.content or "")
+    assert "".join(got) == "a b"  # what came before the drop was delivered, nothing invented after
