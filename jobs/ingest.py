@@ -52,6 +52,7 @@ ROW_SCHEMA = pa.schema([
 ])
 EMBEDDED_SCHEMA = ROW_SCHEMA.append(pa.field("dense", pa.list_(pa.float32()))) \
     .append(pa.field("sparse_indices", pa.list_(pa.int64()))).append(pa.field("sparse_values", pa.list_(pa.float32())))
+BLOCK_BYTES = 2 * 1024 * 1024
 PAYLOAD_FIELDS = ["doc_id", "chunk_index", "n_chunks", "source", "root", "title", "section", "text", "start", "end",
                   "page", "token_count", "hash", "doc_hash", "record_id", "tags", "date"]
 
@@ -307,8 +308,6 @@ def run_ingest(source: str, collection: str | None = None, *, settings: Settings
         raise SourceUnreadable(f"no ingestible files under {source!r}", "source")
     store = store or open_store(settings)
     model_dir = embedder_dir(settings)
-    from rag.embedding import shared_dense  # noqa: F401  (dimension without loading twice below)
-
     dim = 384 if r.embedding_model == "all-minilm-l6-v2" else _dimension(model_dir)
     target, flip = ingest_target(store, collection, dim, rebuild)
     log.info("ingesting %d file(s) from %s into %s (version %s)", len(files), source, collection, target)
@@ -319,6 +318,24 @@ def run_ingest(source: str, collection: str | None = None, *, settings: Settings
     states_ref = ray.put(complete)
 
     threads = max(1, (os.cpu_count() or 2) // r.embed_actors)
+    # Small blocks keep the stream moving: embedded chunks reach the upserts (and the progress
+    # report) while later ones are still being embedded, even when one file holds the corpus.
+    ctx = ray.data.DataContext.get_current()
+    saved_block_size, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
+    try:
+        return _pipeline(settings, store, files=files, model_dir=model_dir, root=root, states_ref=states_ref,
+                         threads=threads, target=target, states=states, flip=flip, collection=collection,
+                         source=source, t0=t0, progress=progress)
+    finally:
+        ctx.target_max_block_size = saved_block_size
+
+
+def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, threads, target, states, flip,
+              collection, source, t0, progress) -> IngestSummary:
+    """Ray Data: parse + chunk -> embed (actor pool) -> upserts from the stream; then clean-up."""
+    import ray
+
+    r = settings.rag
     ds = ray.data.from_items(files, override_num_blocks=max(1, min(len(files), 64)))
     ds = ds.map_batches(parse_and_chunk, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(
         model_dir=model_dir, size=r.chunk_tokens, overlap=r.chunk_overlap, params=indexing_params(settings),

@@ -71,9 +71,11 @@ def test_ingest_is_idempotent_and_incremental(store, settings, tmp_path):
 def test_versions_rebuild_and_rollback(store, settings, tmp_path):
     src = tmp_path / "docs"
     _write_corpus(src)
-    run_ingest(str(src), "vers", settings=settings, store=store)
+    uri = f"file://{src}"  # object-storage path: listed and read through pyarrow filesystems
+    first = run_ingest(uri, "vers", settings=settings, store=store)
+    assert first.indexed == 4 and first.failed[0]["path"] == f"file://{src}/broken.pdf"
     (src / "extra.txt").write_text("An extra document about rollbacks.")
-    s = run_ingest(str(src), "vers", settings=settings, store=store, rebuild=True)
+    s = run_ingest(uri, "vers", settings=settings, store=store, rebuild=True)
     assert s.version_collection == "vers__v2" and s.alias_flipped and s.indexed == 5
     rows = list_versions(store, "vers")
     assert [(r.version, r.active) for r in rows] == [(1, False), (2, True)]
