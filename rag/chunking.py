@@ -1,0 +1,212 @@
+"""Token-based chunking with the embedding model's own tokenizer.
+
+Text is cut into units (headings, then sentences inside paragraphs); units are packed into
+chunks of at most `size` tokens. A heading always starts a new chunk and names the section of
+the chunks under it. Consecutive chunks share whole trailing sentences up to `overlap` tokens.
+A sentence longer than a chunk is split at token offsets. Every chunk keeps its character
+offsets into the document's text, its page (for PDFs) and a content hash.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import re
+import uuid
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from typing import Any
+
+from rag.documents import Document
+
+# Stable namespace for point ids: uuid5(NS, f"{doc_id}:{chunk_index}").
+POINT_NAMESPACE = uuid.UUID("5b1c3f1e-6a0e-4f57-9b1e-0b5e8a3d2c11")
+
+_HEADING = re.compile(r"^(#{1,6})\s+(.*\S)\s*$")
+# A sentence ends at . ! ? (optionally followed by quotes/brackets) before whitespace.
+_SENT_END = re.compile(r"(?<=[.!?])[\"')\]]*\s+(?=\S)")
+
+
+def point_id(doc_id: str, chunk_index: int) -> str:
+    return str(uuid.uuid5(POINT_NAMESPACE, f"{doc_id}:{chunk_index}"))
+
+
+def content_hash(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+@dataclass
+class Chunk:
+    id: str
+    doc_id: str
+    chunk_index: int
+    n_chunks: int
+    source: str
+    title: str
+    section: str
+    text: str
+    start: int
+    end: int
+    page: int | None
+    token_count: int
+    hash: str
+    doc_hash: str
+    record_id: str
+    tags: list[str]
+    date: str | None
+
+    def to_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@lru_cache(maxsize=4)
+def load_tokenizer(model_dir: str):
+    """The embedding model's fast tokenizer (tokenizer.json), without truncation or padding."""
+    from pathlib import Path
+
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+@dataclass
+class _Unit:
+    start: int
+    end: int
+    heading: str | None = None  # set for heading lines
+    tokens: int = 0
+
+
+def _units(text: str) -> list[_Unit]:
+    units: list[_Unit] = []
+    pos = 0
+    for para in re.split(r"(\n\s*\n)", text):
+        if not para or para.isspace() or re.fullmatch(r"\n\s*\n", para):
+            pos += len(para)
+            continue
+        line_pos = pos
+        for line in para.split("\n"):
+            m = _HEADING.match(line)
+            if m:
+                units.append(_Unit(line_pos, line_pos + len(line), heading=m.group(2)))
+            elif line.strip():
+                # sentences inside the line
+                s = 0
+                for sm in _SENT_END.finditer(line):
+                    units.append(_Unit(line_pos + s, line_pos + sm.start() + len(sm.group(0).rstrip())))
+                    s = sm.end()
+                if line[s:].strip():
+                    units.append(_Unit(line_pos + s, line_pos + len(line.rstrip())))
+            line_pos += len(line) + 1
+        pos += len(para)
+    # strip leading whitespace from unit starts
+    out = []
+    for u in units:
+        while u.start < u.end and text[u.start].isspace():
+            u.start += 1
+        if u.end > u.start:
+            out.append(u)
+    return out
+
+
+class Chunker:
+    def __init__(self, tokenizer, size: int = 200, overlap: int = 32):
+        if size < 8:
+            raise ValueError("chunk size must be at least 8 tokens")
+        if not 0 <= overlap < size:
+            raise ValueError("overlap must be at least 0 and smaller than the chunk size")
+        self.tok = tokenizer
+        self.size = size
+        self.overlap = overlap
+
+    def count(self, texts: list[str]) -> list[int]:
+        if not texts:
+            return []
+        return [len(e.ids) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
+
+    def _split_long(self, text: str, u: _Unit) -> list[_Unit]:
+        """A unit longer than a chunk: cut at token offsets (on whitespace where possible)."""
+        enc = self.tok.encode(text[u.start:u.end], add_special_tokens=False)
+        offs = enc.offsets
+        pieces, i = [], 0
+        while i < len(offs):
+            j = min(i + self.size, len(offs))
+            s, e = u.start + offs[i][0], u.start + offs[j - 1][1]
+            pieces.append(_Unit(s, e, tokens=j - i))
+            i = j
+        return pieces
+
+    def split(self, doc: Document) -> list[Chunk]:
+        text = doc.text
+        units = _units(text)
+        counts = self.count([text[u.start:u.end] for u in units])
+        expanded: list[_Unit] = []
+        for u, c in zip(units, counts):
+            u.tokens = c
+            if u.heading is None and c > self.size:
+                expanded.extend(self._split_long(text, u))
+            else:
+                expanded.append(u)
+
+        spans: list[tuple[int, int, str, int]] = []  # (start, end, section, tokens)
+        current: list[_Unit] = []
+        section = ""
+        cur_tokens = 0
+
+        def flush(keep_overlap: bool) -> None:
+            nonlocal current, cur_tokens
+            body = [u for u in current if u.heading is None]
+            if body:
+                spans.append((current[0].start, current[-1].end, section, cur_tokens))
+            carry: list[_Unit] = []
+            if keep_overlap and body and self.overlap:
+                t = 0
+                for u in reversed(body):
+                    if t + u.tokens > self.overlap:
+                        break
+                    carry.insert(0, u)
+                    t += u.tokens
+                # do not carry a chunk's entire body (that would repeat it whole)
+                if len(carry) == len(body):
+                    carry = carry[1:]
+            current = carry
+            cur_tokens = sum(u.tokens for u in carry)
+
+        for u in expanded:
+            if u.heading is not None:
+                flush(keep_overlap=False)
+                section = u.heading
+                current, cur_tokens = [u], u.tokens
+                continue
+            # +1 approximates the separator between units
+            if current and cur_tokens + u.tokens + 1 > self.size and any(x.heading is None for x in current):
+                flush(keep_overlap=True)
+                if cur_tokens + u.tokens + 1 > self.size:
+                    current, cur_tokens = [], 0
+            current.append(u)
+            cur_tokens += u.tokens + (1 if len(current) > 1 else 0)
+        flush(keep_overlap=False)
+
+        n = len(spans)
+        chunks = []
+        for i, (s, e, sec, _) in enumerate(spans):
+            body = text[s:e]
+            page = None
+            if doc.page_starts:
+                page = bisect.bisect_right(doc.page_starts, s)  # 1-based page number
+            chunks.append(Chunk(
+                id=point_id(doc.doc_id, i), doc_id=doc.doc_id, chunk_index=i, n_chunks=n, source=doc.source,
+                title=doc.title, section=sec, text=body, start=s, end=e, page=page,
+                token_count=self.count([body])[0], hash=content_hash(body), doc_hash=doc.doc_hash,
+                record_id=doc.record_id, tags=list(doc.tags), date=doc.date,
+            ))
+        return chunks
+
+
+def embedding_text(title: str, section: str, text: str, with_title: bool = True) -> str:
+    """What the dense and sparse encoders see for a chunk: its title and section lead the text."""
+    head = [p for p in ((title if with_title else ""), section) if p and p not in text[: len(p) + 8]]
+    return "\n".join(head + [text]) if head else text

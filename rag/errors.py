@@ -1,0 +1,38 @@
+"""Typed RAG errors. They subclass the gateway's API errors, so the one error handler maps them
+to OpenAI-style JSON with the right status (400, 403, 404); the CLI prints their message."""
+
+from __future__ import annotations
+
+from models.errors import InvalidRequest, NotFound, PermissionDenied
+
+
+class RagInvalidRequest(InvalidRequest):
+    """Empty query, top_k out of range, an unknown mode or filter: 400, nothing done."""
+
+
+class CollectionNotFound(NotFound):
+    code = "collection_not_found"
+
+
+class SourceNotAllowed(PermissionDenied):
+    """An ingest source outside the configured allowed roots (API-triggered ingest): 403."""
+
+    code = "source_not_allowed"
+
+
+class SourceUnreadable(InvalidRequest):
+    """An ingest source that does not exist or cannot be listed: 400."""
+
+    code = "source_unreadable"
+
+
+class ParseError(Exception):
+    """One file could not be parsed; the ingest job reports it and goes on."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source = source
+        self.reason = reason
+
+    def __reduce__(self):
+        return (self.__class__, (self.source, self.reason))

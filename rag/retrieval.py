@@ -1,0 +1,212 @@
+"""Dense, sparse and hybrid retrieval over a VectorStore, with grouping per document, MMR
+diversity and an optional CrossEncoder re-ranking hook."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Protocol
+
+import numpy as np
+from pydantic import BaseModel
+
+from config import Settings
+from rag.embedding import DenseEmbedder, SparseEncoder, SparseVec, embedder_dir, shared_dense
+from rag.errors import RagInvalidRequest
+from rag.store import Hit, PayloadFilter, SearchSpec, VectorStore
+
+log = logging.getLogger(__name__)
+
+MODES = ("dense", "sparse", "hybrid")
+FUSIONS = ("rrf", "dbsf")
+
+
+class RetrievedChunk(BaseModel):
+    id: str
+    score: float
+    doc_id: str
+    source: str
+    title: str = ""
+    section: str = ""
+    text: str
+    start: int = 0
+    end: int = 0
+    page: int | None = None
+    chunk_index: int = 0
+    hash: str = ""
+    record_id: str = ""
+    rerank_score: float | None = None
+
+    @classmethod
+    def from_hit(cls, h: Hit) -> "RetrievedChunk":
+        p = h.payload
+        return cls(id=h.id, score=h.score, doc_id=p.get("doc_id", ""), source=p.get("source", ""),
+                   title=p.get("title") or "", section=p.get("section") or "", text=p.get("text") or "",
+                   start=int(p.get("start") or 0), end=int(p.get("end") or 0), page=p.get("page"),
+                   chunk_index=int(p.get("chunk_index") or 0), hash=p.get("hash") or "",
+                   record_id=str(p.get("record_id") or ""))
+
+
+class RetrievalDiagnostics(BaseModel):
+    collection: str
+    resolved_collection: str
+    mode: str
+    fusion: str | None
+    candidates: int
+    returned: int
+    grouped_by_doc: bool
+    mmr: bool
+    reranked: bool
+    embed_ms: float
+    search_ms: float
+    rerank_ms: float = 0.0
+
+
+class Reranker(Protocol):
+    def score(self, query: str, texts: list[str]) -> list[float]: ...
+
+
+class CrossEncoderReranker:
+    """A sentence-transformers CrossEncoder from a local directory (or the HF cache); loaded on first use."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self._model = None
+
+    def score(self, query: str, texts: list[str]) -> list[float]:
+        if self._model is None:
+            from sentence_transformers import CrossEncoder
+
+            self._model = CrossEncoder(self.name, device="cpu", local_files_only=True)
+        return [float(s) for s in self._model.predict([(query, t) for t in texts], show_progress_bar=False)]
+
+
+def mmr_select(query_vec: np.ndarray, vecs: np.ndarray, relevance: np.ndarray, k: int, lam: float) -> list[int]:
+    """Greedy maximal marginal relevance: indices of `k` items balancing relevance and novelty."""
+    n = len(vecs)
+    if n == 0:
+        return []
+    rel = relevance.astype(np.float64)
+    if rel.max() > rel.min():
+        rel = (rel - rel.min()) / (rel.max() - rel.min())
+    else:
+        rel = np.ones_like(rel)
+    sims = vecs @ vecs.T
+    chosen: list[int] = []
+    best_sim = np.full(n, -np.inf)
+    for _ in range(min(k, n)):
+        penalty = np.where(np.isfinite(best_sim), best_sim, 0.0)
+        score = lam * rel - (1 - lam) * penalty
+        score[chosen] = -np.inf
+        i = int(np.argmax(score))
+        chosen.append(i)
+        best_sim = np.maximum(best_sim, sims[:, i])
+    return chosen
+
+
+class Retriever:
+    def __init__(self, settings: Settings, store: VectorStore, dense: DenseEmbedder | None = None,
+                 sparse: SparseEncoder | None = None, reranker: Reranker | None = None):
+        self.settings = settings
+        self.store = store
+        self.dense = dense or shared_dense(embedder_dir(settings))
+        self.sparse = sparse or SparseEncoder.from_settings(settings)
+        if reranker is None and settings.rag.reranker:
+            reranker = CrossEncoderReranker(settings.rag.reranker)
+        self.reranker = reranker
+
+    def validate(self, query: str, top_k: int | None, mode: str | None, fusion: str | None) -> tuple[str, int, str, str]:
+        r = self.settings.rag
+        if not isinstance(query, str) or not query.strip():
+            raise RagInvalidRequest("query must be a non-empty string", "query")
+        k = r.top_k if top_k is None else top_k
+        if not isinstance(k, int) or not 1 <= k <= r.max_top_k:
+            raise RagInvalidRequest(f"top_k must be between 1 and {r.max_top_k}", "top_k")
+        mode = mode or r.mode
+        if mode not in MODES:
+            raise RagInvalidRequest(f"mode must be one of {', '.join(MODES)}", "mode")
+        fusion = fusion or r.fusion
+        if fusion not in FUSIONS:
+            raise RagInvalidRequest(f"fusion must be one of {', '.join(FUSIONS)}", "fusion")
+        return query.strip(), k, mode, fusion
+
+    def encode_queries(self, queries: list[str]) -> tuple[np.ndarray, list[SparseVec]]:
+        return self.dense.embed(queries), [self.sparse.embed_query(q) for q in queries]
+
+    def retrieve(self, query: str, collection: str | None = None, *, top_k: int | None = None,
+                 mode: str | None = None, fusion: str | None = None, filters: PayloadFilter | None = None,
+                 mmr: bool = False, mmr_lambda: float | None = None, group_by_doc: bool = False,
+                 rerank: bool | None = None, vectors: tuple[Any, SparseVec] | None = None,
+                 payload_fields: list[str] | None = None) -> tuple[list[RetrievedChunk], RetrievalDiagnostics]:
+        query, k, mode, fusion = self.validate(query, top_k, mode, fusion)
+        r = self.settings.rag
+        name = collection or r.collection
+        physical = self.store.resolve(name)
+        do_rerank = bool(self.reranker) if rerank is None else rerank
+        if do_rerank and self.reranker is None:
+            raise RagInvalidRequest("re-ranking asked for, but no rag.reranker is configured", "rerank")
+
+        t0 = time.perf_counter()
+        if vectors is None:
+            dvec = self.dense.embed([query])[0]
+            svec = self.sparse.embed_query(query)
+        else:
+            dvec, svec = vectors
+        t1 = time.perf_counter()
+
+        want = k
+        if group_by_doc:
+            want = k * 4
+        if mmr or do_rerank:
+            want = max(want, k * 4, 20)
+        want = min(want, 1000)
+        weights = None
+        if mode == "hybrid" and fusion == "rrf" and (r.dense_weight != 1.0 or r.sparse_weight != 1.0):
+            weights = [r.dense_weight, r.sparse_weight]
+        spec = SearchSpec(mode=mode, dense=[float(x) for x in dvec], sparse=svec if svec.indices else None,
+                          fusion=fusion, rrf_k=r.rrf_k, weights=weights, limit=want,
+                          prefetch=max(r.prefetch, want), filter=filters, with_dense=mmr,
+                          payload_fields=payload_fields)
+        if spec.sparse is None and mode in ("sparse", "hybrid"):
+            # no indexable word in the query (only stop words): fall back to dense ranking
+            spec.mode = "dense" if mode == "hybrid" else mode
+            if mode == "sparse":
+                return [], RetrievalDiagnostics(collection=name, resolved_collection=physical, mode=mode,
+                                                fusion=None, candidates=0, returned=0, grouped_by_doc=group_by_doc,
+                                                mmr=mmr, reranked=False, embed_ms=(t1 - t0) * 1e3, search_ms=0.0)
+        hits = self.store.search(physical, spec)
+        t2 = time.perf_counter()
+        candidates = len(hits)
+
+        if group_by_doc:
+            seen, grouped = set(), []
+            for h in hits:
+                d = h.payload.get("doc_id")
+                if d not in seen:
+                    seen.add(d)
+                    grouped.append(h)
+            hits = grouped
+
+        chunks = [RetrievedChunk.from_hit(h) for h in hits]
+        rerank_ms = 0.0
+        if do_rerank and chunks:
+            t3 = time.perf_counter()
+            scores = self.reranker.score(query, [c.text for c in chunks])
+            for c, s in zip(chunks, scores):
+                c.rerank_score = s
+            order = sorted(range(len(chunks)), key=lambda i: -scores[i])
+            chunks, hits = [chunks[i] for i in order], [hits[i] for i in order]
+            rerank_ms = (time.perf_counter() - t3) * 1e3
+
+        if mmr and chunks:
+            vecs = np.array([h.dense if h.dense else np.zeros_like(dvec) for h in hits], dtype=np.float32)
+            rel = np.array([c.rerank_score if c.rerank_score is not None else c.score for c in chunks])
+            lam = r.mmr_lambda if mmr_lambda is None else mmr_lambda
+            chunks = [chunks[i] for i in mmr_select(np.asarray(dvec), vecs, rel, k, lam)]
+        chunks = chunks[:k]
+        diag = RetrievalDiagnostics(
+            collection=name, resolved_collection=physical, mode=spec.mode,
+            fusion=fusion if spec.mode == "hybrid" else None, candidates=candidates, returned=len(chunks),
+            grouped_by_doc=group_by_doc, mmr=mmr, reranked=do_rerank, embed_ms=round((t1 - t0) * 1e3, 2),
+            search_ms=round((t2 - t1) * 1e3, 2), rerank_ms=round(rerank_ms, 2))
+        return chunks, diag

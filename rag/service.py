@@ -1,0 +1,144 @@
+"""The RAG query service: plain Python, no HTTP. The gateway's `POST /v1/rag/query` (and the
+`orfeas ask` command) validate a `RagQueryRequest`, call `RagService.query` and return the
+`RagQueryResponse`. Errors are typed (rag.errors, subclasses of models.errors.APIError).
+
+    service = RagService(settings)                      # store from settings (Edge actor / server)
+    resp = service.query(RagQueryRequest(query="..."), generate=chat_fn, generator="qwen2.5")
+
+`generate(messages) -> str` is the gateway's chat path (OpenAI-style messages in, text out).
+Without one, or when it raises, the extractive answerer quotes the retrieved passages with
+citations and `model` says "extractive".
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from typing import Callable, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from config import Settings
+from rag.answer import Citation, citations_for_generated, extractive_answer
+from rag.chunking import load_tokenizer
+from rag.embedding import embedder_dir
+from rag.errors import RagInvalidRequest
+from rag.packing import Passage, format_context, pack_context
+from rag.retrieval import RetrievalDiagnostics, Retriever
+from rag.store import PayloadFilter, VectorStore, open_store
+
+log = logging.getLogger(__name__)
+
+EXTRACTIVE_MODEL = "extractive"
+SYSTEM_PROMPT = (
+    "Answer the question using only the numbered context passages. Cite every claim with the "
+    "passage number in square brackets, like [1] or [2][3]. If the passages do not contain the "
+    "answer, say that you do not know."
+)
+
+Generate = Callable[[list[dict]], str]
+
+
+class RagQueryRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    query: str
+    collection: str | None = None
+    top_k: int | None = None
+    mode: Literal["dense", "sparse", "hybrid"] | None = None
+    fusion: Literal["rrf", "dbsf"] | None = None
+    filters: PayloadFilter | None = None
+    mmr: bool = False
+    rerank: bool | None = None
+    max_context_tokens: int | None = Field(None, ge=64, le=1_000_000)
+    model: str | None = Field(None, description="Chat model to generate with; the gateway resolves it.")
+    include_passages: bool = True
+
+
+class RagDiagnostics(BaseModel):
+    retrieval: RetrievalDiagnostics
+    context_tokens: int
+    passages: int
+    generation: Literal["chat", "extractive"]
+    fallback_reason: str | None = None
+    retrieve_ms: float
+    generate_ms: float
+    total_ms: float
+
+
+class RagQueryResponse(BaseModel):
+    id: str
+    object: Literal["rag.answer"] = "rag.answer"
+    created: int
+    answer: str
+    model: str
+    citations: list[Citation]
+    passages: list[Passage] = []
+    diagnostics: RagDiagnostics
+
+
+def parse_request(data: dict | RagQueryRequest) -> RagQueryRequest:
+    """A request from JSON, with the first problem reported as a RagInvalidRequest (400)."""
+    if isinstance(data, RagQueryRequest):
+        return data
+    try:
+        return RagQueryRequest.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        param = ".".join(str(p) for p in first.get("loc", ())) or None
+        raise RagInvalidRequest(f"invalid value for '{param}': {first.get('msg')}", param) from None
+
+
+class RagService:
+    def __init__(self, settings: Settings, store: VectorStore | None = None, retriever: Retriever | None = None):
+        self.settings = settings
+        self.store = store or (retriever.store if retriever else open_store(settings))
+        self.retriever = retriever or Retriever(settings, self.store)
+        self._tok = load_tokenizer(embedder_dir(settings))
+
+    def count_tokens(self, text: str) -> int:
+        return len(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def messages(self, query: str, passages: list[Passage]) -> list[dict]:
+        return [{"role": "system", "content": SYSTEM_PROMPT},
+                {"role": "user", "content": f"Context:\n{format_context(passages)}\n\nQuestion: {query}"}]
+
+    def query(self, request: RagQueryRequest | dict, generate: Generate | None = None,
+              generator: str | None = None) -> RagQueryResponse:
+        t0 = time.perf_counter()
+        req = parse_request(request)
+        chunks, rdiag = self.retriever.retrieve(
+            req.query, req.collection, top_k=req.top_k, mode=req.mode, fusion=req.fusion, filters=req.filters,
+            mmr=req.mmr, rerank=req.rerank)
+        t1 = time.perf_counter()
+        budget = req.max_context_tokens or self.settings.rag.context_tokens
+        passages = pack_context(chunks, self.count_tokens, budget)
+        embed = self.retriever.dense.embed
+        fallback_reason = None
+        answer, cites, model = "", [], EXTRACTIVE_MODEL
+        if passages and generate is not None:
+            try:
+                answer = generate(self.messages(req.query.strip(), passages))
+                cites = citations_for_generated(answer, req.query, passages, embed)
+                model = generator or req.model or "chat"
+            except Exception as e:  # the chat path failed: fall back, and say why
+                log.warning("RAG generation failed, answering extractively: %s", e)
+                fallback_reason = f"generation failed: {type(e).__name__}: {e}"[:300]
+                answer = ""
+        elif generate is None:
+            fallback_reason = "no chat model available"
+        if model == EXTRACTIVE_MODEL:
+            if passages:
+                answer, cites = extractive_answer(req.query, passages, embed, self.settings.rag.answer_sentences)
+            if not answer:
+                answer = f"No passage in collection {rdiag.collection!r} answers this question."
+        t2 = time.perf_counter()
+        diag = RagDiagnostics(
+            retrieval=rdiag, context_tokens=sum(p.tokens for p in passages), passages=len(passages),
+            generation="chat" if model != EXTRACTIVE_MODEL else "extractive", fallback_reason=fallback_reason,
+            retrieve_ms=round((t1 - t0) * 1e3, 2), generate_ms=round((t2 - t1) * 1e3, 2),
+            total_ms=round((t2 - t0) * 1e3, 2))
+        return RagQueryResponse(id=f"rag-{uuid.uuid4().hex[:24]}", created=int(time.time()), answer=answer,
+                                model=model, citations=cites, passages=passages if req.include_passages else [],
+                                diagnostics=diag)

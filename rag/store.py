@@ -1,0 +1,578 @@
+"""One vector-store interface, two backends.
+
+- `EdgeStore`: Qdrant Edge (qdrant-edge-py), one shard directory per collection under
+  `data_dir/qdrant_edge`, aliases in a JSON file beside them. A shard may be opened by one
+  process only, so in a cluster the store lives in a named, detached Ray actor
+  (`EdgeStoreActor`) and everyone else holds a `RemoteStore` that forwards calls to it
+  (`open_store(settings)` picks this when no Qdrant URL is configured).
+- `QdrantServerStore`: a Qdrant server or cluster through qdrant-client (URL, API key, TLS),
+  with the Query API's prefetch + fusion; `":memory:"` gives qdrant-client's local mode.
+
+Both store named vectors `dense` (cosine) and `bm25` (sparse, IDF modifier) and the chunk
+payload written by the ingest job. Collection names given to queries may be aliases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from abc import ABC, abstractmethod
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+from config import Settings
+from rag.embedding import DENSE, SPARSE, SparseVec
+from rag.errors import CollectionNotFound, RagInvalidRequest
+
+log = logging.getLogger(__name__)
+
+Mode = Literal["dense", "sparse", "hybrid"]
+FusionName = Literal["rrf", "dbsf"]
+STATE_FIELDS = ["doc_id", "doc_hash", "n_chunks", "source", "root"]
+
+
+class PayloadFilter(BaseModel):
+    """Payload filters: every given field must match (sources/tags/doc_ids: any of the values)."""
+
+    sources: list[str] | None = None
+    tags: list[str] | None = None
+    doc_ids: list[str] | None = None
+    date_from: datetime | None = None
+    date_to: datetime | None = None
+
+    def is_empty(self) -> bool:
+        return not any((self.sources, self.tags, self.doc_ids, self.date_from, self.date_to))
+
+
+class SearchSpec(BaseModel):
+    mode: Mode = "hybrid"
+    dense: list[float] | None = None
+    sparse: SparseVec | None = None
+    fusion: FusionName = "dbsf"
+    rrf_k: int = 60
+    weights: list[float] | None = None  # [dense, sparse] for weighted RRF
+    limit: int = Field(10, ge=1)
+    prefetch: int = Field(100, ge=1)
+    filter: PayloadFilter | None = None
+    with_dense: bool = False
+    payload_fields: list[str] | None = None  # None: the whole payload
+
+    model_config = {"arbitrary_types_allowed": True}
+
+
+class Hit(BaseModel):
+    id: str
+    score: float
+    payload: dict[str, Any]
+    dense: list[float] | None = None
+
+
+class VectorStore(ABC):
+    """What the ingest job, the retriever and the CLI need from a vector store."""
+
+    dim: int = 384
+
+    # collections
+    @abstractmethod
+    def create_collection(self, name: str, dim: int) -> None: ...
+    @abstractmethod
+    def drop_collection(self, name: str) -> None: ...
+    @abstractmethod
+    def list_collections(self) -> list[str]: ...
+    @abstractmethod
+    def count(self, name: str, flt: PayloadFilter | None = None) -> int: ...
+
+    # aliases
+    @abstractmethod
+    def set_alias(self, alias: str, collection: str) -> None: ...
+    @abstractmethod
+    def list_aliases(self) -> dict[str, str]: ...
+
+    # points
+    @abstractmethod
+    def upsert(self, name: str, points: list[dict[str, Any]]) -> int: ...
+    @abstractmethod
+    def delete_docs(self, name: str, doc_ids: list[str]) -> None: ...
+    @abstractmethod
+    def delete_stale(self, name: str, doc_id: str, keep_hash: str) -> None:
+        """Remove a document's points whose doc_hash is not `keep_hash` (an older version's chunks)."""
+    @abstractmethod
+    def scroll_payloads(self, name: str, fields: list[str]) -> list[dict[str, Any]]: ...
+    @abstractmethod
+    def search(self, name: str, spec: SearchSpec) -> list[Hit]: ...
+    def flush(self, name: str) -> None:  # noqa: B027 - optional
+        pass
+
+    # derived helpers (same for every backend)
+    def collection_exists(self, name: str) -> bool:
+        return name in self.list_collections()
+
+    def get_alias(self, alias: str) -> str | None:
+        return self.list_aliases().get(alias)
+
+    def resolve(self, name: str) -> str:
+        """The physical collection behind a name (alias first), or CollectionNotFound."""
+        target = self.get_alias(name)
+        if target and self.collection_exists(target):
+            return target
+        if self.collection_exists(name):
+            return name
+        raise CollectionNotFound(f"collection {name!r} does not exist", "collection")
+
+    def doc_states(self, name: str) -> dict[str, dict[str, Any]]:
+        """Per document: the hashes its points carry, how many points and how many it should have."""
+        states: dict[str, dict[str, Any]] = {}
+        for p in self.scroll_payloads(name, STATE_FIELDS):
+            s = states.setdefault(p["doc_id"], {"hashes": set(), "count": 0, "n_chunks": p.get("n_chunks"),
+                                                "source": p.get("source"), "root": p.get("root")})
+            s["hashes"].add(p.get("doc_hash"))
+            s["count"] += 1
+        return states
+
+
+def _check_name(name: str) -> None:
+    import re
+
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}", name or ""):
+        raise RagInvalidRequest(f"invalid collection name {name!r}", "collection")
+
+
+def _iso(d: datetime) -> str:
+    if d.tzinfo is None:
+        return d.strftime("%Y-%m-%dT%H:%M:%SZ")
+    return d.isoformat()
+
+
+# ================================================================================================
+# Qdrant Edge
+# ================================================================================================
+
+class EdgeStore(VectorStore):
+    def __init__(self, root: str | os.PathLike):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._shards: dict[str, Any] = {}
+        self._lock = threading.RLock()
+
+    # --- helpers
+    def _path(self, name: str) -> Path:
+        _check_name(name)
+        return self.root / "collections" / name
+
+    def _shard(self, name: str):
+        from qdrant_edge import EdgeShard
+
+        with self._lock:
+            shard = self._shards.get(name)
+            if shard is None:
+                path = self._path(name)
+                if not (path / "orfeas.json").exists():
+                    raise CollectionNotFound(f"collection {name!r} does not exist", "collection")
+                shard = EdgeShard.load(str(path))
+                self._shards[name] = shard
+            return shard
+
+    def _filter(self, flt: PayloadFilter | None, extra: list | None = None):
+        import qdrant_edge as q
+
+        must = list(extra or [])
+        if flt is not None:
+            if flt.sources:
+                must.append(q.FieldCondition(key="source", match=q.MatchAny(list(flt.sources))))
+            if flt.tags:
+                must.append(q.FieldCondition(key="tags", match=q.MatchAny(list(flt.tags))))
+            if flt.doc_ids:
+                must.append(q.FieldCondition(key="doc_id", match=q.MatchAny(list(flt.doc_ids))))
+            if flt.date_from or flt.date_to:
+                must.append(q.FieldCondition(key="date", range=q.RangeDateTime(
+                    gte=_iso(flt.date_from) if flt.date_from else None,
+                    lte=_iso(flt.date_to) if flt.date_to else None)))
+        return q.Filter(must=must) if must else None
+
+    # --- collections
+    def create_collection(self, name: str, dim: int) -> None:
+        import qdrant_edge as q
+
+        with self._lock:
+            path = self._path(name)
+            if (path / "orfeas.json").exists():
+                return
+            if path.exists():
+                shutil.rmtree(path)  # a half-created collection
+            cfg = q.EdgeConfig(
+                vectors={DENSE: q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine)},
+                sparse_vectors={SPARSE: q.EdgeSparseVectorParams(modifier=q.Modifier.Idf)},
+            )
+            shard = q.EdgeShard.create(str(path), cfg)
+            for fld in ("doc_id", "source", "tags", "root"):
+                shard.update(q.UpdateOperation.create_field_index(fld, q.PayloadSchemaType.Keyword))
+            shard.update(q.UpdateOperation.create_field_index("date", q.PayloadSchemaType.Datetime))
+            shard.flush()
+            (path / "orfeas.json").write_text(json.dumps({"dim": dim}))
+            self._shards[name] = shard
+
+    def drop_collection(self, name: str) -> None:
+        with self._lock:
+            shard = self._shards.pop(name, None)
+            if shard is not None:
+                shard.close()
+            path = self._path(name)
+            if path.exists():
+                shutil.rmtree(path)
+            aliases = {a: c for a, c in self.list_aliases().items() if c != name}
+            self._write_aliases(aliases)
+
+    def list_collections(self) -> list[str]:
+        base = self.root / "collections"
+        if not base.exists():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / "orfeas.json").exists())
+
+    def count(self, name: str, flt: PayloadFilter | None = None) -> int:
+        import qdrant_edge as q
+
+        return int(self._shard(name).count(q.CountRequest(filter=self._filter(flt), exact=True)))
+
+    # --- aliases
+    def _aliases_file(self) -> Path:
+        return self.root / "aliases.json"
+
+    def _write_aliases(self, aliases: dict[str, str]) -> None:
+        tmp = self._aliases_file().with_suffix(".tmp")
+        tmp.write_text(json.dumps(aliases, indent=1, sort_keys=True))
+        os.replace(tmp, self._aliases_file())  # atomic flip
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        _check_name(alias)
+        with self._lock:
+            if not self.collection_exists(collection):
+                raise CollectionNotFound(f"collection {collection!r} does not exist", "collection")
+            aliases = self.list_aliases()
+            aliases[alias] = collection
+            self._write_aliases(aliases)
+
+    def list_aliases(self) -> dict[str, str]:
+        f = self._aliases_file()
+        return json.loads(f.read_text()) if f.exists() else {}
+
+    # --- points
+    def upsert(self, name: str, points: list[dict[str, Any]]) -> int:
+        import qdrant_edge as q
+
+        if not points:
+            return 0
+        pts = [q.Point(p["id"], {DENSE: list(p["dense"]),
+                                 SPARSE: q.SparseVector(list(p["sparse_indices"]), list(p["sparse_values"]))},
+                       p["payload"]) for p in points]
+        self._shard(name).update(q.UpdateOperation.upsert_points(pts))
+        return len(pts)
+
+    def delete_docs(self, name: str, doc_ids: list[str]) -> None:
+        import qdrant_edge as q
+
+        if doc_ids:
+            self._shard(name).update(q.UpdateOperation.delete_points_by_filter(
+                q.Filter(must=[q.FieldCondition(key="doc_id", match=q.MatchAny(list(doc_ids)))])))
+
+    def delete_stale(self, name: str, doc_id: str, keep_hash: str) -> None:
+        import qdrant_edge as q
+
+        self._shard(name).update(q.UpdateOperation.delete_points_by_filter(q.Filter(
+            must=[q.FieldCondition(key="doc_id", match=q.MatchValue(doc_id))],
+            must_not=[q.FieldCondition(key="doc_hash", match=q.MatchValue(keep_hash))])))
+
+    def scroll_payloads(self, name: str, fields: list[str]) -> list[dict[str, Any]]:
+        import qdrant_edge as q
+
+        shard = self._shard(name)
+        out, offset = [], None
+        while True:
+            recs, offset = shard.scroll(q.ScrollRequest(offset=offset, limit=2048, with_payload=list(fields)))
+            out.extend(dict(r.payload or {}) for r in recs)
+            if offset is None or not recs:
+                return out
+
+    def flush(self, name: str) -> None:
+        shard = self._shard(name)
+        shard.flush()
+
+    def search(self, name: str, spec: SearchSpec) -> list[Hit]:
+        import qdrant_edge as q
+
+        shard = self._shard(name)
+        flt = self._filter(spec.filter)
+        with_vector = [DENSE] if spec.with_dense else False
+        with_payload = list(spec.payload_fields) if spec.payload_fields else True
+
+        def dense_q():
+            return q.Query.Nearest(list(spec.dense), using=DENSE)
+
+        def sparse_q():
+            return q.Query.Nearest(q.SparseVector(list(spec.sparse.indices), list(spec.sparse.values)), using=SPARSE)
+
+        if spec.mode == "dense":
+            req = q.QueryRequest(limit=spec.limit, query=dense_q(), filter=flt, with_payload=with_payload,
+                                 with_vector=with_vector)
+        elif spec.mode == "sparse":
+            req = q.QueryRequest(limit=spec.limit, query=sparse_q(), filter=flt, with_payload=with_payload,
+                                 with_vector=with_vector)
+        else:
+            fusion = q.Fusion.Dbsf() if spec.fusion == "dbsf" else q.Fusion.Rrf(k=spec.rrf_k, weights=spec.weights)
+            req = q.QueryRequest(
+                limit=spec.limit, query=fusion, with_payload=with_payload, with_vector=with_vector,
+                prefetches=[q.Prefetch(limit=spec.prefetch, query=dense_q(), filter=flt),
+                            q.Prefetch(limit=spec.prefetch, query=sparse_q(), filter=flt)])
+        if spec.mode in ("dense", "hybrid") and spec.dense is None:
+            raise RagInvalidRequest("a dense query vector is required", "dense")
+        if spec.mode in ("sparse", "hybrid") and spec.sparse is None:
+            raise RagInvalidRequest("a sparse query vector is required", "sparse")
+        hits = []
+        for p in shard.query(req):
+            vec = p.vector.get(DENSE) if spec.with_dense and isinstance(p.vector, dict) else None
+            hits.append(Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}), dense=vec))
+        return hits
+
+    def close(self) -> None:
+        with self._lock:
+            for shard in self._shards.values():
+                shard.close()
+            self._shards.clear()
+
+
+# ================================================================================================
+# Qdrant server / cluster (qdrant-client)
+# ================================================================================================
+
+class QdrantServerStore(VectorStore):
+    def __init__(self, url: str = ":memory:", api_key: str | None = None, timeout_s: float = 30.0):
+        from qdrant_client import QdrantClient
+
+        if url == ":memory:":
+            self.client = QdrantClient(location=":memory:")
+        else:
+            self.client = QdrantClient(url=url, api_key=api_key, timeout=int(timeout_s))
+        self.url = url
+
+    def _filter(self, flt: PayloadFilter | None):
+        from qdrant_client import models as m
+
+        if flt is None or flt.is_empty():
+            return None
+        must = []
+        if flt.sources:
+            must.append(m.FieldCondition(key="source", match=m.MatchAny(any=list(flt.sources))))
+        if flt.tags:
+            must.append(m.FieldCondition(key="tags", match=m.MatchAny(any=list(flt.tags))))
+        if flt.doc_ids:
+            must.append(m.FieldCondition(key="doc_id", match=m.MatchAny(any=list(flt.doc_ids))))
+        if flt.date_from or flt.date_to:
+            must.append(m.FieldCondition(key="date", range=m.DatetimeRange(gte=flt.date_from, lte=flt.date_to)))
+        return m.Filter(must=must)
+
+    def create_collection(self, name: str, dim: int) -> None:
+        from qdrant_client import models as m
+
+        _check_name(name)
+        if self.client.collection_exists(name):
+            return
+        self.client.create_collection(
+            name,
+            vectors_config={DENSE: m.VectorParams(size=dim, distance=m.Distance.COSINE)},
+            sparse_vectors_config={SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
+        )
+        if self.url != ":memory:":  # local mode has no payload indexes
+            for fld in ("doc_id", "source", "tags", "root"):
+                self.client.create_payload_index(name, fld, m.PayloadSchemaType.KEYWORD)
+            self.client.create_payload_index(name, "date", m.PayloadSchemaType.DATETIME)
+
+    def drop_collection(self, name: str) -> None:
+        from qdrant_client import models as m
+
+        for alias, target in self.list_aliases().items():
+            if target == name:
+                self.client.update_collection_aliases(change_aliases_operations=[
+                    m.DeleteAliasOperation(delete_alias=m.DeleteAlias(alias_name=alias))])
+        self.client.delete_collection(name)
+
+    def list_collections(self) -> list[str]:
+        return sorted(c.name for c in self.client.get_collections().collections)
+
+    def count(self, name: str, flt: PayloadFilter | None = None) -> int:
+        if not self.client.collection_exists(name):
+            raise CollectionNotFound(f"collection {name!r} does not exist", "collection")
+        return int(self.client.count(name, count_filter=self._filter(flt), exact=True).count)
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        from qdrant_client import models as m
+
+        _check_name(alias)
+        if not self.client.collection_exists(collection):
+            raise CollectionNotFound(f"collection {collection!r} does not exist", "collection")
+        ops = []
+        if alias in self.list_aliases():
+            ops.append(m.DeleteAliasOperation(delete_alias=m.DeleteAlias(alias_name=alias)))
+        ops.append(m.CreateAliasOperation(create_alias=m.CreateAlias(collection_name=collection, alias_name=alias)))
+        self.client.update_collection_aliases(change_aliases_operations=ops)  # one atomic request
+
+    def list_aliases(self) -> dict[str, str]:
+        return {a.alias_name: a.collection_name for a in self.client.get_aliases().aliases}
+
+    def upsert(self, name: str, points: list[dict[str, Any]]) -> int:
+        from qdrant_client import models as m
+
+        if not points:
+            return 0
+        self.client.upsert(name, points=[
+            m.PointStruct(id=p["id"], payload=p["payload"], vector={
+                DENSE: list(p["dense"]),
+                SPARSE: m.SparseVector(indices=list(p["sparse_indices"]), values=list(p["sparse_values"]))})
+            for p in points], wait=True)
+        return len(points)
+
+    def delete_docs(self, name: str, doc_ids: list[str]) -> None:
+        from qdrant_client import models as m
+
+        if doc_ids:
+            self.client.delete(name, points_selector=m.FilterSelector(filter=m.Filter(
+                must=[m.FieldCondition(key="doc_id", match=m.MatchAny(any=list(doc_ids)))])), wait=True)
+
+    def delete_stale(self, name: str, doc_id: str, keep_hash: str) -> None:
+        from qdrant_client import models as m
+
+        self.client.delete(name, points_selector=m.FilterSelector(filter=m.Filter(
+            must=[m.FieldCondition(key="doc_id", match=m.MatchValue(value=doc_id))],
+            must_not=[m.FieldCondition(key="doc_hash", match=m.MatchValue(value=keep_hash))])), wait=True)
+
+    def scroll_payloads(self, name: str, fields: list[str]) -> list[dict[str, Any]]:
+        out, offset = [], None
+        while True:
+            recs, offset = self.client.scroll(name, limit=2048, offset=offset, with_payload=list(fields))
+            out.extend(dict(r.payload or {}) for r in recs)
+            if offset is None or not recs:
+                return out
+
+    def search(self, name: str, spec: SearchSpec) -> list[Hit]:
+        from qdrant_client import models as m
+
+        if spec.mode in ("dense", "hybrid") and spec.dense is None:
+            raise RagInvalidRequest("a dense query vector is required", "dense")
+        if spec.mode in ("sparse", "hybrid") and spec.sparse is None:
+            raise RagInvalidRequest("a sparse query vector is required", "sparse")
+        flt = self._filter(spec.filter)
+        sparse = m.SparseVector(indices=list(spec.sparse.indices), values=list(spec.sparse.values)) \
+            if spec.sparse is not None else None
+        with_vectors = [DENSE] if spec.with_dense else False
+        wp = list(spec.payload_fields) if spec.payload_fields else True
+        if spec.mode == "dense":
+            res = self.client.query_points(name, query=list(spec.dense), using=DENSE, limit=spec.limit,
+                                           query_filter=flt, with_payload=wp, with_vectors=with_vectors)
+        elif spec.mode == "sparse":
+            res = self.client.query_points(name, query=sparse, using=SPARSE, limit=spec.limit,
+                                           query_filter=flt, with_payload=wp, with_vectors=with_vectors)
+        else:
+            fusion = (m.FusionQuery(fusion=m.Fusion.DBSF) if spec.fusion == "dbsf"
+                      else m.RrfQuery(rrf=m.Rrf(k=spec.rrf_k, weights=spec.weights)))
+            res = self.client.query_points(
+                name, prefetch=[m.Prefetch(query=list(spec.dense), using=DENSE, limit=spec.prefetch, filter=flt),
+                                m.Prefetch(query=sparse, using=SPARSE, limit=spec.prefetch, filter=flt)],
+                query=fusion, limit=spec.limit, with_payload=wp, with_vectors=with_vectors)
+        hits = []
+        for p in res.points:
+            vec = None
+            if spec.with_dense and isinstance(p.vector, dict):
+                vec = list(p.vector.get(DENSE) or []) or None
+            hits.append(Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}), dense=vec))
+        return hits
+
+    def collection_exists(self, name: str) -> bool:
+        return self.client.collection_exists(name)
+
+
+# ================================================================================================
+# The Edge store's owner: a named, detached Ray actor
+# ================================================================================================
+
+ACTOR_NAMESPACE = "orfeas"
+
+
+class _EdgeStoreOwner:
+    """Holds the only open handles on the Edge shards; every method of EdgeStore through `call`."""
+
+    def __init__(self, root: str):
+        self.store = EdgeStore(root)
+        self.root = root
+
+    def call(self, method: str, *args, **kwargs):
+        if method.startswith("_") or not hasattr(VectorStore, method) and method not in ("close",):
+            raise AttributeError(f"EdgeStore has no public method {method!r}")
+        return getattr(self.store, method)(*args, **kwargs)
+
+    def where(self) -> str:
+        return self.root
+
+
+def edge_root(settings: Settings) -> Path:
+    return settings.resolved_data_dir() / "qdrant_edge"
+
+
+def edge_actor_name(settings: Settings) -> str:
+    """The owner's name: the configured base plus a digest of the store path (one owner per path)."""
+    digest = hashlib.sha1(str(edge_root(settings)).encode()).hexdigest()[:8]
+    return f"{settings.rag.edge_actor_name}-{digest}"
+
+
+def edge_store_actor(settings: Settings):
+    """Get or create the detached actor owning this data dir's Edge shards."""
+    import ray
+
+    cls = ray.remote(_EdgeStoreOwner)
+    return cls.options(name=edge_actor_name(settings), namespace=ACTOR_NAMESPACE, lifetime="detached",
+                       get_if_exists=True, num_cpus=0, max_concurrency=16, max_restarts=-1,
+                       max_task_retries=0).remote(str(edge_root(settings)))
+
+
+class RemoteStore(VectorStore):
+    """A VectorStore whose every call runs in the owning actor."""
+
+    def __init__(self, handle):
+        self._h = handle
+
+    def _call(self, method: str, *args, **kwargs):
+        import ray
+
+        return ray.get(self._h.call.remote(method, *args, **kwargs))
+
+    def create_collection(self, name, dim): return self._call("create_collection", name, dim)
+    def drop_collection(self, name): return self._call("drop_collection", name)
+    def list_collections(self): return self._call("list_collections")
+    def count(self, name, flt=None): return self._call("count", name, flt)
+    def set_alias(self, alias, collection): return self._call("set_alias", alias, collection)
+    def list_aliases(self): return self._call("list_aliases")
+    def upsert(self, name, points): return self._call("upsert", name, points)
+    def delete_docs(self, name, doc_ids): return self._call("delete_docs", name, doc_ids)
+    def delete_stale(self, name, doc_id, keep_hash): return self._call("delete_stale", name, doc_id, keep_hash)
+    def scroll_payloads(self, name, fields): return self._call("scroll_payloads", name, fields)
+    def search(self, name, spec): return self._call("search", name, spec)
+    def flush(self, name): return self._call("flush", name)
+    def doc_states(self, name): return self._call("doc_states", name)
+    def resolve(self, name): return self._call("resolve", name)
+
+
+def open_store(settings: Settings) -> VectorStore:
+    """The configured store: a Qdrant server when `rag.qdrant_url` is set, else the Edge owner actor."""
+    url = settings.rag.qdrant_url
+    if url:
+        key = os.environ.get(settings.rag.qdrant_api_key_env) if settings.rag.qdrant_api_key_env else None
+        return QdrantServerStore(url, key, settings.rag.qdrant_timeout_s)
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=settings.ray.address or "auto", namespace=ACTOR_NAMESPACE, log_to_driver=False)
+    return RemoteStore(edge_store_actor(settings))

@@ -1,0 +1,130 @@
+"""RagService end to end over Qdrant Edge: hybrid retrieval, packing, extractive and generated
+answers with citations, MMR, and typed errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+
+from models.errors import APIError
+from rag.chunking import Chunker, embedding_text
+from rag.documents import parse_bytes
+from rag.errors import CollectionNotFound, RagInvalidRequest
+from rag.packing import pack_context
+from rag.retrieval import RetrievedChunk, Retriever
+from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagService
+from rag.store import EdgeStore
+
+CORPUS = {
+    "serve.md": b"# Ray Serve\n\nRay Serve deploys models as replicas. The autoscaler adds replicas when the "
+                b"queue grows and removes them when traffic falls.\n\n## Batching\n\nServe can batch requests "
+                b"to use accelerators efficiently.",
+    "qdrant.md": b"# Qdrant\n\nQdrant is a vector database written in Rust. Hybrid search fuses dense and sparse "
+                 b"results with reciprocal rank fusion.",
+    "cities.jsonl": b'{"_id": "de", "title": "Germany", "text": "Berlin is the capital of Germany. It has about '
+                    b'3.7 million inhabitants."}\n{"_id": "fr", "title": "France", "text": "Paris is the capital '
+                    b'of France. The Seine flows through Paris."}\n',
+    "xq17.txt": b"The part number XQ-17 refers to the spare gasket of the pump housing.",
+    "dup1.txt": b"Cats sleep sixteen hours a day and hunt at dusk.",
+    "dup2.txt": b"Cats sleep sixteen hours a day and hunt at dusk!",
+}
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory, tokenizer, dense, sparse):
+    from config import Settings
+
+    root = tmp_path_factory.mktemp("svc")
+    settings = Settings(data_dir=root / "data")
+    store = EdgeStore(root / "edge")
+    store.create_collection("kb__v1", 384)
+    chunker = Chunker(tokenizer, 60, 10)
+    chunks = [c for name, data in CORPUS.items() for d in parse_bytes(name, data) for c in chunker.split(d)]
+    texts = [embedding_text(c.title, c.section, c.text) for c in chunks]
+    dv, sv = dense.embed(texts), sparse.embed_documents(texts)
+    store.upsert("kb__v1", [{"id": c.id, "dense": dv[i].tolist(), "sparse_indices": sv[i].indices,
+                             "sparse_values": sv[i].values, "payload": c.to_row()} for i, c in enumerate(chunks)])
+    store.set_alias("kb", "kb__v1")
+    settings.rag.collection = "kb"
+    yield RagService(settings, store=store, retriever=Retriever(settings, store, dense=dense, sparse=sparse))
+    store.close()
+
+
+def test_extractive_answer_quotes_with_citations(service):
+    r = service.query({"query": "What is the capital of Germany?"})
+    assert r.model == EXTRACTIVE_MODEL and r.diagnostics.generation == "extractive"
+    assert r.diagnostics.fallback_reason == "no chat model available"
+    assert "Berlin is the capital of Germany." in r.answer and "[" in r.answer
+    first = r.citations[0]
+    assert first.quote == "Berlin is the capital of Germany." and first.source == "cities.jsonl"
+    passage = next(p for p in r.passages if p.index == first.index)
+    assert first.quote in passage.text and first.position["start"] < first.position["end"]
+    assert r.diagnostics.retrieval.resolved_collection == "kb__v1"
+
+
+def test_hybrid_finds_exact_terms_and_paraphrases(service):
+    hits, diag = service.retriever.retrieve("XQ-17", top_k=1, mode="hybrid")
+    assert hits[0].source == "xq17.txt" and diag.mode == "hybrid"
+    hits, _ = service.retriever.retrieve("How does Serve react when there is more traffic?", top_k=1)
+    assert hits[0].source == "serve.md"
+    hits, _ = service.retriever.retrieve("capital", top_k=3, filters={"sources": ["cities.jsonl"]})
+    assert {h.source for h in hits} == {"cities.jsonl"}
+
+
+def test_mmr_and_grouping_diversify(service):
+    plain, _ = service.retriever.retrieve("Do cats sleep a lot?", top_k=2, mode="dense")
+    assert {h.source for h in plain} == {"dup1.txt", "dup2.txt"}
+    diverse, diag = service.retriever.retrieve("Do cats sleep a lot?", top_k=2, mode="dense", mmr=True, mmr_lambda=0.3)
+    assert diag.mmr and len({h.source for h in diverse} & {"dup1.txt", "dup2.txt"}) == 1
+    grouped, _ = service.retriever.retrieve("Ray Serve", top_k=5, group_by_doc=True)
+    assert len({h.doc_id for h in grouped}) == len(grouped)
+
+
+def test_generated_answer_uses_callable_and_cites(service):
+    seen = {}
+
+    def generate(messages):
+        seen["messages"] = messages
+        return "Berlin is Germany's capital [1]."
+
+    r = service.query(RagQueryRequest(query="capital of Germany?", top_k=3), generate=generate, generator="tiny-chat")
+    assert r.model == "tiny-chat" and r.diagnostics.generation == "chat"
+    assert "[1]" in seen["messages"][1]["content"] and seen["messages"][0]["role"] == "system"
+    assert [c.index for c in r.citations] == [1] and "Berlin" in r.citations[0].quote
+
+
+def test_generation_failure_falls_back_to_extractive(service):
+    def broken(messages):
+        raise TimeoutError("backend timed out")
+
+    r = service.query({"query": "capital of France?"}, generate=broken, generator="tiny-chat")
+    assert r.model == EXTRACTIVE_MODEL and "backend timed out" in r.diagnostics.fallback_reason
+    assert "Paris" in r.answer and r.citations
+
+
+@pytest.mark.parametrize("body,err,status", [
+    ({"query": "   "}, RagInvalidRequest, 400),
+    ({"query": "x", "top_k": 0}, RagInvalidRequest, 400),
+    ({"query": "x", "top_k": 10_000}, RagInvalidRequest, 400),
+    ({"query": "x", "mode": "fuzzy"}, RagInvalidRequest, 400),
+    ({"query": "x", "unknown": 1}, RagInvalidRequest, 400),
+    ({"query": "x", "rerank": True}, RagInvalidRequest, 400),
+    ({"query": "x", "collection": "nope"}, CollectionNotFound, 404),
+])
+def test_bad_input_is_a_typed_4xx(service, body, err, status):
+    with pytest.raises(err) as e:
+        service.query(body)
+    assert isinstance(e.value, APIError) and e.value.status == status
+    assert e.value.body()["error"]["message"]
+
+
+def test_packing_merges_overlaps_dedupes_and_fits_budget(tokenizer):
+    text = "One fact here. Two facts here. Three facts here. Four facts here."
+    a = RetrievedChunk(id="a", score=0.9, doc_id="d", source="s", text=text[0:30], start=0, end=30, hash="ha")
+    b = RetrievedChunk(id="b", score=0.8, doc_id="d", source="s", text=text[15:48], start=15, end=48, hash="hb")
+    dup = RetrievedChunk(id="c", score=0.7, doc_id="e", source="t", text=text[0:30], start=0, end=30, hash="ha")
+    other = RetrievedChunk(id="o", score=0.5, doc_id="f", source="u", text="Other doc. " * 50, start=0, end=550, hash="ho")
+    count = lambda s: len(tokenizer.encode(s, add_special_tokens=False).ids)  # noqa: E731
+    ps = pack_context([a, b, dup, other], count, budget=60)
+    assert ps[0].text == text[0:48] and ps[0].chunk_ids == ["a", "b"] and ps[0].index == 1
+    assert len(ps) == 2 and ps[1].doc_id == "f" and ps[1].index == 2
+    assert sum(p.tokens for p in ps) <= 60
