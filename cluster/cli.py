@@ -12,6 +12,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cluster import rag_cli
+from cluster.k8s_cli import k8s_app
 from config import ConfigError, Settings, load_settings
 
 app = typer.Typer(help="ORFEAS: a Ray-native AI platform.", no_args_is_help=True, add_completion=False)
@@ -19,6 +21,8 @@ keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help
 models_app = typer.Typer(help="Local model utilities.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
+app.add_typer(k8s_app, name="k8s")
+rag_cli.register(app)  # ingest, collections, ask, eval
 
 console = Console()
 err = Console(stderr=True)

@@ -1,30 +1,19 @@
-"""Shared test harness: one real local Ray cluster per test session, Serve on a free loopback
-port, a tiny random-weight chat model built locally, and a helper to deploy a platform."""
+"""Session fixtures: one real local Ray cluster per test session, Serve on a free loopback port,
+and a tiny random-weight chat model built locally. Plain helpers are in harness.py."""
 
 from __future__ import annotations
 
 import os
-import socket
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+
+from harness import PROVIDER_KEY, free_port
 
 # Nothing in the suite may reach the internet for weights or data.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-
-# The stand-in provider's API key. Replicas read provider keys from their environment, which
-# they inherit from the cluster's runtime env (set before any replica starts).
-PROVIDER_KEY = "sk-test-123"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -69,28 +58,3 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from models.tiny import build_tiny_chat_model
 
     return build_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
-
-
-@contextmanager
-def deployed(settings):
-    """Deploy the settings' applications on the session cluster; remove them afterwards."""
-    from ray import serve
-
-    from cluster.deploy import deploy, wait_running
-
-    names = deploy(settings)
-    try:
-        states = wait_running(names, timeout_s=300)
-        assert all(s == "RUNNING" for s in states.values()), states
-        yield names
-    finally:
-        for name in names:
-            serve.delete(name)
-
-
-def make_key(settings, role: str = "admin", models: list[str] | None = None, name: str = "") -> tuple[dict, str]:
-    import ray
-
-    from cluster.keys import keystore
-
-    return ray.get(keystore(settings.resolved_data_dir()).create.remote(role, models, name))

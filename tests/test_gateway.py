@@ -11,7 +11,7 @@ import pytest
 import ray
 
 from cluster.keys import keystore
-from conftest import deployed, make_key
+from harness import deployed, make_key
 from config import ModelSpec, Settings
 
 CHAT = "tiny-chat"

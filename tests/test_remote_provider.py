@@ -4,7 +4,7 @@ import httpx
 import openai
 import pytest
 
-from conftest import PROVIDER_KEY, deployed, free_port, make_key
+from harness import PROVIDER_KEY, deployed, free_port, make_key
 from config import ModelSpec, Settings
 from provider_server import ProviderServer
 
