@@ -146,6 +146,12 @@ class RagSettings(_Section):
     embed_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data pool.")
     upsert_batch_size: int = Field(256, ge=1)
     edge_actor_name: str = Field("orfeas-qdrant-edge", description="Named detached actor owning the Edge shards.")
+    # Serving (the `rag` Serve application).
+    enabled: bool = Field(True, description="Deploy the RAG service (POST /v1/rag/query, the `rag` chat alias).")
+    chat_model: str | None = Field(None, description="Chat model that writes answers; empty answers extractively "
+                                   "(quotes with citations) unless a request names a model.")
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "RagSettings":
