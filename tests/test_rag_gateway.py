@@ -59,6 +59,13 @@ def test_query_answers_extractively_with_citations(rag_platform):
     assert body["diagnostics"]["retrieval"]["mode"] == "hybrid"
 
 
+def test_retrieve_only_returns_ranked_passages_without_an_answer(rag_platform):
+    _, base, admin, _ = rag_platform
+    body = rag(base, admin, {"query": "Which vector store does ORFEAS embed?", "answer": False, "top_k": 2}).json()
+    assert body["answer"] == "" and body["citations"] == [] and body["diagnostics"]["generation"] == "none"
+    assert body["passages"][0]["source"].endswith("qdrant.md") and len(body["passages"]) <= 2
+
+
 def test_generation_through_a_named_chat_model(rag_platform):
     _, base, admin, _ = rag_platform
     body = rag(base, admin, {"query": "How does KubeRay deploy Serve applications?", "model": CHAT}).json()

@@ -295,7 +295,9 @@ class Gateway:
         if not self.settings.rag.enabled:
             raise NotFound("the RAG service is not enabled on this platform (rag.enabled: false)")
         model = body.get("model")
-        if isinstance(model, str) and model:
+        if body.get("answer") is False:
+            model = None  # retrieval only: no generator needed
+        elif isinstance(model, str) and model:
             await self._backend(model, principal, "chat")  # named explicitly: it must be usable
         elif self.settings.rag.chat_model:
             model = self.settings.rag.chat_model

@@ -117,6 +117,7 @@ def test_every_import_path_is_checked(rendered):
         "serve.gateway.app:build_app",
         "models.serving:build_model_app",
         "models.engines.vllm_engine:build_vllm_app",
+        "serve.rag_app:build_app",
     }
 
 
