@@ -96,8 +96,9 @@ def ask_the_sample_corpus(client, settings) -> None:
     r = client.chat.completions.create(model="rag", messages=[{"role": "user", "content": SAMPLE_QUESTION}])
     out.print(r.choices[0].message.content, highlight=False)
     out.print(f"[dim]answered by {r.model}[/]")
-    for c in (r.model_extra or {}).get("citations", []):
-        out.print(f"[{c['index']}] {c['source']} ({c.get('title') or 'untitled'})", highlight=False)
+    sources = {c["index"]: c for c in (r.model_extra or {}).get("citations", [])}  # one line per cited passage
+    for index, c in sorted(sources.items()):
+        out.print(f"[{index}] {c['source']} ({c.get('title') or 'untitled'})", highlight=False)
 
 
 if __name__ == "__main__":

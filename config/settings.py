@@ -28,7 +28,8 @@ class _Section(BaseModel):
 
 class RaySettings(_Section):
     address: str = Field("", description="Existing cluster to join (host:port or ray://...); empty starts a local head.")
-    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local head; empty = Ray's detection.")
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local head; empty = max(cores, 8): "
+                                 "Serve replicas mostly wait, so the head over-subscribes and batch jobs still fit.")
     gcs_port: int = Field(6380, ge=1, le=65535)
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1, le=65535)
