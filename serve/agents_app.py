@@ -127,6 +127,16 @@ agents_api = FastAPI(title="ORFEAS agents", docs_url="/docs", redoc_url=None)
 install_error_handlers(agents_api)
 
 
+@agents_api.middleware("http")
+async def _bare_prefix(request: Request, call_next):
+    """`GET /v1/agents` (the route prefix itself) is the listing, not a redirect to `/v1/agents/`."""
+    root = request.scope.get("root_path", "")
+    if root and request.scope["path"] == root:
+        request.scope["path"] = root + "/"
+        request.scope["raw_path"] = (root + "/").encode()
+    return await call_next(request)
+
+
 @serve.ingress(workflows_api)
 class WorkflowsApi(_Api):
     @workflows_api.post("/runs")
