@@ -75,4 +75,4 @@ def test_serve_config_lists_model_apps_then_the_gateway(tmp_path):
     assert "route_prefix" not in cfg["applications"][0]  # models are reached through handles only
     assert "route_prefix" not in cfg["applications"][2]  # so is the RAG app: the gateway authenticates
     s.rag.enabled = False
-    assert [a.name for a in applications(s)] == ["model-emb", "model-big", "gateway"]
+    assert [a.name for a in applications(s)] == ["model-emb", "model-big", "workflows", "agents", "gateway"]
