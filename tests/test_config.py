@@ -66,7 +66,8 @@ def test_serve_config_lists_model_apps_then_the_gateway(tmp_path):
         "  - {id: big, engine: vllm, source: org/model, num_gpus: 1}\n"
     )))
     names = [a.name for a in applications(s)]
-    assert names == ["model-emb", "model-big", "rag", "gateway"]  # remote providers need no Serve app
+    assert names == ["model-emb", "model-big", "rag", "workflows", "agents", "gateway"]  # remote providers need no app
+    assert [a.route_prefix for a in applications(s)][3:5] == ["/v1/workflows", "/v1/agents"]
     cfg = serve_config(s)
     gateway = cfg["applications"][-1]
     assert gateway["route_prefix"] == "/" and gateway["import_path"] == "serve.gateway.app:build_app"
@@ -74,4 +75,4 @@ def test_serve_config_lists_model_apps_then_the_gateway(tmp_path):
     assert "route_prefix" not in cfg["applications"][0]  # models are reached through handles only
     assert "route_prefix" not in cfg["applications"][2]  # so is the RAG app: the gateway authenticates
     s.rag.enabled = False
-    assert [a.name for a in applications(s)] == ["model-emb", "model-big", "gateway"]
+    assert [a.name for a in applications(s)] == ["model-emb", "model-big", "workflows", "agents", "gateway"]
