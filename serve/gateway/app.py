@@ -29,6 +29,7 @@ from models.errors import (
     ModelUnavailable,
     NotFound,
     PayloadTooLarge,
+    AdminRequired,
     UpstreamTimeout,
 )
 from models.protocol import (
@@ -295,6 +296,49 @@ class Gateway:
         self.metrics.record(call.route, call.model, 200, call.elapsed())
         return JSONResponse(result)
 
+    @app.post("/v1/rag/ingest")
+    async def rag_ingest(self, request: Request) -> JSONResponse:
+        """Admin only: ingest a source under rag.allowed_roots; 202 with the run to poll."""
+        call = _Call("rag-ingest")
+        try:
+            principal = await self.auth.authenticate(request.headers.get("authorization"))
+            self._require_admin(principal, "ingest")
+            body = await self._read_json(request)
+            run = await self._rag_call("start_ingest", body, principal.key_id)
+        except APIError as e:
+            return self._fail(call, e)
+        self.metrics.record(call.route, call.model, 202, call.elapsed())
+        return JSONResponse(run, status_code=202)
+
+    @app.get("/v1/rag/ingest/{run_id}")
+    async def rag_ingest_status(self, run_id: str, request: Request) -> JSONResponse:
+        call = _Call("rag-ingest")
+        try:
+            principal = await self.auth.authenticate(request.headers.get("authorization"))
+            self._require_admin(principal, "ingest")
+            run = await self._rag_call("ingest_status", run_id)
+        except APIError as e:
+            return self._fail(call, e)
+        self.metrics.record(call.route, call.model, 200, call.elapsed())
+        return JSONResponse(run)
+
+    @staticmethod
+    def _require_admin(principal: Principal, what: str) -> None:
+        if principal.role != "admin":
+            raise AdminRequired(f"only admin keys may {what}")
+
+    async def _rag_call(self, method: str, *args):
+        if not self.settings.rag.enabled:
+            raise NotFound("the RAG service is not enabled on this platform (rag.enabled: false)")
+        if self._rag is None:
+            self._rag = serve.get_app_handle(RAG_APP)
+        try:
+            return await asyncio.wait_for(getattr(self._rag, method).remote(*args), self.timeout_s)
+        except TimeoutError:
+            raise UpstreamTimeout(f"the RAG service did not answer within {self.timeout_s:g}s") from None
+        except Exception as e:
+            raise unwrap(e) from None
+
     async def _rag_query(self, body: dict, principal: Principal) -> dict:
         """Resolve the generating model (the request's, else rag.chat_model), then ask the RAG service."""
         if not self.settings.rag.enabled:
@@ -312,14 +356,7 @@ class Gateway:
                 model = None  # the default generator is not usable now: answer extractively
         else:
             model = None
-        if self._rag is None:
-            self._rag = serve.get_app_handle(RAG_APP)
-        try:
-            return await asyncio.wait_for(self._rag.query.remote(body, model), self.timeout_s)
-        except TimeoutError:
-            raise UpstreamTimeout(f"the RAG service did not answer within {self.timeout_s:g}s") from None
-        except Exception as e:
-            raise unwrap(e) from None
+        return await self._rag_call("query", body, model)
 
     async def _rag_chat(self, req: ChatCompletionRequest, principal: Principal, call: _Call):
         """A chat request to the `rag` alias: the last user message is the question."""
