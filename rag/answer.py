@@ -49,6 +49,10 @@ def sentences(text: str, offset: int = 0) -> list[tuple[int, int, str]]:
     return out
 
 
+# A further sentence is quoted only if it scores at least this share of the best one.
+RELATIVE_CUT = 0.75
+
+
 def _stem(word: str) -> str:
     # Plural / third-person "s" only: enough for "hosts" to meet "host" without a stemmer's surprises.
     return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
@@ -88,10 +92,11 @@ def extractive_answer(query: str, passages: list[Passage], embed, n_sentences: i
     rank_bonus = np.array([1.0 / (1 + 0.15 * (c[0].index - 1)) for c in cands])
     score = 0.6 * cos + 0.3 * lex + 0.1 * rank_bonus
     order = np.argsort(-score)
+    best = float(score[order[0]])
     chosen: list[int] = []
     for i in order:
-        if len(chosen) >= n_sentences:
-            break
+        if len(chosen) >= n_sentences or (chosen and score[i] < RELATIVE_CUT * best):
+            break  # enough, or the rest is much weaker than the best: quoting it would only add noise
         if any(float(sv[i] @ sv[j]) > 0.92 for j in chosen):  # near-duplicate sentence
             continue
         chosen.append(int(i))
