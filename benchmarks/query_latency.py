@@ -1,96 +1,140 @@
-"""Query latency of hybrid retrieval through `RagService`'s retriever (query embedding + BM25
-encoding + fused search in the Qdrant Edge owner actor), at a few concurrencies, against a
-same-run baseline: the bare Edge query on an in-process shard copy is not possible (one owner per
-shard), so the baseline is the dense query embedding alone (the floor every query pays).
+"""Hybrid RAG queries over HTTP (`POST /v1/rag/query`, gateway + auth in front) against the same
+queries through the RAG application's Serve handle, in one run, at a few concurrencies.
 
-    python -m benchmarks.query_latency --collection eval-scifact [--queries /work/shared/eval/scifact/queries.jsonl]
+    .venv/bin/python -m benchmarks.query_latency --config /work/bench/orfeas.yaml --collection eval-scifact
 
-This is the in-cluster part of `POST /v1/rag/query`; the HTTP version (gateway + auth in front)
-belongs with the gateway. Writes JSON under benchmarks/results/.
+The collection must exist in the configured data directory (`orfeas eval retrieval` or
+`orfeas ingest` builds it). Both paths run retrieval only (`answer: false`: query embedding,
+BM25 encoding, fused search in the Qdrant Edge owner actor, packing), so the ratio is what the
+HTTP path adds; a last level measures full extractive answers over HTTP for reference.
+Writes benchmarks/results/query_latency.json and prints a markdown table for docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
-import logging
 import os
-import sys
+import platform
+import socket
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-log = logging.getLogger("benchmarks.query_latency")
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SCIFACT = Path(__file__).resolve().parents[2] / "shared" / "eval" / "scifact"  # ../shared next to the repo
 
 
-def _pct(xs: list[float], p: float) -> float:
-    return round(float(np.percentile(np.array(xs) * 1e3, p)), 2)
+def summarise(latencies: list[float], wall: float) -> dict:
+    ms = np.array(latencies) * 1e3
+    return {"requests": len(latencies), "p50_ms": round(float(np.percentile(ms, 50)), 2),
+            "p99_ms": round(float(np.percentile(ms, 99)), 2), "qps": round(len(latencies) / wall, 1)}
+
+
+async def run_level(call, queries: list[str], concurrency: int) -> dict:
+    pending = list(queries)
+    latencies: list[float] = []
+
+    async def worker():
+        while pending:
+            q = pending.pop()
+            t0 = time.perf_counter()
+            await call(q)
+            latencies.append(time.perf_counter() - t0)
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return summarise(latencies, time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="orfeas.yaml whose data_dir holds the collection")
     parser.add_argument("--collection", default="eval-scifact")
-    parser.add_argument("--queries", default="/work/shared/eval/scifact/queries.jsonl")
-    parser.add_argument("--n", type=int, default=200, help="queries per concurrency level")
+    parser.add_argument("--queries", default=str(SCIFACT / "queries.jsonl"))
+    parser.add_argument("--n", type=int, default=300, help="queries per level")
     parser.add_argument("--concurrency", default="1,4,8")
-    parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    parser.add_argument("--top-k", type=int, default=10)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
     import ray
+    from ray import serve
 
+    from cluster.deploy import deploy, wait_running
+    from cluster.keys import keystore
     from config import load_settings
-    from rag.retrieval import Retriever
-    from rag.store import open_store
+    from serve.applications import RAG_APP
 
-    settings = load_settings()
-    if not ray.is_initialized():
-        ray.init(address=settings.ray.address or "local", include_dashboard=False, log_to_driver=False,
-                 namespace="orfeas")
-    store = open_store(settings)
-    retriever = Retriever(settings, store)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    settings = load_settings(args.config)
+    settings.serve.host, settings.serve.port = "127.0.0.1", port
+    settings.models = [m for m in settings.models if m.task == "embedding"]  # no chat model needed
+    settings.rag.max_top_k = max(settings.rag.max_top_k, args.top_k)
     texts = [json.loads(ln)["text"] for ln in Path(args.queries).read_text().splitlines() if ln.strip()][: args.n]
-    retriever.retrieve(texts[0], args.collection, top_k=10)  # warm: model, actor, shard
+    body = {"collection": args.collection, "top_k": args.top_k, "mode": "hybrid", "answer": False,
+            "include_passages": False}
 
-    t_embed = []
-    for t in texts:
-        t0 = time.perf_counter()
-        retriever.dense.embed([t])
-        t_embed.append(time.perf_counter() - t0)
+    ray.init(include_dashboard=False, log_to_driver=False, namespace="orfeas")
+    names = deploy(settings)
+    states = wait_running(names, timeout_s=600)
+    if any(s != "RUNNING" for s in states.values()):
+        raise SystemExit(f"applications did not start: {states}")
+    _, key = ray.get(keystore(settings.resolved_data_dir()).create.remote("admin", None, "query_latency benchmark"))
+    handle = serve.get_app_handle(RAG_APP)
+    url = f"http://127.0.0.1:{port}/v1/rag/query"
 
-    levels = {}
-    for c in [int(x) for x in args.concurrency.split(",")]:
-        lat: list[float] = []
+    async def run() -> dict:
+        async with httpx.AsyncClient(headers={"Authorization": f"Bearer {key}"}, timeout=120,
+                                     limits=httpx.Limits(max_connections=64)) as client:
+            async def over_http(q: str, answer: bool = False) -> None:
+                r = await client.post(url, json=dict(body, query=q, answer=answer))
+                r.raise_for_status()
 
-        def one(t: str) -> None:
-            t0 = time.perf_counter()
-            retriever.retrieve(t, args.collection, top_k=10, mode="hybrid")
-            lat.append(time.perf_counter() - t0)
+            async def through_handle(q: str) -> None:
+                await handle.query.remote(dict(body, query=q), None)
 
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(c) as pool:
-            list(pool.map(one, texts))
-        wall = time.perf_counter() - t0
-        levels[str(c)] = {"p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99), "qps": round(len(texts) / wall, 1)}
-        log.info("concurrency %d: %s", c, levels[str(c)])
-    result = {
-        "benchmark": "query_latency", "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "collection": args.collection, "queries": len(texts), "mode": "hybrid", "fusion": settings.rag.fusion,
-        "levels": levels,
-        "baseline_query_embedding": {"p50_ms": _pct(t_embed, 50), "p99_ms": _pct(t_embed, 99)},
-        "ratio_p50_vs_embedding": round(levels[next(iter(levels))]["p50_ms"] / max(1e-6, _pct(t_embed, 50)), 2),
-        "target": "p99 <= 50 ms at concurrency 1 (over HTTP)",
-    }
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"query_latency-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}.json"
-    path.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result, indent=2))
+            for q in texts[:20]:  # warm both paths: model, owner actor, shard, connections
+                await over_http(q)
+                await through_handle(q)
+            levels = []
+            for c in [int(x) for x in args.concurrency.split(",")]:
+                direct = await run_level(through_handle, texts, c)
+                http = await run_level(over_http, texts, c)
+                levels.append({"concurrency": c, "handle": direct, "http": http,
+                               "added_p50_ms": round(http["p50_ms"] - direct["p50_ms"], 2),
+                               "qps_ratio": round(http["qps"] / direct["qps"], 3)})
+            answered = await run_level(lambda q: over_http(q, True), texts[:100], 1)
+            return {"levels": levels, "extractive_answer_http_c1": answered}
+
+    try:
+        out = asyncio.run(run())
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+    result = {"benchmark": "query_latency", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "collection": args.collection,
+              "queries": len(texts), "top_k": args.top_k, "mode": "hybrid", "fusion": settings.rag.fusion, **out}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "query_latency.json").write_text(json.dumps(result, indent=2))
+    print("| concurrency | handle p50 / p99 ms | HTTP p50 / p99 ms | HTTP queries/s | HTTP/handle throughput |")
+    print("| --- | --- | --- | --- | --- |")
+    for lv in out["levels"]:
+        h, d = lv["http"], lv["handle"]
+        print(f"| {lv['concurrency']} | {d['p50_ms']:.1f} / {d['p99_ms']:.1f} | {h['p50_ms']:.1f} / {h['p99_ms']:.1f} "
+              f"| {h['qps']:.0f} | {lv['qps_ratio']:.2f} |")
+    a = out["extractive_answer_http_c1"]
+    print(f"\nfull extractive answers over HTTP, concurrency 1: p50 {a['p50_ms']:.1f} ms, p99 {a['p99_ms']:.1f} ms")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

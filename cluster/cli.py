@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from cluster import rag_cli
+from cluster import agents_cli, rag_cli
 from cluster.k8s_cli import k8s_app
 from config import ConfigError, Settings, load_settings
 
@@ -23,6 +23,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.add_typer(k8s_app, name="k8s")
 rag_cli.register(app)  # ingest, collections, ask, eval
+agents_cli.register(app)  # workflows, agents
 
 console = Console()
 err = Console(stderr=True)

@@ -7,6 +7,7 @@ words are noise, the serving path is real), the embeddings come from the shipped
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import ray
 
@@ -21,8 +22,6 @@ def main() -> int:
         cli.fail(str(e), 2)
     tiny = settings.model("tiny-chat")
     if tiny is not None and tiny.engine == "transformers":
-        from pathlib import Path
-
         if not (Path(tiny.source) / "config.json").exists():
             cli.console.print(f"building the tiny demo chat model in {tiny.source}")
             cli.models_tiny(Path(tiny.source))
@@ -71,10 +70,35 @@ def main() -> int:
         emb = client.embeddings.create(model=embed_model, input=["Ray Serve hosts the gateway."])
         out.print(f"embedding from {embed_model}: {len(emb.data[0].embedding)} dimensions")
 
+    if settings.rag.enabled:
+        ask_the_sample_corpus(client, settings)
+
     out.rule("try it")
     out.print(f"curl {api_url(settings)}/v1/models -H 'Authorization: Bearer {key}'", soft_wrap=True, highlight=False)
     out.print("Stop everything with: [bold]make down[/]")
     return 0
+
+
+SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "docs" / "sample-corpus"
+SAMPLE_QUESTION = "Which vector store does ORFEAS use by default?"
+
+
+def ask_the_sample_corpus(client, settings) -> None:
+    """Ingest the shipped sample corpus (a Ray job; unchanged files are skipped on a re-run) and
+    ask about it through the `rag` chat alias, printing the cited answer."""
+    from cluster import rag_cli
+
+    out = cli.console
+    out.rule(f"RAG: ingest {SAMPLE_CORPUS.relative_to(Path.cwd()) if SAMPLE_CORPUS.is_relative_to(Path.cwd()) else SAMPLE_CORPUS}")
+    rag_cli.ingest(str(SAMPLE_CORPUS), collection=settings.rag.collection, rebuild=False, config=None)
+    out.rule("RAG: a question about it, through the `rag` model alias")
+    out.print(f"[bold]> {SAMPLE_QUESTION}[/]")
+    r = client.chat.completions.create(model="rag", messages=[{"role": "user", "content": SAMPLE_QUESTION}])
+    out.print(r.choices[0].message.content, highlight=False)
+    out.print(f"[dim]answered by {r.model}[/]")
+    sources = {c["index"]: c for c in (r.model_extra or {}).get("citations", [])}  # one line per cited passage
+    for index, c in sorted(sources.items()):
+        out.print(f"[{index}] {c['source']} ({c.get('title') or 'untitled'})", highlight=False)
 
 
 if __name__ == "__main__":

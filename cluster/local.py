@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -83,6 +85,11 @@ def head_env(settings: Settings) -> dict[str, str]:
     return env
 
 
+# Logical CPUs of a local head at least: Serve replicas reserve CPUs while mostly waiting, and an
+# ingest job's embedding actors must still be schedulable next to them on a 2-core laptop.
+LOCAL_HEAD_MIN_CPUS = 8
+
+
 def start_local_head(settings: Settings) -> bool:
     """Start the local head unless one already answers; True if this call started it."""
     address = cluster_address(settings)
@@ -95,8 +102,7 @@ def start_local_head(settings: Settings) -> bool:
         f"--dashboard-port={settings.ray.dashboard_port}",
         "--disable-usage-stats",
     ]
-    if settings.ray.num_cpus:
-        cmd.append(f"--num-cpus={settings.ray.num_cpus}")
+    cmd.append(f"--num-cpus={settings.ray.num_cpus or max(os.cpu_count() or 1, LOCAL_HEAD_MIN_CPUS)}")
     result = subprocess.run(cmd, capture_output=True, text=True, env=head_env(settings))
     if result.returncode != 0:
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-15:])
@@ -127,6 +133,61 @@ def stop_local_head(settings: Settings) -> bool:
     state = _state_file(settings)
     if not is_managed(settings) or not state.exists():
         return False
-    subprocess.run([_ray_cli(), "stop"], capture_output=True, text=True)
+    for proc in _head_processes(settings.ray.gcs_port):
+        _terminate_tree(proc)
+    _forget_head_address(settings.ray.gcs_port)
     state.unlink(missing_ok=True)
     return True
+
+
+def _forget_head_address(gcs_port: int) -> None:
+    """Drop Ray's "latest cluster" file when it names our stopped head (as `ray stop` would), so a
+    later `ray.init()` starts fresh instead of dialling a dead address."""
+    from ray._common.utils import get_ray_address_file
+
+    path = Path(get_ray_address_file(None))
+    try:
+        if path.read_text().strip().endswith(f":{gcs_port}"):
+            path.unlink()
+    except OSError:
+        pass
+
+
+def _head_processes(gcs_port: int) -> list:
+    """Every process of the Ray session whose GCS listens on `gcs_port`, and nothing else.
+
+    `ray stop` would kill every Ray process on the machine (other clusters, test sessions); the
+    session name in the GCS's command line picks out only ours.
+    """
+    import psutil
+
+    procs = list(psutil.process_iter(["cmdline"]))
+    session = None
+    for p in procs:
+        cmd = p.info["cmdline"] or []
+        if cmd and cmd[0].endswith("gcs_server") and f"--gcs_server_port={gcs_port}" in cmd:
+            session = next((m.group(1) for a in cmd if (m := re.search(r"--session-name=(\S+)", a))), None)
+    if session is None:
+        return []
+    return [p for p in procs if any(session in a for a in (p.info["cmdline"] or []))]
+
+
+def _terminate_tree(proc, timeout_s: float = 10.0) -> None:
+    """SIGTERM a process and its descendants (workers, dashboard modules), SIGKILL what lingers."""
+    import psutil
+
+    try:
+        family = [proc, *proc.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return
+    for p in family:
+        try:
+            p.send_signal(signal.SIGTERM)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(family, timeout=timeout_s)
+    for p in alive:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass

@@ -1,6 +1,8 @@
 """Configuration shared by every room: one pydantic model, loaded from orfeas.yaml and ORFEAS_* variables."""
 
 from config.settings import (
+    AgentSpec,
+    AgentsSettings,
     AuthSettings,
     ConfigError,
     GatewaySettings,
@@ -17,6 +19,8 @@ from config.settings import (
 )
 
 __all__ = [
+    "AgentSpec",
+    "AgentsSettings",
     "AuthSettings",
     "ConfigError",
     "GatewaySettings",

@@ -28,7 +28,8 @@ class _Section(BaseModel):
 
 class RaySettings(_Section):
     address: str = Field("", description="Existing cluster to join (host:port or ray://...); empty starts a local head.")
-    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local head; empty = Ray's detection.")
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local head; empty = max(cores, 8): "
+                                 "Serve replicas mostly wait, so the head over-subscribes and batch jobs still fit.")
     gcs_port: int = Field(6380, ge=1, le=65535)
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1, le=65535)
@@ -187,6 +188,12 @@ class RagSettings(_Section):
     embed_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data pool.")
     upsert_batch_size: int = Field(256, ge=1)
     edge_actor_name: str = Field("orfeas-qdrant-edge", description="Named detached actor owning the Edge shards.")
+    # Serving (the `rag` Serve application).
+    enabled: bool = Field(True, description="Deploy the RAG service (POST /v1/rag/query, the `rag` chat alias).")
+    chat_model: str | None = Field(None, description="Chat model that writes answers; empty answers extractively "
+                                   "(quotes with citations) unless a request names a model.")
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.5, ge=0)
 
     @model_validator(mode="after")
     def _check(self) -> "RagSettings":
@@ -304,6 +311,69 @@ class RouterSettings(_Section):
 
     def policy_names(self) -> set[str]:
         return set(POLICIES) | set(self.policies)
+ConflictPolicy = Literal["priority", "vote", "judge"]
+
+
+class AgentSpec(_Section):
+    """One agent the coordinator registers: who it is, what it can do and how it calls models."""
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    role: str = Field("assistant", max_length=200)
+    instructions: str = Field("", max_length=20_000)
+    capabilities: list[str] = Field(default_factory=list, description="What tasks it takes (matched by steps).")
+    tools: list[str] = Field(default_factory=list, description="Tool names: kb_search, calculator, http_get.")
+    model: str | None = Field(None, description="Chat model (through the gateway); empty: agents.default_model.")
+    fallback_models: list[str] = Field(default_factory=list, description="Tried in order when the model fails.")
+    tool_protocol: Literal["auto", "native", "json"] = Field(
+        "auto", description="native: OpenAI tool calls; json: the JSON reply protocol; auto: accept either.")
+    max_steps: int | None = Field(None, ge=1, le=64, description="Tool-loop step limit; empty: agents.max_steps.")
+    max_tokens: int = Field(512, ge=1)
+    priority: int = Field(0, description="Higher wins conflicts under the priority policy.")
+    replicas: int = Field(1, ge=1, le=64, description="Agent actors sharing this spec (parallel tasks).")
+
+
+class HttpToolSettings(_Section):
+    enabled: bool = Field(False, description="The http_get tool is off unless switched on here.")
+    allowlist: list[str] = Field(default_factory=list,
+                                 description="URL prefixes it may fetch (scheme://host[:port][/path]).")
+    timeout_s: float = Field(10.0, gt=0)
+    max_bytes: int = Field(65_536, ge=1)
+
+
+class AgentsSettings(_Section):
+    """Agents, the message bus and durable workflows (actors in cluster/agents, API in serve/agents_app)."""
+
+    enabled: bool = Field(True, description="Deploy the agents API (/v1/workflows, /v1/agents).")
+    namespace: str = Field("orfeas", description="Ray namespace of the coordinator, bus and state actors.")
+    coordinator_name: str = Field("orfeas-coordinator", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+    checkpoint_uri: str = Field("", description="Where run checkpoints go: a directory or an fsspec URI "
+                                "(s3://, gs://, ...); empty: data_dir/workflows.")
+    workflows_dir: str = Field("", description="Registered workflow definitions (*.yaml); empty: "
+                               "data_dir/workflows/definitions.")
+    agents: list[AgentSpec] = Field(default_factory=lambda: [AgentSpec(
+        name="assistant", capabilities=["general"], tools=["kb_search", "calculator"],
+        instructions="Answer the task. Use tools when they help.")])
+    default_model: str | None = Field(None, description="Chat model of agents that name none.")
+    max_steps: int = Field(8, ge=1, le=64, description="Tool-loop step limit of an agent task.")
+    conflict_policy: ConflictPolicy = "vote"
+    judge_model: str | None = Field(None, description="Model that settles conflicts under the judge policy.")
+    heartbeat_s: float = Field(1.0, gt=0, description="How often a busy agent reports its task alive.")
+    step_timeout_s: float = Field(300.0, gt=0, description="Default per-step timeout.")
+    max_parallel_steps: int = Field(16, ge=1, description="Steps of one run in flight at once.")
+    auto_resume: bool = Field(True, description="A (re)started coordinator resumes unfinished runs.")
+    model_costs: dict[str, float] = Field(default_factory=dict,
+                                          description="Price per 1k tokens by model id, for run analytics.")
+    http_get: HttpToolSettings = Field(default_factory=HttpToolSettings)
+    api_num_cpus: float = Field(0.1, ge=0)
+
+    @field_validator("agents")
+    @classmethod
+    def _unique_agents(cls, agents: list[AgentSpec]) -> list[AgentSpec]:
+        names = [a.name for a in agents]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"agent name(s) {sorted(dup)} appear more than once")
+        return agents
 
 
 def _default_catalog() -> list[ModelSpec]:
@@ -326,6 +396,7 @@ class Settings(BaseSettings):
     models: list[ModelSpec] = Field(default_factory=_default_catalog)
     rag: RagSettings = Field(default_factory=RagSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
+    agents: AgentsSettings = Field(default_factory=AgentsSettings)
 
     @model_validator(mode="after")
     def _check_router(self) -> "Settings":

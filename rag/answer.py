@@ -49,8 +49,13 @@ def sentences(text: str, offset: int = 0) -> list[tuple[int, int, str]]:
     return out
 
 
+def _stem(word: str) -> str:
+    # Plural / third-person "s" only: enough for "hosts" to meet "host" without a stemmer's surprises.
+    return word[:-1] if len(word) > 3 and word.endswith("s") and not word.endswith("ss") else word
+
+
 def _terms(text: str) -> set[str]:
-    return {w.lower() for w in _WORD.findall(text) if w.lower() not in _STOP and len(w) > 1}
+    return {_stem(w.lower()) for w in _WORD.findall(text) if w.lower() not in _STOP and len(w) > 1}
 
 
 def _position(p: Passage, start: int | None = None, end: int | None = None) -> dict:

@@ -54,13 +54,14 @@ class RagQueryRequest(BaseModel):
     max_context_tokens: int | None = Field(None, ge=64, le=1_000_000)
     model: str | None = Field(None, description="Chat model to generate with; the gateway resolves it.")
     include_passages: bool = True
+    answer: bool = Field(True, description="False: retrieve and pack only; no answer, no citations.")
 
 
 class RagDiagnostics(BaseModel):
     retrieval: RetrievalDiagnostics
     context_tokens: int
     passages: int
-    generation: Literal["chat", "extractive"]
+    generation: Literal["chat", "extractive", "none"]
     fallback_reason: str | None = None
     retrieve_ms: float
     generate_ms: float
@@ -117,6 +118,8 @@ class RagService:
         embed = self.retriever.dense.embed
         fallback_reason = None
         answer, cites, model = "", [], EXTRACTIVE_MODEL
+        if not req.answer:
+            generate = None
         if passages and generate is not None:
             try:
                 answer = generate(self.messages(req.query.strip(), passages))
@@ -126,9 +129,9 @@ class RagService:
                 log.warning("RAG generation failed, answering extractively: %s", e)
                 fallback_reason = f"generation failed: {type(e).__name__}: {e}"[:300]
                 answer = ""
-        elif generate is None:
+        elif generate is None and req.answer:
             fallback_reason = "no chat model available"
-        if model == EXTRACTIVE_MODEL:
+        if model == EXTRACTIVE_MODEL and req.answer:
             if passages:
                 answer, cites = extractive_answer(req.query, passages, embed, self.settings.rag.answer_sentences)
             if not answer:
@@ -136,7 +139,8 @@ class RagService:
         t2 = time.perf_counter()
         diag = RagDiagnostics(
             retrieval=rdiag, context_tokens=sum(p.tokens for p in passages), passages=len(passages),
-            generation="chat" if model != EXTRACTIVE_MODEL else "extractive", fallback_reason=fallback_reason,
+            generation=("chat" if model != EXTRACTIVE_MODEL else "extractive") if req.answer else "none",
+            fallback_reason=fallback_reason,
             retrieve_ms=round((t1 - t0) * 1e3, 2), generate_ms=round((t2 - t1) * 1e3, 2),
             total_ms=round((t2 - t0) * 1e3, 2))
         return RagQueryResponse(id=f"rag-{uuid.uuid4().hex[:24]}", created=int(time.time()), answer=answer,

@@ -16,6 +16,12 @@ from config import ModelSpec, Settings
 
 GATEWAY_APP = "gateway"
 GATEWAY_IMPORT_PATH = "serve.gateway.app:build_app"
+RAG_APP = "rag"
+RAG_IMPORT_PATH = "serve.rag_app:build_app"
+WORKFLOWS_APP = "workflows"
+WORKFLOWS_IMPORT_PATH = "serve.agents_app:build_workflows_app"
+AGENTS_APP = "agents"
+AGENTS_IMPORT_PATH = "serve.agents_app:build_agents_app"
 MODEL_IMPORT_PATH = "models.serving:build_model_app"
 VLLM_IMPORT_PATH = "models.engines.vllm_engine:build_vllm_app"
 
@@ -54,8 +60,14 @@ def model_app(spec: ModelSpec) -> AppSpec:
 
 
 def applications(settings: Settings) -> list[AppSpec]:
-    """Model applications first (the gateway finds them by name), then the gateway at `/`."""
+    """Model applications and the RAG service first (the gateway finds them by name), the agents
+    API under its own /v1 prefixes (same keys as the gateway), then the gateway at `/`."""
     apps = [model_app(m) for m in settings.models if m.engine in IN_CLUSTER_ENGINES]
+    if settings.rag.enabled:
+        apps.append(AppSpec(RAG_APP, RAG_IMPORT_PATH, None, {"settings": settings.to_dict()}))
+    if settings.agents.enabled:
+        apps.append(AppSpec(WORKFLOWS_APP, WORKFLOWS_IMPORT_PATH, "/v1/workflows", {"settings": settings.to_dict()}))
+        apps.append(AppSpec(AGENTS_APP, AGENTS_IMPORT_PATH, "/v1/agents", {"settings": settings.to_dict()}))
     apps.append(AppSpec(GATEWAY_APP, GATEWAY_IMPORT_PATH, "/", {"settings": settings.to_dict()}))
     return apps
 

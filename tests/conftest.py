@@ -29,6 +29,7 @@ def ray_cluster(metrics_port):
     if not ray.is_initialized():
         # More logical CPUs than cores: test replicas mostly wait on each other.
         ray.init(
+            address="local",  # a fresh instance, never a running `orfeas up` head
             num_cpus=8, include_dashboard=False, log_to_driver=False, _metrics_export_port=metrics_port,
             runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
                                       "TOKENIZERS_PARALLELISM": "false",

@@ -7,6 +7,10 @@ Its behaviour is chosen by the requested model name:
   slow          waits `slow_s` before the first byte
   drop          sends two chunks, then ends the stream without finishing
   garbage       sends an unreadable stream event
+  script        a deterministic agent stand-in: a system message line `SCRIPT: [...]` (a JSON list)
+                holds its replies; the k-th reply answers a conversation with k assistant turns
+                (the last one repeats). In a reply, {last} is the last message's content and {task}
+                the first user message's. An entry may be {"content": ..., "delay_s": ...}.
 Every request is recorded (path, body, Authorization header) for the tests to inspect.
 """
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import threading
 import time
 
@@ -76,6 +81,10 @@ class ProviderServer:
                                     headers={"Retry-After": "1"})
             if model == "slow":
                 await asyncio.sleep(self.slow_s)
+            if model == "script" and kind == "chat":
+                text, delay = scripted_reply(body["messages"])
+                await asyncio.sleep(delay)
+                return StreamingResponse(whole(model, text), media_type="text/event-stream")
             if kind == "chat":
                 text = body["messages"][-1]["content"]
             else:
@@ -101,6 +110,11 @@ class ProviderServer:
 
             return StreamingResponse(events(), media_type="text/event-stream")
 
+        async def whole(model: str, text: str):
+            yield chunk("chat", model, text)  # one chunk: the reply's whitespace survives
+            yield chunk("chat", model, finish="stop")
+            yield "data: [DONE]\n\n"
+
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
             return await generate(request, "chat")
@@ -122,3 +136,23 @@ class ProviderServer:
                               "total_tokens": sum(len(t.split()) for t in texts)}}
 
         return app
+
+
+def scripted_reply(messages: list[dict]) -> tuple[str, float]:
+    """The `script` model's reply to a conversation (see the module docstring)."""
+    script = None
+    for m in messages:
+        if m.get("role") == "system" and isinstance(m.get("content"), str):
+            found = re.search(r"^SCRIPT: (.*)$", m["content"], re.M)
+            if found:
+                script = json.loads(found.group(1))
+    if not script:
+        return "no script", 0.0
+    turn = sum(1 for m in messages if m.get("role") == "assistant")
+    entry = script[min(turn, len(script) - 1)]
+    delay = 0.0
+    if isinstance(entry, dict):
+        entry, delay = entry["content"], float(entry.get("delay_s", 0))
+    last = messages[-1].get("content") or ""
+    task = next((m.get("content") or "" for m in messages if m.get("role") == "user"), "")
+    return entry.replace("{last}", str(last)).replace("{task}", str(task)), delay

@@ -32,6 +32,8 @@ def config_file(serve_port, tiny_model_dir, tmp_path_factory):
         "ray": {"address": ray.get_runtime_context().gcs_address},
         "serve": {"host": "127.0.0.1", "port": serve_port},
         "auth": {"key_cache_s": 0},
+        "rag": {"enabled": False},
+        "agents": {"enabled": False},
         "models": [{"id": "tiny-chat", "engine": "transformers", "source": str(tiny_model_dir)}],
     }))
     yield path

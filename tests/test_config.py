@@ -66,9 +66,13 @@ def test_serve_config_lists_model_apps_then_the_gateway(tmp_path):
         "  - {id: big, engine: vllm, source: org/model, num_gpus: 1}\n"
     )))
     names = [a.name for a in applications(s)]
-    assert names == ["model-emb", "model-big", "gateway"]  # remote providers need no Serve app
+    assert names == ["model-emb", "model-big", "rag", "workflows", "agents", "gateway"]  # remote providers need no app
+    assert [a.route_prefix for a in applications(s)][3:5] == ["/v1/workflows", "/v1/agents"]
     cfg = serve_config(s)
     gateway = cfg["applications"][-1]
     assert gateway["route_prefix"] == "/" and gateway["import_path"] == "serve.gateway.app:build_app"
     assert cfg["applications"][1]["import_path"] == "models.engines.vllm_engine:build_vllm_app"
     assert "route_prefix" not in cfg["applications"][0]  # models are reached through handles only
+    assert "route_prefix" not in cfg["applications"][2]  # so is the RAG app: the gateway authenticates
+    s.rag.enabled = False
+    assert [a.name for a in applications(s)] == ["model-emb", "model-big", "workflows", "agents", "gateway"]

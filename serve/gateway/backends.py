@@ -174,6 +174,14 @@ class BackendRegistry:
             self._apps = (time.monotonic(), apps)
         return apps
 
+    async def app_health(self, app_name: str) -> Health:
+        """Health of a Serve application that is not a model (the RAG service)."""
+        app = (await self._serve_status()).get(app_name)
+        if app is None:
+            return Health("unhealthy", f"Serve application {app_name!r} is not deployed")
+        state = {"RUNNING": "ready", "DEPLOYING": "loading", "NOT_STARTED": "loading"}.get(app.status, "unhealthy")
+        return Health(state, None if state != "unhealthy" else f"{app.status}: {app.message}"[:500])
+
     def get(self, model_id: str) -> Backend | None:
         return self.backends.get(model_id)
 

@@ -117,6 +117,9 @@ def test_every_import_path_is_checked(rendered):
         "serve.gateway.app:build_app",
         "models.serving:build_model_app",
         "models.engines.vllm_engine:build_vllm_app",
+        "serve.rag_app:build_app",
+        "serve.agents_app:build_workflows_app",
+        "serve.agents_app:build_agents_app",
     }
 
 

@@ -1,0 +1,164 @@
+"""An agent: an actor with a role, instructions, a model policy and tools, running a
+tool-calling loop through the gateway's chat path until the model answers or the step limit.
+
+The coordinator creates agent actors (it owns them: they go when it goes) and tells each task
+its id; while a task runs the agent heartbeats it to the coordinator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any, Awaitable, Callable
+
+import ray
+
+from cluster.agents.protocol import parse_reply, system_prompt, tool_result_messages
+from cluster.agents.tools import Tool, ToolError, build_tools
+from config import AgentSpec, Settings, settings_from_dict
+
+log = logging.getLogger(__name__)
+
+Chat = Callable[[str, list[dict], int], Awaitable[str]]
+
+
+class AgentError(Exception):
+    """The agent could not finish its task (no model answered, step limit reached)."""
+
+    def __reduce__(self):
+        return (self.__class__, (str(self),))
+
+
+def estimate_tokens(messages: list[dict] | str) -> int:
+    """About four characters a token: the chat path returns text only, so usage is estimated."""
+    text = messages if isinstance(messages, str) else json.dumps(messages)
+    return max(1, len(text) // 4)
+
+
+def gateway_chat(settings: Settings) -> Chat:
+    """Chat through the gateway's in-cluster path (same backends, limits and metrics as HTTP)."""
+    from ray import serve
+
+    from serve.applications import GATEWAY_APP
+
+    handle = None
+
+    async def chat(model: str, messages: list[dict], max_tokens: int) -> str:
+        nonlocal handle
+        if handle is None:
+            handle = serve.get_app_handle(GATEWAY_APP)
+        try:
+            return await handle.complete_chat.remote(model, messages, max_tokens)
+        except Exception as e:
+            cause = getattr(e, "cause", None) or e
+            raise AgentError(f"model {model!r} failed: {getattr(cause, 'message', None) or cause}") from None
+
+    return chat
+
+
+class AgentCore:
+    """The loop itself, independent of Ray (the actor below wraps it)."""
+
+    def __init__(self, spec: AgentSpec, settings: Settings, chat: Chat, tools: dict[str, Tool] | None = None):
+        self.spec, self.settings, self.chat = spec, settings, chat
+        self.tools = tools if tools is not None else build_tools(settings, spec.tools)
+        self.model = spec.model or settings.agents.default_model
+        self.max_steps = spec.max_steps or settings.agents.max_steps
+
+    def _cost(self, model: str, tokens: int) -> float:
+        return self.settings.agents.model_costs.get(model, 0.0) * tokens / 1000
+
+    async def _ask(self, messages: list[dict], usage: dict) -> str:
+        models = [m for m in [self.model, *self.spec.fallback_models] if m]
+        if not models:
+            raise AgentError(f"agent {self.spec.name!r} has no model (set its model or agents.default_model)")
+        errors = []
+        for model in models:
+            try:
+                text = await self.chat(model, messages, self.spec.max_tokens)
+            except AgentError as e:
+                errors.append(str(e))
+                continue
+            tokens = estimate_tokens(messages) + estimate_tokens(text)
+            usage["model_calls"] += 1
+            usage["tokens"] += tokens
+            usage["cost"] += self._cost(model, tokens)
+            return text
+        raise AgentError("; ".join(errors))
+
+    async def run(self, task: str, idempotency_prefix: str = "") -> dict[str, Any]:
+        tools = [t.openai_schema() for t in self.tools.values()]
+        messages: list[dict] = [{"role": "system", "content": system_prompt(self.spec.role, self.spec.instructions, tools)},
+                                {"role": "user", "content": task}]
+        usage = {"model_calls": 0, "tokens": 0, "cost": 0.0}
+        trace: list[dict] = []
+        for step in range(self.max_steps):
+            text = await self._ask(messages, usage)
+            reply = parse_reply(text, step=step)
+            if not reply.calls:
+                return {"answer": reply.answer, "agent": self.spec.name, "steps": step + 1, "tool_calls": trace,
+                        "usage": usage}
+            results = []
+            for i, call in enumerate(reply.calls):
+                result = await self.call_tool(call.name, call.arguments, call.error,
+                                              f"{idempotency_prefix}:{step}:{i}" if idempotency_prefix else None)
+                trace.append({"tool": call.name, "arguments": call.arguments, "ok": result[0]})
+                results.append((call, result[1]))
+            messages += tool_result_messages(reply, results)
+        raise AgentError(f"agent {self.spec.name!r} gave no answer within {self.max_steps} steps")
+
+    async def call_tool(self, name: str, arguments: Any, parse_error: str | None = None,
+                        idempotency_key: str | None = None) -> tuple[bool, str]:
+        """(ok, text for the model). Unknown tools and bad arguments are errors for the model."""
+        if parse_error:
+            return False, f"error: {parse_error}"
+        tool = self.tools.get(name)
+        if tool is None:
+            return False, f"error: unknown tool {name!r}; available: {sorted(self.tools)}"
+        try:
+            return True, json.dumps(await tool(arguments, idempotency_key=idempotency_key), default=str)
+        except ToolError as e:
+            return False, f"error: {e}"
+        except Exception as e:  # a tool bug must not kill the agent
+            log.exception("tool %s failed", name)
+            return False, f"error: tool {name!r} failed: {type(e).__name__}"
+
+
+class AgentActor:
+    """The agent as an async Ray actor."""
+
+    def __init__(self, spec: dict, settings: dict, coordinator: str, namespace: str):
+        self.settings = settings_from_dict(settings)
+        self.core = AgentCore(AgentSpec.model_validate(spec), self.settings, gateway_chat(self.settings))
+        self.coordinator_name, self.namespace = coordinator, namespace
+        self._coordinator = None
+        self.busy = 0
+
+    def _coord(self):
+        if self._coordinator is None:
+            self._coordinator = ray.get_actor(self.coordinator_name, namespace=self.namespace)
+        return self._coordinator
+
+    async def _heartbeats(self, task_id: str) -> None:
+        while True:
+            try:
+                self._coord().heartbeat.remote(task_id)
+            except Exception:  # the coordinator may be gone; the task goes on
+                self._coordinator = None
+            await asyncio.sleep(self.settings.agents.heartbeat_s)
+
+    async def run_task(self, task_id: str, task: str, idempotency_prefix: str = "") -> dict[str, Any]:
+        self.busy += 1
+        beat = asyncio.create_task(self._heartbeats(task_id))
+        try:
+            return await self.core.run(task, idempotency_prefix)
+        finally:
+            beat.cancel()
+            self.busy -= 1
+
+    async def call_tool(self, name: str, arguments: Any, idempotency_key: str | None = None) -> tuple[bool, str]:
+        return await self.core.call_tool(name, arguments, None, idempotency_key)
+
+    async def info(self) -> dict[str, Any]:
+        return {"name": self.core.spec.name, "busy": self.busy, "tools": sorted(self.core.tools)}

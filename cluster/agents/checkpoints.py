@@ -1,0 +1,97 @@
+"""Durable run checkpoints: `<root>/runs/<run_id>/run.json` (the whole run state, rewritten
+atomically after every step transition) and `events.jsonl` next to it. The root is a local
+directory or any fsspec URI (s3://, gs://, abfs://, memory://)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from cluster.agents.scheduling import RunState
+
+RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+
+class CheckpointStore:
+    def __init__(self, root: str):
+        self.root = root.rstrip("/")
+        self.local = "://" not in root or root.startswith("file://")
+        if self.local:
+            self.root = root.removeprefix("file://")
+            Path(self.root, "runs").mkdir(parents=True, exist_ok=True)
+            self.fs = None
+        else:
+            import fsspec
+
+            self.fs, _ = fsspec.core.url_to_fs(root)
+
+    def _path(self, run_id: str, name: str) -> str:
+        if not RUN_ID.match(run_id):
+            raise ValueError(f"invalid run id {run_id!r}")
+        return f"{self.root}/runs/{run_id}/{name}"
+
+    def save(self, run: RunState) -> None:
+        data = run.model_dump_json()
+        path = self._path(run.run_id, "run.json")
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=Path(path).parent, prefix=".run.")
+            with os.fdopen(fd, "w") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        else:
+            with self.fs.open(path, "w") as f:
+                f.write(data)
+
+    def load(self, run_id: str) -> RunState | None:
+        path = self._path(run_id, "run.json")
+        try:
+            if self.local:
+                text = Path(path).read_text()
+            else:
+                with self.fs.open(path, "r") as f:
+                    text = f.read()
+        except FileNotFoundError:
+            return None
+        return RunState.model_validate_json(text)
+
+    def run_ids(self) -> list[str]:
+        if self.local:
+            return sorted(p.name for p in Path(self.root, "runs").iterdir() if (p / "run.json").exists())
+        try:
+            return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in self.fs.ls(f"{self.root}/runs", detail=False))
+        except FileNotFoundError:
+            return []
+
+    def append_events(self, run_id: str, events: list[dict[str, Any]]) -> None:
+        lines = "".join(json.dumps(e, default=str) + "\n" for e in events)
+        path = self._path(run_id, "events.jsonl")
+        if self.local:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            with open(path, "a") as f:
+                f.write(lines)
+        else:  # object stores cannot append: rewrite
+            old = ""
+            if self.fs.exists(path):
+                with self.fs.open(path, "r") as f:
+                    old = f.read()
+            with self.fs.open(path, "w") as f:
+                f.write(old + lines)
+
+    def events(self, run_id: str) -> list[dict[str, Any]]:
+        path = self._path(run_id, "events.jsonl")
+        try:
+            if self.local:
+                text = Path(path).read_text()
+            else:
+                with self.fs.open(path, "r") as f:
+                    text = f.read()
+        except FileNotFoundError:
+            return []
+        return [json.loads(line) for line in text.splitlines() if line.strip()]

@@ -1,0 +1,540 @@
+"""The coordinator: a detached, named async actor that keeps the agent registry, assigns tasks
+by capability and load, tracks every task with heartbeats, settles conflicting answers, and
+runs workflows (checkpointed, so a new coordinator resumes them from the last checkpoint).
+
+    coordinator(settings)            # handle to this data directory's coordinator (created once)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+
+from cluster.agents import scheduling as sch
+from cluster.agents.agent import AgentActor, AgentError, estimate_tokens, gateway_chat
+from cluster.agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, resolve
+from cluster.agents.checkpoints import RUN_ID, CheckpointStore
+from cluster.agents.engine import RunExecutor, StepFailed
+from cluster.agents.expressions import ExpressionError, render
+from cluster.agents.metrics import WorkflowMetrics
+from cluster.agents.scheduling import RunState
+from cluster.agents.spec import StepSpec, WorkflowError, WorkflowSpec
+from cluster.agents.tools import SHIPPED_TOOLS, ToolError, build_tools
+from config import AgentSpec, Settings, settings_from_dict
+from models.errors import InvalidRequest, NotFound
+
+log = logging.getLogger(__name__)
+
+EVENTS_KEPT = 5_000
+
+
+class Conflict(InvalidRequest):
+    status, type = 409, "conflict_error"
+
+
+@ray.remote(num_cpus=0, max_retries=0)
+def run_tool(settings: dict, name: str, args: dict, idempotency_key: str) -> Any:
+    """A workflow's tool step, as a plain Ray task (a crashing tool cannot take the coordinator)."""
+    tool = build_tools(settings_from_dict(settings), [name])[name]
+    return asyncio.run(tool(args, idempotency_key=idempotency_key))
+
+
+def coordinator_name(settings: Settings) -> str:
+    digest = hashlib.sha1(str(settings.resolved_data_dir()).encode()).hexdigest()[:10]
+    return f"{settings.agents.coordinator_name}-{digest}"
+
+
+def checkpoint_root(settings: Settings) -> str:
+    return settings.agents.checkpoint_uri or str(settings.resolved_data_dir() / "workflows")
+
+
+def definitions_dir(settings: Settings) -> Path:
+    return Path(settings.agents.workflows_dir) if settings.agents.workflows_dir else \
+        settings.resolved_data_dir() / "workflows" / "definitions"
+
+
+def coordinator(settings: Settings):
+    """This data directory's coordinator (created on first use; restarted by Ray if it dies)."""
+    return ray.remote(Coordinator).options(
+        name=coordinator_name(settings), namespace=settings.agents.namespace, lifetime="detached",
+        get_if_exists=True, num_cpus=0, max_restarts=-1, max_concurrency=1000,
+    ).remote(settings.to_dict())
+
+
+@dataclass
+class Slot:
+    agent: str
+    index: int
+    actor: Any = None
+    actor_name: str = ""
+    generation: int = 0
+    load: int = 0
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class Registered:
+    spec: AgentSpec
+    scope: str  # "global" or a run id
+    slots: list[Slot]
+
+
+class Coordinator:
+    def __init__(self, settings: dict):
+        self.settings = settings_from_dict(settings)
+        self.cfg = self.settings.agents
+        self.name = coordinator_name(self.settings)
+        self.store = CheckpointStore(checkpoint_root(self.settings))
+        self.metrics = WorkflowMetrics()
+        self.registry: dict[tuple[str, str], Registered] = {}
+        for spec in self.cfg.agents:
+            self._register(spec, "global")
+        self.tasks: dict[str, dict[str, Any]] = {}
+        self.runs: dict[str, RunExecutor] = {}
+        self.drivers: dict[str, asyncio.Task] = {}
+        self.events: dict[str, list[dict]] = {}
+        self.changed: dict[str, asyncio.Condition] = {}
+        self._chat = gateway_chat(self.settings)
+        self._resumed_at_start: list[str] = []
+        self._started = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def ping(self) -> dict[str, Any]:
+        await self._start_once()
+        return {"name": self.name, "runs_active": len(self.drivers), "resumed_at_start": self._resumed_at_start}
+
+    async def _start_once(self) -> None:
+        if self._started:
+            return
+        self._started = True
+        asyncio.create_task(self._watchdog())
+        if self.cfg.auto_resume:
+            for run_id in self.store.run_ids():
+                run = self.store.load(run_id)
+                if run is not None and run.status not in sch.TERMINAL_RUN:
+                    self._resumed_at_start.append(run_id)
+                    await self._drive(sch.resume(run), "run.resumed")
+
+    async def _watchdog(self) -> None:
+        """Kill agents whose task stopped heartbeating: the step fails over to a new actor."""
+        limit = max(10 * self.cfg.heartbeat_s, 5.0)
+        while True:
+            await asyncio.sleep(self.cfg.heartbeat_s)
+            now = time.time()
+            for task in list(self.tasks.values()):
+                if now - task["heartbeat"] > limit and task.get("slot") is not None:
+                    slot = task["slot"]
+                    log.warning("task %s on %s missed heartbeats for %.0fs: replacing the agent",
+                                task["id"], slot.actor_name, now - task["heartbeat"])
+                    if slot.actor is not None:
+                        ray.kill(slot.actor, no_restart=True)
+                    task["heartbeat"] = now
+
+    # ------------------------------------------------------------ registry and discovery
+
+    def _register(self, spec: AgentSpec, scope: str) -> Registered:
+        unknown = [t for t in spec.tools if t not in SHIPPED_TOOLS]
+        if unknown:
+            raise InvalidRequest(f"agent {spec.name!r}: unknown tool(s) {unknown}; shipped: {list(SHIPPED_TOOLS)}")
+        reg = Registered(spec, scope, [Slot(spec.name, i) for i in range(spec.replicas)])
+        self.registry[(scope, spec.name)] = reg
+        return reg
+
+    async def register_agent(self, spec: dict) -> dict:
+        parsed = AgentSpec.model_validate(spec)
+        old = self.registry.get(("global", parsed.name))
+        if old is not None:
+            if any(s.load for s in old.slots):
+                raise Conflict(f"agent {parsed.name!r} is busy; register it again when its tasks are done")
+            self._release(old)
+        return self._describe(self._register(parsed, "global"))
+
+    def _release(self, reg: Registered) -> None:
+        for slot in reg.slots:
+            if slot.actor is not None:
+                ray.kill(slot.actor, no_restart=True)
+                slot.actor = None
+
+    def _describe(self, reg: Registered) -> dict:
+        s = reg.spec
+        return {"name": s.name, "role": s.role, "capabilities": s.capabilities, "tools": s.tools,
+                "model": s.model or self.cfg.default_model, "fallback_models": s.fallback_models,
+                "priority": s.priority, "replicas": s.replicas, "scope": reg.scope,
+                "load": sum(sl.load for sl in reg.slots),
+                "actors": [{"name": sl.actor_name or None, "alive": sl.actor is not None, "load": sl.load}
+                           for sl in reg.slots]}
+
+    async def agents(self, capability: str | None = None, include_runs: bool = False) -> list[dict]:
+        """The registry (discovery): every global agent, or those with a capability."""
+        return [self._describe(r) for r in self.registry.values()
+                if (include_runs or r.scope == "global") and (capability is None or capability in r.spec.capabilities)]
+
+    def _lookup(self, run_id: str, name: str) -> Registered | None:
+        return self.registry.get((run_id, name)) or self.registry.get(("global", name))
+
+    def _candidates(self, run_id: str, step: StepSpec) -> list[Registered]:
+        if step.agent:
+            reg = self._lookup(run_id, step.agent)
+            return [reg] if reg else []
+        cap = step.capability or "general"
+        seen: dict[str, Registered] = {}
+        for (scope, name), reg in self.registry.items():
+            if scope in (run_id, "global") and cap in reg.spec.capabilities and (name not in seen or scope == run_id):
+                seen[name] = reg
+        return list(seen.values())
+
+    # ------------------------------------------------------------ tasks
+
+    async def heartbeat(self, task_id: str) -> None:
+        task = self.tasks.get(task_id)
+        if task is not None:
+            task["heartbeat"] = time.time()
+
+    async def tasks_in_flight(self) -> list[dict]:
+        return [{k: v for k, v in t.items() if k != "slot"} for t in self.tasks.values()]
+
+    def _actor(self, reg: Registered, slot: Slot):
+        if slot.actor is None:
+            slot.generation += 1
+            scope = "" if reg.scope == "global" else f"-{reg.scope[:12]}"
+            slot.actor_name = f"{self.name}-{reg.spec.name}{scope}-{slot.index}-g{slot.generation}"
+            slot.actor = ray.remote(AgentActor).options(
+                name=slot.actor_name, namespace=self.cfg.namespace, num_cpus=0, max_restarts=0,
+            ).remote(reg.spec.model_dump(mode="json"), self.settings.to_dict(), self.name, self.cfg.namespace)
+        return slot.actor
+
+    async def _on_agent(self, reg: Registered, run_id: str, step_id: str, task: str, idem: str) -> dict:
+        """One task on the least-loaded replica of an agent; one task at a time per replica."""
+        slot = min(reg.slots, key=lambda s: (s.load, s.index))
+        return await self._on_slot(reg, slot, run_id, step_id, task, idem)
+
+    async def _on_slot(self, reg: Registered, slot: Slot, run_id: str, step_id: str, task: str, idem: str) -> dict:
+        slot.load += 1
+        task_id = uuid.uuid4().hex[:16]
+        try:
+            async with slot.lock:
+                actor = self._actor(reg, slot)
+                self.tasks[task_id] = {"id": task_id, "run_id": run_id, "step": step_id, "agent": reg.spec.name,
+                                       "actor": slot.actor_name, "started": time.time(), "heartbeat": time.time(),
+                                       "slot": slot}
+                ref = actor.run_task.remote(task_id, task, idem)
+                try:
+                    return await ref
+                except asyncio.CancelledError:
+                    ray.cancel(ref)
+                    raise
+                except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                    if slot.actor is actor:
+                        slot.actor = None  # the next task gets a fresh actor
+                    raise StepFailed(f"agent actor {slot.actor_name} was lost: {type(e).__name__}", infra=True) from None
+                except RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    raise StepFailed(str(cause) if isinstance(cause, AgentError) else f"agent failed: {e}") from None
+        finally:
+            slot.load -= 1
+            self.tasks.pop(task_id, None)
+
+    # ------------------------------------------------------------ running steps (StepRunner)
+
+    async def run_step(self, run: RunState, step: StepSpec, ns: dict[str, Any], idem: str) -> tuple[Any, dict]:
+        try:
+            if step.kind == "agent":
+                return await self._agent_step(run, step, render(step.task, ns), idem)
+            if step.kind == "tool":
+                args = render(step.args, ns)
+                ref = run_tool.remote(self.settings.to_dict(), step.tool, args, idem)
+                try:
+                    out = await ref
+                except asyncio.CancelledError:
+                    ray.cancel(ref)
+                    raise
+                except RayTaskError as e:
+                    cause = getattr(e, "cause", None)
+                    raise StepFailed(f"tool {step.tool!r}: {cause if isinstance(cause, ToolError) else e}") from None
+                return out, {}
+            if step.kind == "model":
+                messages = ([{"role": "system", "content": render(step.system, ns)}] if step.system else []) + \
+                           [{"role": "user", "content": render(step.prompt, ns)}]
+                model = step.model or self.cfg.default_model
+                if not model:
+                    raise StepFailed("model step names no model and agents.default_model is empty", retryable=False)
+                try:
+                    text = await self._chat(model, messages, step.max_tokens)
+                except AgentError as e:
+                    raise StepFailed(str(e)) from None
+                tokens = estimate_tokens(messages) + estimate_tokens(text)
+                return text, {"model_calls": 1, "tokens": tokens,
+                              "cost": self.cfg.model_costs.get(model, 0.0) * tokens / 1000}
+        except ExpressionError as e:
+            raise StepFailed(f"template: {e}", retryable=False) from None
+        raise StepFailed(f"step kind {step.kind!r} is not run by agents", retryable=False)
+
+    async def _agent_step(self, run: RunState, step: StepSpec, task: str, idem: str) -> tuple[Any, dict]:
+        if step.agents:
+            regs = [self._lookup(run.run_id, n) for n in step.agents]
+            results = await asyncio.gather(*(self._on_agent(r, run.run_id, step.id, task, f"{idem}:{r.spec.name}")
+                                             for r in regs))
+            usage = _sum_usage(r.pop("usage", {}) for r in results)
+            answers = [{"agent": r["agent"], "answer": r["answer"], "priority": reg.spec.priority}
+                       for r, reg in zip(results, regs)]
+            policy = step.conflict or self.cfg.conflict_policy
+            choice = None
+            if policy == "judge" and self.cfg.judge_model and len({a["answer"] for a in answers}) > 1:
+                try:
+                    verdict = await self._chat(self.cfg.judge_model, judge_prompt(task, answers), 16)
+                    choice = read_judge_choice(verdict, len(answers))
+                    usage["model_calls"] += 1
+                except AgentError as e:
+                    log.warning("judge model failed, falling back to a vote: %s", e)
+            return resolve(answers, policy, choice), usage
+        regs = self._candidates(run.run_id, step)
+        if not regs:
+            raise StepFailed(f"no agent for step {step.id!r}", retryable=False)
+        chosen = pick([Candidate(r.spec.name, s.index, s.load, r.spec.priority) for r in regs for s in r.slots])
+        reg = next(r for r in regs if r.spec.name == chosen.agent)
+        result = await self._on_slot(reg, reg.slots[chosen.slot], run.run_id, step.id, task, idem)
+        usage = result.pop("usage", {})
+        return result, usage
+
+    # ------------------------------------------------------------ runs
+
+    def _check_runnable(self, wf: WorkflowSpec, run_id: str) -> None:
+        """Everything a run needs must exist before it starts: agents, capabilities, tools, models."""
+        local = {a.name for a in wf.agents}
+        for s in wf.steps:
+            if s.kind == "agent":
+                for name in ([s.agent] if s.agent else []) + s.agents:
+                    if name not in local and ("global", name) not in self.registry:
+                        raise InvalidRequest(f"step {s.id!r}: no agent named {name!r}", "definition")
+                if not s.agent and not s.agents:
+                    cap = s.capability or "general"
+                    if not any(cap in a.capabilities for a in wf.agents) and not any(
+                            cap in r.spec.capabilities for (sc, _), r in self.registry.items() if sc == "global"):
+                        raise InvalidRequest(f"step {s.id!r}: no agent has capability {cap!r}", "definition")
+            if s.kind == "tool" and s.tool not in SHIPPED_TOOLS:
+                raise InvalidRequest(f"step {s.id!r}: unknown tool {s.tool!r}; shipped: {list(SHIPPED_TOOLS)}",
+                                     "definition")
+        for a in wf.agents:
+            bad = [t for t in a.tools if t not in SHIPPED_TOOLS]
+            if bad:
+                raise InvalidRequest(f"agent {a.name!r}: unknown tool(s) {bad}", "definition")
+
+    async def start_run(self, definition: Any, inputs: dict | None = None, owner: str = "anonymous",
+                        run_id: str | None = None) -> dict:
+        """Start a run of a registered workflow (by name) or an inline definition (dict/YAML)."""
+        await self._start_once()
+        if isinstance(definition, str) and "\n" not in definition and ":" not in definition:
+            definition = self._definition(definition)
+        try:
+            wf = WorkflowSpec.parse(definition)
+        except WorkflowError as e:
+            raise InvalidRequest(str(e), "definition") from None
+        if inputs is not None and not isinstance(inputs, dict):
+            raise InvalidRequest("inputs must be a JSON object", "inputs")
+        run_id = run_id or "run_" + uuid.uuid4().hex[:16]
+        if not RUN_ID.match(run_id):
+            raise InvalidRequest(f"invalid run id {run_id!r}", "run_id")
+        if run_id in self.drivers or self.store.load(run_id) is not None:
+            raise Conflict(f"run {run_id!r} already exists", "run_id")
+        self._check_runnable(wf, run_id)
+        run = RunState.new(run_id, wf, inputs, owner)
+        self.store.save(run)
+        self.metrics.run_started(wf.name)
+        await self._drive(run, "run.created")
+        return self._summary(run)
+
+    async def _drive(self, run: RunState, first_event: str) -> None:
+        for spec in run.workflow.agents:
+            if (run.run_id, spec.name) not in self.registry:
+                self._register(spec, run.run_id)
+        self.events.setdefault(run.run_id, self.store.events(run.run_id)[-EVENTS_KEPT:])
+        executor = RunExecutor(run, self, self.store.save, lambda e, d, rid=run.run_id: self._emit(rid, e, d),
+                               self.cfg.max_parallel_steps, self.cfg.step_timeout_s,
+                               on_finish=self._finished, on_step=self.metrics.step_done)
+        self.runs[run.run_id] = executor
+        await self._emit(run.run_id, first_event, {"workflow": run.workflow.name, "resumed": run.resumed})
+        self.drivers[run.run_id] = asyncio.create_task(self._guarded(executor))
+
+    async def _guarded(self, executor: RunExecutor) -> None:
+        run_id = executor.run.run_id
+        try:
+            await executor.drive()
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug must not leave the run silently stuck
+            log.exception("run %s crashed", run_id)
+            executor.run = executor.run.model_copy(update={"status": "failed", "error": f"engine error: {e}",
+                                                           "finished_at": time.time()})
+            self.store.save(executor.run)
+            await self._emit(run_id, "run.failed", {"error": str(e)})
+        finally:
+            self.drivers.pop(run_id, None)
+
+    def _finished(self, run: RunState) -> None:
+        self.metrics.run_finished(run)
+        for key in [k for k in self.registry if k[0] == run.run_id]:
+            self._release(self.registry.pop(key))
+
+    async def _emit(self, run_id: str, event: str, data: dict) -> None:
+        events = self.events.setdefault(run_id, [])
+        record = {"seq": (events[-1]["seq"] + 1) if events else 1, "event": event, "time": time.time(), **data}
+        events.append(record)
+        del events[:-EVENTS_KEPT]
+        self.store.append_events(run_id, [record])
+        cond = self.changed.setdefault(run_id, asyncio.Condition())
+        async with cond:
+            cond.notify_all()
+
+    def _load(self, run_id: str) -> RunState:
+        if run_id in self.runs:
+            return self.runs[run_id].run
+        run = self.store.load(run_id) if RUN_ID.match(run_id or "") else None
+        if run is None:
+            raise NotFound(f"no workflow run {run_id!r}")
+        return run
+
+    def _check_owner(self, run: RunState, owner: str | None) -> None:
+        if owner is not None and run.owner != owner:
+            raise NotFound(f"no workflow run {run.run_id!r}")  # others' runs are invisible, not forbidden
+
+    def _summary(self, run: RunState) -> dict:
+        waiting = [sid for sid, st in run.steps.items() if st.status == "awaiting_approval"]
+        return {"id": run.run_id, "object": "workflow.run", "workflow": run.workflow.name, "owner": run.owner,
+                "status": run.status, "created_at": run.created_at, "finished_at": run.finished_at,
+                "error": run.error, "awaiting_approval": waiting}
+
+    async def get_run(self, run_id: str, owner: str | None = None) -> dict:
+        await self._start_once()
+        run = self._load(run_id)
+        self._check_owner(run, owner)
+        return {**self._summary(run), "inputs": run.inputs, "output": run.output,
+                "steps": {sid: st.model_dump(exclude={"items"}) for sid, st in run.steps.items()},
+                "analytics": sch.analytics(run), "definition": run.workflow.model_dump(mode="json", by_alias=True)}
+
+    async def list_runs(self, owner: str | None = None, limit: int = 100) -> list[dict]:
+        await self._start_once()
+        out = []
+        for run_id in self.store.run_ids():
+            run = self.runs[run_id].run if run_id in self.runs else self.store.load(run_id)
+            if run is not None and (owner is None or run.owner == owner):
+                out.append(self._summary(run))
+        out.sort(key=lambda r: r["created_at"], reverse=True)
+        return out[:limit]
+
+    async def events_after(self, run_id: str, after: int = 0, timeout_s: float = 0.0,
+                           owner: str | None = None) -> dict:
+        """Events with seq > after (waiting up to timeout_s for one) and whether the run is over."""
+        run = self._load(run_id)
+        self._check_owner(run, owner)
+        if run_id not in self.events:
+            self.events[run_id] = self.store.events(run_id)[-EVENTS_KEPT:]
+        cond = self.changed.setdefault(run_id, asyncio.Condition())
+        deadline = time.monotonic() + timeout_s
+        while True:
+            new = [e for e in self.events[run_id] if e["seq"] > after]
+            status = self._load(run_id).status
+            left = deadline - time.monotonic()
+            if new or left <= 0 or status in sch.TERMINAL_RUN:
+                return {"events": new, "status": status, "done": status in sch.TERMINAL_RUN}
+            async with cond:
+                try:
+                    await asyncio.wait_for(cond.wait(), left)
+                except TimeoutError:
+                    pass
+
+    async def cancel(self, run_id: str, owner: str | None = None) -> dict:
+        run = self._load(run_id)
+        self._check_owner(run, owner)
+        if run.status in sch.TERMINAL_RUN:
+            raise Conflict(f"run {run_id!r} is already {run.status}")
+        executor = self.runs.get(run_id)
+        if executor is not None and run_id in self.drivers:
+            driver = self.drivers[run_id]
+            await executor.update(sch.cancel(run), "run.cancelling", {})
+            await asyncio.wait([driver])  # its running steps are cancelled before this returns
+        else:  # not being driven (e.g. not resumed yet): settle it on disk
+            p = sch.plan(sch.cancel(run), time.time())
+            self.store.save(sch.apply_plan(sch.cancel(run), p, time.time()))
+            await self._emit(run_id, "run.cancelled", {})
+        return self._summary(self._load(run_id))
+
+    async def approve(self, run_id: str, step_id: str | None = None, by: str = "anonymous", approved: bool = True,
+                      comment: str = "", owner: str | None = None) -> dict:
+        run = self._load(run_id)
+        self._check_owner(run, owner)
+        try:
+            new = sch.approve(run, step_id, by, approved, comment)
+        except sch.ApprovalError as e:
+            raise Conflict(str(e), "step") from None
+        settled = next(s for s in new.steps if new.steps[s].approved_by and not run.steps[s].approved_by)
+        executor = self.runs.get(run_id)
+        event = "step.approved" if approved else "step.rejected"
+        if executor is not None and run_id in self.drivers:
+            await executor.update(new, event, {"step": settled, "by": by, "comment": comment})
+        else:
+            self.store.save(new)
+            await self._emit(run_id, event, {"step": settled, "by": by})
+            await self._drive(new, "run.resumed")
+        return self._summary(new)
+
+    async def resume(self, run_id: str, owner: str | None = None) -> dict:
+        """Continue a run from its last checkpoint (no-op when it is already being driven)."""
+        await self._start_once()
+        run = self._load(run_id)
+        self._check_owner(run, owner)
+        if run_id in self.drivers:
+            return {**self._summary(run), "resumed": False, "reason": "already running"}
+        if run.status in sch.TERMINAL_RUN:
+            return {**self._summary(run), "resumed": False, "reason": f"run is {run.status}"}
+        run = sch.resume(self.store.load(run_id) or run)
+        self.store.save(run)
+        await self._drive(run, "run.resumed")
+        return {**self._summary(run), "resumed": True}
+
+    # ------------------------------------------------------------ registered workflows
+
+    def _definition(self, name: str) -> dict:
+        path = definitions_dir(self.settings) / f"{name}.yaml"
+        if not RUN_ID.match(name) or not path.exists():
+            raise NotFound(f"no registered workflow {name!r}")
+        return path.read_text()
+
+    async def register_workflow(self, definition: Any) -> dict:
+        try:
+            wf = WorkflowSpec.parse(definition)
+        except WorkflowError as e:
+            raise InvalidRequest(str(e), "definition") from None
+        self._check_runnable(wf, "")
+        d = definitions_dir(self.settings)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{wf.name}.yaml").write_text(wf.to_yaml())
+        return {"name": wf.name, "steps": len(wf.steps)}
+
+    async def workflows(self) -> list[dict]:
+        d = definitions_dir(self.settings)
+        out = []
+        for p in sorted(d.glob("*.yaml")) if d.exists() else []:
+            try:
+                wf = WorkflowSpec.parse(p.read_text())
+                out.append({"name": wf.name, "description": wf.description, "steps": [s.id for s in wf.steps]})
+            except WorkflowError as e:
+                out.append({"name": p.stem, "error": str(e)})
+        return out
+
+
+def _sum_usage(usages) -> dict:
+    total = {"model_calls": 0, "tokens": 0, "cost": 0.0}
+    for u in usages:
+        for k in total:
+            total[k] += u.get(k, 0)
+    return total

