@@ -85,7 +85,10 @@ class Ledger:
             os.fsync(f.fileno())
 
     def record(self, entries: list[dict[str, Any]]) -> int:
-        recs = [{"type": "usage", "ts": time.time(), **e} for e in entries]
+        recs = [{"type": "usage", "ts": time.time(), **e} for e in entries
+                if not e.get("response_id") or e["response_id"] not in self.by_id]
+        if not recs:
+            return len(self.entries)
         self._append(recs)  # on disk first
         for r in recs:
             self._apply(r)
@@ -130,5 +133,6 @@ def ledger(data_dir: str | Path):
     name, path = ledger_name(data_dir)
     actor = ray.remote(Ledger).options(
         name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
+        max_task_retries=-1,  # calls made while it restarts wait for it; record() ignores a repeated response id
     )
     return actor.remote(str(path))

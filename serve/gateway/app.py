@@ -471,6 +471,7 @@ class Gateway:
             headers = {"x-orfeas-task": task} if task else {}
             route = c.routed = await self.router.resolve(model, body, principal, headers, max_tokens,
                                                          await self.book.remaining(principal))
+            max_tokens = min(max_tokens, self.limits.max_tokens)
             params = GenerationParams(max_tokens=max_tokens, max_tokens_cap=self.limits.max_tokens, temperature=0.0)
             opened = await self.router.open(route, "chat", {"messages": messages}, params.model_dump(), deadline)
             c.model, c.response_id = opened.model, new_id("orchcall")

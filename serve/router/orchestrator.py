@@ -192,7 +192,7 @@ class Orchestrator:
         if req.strategy == "decompose":
             n_max = req.max_subtasks or self.cfg.max_subtasks
             p = await self._call(self.cfg.planner, [
-                {"role": "system", "content": PLANNER_PROMPT.format(n=n_max)},
+                {"role": "system", "content": PLANNER_PROMPT.replace("{n}", str(n_max))},
                 {"role": "user", "content": req.task}], max_tokens, "extraction", True)
             try:
                 if p.error:

@@ -272,7 +272,14 @@ class Router:
         if not members:
             raise PermissionDenied(f"this API key may not use model {name!r}", "model")
         healthy = await self._healthy(members)
-        loads = [balance.Load(m, self.outstanding[m], self._latency(self.specs[m]),
+        seen = [self.health[m].latency_ewma for m in members if self.health[m].latency_ewma is not None]
+        unseen = sum(seen) / len(seen) if seen else None  # a backend not yet measured: the group's mean
+
+        def latency(m: str) -> float:
+            h = self.health[m].latency_ewma
+            return h if h is not None else (unseen if unseen is not None else self.specs[m].latency_prior_s)
+
+        loads = [balance.Load(m, self.outstanding[m], latency(m),
                               self.specs[m].concurrency_limit(), healthy[m][0]) for m in members]
         plan = [m for m in balance.order(loads, self.rng) if healthy[m][0]]
         if not plan:
