@@ -137,6 +137,7 @@ def main() -> None:
     settings = Settings(
         data_dir=work / "data",
         serve={"host": "127.0.0.1", "port": args.port},
+        rag={"enabled": False}, agents={"enabled": False},  # the chat path alone
         models=[ModelSpec(id="tiny-chat", engine="transformers", source=str(model_dir), max_context=256,
                           max_ongoing_requests=64)],
     )

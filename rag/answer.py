@@ -64,17 +64,19 @@ def _position(p: Passage, start: int | None = None, end: int | None = None) -> d
 
 
 def extractive_answer(query: str, passages: list[Passage], embed, n_sentences: int = 3,
-                      min_chars: int = 20) -> tuple[str, list[Citation]]:
+                      min_chars: int = 20, max_candidates: int = 32) -> tuple[str, list[Citation]]:
     """Quote the sentences most relevant to the query, each followed by its passage number.
 
     `embed(texts) -> np.ndarray` gives unit vectors (the retriever's dense embedder). A
     sentence's score mixes its cosine similarity to the query with the share of query terms it
-    contains, and a small bonus for coming from a higher-ranked passage.
+    contains, and a small bonus for coming from a higher-ranked passage. Only the first
+    `max_candidates` sentences in passage rank order are embedded: embedding every sentence of a
+    full context costs a second on a small CPU, and low-ranked passages rarely supply the answer.
     """
     cands: list[tuple[Passage, int, int, str]] = []
-    for p in passages:
+    for p in sorted(passages, key=lambda p: p.index):
         for st, en, s in sentences(p.text, p.start):
-            if len(s) >= min_chars:
+            if len(s) >= min_chars and len(cands) < max_candidates:
                 cands.append((p, st, en, s))
     if not cands:
         return "", []

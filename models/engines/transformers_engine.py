@@ -147,11 +147,20 @@ class TransformersEngine:
         emitted = ""
         finish: str | None = None
         try:
-            while True:
+            ended = False
+            while not ended:
                 item = await queue.get()
                 if item is None:
                     break
                 generated.extend(item)
+                # Tokens that piled up while the consumer was busy go out as one event: fewer
+                # messages per answer through Serve, and the first token is never held back.
+                while not queue.empty():
+                    more = queue.get_nowait()
+                    if more is None:
+                        ended = True
+                        break
+                    generated.extend(more)
                 text = self.tokenizer.decode(generated, skip_special_tokens=True)
                 cuts = [i for i in (text.find(s) for s in stops) if i >= 0]
                 if cuts:
@@ -166,13 +175,15 @@ class TransformersEngine:
                 if finish:
                     break
             await job
+            tail = None
             if not finish:
                 text = self.tokenizer.decode(generated, skip_special_tokens=True)
                 if text.startswith(emitted) and len(text) > len(emitted):
-                    yield GenerationEvent(text=text[len(emitted):])
+                    tail = text[len(emitted):]
                 eos = self._eos_ids()
                 finish = "stop" if generated and generated[-1] in eos else "length" if len(generated) >= max_new else "stop"
-            yield GenerationEvent(finish_reason=finish, usage=Usage.of(len(prompt_ids), len(generated)))
+            # The last text rides with the finish event: one message fewer per answer.
+            yield GenerationEvent(text=tail or "", finish_reason=finish, usage=Usage.of(len(prompt_ids), len(generated)))
         finally:
             halt.set()  # the client went away or we stopped: end generation at the next token
 

@@ -275,9 +275,10 @@ class Gateway:
             return _sse(Completion(id=rid, created=created, model=model,
                                    choices=[CompletionChoice(text=text or "", finish_reason=finish)]))
 
+        # SSE events are sent in as few writes as the stream allows (the role with the first text,
+        # the finish with usage and [DONE]): each write is one message from this replica to the proxy.
+        pending = chunk("", role=True) if kind == "chat" else ""
         try:
-            if kind == "chat":
-                yield chunk("", role=True)
             event: GenerationEvent | None = first
             ttft_seen = False
             while event is not None:
@@ -285,24 +286,28 @@ class Gateway:
                     if not ttft_seen:
                         self.metrics.ttft.observe(call.elapsed(), {"route": call.route, "model": call.model})
                         ttft_seen = True
-                    yield chunk(event.text)
+                    pending += chunk(event.text)
                 if event.finish_reason:
                     usage = event.usage
-                    yield chunk(None if kind == "chat" else "", finish=event.finish_reason)
+                    pending += chunk(None if kind == "chat" else "", finish=event.finish_reason)
                     break
+                if pending:
+                    yield pending
+                    pending = ""
                 event = await anext(events, None)
             if req.include_usage:
                 usage = usage or Usage()
                 cls = ChatCompletionChunk if kind == "chat" else Completion
-                yield _sse(cls(id=rid, created=created, model=model, choices=[], usage=usage))
-            yield "data: [DONE]\n\n"
+                pending += _sse(cls(id=rid, created=created, model=model, choices=[], usage=usage))
+            yield pending + "data: [DONE]\n\n"
+            pending = ""
         except Exception as e:
             # Past the first token the status line is sent: report the error in the stream itself.
             if not isinstance(e, APIError):
                 log.exception("stream from %s failed", call.model)
                 e = ModelUnavailable(f"model {call.model!r} failed while streaming: {type(e).__name__}")
             status, error_type = e.status, e.type
-            yield _sse(e.body())
+            yield pending + _sse(e.body())
         finally:
             await events.aclose()
             self._count(call, usage, error=status != 200)
