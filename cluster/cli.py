@@ -22,6 +22,8 @@ models_app = typer.Typer(help="Local model utilities.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.add_typer(k8s_app, name="k8s")
+experiments_app = typer.Typer(help="A/B experiments of the router.", no_args_is_help=True)
+app.add_typer(experiments_app, name="experiments")
 rag_cli.register(app)  # ingest, collections, ask, eval
 agents_cli.register(app)  # workflows, agents
 
@@ -52,6 +54,18 @@ def _connected(config: Path | None) -> Settings:
     except ClusterError as e:
         fail(str(e))
     return settings
+
+
+def _router_status() -> dict | None:
+    """Health and circuit state per backend, as one gateway replica sees it (None: no gateway)."""
+    from ray import serve
+
+    from serve.applications import GATEWAY_APP
+
+    try:
+        return serve.get_app_handle(GATEWAY_APP).router_status.remote().result(timeout_s=10)
+    except Exception:
+        return None
 
 
 def _model_states(settings: Settings) -> dict[str, str] | None:
@@ -173,7 +187,7 @@ def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--js
     models = _model_states(settings)
     if as_json:
         console.print_json(json.dumps({"cluster": cluster_address(settings), "resources": resources,
-                                       "applications": apps, "models": models}))
+                                       "applications": apps, "models": models, "router": _router_status()}))
         return
     console.print(f"cluster:   {cluster_address(settings)}  ({resources.get('CPU', 0):g} CPU, "
                   f"{resources.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s))")
@@ -184,6 +198,16 @@ def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--js
     console.print(table)
     console.print()
     console.print(_model_table(settings, models))
+    router = _router_status()
+    if router:
+        console.print()
+        rt = Table("backend", "circuit", "requests", "failures", "error EWMA", "latency EWMA s", "in flight",
+                   "last error", box=None, pad_edge=False)
+        for mid, b in router["backends"].items():
+            rt.add_row(mid, b["state"], str(b["requests"]), str(b["failures"]), f"{b['error_rate_ewma']:.2f}",
+                       "-" if b["latency_ewma_s"] is None else f"{b['latency_ewma_s']:.3f}", str(b["outstanding"]),
+                       (b["last_error"] or "")[:60])
+        console.print(rt)
 
 
 # ------------------------------------------------------------------ keys
@@ -200,9 +224,14 @@ def keys_create(
     role: Annotated[str, typer.Option(help="admin or user")] = "user",
     models: Annotated[Optional[str], typer.Option(help="Comma-separated model ids this key may use (default: all).")] = None,
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
+    team: Annotated[str, typer.Option(help="Team its usage is aggregated under.")] = "",
+    budget_usd: Annotated[Optional[float], typer.Option("--budget-usd", help="Spend allowed per period.")] = None,
+    budget_period: Annotated[str, typer.Option("--budget-period", help="day or month")] = "month",
     config: ConfigOpt = None,
 ):
     """Create a key; it is printed once and only its hash is kept."""
+    if budget_period not in ("day", "month") or (budget_usd is not None and budget_usd < 0):
+        fail("--budget-period must be day or month and --budget-usd not negative", 2)
     if role not in ("admin", "user"):
         fail(f"--role must be 'admin' or 'user', not {role!r}", 2)
     settings = settings_or_exit(config)
@@ -210,7 +239,7 @@ def keys_create(
     unknown = [m for m in allowed or [] if settings.model(m) is None]
     if unknown:
         fail(f"unknown model(s) {', '.join(unknown)}; the catalog has {', '.join(m.id for m in settings.models)}", 2)
-    record, key = ray.get(_store(config).create.remote(role, allowed, name))
+    record, key = ray.get(_store(config).create.remote(role, allowed, name, team, budget_usd, budget_period))
     console.print(f"key id {record['id']} ({role}" + (f", models: {','.join(allowed)}" if allowed else "") + ")")
     console.print(key, highlight=False, soft_wrap=True)
 
@@ -238,6 +267,89 @@ def keys_revoke(key_id: str, config: ConfigOpt = None):
     except ray.exceptions.RayTaskError as e:
         fail(str(e.cause) if isinstance(getattr(e, "cause", None), KeyError) else str(e))
     console.print(f"revoked {key_id}")
+
+
+@keys_app.command("budget")
+def keys_budget(
+    key_id: str,
+    usd: Annotated[Optional[float], typer.Option("--usd", help="Spend allowed per period; omit to remove.")] = None,
+    period: Annotated[str, typer.Option(help="day or month")] = "month",
+    team: Annotated[Optional[str], typer.Option(help="Also set the key's team.")] = None,
+    config: ConfigOpt = None,
+):
+    """Set or clear a key's spending budget (refused with 429 once spent; gateways see it within
+    auth.key_cache_s seconds)."""
+    if period not in ("day", "month") or (usd is not None and usd < 0):
+        fail("--period must be day or month and --usd not negative", 2)
+    try:
+        record = ray.get(_store(config).set_budget.remote(key_id, usd, period, team))
+    except KeyError:
+        fail(f"no key with id {key_id!r}")
+    console.print(f"{key_id}: budget " + (f"${usd:g} per {period}" if usd is not None else "none")
+                  + (f", team {record['team']}" if record.get("team") else ""))
+
+
+# ------------------------------------------------------------------ experiments and usage
+
+
+def experiment_report(settings: Settings, name: str) -> dict:
+    """Per-arm figures and significance tests for a configured experiment, from the ledger."""
+    from cluster.ledger import ledger
+    from serve.router.experiments import report
+
+    exp = next((e for e in settings.router.experiments if e.name == name), None)
+    if exp is None:
+        raise KeyError(name)
+    rows = ray.get(ledger(settings.resolved_data_dir()).experiment_rows.remote(name))
+    return report(name, [a.name for a in exp.arms], rows)
+
+
+@experiments_app.command("report")
+def experiments_report(name: str, config: ConfigOpt = None,
+                       as_json: Annotated[bool, typer.Option("--json")] = False):
+    """Per-arm requests, error rate, latency, cost and feedback, with significance tests (scipy)."""
+    settings = _connected(config)
+    try:
+        r = experiment_report(settings, name)
+    except KeyError:
+        known = ", ".join(e.name for e in settings.router.experiments) or "none"
+        fail(f"no experiment {name!r} in router.experiments (configured: {known})", 2)
+    if as_json:
+        console.print_json(json.dumps(r))
+        return
+    table = Table("arm", "requests", "error rate", "latency mean s", "cost USD", "feedback n", "feedback mean",
+                  box=None, pad_edge=False)
+    fmt = lambda v, f="{:.4g}": "-" if v is None else f.format(v)  # noqa: E731
+    for arm, a in r["arms"].items():
+        table.add_row(arm, str(a["requests"]), fmt(a["error_rate"]), fmt(a["latency_mean_s"]),
+                      fmt(a["cost_usd"], "{:.6f}"), str(a["feedback_n"]), fmt(a["feedback_mean"]))
+    console.print(f"experiment {name} (control: {r['control']})")
+    console.print(table)
+    for pair, tests in r["tests"].items():
+        line = ", ".join(f"{k} p={fmt(v['p_value'])}" for k, v in tests.items()) or "too little data"
+        console.print(f"{pair}: {line}")
+
+
+@app.command()
+def usage(config: ConfigOpt = None, key_id: Annotated[Optional[str], typer.Option("--key-id")] = None,
+          period: Annotated[Optional[str], typer.Option(help="day or month (default: all time)")] = None):
+    """Usage and cost from the ledger, by key, team and model."""
+    from cluster.ledger import ledger, period_start
+
+    import time as _time
+
+    settings = _connected(config)
+    if period not in (None, "day", "month"):
+        fail("--period must be day or month", 2)
+    since = period_start(period, _time.time()) if period else None
+    data = ray.get(ledger(settings.resolved_data_dir()).usage.remote(key_id, since))
+    for group in ("by_key", "by_team", "by_model"):
+        table = Table(group[3:], "requests", "errors", "prompt", "completion", "cost USD", box=None, pad_edge=False)
+        for k, v in data[group].items():
+            table.add_row(k, str(v["requests"]), str(v["errors"]), str(v["prompt_tokens"]),
+                          str(v["completion_tokens"]), f"{v['cost_usd']:.6f}")
+        console.print(table)
+        console.print()
 
 
 # ------------------------------------------------------------------ models

@@ -31,6 +31,9 @@ class KeyRecord(BaseModel):
     role: Role
     models: list[str] | None = Field(None, description="Models this key may use; None = all.")
     name: str = ""
+    team: str = Field("", description="Team the key's usage is aggregated under in the ledger.")
+    budget_usd: float | None = Field(None, ge=0, description="Spend allowed per budget period; None = no budget.")
+    budget_period: Literal["day", "month"] = "month"
     created_at: float = Field(default_factory=time.time)
     revoked_at: float | None = None
 
@@ -83,14 +86,17 @@ class KeyStore:
         self.file = KeyFile(Path(path))
         self.records = self.file.load()
 
-    def create(self, role: Role, models: list[str] | None = None, name: str = "") -> tuple[dict, str]:
+    def create(self, role: Role, models: list[str] | None = None, name: str = "", team: str = "",
+               budget_usd: float | None = None, budget_period: str = "month") -> tuple[dict, str]:
         if role not in ("admin", "user"):
             raise ValueError(f"role must be 'admin' or 'user', not {role!r}")
+        _check_budget(budget_usd, budget_period)
         key_id = secrets.token_hex(4)
         while key_id in self.records:
             key_id = secrets.token_hex(4)
         key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32).replace('_', '-')}"
-        record = KeyRecord(id=key_id, hash=hash_key(key), role=role, models=models or None, name=name)
+        record = KeyRecord(id=key_id, hash=hash_key(key), role=role, models=models or None, name=name,
+                           team=team, budget_usd=budget_usd, budget_period=budget_period)
         records = {**self.records, key_id: record}
         self.file.save(records)  # on disk first: a failed write changes nothing
         self.records = records
@@ -117,8 +123,30 @@ class KeyStore:
             record = revoked
         return record.public()
 
+    def set_budget(self, key_id: str, budget_usd: float | None, budget_period: str = "month",
+                   team: str | None = None) -> dict:
+        """Set (or with None clear) a key's budget, and optionally its team."""
+        record = self.records.get(key_id)
+        if record is None:
+            raise KeyError(f"no key with id {key_id!r}")
+        _check_budget(budget_usd, budget_period)
+        update = {"budget_usd": budget_usd, "budget_period": budget_period}
+        if team is not None:
+            update["team"] = team
+        records = {**self.records, key_id: record.model_copy(update=update)}
+        self.file.save(records)
+        self.records = records
+        return records[key_id].public()
+
     def has_admin(self) -> bool:
         return any(r.role == "admin" and r.active for r in self.records.values())
+
+
+def _check_budget(budget_usd: float | None, period: str) -> None:
+    if budget_usd is not None and not budget_usd >= 0:
+        raise ValueError(f"budget must be a non-negative amount in USD, not {budget_usd!r}")
+    if period not in ("day", "month"):
+        raise ValueError(f"budget period must be 'day' or 'month', not {period!r}")
 
 
 def keystore(data_dir: str | Path):

@@ -61,6 +61,11 @@ class AuthSettings(_Section):
 
 Engine = Literal["transformers", "openai", "vllm", "sentence-transformers"]
 Task = Literal["chat", "embedding"]
+Capability = Literal["chat", "code", "reasoning", "tools", "json", "vision", "long-context"]
+TaskType = Literal["code", "math", "summarisation", "extraction", "qa", "creative", "general"]
+TASK_TYPES: tuple[str, ...] = ("code", "math", "summarisation", "extraction", "qa", "creative", "general")
+Policy = Literal["cheapest-adequate", "best-quality", "balanced"]
+POLICIES: tuple[str, ...] = ("cheapest-adequate", "best-quality", "balanced")
 
 
 class ModelSpec(_Section):
@@ -87,6 +92,42 @@ class ModelSpec(_Section):
     max_ongoing_requests: int = Field(16, ge=1)
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type, e.g. L4 or A10G.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vLLM engine arguments.")
+    # Router catalog: what the model can do, what it costs, how good and fast it is believed to be.
+    capabilities: list[Capability] = Field(
+        default_factory=lambda: ["chat"],
+        description="What the model can do: chat, code, reasoning, tools, json, vision, long-context.")
+    price_input_per_m: float = Field(0.0, ge=0, description="USD per million prompt tokens.")
+    price_output_per_m: float = Field(0.0, ge=0, description="USD per million completion tokens.")
+    latency_prior_s: float = Field(1.0, gt=0, description="Expected seconds per request before live traffic is seen.")
+    quality: dict[TaskType, float] = Field(
+        default_factory=dict, description="Quality prior in [0, 1] per task type; missing types use quality_default.")
+    quality_default: float = Field(0.5, ge=0, le=1)
+    max_concurrency: int | None = Field(None, ge=1, description="Requests in flight the router sends at most; "
+                                        "empty = max_ongoing_requests x num_replicas.")
+    tags: list[str] = Field(default_factory=list)
+    serves: str | None = Field(None, description="Logical model name this entry serves: entries sharing it are "
+                               "load-balanced (least outstanding, power of two choices) under that name.")
+    fallbacks: list[str] = Field(default_factory=list, description="Catalog ids tried in order when this model "
+                                 "fails retryably before its first token (named requests).")
+    routable: bool = Field(True, description="Whether `model: auto` and routing policies may choose this model.")
+
+    @field_validator("quality")
+    @classmethod
+    def _quality_range(cls, q: dict[str, float]) -> dict[str, float]:
+        for task, v in q.items():
+            if not 0 <= v <= 1:
+                raise ValueError(f"quality[{task}] is {v}; quality priors lie in [0, 1]")
+        return q
+
+    def quality_for(self, task: str) -> float:
+        return self.quality.get(task, self.quality.get("general", self.quality_default))  # type: ignore[call-overload]
+
+    def concurrency_limit(self) -> int:
+        return self.max_concurrency or self.max_ongoing_requests * self.num_replicas
+
+    def price(self, prompt_tokens: int, completion_tokens: int) -> float:
+        """USD for this much usage."""
+        return (prompt_tokens * self.price_input_per_m + completion_tokens * self.price_output_per_m) / 1e6
 
     @model_validator(mode="after")
     def _check_engine(self) -> "ModelSpec":
@@ -163,6 +204,113 @@ class RagSettings(_Section):
         return self
 
 
+class PolicySettings(_Section):
+    """A named routing policy: requests with `model: <name>` (or `auto:<name>`) are routed by it."""
+
+    kind: Policy = "balanced"
+    lambda_cost: float | None = Field(None, ge=0, description="Override of router.lambda_cost.")
+    mu_latency: float | None = Field(None, ge=0, description="Override of router.mu_latency.")
+    min_quality: float | None = Field(None, ge=0, le=1, description="Override of router.min_quality.")
+    models: list[str] = Field(default_factory=list, description="Restrict to these catalog ids (empty: all).")
+    tags: list[str] = Field(default_factory=list, description="Restrict to models carrying all these tags.")
+
+
+class FallbackSettings(_Section):
+    max_attempts: int = Field(3, ge=1, description="Attempts per request across all candidates.")
+    per_model_attempts: int = Field(1, ge=1, description="Attempts on one model before the next candidate.")
+    backoff_base_s: float = Field(0.05, ge=0, description="First backoff; doubles each attempt.")
+    backoff_max_s: float = Field(2.0, ge=0)
+    jitter: float = Field(0.5, ge=0, le=1, description="Fraction of each backoff drawn at random (full = 1).")
+    max_retry_after_s: float = Field(10.0, ge=0, description="Longest provider Retry-After honoured.")
+
+
+class BreakerSettings(_Section):
+    failure_threshold: int = Field(5, ge=1, description="Consecutive failures that open the circuit.")
+    error_rate_threshold: float = Field(0.5, gt=0, le=1, description="Error-rate EWMA that opens the circuit ...")
+    min_requests: int = Field(20, ge=1, description="... once this many requests have been seen.")
+    cooldown_s: float = Field(30.0, gt=0, description="Open time before a half-open trial.")
+    half_open_max: int = Field(1, ge=1, description="Trial requests let through while half-open.")
+
+
+class ArmSettings(_Section):
+    name: str = Field(min_length=1, max_length=64)
+    model: str | None = Field(None, description="A catalog id ...")
+    policy: str | None = Field(None, description="... or a routing policy (auto, a built-in or a named policy).")
+    weight: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _one_target(self) -> "ArmSettings":
+        if (self.model is None) == (self.policy is None):
+            raise ValueError(f"arm {self.name!r} needs exactly one of model or policy")
+        return self
+
+
+class ExperimentSettings(_Section):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    enabled: bool = True
+    model: str | None = Field(None, description="Model name that enters the experiment (default: experiment:<name>; "
+                              "`auto` splits all auto-routed traffic).")
+    sticky_by: Literal["key", "user"] = Field("key", description="Hash of the API key id, or of the request's "
+                                              "`user` field (key id when absent).")
+    arms: list[ArmSettings] = Field(min_length=2)
+
+    @property
+    def entry(self) -> str:
+        return self.model or f"experiment:{self.name}"
+
+
+class OrchestratorSettings(_Section):
+    alias: str = Field("orfeas-orchestrator", description="Chat model name that runs the orchestrator.")
+    planner: str = Field("auto", description="Planner model (catalog id) or a policy; `auto` routes by capability.")
+    synthesizer: str = Field("auto")
+    judge: str = Field("auto")
+    max_subtasks: int = Field(6, ge=1, le=32)
+    max_tokens: int = Field(256, ge=1, description="Per model call.")
+
+
+class RouterSettings(_Section):
+    """Model selection, fallbacks, circuit breakers, costs, budgets and experiments."""
+
+    default_policy: str = Field("balanced", description="Policy behind `model: auto`.")
+    lambda_cost: float = Field(0.02, ge=0, description="balanced: quality points lost per USD per million tokens.")
+    mu_latency: float = Field(0.1, ge=0, description="balanced: quality points lost per second of expected latency.")
+    min_quality: float = Field(0.5, ge=0, le=1, description="cheapest-adequate: the quality a model must reach.")
+    expected_output_tokens: int = Field(256, ge=1, description="Completion length assumed for pricing when "
+                                        "max_tokens is not given.")
+    classifier: Literal["rules", "rules+embedding"] = Field(
+        "rules+embedding", description="Task-type classifier: rules alone, or rules then MiniLM prototypes.")
+    classifier_model: str = Field("all-minilm-l6-v2", description="Embedding model for the prototype classifier.")
+    classifier_timeout_s: float = Field(0.5, gt=0)
+    latency_header: str = Field("x-orfeas-latency-budget-ms", description="Request header with a latency budget.")
+    ewma_alpha: float = Field(0.2, gt=0, le=1, description="Weight of the newest sample in latency/error EWMAs.")
+    probe_interval_s: float = Field(15.0, gt=0, description="Active health probes of every backend.")
+    policies: dict[str, PolicySettings] = Field(default_factory=dict)
+    fallback: FallbackSettings = Field(default_factory=FallbackSettings)
+    breaker: BreakerSettings = Field(default_factory=BreakerSettings)
+    ledger: bool = Field(True, description="Record every response's usage and cost in the cluster ledger.")
+    budget_cache_s: float = Field(1.0, ge=0, description="How long a replica trusts a key's spend figure.")
+    experiments: list[ExperimentSettings] = Field(default_factory=list)
+    orchestrator: OrchestratorSettings = Field(default_factory=OrchestratorSettings)
+
+    @model_validator(mode="after")
+    def _check(self) -> "RouterSettings":
+        for name in self.policies:
+            if name in POLICIES or name == "auto" or not name:
+                raise ValueError(f"policy name {name!r} is taken by a built-in policy")
+        known = set(POLICIES) | set(self.policies) | {"auto"}
+        if self.default_policy not in set(POLICIES) | set(self.policies):
+            raise ValueError(f"default_policy {self.default_policy!r} is neither built in nor in router.policies")
+        names = [e.name for e in self.experiments]
+        if len(names) != len(set(names)):
+            raise ValueError("experiment names must be unique")
+        for e in self.experiments:
+            for arm in e.arms:
+                if arm.policy is not None and arm.policy not in known:
+                    raise ValueError(f"experiment {e.name!r} arm {arm.name!r}: unknown policy {arm.policy!r}")
+        return self
+
+    def policy_names(self) -> set[str]:
+        return set(POLICIES) | set(self.policies)
 ConflictPolicy = Literal["priority", "vote", "judge"]
 
 
@@ -247,7 +395,32 @@ class Settings(BaseSettings):
     auth: AuthSettings = Field(default_factory=AuthSettings)
     models: list[ModelSpec] = Field(default_factory=_default_catalog)
     rag: RagSettings = Field(default_factory=RagSettings)
+    router: RouterSettings = Field(default_factory=RouterSettings)
     agents: AgentsSettings = Field(default_factory=AgentsSettings)
+
+    @model_validator(mode="after")
+    def _check_router(self) -> "Settings":
+        ids = {m.id for m in self.models}
+        reserved = {"auto", self.router.orchestrator.alias} | self.router.policy_names()
+        reserved |= {e.entry for e in self.router.experiments}
+        for m in self.models:
+            if m.id in reserved:
+                raise ValueError(f"model id {m.id!r} is a router name (auto, a policy, an experiment or the "
+                                 "orchestrator alias)")
+            if m.serves is not None and (m.serves in ids or m.serves in reserved):
+                raise ValueError(f"model {m.id!r}: serves {m.serves!r} collides with a model id or a router name")
+            for f in m.fallbacks:
+                if f not in ids or f == m.id:
+                    raise ValueError(f"model {m.id!r}: fallback {f!r} is not another catalog id")
+        for name, p in self.router.policies.items():
+            unknown = [x for x in p.models if x not in ids]
+            if unknown:
+                raise ValueError(f"router.policies.{name}: unknown model(s) {', '.join(unknown)}")
+        for e in self.router.experiments:
+            for arm in e.arms:
+                if arm.model is not None and arm.model not in ids:
+                    raise ValueError(f"experiment {e.name!r} arm {arm.name!r}: unknown model {arm.model!r}")
+        return self
 
     @field_validator("models")
     @classmethod

@@ -66,3 +66,21 @@ class UpstreamError(APIError):
 
 class UpstreamTimeout(APIError):
     status, type, code = 504, "timeout_error", "upstream_timeout"
+
+
+class NoCapableModel(APIError):
+    """No catalog model meets the request's hard constraints; the message names the unmet ones."""
+
+    status, type, code = 400, "invalid_request_error", "no_capable_model"
+
+
+class NoHealthyModel(ModelUnavailable):
+    """Models that could serve the request exist, but none is healthy (circuit open, failing probes)."""
+
+    code = "no_healthy_model"
+
+
+class BudgetExceeded(APIError):
+    """The API key's spending budget for the period is used up."""
+
+    status, type, code = 429, "insufficient_quota", "budget_exceeded"

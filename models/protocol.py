@@ -221,6 +221,12 @@ class ModelCard(BaseModel):
     status: Literal["ready", "loading", "unhealthy"]
     error: str | None = None
     max_context: int | None = None
+    # Router catalog (chat models): what it can do and what it costs.
+    capabilities: list[str] | None = None
+    price_input_per_m: float | None = None
+    price_output_per_m: float | None = None
+    tags: list[str] | None = None
+    serves: str | None = None
 
 
 class ModelList(BaseModel):

@@ -7,6 +7,11 @@ Its behaviour is chosen by the requested model name:
   slow          waits `slow_s` before the first byte
   drop          sends two chunks, then ends the stream without finishing
   garbage       sends an unreadable stream event
+  flaky:N       answers 500 to its first N requests (per server), then behaves as echo
+  limited:N     answers 429 (Retry-After: 0.1) to its first N requests, then echo
+  delay:S       echo after S seconds before the first byte
+  const:TEXT    answers TEXT (with usage)
+  plan          a planner: a JSON plan with one subtask per non-empty line of the last user message
   script        a deterministic agent stand-in: a system message line `SCRIPT: [...]` (a JSON list)
                 holds its replies; the k-th reply answers a conversation with k assistant turns
                 (the last one repeats). In a reply, {last} is the last message's content and {task}
@@ -32,6 +37,7 @@ class ProviderServer:
         self.port = port
         self.slow_s = slow_s
         self.requests: list[dict] = []
+        self.counts: dict[str, int] = {}
         self.app = self._build()
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
@@ -74,6 +80,29 @@ class ProviderServer:
             self.requests.append({"path": request.url.path, "body": body,
                                   "authorization": request.headers.get("authorization")})
             model = body.get("model")
+            seen = self.counts[model] = self.counts.get(model, 0) + 1
+            mode, _, arg = (model or "").partition(":")
+            if mode == "flaky" and seen <= int(arg):
+                return JSONResponse({"error": {"message": f"flaky failure {seen}", "type": "server_error"}}, 500)
+            if mode == "limited" and seen <= int(arg):
+                return JSONResponse({"error": {"message": "slow down", "type": "rate_limit"}}, 429,
+                                    headers={"Retry-After": "0.1"})
+            if mode == "delay":
+                await asyncio.sleep(float(arg))
+            if mode in ("const", "plan") and kind == "chat":
+                if mode == "plan":
+                    lines = [x.strip() for x in body["messages"][-1]["content"].splitlines() if x.strip()]
+                    arg = json.dumps({"subtasks": [{"id": f"p{i + 1}", "prompt": x} for i, x in enumerate(lines)]})
+                usage = {"prompt_tokens": 10, "completion_tokens": len(arg.split()),
+                         "total_tokens": 10 + len(arg.split())}
+
+                async def const():
+                    yield chunk("chat", model, arg)
+                    yield chunk("chat", model, finish="stop")
+                    yield chunk("chat", model, usage=usage)
+                    yield "data: [DONE]\n\n"
+
+                return StreamingResponse(const(), media_type="text/event-stream")
             if model == "fail-500":
                 return JSONResponse({"error": {"message": "provider exploded", "type": "server_error"}}, 500)
             if model == "rate-limited":

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 class RateLimited(APIError):
     status, type, code = 429, "rate_limit_error", "upstream_rate_limited"
+    retry_after_s: float | None = None  # the provider's Retry-After, in seconds, when it sent one
 
 
 class RemoteOpenAIEngine:
@@ -64,7 +65,12 @@ class RemoteOpenAIEngine:
         if resp.status_code in (400, 404, 422):
             raise InvalidRequest(f"{where}: {message}")
         if resp.status_code == 429:
-            raise RateLimited(f"{where}: {message}")
+            e = RateLimited(f"{where}: {message}")
+            try:
+                e.retry_after_s = float(resp.headers.get("retry-after", ""))
+            except ValueError:
+                pass
+            raise e
         raise UpstreamError(f"{where}: {message}")
 
     def _transport_error(self, e: httpx.HTTPError) -> APIError:

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 
 from config import Settings, settings_from_dict
@@ -28,6 +28,7 @@ from models.errors import (
     ModelNotFound,
     ModelUnavailable,
     NotFound,
+    PermissionDenied,
     PayloadTooLarge,
     AdminRequired,
     UpstreamTimeout,
@@ -58,7 +59,10 @@ from serve.gateway.auth import Authenticator, Principal
 from serve.applications import RAG_APP
 from serve.gateway.backends import Backend, BackendRegistry, unwrap
 from serve.gateway.errors import error_response, install_error_handlers, invalid_request
-from serve.gateway.metrics import GatewayMetrics
+from serve.gateway.metrics import GatewayMetrics, RouterMetrics
+from serve.gateway.usage import UsageBook
+from serve.router.orchestrator import CallResult, OrchestrateRequest, Orchestrator
+from serve.router.runtime import Opened, Route, Router, ascii_header
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +92,39 @@ def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
     return vector
 
 
+class _Feedback(BaseModel):
+    model_config = {"extra": "forbid"}
+    response_id: str = Field(min_length=1, max_length=200)
+    score: float = Field(ge=-1, le=1, description="1 good, 0 neutral, -1 bad (any value in between).")
+    comment: str = Field("", max_length=2000)
+
+
+def _since(since: str | None, period: str | None) -> float | None:
+    """`since` (unix seconds) or `period` (day | month: the current one) as a start time."""
+    from cluster.ledger import period_start
+
+    if since is not None and period is not None:
+        raise InvalidRequest("give since or period, not both", "since")
+    if period is not None:
+        if period not in ("day", "month"):
+            raise InvalidRequest(f"period must be 'day' or 'month', not {period!r}", "period")
+        return period_start(period, time.time())
+    if since is not None:
+        try:
+            return float(since)
+        except ValueError:
+            raise InvalidRequest(f"since must be unix seconds, not {since!r}", "since") from None
+    return None
+
+
 class _Call:
-    """Bookkeeping for one request: its route, model tag and start time, for metrics."""
+    """Bookkeeping for one request: its route, model tag and start time, for metrics and the ledger."""
 
     def __init__(self, route: str):
         self.route, self.model, self.start = route, "-", time.perf_counter()
+        self.principal: Principal | None = None
+        self.routed: Route | None = None
+        self.response_id: str | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -108,6 +140,19 @@ class Gateway:
         self.limits = self.settings.limits
         self.timeout_s = self.settings.gateway.request_timeout_s
         self._rag = None
+        self.router = Router(self.settings, self.backends, embed=self._classifier_embed)
+        self.router_metrics = RouterMetrics()
+        self.router.listeners.append(self.router_metrics.breaker_transition)
+        self.book = UsageBook(self.settings)
+
+    async def _classifier_embed(self, texts: list[str]) -> list[list[float]]:
+        """Embeddings for the router's task classifier (router.classifier_model)."""
+        mid = self.settings.router.classifier_model
+        spec = self.settings.model(mid)
+        if spec is None or spec.task != "embedding" or (await self.backends.health(mid)).status != "ready":
+            raise ModelUnavailable(f"classifier model {mid!r} is not available")
+        vectors, _ = await self.backends.get(mid).embed(texts)
+        return vectors
 
     # ------------------------------------------------------------ health
 
@@ -127,7 +172,10 @@ class Gateway:
         specs = [m for m in self.settings.models if principal is None or principal.may_use(m.id)]
         healths = await asyncio.gather(*(self.backends.health(m.id) for m in specs))
         cards = [
-            ModelCard(id=m.id, task=m.task, engine=m.engine, status=h.status, error=h.error, max_context=m.max_context)
+            ModelCard(id=m.id, task=m.task, engine=m.engine, status=h.status, error=h.error, max_context=m.max_context,
+                      **({"capabilities": list(m.capabilities), "price_input_per_m": m.price_input_per_m,
+                          "price_output_per_m": m.price_output_per_m, "tags": list(m.tags), "serves": m.serves}
+                         if m.task == "chat" else {}))
             for m, h in zip(specs, healths)
         ]
         if self.settings.rag.enabled:
@@ -161,45 +209,71 @@ class Gateway:
     async def _generate(self, request: Request, kind: str, request_cls):
         call = _Call(kind)
         try:
-            principal = await self.auth.authenticate(request.headers.get("authorization"))
+            principal = call.principal = await self.auth.authenticate(request.headers.get("authorization"))
             req = await self._parse(request, request_cls)
             if kind == "chat" and rag_collection(req.model)[0]:
                 return await self._rag_chat(req, principal, call)
-            backend = await self._backend(req.model, principal, "chat")
-            call.model = req.model
+            if kind == "chat" and req.model == self.settings.router.orchestrator.alias:
+                return await self._orchestrate_chat(req, principal, call)
             params = self._params(req)
             if kind == "chat":
                 payload = {"messages": [m.model_dump(exclude_none=True) for m in req.messages]}
             else:
                 payload = {"prompt": req.prompt}
-            events = self._bounded(backend.stream(kind, payload, params.model_dump()), req.model)
+            call.model = req.model
+            remaining = await self.book.remaining(principal)
+            max_out = params.max_tokens or min(self.settings.router.expected_output_tokens, self.limits.max_tokens)
+            route = call.routed = await self.router.resolve(
+                req.model, req.model_dump(exclude_none=True), principal, request.headers, max_out, remaining)
+            opened = await self.router.open(route, kind, payload, params.model_dump(),
+                                            time.monotonic() + self.timeout_s)
+            call.model = opened.model
+            call.response_id = new_id("chatcmpl" if kind == "chat" else "cmpl")
+            self.router_metrics.routed(route, opened)
+            headers = self._route_headers(call, route, opened)
             if not req.stream:
-                text, last = await self._collect(events, call)
-                body = self._final_response(kind, req.model, text, last)
-                self._count(call, last.usage)
+                text, last = await self._collect(self._chain(opened), call)
+                body = self._final_response(kind, opened.model, text, last, call.response_id)
+                cost = self._count(call, last.usage)
+                headers["x-orfeas-cost-usd"] = f"{cost:.8f}"
                 self.metrics.record(call.route, call.model, 200, call.elapsed())
-                return JSONResponse(body.model_dump())
-            first = await anext(events)  # failures before the first token keep their status
+                return JSONResponse(body.model_dump(), headers=headers)
         except APIError as e:
             if isinstance(e, ModelUnavailable):
                 self.backends.forget_health(call.model)  # look again on the next request
             return self._fail(call, e)
         return StreamingResponse(
-            self._stream(kind, req, first, events, call),
+            self._stream(kind, req, opened.first, opened.events, call),
             media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **headers},
         )
 
+    @staticmethod
+    async def _chain(opened: Opened) -> AsyncIterator[GenerationEvent]:
+        yield opened.first
+        async for event in opened.events:
+            yield event
+
+    def _route_headers(self, call: _Call, route: Route, opened: Opened) -> dict[str, str]:
+        headers = {"x-orfeas-model": opened.model, "x-orfeas-route": ascii_header(route.reason),
+                   "x-orfeas-attempts": ascii_header(",".join(f"{m}:{o}" for m, o in opened.attempts)),
+                   "x-orfeas-response-id": call.response_id or ""}
+        if route.experiment:
+            headers["x-orfeas-experiment"] = f"{route.experiment}/{route.arm}"
+        return headers
+
     async def _stream(self, kind: str, req, first: GenerationEvent, events: AsyncIterator[GenerationEvent], call: _Call):
-        rid, created = new_id("chatcmpl" if kind == "chat" else "cmpl"), now()
+        rid, created = call.response_id or new_id("chatcmpl" if kind == "chat" else "cmpl"), now()
+        call.response_id = rid
+        model = call.model if call.routed is not None else req.model
         status, error_type, usage = 200, None, None
 
         def chunk(text: str | None = None, finish: str | None = None, role: bool = False) -> str:
             if kind == "chat":
                 delta = ChatDelta(role="assistant" if role else None, content=text)
-                return _sse(ChatCompletionChunk(id=rid, created=created, model=req.model,
+                return _sse(ChatCompletionChunk(id=rid, created=created, model=model,
                                                 choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]))
-            return _sse(Completion(id=rid, created=created, model=req.model,
+            return _sse(Completion(id=rid, created=created, model=model,
                                    choices=[CompletionChoice(text=text or "", finish_reason=finish)]))
 
         # SSE events are sent in as few writes as the stream allows (the role with the first text,
@@ -225,7 +299,7 @@ class Gateway:
             if req.include_usage:
                 usage = usage or Usage()
                 cls = ChatCompletionChunk if kind == "chat" else Completion
-                pending += _sse(cls(id=rid, created=created, model=req.model, choices=[], usage=usage))
+                pending += _sse(cls(id=rid, created=created, model=model, choices=[], usage=usage))
             yield pending + "data: [DONE]\n\n"
             pending = ""
         except Exception as e:
@@ -236,7 +310,8 @@ class Gateway:
             status, error_type = e.status, e.type
             yield pending + _sse(e.body())
         finally:
-            self._count(call, usage)
+            await events.aclose()
+            self._count(call, usage, error=status != 200)
             self.metrics.record(call.route, call.model, status, call.elapsed(), error_type)
 
     async def _collect(self, events: AsyncIterator[GenerationEvent], call: _Call) -> tuple[str, GenerationEvent]:
@@ -250,12 +325,12 @@ class Gateway:
                 return "".join(parts), event
         raise ModelUnavailable(f"model {call.model!r} ended its answer without finishing")
 
-    def _final_response(self, kind: str, model: str, text: str, last: GenerationEvent) -> BaseModel:
+    def _final_response(self, kind: str, model: str, text: str, last: GenerationEvent, rid: str) -> BaseModel:
         usage = last.usage or Usage()
         if kind == "chat":
             choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
-            return ChatCompletion(model=model, choices=[choice], usage=usage)
-        return Completion(model=model, choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
+            return ChatCompletion(id=rid, model=model, choices=[choice], usage=usage)
+        return Completion(id=rid, model=model, choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
                           usage=usage)
 
     async def _bounded(self, events: AsyncIterator[GenerationEvent], model: str) -> AsyncIterator[GenerationEvent]:
@@ -396,6 +471,159 @@ class Gateway:
         self._count(call, last.usage)
         return text
 
+    # ------------------------------------------------------------ orchestrator
+
+    @app.post("/v1/orchestrate")
+    async def orchestrate(self, request: Request) -> JSONResponse:
+        """Plan, run subtasks in parallel across backends, combine (see serve.router.orchestrator)."""
+        call = _Call("orchestrate")
+        try:
+            principal = await self.auth.authenticate(request.headers.get("authorization"))
+            body = await self._read_json(request)
+            try:
+                req = OrchestrateRequest.model_validate(body)
+            except ValidationError as e:
+                raise invalid_request(e) from None
+            if req.max_tokens is not None and req.max_tokens > self.limits.max_tokens:
+                raise InvalidRequest(f"max_tokens is {req.max_tokens}, over this gateway's limit of "
+                                     f"{self.limits.max_tokens}", "max_tokens")
+            result = await self._orchestrate(req, principal)
+        except APIError as e:
+            return self._fail(call, e)
+        self.metrics.record(call.route, call.model, 200, call.elapsed())
+        return JSONResponse({"id": new_id("orch"), "created": now(), **result})
+
+    async def _orchestrate(self, req: OrchestrateRequest, principal: Principal) -> dict:
+        for m in req.models or []:
+            spec = self.settings.model(m)
+            if spec is not None:
+                principal.check_model(m)
+            elif self.router.policy(m) is None and m not in self.router.groups and m not in self.router.experiments:
+                raise ModelNotFound(f"model {m!r} does not exist; GET /v1/models lists the models", "models")
+        await self.book.remaining(principal)  # refuse up front when the budget is spent
+        deadline = time.monotonic() + self.timeout_s
+
+        async def call_model(model: str, messages: list[dict], max_tokens: int, task: str | None,
+                             json_mode: bool) -> CallResult:
+            c = _Call("orchestrate")
+            c.principal = principal
+            body: dict[str, Any] = {"model": model, "messages": messages}
+            if json_mode:
+                body["response_format"] = {"type": "json_object"}
+            headers = {"x-orfeas-task": task} if task else {}
+            route = c.routed = await self.router.resolve(model, body, principal, headers, max_tokens,
+                                                         await self.book.remaining(principal))
+            max_tokens = min(max_tokens, self.limits.max_tokens)
+            params = GenerationParams(max_tokens=max_tokens, max_tokens_cap=self.limits.max_tokens, temperature=0.0)
+            opened = await self.router.open(route, "chat", {"messages": messages}, params.model_dump(), deadline)
+            c.model, c.response_id = opened.model, new_id("orchcall")
+            text, last = await self._collect(self._chain(opened), c)
+            u = last.usage or Usage()
+            cost = self._count(c, u)
+            return CallResult(model=opened.model, text=text, prompt_tokens=u.prompt_tokens,
+                              completion_tokens=u.completion_tokens, cost_usd=cost)
+
+        try:
+            return await Orchestrator(self.settings.router.orchestrator, call_model).run(req)
+        except RuntimeError as e:
+            raise ModelUnavailable(str(e)[:1000]) from None
+
+    async def _orchestrate_chat(self, req: ChatCompletionRequest, principal: Principal, call: _Call):
+        """The orchestrator as a chat model: the last user message is the task, answered in one message."""
+        call.route, call.model = "chat-orchestrate", req.model
+        task = next((m.text() for m in reversed(req.messages) if m.role == "user"), "").strip()
+        if not task:
+            raise InvalidRequest("the orchestrator answers the last user message, and there is none", "messages")
+        limit = req.token_limit()
+        if limit is not None and limit > self.limits.max_tokens:
+            raise InvalidRequest(f"max_tokens is {limit}, over this gateway's limit of {self.limits.max_tokens}",
+                                 "max_tokens")
+        result = await self._orchestrate(OrchestrateRequest(task=task, max_tokens=limit), principal)
+        usage = Usage.of(result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"])
+        rid = new_id("chatcmpl")
+        if req.stream:
+            async def events():
+                yield GenerationEvent(finish_reason="stop", usage=usage)
+
+            call.response_id = rid
+            return StreamingResponse(self._stream("chat", req, GenerationEvent(text=result["answer"]), events(), call),
+                                     media_type="text/event-stream")
+        body = ChatCompletion(id=rid, model=req.model, usage=usage, choices=[
+            ChatChoice(message=AssistantMessage(content=result["answer"]), finish_reason="stop")]).model_dump()
+        body["orchestration"] = {k: result[k] for k in ("strategy", "plan", "subtasks", "timings", "cost_usd")}
+        self.metrics.record(call.route, call.model, 200, call.elapsed())
+        return JSONResponse(body)
+
+    # ------------------------------------------------------------ router: usage, feedback, status
+
+    @app.get("/v1/usage")
+    async def usage(self, request: Request) -> JSONResponse:
+        """Usage and cost from the ledger: admins see every key (or `key_id=`), users their own."""
+        call = _Call("usage")
+        try:
+            principal = await self.auth.authenticate(request.headers.get("authorization"))
+            q = request.query_params
+            unknown = set(q) - {"key_id", "since", "period"}
+            if unknown:
+                raise InvalidRequest(f"unknown query parameter {sorted(unknown)[0]!r}", sorted(unknown)[0])
+            key_id = q.get("key_id")
+            if principal.role != "admin":
+                if key_id not in (None, principal.key_id):
+                    raise PermissionDenied("a user key may only read its own usage", "key_id")
+                key_id = principal.key_id
+            since = _since(q.get("since"), q.get("period"))
+            data = await self.book.actor.usage.remote(key_id, since)
+            body = {"object": "usage", "key_id": key_id, "since": since, **data}
+            if principal.role != "admin" or key_id == principal.key_id:
+                body["budget"] = await self._budget_view(principal)
+        except APIError as e:
+            return self._fail(call, e)
+        self.metrics.record(call.route, call.model, 200, call.elapsed())
+        return JSONResponse(body)
+
+    async def _budget_view(self, principal: Principal) -> dict | None:
+        if principal.budget_usd is None:
+            return None
+        spent = await self.book.spend(principal.key_id, principal.budget_period)
+        return {"period": principal.budget_period, "limit_usd": principal.budget_usd, "spent_usd": spent,
+                "remaining_usd": max(principal.budget_usd - spent, 0.0)}
+
+    @app.post("/v1/feedback")
+    async def feedback(self, request: Request) -> JSONResponse:
+        """A score for an earlier response (by its id), counted in its experiment arm's figures."""
+        call = _Call("feedback")
+        try:
+            principal = await self.auth.authenticate(request.headers.get("authorization"))
+            fb = _Feedback.model_validate(await self._read_json(request))
+            try:
+                result = await self.book.actor.add_feedback.remote(
+                    fb.response_id, fb.score, None if principal.role == "admin" else principal.key_id, fb.comment)
+            except KeyError:  # Ray raises the actor's error as an instance of its cause
+                raise NotFound(f"no response {fb.response_id!r} of this key is in the ledger", "response_id") \
+                    from None
+        except ValidationError as e:
+            return self._fail(call, invalid_request(e))
+        except APIError as e:
+            return self._fail(call, e)
+        self.metrics.record(call.route, call.model, 200, call.elapsed())
+        return JSONResponse({"object": "feedback", **result})
+
+    @app.get("/v1/router/status")
+    async def router_status_http(self, request: Request) -> JSONResponse:
+        call = _Call("router-status")
+        try:
+            principal = await self.auth.authenticate(request.headers.get("authorization"))
+            if principal.role != "admin":
+                raise PermissionDenied("router status is for admin keys")
+        except APIError as e:
+            return self._fail(call, e)
+        return JSONResponse(await self.router_status())
+
+    async def router_status(self) -> dict:
+        """Per-backend health and breaker state of this replica, and the names the router answers."""
+        return {"backends": self.router.status(),
+                "routes": [{"name": n, "routes": what} for n, what in self.router.routed_names()]}
+
     # ------------------------------------------------------------ /v1/embeddings
 
     @app.post("/v1/embeddings")
@@ -466,12 +694,29 @@ class Gateway:
             raise ModelUnavailable(f"model {model_id!r} is {health.status}{why}", "model")
         return self.backends.get(model_id)
 
-    def _count(self, call: _Call, usage: Usage | None) -> None:
+    def _count(self, call: _Call, usage: Usage | None, error: bool = False) -> float:
+        """Meter, price and (for routed calls) record one response's usage; returns its cost in USD."""
         if usage is not None:
             self.metrics.usage(call.model, usage.prompt_tokens, usage.completion_tokens)
+        spec = self.settings.model(call.model)
+        u = usage or Usage()
+        cost = spec.price(u.prompt_tokens, u.completion_tokens) if spec is not None and spec.task == "chat" else 0.0
+        if cost:
+            self.router_metrics.cost(call.model, cost)
+        if call.routed is not None or call.route in ("orchestrate", "internal"):
+            p, r = call.principal, call.routed
+            self.book.record({
+                "response_id": call.response_id, "key_id": p.key_id if p else None, "team": p.team if p else "",
+                "model": call.model, "requested": r.requested if r else call.model, "route": call.route,
+                "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "cost_usd": cost,
+                "latency_s": round(call.elapsed(), 6), "error": error,
+                "experiment": r.experiment if r else None, "arm": r.arm if r else None})
+        return cost
 
     def _fail(self, call: _Call, e: APIError) -> JSONResponse:
         self.metrics.record(call.route, call.model, e.status, call.elapsed(), e.type)
+        if call.routed is not None and call.routed.experiment:
+            self._count(call, None, error=True)  # experiments count their failures
         return error_response(e)
 
 

@@ -15,6 +15,13 @@ class Principal:
     key_id: str
     role: str
     models: tuple[str, ...] | None  # None: every model
+    team: str = ""
+    budget_usd: float | None = None
+    budget_period: str = "month"
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
 
     def may_use(self, model_id: str) -> bool:
         return self.models is None or model_id in self.models
@@ -57,7 +64,8 @@ class Authenticator:
         else:
             record = await self.store.verify.remote(key)
             principal = None if record is None else Principal(
-                record["id"], record["role"], tuple(record["models"]) if record["models"] else None
+                record["id"], record["role"], tuple(record["models"]) if record["models"] else None,
+                record.get("team") or "", record.get("budget_usd"), record.get("budget_period") or "month",
             )
             if len(self._cache) > 10_000:
                 self._cache.clear()

@@ -1,0 +1,138 @@
+"""The cost ledger: every priced response, aggregated by key, team and model; feedback on
+responses; spend per budget period. A detached named Ray actor owns an append-only JSON-lines
+file under the data directory and rebuilds its totals from it on start, so a restart (or the
+actor's loss) loses nothing that was acknowledged.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from cluster.keys import NAMESPACE
+
+PERIODS = ("day", "month")
+
+
+def period_start(period: str, now: float) -> float:
+    """Start (UTC) of the budget period that contains `now`."""
+    t = time.gmtime(now)
+    if period == "day":
+        return float(calendar.timegm((t.tm_year, t.tm_mon, t.tm_mday, 0, 0, 0)))
+    if period == "month":
+        return float(calendar.timegm((t.tm_year, t.tm_mon, 1, 0, 0, 0)))
+    raise ValueError(f"budget period must be one of {', '.join(PERIODS)}, not {period!r}")
+
+
+def _zero() -> dict[str, float]:
+    return {"requests": 0, "errors": 0, "prompt_tokens": 0, "completion_tokens": 0, "cost_usd": 0.0}
+
+
+def _add(acc: dict[str, float], e: dict[str, Any]) -> None:
+    acc["requests"] += 1
+    acc["errors"] += 1 if e.get("error") else 0
+    acc["prompt_tokens"] += int(e.get("prompt_tokens") or 0)
+    acc["completion_tokens"] += int(e.get("completion_tokens") or 0)
+    acc["cost_usd"] += float(e.get("cost_usd") or 0.0)
+
+
+def aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
+    totals, by_key, by_team, by_model = _zero(), {}, {}, {}
+    for e in entries:
+        _add(totals, e)
+        _add(by_key.setdefault(e.get("key_id") or "-", _zero()), e)
+        _add(by_team.setdefault(e.get("team") or "-", _zero()), e)
+        _add(by_model.setdefault(e.get("model") or "-", _zero()), e)
+    return {"totals": totals, "by_key": by_key, "by_team": by_team, "by_model": by_model}
+
+
+class Ledger:
+    """Ledger operations over one file; run as a Ray actor (see `ledger`)."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        self.entries: list[dict[str, Any]] = []
+        self.by_id: dict[str, dict[str, Any]] = {}
+        self.feedback: dict[str, list[float]] = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue  # a torn last line from a crash mid-write
+                self._apply(rec)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def _apply(self, rec: dict[str, Any]) -> None:
+        if rec.get("type") == "feedback":
+            self.feedback.setdefault(rec["response_id"], []).append(float(rec["score"]))
+        else:
+            self.entries.append(rec)
+            if rec.get("response_id"):
+                self.by_id[rec["response_id"]] = rec
+
+    def _append(self, recs: list[dict[str, Any]]) -> None:
+        with self.path.open("a") as f:
+            f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
+            f.flush()
+            os.fsync(f.fileno())
+
+    def record(self, entries: list[dict[str, Any]]) -> int:
+        recs = [{"type": "usage", "ts": time.time(), **e} for e in entries
+                if not e.get("response_id") or e["response_id"] not in self.by_id]
+        if not recs:
+            return len(self.entries)
+        self._append(recs)  # on disk first
+        for r in recs:
+            self._apply(r)
+        return len(self.entries)
+
+    def spend(self, key_id: str, period: str, now: float | None = None) -> float:
+        since = period_start(period, now or time.time())
+        return sum(float(e.get("cost_usd") or 0) for e in self.entries if e.get("key_id") == key_id and e["ts"] >= since)
+
+    def usage(self, key_id: str | None = None, since: float | None = None) -> dict[str, Any]:
+        rows = [e for e in self.entries if (key_id is None or e.get("key_id") == key_id)
+                and (since is None or e["ts"] >= since)]
+        return aggregate(rows)
+
+    def add_feedback(self, response_id: str, score: float, key_id: str | None, comment: str = "") -> dict[str, Any]:
+        """Feedback on a response; `key_id` None means an admin (any response). KeyError if unknown."""
+        entry = self.by_id.get(response_id)
+        if entry is None or (key_id is not None and entry.get("key_id") != key_id):
+            raise KeyError(response_id)
+        rec = {"type": "feedback", "ts": time.time(), "response_id": response_id, "score": score,
+               "key_id": key_id, "comment": comment[:2000]}
+        self._append([rec])
+        self._apply(rec)
+        return {"response_id": response_id, "score": score, "experiment": entry.get("experiment"),
+                "arm": entry.get("arm"), "model": entry.get("model")}
+
+    def experiment_rows(self, name: str) -> list[dict[str, Any]]:
+        return [{**e, "feedback": self.feedback.get(e.get("response_id") or "", [])}
+                for e in self.entries if e.get("experiment") == name]
+
+    def entry(self, response_id: str) -> dict[str, Any] | None:
+        return self.by_id.get(response_id)
+
+
+def ledger_name(data_dir: str | Path) -> tuple[str, Path]:
+    path = Path(data_dir).expanduser().resolve() / "ledger" / "usage.jsonl"
+    return "orfeas-ledger-" + hashlib.sha1(str(path).encode()).hexdigest()[:10], path
+
+
+def ledger(data_dir: str | Path):
+    """The cluster's ledger actor for this data directory (created on first use, restarted on loss)."""
+    name, path = ledger_name(data_dir)
+    actor = ray.remote(Ledger).options(
+        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
+        max_task_retries=-1,  # calls made while it restarts wait for it; record() ignores a repeated response id
+    )
+    return actor.remote(str(path))

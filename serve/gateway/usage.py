@@ -1,0 +1,54 @@
+"""The gateway's side of the cost ledger: pricing, recording, budget checks (cached briefly)."""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+from cluster.ledger import ledger, period_start
+from config import Settings
+from models.errors import BudgetExceeded
+
+
+class UsageBook:
+    def __init__(self, settings: Settings):
+        self.enabled = settings.router.ledger
+        self.cache_s = settings.router.budget_cache_s
+        self.data_dir = settings.resolved_data_dir()
+        self._actor = None
+        self._spend: dict[tuple[str, str], tuple[float, float]] = {}
+
+    @property
+    def actor(self):
+        if self._actor is None:
+            self._actor = ledger(self.data_dir)
+        return self._actor
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """Fire and forget: calls from one replica reach the actor in order, so a later spend or
+        usage query from the same replica sees this entry."""
+        if self.enabled:
+            self.actor.record.remote([entry])
+
+    async def spend(self, key_id: str, period: str) -> float:
+        hit = self._spend.get((key_id, period))
+        if hit is not None and time.monotonic() - hit[0] < self.cache_s:
+            return hit[1]
+        value = await self.actor.spend.remote(key_id, period)
+        self._spend[(key_id, period)] = (time.monotonic(), value)
+        return value
+
+    async def remaining(self, principal) -> float | None:
+        """USD left in the key's budget period (None: no budget); BudgetExceeded when none is left."""
+        if principal.budget_usd is None or not self.enabled:
+            return None
+        spent = await self.spend(principal.key_id, principal.budget_period)
+        left = principal.budget_usd - spent
+        if left <= 0:
+            start = datetime.fromtimestamp(period_start(principal.budget_period, time.time()), timezone.utc)
+            raise BudgetExceeded(
+                f"API key {principal.key_id} has spent ${spent:.6f} of its {principal.budget_period}ly budget of "
+                f"${principal.budget_usd:g} (period started {start:%Y-%m-%d %H:%M} UTC); ask an admin to raise it "
+                "or wait for the next period")
+        return left

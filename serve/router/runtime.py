@@ -1,0 +1,388 @@
+"""The router as one gateway replica runs it: live per-backend state around the pure decisions.
+
+`Router.resolve` turns the requested model name into a `Route` (the models to try, in order, and
+why); `Router.open` walks that order with backoff until a backend yields its first event, feeding
+every outcome to the circuit breaker; the events after the first are never retried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from config import ModelSpec, Settings
+from config.settings import POLICIES
+from models.errors import (
+    APIError,
+    InvalidRequest,
+    ModelNotFound,
+    ModelUnavailable,
+    NoHealthyModel,
+    PermissionDenied,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from models.protocol import GenerationEvent
+from serve.router import balance, experiments, features, fallback, health
+from serve.router.selection import Candidate, Decision, PolicyParams, SelectionContext, select
+
+log = logging.getLogger("orfeas.router")
+
+AUTO = "auto"
+
+
+@dataclass
+class Route:
+    requested: str
+    kind: str  # named | group | policy
+    plan: list[str]
+    reason: str
+    policy: str | None = None
+    experiment: str | None = None
+    arm: str | None = None
+    decision: Decision | None = None
+    features: features.RequestFeatures | None = None
+
+
+@dataclass
+class Opened:
+    model: str
+    first: GenerationEvent
+    events: AsyncIterator[GenerationEvent]  # the rest, first excluded
+    attempts: list[tuple[str, str]] = field(default_factory=list)  # (model, outcome) in order
+
+
+def ascii_header(value: str, limit: int = 900) -> str:
+    return value.encode("ascii", "replace").decode()[:limit].replace("\n", " ").replace("\r", " ")
+
+
+class Router:
+    def __init__(self, settings: Settings, backends, embed: Callable[[list[str]], Awaitable[list[list[float]]]] | None
+                 = None):
+        self.settings = settings
+        self.cfg = settings.router
+        self.backends = backends
+        self.embed = embed
+        self.specs: dict[str, ModelSpec] = {m.id: m for m in settings.models if m.task == "chat"}
+        self.groups: dict[str, list[str]] = {}
+        for m in self.specs.values():
+            if m.serves:
+                self.groups.setdefault(m.serves, []).append(m.id)
+        self.experiments = {e.entry: e for e in self.cfg.experiments if e.enabled}
+        self.health: dict[str, health.BackendHealth] = {m: health.BackendHealth() for m in self.specs}
+        self.outstanding: dict[str, int] = {m: 0 for m in self.specs}
+        self.rng = random.Random()
+        self._centroids: dict[str, list[float]] | None = None
+        self._probe_task: asyncio.Task | None = None
+        self.listeners: list[Callable[[str, str, str], None]] = []  # (model, old state, new state)
+
+    # ------------------------------------------------------------ names
+
+    def policy(self, name: str) -> PolicyParams | None:
+        """The policy a routed name means: auto, auto:<policy>, a built-in or a named policy."""
+        if name == AUTO:
+            name = self.cfg.default_policy
+        elif name.startswith(AUTO + ":"):
+            name = name[len(AUTO) + 1:]
+        if name in POLICIES:
+            return PolicyParams(name, name, self.cfg.lambda_cost, self.cfg.mu_latency, self.cfg.min_quality)
+        p = self.cfg.policies.get(name)
+        if p is None:
+            return None
+        return PolicyParams(
+            name, p.kind,
+            self.cfg.lambda_cost if p.lambda_cost is None else p.lambda_cost,
+            self.cfg.mu_latency if p.mu_latency is None else p.mu_latency,
+            self.cfg.min_quality if p.min_quality is None else p.min_quality,
+            frozenset(p.models) if p.models else None, frozenset(p.tags))
+
+    def routed_names(self) -> list[tuple[str, str]]:
+        """(name, what it is) for every name the router answers besides catalog ids."""
+        out = [(AUTO, f"policy {self.cfg.default_policy}")]
+        out += [(p, f"policy {p}") for p in sorted(self.cfg.policy_names())]
+        out += [(g, "load-balanced: " + ",".join(ms)) for g, ms in sorted(self.groups.items())]
+        out += [(e, "experiment " + x.name) for e, x in sorted(self.experiments.items()) if e != AUTO]
+        return out
+
+    # ------------------------------------------------------------ live state
+
+    def _ensure_probes(self) -> None:
+        if self._probe_task is None or self._probe_task.done():
+            self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.cfg.probe_interval_s)
+            try:
+                await self.probe_all()
+            except Exception:  # a probe round must never kill the loop
+                log.exception("health probe round failed")
+
+    async def probe_all(self) -> None:
+        """Active probes: each backend's own health check; failing ones open their circuit."""
+        now = time.monotonic()
+        for mid in self.specs:
+            self.backends.forget_health(mid)
+        results = await asyncio.gather(*(self.backends.health(m) for m in self.specs), return_exceptions=True)
+        for mid, h in zip(self.specs, results):
+            ok = not isinstance(h, BaseException) and h.status == "ready"
+            err = None if ok else (repr(h) if isinstance(h, BaseException) else (h.error or h.status))
+            if h is not None and not isinstance(h, BaseException) and h.status == "loading":
+                continue
+            self._set(mid, health.probe(self.health[mid], ok, now, self.cfg.breaker, err))
+
+    def _set(self, mid: str, new: health.BackendHealth) -> None:
+        old = self.health[mid]
+        self.health[mid] = new
+        if old.state != new.state:
+            log.warning("circuit of %s: %s -> %s (%s)", mid, old.state, new.state, new.last_error or "")
+            for fn in self.listeners:
+                fn(mid, old.state, new.state)
+
+    def _latency(self, spec: ModelSpec) -> float:
+        h = self.health[spec.id]
+        return h.latency_ewma if h.latency_ewma is not None else spec.latency_prior_s
+
+    async def _healthy(self, ids: list[str]) -> dict[str, tuple[bool, str | None]]:
+        now = time.monotonic()
+        results = await asyncio.gather(*(self.backends.health(m) for m in ids))
+        out = {}
+        for mid, h in zip(ids, results):
+            if h.status != "ready":
+                out[mid] = (False, f"{h.status}" + (f": {h.error}" if h.error else ""))
+            elif not health.available(self.health[mid], now, self.cfg.breaker):
+                out[mid] = (False, "circuit open")
+            else:
+                out[mid] = (True, None)
+        return out
+
+    def status(self) -> dict[str, Any]:
+        now = time.monotonic()
+        out = {}
+        for mid, h in self.health.items():
+            out[mid] = {"state": h.state, "requests": h.requests, "failures": h.failures,
+                        "consecutive_failures": h.consecutive_failures, "error_rate_ewma": round(h.error_ewma, 4),
+                        "latency_ewma_s": h.latency_ewma, "outstanding": self.outstanding[mid],
+                        "open_for_s": round(max(self.cfg.breaker.cooldown_s - (now - h.opened_at), 0), 3)
+                        if h.state == health.OPEN else None, "last_error": h.last_error}
+        return out
+
+    # ------------------------------------------------------------ featurising
+
+    async def featurise(self, body: dict[str, Any], max_output: int, headers: Mapping[str, str]
+                        ) -> features.RequestFeatures:
+        budget = headers.get(self.cfg.latency_header)
+        latency_ms = None
+        if budget is not None:
+            try:
+                latency_ms = float(budget)
+                if not latency_ms > 0:
+                    raise ValueError
+            except ValueError:
+                raise InvalidRequest(f"header {self.cfg.latency_header} must be a positive number of milliseconds, "
+                                     f"not {budget!r}", self.cfg.latency_header) from None
+        hint = headers.get("x-orfeas-task")
+        if hint is not None and hint not in features.TASK_TYPES:
+            raise InvalidRequest(f"header x-orfeas-task must be one of {', '.join(features.TASK_TYPES)}",
+                                 "x-orfeas-task")
+        f = features.featurise(body, max_output_tokens=max_output, latency_budget_ms=latency_ms, task_hint=hint)
+        if self.cfg.classifier == "rules+embedding" and self.embed is not None and features.needs_embedding(f):
+            try:
+                async with asyncio.timeout(self.cfg.classifier_timeout_s):
+                    if self._centroids is None:
+                        tasks = list(features.PROTOTYPES)
+                        texts = [t for k in tasks for t in features.PROTOTYPES[k]]
+                        vecs = await self.embed(texts)
+                        by: dict[str, list] = {}
+                        for (k, _), v in zip(((k, t) for k in tasks for t in features.PROTOTYPES[k]), vecs):
+                            by.setdefault(k, []).append(v)
+                        self._centroids = features.centroids(by)
+                    [vec] = await self.embed([f.text[:2000]])
+                task, sim = features.classify_embedding(vec, self._centroids)
+                f = features.with_task(f, task, sim, "embedding")
+            except Exception as e:  # the rules' answer stands
+                log.debug("embedding classifier unavailable: %r", e)
+        return f
+
+    # ------------------------------------------------------------ resolving
+
+    async def resolve(self, name: str, body: dict[str, Any], principal, headers: Mapping[str, str],
+                      max_output: int, remaining_budget: float | None, _in_experiment: bool = False) -> Route:
+        self._ensure_probes()
+        exp = self.experiments.get(name) if not _in_experiment else None
+        if exp is not None:
+            sticky = principal.key_id
+            if exp.sticky_by == "user" and isinstance(body.get("user"), str) and body["user"]:
+                sticky = "user:" + body["user"]
+            arm = experiments.assign(exp, sticky)
+            route = await self.resolve(arm.model or arm.policy, body, principal, headers, max_output,
+                                       remaining_budget, _in_experiment=True)
+            route.requested, route.experiment, route.arm = name, exp.name, arm.name
+            route.reason = f"experiment {exp.name} arm {arm.name}; " + route.reason
+            return route
+        if name in self.specs:
+            return await self._named(name, principal)
+        if name in self.groups:
+            return await self._group(name, principal)
+        policy = self.policy(name)
+        if policy is None:
+            if self.settings.model(name) is not None:  # an embedding model on a chat route
+                use = "/v1/embeddings"
+                raise InvalidRequest(f"model {name!r} is a {self.settings.model(name).task} model: use {use}",
+                                     "model")
+            raise ModelNotFound(f"model {name!r} does not exist; GET /v1/models lists the models", "model")
+        f = await self.featurise(body, max_output, headers)
+        ids = list(self.specs)
+        healthy = await self._healthy(ids)
+        cands = []
+        for mid in ids:
+            s = self.specs[mid]
+            if not s.routable:
+                continue
+            cands.append(Candidate(
+                mid, frozenset(s.capabilities), s.max_context, s.price_input_per_m, s.price_output_per_m,
+                self._latency(s), s.quality, s.quality_default, frozenset(s.tags), healthy[mid][0], healthy[mid][1],
+                self.outstanding[mid] / s.concurrency_limit()))
+        allowed = frozenset(principal.models) if principal.models is not None else None
+        decision = select(SelectionContext(f, cands, policy, allowed, remaining_budget))
+        log.info("route %s: %s", name, decision.reason)
+        return Route(name, "policy", list(decision.ranked), decision.reason, policy.name, decision=decision,
+                     features=f)
+
+    async def _named(self, mid: str, principal) -> Route:
+        principal.check_model(mid)
+        spec = self.specs[mid]
+        chain = [mid] + [m for m in spec.fallbacks if m in self.specs and principal.may_use(m)]
+        healthy = await self._healthy(chain)
+        plan = [m for m in chain if healthy[m][0]]
+        if not plan:
+            raise ModelUnavailable(f"model {mid!r} is {healthy[mid][1]}", "model")
+        reason = f"named {mid}" + (f"; fallbacks {','.join(plan[1:])}" if len(plan) > 1 else "")
+        if plan[0] != mid:
+            reason = f"named {mid} is {healthy[mid][1]}; fallbacks {','.join(plan)}"
+        return Route(mid, "named", plan, reason)
+
+    async def _group(self, name: str, principal) -> Route:
+        members = [m for m in self.groups[name] if principal.may_use(m)]
+        if not members:
+            raise PermissionDenied(f"this API key may not use model {name!r}", "model")
+        healthy = await self._healthy(members)
+        seen = [self.health[m].latency_ewma for m in members if self.health[m].latency_ewma is not None]
+        unseen = sum(seen) / len(seen) if seen else None  # a backend not yet measured: the group's mean
+
+        def latency(m: str) -> float:
+            h = self.health[m].latency_ewma
+            return h if h is not None else (unseen if unseen is not None else self.specs[m].latency_prior_s)
+
+        loads = [balance.Load(m, self.outstanding[m], latency(m),
+                              self.specs[m].concurrency_limit(), healthy[m][0]) for m in members]
+        plan = [m for m in balance.order(loads, self.rng) if healthy[m][0]]
+        if not plan:
+            raise NoHealthyModel(f"every backend of {name!r} is unhealthy: "
+                                 + "; ".join(f"{m} ({healthy[m][1]})" for m in members), "model")
+        reason = f"balanced {name}: p2c least-outstanding chose {plan[0]} of {len(plan)}"
+        return Route(name, "group", plan, reason)
+
+    # ------------------------------------------------------------ calling
+
+    async def open(self, route: Route, kind: str, payload: dict[str, Any], params: dict[str, Any],
+                   deadline: float) -> Opened:
+        """The first event from the first backend in the route's plan that gives one."""
+        cfg = self.cfg.fallback
+        plan = fallback.attempt_plan(route.plan, cfg)
+        attempts: list[tuple[str, str]] = []
+        last: APIError | None = None
+        prev = None
+        for i, mid in enumerate(plan, 1):
+            if i > 1:
+                wait = fallback.backoff_s(i, cfg, self.rng.random(), fallback.retry_after(last), same_model=mid == prev)
+                if time.monotonic() + wait >= deadline:
+                    attempts.append((mid, "deadline"))
+                    break
+                await asyncio.sleep(wait)
+            prev = mid
+            ok, h = health.admit(self.health[mid], time.monotonic(), self.cfg.breaker)
+            if not ok:
+                attempts.append((mid, "circuit_open"))
+                continue
+            self._set(mid, h)
+            backend = self.backends.get(mid)
+            start = time.monotonic()
+            self.outstanding[mid] += 1
+            events = _bounded(backend.stream(kind, payload, params), deadline, mid)
+            try:
+                first = await anext(events)
+            except StopAsyncIteration:
+                first = None
+                err: APIError = UpstreamError(f"model {mid!r} ended its answer without any output")
+            except APIError as e:
+                first, err = None, e
+            except Exception as e:  # an engine bug or a lost replica: treat as a 5xx
+                log.exception("backend %s failed before its first token", mid)
+                first, err = None, ModelUnavailable(f"model {mid!r} failed: {type(e).__name__}")
+            if first is not None:
+                attempts.append((mid, "ok"))
+                return Opened(mid, first, self._tracked(mid, start, events), attempts)
+            self.outstanding[mid] -= 1
+            await events.aclose()
+            if not fallback.retryable(err):
+                self._set(mid, health.record(self.health[mid], True, None, time.monotonic(), self.cfg.breaker,
+                                             self.cfg.ewma_alpha))  # the backend answered; the request was bad
+                raise err
+            self._set(mid, health.record(self.health[mid], False, None, time.monotonic(), self.cfg.breaker,
+                                         self.cfg.ewma_alpha, f"{err.code}: {err.message}"[:300]))
+            attempts.append((mid, err.code or err.type))
+            log.warning("attempt %d on %s failed (%s); %s", i, mid, err.code, "trying the next" if i < len(plan)
+                        else "no attempts left")
+            last = err
+        if last is None:
+            raise NoHealthyModel("no backend could take the request: "
+                                 + ", ".join(f"{m} {o}" for m, o in attempts), "model")
+        tried = ", ".join(f"{m} ({o})" for m, o in attempts)
+        raise type(last)(f"{last.message} [tried: {tried}]", last.param, last.code)
+
+    async def _tracked(self, mid: str, start: float, events: AsyncIterator[GenerationEvent]
+                       ) -> AsyncIterator[GenerationEvent]:
+        """The rest of a backend's events; the outcome feeds its health once it ends."""
+        outcome: tuple[bool, str | None] | None = None
+        try:
+            async for event in events:
+                if event.finish_reason:
+                    outcome = (True, None)
+                yield event
+            if outcome is None:
+                outcome = (False, "stream ended without finishing")
+        except APIError as e:
+            outcome = (not fallback.retryable(e), f"{e.code}: {e.message}"[:300])
+            raise
+        except Exception as e:
+            outcome = (False, type(e).__name__)
+            raise
+        finally:
+            self.outstanding[mid] -= 1
+            await events.aclose()
+            if outcome is not None:
+                self._set(mid, health.record(self.health[mid], outcome[0],
+                                             time.monotonic() - start if outcome[0] else None, time.monotonic(),
+                                             self.cfg.breaker, self.cfg.ewma_alpha, outcome[1]))
+
+
+async def _bounded(events: AsyncIterator[GenerationEvent], deadline: float, model: str
+                   ) -> AsyncIterator[GenerationEvent]:
+    try:
+        while True:
+            try:
+                async with asyncio.timeout(max(deadline - time.monotonic(), 0)):
+                    event = await anext(events)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise UpstreamTimeout(f"model {model!r} did not answer within the request deadline") from None
+            yield event
+    finally:
+        await events.aclose()
