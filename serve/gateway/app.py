@@ -77,6 +77,9 @@ def rag_collection(model: str) -> tuple[bool, str | None]:
     return name == RAG_ALIAS and (not sep or bool(collection)), collection or None
 
 
+# Who in-cluster callers (RAG generation, agents) are to the router and the ledger.
+INTERNAL_CALLER = Principal("internal", "admin", None)
+
 app = FastAPI(title="ORFEAS gateway", version="0.1.0", docs_url="/docs", redoc_url=None)
 install_error_handlers(app)
 
@@ -458,16 +461,23 @@ class Gateway:
         return JSONResponse(body)
 
     async def complete_chat(self, model_id: str, messages: list[dict], max_tokens: int) -> str:
-        """The chat path for in-cluster callers (the RAG service): text of one greedy answer."""
+        """The chat path for in-cluster callers (the RAG service, agents): text of one greedy answer.
+
+        It goes through the router like any chat request, so `auto`, policies, logical models,
+        fallbacks, breakers and the cost ledger apply; the caller is the platform itself.
+        """
         call = _Call("internal")
-        call.model = model_id
-        backend = self.backends.get(model_id)
-        if backend is None:
-            raise ModelNotFound(f"model {model_id!r} does not exist", "model")
+        call.principal, call.model = INTERNAL_CALLER, model_id
         params = GenerationParams(max_tokens=None, max_tokens_cap=min(max_tokens, self.limits.max_tokens),
                                   temperature=0.0)
-        events = self._bounded(backend.stream("chat", {"messages": messages}, params.model_dump()), model_id)
-        text, last = await self._collect(events, call)
+        body = {"model": model_id, "messages": messages, "max_tokens": params.max_tokens_cap}
+        route = call.routed = await self.router.resolve(model_id, body, call.principal, {}, params.max_tokens_cap,
+                                                        None)
+        opened = await self.router.open(route, "chat", {"messages": messages}, params.model_dump(),
+                                        time.monotonic() + self.timeout_s)
+        call.model, call.response_id = opened.model, new_id("chatcmpl")
+        self.router_metrics.routed(route, opened)
+        text, last = await self._collect(self._chain(opened), call)
         self._count(call, last.usage)
         return text
 
