@@ -333,3 +333,29 @@ def test_orchestrator_vote_schema_retry_and_chat_alias(platform):
     c = client_for(base, admin).chat.completions.create(
         model=settings.router.orchestrator.alias, messages=[{"role": "user", "content": "first\nsecond"}])
     assert c.model == settings.router.orchestrator.alias and "first" in c.choices[0].message.content
+
+
+def test_in_cluster_callers_are_routed_fall_back_and_are_metered(platform):
+    """RAG generation and agents call the gateway handle's complete_chat: the router applies."""
+    from ray import serve
+
+    from serve.applications import GATEWAY_APP
+
+    settings, _, _ = platform
+    gateway = serve.get_app_handle(GATEWAY_APP)
+    before = ray.get(ledger(settings.resolved_data_dir()).usage.remote("internal"))["totals"]["requests"]
+    messages = [{"role": "user", "content": "internal hello"}]
+    # p-down refuses connections: its fallback p-echo answers (echo repeats the prompt).
+    assert "internal hello" in gateway.complete_chat.remote("p-down", messages, 16).result(timeout_s=60)
+    assert gateway.complete_chat.remote("auto:best-quality", messages, 8).result(timeout_s=60)
+    with pytest.raises(Exception, match="does not exist|not_found|unknown"):
+        gateway.complete_chat.remote("no-such-model", messages, 8).result(timeout_s=60)
+    import time
+
+    deadline = time.monotonic() + 30  # the gateway records asynchronously: wait for both entries
+    while True:
+        after = ray.get(ledger(settings.resolved_data_dir()).usage.remote("internal"))["totals"]["requests"]
+        if after >= before + 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert after == before + 2
