@@ -45,16 +45,34 @@ MONITORING_KINDS = {"PodMonitor", "ServiceMonitor"}
 # schemas
 
 
+# The KubeRay v1.7.0 CRDs, vendored (gzipped) so a clone validates offline anywhere.
+VENDORED_CRDS = REPO_ROOT / "kuberay" / "crds"
+
+
 def crd_dir() -> Path:
-    """Where the KubeRay CRDs are: $ORFEAS_KUBERAY_CRDS, else shared/ beside the repository."""
+    """Where the KubeRay CRDs are: $ORFEAS_KUBERAY_CRDS, else shared/ beside the repository,
+    else the vendored copy in kuberay/crds."""
     if os.environ.get(CRDS_ENV):
         return Path(os.environ[CRDS_ENV])
-    for candidate in (REPO_ROOT.parent / "shared" / "kuberay" / "crds", REPO_ROOT / "shared" / "kuberay" / "crds"):
-        if candidate.is_dir():
+    for candidate in (REPO_ROOT.parent / "shared" / "kuberay" / "crds", REPO_ROOT / "shared" / "kuberay" / "crds",
+                      VENDORED_CRDS):
+        if candidate.is_dir() and _crd_files(candidate):
             return candidate
     raise FileNotFoundError(
         f"KubeRay CRDs not found: set {CRDS_ENV} or put them in ../shared/kuberay/crds (see kuberay/README.md)"
     )
+
+
+def _crd_files(directory: Path) -> list[Path]:
+    return sorted([*directory.glob("*.yaml"), *directory.glob("*.yaml.gz")])
+
+
+def _read_crd(path: Path) -> str:
+    if path.suffix == ".gz":
+        import gzip
+
+        return gzip.decompress(path.read_bytes()).decode()
+    return path.read_text()
 
 
 def _strict(schema: Any) -> Any:
@@ -78,8 +96,8 @@ def _strict(schema: Any) -> Any:
 def crd_schemas() -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> strict JSON schema, for every served version of every KubeRay CRD."""
     out: dict[tuple[str, str], dict[str, Any]] = {}
-    for f in sorted(crd_dir().glob("*.yaml")):
-        crd = yaml.load(f.read_text(), Loader=_FastLoader)
+    for f in _crd_files(crd_dir()):
+        crd = yaml.load(_read_crd(f), Loader=_FastLoader)
         group, kind = crd["spec"]["group"], crd["spec"]["names"]["kind"]
         for v in crd["spec"]["versions"]:
             if v.get("served", True):
