@@ -361,8 +361,6 @@ class AgentsSettings(_Section):
     step_timeout_s: float = Field(300.0, gt=0, description="Default per-step timeout.")
     max_parallel_steps: int = Field(16, ge=1, description="Steps of one run in flight at once.")
     auto_resume: bool = Field(True, description="A (re)started coordinator resumes unfinished runs.")
-    model_costs: dict[str, float] = Field(default_factory=dict,
-                                          description="Price per 1k tokens by model id, for run analytics.")
     http_get: HttpToolSettings = Field(default_factory=HttpToolSettings)
     api_num_cpus: float = Field(0.1, ge=0)
 

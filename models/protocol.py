@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 def new_id(prefix: str) -> str:
@@ -77,9 +77,57 @@ class _Sampling(_Request):
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
 
+class FunctionDefinition(BaseModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] = Field(default_factory=lambda: {"type": "object", "properties": {}})
+    strict: bool | None = None
+
+
+class ToolDefinition(BaseModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    tools: list[ToolDefinition] | None = Field(None, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _unique_tools(cls, v: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
+        names = [t.function.name for t in v or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tool names must be unique")
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice_names_a_tool(cls, v, info: ValidationInfo):
+        offered = {t.function.name for t in info.data.get("tools") or []}
+        if isinstance(v, dict):
+            name = (v.get("function") or {}).get("name")
+            if v.get("type") != "function" or not isinstance(name, str):
+                raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+            if name not in offered:
+                raise ValueError(f"names tool {name!r}, which is not in tools")
+        elif v == "required" and not offered:
+            raise ValueError('"required" needs tools')
+        return v
+
+    def tool_payload(self) -> dict[str, Any]:
+        """The tool fields an engine needs (none when no tools were offered)."""
+        if not self.tools:
+            return {}
+        out: dict[str, Any] = {"tools": [t.model_dump(exclude_none=True) for t in self.tools]}
+        if self.tool_choice is not None:
+            out["tool_choice"] = self.tool_choice
+        if self.parallel_tool_calls is not None:
+            out["parallel_tool_calls"] = self.parallel_tool_calls
+        return out
 
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -138,12 +186,24 @@ class Usage(BaseModel):
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
+
+
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # a JSON object, as text (OpenAI's shape)
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
@@ -161,9 +221,25 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    """A piece of a streamed tool call: the first piece of call `index` has its id and name,
+    later pieces add to its arguments."""
+
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
+
+
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
@@ -260,11 +336,35 @@ class GenerationParams(BaseModel):
 
 
 class GenerationEvent(BaseModel):
-    """One step of a streamed generation: new text, and at the end the finish reason and usage."""
+    """One step of a streamed generation: new text or tool-call pieces, and at the end the finish
+    reason and usage."""
 
     text: str = ""
+    tool_calls: list[ToolCallDelta] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+
+
+class ToolCallCollector:
+    """Joins streamed tool-call pieces into whole calls (pieces of one call share its index)."""
+
+    def __init__(self) -> None:
+        self._calls: dict[int, dict[str, str]] = {}
+
+    def add(self, deltas: list[ToolCallDelta] | None) -> None:
+        for d in deltas or []:
+            call = self._calls.setdefault(d.index, {"id": "", "name": "", "arguments": ""})
+            if d.id:
+                call["id"] = d.id
+            if d.function is not None:
+                call["name"] += d.function.name or ""
+                call["arguments"] += d.function.arguments or ""
+
+    def calls(self) -> list[ToolCall] | None:
+        if not self._calls:
+            return None
+        return [ToolCall(id=c["id"] or new_id("call"), function=FunctionCall(name=c["name"], arguments=c["arguments"]))
+                for _, c in sorted(self._calls.items())]
 
 
 class StreamReader:
@@ -280,11 +380,16 @@ class StreamReader:
             self.usage = Usage.model_validate(chunk["usage"])
         events = []
         for choice in chunk.get("choices") or []:
-            text = (choice.get("delta") or {}).get("content") if self.kind == "chat" else choice.get("text")
-            if text:
-                events.append(GenerationEvent(text=text))
+            delta = choice.get("delta") or {}
+            text = delta.get("content") if self.kind == "chat" else choice.get("text")
+            calls = delta.get("tool_calls") if self.kind == "chat" else None
+            if text or calls:
+                events.append(GenerationEvent(text=text or "", tool_calls=[
+                    ToolCallDelta.model_validate({"index": i, **c}) for i, c in enumerate(calls or [])]
+                    or None))
             self.finish = choice.get("finish_reason") or self.finish
         return events
 
     def final(self) -> GenerationEvent:
-        return GenerationEvent(finish_reason="length" if self.finish == "length" else "stop", usage=self.usage)
+        finish = self.finish if self.finish in ("length", "tool_calls") else "stop"
+        return GenerationEvent(finish_reason=finish, usage=self.usage)

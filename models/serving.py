@@ -54,13 +54,18 @@ class ChatModelServer(_Hosted):
     async def generate(self, kind: str, payload: dict[str, Any], params: dict[str, Any]) -> AsyncIterator[dict]:
         """Stream generation events (as dicts) for a chat (`messages`) or completion (`prompt`) payload."""
         self._ready()
+        tools = None
         if kind == "chat":
-            prompt_ids = self.engine.chat_prompt_ids(payload["messages"])
+            # tool_choice "none" offers no tools; "required" or a named tool cannot be enforced
+            # without guided decoding, so they are offered as "auto" (vLLM enforces them).
+            offered = payload.get("tools") if payload.get("tool_choice") != "none" else None
+            prompt_ids = self.engine.chat_prompt_ids(payload["messages"], offered)
+            tools = {t["function"]["name"] for t in offered} if offered else None
         elif kind == "completion":
             prompt_ids = self.engine.text_prompt_ids(payload["prompt"])
         else:
             raise InvalidRequest(f"unknown generation kind {kind!r}")
-        async for event in self.engine.stream(prompt_ids, GenerationParams.model_validate(params)):
+        async for event in self.engine.stream(prompt_ids, GenerationParams.model_validate(params), tools):
             yield event.model_dump()
 
 

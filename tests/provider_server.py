@@ -15,7 +15,9 @@ Its behaviour is chosen by the requested model name:
   script        a deterministic agent stand-in: a system message line `SCRIPT: [...]` (a JSON list)
                 holds its replies; the k-th reply answers a conversation with k assistant turns
                 (the last one repeats). In a reply, {last} is the last message's content and {task}
-                the first user message's. An entry may be {"content": ..., "delay_s": ...}.
+                the first user message's. An entry may be {"content": ..., "delay_s": ...}, or
+                {"tool_calls": [{"name": ..., "arguments": {...}}]}: native tool calls, streamed as
+                OpenAI does (id and name first, arguments in pieces), finish_reason tool_calls.
 Every request is recorded (path, body, Authorization header) for the tests to inspect.
 """
 
@@ -113,6 +115,8 @@ class ProviderServer:
             if model == "script" and kind == "chat":
                 text, delay = scripted_reply(body["messages"])
                 await asyncio.sleep(delay)
+                if isinstance(text, list):
+                    return StreamingResponse(tool_calls(model, text), media_type="text/event-stream")
                 return StreamingResponse(whole(model, text), media_type="text/event-stream")
             if kind == "chat":
                 text = body["messages"][-1]["content"]
@@ -138,6 +142,23 @@ class ProviderServer:
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream")
+
+        async def tool_calls(model: str, calls: list[dict]):
+            def delta(d: dict, finish: str | None = None) -> str:
+                obj = {"id": "p-1", "object": "chat.completion.chunk", "created": 1, "model": model,
+                       "choices": [{"index": 0, "delta": d, "finish_reason": finish}]}
+                return f"data: {json.dumps(obj)}\n\n"
+
+            yield delta({"role": "assistant", "content": None})
+            for i, c in enumerate(calls):
+                args = json.dumps(c["arguments"])
+                yield delta({"tool_calls": [{"index": i, "id": f"call_{i}_{len(self.requests)}", "type": "function",
+                                             "function": {"name": c["name"], "arguments": ""}}]})
+                for piece in (args[: len(args) // 2], args[len(args) // 2:]):
+                    yield delta({"tool_calls": [{"index": i, "function": {"arguments": piece}}]})
+            yield delta({}, finish="tool_calls")
+            yield chunk("chat", model, usage={"prompt_tokens": 7, "completion_tokens": 5, "total_tokens": 12})
+            yield "data: [DONE]\n\n"
 
         async def whole(model: str, text: str):
             yield chunk("chat", model, text)  # one chunk: the reply's whitespace survives
@@ -167,7 +188,7 @@ class ProviderServer:
         return app
 
 
-def scripted_reply(messages: list[dict]) -> tuple[str, float]:
+def scripted_reply(messages: list[dict]) -> tuple[str | list[dict], float]:
     """The `script` model's reply to a conversation (see the module docstring)."""
     script = None
     for m in messages:
@@ -180,6 +201,8 @@ def scripted_reply(messages: list[dict]) -> tuple[str, float]:
     turn = sum(1 for m in messages if m.get("role") == "assistant")
     entry = script[min(turn, len(script) - 1)]
     delay = 0.0
+    if isinstance(entry, dict) and "tool_calls" in entry:
+        return entry["tool_calls"], 0.0
     if isinstance(entry, dict):
         entry, delay = entry["content"], float(entry.get("delay_s", 0))
     last = messages[-1].get("content") or ""

@@ -182,3 +182,21 @@ def test_ingest_needs_an_admin_key(rag_platform):
     assert ingest(base, "orf_bad_key", {"source": "x"}).status_code == 401
     missing = httpx.get(f"{base}/v1/rag/ingest/ingest-nope", headers={"Authorization": f"Bearer {scoped}"})
     assert missing.status_code == 403
+
+
+def test_agents_kb_search_tool_searches_the_real_index(rag_platform):
+    """The agents' knowledge-base tool against the collection the ingest job built; its failures
+    are ToolErrors (shown to the model), never exceptions that stop the agent."""
+    import asyncio
+
+    from cluster.agents.tools import ToolError, build_tools
+
+    settings = rag_platform[0]
+    kb = build_tools(settings, ["kb_search"])["kb_search"]
+    out = asyncio.run(kb({"query": "How are Ray clusters run on Kubernetes?", "top_k": 2}))
+    assert 1 <= len(out["passages"]) <= 2
+    assert out["passages"][0]["source"].endswith("kuberay.md") and "RayService" in out["passages"][0]["text"]
+    with pytest.raises(ToolError, match="nope"):
+        asyncio.run(kb({"query": "anything", "collection": "nope"}))
+    with pytest.raises(ToolError, match="top_k"):
+        asyncio.run(kb({"query": "anything", "top_k": 0}))

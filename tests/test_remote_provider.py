@@ -1,5 +1,7 @@
 """The `openai` engine against a real OpenAI-compatible server on loopback, through the gateway."""
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -30,6 +32,7 @@ def gateway(serve_port, provider, tmp_path_factory):
         agents={"enabled": False},  # tests/agents covers the agents API
         models=[
             remote("echo", "echo"),
+            remote("tools", "script", capabilities=["chat", "tools"]),
             remote("fails", "fail-500"),
             remote("limited", "rate-limited"),
             remote("slow", "slow", timeout_s=1.0),
@@ -104,3 +107,70 @@ def test_stream_dropped_mid_way_ends_with_an_error_event(gateway):
         for chunk in stream:
             got.append(chunk.choices[0].delta.content or "")
     assert "".join(got) == "a b"  # what came before the drop was delivered, nothing invented after
+
+
+WEATHER = {"type": "function", "function": {
+    "name": "weather", "description": "Weather in a city",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+
+
+def tool_script(*replies) -> dict:
+    return {"role": "system", "content": "SCRIPT: " + json.dumps(list(replies))}
+
+
+def test_native_tool_calls_round_trip_non_streamed(gateway, provider):
+    client, _ = gateway
+    system = tool_script({"tool_calls": [{"name": "weather", "arguments": {"city": "Oslo"}},
+                                         {"name": "weather", "arguments": {"city": "Bergen"}}]}, "it is {last}")
+    messages = [system, {"role": "user", "content": "weather in Oslo and Bergen?"}]
+    r = client.chat.completions.create(model="tools", messages=messages, tools=[WEATHER], tool_choice="auto")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    calls = choice.message.tool_calls
+    assert [c.function.name for c in calls] == ["weather", "weather"]
+    assert [json.loads(c.function.arguments) for c in calls] == [{"city": "Oslo"}, {"city": "Bergen"}]
+    assert len({c.id for c in calls}) == 2 and r.usage.total_tokens == 12
+    sent = provider.requests[-1]["body"]
+    assert sent["tools"][0]["function"]["name"] == "weather" and sent["tool_choice"] == "auto"
+
+    # The tool results go back as `tool` messages after the assistant's calls; the model answers.
+    messages += [choice.message.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": c.id, "content": "sunny"} for c in calls]
+    r = client.chat.completions.create(model="tools", messages=messages, tools=[WEATHER])
+    assert r.choices[0].message.content == "it is sunny" and r.choices[0].finish_reason == "stop"
+    forwarded = provider.requests[-1]["body"]["messages"]
+    assert forwarded[2]["tool_calls"][1]["function"]["arguments"] == '{"city": "Bergen"}'
+    assert forwarded[3] == {"role": "tool", "tool_call_id": calls[0].id, "content": "sunny"}
+
+
+def test_native_tool_calls_stream_as_deltas(gateway):
+    client, _ = gateway
+    messages = [tool_script({"tool_calls": [{"name": "weather", "arguments": {"city": "Tromsø"}}]}),
+                {"role": "user", "content": "weather?"}]
+    chunks = list(client.chat.completions.create(model="tools", messages=messages, tools=[WEATHER], stream=True,
+                                                 stream_options={"include_usage": True}))
+    pieces = [d for c in chunks if c.choices for d in (c.choices[0].delta.tool_calls or [])]
+    assert pieces[0].id and pieces[0].function.name == "weather" and pieces[0].index == 0
+    assert json.loads("".join(p.function.arguments or "" for p in pieces)) == {"city": "Tromsø"}
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+@pytest.mark.parametrize("extra, param, fragment", [
+    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools", "pattern"),
+    ({"tools": [WEATHER, WEATHER]}, "tools", "unique"),
+    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "stocks"}}}, "tool_choice",
+     "not in tools"),
+    ({"tool_choice": "required"}, "tool_choice", "needs tools"),
+    ({"tools": [{"type": "retrieval"}]}, "tools", "function"),
+])
+def test_bad_tool_definitions_are_400_and_reach_no_provider(gateway, provider, extra, param, fragment):
+    _, key = gateway
+    n = len(provider.requests)
+    r = httpx.post(f"{gateway[0].base_url}chat/completions", headers={"Authorization": f"Bearer {key}"},
+                   json={"model": "tools", "messages": [{"role": "user", "content": "x"}], **extra})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["type"] == "invalid_request_error" and fragment in error["message"]
+    assert error["param"].startswith(param)
+    assert len(provider.requests) == n

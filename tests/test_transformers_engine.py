@@ -81,3 +81,38 @@ def test_missing_model_fails_fast_with_a_clear_message(tmp_path):
     with pytest.raises(ModelLoadError, match="does not exist"):
         TransformersEngine(ModelSpec(id="y", engine="transformers", source=str(tmp_path / "nothing"))).load()
     assert time.monotonic() - start < 5
+
+
+TOOLS = [{"type": "function", "function": {"name": "weather", "description": "Weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+
+
+def test_offered_tools_the_model_does_not_call_leave_its_answer_whole(engine):
+    """Text held back while it might become a tool call is all given back when it does not."""
+    async def go(tools):
+        ids = engine.chat_prompt_ids([{"role": "user", "content": "hello there"}])
+        return [ev async for ev in engine.stream(ids, GenerationParams(max_tokens=24, temperature=0), tools)]
+
+    plain, offered = asyncio.run(go(None)), asyncio.run(go({"weather"}))
+    assert text_of(plain) and text_of(offered) == text_of(plain)
+    assert offered[-1].finish_reason == plain[-1].finish_reason != "tool_calls"
+    assert all(e.tool_calls is None for e in offered)
+
+
+def test_tools_and_tool_turns_reach_the_chat_template(tiny_model_dir):
+    """OpenAI tool turns are handed to the model's template as Hugging Face templates expect them:
+    the offered tools, calls with their arguments as objects, results with their call id."""
+    e = TransformersEngine(ModelSpec(id="tiny-tools", engine="transformers", source=str(tiny_model_dir)))
+    e.load()
+    e.tokenizer.chat_template = (
+        "{% for t in tools or [] %}tool {{ t.function.name }} [SEP] {% endfor %}"
+        "{% for m in messages %}{{ m.role }}: {{ m.content }}"
+        "{% for c in m.tool_calls or [] %}call {{ c.function.name }} city {{ c.function.arguments.city }}{% endfor %}"
+        "{% if m.tool_call_id %} for {{ m.tool_call_id }}{% endif %} [SEP] {% endfor %}assistant:")
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "oslo"}'}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]
+    prompt = e.tokenizer.decode(e.chat_prompt_ids(messages, TOOLS))
+    assert prompt.startswith("tool weather [SEP]")
+    assert "call weather city oslo" in prompt and "tool : sunny for c1" in prompt

@@ -20,7 +20,9 @@ from config import AgentSpec, Settings, settings_from_dict
 
 log = logging.getLogger(__name__)
 
-Chat = Callable[[str, list[dict], int], Awaitable[str]]
+# chat(model, messages, max_tokens, tools) -> the gateway's chat_message dict: content, tool_calls,
+# model, usage, cost_usd.
+Chat = Callable[[str, list[dict], int, list[dict] | None], Awaitable[dict[str, Any]]]
 
 
 class AgentError(Exception):
@@ -31,25 +33,33 @@ class AgentError(Exception):
 
 
 def estimate_tokens(messages: list[dict] | str) -> int:
-    """About four characters a token: the chat path returns text only, so usage is estimated."""
+    """About four characters a token, for a backend that reports no usage."""
     text = messages if isinstance(messages, str) else json.dumps(messages)
     return max(1, len(text) // 4)
 
 
+def usage_of(reply: dict[str, Any], messages: list[dict]) -> dict[str, Any]:
+    """One model call's analytics: the backend's token counts and the gateway's price for them."""
+    tokens = (reply.get("usage") or {}).get("total_tokens") or \
+        estimate_tokens(messages) + estimate_tokens(reply.get("content") or "")
+    return {"model_calls": 1, "tokens": tokens, "cost": float(reply.get("cost_usd") or 0.0)}
+
+
 def gateway_chat(settings: Settings) -> Chat:
-    """Chat through the gateway's in-cluster path (same backends, limits and metrics as HTTP)."""
+    """Chat through the gateway's in-cluster path (same backends, router, limits, metrics and
+    cost ledger as HTTP)."""
     from ray import serve
 
     from serve.applications import GATEWAY_APP
 
     handle = None
 
-    async def chat(model: str, messages: list[dict], max_tokens: int) -> str:
+    async def chat(model: str, messages: list[dict], max_tokens: int, tools: list[dict] | None = None) -> dict:
         nonlocal handle
         if handle is None:
             handle = serve.get_app_handle(GATEWAY_APP)
         try:
-            return await handle.complete_chat.remote(model, messages, max_tokens)
+            return await handle.chat_message.remote(model, messages, max_tokens, tools)
         except Exception as e:
             cause = getattr(e, "cause", None) or e
             raise AgentError(f"model {model!r} failed: {getattr(cause, 'message', None) or cause}") from None
@@ -66,46 +76,49 @@ class AgentCore:
         self.model = spec.model or settings.agents.default_model
         self.max_steps = spec.max_steps or settings.agents.max_steps
 
-    def _cost(self, model: str, tokens: int) -> float:
-        return self.settings.agents.model_costs.get(model, 0.0) * tokens / 1000
+    @property
+    def native_tools(self) -> bool:
+        """Offer tools the OpenAI way when the catalog says the model does tools; otherwise the
+        JSON protocol in the system prompt (any chat model can follow it)."""
+        spec = self.settings.model(self.model) if self.model else None
+        return bool(self.tools) and spec is not None and "tools" in spec.capabilities
 
-    async def _ask(self, messages: list[dict], usage: dict) -> str:
+    async def _ask(self, messages: list[dict], tools: list[dict] | None, usage: dict) -> dict[str, Any]:
         models = [m for m in [self.model, *self.spec.fallback_models] if m]
         if not models:
             raise AgentError(f"agent {self.spec.name!r} has no model (set its model or agents.default_model)")
         errors = []
         for model in models:
             try:
-                text = await self.chat(model, messages, self.spec.max_tokens)
+                reply = await self.chat(model, messages, self.spec.max_tokens, tools)
             except AgentError as e:
                 errors.append(str(e))
                 continue
-            tokens = estimate_tokens(messages) + estimate_tokens(text)
-            usage["model_calls"] += 1
-            usage["tokens"] += tokens
-            usage["cost"] += self._cost(model, tokens)
-            return text
+            for k, v in usage_of(reply, messages).items():
+                usage[k] += v
+            return reply
         raise AgentError("; ".join(errors))
 
     async def run(self, task: str, idempotency_prefix: str = "") -> dict[str, Any]:
-        tools = [t.openai_schema() for t in self.tools.values()]
-        messages: list[dict] = [{"role": "system", "content": system_prompt(self.spec.role, self.spec.instructions, tools)},
-                                {"role": "user", "content": task}]
+        schemas = [t.openai_schema() for t in self.tools.values()]
+        native = self.native_tools
+        system = system_prompt(self.spec.role, self.spec.instructions, [] if native else schemas)
+        messages: list[dict] = [{"role": "system", "content": system}, {"role": "user", "content": task}]
         usage = {"model_calls": 0, "tokens": 0, "cost": 0.0}
         trace: list[dict] = []
         for step in range(self.max_steps):
-            text = await self._ask(messages, usage)
-            reply = parse_reply(text, step=step)
-            if not reply.calls:
-                return {"answer": reply.answer, "agent": self.spec.name, "steps": step + 1, "tool_calls": trace,
+            reply = await self._ask(messages, schemas if native else None, usage)
+            parsed = parse_reply(reply.get("content"), reply.get("tool_calls"), step=step)
+            if not parsed.calls:
+                return {"answer": parsed.answer, "agent": self.spec.name, "steps": step + 1, "tool_calls": trace,
                         "usage": usage}
             results = []
-            for i, call in enumerate(reply.calls):
+            for i, call in enumerate(parsed.calls):
                 result = await self.call_tool(call.name, call.arguments, call.error,
                                               f"{idempotency_prefix}:{step}:{i}" if idempotency_prefix else None)
                 trace.append({"tool": call.name, "arguments": call.arguments, "ok": result[0]})
                 results.append((call, result[1]))
-            messages += tool_result_messages(reply, results)
+            messages += tool_result_messages(parsed, results)
         raise AgentError(f"agent {self.spec.name!r} gave no answer within {self.max_steps} steps")
 
     async def call_tool(self, name: str, arguments: Any, parse_error: str | None = None,

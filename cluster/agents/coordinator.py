@@ -20,7 +20,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
 from cluster.agents import scheduling as sch
-from cluster.agents.agent import AgentActor, AgentError, estimate_tokens, gateway_chat
+from cluster.agents.agent import AgentActor, AgentError, gateway_chat, usage_of
 from cluster.agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, resolve
 from cluster.agents.checkpoints import RUN_ID, CheckpointStore
 from cluster.agents.engine import RunExecutor, StepFailed
@@ -35,6 +35,9 @@ from models.errors import InvalidRequest, NotFound
 log = logging.getLogger(__name__)
 
 EVENTS_KEPT = 5_000
+# How long a task waits for its agent actor's first heartbeat (process start, imports) before the
+# actor is taken for lost.
+AGENT_START_TIMEOUT_S = 60.0
 
 
 class Conflict(InvalidRequest):
@@ -126,16 +129,22 @@ class Coordinator:
                     await self._drive(sch.resume(run), "run.resumed")
 
     async def _watchdog(self) -> None:
-        """Kill agents whose task stopped heartbeating: the step fails over to a new actor."""
+        """Kill agents whose task stopped heartbeating: the step fails over to a new actor.
+
+        Silence counts from the agent's first heartbeat; before it, a new actor may still be
+        starting (a worker process on a busy node takes seconds), so it gets a longer limit."""
         limit = max(10 * self.cfg.heartbeat_s, 5.0)
+        start_limit = max(limit, AGENT_START_TIMEOUT_S)
         while True:
             await asyncio.sleep(self.cfg.heartbeat_s)
             now = time.time()
             for task in list(self.tasks.values()):
-                if now - task["heartbeat"] > limit and task.get("slot") is not None:
+                beat = task["heartbeat"]
+                silent = now - (beat or task["started"])
+                if silent > (limit if beat else start_limit) and task.get("slot") is not None:
                     slot = task["slot"]
-                    log.warning("task %s on %s missed heartbeats for %.0fs: replacing the agent",
-                                task["id"], slot.actor_name, now - task["heartbeat"])
+                    log.warning("task %s on %s %s for %.0fs: replacing the agent", task["id"], slot.actor_name,
+                                "missed heartbeats" if beat else "did not start", silent)
                     if slot.actor is not None:
                         ray.kill(slot.actor, no_restart=True)
                     task["heartbeat"] = now
@@ -225,7 +234,7 @@ class Coordinator:
             async with slot.lock:
                 actor = self._actor(reg, slot)
                 self.tasks[task_id] = {"id": task_id, "run_id": run_id, "step": step_id, "agent": reg.spec.name,
-                                       "actor": slot.actor_name, "started": time.time(), "heartbeat": time.time(),
+                                       "actor": slot.actor_name, "started": time.time(), "heartbeat": None,
                                        "slot": slot}
                 ref = actor.run_task.remote(task_id, task, idem)
                 try:
@@ -269,12 +278,10 @@ class Coordinator:
                 if not model:
                     raise StepFailed("model step names no model and agents.default_model is empty", retryable=False)
                 try:
-                    text = await self._chat(model, messages, step.max_tokens)
+                    reply = await self._chat(model, messages, step.max_tokens)
                 except AgentError as e:
                     raise StepFailed(str(e)) from None
-                tokens = estimate_tokens(messages) + estimate_tokens(text)
-                return text, {"model_calls": 1, "tokens": tokens,
-                              "cost": self.cfg.model_costs.get(model, 0.0) * tokens / 1000}
+                return reply["content"] or "", usage_of(reply, messages)
         except ExpressionError as e:
             raise StepFailed(f"template: {e}", retryable=False) from None
         raise StepFailed(f"step kind {step.kind!r} is not run by agents", retryable=False)
@@ -291,9 +298,11 @@ class Coordinator:
             choice = None
             if policy == "judge" and self.cfg.judge_model and len({a["answer"] for a in answers}) > 1:
                 try:
-                    verdict = await self._chat(self.cfg.judge_model, judge_prompt(task, answers), 16)
-                    choice = read_judge_choice(verdict, len(answers))
-                    usage["model_calls"] += 1
+                    prompt = judge_prompt(task, answers)
+                    verdict = await self._chat(self.cfg.judge_model, prompt, 16)
+                    choice = read_judge_choice(verdict["content"] or "", len(answers))
+                    for k, v in usage_of(verdict, prompt).items():
+                        usage[k] += v
                 except AgentError as e:
                     log.warning("judge model failed, falling back to a vote: %s", e)
             return resolve(answers, policy, choice), usage

@@ -8,6 +8,7 @@ real streams. Stop sequences are applied on the decoded text and end generation 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -17,7 +18,8 @@ from typing import Any
 
 from config import ModelSpec
 from models.errors import InvalidRequest
-from models.protocol import GenerationEvent, GenerationParams, Usage
+from models.engines.tool_parser import may_be_a_call, parse_tool_calls
+from models.protocol import FunctionCallDelta, GenerationEvent, GenerationParams, ToolCallDelta, Usage
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +47,28 @@ def _hold_back(text: str, stops: list[str]) -> int:
                 keep = max(keep, k)
                 break
     return keep
+
+
+def _template_message(m: dict[str, Any]) -> dict[str, Any]:
+    """An OpenAI message in the shape Hugging Face chat templates expect: tool-call arguments as
+    objects, tool results with their call id and name."""
+    out: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
+    if isinstance(out["content"], list):
+        out["content"] = "".join(p.get("text", "") for p in out["content"] if p.get("type") == "text")
+    if m.get("tool_calls"):
+        calls = []
+        for c in m["tool_calls"]:
+            fn = dict(c.get("function") or {})
+            try:
+                fn["arguments"] = json.loads(fn.get("arguments") or "{}")
+            except (TypeError, ValueError):
+                pass
+            calls.append({"id": c.get("id"), "type": "function", "function": fn})
+        out["tool_calls"] = calls
+    for key in ("tool_call_id", "name"):
+        if m.get(key):
+            out[key] = m[key]
+    return out
 
 
 class TransformersEngine:
@@ -83,14 +107,15 @@ class TransformersEngine:
 
     # ------------------------------------------------------------ prompts
 
-    def chat_prompt_ids(self, messages: list[dict[str, Any]]) -> list[int]:
+    def chat_prompt_ids(self, messages: list[dict[str, Any]], tools: list[dict] | None = None) -> list[int]:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequest(
                 f"model {self.spec.id!r} has no chat template; use /v1/completions with a plain prompt", "messages"
             )
-        msgs = [{"role": m["role"], "content": m.get("content") or ""} for m in messages]
+        msgs = [_template_message(m) for m in messages]
         try:
-            out = self.tokenizer.apply_chat_template(msgs, add_generation_prompt=True, tokenize=True)
+            out = self.tokenizer.apply_chat_template(msgs, tools=tools or None, add_generation_prompt=True,
+                                                     tokenize=True)
         except Exception as e:  # templates raise on roles or orders they do not support
             raise InvalidRequest(f"messages do not fit the chat template of {self.spec.id!r}: {e}", "messages") from None
         # Newer tokenizers return a BatchEncoding, older ones a list of ids.
@@ -121,7 +146,10 @@ class TransformersEngine:
 
     # ------------------------------------------------------------ generation
 
-    async def stream(self, prompt_ids: list[int], params: GenerationParams) -> AsyncIterator[GenerationEvent]:
+    async def stream(self, prompt_ids: list[int], params: GenerationParams,
+                     tools: set[str] | None = None) -> AsyncIterator[GenerationEvent]:
+        """Generation events; with `tools` (the offered tool names) a reply that calls them ends
+        with tool-call events instead of their text (see models.engines.tool_parser)."""
         from transformers.generation.streamers import BaseStreamer
 
         max_new = self._budget(len(prompt_ids), params)
@@ -144,7 +172,7 @@ class TransformersEngine:
         job = loop.run_in_executor(self._executor, self._generate, prompt_ids, params, max_new, _QueueStreamer(), halt)
         stops = params.stop or []
         generated: list[int] = []
-        emitted = ""
+        text = emitted = ""
         finish: str | None = None
         try:
             ended = False
@@ -166,7 +194,8 @@ class TransformersEngine:
                 if cuts:
                     text, finish = text[: min(cuts)], "stop"
                     halt.set()
-                safe = text if finish else text[: len(text) - _hold_back(text, stops)]
+                held = max(0 if finish else _hold_back(text, stops), may_be_a_call(text) if tools else 0)
+                safe = text[: len(text) - held]
                 # Emit only once the decoded text settles (no half characters, no re-spaced prefix).
                 if safe.startswith(emitted) and not safe.endswith("\ufffd"):
                     if len(safe) > len(emitted):
@@ -175,15 +204,22 @@ class TransformersEngine:
                 if finish:
                     break
             await job
-            tail = None
             if not finish:
                 text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                if text.startswith(emitted) and len(text) > len(emitted):
-                    tail = text[len(emitted):]
                 eos = self._eos_ids()
                 finish = "stop" if generated and generated[-1] in eos else "length" if len(generated) >= max_new else "stop"
+            calls = []
+            if tools:
+                content, calls = parse_tool_calls(text, tools)
+                if calls:
+                    text, finish = content, "tool_calls"
+            tail = text[len(emitted):] if text.startswith(emitted) else ""
+            deltas = [ToolCallDelta(index=i, id=c.id, type="function",
+                                    function=FunctionCallDelta(name=c.function.name, arguments=c.function.arguments))
+                      for i, c in enumerate(calls)] or None
             # The last text rides with the finish event: one message fewer per answer.
-            yield GenerationEvent(text=tail or "", finish_reason=finish, usage=Usage.of(len(prompt_ids), len(generated)))
+            yield GenerationEvent(text=tail, tool_calls=deltas, finish_reason=finish,
+                                  usage=Usage.of(len(prompt_ids), len(generated)))
         finally:
             halt.set()  # the client went away or we stopped: end generation at the next token
 

@@ -51,6 +51,8 @@ from models.protocol import (
     GenerationParams,
     ModelCard,
     ModelList,
+    ToolCall,
+    ToolCallCollector,
     Usage,
     new_id,
     now,
@@ -220,7 +222,7 @@ class Gateway:
                 return await self._orchestrate_chat(req, principal, call)
             params = self._params(req)
             if kind == "chat":
-                payload = {"messages": [m.model_dump(exclude_none=True) for m in req.messages]}
+                payload = {"messages": [m.model_dump(exclude_none=True) for m in req.messages], **req.tool_payload()}
             else:
                 payload = {"prompt": req.prompt}
             call.model = req.model
@@ -235,8 +237,8 @@ class Gateway:
             self.router_metrics.routed(route, opened)
             headers = self._route_headers(call, route, opened)
             if not req.stream:
-                text, last = await self._collect(self._chain(opened), call)
-                body = self._final_response(kind, opened.model, text, last, call.response_id)
+                text, last, calls = await self._collect(self._chain(opened), call)
+                body = self._final_response(kind, opened.model, text, last, call.response_id, calls)
                 cost = self._count(call, last.usage)
                 headers["x-orfeas-cost-usd"] = f"{cost:.8f}"
                 self.metrics.record(call.route, call.model, 200, call.elapsed())
@@ -271,9 +273,9 @@ class Gateway:
         model = call.model if call.routed is not None else req.model
         status, error_type, usage = 200, None, None
 
-        def chunk(text: str | None = None, finish: str | None = None, role: bool = False) -> str:
+        def chunk(text: str | None = None, finish: str | None = None, role: bool = False, calls=None) -> str:
             if kind == "chat":
-                delta = ChatDelta(role="assistant" if role else None, content=text)
+                delta = ChatDelta(role="assistant" if role else None, content=text, tool_calls=calls)
                 return _sse(ChatCompletionChunk(id=rid, created=created, model=model,
                                                 choices=[ChatChunkChoice(delta=delta, finish_reason=finish)]))
             return _sse(Completion(id=rid, created=created, model=model,
@@ -291,6 +293,8 @@ class Gateway:
                         self.metrics.ttft.observe(call.elapsed(), {"route": call.route, "model": call.model})
                         ttft_seen = True
                     pending += chunk(event.text)
+                if event.tool_calls and kind == "chat":
+                    pending += chunk(calls=event.tool_calls)
                 if event.finish_reason:
                     usage = event.usage
                     pending += chunk(None if kind == "chat" else "", finish=event.finish_reason)
@@ -317,21 +321,29 @@ class Gateway:
             self._count(call, usage, error=status != 200)
             self.metrics.record(call.route, call.model, status, call.elapsed(), error_type)
 
-    async def _collect(self, events: AsyncIterator[GenerationEvent], call: _Call) -> tuple[str, GenerationEvent]:
+    async def _collect(self, events: AsyncIterator[GenerationEvent],
+                       call: _Call) -> tuple[str, GenerationEvent, list[ToolCall] | None]:
+        """The whole answer: its text, the finishing event and the tool calls it made (if any)."""
         parts: list[str] = []
+        calls = ToolCallCollector()
+        first = True
         async for event in events:
+            if (event.text or event.tool_calls) and first:
+                self.metrics.ttft.observe(call.elapsed(), {"route": call.route, "model": call.model})
+                first = False
             if event.text:
-                if not parts:
-                    self.metrics.ttft.observe(call.elapsed(), {"route": call.route, "model": call.model})
                 parts.append(event.text)
+            calls.add(event.tool_calls)
             if event.finish_reason:
-                return "".join(parts), event
+                return "".join(parts), event, calls.calls()
         raise ModelUnavailable(f"model {call.model!r} ended its answer without finishing")
 
-    def _final_response(self, kind: str, model: str, text: str, last: GenerationEvent, rid: str) -> BaseModel:
+    def _final_response(self, kind: str, model: str, text: str, last: GenerationEvent, rid: str,
+                        calls: list[ToolCall] | None = None) -> BaseModel:
         usage = last.usage or Usage()
         if kind == "chat":
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=last.finish_reason)
+            message = AssistantMessage(content=text or (None if calls else ""), tool_calls=calls)
+            choice = ChatChoice(message=message, finish_reason=last.finish_reason)
             return ChatCompletion(id=rid, model=model, choices=[choice], usage=usage)
         return Completion(id=rid, model=model, choices=[CompletionChoice(text=text, finish_reason=last.finish_reason)],
                           usage=usage)
@@ -461,25 +473,35 @@ class Gateway:
         return JSONResponse(body)
 
     async def complete_chat(self, model_id: str, messages: list[dict], max_tokens: int) -> str:
-        """The chat path for in-cluster callers (the RAG service, agents): text of one greedy answer.
+        """The text of one greedy answer, for in-cluster callers that want only text (RAG)."""
+        return (await self.chat_message(model_id, messages, max_tokens))["content"] or ""
+
+    async def chat_message(self, model_id: str, messages: list[dict], max_tokens: int,
+                           tools: list[dict] | None = None) -> dict[str, Any]:
+        """The chat path for in-cluster callers (the RAG service, agents): one greedy answer.
 
         It goes through the router like any chat request, so `auto`, policies, logical models,
-        fallbacks, breakers and the cost ledger apply; the caller is the platform itself.
+        fallbacks, breakers and the cost ledger apply; the caller is the platform itself. Returns
+        the assistant message (`content`, `tool_calls` in OpenAI's shape when `tools` were offered
+        and the model called them) with the model that answered, its usage and its cost.
         """
         call = _Call("internal")
         call.principal, call.model = INTERNAL_CALLER, model_id
         params = GenerationParams(max_tokens=None, max_tokens_cap=min(max_tokens, self.limits.max_tokens),
                                   temperature=0.0)
-        body = {"model": model_id, "messages": messages, "max_tokens": params.max_tokens_cap}
+        payload: dict[str, Any] = {"messages": messages, **({"tools": tools} if tools else {})}
+        body = {"model": model_id, "max_tokens": params.max_tokens_cap, **payload}
         route = call.routed = await self.router.resolve(model_id, body, call.principal, {}, params.max_tokens_cap,
                                                         None)
-        opened = await self.router.open(route, "chat", {"messages": messages}, params.model_dump(),
+        opened = await self.router.open(route, "chat", payload, params.model_dump(),
                                         time.monotonic() + self.timeout_s)
         call.model, call.response_id = opened.model, new_id("chatcmpl")
         self.router_metrics.routed(route, opened)
-        text, last = await self._collect(self._chain(opened), call)
-        self._count(call, last.usage)
-        return text
+        text, last, calls = await self._collect(self._chain(opened), call)
+        cost = self._count(call, last.usage)
+        usage = last.usage or Usage()
+        return {"content": text or None, "tool_calls": [c.model_dump() for c in calls] if calls else None,
+                "model": opened.model, "usage": usage.model_dump(), "cost_usd": cost}
 
     # ------------------------------------------------------------ orchestrator
 
@@ -527,7 +549,7 @@ class Gateway:
             params = GenerationParams(max_tokens=max_tokens, max_tokens_cap=self.limits.max_tokens, temperature=0.0)
             opened = await self.router.open(route, "chat", {"messages": messages}, params.model_dump(), deadline)
             c.model, c.response_id = opened.model, new_id("orchcall")
-            text, last = await self._collect(self._chain(opened), c)
+            text, last, _ = await self._collect(self._chain(opened), c)
             u = last.usage or Usage()
             cost = self._count(c, u)
             return CallResult(model=opened.model, text=text, prompt_tokens=u.prompt_tokens,

@@ -37,6 +37,10 @@ def platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
         rag={"enabled": False},
         models=[ModelSpec(id="script", engine="openai", base_url=provider.base_url, source="script",
                           api_key_env="ORFEAS_TEST_PROVIDER_KEY"),
+                # The same scripted provider, catalogued as a model with native tools and a price.
+                ModelSpec(id="script-tools", engine="openai", base_url=provider.base_url, source="script",
+                          api_key_env="ORFEAS_TEST_PROVIDER_KEY", capabilities=["chat", "tools"],
+                          price_input_per_m=1000.0, price_output_per_m=2000.0),
                 ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=2048)],
         agents={"default_model": "script", "heartbeat_s": 0.5,
                 "http_get": {"enabled": True, "allowlist": [effects.url + "/"]},
@@ -52,6 +56,7 @@ def platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
         _, alice = make_key(settings, "user", name="alice")
         _, bob = make_key(settings, "user", ["script"], name="bob")
         yield {"settings": settings, "config": config, "effects": effects, "coord": coordinator(settings),
+               "provider": provider,
                "base": f"http://127.0.0.1:{serve_port}", "admin": admin, "alice": alice, "bob": bob}
     effects.stop()
     provider.stop()
@@ -111,6 +116,33 @@ def test_agent_tool_loop_handles_native_json_and_bad_calls(platform):
     assert out["agent"] == "calc" and out["answer"].startswith("done: ") and '{"result": 4}' in out["answer"]
     assert [t["ok"] for t in out["tool_calls"]] == [True, False, False, False, True]
     assert run["analytics"]["model_calls"] == 6 and run["steps"]["solve"]["model_calls"] == 6
+
+
+def test_agent_uses_native_tool_calls_when_its_model_has_them(platform):
+    """A model catalogued with `tools` is offered them the OpenAI way through the gateway; its
+    tool_calls run and their results go back as `tool` messages. Analytics carry the backend's
+    token counts and the catalog price (7 prompt + 5 completion tokens on the calling turn)."""
+    native = {"name": "native", "model": "script-tools", "capabilities": ["native"], "tools": ["calculator"],
+              "instructions": script({"tool_calls": [{"name": "calculator", "arguments": {"expression": "6*7"}}]},
+                                     "answer: {last}")}
+    wf = {"name": "native", "agents": [native],
+          "steps": [{"id": "s", "kind": "agent", "agent": "native", "task": "compute six times seven"}]}
+    provider = platform["provider"]
+    n = len(provider.requests)
+    c = coord(platform)
+    run = wait_done(c, ray.get(c.start_run.remote(wf))["id"])
+    assert run["status"] == "succeeded", run
+    assert run["output"]["answer"] == 'answer: {"result": 42}'
+    assert run["output"]["tool_calls"] == [{"tool": "calculator", "arguments": {"expression": "6*7"}, "ok": True}]
+    first, second = [r["body"] for r in provider.requests[n:]]
+    assert [t["function"]["name"] for t in first["tools"]] == ["calculator"]
+    assert "reply with only a JSON object" not in first["messages"][0]["content"]  # no JSON protocol
+    call = second["messages"][2]["tool_calls"][0]
+    assert call["function"] == {"name": "calculator", "arguments": '{"expression": "6*7"}'}
+    assert second["messages"][3] == {"role": "tool", "tool_call_id": call["id"], "content": '{"result": 42}'}
+    a = run["analytics"]
+    assert a["model_calls"] == 2 and a["tokens"] > 12
+    assert a["cost"] == pytest.approx((7 * 1000.0 + 5 * 2000.0) / 1e6)
 
 
 def test_step_limit_stops_a_looping_agent(platform):
