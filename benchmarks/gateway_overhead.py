@@ -2,6 +2,9 @@
 
 Both paths run in one process against one deployment in the same run, so the ratio compares
 like with like. The HTTP path pays for the proxy, authentication, validation, routing and SSE.
+A third pair measures Serve's own floor in the same run: a trivial FastAPI deployment that
+streams the same SSE frames with no model, over HTTP vs through its handle. What the gateway
+adds beyond that floor is ORFEAS's own cost.
 
     .venv/bin/python benchmarks/gateway_overhead.py [--requests 200] [--concurrency 1 4 16]
 
@@ -30,6 +33,31 @@ from ray import serve  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 PAYLOAD = {"messages": [{"role": "user", "content": "Say something short."}]}
 MAX_TOKENS = 8
+
+
+FRAMES = ['data: {"choices":[{"delta":{"role":"assistant","content":"x"}}]}\n\n',
+          'data: {"choices":[{"delta":{"content":" y"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n']
+
+
+def floor_app():
+    """A Serve app with nothing in it but an SSE stream: the cost of any Serve HTTP route."""
+    from fastapi import FastAPI
+    from fastapi.responses import StreamingResponse
+
+    api = FastAPI()
+
+    @serve.deployment(max_ongoing_requests=64)
+    @serve.ingress(api)
+    class Floor:
+        async def frames(self):
+            for f in FRAMES:
+                yield f
+
+        @api.post("/")
+        async def sse(self):
+            return StreamingResponse(self.frames(), media_type="text/event-stream")
+
+    return Floor.bind()
 
 
 def pct(values: list[float], q: float) -> float:
@@ -62,7 +90,7 @@ async def run_level(call, concurrency: int, n: int) -> dict:
     }
 
 
-async def measure(handle, base_url: str, key: str, levels: list[int], n: int) -> list[dict]:
+async def measure(handle, floor, base_url: str, key: str, levels: list[int], n: int) -> list[dict]:
     params = {"max_tokens": MAX_TOKENS, "temperature": 0.0}
     stream_handle = handle.options(stream=True)
 
@@ -86,13 +114,31 @@ async def measure(handle, base_url: str, key: str, levels: list[int], n: int) ->
                     first = time.perf_counter()
         return first or time.perf_counter()
 
+    floor_stream = floor.options(stream=True)
+
+    async def floor_direct() -> float:
+        first = None
+        async for _ in floor_stream.frames.remote():
+            first = first or time.perf_counter()
+        return first or time.perf_counter()
+
+    async def floor_http() -> float:
+        first = None
+        async with client.stream("POST", "/floor/", json=body) as resp:
+            resp.raise_for_status()
+            async for _ in resp.aiter_lines():
+                first = first or time.perf_counter()
+        return first or time.perf_counter()
+
     rows = []
     for c in levels:
-        # Warm both paths, then alternate the measured order so drift favours neither.
-        await run_level(direct, c, c * 2)
-        await run_level(via_gateway, c, c * 2)
+        # Warm every path, then measure each pair back to back so drift favours neither side.
+        for call in (direct, via_gateway, floor_direct, floor_http):
+            await run_level(call, c, c * 2)
         d = await run_level(direct, c, n)
         g = await run_level(via_gateway, c, n)
+        fd = await run_level(floor_direct, c, n)
+        fh = await run_level(floor_http, c, n)
         rows.append({
             "concurrency": c,
             "direct": d,
@@ -101,6 +147,7 @@ async def measure(handle, base_url: str, key: str, levels: list[int], n: int) ->
             "added_p99_ms": g["p99_ms"] - d["p99_ms"],
             "ttft_added_p50_ms": g["ttft_p50_ms"] - d["ttft_p50_ms"],
             "throughput_ratio": g["req_per_s"] / d["req_per_s"],
+            "serve_floor": {"handle": fd, "http": fh, "added_p50_ms": fh["p50_ms"] - fd["p50_ms"]},
         })
         print(json.dumps(rows[-1], indent=1))
     await client.aclose()
@@ -109,13 +156,14 @@ async def measure(handle, base_url: str, key: str, levels: list[int], n: int) ->
 
 def table(rows: list[dict]) -> str:
     out = ["| concurrency | direct p50 / p99 (ms) | gateway p50 / p99 (ms) | added p50 / p99 (ms) | TTFT added p50 (ms) "
-           "| direct req/s | gateway req/s | throughput ratio |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| direct req/s | gateway req/s | throughput ratio | Serve floor added p50 (ms) |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         d, g = r["direct"], r["gateway"]
         out.append(f"| {r['concurrency']} | {d['p50_ms']:.1f} / {d['p99_ms']:.1f} | {g['p50_ms']:.1f} / {g['p99_ms']:.1f} "
                    f"| {r['added_p50_ms']:.1f} / {r['added_p99_ms']:.1f} | {r['ttft_added_p50_ms']:.1f} "
-                   f"| {d['req_per_s']:.0f} | {g['req_per_s']:.0f} | {r['throughput_ratio']:.2f} |")
+                   f"| {d['req_per_s']:.0f} | {g['req_per_s']:.0f} | {r['throughput_ratio']:.2f} "
+                   f"| {r['serve_floor']['added_p50_ms']:.1f} |")
     return "\n".join(out)
 
 
@@ -146,8 +194,10 @@ def main() -> None:
         names = deploy(settings)
         assert set(wait_running(names).values()) == {"RUNNING"}
         _, key = ray.get(keystore(settings.resolved_data_dir()).create.remote("admin", None, "bench"))
+        floor = serve.run(floor_app(), name="serve-floor", route_prefix="/floor")
         handle = serve.get_app_handle(model_app_name("tiny-chat"))
-        rows = asyncio.run(measure(handle, f"http://127.0.0.1:{args.port}", key, args.concurrency, args.requests))
+        rows = asyncio.run(measure(handle, floor, f"http://127.0.0.1:{args.port}", key, args.concurrency,
+                                   args.requests))
     finally:
         serve.shutdown()
         ray.shutdown()

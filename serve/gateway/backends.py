@@ -70,6 +70,7 @@ class ServeAppBackend(Backend):
         self.app_name = model_app_name(spec.id)
         self._serve_status = serve_status
         self._handle = None
+        self._ready = False
 
     @property
     def handle(self):
@@ -78,6 +79,22 @@ class ServeAppBackend(Backend):
         return self._handle
 
     async def health(self) -> Health:
+        # A model that was ready is asked directly (one small actor call). Serve's status API is
+        # the slow path (a controller round trip that pickles every app's config: a third of an
+        # idle gateway's CPU when it ran every health period); it is needed only to tell
+        # "loading" from "gone" when the replica does not answer.
+        if self._ready:
+            try:
+                st = await asyncio.wait_for(self.handle.status.remote(), STATUS_TIMEOUT_S)
+                if st["status"] == "ready":
+                    return Health("ready")
+            except Exception:  # fall through to Serve's view of the application
+                pass
+        h = await self._health_from_serve()
+        self._ready = h.status == "ready"
+        return h
+
+    async def _health_from_serve(self) -> Health:
         apps = await self._serve_status()
         app = apps.get(self.app_name)
         if app is None:
@@ -150,12 +167,18 @@ class RemoteBackend(Backend):
 
 
 class BackendRegistry:
-    """One backend per catalog model, with health answers cached briefly."""
+    """One backend per catalog model, with health answers cached briefly.
+
+    A stale answer is served while a fresh one is fetched in the background, so no request
+    waits on Serve's controller or a replica's status call except the first for each model and
+    the first after a failure (`forget_health`)."""
 
     def __init__(self, settings: Settings):
         self.cache_s = settings.gateway.health_cache_s
         self._apps: tuple[float, dict[str, Any]] = (0.0, {})
+        self._apps_refresh: asyncio.Task | None = None
         self._health: dict[str, tuple[float, Health]] = {}
+        self._refreshing: dict[str, asyncio.Task] = {}
         self.backends: dict[str, Backend] = {}
         for spec in settings.models:
             if spec.engine == "openai":
@@ -165,14 +188,26 @@ class BackendRegistry:
             else:
                 self.backends[spec.id] = ServeAppBackend(spec, self._serve_status)
 
+    async def _fetch_serve_status(self) -> dict[str, Any]:
+        status = await asyncio.to_thread(serve.status)
+        apps = {name: _AppState(a.status.value if hasattr(a.status, "value") else str(a.status), a.message)
+                for name, a in status.applications.items()}
+        self._apps = (time.monotonic(), apps)
+        return apps
+
     async def _serve_status(self) -> dict[str, Any]:
         at, apps = self._apps
-        if time.monotonic() - at > self.cache_s:
-            status = await asyncio.to_thread(serve.status)
-            apps = {name: _AppState(a.status.value if hasattr(a.status, "value") else str(a.status), a.message)
-                    for name, a in status.applications.items()}
-            self._apps = (time.monotonic(), apps)
+        if not at:
+            return await self._fetch_serve_status()
+        if time.monotonic() - at > self.cache_s and (self._apps_refresh is None or self._apps_refresh.done()):
+            self._apps_refresh = asyncio.create_task(self._refresh_serve_status())
         return apps
+
+    async def _refresh_serve_status(self) -> None:
+        try:
+            await self._fetch_serve_status()
+        except Exception as e:  # the controller is briefly unreachable: keep the last answer, try again later
+            log.warning("Serve status refresh failed: %s", e)
 
     async def app_health(self, app_name: str) -> Health:
         """Health of a Serve application that is not a model (the RAG service)."""
@@ -185,11 +220,18 @@ class BackendRegistry:
     def get(self, model_id: str) -> Backend | None:
         return self.backends.get(model_id)
 
+    async def _fetch_health(self, model_id: str) -> Health:
+        h = await self.backends[model_id].health()
+        self._health[model_id] = (time.monotonic(), h)
+        return h
+
     async def health(self, model_id: str) -> Health:
         at, h = self._health.get(model_id, (0.0, None))
-        if h is None or time.monotonic() - at > self.cache_s:
-            h = await self.backends[model_id].health()
-            self._health[model_id] = (time.monotonic(), h)
+        if h is None:
+            return await self._fetch_health(model_id)
+        task = self._refreshing.get(model_id)
+        if time.monotonic() - at > self.cache_s and (task is None or task.done()):
+            self._refreshing[model_id] = asyncio.create_task(self._fetch_health(model_id))
         return h
 
     def forget_health(self, model_id: str) -> None:
