@@ -45,7 +45,8 @@ class GatewaySettings(_Section):
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(100, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)
-    health_cache_s: float = Field(2.0, ge=0, description="How long a backend health answer is reused.")
+    health_cache_s: float = Field(2.0, ge=0, description="How often a backend health answer is refreshed "
+                                  "(in the background: requests use the last answer).")
 
 
 class LimitSettings(_Section):

@@ -44,6 +44,7 @@ def _merge(a: Passage, c: RetrievedChunk) -> bool:
         a.end = c.end
     a.score = max(a.score, c.score)
     a.chunk_ids.append(c.id)
+    a.tokens = 0  # the merged text is counted when packed
     if a.page is None or (c.page is not None and c.page < a.page):
         a.page = c.page if a.page is None else a.page
     return True
@@ -63,11 +64,13 @@ def pack_context(chunks: list[RetrievedChunk], count_tokens: Callable[[str], int
             continue
         passages.append(Passage(index=0, doc_id=c.doc_id, source=c.source, title=c.title, section=c.section,
                                 text=c.text, start=c.start, end=c.end, page=c.page, score=c.score,
-                                chunk_ids=[c.id]))
+                                chunk_ids=[c.id], tokens=c.tokens))
     out: list[Passage] = []
     used = 0
     for p in passages:
-        n = count_tokens(p.text)
+        # Ingest stored each chunk's count (same tokenizer); only merged passages are counted here:
+        # counting ten chunks costs about as much as embedding the query on a small CPU.
+        n = p.tokens or count_tokens(p.text)
         if used + n <= budget:
             p.tokens = n
         else:

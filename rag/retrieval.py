@@ -35,6 +35,7 @@ class RetrievedChunk(BaseModel):
     chunk_index: int = 0
     hash: str = ""
     record_id: str = ""
+    tokens: int = 0  # the text's token count from ingest (0: unknown)
     rerank_score: float | None = None
 
     @classmethod
@@ -44,7 +45,7 @@ class RetrievedChunk(BaseModel):
                    title=p.get("title") or "", section=p.get("section") or "", text=p.get("text") or "",
                    start=int(p.get("start") or 0), end=int(p.get("end") or 0), page=p.get("page"),
                    chunk_index=int(p.get("chunk_index") or 0), hash=p.get("hash") or "",
-                   record_id=str(p.get("record_id") or ""))
+                   record_id=str(p.get("record_id") or ""), tokens=int(p.get("token_count") or 0))
 
 
 class RetrievalDiagnostics(BaseModel):

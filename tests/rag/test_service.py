@@ -128,3 +128,19 @@ def test_packing_merges_overlaps_dedupes_and_fits_budget(tokenizer):
     assert ps[0].text == text[0:48] and ps[0].chunk_ids == ["a", "b"] and ps[0].index == 1
     assert len(ps) == 2 and ps[1].doc_id == "f" and ps[1].index == 2
     assert sum(p.tokens for p in ps) <= 60
+
+
+def test_packing_uses_ingest_token_counts_and_recounts_only_merged_text(tokenizer):
+    text = "One fact here. Two facts here. Three facts here. Four facts here."
+    counted: list[str] = []
+
+    def count(s: str) -> int:
+        counted.append(s)
+        return len(tokenizer.encode(s, add_special_tokens=False).ids)
+
+    a = RetrievedChunk(id="a", score=0.9, doc_id="d", source="s", text=text[0:30], start=0, end=30, tokens=8)
+    b = RetrievedChunk(id="b", score=0.8, doc_id="d", source="s", text=text[15:48], start=15, end=48, tokens=9)
+    solo = RetrievedChunk(id="o", score=0.5, doc_id="f", source="u", text="Other doc.", start=0, end=10, tokens=3)
+    ps = pack_context([a, b, solo], count, budget=100)
+    assert counted == [text[0:48]]  # the merged passage only; the solo chunk's stored count is used
+    assert ps[0].tokens == count(text[0:48]) and ps[1].tokens == 3
