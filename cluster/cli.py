@@ -56,14 +56,14 @@ def _connected(config: Path | None) -> Settings:
     return settings
 
 
-def _router_status() -> dict | None:
+def _router_status(probe: bool = False) -> dict | None:
     """Health and circuit state per backend, as one gateway replica sees it (None: no gateway)."""
     from ray import serve
 
     from serve.applications import GATEWAY_APP
 
     try:
-        return serve.get_app_handle(GATEWAY_APP).router_status.remote().result(timeout_s=10)
+        return serve.get_app_handle(GATEWAY_APP).router_status.remote(probe).result(timeout_s=30)
     except Exception:
         return None
 
@@ -175,7 +175,9 @@ def down(config: ConfigOpt = None):
 
 
 @app.command()
-def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False):
+def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
+           probe: Annotated[bool, typer.Option("--probe", help="Actively probe every backend first "
+                                               "(hosted providers included) instead of showing the last round.")] = False):
     """Cluster resources, Serve applications, models and their health."""
     from ray import serve
 
@@ -187,7 +189,7 @@ def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--js
     models = _model_states(settings)
     if as_json:
         console.print_json(json.dumps({"cluster": cluster_address(settings), "resources": resources,
-                                       "applications": apps, "models": models, "router": _router_status()}))
+                                       "applications": apps, "models": models, "router": _router_status(probe)}))
         return
     console.print(f"cluster:   {cluster_address(settings)}  ({resources.get('CPU', 0):g} CPU, "
                   f"{resources.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s))")
@@ -198,7 +200,7 @@ def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--js
     console.print(table)
     console.print()
     console.print(_model_table(settings, models))
-    router = _router_status()
+    router = _router_status(probe)
     if router:
         console.print()
         rt = Table("backend", "circuit", "requests", "failures", "error EWMA", "latency EWMA s", "in flight",

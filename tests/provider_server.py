@@ -18,7 +18,8 @@ Its behaviour is chosen by the requested model name:
                 the first user message's. An entry may be {"content": ..., "delay_s": ...}, or
                 {"tool_calls": [{"name": ..., "arguments": {...}}]}: native tool calls, streamed as
                 OpenAI does (id and name first, arguments in pieces), finish_reason tool_calls.
-Every request is recorded (path, body, Authorization header) for the tests to inspect.
+Every request is recorded (path, body, Authorization header) for the tests to inspect;
+GET /v1/models answers the listing and counts as a health probe.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class ProviderServer:
         self.port = port
         self.slow_s = slow_s
         self.requests: list[dict] = []
+        self.probes: list[str | None] = []  # GET /v1/models (health probes), by Authorization header
         self.counts: dict[str, int] = {}
         self.app = self._build()
         self._server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning"))
@@ -168,6 +170,12 @@ class ProviderServer:
         @app.post("/v1/chat/completions")
         async def chat(request: Request):
             return await generate(request, "chat")
+
+        @app.get("/v1/models")
+        async def models(request: Request):
+            self.probes.append(request.headers.get("authorization"))
+            return {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "test"}
+                                               for m in ("echo", "script")]}
 
         @app.post("/v1/completions")
         async def completions(request: Request):

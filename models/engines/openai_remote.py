@@ -18,6 +18,8 @@ from models.protocol import GenerationEvent, StreamReader
 
 log = logging.getLogger(__name__)
 
+PROBE_TIMEOUT_S = 5.0
+
 
 class RateLimited(APIError):
     status, type, code = 429, "rate_limit_error", "upstream_rate_limited"
@@ -77,6 +79,20 @@ class RemoteOpenAIEngine:
         if isinstance(e, httpx.TimeoutException):
             return UpstreamTimeout(f"provider of {self.spec.id!r} did not answer within {self.spec.timeout_s:g}s")
         return UpstreamError(f"cannot reach the provider of {self.spec.id!r} at {self.base_url}: {type(e).__name__}")
+
+    async def probe(self) -> str | None:
+        """An active health probe: `GET /models` on the provider. None when it answers (a 404 or
+        405 still proves it is up: some OpenAI-compatible servers do not list models), else why."""
+        try:
+            resp = await self.client.get(self.base_url + "/models", headers=self._headers(),
+                                         timeout=min(self.spec.timeout_s, PROBE_TIMEOUT_S))
+        except httpx.HTTPError as e:
+            return self._transport_error(e).message
+        if resp.status_code in (401, 403):
+            return f"provider of {self.spec.id!r} rejected the API key ({resp.status_code})"
+        if resp.status_code >= 500 or resp.status_code == 429:
+            return f"provider of {self.spec.id!r} answered {resp.status_code} to a health probe"
+        return None
 
     # ------------------------------------------------------------ generation
 

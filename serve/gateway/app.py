@@ -651,8 +651,11 @@ class Gateway:
             return self._fail(call, e)
         return JSONResponse(await self.router_status())
 
-    async def router_status(self) -> dict:
-        """Per-backend health and breaker state of this replica, and the names the router answers."""
+    async def router_status(self, probe: bool = False) -> dict:
+        """Per-backend health and breaker state of this replica, and the names the router answers;
+        with `probe`, after an active probe round of every backend (`orfeas status --probe`)."""
+        if probe:
+            await self.router.probe_all()
         return {"backends": self.router.status(),
                 "routes": [{"name": n, "routes": what} for n, what in self.router.routed_names()]}
 

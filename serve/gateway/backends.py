@@ -54,6 +54,11 @@ class Backend(ABC):
     @abstractmethod
     async def health(self) -> Health: ...
 
+    async def probe(self) -> Health:
+        """An active health check for the router's probe rounds (the same as `health` unless a
+        backend has a dearer, more thorough one)."""
+        return await self.health()
+
     @abstractmethod
     def stream(self, kind: str, payload: dict[str, Any], params: dict[str, Any]) -> AsyncIterator[GenerationEvent]:
         """Generation events for a chat (`messages`) or completion (`prompt`) payload."""
@@ -153,6 +158,12 @@ class RemoteBackend(Backend):
         problem = self.engine.problem()
         return Health("unhealthy", problem) if problem else Health("ready")
 
+    async def probe(self) -> Health:
+        # Requests only check the configuration (a call per health period per replica would bill
+        # and rate-limit); probe rounds ask the provider itself.
+        problem = self.engine.problem() or await self.engine.probe()
+        return Health("unhealthy", problem) if problem else Health("ready")
+
     async def stream(self, kind, payload, params):
         body = {**payload, **provider_params(params)}
         async for event in self.engine.stream(kind, body):
@@ -232,6 +243,12 @@ class BackendRegistry:
         task = self._refreshing.get(model_id)
         if time.monotonic() - at > self.cache_s and (task is None or task.done()):
             self._refreshing[model_id] = asyncio.create_task(self._fetch_health(model_id))
+        return h
+
+    async def probe(self, model_id: str) -> Health:
+        """A fresh, active check (the router's probe rounds); it also refreshes the cached answer."""
+        h = await self.backends[model_id].probe()
+        self._health[model_id] = (time.monotonic(), h)
         return h
 
     def forget_health(self, model_id: str) -> None:

@@ -126,9 +126,7 @@ class Router:
     async def probe_all(self) -> None:
         """Active probes: each backend's own health check; failing ones open their circuit."""
         now = time.monotonic()
-        for mid in self.specs:
-            self.backends.forget_health(mid)
-        results = await asyncio.gather(*(self.backends.health(m) for m in self.specs), return_exceptions=True)
+        results = await asyncio.gather(*(self.backends.probe(m) for m in self.specs), return_exceptions=True)
         for mid, h in zip(self.specs, results):
             ok = not isinstance(h, BaseException) and h.status == "ready"
             err = None if ok else (repr(h) if isinstance(h, BaseException) else (h.error or h.status))

@@ -359,3 +359,20 @@ def test_in_cluster_callers_are_routed_fall_back_and_are_metered(platform):
             break
         time.sleep(0.2)
     assert after == before + 2
+
+
+def test_probe_round_asks_hosted_providers_and_opens_the_circuit_of_an_unreachable_one(platform, provider):
+    """Active probes reach the provider itself (GET /models with the model's key), not only its
+    configuration; a provider that cannot be reached has its circuit opened with the reason."""
+    from ray import serve
+
+    from harness import PROVIDER_KEY
+    from serve.applications import GATEWAY_APP
+
+    gateway = serve.get_app_handle(GATEWAY_APP)
+    n = len(provider.probes)
+    status = gateway.router_status.remote(True).result(timeout_s=60)["backends"]
+    assert len(provider.probes) - n >= 10  # one per remote catalog entry on this provider
+    assert set(provider.probes[n:]) == {f"Bearer {PROVIDER_KEY}"}
+    assert status["p-down"]["state"] == "open" and "cannot reach" in status["p-down"]["last_error"]
+    assert status["p-echo"]["state"] == "closed" and status["tiny-a"]["state"] == "closed"
