@@ -38,6 +38,10 @@ class RaySettings(_Section):
 class ServeSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
+    throughput_optimized: bool = Field(
+        True, description="Run every ORFEAS replica in Ray Serve's throughput mode "
+        "(RAY_SERVE_THROUGHPUT_OPTIMIZED: user code and handle routing on the replica's own event "
+        "loop, gRPC between replicas). Our replicas never block their loop; see docs/benchmarks.md.")
 
 
 class GatewaySettings(_Section):
@@ -91,6 +95,9 @@ class ModelSpec(_Section):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0, ge=0)
     max_ongoing_requests: int = Field(16, ge=1)
+    stream_interval_ms: float = Field(
+        20.0, ge=0, description="transformers: after the first token, stream what was generated at most every "
+        "this many ms (one Ray message per batch instead of per token); 0 sends every token at once.")
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type, e.g. L4 or A10G.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vLLM engine arguments.")
     # Router catalog: what the model can do, what it costs, how good and fast it is believed to be.

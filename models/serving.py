@@ -7,6 +7,7 @@ would make Serve restart the replica in a loop and fail the application.)
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -17,9 +18,75 @@ from config import ModelSpec
 from models.engines.sentence_embedder import SentenceEmbedder
 from models.engines.transformers_engine import TransformersEngine
 from models.errors import InvalidRequest, ModelUnavailable
-from models.protocol import GenerationParams
+from models.protocol import GenerationEvent, GenerationParams
+from serve.applications import replica_actor_options
 
 log = logging.getLogger(__name__)
+
+
+def merge(a: GenerationEvent, b: GenerationEvent) -> GenerationEvent:
+    """Two consecutive events as one (b is the later: its finish and usage stand)."""
+    calls = (a.tool_calls or []) + (b.tool_calls or [])
+    return GenerationEvent(text=a.text + b.text, tool_calls=calls or None, finish_reason=b.finish_reason,
+                           usage=b.usage)
+
+
+async def batched(events: AsyncIterator[GenerationEvent], interval_s: float) -> AsyncIterator[GenerationEvent]:
+    """The first event at once, then everything that arrives within each interval as one event.
+
+    Every event is a Ray message to the caller and, through the gateway, an SSE write to the
+    proxy: on a CPU a tiny model produces tokens faster than those hops are worth (Ray Serve
+    LLM batches its streams the same way). The engine runs in a pump task so that waiting
+    with a timeout never cancels the engine's generator mid-step."""
+    if interval_s <= 0:
+        async for event in events:
+            yield event
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump() -> None:
+        try:
+            async for event in events:
+                await queue.put(event)
+            await queue.put(done)
+        except BaseException as e:  # handed to the consumer, raised there
+            await queue.put(e)
+
+    task = asyncio.create_task(pump())
+    loop = asyncio.get_running_loop()
+    try:
+        item = await queue.get()
+        held: GenerationEvent | None = None
+        deadline = 0.0
+        first = True
+        while True:
+            if isinstance(item, BaseException):
+                raise item
+            if item is done:
+                break
+            if first:
+                yield item
+                first = False
+            else:
+                held = item if held is None else merge(held, item)
+                if held.finish_reason:
+                    break
+                if deadline == 0.0:
+                    deadline = loop.time() + interval_s
+            try:
+                timeout = None if held is None else max(deadline - loop.time(), 0)
+                item = await asyncio.wait_for(queue.get(), timeout)
+            except TimeoutError:
+                yield held
+                held, deadline = None, 0.0
+                item = await queue.get()
+        if held is not None:
+            yield held
+    finally:
+        task.cancel()  # the caller went away or we are done: the engine stops at its next token
+        await asyncio.gather(task, return_exceptions=True)
+        await events.aclose()
 
 
 class _Hosted:
@@ -65,7 +132,8 @@ class ChatModelServer(_Hosted):
             prompt_ids = self.engine.text_prompt_ids(payload["prompt"])
         else:
             raise InvalidRequest(f"unknown generation kind {kind!r}")
-        async for event in self.engine.stream(prompt_ids, GenerationParams.model_validate(params), tools):
+        events = self.engine.stream(prompt_ids, GenerationParams.model_validate(params), tools)
+        async for event in batched(events, self.engine.spec.stream_interval_ms / 1000):
             yield event.model_dump()
 
 
@@ -103,5 +171,6 @@ def build_model_app(args: dict[str, Any]):
     return deployment.options(
         num_replicas=spec.num_replicas,
         max_ongoing_requests=spec.max_ongoing_requests,
-        ray_actor_options={"num_cpus": spec.num_cpus, "num_gpus": spec.num_gpus},
+        ray_actor_options=replica_actor_options(args.get("throughput_optimized", True), num_cpus=spec.num_cpus,
+                                                num_gpus=spec.num_gpus),
     ).bind(spec.model_dump(mode="json"))

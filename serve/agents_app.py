@@ -26,6 +26,7 @@ from ray.exceptions import RayTaskError
 from config import Settings, settings_from_dict
 from models.errors import APIError, InvalidRequest, ModelNotFound, PayloadTooLarge
 from serve.gateway.auth import Authenticator, Principal
+from serve.applications import replica_actor_options
 from serve.gateway.errors import install_error_handlers, invalid_request
 
 log = logging.getLogger(__name__)
@@ -225,7 +226,8 @@ class AgentsApi(_Api):
 def _deployment(cls, name: str, settings: Settings):
     return serve.deployment(cls).options(
         name=name, num_replicas=1, max_ongoing_requests=200,
-        ray_actor_options={"num_cpus": settings.agents.api_num_cpus},
+        ray_actor_options=replica_actor_options(settings.serve.throughput_optimized,
+                                                num_cpus=settings.agents.api_num_cpus),
     ).bind(settings.to_dict())
 
 

@@ -49,20 +49,31 @@ class AppSpec:
         return app
 
 
+def replica_actor_options(throughput_optimized: bool, **resources: Any) -> dict[str, Any]:
+    """`ray_actor_options` of an ORFEAS Serve deployment: its resources and, when on, Ray Serve's
+    throughput mode in the replica's environment (its constants are read when Serve imports)."""
+    options: dict[str, Any] = dict(resources)
+    if throughput_optimized:
+        options["runtime_env"] = {"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+    return options
+
+
 def model_app_name(model_id: str) -> str:
     """Serve application name of an in-cluster model (Serve names allow a limited alphabet)."""
     return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_id)
 
 
-def model_app(spec: ModelSpec) -> AppSpec:
+def model_app(spec: ModelSpec, throughput_optimized: bool = True) -> AppSpec:
     import_path = VLLM_IMPORT_PATH if spec.engine == "vllm" else MODEL_IMPORT_PATH
-    return AppSpec(model_app_name(spec.id), import_path, None, {"model": spec.model_dump(mode="json")})
+    return AppSpec(model_app_name(spec.id), import_path, None,
+                   {"model": spec.model_dump(mode="json"), "throughput_optimized": throughput_optimized})
 
 
 def applications(settings: Settings) -> list[AppSpec]:
     """Model applications and the RAG service first (the gateway finds them by name), the agents
     API under its own /v1 prefixes (same keys as the gateway), then the gateway at `/`."""
-    apps = [model_app(m) for m in settings.models if m.engine in IN_CLUSTER_ENGINES]
+    apps = [model_app(m, settings.serve.throughput_optimized) for m in settings.models
+            if m.engine in IN_CLUSTER_ENGINES]
     if settings.rag.enabled:
         apps.append(AppSpec(RAG_APP, RAG_IMPORT_PATH, None, {"settings": settings.to_dict()}))
     if settings.agents.enabled:

@@ -19,6 +19,7 @@ from ray import serve
 
 from config import settings_from_dict
 from models.errors import NotFound
+from serve.applications import replica_actor_options
 from rag.errors import RagInvalidRequest
 from rag.service import RagService
 
@@ -48,20 +49,24 @@ class RagServer:
         self.ingests: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
 
-    def _generate_with(self, model_id: str):
+    def _generate_with(self, model_id: str, loop: asyncio.AbstractEventLoop):
         from serve.applications import GATEWAY_APP
 
         timeout = self.settings.gateway.request_timeout_s
         gateway = serve.get_app_handle(GATEWAY_APP)
 
         def generate(messages: list[dict]) -> str:
-            # Called from the worker thread that runs the query: blocking on the handle is fine there.
-            return gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS).result(timeout_s=timeout)
+            # Called from the worker thread that runs the query. The handle call itself is made on
+            # the replica's event loop: in Serve's throughput mode handles route on that loop.
+            async def call() -> str:
+                return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS)
+
+            return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=timeout)
 
         return generate
 
     async def query(self, body: dict[str, Any], model_id: str | None) -> dict[str, Any]:
-        generate = self._generate_with(model_id) if model_id else None
+        generate = self._generate_with(model_id, asyncio.get_running_loop()) if model_id else None
         response = await asyncio.to_thread(self.service.query, body, generate=generate, generator=model_id)
         out = response.model_dump(mode="json")
         out["completion_tokens"] = self.service.count_tokens(response.answer)  # for the chat alias's usage
@@ -121,5 +126,5 @@ def build_app(args: dict[str, Any]):
         name="RagServer",
         num_replicas=settings.rag.num_replicas,
         max_ongoing_requests=32,
-        ray_actor_options={"num_cpus": settings.rag.num_cpus},
+        ray_actor_options=replica_actor_options(settings.serve.throughput_optimized, num_cpus=settings.rag.num_cpus),
     ).bind(settings.to_dict())

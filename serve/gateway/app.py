@@ -58,7 +58,7 @@ from models.protocol import (
     now,
 )
 from serve.gateway.auth import Authenticator, Principal
-from serve.applications import RAG_APP
+from serve.applications import RAG_APP, replica_actor_options
 from serve.gateway.backends import Backend, BackendRegistry, unwrap
 from serve.gateway.errors import error_response, install_error_handlers, invalid_request
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
@@ -763,5 +763,5 @@ def build_app(args: dict[str, Any]):
         name="Gateway",
         num_replicas=g.num_replicas,
         max_ongoing_requests=g.max_ongoing_requests,
-        ray_actor_options={"num_cpus": g.num_cpus},
+        ray_actor_options=replica_actor_options(settings.serve.throughput_optimized, num_cpus=g.num_cpus),
     ).bind(settings.to_dict())
