@@ -33,6 +33,7 @@ from ray import serve  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 PAYLOAD = {"messages": [{"role": "user", "content": "Say something short."}]}
 MAX_TOKENS = 8
+ROUNDS = 5  # each level's requests are split into this many alternating blocks per path
 
 
 FRAMES = ['data: {"choices":[{"delta":{"role":"assistant","content":"x"}}]}\n\n',
@@ -65,7 +66,18 @@ def pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
 
 
-async def run_level(call, concurrency: int, n: int) -> dict:
+def summarise(latencies: list[float], ttfts: list[float], wall: float) -> dict:
+    return {
+        "requests": len(latencies),
+        "p50_ms": statistics.median(latencies) * 1e3,
+        "p99_ms": pct(latencies, 99) * 1e3,
+        "ttft_p50_ms": statistics.median(ttfts) * 1e3,
+        "req_per_s": len(latencies) / wall,
+    }
+
+
+async def run_block(call, concurrency: int, n: int) -> tuple[list[float], list[float], float]:
+    """`n` calls, `concurrency` at a time: their latencies, times to first token and wall time."""
     latencies, ttfts = [], []
     queue = list(range(n))
 
@@ -80,14 +92,19 @@ async def run_level(call, concurrency: int, n: int) -> dict:
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    wall = time.perf_counter() - t0
-    return {
-        "requests": n,
-        "p50_ms": statistics.median(latencies) * 1e3,
-        "p99_ms": pct(latencies, 99) * 1e3,
-        "ttft_p50_ms": statistics.median(ttfts) * 1e3,
-        "req_per_s": n / wall,
-    }
+    return latencies, ttfts, time.perf_counter() - t0
+
+
+async def run_interleaved(calls: dict, concurrency: int, n: int, rounds: int = ROUNDS) -> dict[str, dict]:
+    """Every path `n` times, in `rounds` alternating blocks: a slow spell on the machine (GC, a
+    health refresh, another process) lands on every path alike instead of on one path's block."""
+    acc = {name: ([], [], 0.0) for name in calls}
+    per_round = max(1, n // rounds)
+    for _ in range(rounds):
+        for name, call in calls.items():
+            lat, ttft, wall = await run_block(call, concurrency, per_round)
+            acc[name] = (acc[name][0] + lat, acc[name][1] + ttft, acc[name][2] + wall)
+    return {name: summarise(*acc[name]) for name in calls}
 
 
 async def measure(handle, floor, base_url: str, key: str, levels: list[int], n: int) -> list[dict]:
@@ -132,13 +149,10 @@ async def measure(handle, floor, base_url: str, key: str, levels: list[int], n: 
 
     rows = []
     for c in levels:
-        # Warm every path, then measure each pair back to back so drift favours neither side.
-        for call in (direct, via_gateway, floor_direct, floor_http):
-            await run_level(call, c, c * 2)
-        d = await run_level(direct, c, n)
-        g = await run_level(via_gateway, c, n)
-        fd = await run_level(floor_direct, c, n)
-        fh = await run_level(floor_http, c, n)
+        calls = {"direct": direct, "gateway": via_gateway, "floor_direct": floor_direct, "floor_http": floor_http}
+        await run_interleaved(calls, c, c * 2, rounds=1)  # warm every path
+        r = await run_interleaved(calls, c, n)
+        d, g, fd, fh = r["direct"], r["gateway"], r["floor_direct"], r["floor_http"]
         rows.append({
             "concurrency": c,
             "direct": d,

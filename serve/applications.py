@@ -54,7 +54,12 @@ def replica_actor_options(throughput_optimized: bool, **resources: Any) -> dict[
     throughput mode in the replica's environment (its constants are read when Serve imports)."""
     options: dict[str, Any] = dict(resources)
     if throughput_optimized:
-        options["runtime_env"] = {"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+        # Throughput mode also turns on direct ingress, whose replicas hold every shutdown for a
+        # 30 s drain window meant for external load balancers (capped by the 20 s graceful
+        # timeout): each `serve.delete` and redeploy took 21 s instead of 3. Serve's proxy is
+        # our only load balancer, so no window is needed; in-flight requests are still drained.
+        options["runtime_env"] = {"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+                                               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}}
     return options
 
 
