@@ -142,7 +142,6 @@ class Retriever:
         query, k, mode, fusion = self.validate(query, top_k, mode, fusion)
         r = self.settings.rag
         name = collection or r.collection
-        physical = self.store.resolve(name)
         do_rerank = bool(self.reranker) if rerank is None else rerank
         if do_rerank and self.reranker is None:
             raise RagInvalidRequest("re-ranking asked for, but no rag.reranker is configured", "rerank")
@@ -172,10 +171,10 @@ class Retriever:
             # no indexable word in the query (only stop words): fall back to dense ranking
             spec.mode = "dense" if mode == "hybrid" else mode
             if mode == "sparse":
-                return [], RetrievalDiagnostics(collection=name, resolved_collection=physical, mode=mode,
-                                                fusion=None, candidates=0, returned=0, grouped_by_doc=group_by_doc,
+                return [], RetrievalDiagnostics(collection=name, resolved_collection=self.store.resolve(name),
+                                                mode=mode, fusion=None, candidates=0, returned=0, grouped_by_doc=group_by_doc,
                                                 mmr=mmr, reranked=False, embed_ms=(t1 - t0) * 1e3, search_ms=0.0)
-        hits = self.store.search(physical, spec)
+        physical, hits = self.store.search_resolved(name, spec)
         t2 = time.perf_counter()
         candidates = len(hits)
 

@@ -126,6 +126,12 @@ class VectorStore(ABC):
             return name
         raise CollectionNotFound(f"collection {name!r} does not exist", "collection")
 
+    def search_resolved(self, name: str, spec: SearchSpec) -> tuple[str, list[Hit]]:
+        """Resolve `name` (alias first) and search that collection: the physical name and the hits.
+        One round trip where the store lives in another process (a query's critical path)."""
+        physical = self.resolve(name)
+        return physical, self.search(physical, spec)
+
     def doc_states(self, name: str) -> dict[str, dict[str, Any]]:
         """Per document: the hashes its points carry, how many points and how many it should have."""
         states: dict[str, dict[str, Any]] = {}
@@ -560,6 +566,7 @@ class RemoteStore(VectorStore):
     def delete_stale(self, name, doc_id, keep_hash): return self._call("delete_stale", name, doc_id, keep_hash)
     def scroll_payloads(self, name, fields): return self._call("scroll_payloads", name, fields)
     def search(self, name, spec): return self._call("search", name, spec)
+    def search_resolved(self, name, spec): return self._call("search_resolved", name, spec)
     def flush(self, name): return self._call("flush", name)
     def doc_states(self, name): return self._call("doc_states", name)
     def resolve(self, name): return self._call("resolve", name)

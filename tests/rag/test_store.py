@@ -118,6 +118,21 @@ def test_aliases_and_resolve(store, points):
         store.set_alias("other", "missing")
 
 
+def test_search_resolved_follows_the_alias_in_one_call(store, points, dense, sparse):
+    store.create_collection("kb__v1", 384)
+    store.create_collection("kb__v2", 384)
+    store.upsert("kb__v2", points)
+    spec = _spec(dense, sparse, "pasta", mode="hybrid", limit=3)
+    store.set_alias("kb", "kb__v1")
+    assert store.search_resolved("kb", spec) == ("kb__v1", [])
+    store.set_alias("kb", "kb__v2")
+    physical, hits = store.search_resolved("kb", spec)
+    assert physical == "kb__v2" and [h.id for h in hits] == [h.id for h in store.search("kb__v2", spec)]
+    assert hits and "pasta" in hits[0].payload["text"].lower()
+    with pytest.raises(CollectionNotFound):
+        store.search_resolved("nope", spec)
+
+
 def test_vectors_returned_for_mmr(store, points, dense, sparse):
     store.create_collection("c5", 384)
     store.upsert("c5", points)
