@@ -110,7 +110,7 @@ class Retriever:
                  sparse: SparseEncoder | None = None, reranker: Reranker | None = None):
         self.settings = settings
         self.store = store
-        self.dense = dense or shared_dense(embedder_dir(settings))
+        self.dense = dense or shared_dense(embedder_dir(settings), settings.rag.query_embedding_runtime)
         self.sparse = sparse or SparseEncoder.from_settings(settings)
         if reranker is None and settings.rag.reranker:
             reranker = CrossEncoderReranker(settings.rag.reranker)
