@@ -42,6 +42,7 @@ def sparse():
 def settings(tmp_path) -> Settings:
     s = Settings(data_dir=tmp_path / "data")
     s.rag.embed_batch_size = 16
+    s.rag.embed_call_rows = 16
     s.rag.upsert_batch_size = 16
     return s
 
