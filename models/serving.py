@@ -171,6 +171,6 @@ def build_model_app(args: dict[str, Any]):
     return deployment.options(
         num_replicas=spec.num_replicas,
         max_ongoing_requests=spec.max_ongoing_requests,
-        ray_actor_options=replica_actor_options(args.get("throughput_optimized", True), num_cpus=spec.num_cpus,
+        ray_actor_options=replica_actor_options(args["throughput_optimized"], num_cpus=spec.num_cpus,
                                                 num_gpus=spec.num_gpus),
     ).bind(spec.model_dump(mode="json"))

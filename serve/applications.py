@@ -68,7 +68,7 @@ def model_app_name(model_id: str) -> str:
     return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_id)
 
 
-def model_app(spec: ModelSpec, throughput_optimized: bool = True) -> AppSpec:
+def model_app(spec: ModelSpec, throughput_optimized: bool) -> AppSpec:
     import_path = VLLM_IMPORT_PATH if spec.engine == "vllm" else MODEL_IMPORT_PATH
     return AppSpec(model_app_name(spec.id), import_path, None,
                    {"model": spec.model_dump(mode="json"), "throughput_optimized": throughput_optimized})

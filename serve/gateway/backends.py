@@ -10,9 +10,9 @@ import asyncio
 import logging
 from abc import ABC, abstractmethod
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from ray import serve
 from ray.exceptions import RayTaskError
@@ -27,6 +27,41 @@ from serve.applications import model_app_name
 log = logging.getLogger(__name__)
 
 STATUS_TIMEOUT_S = 3.0
+
+
+T = TypeVar("T")
+
+
+class StaleWhileRevalidate(Generic[T]):
+    """One value kept off the request path: the first read waits for `fetch`; later reads get the
+    last value at once and, when it is older than `max_age_s`, start one background refresh. A
+    failed refresh is logged and the last value kept (the next read after max_age_s tries again)."""
+
+    def __init__(self, fetch: Callable[[], Awaitable[T]], max_age_s: float, what: str):
+        self.fetch, self.max_age_s, self.what = fetch, max_age_s, what
+        self._value: tuple[float, T] | None = None
+        self._refresh: asyncio.Task | None = None
+
+    async def get(self) -> T:
+        if self._value is None:
+            return self.set(await self.fetch())
+        at, value = self._value
+        if time.monotonic() - at > self.max_age_s and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.create_task(self._revalidate())
+        return value
+
+    def set(self, value: T) -> T:
+        self._value = (time.monotonic(), value)
+        return value
+
+    def forget(self) -> None:
+        self._value = None
+
+    async def _revalidate(self) -> None:
+        try:
+            self.set(await self.fetch())
+        except Exception as e:
+            log.warning("%s refresh failed, keeping the last answer: %s", self.what, e)
 
 
 @dataclass
@@ -186,10 +221,8 @@ class BackendRegistry:
 
     def __init__(self, settings: Settings):
         self.cache_s = settings.gateway.health_cache_s
-        self._apps: tuple[float, dict[str, Any]] = (0.0, {})
-        self._apps_refresh: asyncio.Task | None = None
-        self._health: dict[str, tuple[float, Health]] = {}
-        self._refreshing: dict[str, asyncio.Task] = {}
+        self._apps = StaleWhileRevalidate(self._fetch_serve_status, self.cache_s, "Serve status")
+        self._health: dict[str, StaleWhileRevalidate[Health]] = {}
         self.backends: dict[str, Backend] = {}
         for spec in settings.models:
             if spec.engine == "openai":
@@ -201,24 +234,11 @@ class BackendRegistry:
 
     async def _fetch_serve_status(self) -> dict[str, Any]:
         status = await asyncio.to_thread(serve.status)
-        apps = {name: _AppState(a.status.value if hasattr(a.status, "value") else str(a.status), a.message)
+        return {name: _AppState(a.status.value if hasattr(a.status, "value") else str(a.status), a.message)
                 for name, a in status.applications.items()}
-        self._apps = (time.monotonic(), apps)
-        return apps
 
     async def _serve_status(self) -> dict[str, Any]:
-        at, apps = self._apps
-        if not at:
-            return await self._fetch_serve_status()
-        if time.monotonic() - at > self.cache_s and (self._apps_refresh is None or self._apps_refresh.done()):
-            self._apps_refresh = asyncio.create_task(self._refresh_serve_status())
-        return apps
-
-    async def _refresh_serve_status(self) -> None:
-        try:
-            await self._fetch_serve_status()
-        except Exception as e:  # the controller is briefly unreachable: keep the last answer, try again later
-            log.warning("Serve status refresh failed: %s", e)
+        return await self._apps.get()
 
     async def app_health(self, app_name: str) -> Health:
         """Health of a Serve application that is not a model (the RAG service)."""
@@ -231,28 +251,22 @@ class BackendRegistry:
     def get(self, model_id: str) -> Backend | None:
         return self.backends.get(model_id)
 
-    async def _fetch_health(self, model_id: str) -> Health:
-        h = await self.backends[model_id].health()
-        self._health[model_id] = (time.monotonic(), h)
-        return h
+    def _cached_health(self, model_id: str) -> StaleWhileRevalidate[Health]:
+        if model_id not in self._health:
+            self._health[model_id] = StaleWhileRevalidate(self.backends[model_id].health, self.cache_s,
+                                                          f"health of {model_id!r}")
+        return self._health[model_id]
 
     async def health(self, model_id: str) -> Health:
-        at, h = self._health.get(model_id, (0.0, None))
-        if h is None:
-            return await self._fetch_health(model_id)
-        task = self._refreshing.get(model_id)
-        if time.monotonic() - at > self.cache_s and (task is None or task.done()):
-            self._refreshing[model_id] = asyncio.create_task(self._fetch_health(model_id))
-        return h
+        return await self._cached_health(model_id).get()
 
     async def probe(self, model_id: str) -> Health:
         """A fresh, active check (the router's probe rounds); it also refreshes the cached answer."""
-        h = await self.backends[model_id].probe()
-        self._health[model_id] = (time.monotonic(), h)
-        return h
+        return self._cached_health(model_id).set(await self.backends[model_id].probe())
 
     def forget_health(self, model_id: str) -> None:
-        self._health.pop(model_id, None)
+        if model_id in self._health:
+            self._health[model_id].forget()
 
 
 @dataclass
