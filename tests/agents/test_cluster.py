@@ -5,6 +5,7 @@ the real gateway (a scripted loopback provider and the tiny transformers model),
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import pytest
@@ -66,6 +67,19 @@ def coord(platform):
     from cluster.agents.coordinator import coordinator
 
     return coordinator(platform["settings"])
+
+
+def wait_dead(actor, timeout_s: float = 60.0) -> None:
+    """ray.kill is asynchronous: a call sent right after it can still be answered. Wait until the
+    actor's calls fail, as they must once the kill has landed."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.ping.remote(), timeout=10)
+        except ray.exceptions.RayActorError:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"the actor still answers {timeout_s:g}s after ray.kill")
 
 
 def wait_done(c, run_id: str) -> dict:
@@ -270,8 +284,7 @@ def test_coordinator_killed_mid_run_resumes_from_checkpoint(platform):
     run_id = ray.get(c.start_run.remote(wf))["id"]
     effects.wait_hits("durable-b", 1)
     ray.kill(c, no_restart=True)
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(c.ping.remote())
+    wait_dead(c)
     effects.release("durable-b")
 
     runner = CliRunner()
