@@ -171,9 +171,10 @@ class Retriever:
             # no indexable word in the query (only stop words): fall back to dense ranking
             spec.mode = "dense" if mode == "hybrid" else mode
             if mode == "sparse":
-                return [], RetrievalDiagnostics(collection=name, resolved_collection=self.store.resolve(name),
-                                                mode=mode, fusion=None, candidates=0, returned=0, grouped_by_doc=group_by_doc,
-                                                mmr=mmr, reranked=False, embed_ms=(t1 - t0) * 1e3, search_ms=0.0)
+                return [], RetrievalDiagnostics(
+                    collection=name, resolved_collection=self.store.resolve(name), mode=mode, fusion=None,
+                    candidates=0, returned=0, grouped_by_doc=group_by_doc, mmr=mmr, reranked=False,
+                    embed_ms=(t1 - t0) * 1e3, search_ms=0.0)
         physical, hits = self.store.search_resolved(name, spec)
         t2 = time.perf_counter()
         candidates = len(hits)

@@ -61,7 +61,12 @@ class RagServer:
             async def call() -> str:
                 return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS)
 
-            return asyncio.run_coroutine_threadsafe(call(), loop).result(timeout=timeout)
+            future = asyncio.run_coroutine_threadsafe(call(), loop)
+            try:
+                return future.result(timeout=timeout)
+            except TimeoutError:  # the wait ran out (concurrent.futures raises the builtin since 3.11)
+                future.cancel()  # stop the chat call too, not just the wait for it
+                raise TimeoutError(f"chat model {model_id!r} did not answer within {timeout:g}s") from None
 
         return generate
 
@@ -71,7 +76,6 @@ class RagServer:
         out = response.model_dump(mode="json")
         out["completion_tokens"] = self.service.count_tokens(response.answer)  # for the chat alias's usage
         return out
-
 
     def start_ingest(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
         """Check the request (allowed roots, name, readable files) before anything is written,
