@@ -16,12 +16,23 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# Ray Serve's HAProxy ingress (serve.ingress: auto uses it when the binary is on PATH) is a system
+# package: installed where apt-get can (root on Debian/Ubuntu). Without it Serve's Python proxy
+# answers HTTP, one hop slower (docs/benchmarks.md).
+HAPROXY := $(VENV)/.haproxy
+$(HAPROXY): $(BIN)/python
+	@command -v haproxy >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q haproxy >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    apt-get install -y -q haproxy >/dev/null 2>&1; }; }; } || \
+	  echo "haproxy is not installed: Serve's Python proxy will answer HTTP (serve.ingress: auto)"
+	@touch $@
 
-demo: $(STAMP)
+install: $(STAMP) $(HAPROXY)
+
+demo: $(STAMP) $(HAPROXY)
 	$(BIN)/python -m cluster.demo
 
-test: $(STAMP)
+test: $(STAMP) $(HAPROXY)
 	$(BIN)/python -m pytest
 
 down: $(STAMP)

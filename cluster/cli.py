@@ -96,6 +96,7 @@ def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Se
     from cluster.deploy import DeployError, deploy, refused_models, wait_running
     from cluster.keys import keystore
     from cluster.local import ClusterError, api_url, connect, dashboard_url, is_managed, start_local_head
+    from serve.applications import resolve_ingress
 
     settings = settings_or_exit(config)
     settings.resolved_data_dir().mkdir(parents=True, exist_ok=True)
@@ -121,6 +122,7 @@ def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Se
             )
     except DeployError as e:
         fail(str(e))
+    console.print(f"HTTP ingress: {resolve_ingress(settings).serve.ingress} (serve.ingress: {settings.serve.ingress})")
     failed = {n: s for n, s in states.items() if s != "RUNNING"}
     if failed:
         err.print(f"[red]applications not running:[/] {failed} (see the Ray dashboard's Serve page)")

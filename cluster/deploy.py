@@ -12,7 +12,7 @@ from ray.serve.schema import ApplicationStatus
 
 from config import Settings
 from models.engines.vllm_engine import MISSING_EXTRA, vllm_available
-from serve.applications import GATEWAY_APP, applications
+from serve.applications import GATEWAY_APP, IngressError, applications, controller_options, resolve_ingress
 
 log = logging.getLogger(__name__)
 
@@ -34,11 +34,17 @@ def refused_models(settings: Settings) -> list[Refusal]:
 
 
 def deploy(settings: Settings, *, skip: set[str] = frozenset()) -> list[str]:
-    """Start Serve's HTTP proxy where the config says and (re)deploy every application.
+    """Start Serve's HTTP ingress where the config says and (re)deploy every application.
 
     `skip` names model ids left out (refused ones). Returns the deployed application names.
+    The ingress (`serve.ingress`) is chosen when Serve starts; a running Serve keeps its own.
     """
-    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port})
+    try:
+        settings = resolve_ingress(settings)
+    except IngressError as e:
+        raise DeployError(str(e)) from None
+    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port},
+                controller_options=controller_options(settings.serve))
     apps = [a for a in applications(settings)
             if not (a.name != GATEWAY_APP and a.args.get("model", {}).get("id") in skip)]
     targets = [serve.RunTarget(a.build(), name=a.name, route_prefix=a.route_prefix) for a in apps]

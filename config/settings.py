@@ -42,6 +42,12 @@ class ServeSettings(_Section):
         True, description="Run every ORFEAS replica in Ray Serve's throughput mode "
         "(RAY_SERVE_THROUGHPUT_OPTIMIZED: user code and handle routing on the replica's own event "
         "loop, gRPC between replicas). Our replicas never block their loop; see docs/benchmarks.md.")
+    ingress: Literal["auto", "haproxy", "proxy"] = Field(
+        "auto", description="What answers HTTP on host:port. `haproxy`: Ray Serve's HAProxy ingress "
+        "forwards each request straight to the app replica's own HTTP server (no Python proxy hop; "
+        "needs the `haproxy` binary). `proxy`: Serve's Python proxy actor. `auto`: haproxy when "
+        "the deploying machine has the binary on PATH, else proxy "
+        "(rendered Kubernetes configs treat auto as proxy: the image decides, so say haproxy there).")
 
 
 class GatewaySettings(_Section):

@@ -19,6 +19,7 @@ from models.engines.sentence_embedder import SentenceEmbedder
 from models.engines.transformers_engine import TransformersEngine
 from models.errors import InvalidRequest, ModelUnavailable
 from models.protocol import GenerationEvent, GenerationParams
+from config.settings import ServeSettings
 from serve.applications import replica_actor_options
 
 log = logging.getLogger(__name__)
@@ -171,6 +172,6 @@ def build_model_app(args: dict[str, Any]):
     return deployment.options(
         num_replicas=spec.num_replicas,
         max_ongoing_requests=spec.max_ongoing_requests,
-        ray_actor_options=replica_actor_options(args["throughput_optimized"], num_cpus=spec.num_cpus,
+        ray_actor_options=replica_actor_options(ServeSettings.model_validate(args["serve"]), num_cpus=spec.num_cpus,
                                                 num_gpus=spec.num_gpus),
     ).bind(spec.model_dump(mode="json"))

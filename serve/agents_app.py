@@ -24,8 +24,9 @@ from ray import serve
 from ray.exceptions import RayTaskError
 
 from config import Settings, settings_from_dict
-from models.errors import APIError, InvalidRequest, ModelNotFound, PayloadTooLarge
+from models.errors import APIError, InvalidRequest, ModelNotFound
 from serve.gateway.auth import Authenticator, Principal
+from serve.gateway.body import read_json
 from serve.applications import replica_actor_options
 from serve.gateway.errors import install_error_handlers, invalid_request
 
@@ -106,16 +107,7 @@ class _Api:
             raise
 
     async def _body(self, request: Request, cls: type[BaseModel]) -> BaseModel:
-        limit = self.settings.limits.max_body_bytes
-        raw = await request.body()
-        if len(raw) > limit:
-            raise PayloadTooLarge(f"request body is {len(raw)} bytes, over the limit of {limit}")
-        try:
-            data = json.loads(raw or b"{}")
-        except ValueError:
-            raise InvalidRequest("request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise InvalidRequest("request body must be a JSON object")
+        data = await read_json(request, self.settings.limits.max_body_bytes)
         try:
             return cls.model_validate(data)
         except ValidationError as e:
@@ -226,7 +218,7 @@ class AgentsApi(_Api):
 def _deployment(cls, name: str, settings: Settings):
     return serve.deployment(cls).options(
         name=name, num_replicas=1, max_ongoing_requests=200,
-        ray_actor_options=replica_actor_options(settings.serve.throughput_optimized,
+        ray_actor_options=replica_actor_options(settings.serve,
                                                 num_cpus=settings.agents.api_num_cpus),
     ).bind(settings.to_dict())
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import importlib
 import re
+import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 from config import ModelSpec, Settings
+from config.settings import ServeSettings
 
 GATEWAY_APP = "gateway"
 GATEWAY_IMPORT_PATH = "serve.gateway.app:build_app"
-RAG_APP = "rag"
+RAG_APP, RAG_PREFIX = "rag", "/v1/rag"
 RAG_IMPORT_PATH = "serve.rag_app:build_app"
 WORKFLOWS_APP = "workflows"
 WORKFLOWS_IMPORT_PATH = "serve.agents_app:build_workflows_app"
@@ -49,17 +51,53 @@ class AppSpec:
         return app
 
 
-def replica_actor_options(throughput_optimized: bool, **resources: Any) -> dict[str, Any]:
-    """`ray_actor_options` of an ORFEAS Serve deployment: its resources and, when on, Ray Serve's
-    throughput mode in the replica's environment (its constants are read when Serve imports)."""
-    options: dict[str, Any] = dict(resources)
-    if throughput_optimized:
+class IngressError(RuntimeError):
+    pass
+
+
+def resolve_ingress(settings: Settings) -> Settings:
+    """The settings with `serve.ingress: auto` made concrete for this machine (haproxy when the
+    binary is on PATH, else Serve's proxy); an explicit `haproxy` without the binary is an error."""
+    found = shutil.which("haproxy") is not None
+    if settings.serve.ingress == "haproxy" and not found:
+        raise IngressError("serve.ingress is 'haproxy' but no `haproxy` binary is on PATH: install it "
+                           "(Debian/Ubuntu: apt-get install haproxy) or set serve.ingress: proxy")
+    if settings.serve.ingress != "auto":
+        return settings
+    out = settings.model_copy(deep=True)
+    out.serve.ingress = "haproxy" if found else "proxy"
+    return out
+
+
+def replica_env(serve: ServeSettings) -> dict[str, str]:
+    """Environment of every ORFEAS Serve replica (Serve reads these constants when it imports)."""
+    env: dict[str, str] = {}
+    if serve.throughput_optimized:
         # Throughput mode also turns on direct ingress, whose replicas hold every shutdown for a
         # 30 s drain window meant for external load balancers (capped by the 20 s graceful
-        # timeout): each `serve.delete` and redeploy took 21 s instead of 3. Serve's proxy is
-        # our only load balancer, so no window is needed; in-flight requests are still drained.
-        options["runtime_env"] = {"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-                                               "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0"}}
+        # timeout): each `serve.delete` and redeploy took 21 s instead of 3. Our ingress (Serve's
+        # proxy or HAProxy, which retries refused connections) needs no window; in-flight
+        # requests are still drained.
+        env.update(RAY_SERVE_THROUGHPUT_OPTIMIZED="1", RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S="0")
+    if serve.ingress == "haproxy":
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+    return env
+
+
+def controller_options(serve: ServeSettings) -> dict[str, Any] | None:
+    """Options of Serve's controller: with the HAProxy ingress, the controller runs HAProxy (through
+    one manager actor per node) instead of the Python proxy actors."""
+    if serve.ingress != "haproxy":
+        return None
+    return {"runtime_env": {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}}
+
+
+def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, Any]:
+    """`ray_actor_options` of an ORFEAS Serve deployment: its resources and `replica_env`."""
+    options: dict[str, Any] = dict(resources)
+    env = replica_env(serve)
+    if env:
+        options["runtime_env"] = {"env_vars": env}
     return options
 
 
@@ -68,19 +106,19 @@ def model_app_name(model_id: str) -> str:
     return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_id)
 
 
-def model_app(spec: ModelSpec, throughput_optimized: bool) -> AppSpec:
+def model_app(spec: ModelSpec, serve: ServeSettings) -> AppSpec:
     import_path = VLLM_IMPORT_PATH if spec.engine == "vllm" else MODEL_IMPORT_PATH
     return AppSpec(model_app_name(spec.id), import_path, None,
-                   {"model": spec.model_dump(mode="json"), "throughput_optimized": throughput_optimized})
+                   {"model": spec.model_dump(mode="json"), "serve": serve.model_dump(mode="json")})
 
 
 def applications(settings: Settings) -> list[AppSpec]:
-    """Model applications and the RAG service first (the gateway finds them by name), the agents
-    API under its own /v1 prefixes (same keys as the gateway), then the gateway at `/`."""
-    apps = [model_app(m, settings.serve.throughput_optimized) for m in settings.models
+    """Model applications first (the gateway finds them by name), the RAG service and the agents
+    API under their own /v1 prefixes (same keys as the gateway), then the gateway at `/`."""
+    apps = [model_app(m, settings.serve) for m in settings.models
             if m.engine in IN_CLUSTER_ENGINES]
     if settings.rag.enabled:
-        apps.append(AppSpec(RAG_APP, RAG_IMPORT_PATH, None, {"settings": settings.to_dict()}))
+        apps.append(AppSpec(RAG_APP, RAG_IMPORT_PATH, RAG_PREFIX, {"settings": settings.to_dict()}))
     if settings.agents.enabled:
         apps.append(AppSpec(WORKFLOWS_APP, WORKFLOWS_IMPORT_PATH, "/v1/workflows", {"settings": settings.to_dict()}))
         apps.append(AppSpec(AGENTS_APP, AGENTS_IMPORT_PATH, "/v1/agents", {"settings": settings.to_dict()}))
@@ -90,8 +128,11 @@ def applications(settings: Settings) -> list[AppSpec]:
 
 def serve_config(settings: Settings) -> dict[str, Any]:
     """Serve's declarative config (the body of `serve deploy` and a RayService's serveConfigV2)."""
-    return {
+    config: dict[str, Any] = {
         "proxy_location": "EveryNode",
         "http_options": {"host": settings.serve.host, "port": settings.serve.port},
-        "applications": [a.to_serve_config() for a in applications(settings)],
     }
+    if controller := controller_options(settings.serve):
+        config["controller_options"] = controller
+    config["applications"] = [a.to_serve_config() for a in applications(settings)]
+    return config

@@ -67,12 +67,36 @@ def test_serve_config_lists_model_apps_then_the_gateway(tmp_path):
     )))
     names = [a.name for a in applications(s)]
     assert names == ["model-emb", "model-big", "rag", "workflows", "agents", "gateway"]  # remote providers need no app
-    assert [a.route_prefix for a in applications(s)][3:5] == ["/v1/workflows", "/v1/agents"]
+    assert [a.route_prefix for a in applications(s)][2:5] == ["/v1/rag", "/v1/workflows", "/v1/agents"]
     cfg = serve_config(s)
     gateway = cfg["applications"][-1]
     assert gateway["route_prefix"] == "/" and gateway["import_path"] == "serve.gateway.app:build_app"
     assert cfg["applications"][1]["import_path"] == "models.engines.vllm_engine:build_vllm_app"
     assert "route_prefix" not in cfg["applications"][0]  # models are reached through handles only
-    assert "route_prefix" not in cfg["applications"][2]  # so is the RAG app: the gateway authenticates
     s.rag.enabled = False
     assert [a.name for a in applications(s)] == ["model-emb", "model-big", "workflows", "agents", "gateway"]
+
+
+def test_ingress_auto_takes_haproxy_only_where_the_binary_is(tmp_path, monkeypatch):
+    from serve.applications import IngressError, replica_env, resolve_ingress
+
+    s = load_settings(write(tmp_path, "models: []\n"))
+    assert s.serve.ingress == "auto"
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    monkeypatch.setenv("PATH", str(empty))
+    assert resolve_ingress(s).serve.ingress == "proxy"
+    s.serve.ingress = "haproxy"
+    with pytest.raises(IngressError, match="apt-get install haproxy"):
+        resolve_ingress(s)
+
+    binary = empty / "haproxy"
+    binary.write_text("#!/bin/sh\n")
+    binary.chmod(0o755)
+    s.serve.ingress = "auto"
+    chosen = resolve_ingress(s)
+    assert chosen.serve.ingress == "haproxy" and s.serve.ingress == "auto"  # the caller's settings are untouched
+    assert replica_env(chosen.serve)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert serve_config(chosen)["controller_options"] == {"runtime_env": {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}}
+    assert "controller_options" not in serve_config(s)  # auto in a rendered config: Serve's proxy
+    assert "RAY_SERVE_ENABLE_HA_PROXY" not in replica_env(s.serve)

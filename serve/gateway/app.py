@@ -30,7 +30,6 @@ from models.errors import (
     NotFound,
     PermissionDenied,
     PayloadTooLarge,
-    AdminRequired,
     UpstreamTimeout,
 )
 from models.protocol import (
@@ -60,6 +59,7 @@ from models.protocol import (
 from serve.gateway.auth import Authenticator, Principal
 from serve.applications import RAG_APP, replica_actor_options
 from serve.gateway.backends import Backend, BackendRegistry, unwrap
+from serve.gateway.body import read_json
 from serve.gateway.errors import error_response, install_error_handlers, invalid_request
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
 from serve.gateway.usage import UsageBook
@@ -375,47 +375,10 @@ class Gateway:
 
     # ------------------------------------------------------------ RAG
 
-    @app.post("/v1/rag/query")
-    async def rag_query(self, request: Request) -> JSONResponse:
-        call = _Call("rag")
-        try:
-            principal = await self.auth.authenticate(request.headers.get("authorization"))
-            result = await self._rag_query(await self._read_json(request), principal)
-        except APIError as e:
-            return self._fail(call, e)
-        self.metrics.record(call.route, call.model, 200, call.elapsed())
-        return JSONResponse(result)
-
-    @app.post("/v1/rag/ingest")
-    async def rag_ingest(self, request: Request) -> JSONResponse:
-        """Admin only: ingest a source under rag.allowed_roots; 202 with the run to poll."""
-        call = _Call("rag-ingest")
-        try:
-            principal = await self.auth.authenticate(request.headers.get("authorization"))
-            self._require_admin(principal, "ingest")
-            body = await self._read_json(request)
-            run = await self._rag_call("start_ingest", body, principal.key_id)
-        except APIError as e:
-            return self._fail(call, e)
-        self.metrics.record(call.route, call.model, 202, call.elapsed())
-        return JSONResponse(run, status_code=202)
-
-    @app.get("/v1/rag/ingest/{run_id}")
-    async def rag_ingest_status(self, run_id: str, request: Request) -> JSONResponse:
-        call = _Call("rag-ingest")
-        try:
-            principal = await self.auth.authenticate(request.headers.get("authorization"))
-            self._require_admin(principal, "ingest")
-            run = await self._rag_call("ingest_status", run_id)
-        except APIError as e:
-            return self._fail(call, e)
-        self.metrics.record(call.route, call.model, 200, call.elapsed())
-        return JSONResponse(run)
-
-    @staticmethod
-    def _require_admin(principal: Principal, what: str) -> None:
-        if principal.role != "admin":
-            raise AdminRequired(f"only admin keys may {what}")
+    @app.api_route("/v1/rag/{path:path}", methods=["GET", "POST"])
+    async def rag_disabled(self, path: str) -> JSONResponse:
+        """The RAG app serves /v1/rag/* under its own route prefix; this answers only without it."""
+        return error_response(NotFound("the RAG service is not enabled on this platform (rag.enabled: false)"))
 
     async def _rag_call(self, method: str, *args):
         if not self.settings.rag.enabled:
@@ -429,24 +392,25 @@ class Gateway:
         except Exception as e:
             raise unwrap(e) from None
 
+    async def rag_generator(self, model: str | None, principal: Principal) -> str | None:
+        """The chat model a RAG answer generates with (also called by the RAG app's /v1/rag/query):
+        a named model must be usable by this key (its errors are the caller's); else rag.chat_model
+        when it is usable now; else None, and the answer is extractive."""
+        if model:
+            await self._backend(model, principal, "chat")
+            return model
+        if self.settings.rag.chat_model:
+            try:
+                await self._backend(self.settings.rag.chat_model, principal, "chat")
+                return self.settings.rag.chat_model
+            except APIError:
+                pass  # the default generator is not usable now: answer extractively
+        return None
+
     async def _rag_query(self, body: dict, principal: Principal) -> dict:
-        """Resolve the generating model (the request's, else rag.chat_model), then ask the RAG service."""
         if not self.settings.rag.enabled:
             raise NotFound("the RAG service is not enabled on this platform (rag.enabled: false)")
-        model = body.get("model")
-        if body.get("answer") is False:
-            model = None  # retrieval only: no generator needed
-        elif isinstance(model, str) and model:
-            await self._backend(model, principal, "chat")  # named explicitly: it must be usable
-        elif self.settings.rag.chat_model:
-            model = self.settings.rag.chat_model
-            try:
-                await self._backend(model, principal, "chat")
-            except APIError:
-                model = None  # the default generator is not usable now: answer extractively
-        else:
-            model = None
-        return await self._rag_call("query", body, model)
+        return await self._rag_call("query", body, await self.rag_generator(None, principal))
 
     async def _rag_chat(self, req: ChatCompletionRequest, principal: Principal, call: _Call):
         """A chat request to the `rag` alias: the last user message is the question."""
@@ -693,20 +657,7 @@ class Gateway:
     # ------------------------------------------------------------ shared steps
 
     async def _read_json(self, request: Request) -> dict:
-        """The body as a JSON object, within the size limit."""
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.limits.max_body_bytes:
-            raise PayloadTooLarge(f"request body is {declared} bytes, over the limit of {self.limits.max_body_bytes}")
-        body = await request.body()
-        if len(body) > self.limits.max_body_bytes:
-            raise PayloadTooLarge(f"request body is {len(body)} bytes, over the limit of {self.limits.max_body_bytes}")
-        try:
-            data = json.loads(body)
-        except ValueError:
-            raise InvalidRequest("request body is not valid JSON") from None
-        if not isinstance(data, dict):
-            raise InvalidRequest("request body must be a JSON object")
-        return data
+        return await read_json(request, self.limits.max_body_bytes)
 
     async def _parse(self, request: Request, cls: type[BaseModel]):
         data = await self._read_json(request)
@@ -763,5 +714,5 @@ def build_app(args: dict[str, Any]):
         name="Gateway",
         num_replicas=g.num_replicas,
         max_ongoing_requests=g.max_ongoing_requests,
-        ray_actor_options=replica_actor_options(settings.serve.throughput_optimized, num_cpus=g.num_cpus),
+        ray_actor_options=replica_actor_options(settings.serve, num_cpus=g.num_cpus),
     ).bind(settings.to_dict())
