@@ -40,14 +40,17 @@ FRAMES = ['data: {"choices":[{"delta":{"role":"assistant","content":"x"}}]}\n\n'
           'data: {"choices":[{"delta":{"content":" y"},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n']
 
 
-def floor_app():
-    """A Serve app with nothing in it but an SSE stream: the cost of any Serve HTTP route."""
+def floor_app(settings):
+    """A Serve app with nothing in it but an SSE stream: the cost of any Serve HTTP route (its
+    replica runs with the same Serve options as ORFEAS's, so it sits behind the same ingress)."""
     from fastapi import FastAPI
     from fastapi.responses import StreamingResponse
 
+    from serve.applications import replica_actor_options
+
     api = FastAPI()
 
-    @serve.deployment(max_ongoing_requests=64)
+    @serve.deployment(max_ongoing_requests=64, ray_actor_options=replica_actor_options(settings.serve))
     @serve.ingress(api)
     class Floor:
         async def frames(self):
@@ -186,13 +189,15 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--port", type=int, default=18431)
+    ap.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
+                    help="serve.ingress: Serve's HAProxy ingress or its Python proxy")
     args = ap.parse_args()
 
     from cluster.deploy import deploy, wait_running
     from cluster.keys import keystore
     from config import ModelSpec, Settings
     from models.tiny import build_tiny_chat_model
-    from serve.applications import model_app_name
+    from serve.applications import model_app_name, resolve_ingress
 
     work = Path(tempfile.mkdtemp(prefix="orfeas-bench-"))
     model_dir = build_tiny_chat_model(work / "tiny-chat")
@@ -203,12 +208,14 @@ def main() -> None:
         models=[ModelSpec(id="tiny-chat", engine="transformers", source=str(model_dir), max_context=256,
                           max_ongoing_requests=64)],
     )
+    settings.serve.ingress = args.ingress
+    settings = resolve_ingress(settings)
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         names = deploy(settings)
         assert set(wait_running(names).values()) == {"RUNNING"}
         _, key = ray.get(keystore(settings.resolved_data_dir()).create.remote("admin", None, "bench"))
-        floor = serve.run(floor_app(), name="serve-floor", route_prefix="/floor")
+        floor = serve.run(floor_app(settings), name="serve-floor", route_prefix="/floor")
         handle = serve.get_app_handle(model_app_name("tiny-chat"))
         rows = asyncio.run(measure(handle, floor, f"http://127.0.0.1:{args.port}", key, args.concurrency,
                                    args.requests))
@@ -220,6 +227,7 @@ def main() -> None:
         "benchmark": "gateway_overhead",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": "tiny-chat (random weights, 2 layers, hidden 64)",
+        "ingress": settings.serve.ingress,
         "max_tokens": MAX_TOKENS,
         "requests_per_level": args.requests,
         "rows": rows,

@@ -1,7 +1,9 @@
-"""Hybrid RAG queries over HTTP (`POST /v1/rag/query`, gateway + auth in front) against the same
-queries through the RAG application's Serve handle, in one run, at a few concurrencies.
+"""Hybrid RAG queries over HTTP (`POST /v1/rag/query`: the HTTP ingress, then the RAG app's own
+route with auth) against the same queries through the RAG application's Serve handle, in one
+run, at a few concurrencies; the two paths alternate in rounds so drift hits both alike.
 
-    .venv/bin/python -m benchmarks.query_latency --config /work/bench/orfeas.yaml --collection eval-scifact
+    .venv/bin/python -m benchmarks.query_latency --config /work/bench/orfeas.yaml --collection eval-scifact \
+        [--ingress auto|haproxy|proxy]
 
 The collection must exist in the configured data directory (`orfeas eval retrieval` or
 `orfeas ingest` builds it). Both paths run retrieval only (`answer: false`: query embedding,
@@ -38,9 +40,12 @@ def summarise(latencies: list[float], wall: float) -> dict:
             "p99_ms": round(float(np.percentile(ms, 99)), 2), "qps": round(len(latencies) / wall, 1)}
 
 
-async def run_level(call, queries: list[str], concurrency: int) -> dict:
-    pending = list(queries)
-    latencies: list[float] = []
+ROUNDS = 5  # each level's queries are split into this many blocks, each run through both paths
+
+
+async def run_block(call, queries: list[str], concurrency: int, latencies: list[float]) -> float:
+    """Run the queries with `concurrency` in flight; append each latency; return the wall time."""
+    pending = list(reversed(queries))
 
     async def worker():
         while pending:
@@ -51,7 +56,19 @@ async def run_level(call, queries: list[str], concurrency: int) -> dict:
 
     t0 = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return summarise(latencies, time.perf_counter() - t0)
+    return time.perf_counter() - t0
+
+
+async def run_paths(paths: dict, queries: list[str], concurrency: int) -> dict[str, dict]:
+    """Every path over the same queries, alternating block by block."""
+    latencies: dict[str, list[float]] = {name: [] for name in paths}
+    walls = dict.fromkeys(paths, 0.0)
+    size = max(1, -(-len(queries) // ROUNDS))
+    for start in range(0, len(queries), size):
+        block = queries[start:start + size]
+        for name, call in paths.items():
+            walls[name] += await run_block(call, block, concurrency, latencies[name])
+    return {name: summarise(latencies[name], walls[name]) for name in paths}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=300, help="queries per level")
     parser.add_argument("--concurrency", default="1,4,8")
     parser.add_argument("--top-k", type=int, default=10)
+    parser.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
+                        help="serve.ingress: Serve's HAProxy ingress or its Python proxy")
     args = parser.parse_args(argv)
 
     import ray
@@ -70,13 +89,15 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.deploy import deploy, wait_running
     from cluster.keys import keystore
     from config import load_settings
-    from serve.applications import RAG_APP
+    from serve.applications import RAG_APP, resolve_ingress
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     settings = load_settings(args.config)
     settings.serve.host, settings.serve.port = "127.0.0.1", port
+    settings.serve.ingress = args.ingress
+    settings = resolve_ingress(settings)
     settings.models = [m for m in settings.models if m.task == "embedding"]  # no chat model needed
     settings.rag.max_top_k = max(settings.rag.max_top_k, args.top_k)
     texts = [json.loads(ln)["text"] for ln in Path(args.queries).read_text().splitlines() if ln.strip()][: args.n]
@@ -107,12 +128,12 @@ def main(argv: list[str] | None = None) -> int:
                 await through_handle(q)
             levels = []
             for c in [int(x) for x in args.concurrency.split(",")]:
-                direct = await run_level(through_handle, texts, c)
-                http = await run_level(over_http, texts, c)
+                measured = await run_paths({"handle": through_handle, "http": over_http}, texts, c)
+                direct, http = measured["handle"], measured["http"]
                 levels.append({"concurrency": c, "handle": direct, "http": http,
                                "added_p50_ms": round(http["p50_ms"] - direct["p50_ms"], 2),
                                "qps_ratio": round(http["qps"] / direct["qps"], 3)})
-            answered = await run_level(lambda q: over_http(q, True), texts[:100], 1)
+            answered = (await run_paths({"answer": lambda q: over_http(q, True)}, texts[:100], 1))["answer"]
             return {"levels": levels, "extractive_answer_http_c1": answered}
 
     try:
@@ -122,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     result = {"benchmark": "query_latency", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "machine": f"{platform.machine()}, {os.cpu_count()} cpus", "collection": args.collection,
-              "queries": len(texts), "top_k": args.top_k, "mode": "hybrid", "fusion": settings.rag.fusion, **out}
+              "queries": len(texts), "top_k": args.top_k, "mode": "hybrid", "fusion": settings.rag.fusion,
+              "ingress": settings.serve.ingress, **out}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "query_latency.json").write_text(json.dumps(result, indent=2))
     print("| concurrency | handle p50 / p99 ms | HTTP p50 / p99 ms | HTTP queries/s | HTTP/handle throughput |")

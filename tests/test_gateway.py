@@ -71,6 +71,13 @@ def test_health_endpoints(platform):
     assert ready.json()["models"] == {EMB: "ready", CHAT: "ready", BROKEN: "unhealthy"}
 
 
+def test_rag_routes_say_the_service_is_off(platform):
+    _, base, admin, _ = platform
+    for method, path in [("POST", "/v1/rag/query"), ("GET", "/v1/rag/ingest/ingest-1")]:
+        r = httpx.request(method, base + path, json={"query": "x"}, headers={"Authorization": f"Bearer {admin}"})
+        assert r.status_code == 404 and "rag.enabled: false" in r.json()["error"]["message"]
+
+
 # ------------------------------------------------------------------ chat and completions
 
 
