@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from ray import serve
 
 from config import settings_from_dict
-from models.errors import AdminRequired, APIError, NotFound
+from models.errors import AdminRequired, APIError, NotFound, UpstreamTimeout
 from rag.errors import RagInvalidRequest
 from rag.service import RagService
 from serve.applications import GATEWAY_APP, replica_actor_options
@@ -101,9 +101,12 @@ class RagServer:
             # Only a generating answer needs the gateway: it checks the key against the named model
             # (or picks rag.chat_model when it is healthy); retrieval and extractive answers do not.
             if body.get("answer") is not False and (named or self.settings.rag.chat_model):
+                timeout = self.settings.gateway.request_timeout_s
                 try:
-                    model = await self.gateway.rag_generator.remote(named if isinstance(named, str) else None,
-                                                                    principal)
+                    model = await asyncio.wait_for(self.gateway.rag_generator.remote(
+                        named if isinstance(named, str) else None, principal), timeout)
+                except TimeoutError:
+                    raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
                 except Exception as e:
                     raise unwrap(e) from None
             return await self.query(body, model), 200
