@@ -202,7 +202,7 @@ class RagSettings(_Section):
                                      description="Paths/URI prefixes ingest may read when called through the API; "
                                      "empty = data_dir/uploads only.")
     embed_batch_size: int = Field(64, ge=1, description="Texts per forward pass of the embedding model.")
-    embed_call_rows: int = Field(2048, ge=1, description="Chunks per embedding call in the ingest job (sorted by "
+    embed_call_rows: int = Field(256, ge=1, description="Chunks per embedding call in the ingest job (sorted by "
                                  "length into batches: more rows, less padding; fewer progress updates).")
     embed_actors: int = Field(1, ge=1, description="Embedding actors in the Ray Data pool.")
     upsert_batch_size: int = Field(256, ge=1)
