@@ -29,7 +29,6 @@ from models.errors import (
     ModelUnavailable,
     NotFound,
     PermissionDenied,
-    PayloadTooLarge,
     UpstreamTimeout,
 )
 from models.protocol import (
