@@ -97,14 +97,13 @@ class RagServer:
         async def work(principal: Principal):
             body = await read_json(request, self.settings.limits.max_body_bytes)
             model = None
-            named = body.get("model")
+            named = body.get("model") if isinstance(body.get("model"), str) else None  # else a 400 below
             # Only a generating answer needs the gateway: it checks the key against the named model
             # (or picks rag.chat_model when it is healthy); retrieval and extractive answers do not.
             if body.get("answer") is not False and (named or self.settings.rag.chat_model):
                 timeout = self.settings.gateway.request_timeout_s
                 try:
-                    model = await asyncio.wait_for(self.gateway.rag_generator.remote(
-                        named if isinstance(named, str) else None, principal), timeout)
+                    model = await asyncio.wait_for(self.gateway.rag_generator.remote(named, principal), timeout)
                 except TimeoutError:
                     raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
                 except Exception as e:

@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 # `model: "rag"` (default collection) or `"rag:<collection>"` in a chat request answers from the
 # RAG service, so any OpenAI client can ask the knowledge base.
 RAG_ALIAS = "rag"
+RAG_DISABLED = "the RAG service is not enabled on this platform (rag.enabled: false)"
 
 
 def rag_collection(model: str) -> tuple[bool, str | None]:
@@ -377,11 +378,11 @@ class Gateway:
     @app.api_route("/v1/rag/{path:path}", methods=["GET", "POST"])
     async def rag_disabled(self, path: str) -> JSONResponse:
         """The RAG app serves /v1/rag/* under its own route prefix; this answers only without it."""
-        return error_response(NotFound("the RAG service is not enabled on this platform (rag.enabled: false)"))
+        return error_response(NotFound(RAG_DISABLED))
 
     async def _rag_call(self, method: str, *args):
         if not self.settings.rag.enabled:
-            raise NotFound("the RAG service is not enabled on this platform (rag.enabled: false)")
+            raise NotFound(RAG_DISABLED)
         if self._rag is None:
             self._rag = serve.get_app_handle(RAG_APP)
         try:
@@ -407,8 +408,6 @@ class Gateway:
         return None
 
     async def _rag_query(self, body: dict, principal: Principal) -> dict:
-        if not self.settings.rag.enabled:
-            raise NotFound("the RAG service is not enabled on this platform (rag.enabled: false)")
         return await self._rag_call("query", body, await self.rag_generator(None, principal))
 
     async def _rag_chat(self, req: ChatCompletionRequest, principal: Principal, call: _Call):
