@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         "target_ratio": 0.9,
         "config": {"chunk_tokens": r.chunk_tokens, "chunk_overlap": r.chunk_overlap, "embed_batch_size": r.embed_batch_size,
                    "embed_call_rows": r.embed_call_rows,
-                   "embed_actors": r.embed_actors, "upsert_batch_size": r.upsert_batch_size},
+                   "embed_actors": r.embed_actors, "embed_threads": r.embed_threads, "upsert_batch_size": r.upsert_batch_size},
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "python": platform.python_version()},
     }
     out = Path(args.out)

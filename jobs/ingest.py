@@ -28,7 +28,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pyarrow as pa
 from pydantic import BaseModel
@@ -52,7 +52,9 @@ ROW_SCHEMA = pa.schema([
 ])
 EMBEDDED_SCHEMA = ROW_SCHEMA.append(pa.field("dense", pa.list_(pa.float32()))) \
     .append(pa.field("sparse_indices", pa.list_(pa.int64()))).append(pa.field("sparse_values", pa.list_(pa.float32())))
-BLOCK_BYTES = 2 * 1024 * 1024
+BLOCK_BYTES = 512 * 1024
+CHUNK_ROWS_OUT = 256
+EMBED_ACTORS_AUTO_MAX = 8
 PAYLOAD_FIELDS = ["doc_id", "chunk_index", "n_chunks", "source", "root", "title", "section", "text", "start", "end",
                   "page", "token_count", "hash", "doc_hash", "record_id", "tags", "date"]
 
@@ -210,8 +212,10 @@ def _complete_hashes(ref) -> dict[str, str]:
 
 
 def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int, params: str, root: str,
-                    states_ref, with_title: bool = True) -> pa.Table:
-    """Files -> chunk rows (kind=chunk), plus one row per unchanged (skipped) doc or failed file."""
+                    states_ref, with_title: bool = True) -> Iterator[pa.Table]:
+    """Files -> chunk rows (kind=chunk), plus one row per unchanged (skipped) doc or failed file.
+    Yields every CHUNK_ROWS_OUT rows, so one file holding a whole corpus still streams to the
+    encoder instead of arriving all at once."""
     from rag.chunking import Chunker, embedding_text, load_tokenizer
     from rag.documents import parse_bytes
 
@@ -248,7 +252,11 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
                 r.update(kind="chunk", root=root, doc_hash=h,
                          embed_text=embedding_text(c.title, c.section, c.text, with_title))
                 rows.append(r)
-    return pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+            if len(rows) >= CHUNK_ROWS_OUT:
+                yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
 
 
 class EmbedStage:
@@ -259,8 +267,7 @@ class EmbedStage:
 
         from rag.embedding import DenseEmbedder, SparseEncoder
 
-        if threads > 0:
-            torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
         self.dense = DenseEmbedder(model_dir, batch_size=batch_size)
         self.sparse = SparseEncoder(*bm25)
 
@@ -280,6 +287,17 @@ class EmbedStage:
 
 
 # --- the job ------------------------------------------------------------------------------------
+
+def embed_actors(settings: Settings) -> int:
+    """The embedding pool's largest size: rag.embed_actors, else one actor per embed_threads CPUs
+    of the cluster, at most EMBED_ACTORS_AUTO_MAX (each holds its own copy of the model)."""
+    import ray
+
+    if settings.rag.embed_actors:
+        return settings.rag.embed_actors
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(EMBED_ACTORS_AUTO_MAX, cpus // settings.rag.embed_threads))
+
 
 def indexing_params(settings: Settings) -> str:
     r = settings.rag
@@ -317,35 +335,41 @@ def run_ingest(source: str, collection: str | None = None, *, settings: Settings
                 if len(s["hashes"]) == 1 and s["count"] == s["n_chunks"]}
     states_ref = ray.put(complete)
 
-    threads = max(1, (os.cpu_count() or 2) // r.embed_actors)
     # Small blocks keep the stream moving: embedded chunks reach the upserts (and the progress
     # report) while later ones are still being embedded, even when one file holds the corpus.
     ctx = ray.data.DataContext.get_current()
     saved_block_size, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
     try:
         return _pipeline(settings, store, files=files, model_dir=model_dir, root=root, states_ref=states_ref,
-                         threads=threads, target=target, states=states, flip=flip, collection=collection,
+                         target=target, states=states, flip=flip, collection=collection,
                          source=source, t0=t0, progress=progress)
     finally:
         ctx.target_max_block_size = saved_block_size
 
 
-def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, threads, target, states, flip,
+def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, target, states, flip,
               collection, source, t0, progress) -> IngestSummary:
     """Ray Data: parse + chunk -> embed (actor pool) -> upserts from the stream; then clean-up."""
     import ray
 
     r = settings.rag
     ds = ray.data.from_items(files, override_num_blocks=max(1, min(len(files), 64)))
-    ds = ds.map_batches(parse_and_chunk, batch_size=1, batch_format="pyarrow", fn_kwargs=dict(
-        model_dir=model_dir, size=r.chunk_tokens, overlap=r.chunk_overlap, params=indexing_params(settings),
-        root=root, states_ref=states_ref))
+    # Parsing runs as its own tasks, not fused into the embedding actors (its other num_cpus keeps
+    # Ray Data from fusing them): it overlaps the actors' model load, the encoders never stop to
+    # chunk, and the chunks of one big file spread over every actor. Half a CPU: it is light
+    # next to embedding, and an actor can start beside it on a 2-CPU node.
+    ds = ds.map_batches(parse_and_chunk, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+                        fn_kwargs=dict(model_dir=model_dir, size=r.chunk_tokens, overlap=r.chunk_overlap,
+                                       params=indexing_params(settings), root=root, states_ref=states_ref))
     # Each call gets embed_call_rows chunks; the encoder sorts them by length into batches of
-    # embed_batch_size, so a larger call pads less (~8% faster on SciFact than calls of 64).
+    # embed_batch_size, so batches pad little. The pool grows from one actor while chunks queue
+    # up; two tasks in flight per actor keep the small blocks spread over all of them.
     ds = ds.map_batches(EmbedStage, batch_size=max(r.embed_call_rows, r.embed_batch_size), batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(size=r.embed_actors), num_cpus=1,
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_actors(settings),
+                                                           max_tasks_in_flight_per_actor=2),
+                        num_cpus=r.embed_threads,
                         fn_constructor_kwargs=dict(model_dir=model_dir, bm25=(r.bm25_k, r.bm25_b, r.bm25_avg_len),
-                                                   batch_size=r.embed_batch_size, threads=threads))
+                                                   batch_size=r.embed_batch_size, threads=r.embed_threads))
 
     seen_docs: dict[str, str] = {}     # doc_id -> index hash (written or skipped)
     written_docs: set[str] = set()

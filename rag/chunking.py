@@ -122,32 +122,34 @@ class Chunker:
         self.size = size
         self.overlap = overlap
 
-    def count(self, texts: list[str]) -> list[int]:
-        if not texts:
-            return []
-        return [len(e.ids) for e in self.tok.encode_batch(texts, add_special_tokens=False)]
-
-    def _split_long(self, text: str, u: _Unit) -> list[_Unit]:
-        """A unit longer than a chunk: cut at token offsets (on whitespace where possible)."""
-        enc = self.tok.encode(text[u.start:u.end], add_special_tokens=False)
-        offs = enc.offsets
-        pieces, i = [], 0
-        while i < len(offs):
-            j = min(i + self.size, len(offs))
-            s, e = u.start + offs[i][0], u.start + offs[j - 1][1]
-            pieces.append(_Unit(s, e, tokens=j - i))
-            i = j
+    def _split_long(self, u: _Unit, starts: list[int], ends: list[int], first: int, last: int) -> list[_Unit]:
+        """A unit longer than a chunk (its tokens first..last-1): cut every `size` tokens."""
+        pieces = []
+        for i in range(first, last, self.size):
+            j = min(i + self.size, last)
+            pieces.append(_Unit(starts[i], ends[j - 1], tokens=j - i))
         return pieces
 
     def split(self, doc: Document) -> list[Chunk]:
         text = doc.text
         units = _units(text)
-        counts = self.count([text[u.start:u.end] for u in units])
+        # One tokenisation of the whole text: units never split a word (they end at whitespace), so
+        # the tokens starting inside a unit's span are the tokens of the unit on its own.
+        offsets = self.tok.encode(text, add_special_tokens=False).offsets
+        starts, ends = [o[0] for o in offsets], [o[1] for o in offsets]
+
+        def tokens_in(s: int, e: int) -> tuple[int, int]:  # [first, last) token indices
+            return bisect.bisect_left(starts, s), bisect.bisect_left(starts, e)
+
+        def n_tokens(s: int, e: int) -> int:
+            first, last = tokens_in(s, e)
+            return last - first
+
         expanded: list[_Unit] = []
-        for u, c in zip(units, counts):
-            u.tokens = c
-            if u.heading is None and c > self.size:
-                expanded.extend(self._split_long(text, u))
+        for u in units:
+            u.tokens = n_tokens(u.start, u.end)
+            if u.heading is None and u.tokens > self.size:
+                expanded.extend(self._split_long(u, starts, ends, *tokens_in(u.start, u.end)))
             else:
                 expanded.append(u)
 
@@ -200,7 +202,7 @@ class Chunker:
             chunks.append(Chunk(
                 id=point_id(doc.doc_id, i), doc_id=doc.doc_id, chunk_index=i, n_chunks=n, source=doc.source,
                 title=doc.title, section=sec, text=body, start=s, end=e, page=page,
-                token_count=self.count([body])[0], hash=content_hash(body), doc_hash=doc.doc_hash,
+                token_count=n_tokens(s, e), hash=content_hash(body), doc_hash=doc.doc_hash,
                 record_id=doc.record_id, tags=list(doc.tags), date=doc.date,
             ))
         return chunks
