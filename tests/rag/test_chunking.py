@@ -27,6 +27,21 @@ def test_chunks_respect_size_sentences_and_overlap(tokenizer):
         assert len(tokenizer.encode(shared, add_special_tokens=False).ids) <= 15
 
 
+def test_token_counts_match_tokenising_each_chunk_alone(tokenizer):
+    # The chunker tokenises the document once; a chunk of whole sentences must count the tokens
+    # the encoder will see for it on its own (accents, punctuation, numbers, a heading, a
+    # long sentence, several paragraphs).
+    text = ("# Résumé\n\nThe café's 3.5% rise (p<0.05) was \"significant\". Übermäßig? Non!\n\n"
+            + " ".join(f"Finding {i}: dose-response at {i * 1.5} mg/kg, n={i * 7}." for i in range(40))
+            + "\n\n" + "A run-on clause about proteins, " * 30 + "ends here.")
+    chunks = Chunker(tokenizer, size=48, overlap=12).split(_doc(text))
+    assert len(chunks) > 5
+    whole = [c for c in chunks if c.end <= text.index("A run-on")]  # pieces of the long one may cut a word
+    assert len(whole) > 3
+    for c in whole:
+        assert c.token_count == len(tokenizer.encode(c.text, add_special_tokens=False).ids), c.text
+
+
 def test_no_overlap_when_zero(tokenizer):
     doc = _doc(" ".join(f"Fact {i} is stated here plainly." for i in range(40)))
     chunks = Chunker(tokenizer, size=32, overlap=0).split(doc)
