@@ -194,7 +194,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from cluster.deploy import deploy, wait_running
-    from cluster.keys import keystore
+    from security.keys import keystore
     from config import ModelSpec, Settings
     from models.tiny import build_tiny_chat_model
     from serve.applications import model_app_name, resolve_ingress

@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from config import Settings
-    from jobs.ingest import run_ingest
+    from rag.ingest import run_ingest
     from rag.chunking import Chunker, embedding_text, load_tokenizer
     from rag.documents import parse_bytes
     from rag.embedding import DenseEmbedder, embedder_dir

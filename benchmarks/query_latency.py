@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from cluster.deploy import deploy, wait_running
-    from cluster.keys import keystore
+    from security.keys import keystore
     from config import load_settings
     from serve.applications import RAG_APP, resolve_ingress
 

@@ -70,7 +70,7 @@ def gateway_overhead(requests: int) -> dict:
     from provider_server import ProviderServer  # the tests' loopback provider stands in for a hosted one
 
     from cluster.deploy import deploy, wait_running
-    from cluster.keys import keystore
+    from security.keys import keystore
     from config import ModelSpec, Settings
     from ray import serve
 

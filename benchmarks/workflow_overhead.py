@@ -53,7 +53,7 @@ def main() -> None:
     from harness import PROVIDER_KEY, free_port
     from provider_server import ProviderServer
 
-    from cluster.agents.coordinator import coordinator, run_tool
+    from agents.coordinator import coordinator, run_tool
     from cluster.deploy import deploy, wait_running
     from config import ModelSpec, Settings
 

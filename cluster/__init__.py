@@ -1,1 +1,1 @@
-"""Local cluster lifecycle, the `orfeas` CLI and the cluster-wide actors."""
+"""The control plane: the `orfeas` CLI, local cluster lifecycle, deploy, demo, KubeRay render and validate."""

@@ -38,7 +38,7 @@ def _fail(message: str, code: int = 1):
 def _coordinator(config: Path | None):
     import ray
 
-    from cluster.agents.coordinator import coordinator
+    from agents.coordinator import coordinator
     from cluster.local import ClusterError, connect
 
     try:

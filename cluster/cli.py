@@ -94,7 +94,7 @@ def _model_table(settings: Settings, states: dict[str, str] | None) -> Table:
 def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 600):
     """Start (or join) the Ray cluster, deploy the Serve applications and wait until they are healthy."""
     from cluster.deploy import DeployError, deploy, refused_models, wait_running
-    from cluster.keys import keystore
+    from security.keys import keystore
     from cluster.local import ClusterError, api_url, connect, dashboard_url, is_managed, start_local_head
     from serve.applications import resolve_ingress
 
@@ -218,7 +218,7 @@ def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--js
 
 
 def _store(config: Path | None):
-    from cluster.keys import keystore
+    from security.keys import keystore
 
     return keystore(_connected(config).resolved_data_dir())
 
@@ -298,7 +298,7 @@ def keys_budget(
 
 def experiment_report(settings: Settings, name: str) -> dict:
     """Per-arm figures and significance tests for a configured experiment, from the ledger."""
-    from cluster.ledger import ledger
+    from analytics.ledger import ledger
     from serve.router.experiments import report
 
     exp = next((e for e in settings.router.experiments if e.name == name), None)
@@ -338,7 +338,7 @@ def experiments_report(name: str, config: ConfigOpt = None,
 def usage(config: ConfigOpt = None, key_id: Annotated[Optional[str], typer.Option("--key-id")] = None,
           period: Annotated[Optional[str], typer.Option(help="day or month (default: all time)")] = None):
     """Usage and cost from the ledger, by key, team and model."""
-    from cluster.ledger import ledger, period_start
+    from analytics.ledger import ledger, period_start
 
     import time as _time
 

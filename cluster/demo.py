@@ -30,7 +30,7 @@ def main() -> int:
 
     from openai import OpenAI
 
-    from cluster.keys import keystore
+    from security.keys import keystore
     from cluster.local import api_url
 
     # A fresh demo key each run, the previous one revoked: the admin key is never stored in clear.

@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 
 from config import Settings
-from cluster.keys import NAMESPACE
+from config.names import ACTOR_NAMESPACE as NAMESPACE
 
 
 class ClusterError(RuntimeError):

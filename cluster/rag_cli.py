@@ -116,7 +116,7 @@ def ingest(
     """Ingest documents into a collection (a Ray Data job on the cluster)."""
     from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
-    from jobs.ingest import PROGRESS_TAG, SUMMARY_TAG, IngestSummary, format_summary, is_uri
+    from rag.ingest import PROGRESS_TAG, SUMMARY_TAG, IngestSummary, format_summary, is_uri
 
     settings = _settings(config)
     if not is_uri(source) and _is_local(settings):
@@ -247,7 +247,7 @@ def eval_retrieval(
     config: ConfigOpt = None,
 ):
     """nDCG@10, Recall@100 and MRR@10 of dense, sparse and hybrid retrieval on a BEIR dataset (JSON)."""
-    from jobs.eval_retrieval import RESULT_TAG
+    from rag.evaluation import RESULT_TAG
 
     if split not in ("train", "test", "dev"):
         _fail("--split must be train, test or dev", 2)

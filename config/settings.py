@@ -369,7 +369,6 @@ class AgentsSettings(_Section):
     """Agents, the message bus and durable workflows (actors in cluster/agents, API in serve/agents_app)."""
 
     enabled: bool = Field(True, description="Deploy the agents API (/v1/workflows, /v1/agents).")
-    namespace: str = Field("orfeas", description="Ray namespace of the coordinator, bus and state actors.")
     coordinator_name: str = Field("orfeas-coordinator", pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
     checkpoint_uri: str = Field("", description="Where run checkpoints go: a directory or an fsspec URI "
                                 "(s3://, gs://, ...); empty: data_dir/workflows.")

@@ -1,150 +1,21 @@
-"""Retrieval quality on a BEIR dataset: nDCG@10, Recall@100 and MRR@10 for dense, sparse and
-hybrid retrieval, as JSON.
+"""Retrieval quality on a BEIR dataset (nDCG@10, Recall@100, MRR@10) as JSON.
 
     python -m jobs.eval_retrieval --dataset DIR --split train [--output FILE]
 
-The corpus goes through the real ingest job (Ray Data, chunking, embedding, upsert) into a
-fresh version of collection `eval-<dataset>` (`--rebuild`); results are grouped per document
-(a document's score is its best chunk's), and corpus ids come back through the chunk payload.
+The evaluation is `rag.evaluation.evaluate`; this entrypoint prints its RESULT line for `orfeas eval`.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import logging
-import math
 import sys
-import time
 from pathlib import Path
-from typing import Any
 
-from config import Settings, load_settings
-
-log = logging.getLogger("jobs.eval_retrieval")
-
-RESULT_TAG = "ORFEAS_EVAL"
-
-
-def load_beir(dataset: str | Path, split: str) -> tuple[Path, dict[str, str], dict[str, dict[str, int]]]:
-    d = Path(dataset)
-    corpus = d / "corpus.jsonl"
-    qfile = d / "queries.jsonl"
-    qrels_file = d / "qrels" / f"{split}.tsv"
-    for f in (corpus, qfile, qrels_file):
-        if not f.exists():
-            from rag.errors import SourceUnreadable
-
-            raise SourceUnreadable(f"BEIR dataset is missing {f}", "dataset")
-    qrels: dict[str, dict[str, int]] = {}
-    with open(qrels_file) as f:
-        reader = csv.reader(f, delimiter="\t")
-        for row in reader:
-            if not row or row[0] in ("query-id", "query_id"):
-                continue
-            qid, did, score = row[0], row[1], int(row[2])
-            if score > 0:
-                qrels.setdefault(qid, {})[did] = score
-    queries = {}
-    with open(qfile) as f:
-        for line in f:
-            if line.strip():
-                q = json.loads(line)
-                if str(q["_id"]) in qrels:
-                    queries[str(q["_id"])] = q["text"]
-    return corpus, queries, qrels
-
-
-def ndcg_at(ranked: list[str], rels: dict[str, int], k: int = 10) -> float:
-    dcg = sum(rels.get(d, 0) / math.log2(i + 2) for i, d in enumerate(ranked[:k]))
-    ideal = sorted(rels.values(), reverse=True)[:k]
-    idcg = sum(r / math.log2(i + 2) for i, r in enumerate(ideal))
-    return dcg / idcg if idcg > 0 else 0.0
-
-
-def recall_at(ranked: list[str], rels: dict[str, int], k: int = 100) -> float:
-    return len(set(ranked[:k]) & set(rels)) / len(rels) if rels else 0.0
-
-
-def mrr_at(ranked: list[str], rels: dict[str, int], k: int = 10) -> float:
-    for i, d in enumerate(ranked[:k]):
-        if rels.get(d, 0) > 0:
-            return 1.0 / (i + 1)
-    return 0.0
-
-
-def evaluate_runs(runs: dict[str, list[str]], qrels: dict[str, dict[str, int]]) -> dict[str, float]:
-    qids = [q for q in qrels if q in runs]
-    n = max(1, len(qids))
-    return {
-        "ndcg@10": round(sum(ndcg_at(runs[q], qrels[q]) for q in qids) / n, 4),
-        "recall@100": round(sum(recall_at(runs[q], qrels[q]) for q in qids) / n, 4),
-        "mrr@10": round(sum(mrr_at(runs[q], qrels[q]) for q in qids) / n, 4),
-        "queries": len(qids),
-    }
-
-
-DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
-    "dense": {"mode": "dense"},
-    "sparse": {"mode": "sparse"},
-    "hybrid-rrf": {"mode": "hybrid", "fusion": "rrf"},
-    "hybrid-dbsf": {"mode": "hybrid", "fusion": "dbsf"},
-}
-
-
-def run_queries(retriever, collection: str, queries: dict[str, str], variants: dict[str, dict[str, Any]],
-                top_k: int = 100) -> dict[str, dict[str, list[str]]]:
-    qids = list(queries)
-    dense, sparse = retriever.encode_queries([queries[q] for q in qids])
-    out: dict[str, dict[str, list[str]]] = {}
-    for name, v in variants.items():
-        runs = {}
-        for i, qid in enumerate(qids):
-            chunks, _ = retriever.retrieve(queries[qid], collection, top_k=top_k, mode=v["mode"],
-                                           fusion=v.get("fusion"), group_by_doc=True, vectors=(dense[i], sparse[i]),
-                                           payload_fields=["doc_id", "record_id"])
-            runs[qid] = [c.record_id for c in chunks]
-        out[name] = runs
-    return out
-
-
-def evaluate(dataset: str, split: str = "train", *, settings: Settings | None = None, collection: str | None = None,
-             reuse: bool = False, variants: dict[str, dict[str, Any]] | None = None, store=None,
-             max_queries: int | None = None) -> dict[str, Any]:
-    from jobs.ingest import run_ingest
-    from rag.retrieval import Retriever
-    from rag.store import open_store
-
-    settings = settings or load_settings()
-    corpus, queries, qrels = load_beir(dataset, split)
-    if max_queries:
-        queries = dict(list(queries.items())[:max_queries])
-    name = collection or f"eval-{Path(dataset).resolve().name}"
-    store = store or open_store(settings)
-    ingest = None
-    if not (reuse and store.get_alias(name)):
-        ingest = run_ingest(str(corpus), name, settings=settings, rebuild=True, store=store)
-    settings.rag.max_top_k = max(settings.rag.max_top_k, 100)
-    retriever = Retriever(settings, store)
-    t0 = time.perf_counter()
-    runs = run_queries(retriever, name, queries, variants or DEFAULT_VARIANTS)
-    qsecs = time.perf_counter() - t0
-    metrics = {v: evaluate_runs(r, qrels) for v, r in runs.items()}
-    configured = f"hybrid-{settings.rag.fusion}"
-    if configured in metrics:
-        metrics["hybrid"] = dict(metrics[configured], fusion=settings.rag.fusion)
-    r = settings.rag
-    return {
-        "dataset": str(Path(dataset).resolve()), "split": split, "collection": name,
-        "version_collection": store.resolve(name), "queries": len(queries),
-        "metrics": metrics,
-        "config": {"chunk_tokens": r.chunk_tokens, "chunk_overlap": r.chunk_overlap, "bm25_k": r.bm25_k,
-                   "bm25_b": r.bm25_b, "bm25_avg_len": r.bm25_avg_len, "fusion": r.fusion, "rrf_k": r.rrf_k,
-                   "prefetch": r.prefetch, "embedding_model": r.embedding_model, "grouped_by_doc": True},
-        "ingest": ingest.model_dump() if ingest else None,
-        "query_seconds": round(qsecs, 2),
-    }
+from config import load_settings
+from config.names import ACTOR_NAMESPACE
+from rag.evaluation import RESULT_TAG, evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
 
     settings = load_settings(args.config)
     if not ray.is_initialized():
-        ray.init(address=settings.ray.address or None, namespace="orfeas", log_to_driver=False)
+        ray.init(address=settings.ray.address or None, namespace=ACTOR_NAMESPACE, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         result = evaluate(args.dataset, args.split, settings=settings, collection=args.collection, reuse=args.reuse)
@@ -177,6 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{RESULT_TAG} {json.dumps(result)}", flush=True)
     print(text, flush=True)
     return 0
+
 
 
 if __name__ == "__main__":

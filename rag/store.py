@@ -28,6 +28,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from config import Settings
+from config.actors import detached_actor
+from config.names import ACTOR_NAMESPACE
 from rag.embedding import DENSE, SPARSE, SparseVec
 from rag.errors import CollectionNotFound, RagInvalidRequest
 
@@ -505,7 +507,6 @@ class QdrantServerStore(VectorStore):
 # The Edge store's owner: a named, detached Ray actor
 # ================================================================================================
 
-ACTOR_NAMESPACE = "orfeas"
 
 
 class _EdgeStoreOwner:
@@ -536,12 +537,8 @@ def edge_actor_name(settings: Settings) -> str:
 
 def edge_store_actor(settings: Settings):
     """Get or create the detached actor owning this data dir's Edge shards."""
-    import ray
-
-    cls = ray.remote(_EdgeStoreOwner)
-    return cls.options(name=edge_actor_name(settings), namespace=ACTOR_NAMESPACE, lifetime="detached",
-                       get_if_exists=True, num_cpus=0, max_concurrency=16, max_restarts=-1,
-                       max_task_retries=0).remote(str(edge_root(settings)))
+    return detached_actor(_EdgeStoreOwner, edge_actor_name(settings), str(edge_root(settings)), durable=True,
+                          max_concurrency=16, max_task_retries=0)
 
 
 class RemoteStore(VectorStore):

@@ -25,15 +25,13 @@ from ray.exceptions import RayTaskError
 
 from config import Settings, settings_from_dict
 from models.errors import APIError, InvalidRequest, ModelNotFound
-from serve.gateway.auth import Authenticator, Principal
+from security.auth import Authenticator, Principal
 from serve.gateway.body import read_json
 from serve.applications import replica_actor_options
 from serve.gateway.errors import install_error_handlers, invalid_request
 
 log = logging.getLogger(__name__)
 
-WORKFLOWS_APP, WORKFLOWS_PREFIX = "workflows", "/v1/workflows"
-AGENTS_APP, AGENTS_PREFIX = "agents", "/v1/agents"
 EVENT_POLL_S = 15.0
 
 
@@ -66,7 +64,7 @@ def _owner(principal: Principal) -> str | None:
 
 def _models_of(definition: Any, settings: Settings) -> set[str]:
     """Chat models an inline definition names (its model steps and its own agents)."""
-    from cluster.agents.spec import WorkflowError, WorkflowSpec
+    from agents.spec import WorkflowError, WorkflowSpec
 
     try:
         wf = WorkflowSpec.parse(definition)
@@ -79,7 +77,7 @@ def _models_of(definition: Any, settings: Settings) -> set[str]:
 
 class _Api:
     def __init__(self, settings: dict[str, Any]):
-        from cluster.agents.coordinator import coordinator
+        from agents.coordinator import coordinator
 
         self.settings = settings_from_dict(settings)
         self.auth = Authenticator(self.settings)

@@ -8,23 +8,20 @@ builder and JSON-safe arguments, which is what Serve's declarative config needs.
 from __future__ import annotations
 
 import importlib
-import re
 import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
 from config import ModelSpec, Settings
+from config.names import (AGENTS_APP, AGENTS_PREFIX, GATEWAY_APP, GATEWAY_PREFIX, RAG_APP, RAG_PREFIX,
+                          WORKFLOWS_APP, WORKFLOWS_PREFIX, model_app_name)
 from config.settings import ServeSettings
 
-GATEWAY_APP = "gateway"
 GATEWAY_IMPORT_PATH = "serve.gateway.app:build_app"
-RAG_APP, RAG_PREFIX = "rag", "/v1/rag"
 RAG_IMPORT_PATH = "serve.rag_app:build_app"
-WORKFLOWS_APP = "workflows"
 WORKFLOWS_IMPORT_PATH = "serve.agents_app:build_workflows_app"
-AGENTS_APP = "agents"
 AGENTS_IMPORT_PATH = "serve.agents_app:build_agents_app"
-MODEL_IMPORT_PATH = "models.serving:build_model_app"
+MODEL_IMPORT_PATH = "serve.model_apps:build_model_app"
 VLLM_IMPORT_PATH = "models.engines.vllm_engine:build_vllm_app"
 
 # Engines that run inside the cluster as their own Serve application; `openai` backends are
@@ -101,11 +98,6 @@ def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, A
     return options
 
 
-def model_app_name(model_id: str) -> str:
-    """Serve application name of an in-cluster model (Serve names allow a limited alphabet)."""
-    return "model-" + re.sub(r"[^A-Za-z0-9_-]", "-", model_id)
-
-
 def model_app(spec: ModelSpec, serve: ServeSettings) -> AppSpec:
     import_path = VLLM_IMPORT_PATH if spec.engine == "vllm" else MODEL_IMPORT_PATH
     return AppSpec(model_app_name(spec.id), import_path, None,
@@ -120,9 +112,9 @@ def applications(settings: Settings) -> list[AppSpec]:
     if settings.rag.enabled:
         apps.append(AppSpec(RAG_APP, RAG_IMPORT_PATH, RAG_PREFIX, {"settings": settings.to_dict()}))
     if settings.agents.enabled:
-        apps.append(AppSpec(WORKFLOWS_APP, WORKFLOWS_IMPORT_PATH, "/v1/workflows", {"settings": settings.to_dict()}))
-        apps.append(AppSpec(AGENTS_APP, AGENTS_IMPORT_PATH, "/v1/agents", {"settings": settings.to_dict()}))
-    apps.append(AppSpec(GATEWAY_APP, GATEWAY_IMPORT_PATH, "/", {"settings": settings.to_dict()}))
+        apps.append(AppSpec(WORKFLOWS_APP, WORKFLOWS_IMPORT_PATH, WORKFLOWS_PREFIX, {"settings": settings.to_dict()}))
+        apps.append(AppSpec(AGENTS_APP, AGENTS_IMPORT_PATH, AGENTS_PREFIX, {"settings": settings.to_dict()}))
+    apps.append(AppSpec(GATEWAY_APP, GATEWAY_IMPORT_PATH, GATEWAY_PREFIX, {"settings": settings.to_dict()}))
     return apps
 
 

@@ -28,8 +28,9 @@ from config import settings_from_dict
 from models.errors import AdminRequired, APIError, NotFound, UpstreamTimeout
 from rag.errors import RagInvalidRequest
 from rag.service import RagService
-from serve.applications import GATEWAY_APP, replica_actor_options
-from serve.gateway.auth import Authenticator, Principal
+from config.names import GATEWAY_APP
+from serve.applications import replica_actor_options
+from security.auth import Authenticator, Principal
 from serve.gateway.backends import unwrap
 from serve.gateway.body import read_json
 from serve.gateway.errors import error_response, install_error_handlers
@@ -163,7 +164,7 @@ class RagServer:
     def start_ingest(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
         """Check the request (allowed roots, name, readable files) before anything is written,
         then run the Ray Data ingest on the cluster from a background thread."""
-        from jobs.ingest import check_allowed, list_sources, run_ingest
+        from rag.ingest import check_allowed, list_sources, run_ingest
         from rag.errors import SourceUnreadable
         from rag.versions import check_logical_name
 

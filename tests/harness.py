@@ -36,6 +36,6 @@ def deployed(settings):
 def make_key(settings, role: str = "admin", models: list[str] | None = None, name: str = "") -> tuple[dict, str]:
     import ray
 
-    from cluster.keys import keystore
+    from security.keys import keystore
 
     return ray.get(keystore(settings.resolved_data_dir()).create.remote(role, models, name))

@@ -10,7 +10,7 @@ import openai
 import pytest
 import ray
 
-from cluster.keys import keystore
+from security.keys import keystore
 from harness import deployed, make_key
 from config import ModelSpec, Settings
 

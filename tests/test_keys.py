@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from cluster.keys import KeyStore, hash_key
+from security.keys import KeyStore, hash_key
 
 
 def test_create_verify_and_store_only_hashes(tmp_path):

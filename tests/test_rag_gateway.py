@@ -24,7 +24,7 @@ CHAT, EMB = "tiny-chat", "all-minilm-l6-v2"
 
 @pytest.fixture(scope="module")
 def rag_platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
-    from jobs.ingest import run_ingest
+    from rag.ingest import run_ingest
 
     root = tmp_path_factory.mktemp("rag-gw")
     corpus = root / "corpus"
@@ -189,7 +189,7 @@ def test_agents_kb_search_tool_searches_the_real_index(rag_platform):
     are ToolErrors (shown to the model), never exceptions that stop the agent."""
     import asyncio
 
-    from cluster.agents.tools import ToolError, build_tools
+    from agents.tools import ToolError, build_tools
 
     settings = rag_platform[0]
     kb = build_tools(settings, ["kb_search"])["kb_search"]

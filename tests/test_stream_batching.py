@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from models.protocol import GenerationEvent, ToolCallDelta, Usage
-from models.serving import batched
+from serve.model_apps import batched
 
 
 async def source(n: int, gap_s: float, log: list[str], fail_at: int | None = None):

@@ -1,1 +1,1 @@
-"""Chat and embedding engines. Each is plain Python; `models.serving` hosts them on Ray Serve."""
+"""Chat and embedding engines. Each is plain Python; `serve.model_apps` hosts them on Ray Serve."""

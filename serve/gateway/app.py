@@ -55,13 +55,14 @@ from models.protocol import (
     new_id,
     now,
 )
-from serve.gateway.auth import Authenticator, Principal
-from serve.applications import RAG_APP, replica_actor_options
+from security.auth import Authenticator, Principal
+from config.names import RAG_APP
+from serve.applications import replica_actor_options
 from serve.gateway.backends import Backend, BackendRegistry, unwrap
 from serve.gateway.body import read_json
 from serve.gateway.errors import error_response, install_error_handlers, invalid_request
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
-from serve.gateway.usage import UsageBook
+from analytics.budgets import UsageBook
 from serve.router.orchestrator import CallResult, OrchestrateRequest, Orchestrator
 from serve.router.runtime import Opened, Route, Router, ascii_header
 
@@ -106,7 +107,7 @@ class _Feedback(BaseModel):
 
 def _since(since: str | None, period: str | None) -> float | None:
     """`since` (unix seconds) or `period` (day | month: the current one) as a start time."""
-    from cluster.ledger import period_start
+    from analytics.ledger import period_start
 
     if since is not None and period is not None:
         raise InvalidRequest("give since or period, not both", "since")

@@ -22,7 +22,7 @@ from models.engines.openai_remote import RemoteOpenAIEngine
 from models.engines.vllm_engine import MISSING_EXTRA, stream_from_llm_server, vllm_available
 from models.errors import APIError, ModelUnavailable
 from models.protocol import GenerationEvent
-from serve.applications import model_app_name
+from config.names import model_app_name
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ class Backend(ABC):
 
 
 class ServeAppBackend(Backend):
-    """A model hosted by our own deployment (`models.serving`) in its own Serve application."""
+    """A model hosted by our own deployment (`serve.model_apps`) in its own Serve application."""
 
     def __init__(self, spec: ModelSpec, serve_status):
         super().__init__(spec)

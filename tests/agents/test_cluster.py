@@ -50,7 +50,7 @@ def platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
     )
     config = root / "orfeas.yaml"
     config.write_text(yaml.safe_dump(settings.model_dump(mode="json")))
-    from cluster.agents.coordinator import coordinator
+    from agents.coordinator import coordinator
 
     with deployed(settings):
         _, admin = make_key(settings, "admin")
@@ -64,7 +64,7 @@ def platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
 
 
 def coord(platform):
-    from cluster.agents.coordinator import coordinator
+    from agents.coordinator import coordinator
 
     return coordinator(platform["settings"])
 
@@ -341,8 +341,8 @@ def test_approval_gate_blocks_until_approved(platform):
 
 
 def test_bus_pubsub_order_redelivery_duplicates_direct_and_request_reply(platform):
-    from cluster.agents.bus import Inbox, message_bus
-    from cluster.agents.state import shared_state
+    from agents.bus import Inbox, message_bus
+    from agents.state import shared_state
 
     data_dir = str(platform["settings"].resolved_data_dir())
     bus, state = message_bus(data_dir), shared_state(data_dir)
@@ -384,7 +384,7 @@ def test_bus_pubsub_order_redelivery_duplicates_direct_and_request_reply(platfor
 
 
 def test_shared_state_compare_and_set_detects_conflicts(platform):
-    from cluster.agents.state import VersionConflict, shared_state
+    from agents.state import VersionConflict, shared_state
 
     state = shared_state(str(platform["settings"].resolved_data_dir()))
     v1 = ray.get(state.put.remote("run-x", "plan", {"owner": "a"}, 0))

@@ -5,12 +5,12 @@ import asyncio
 
 import pytest
 
-from cluster.agents.assignment import Candidate, pick, read_judge_choice, resolve
-from cluster.agents.bus import BusCore, Inbox
-from cluster.agents.expressions import ExpressionError, calculate, evaluate, render
-from cluster.agents.protocol import parse_reply
-from cluster.agents.state import VersionConflict, VersionedStore
-from cluster.agents.tools import HttpGet, ToolError, build_tools
+from agents.assignment import Candidate, pick, read_judge_choice, resolve
+from agents.bus import BusCore, Inbox
+from agents.expressions import ExpressionError, calculate, evaluate, render
+from agents.protocol import parse_reply
+from agents.state import VersionConflict, VersionedStore
+from agents.tools import HttpGet, ToolError, build_tools
 from config import Settings
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 
-from cluster.agents import scheduling as sch
-from cluster.agents.spec import WorkflowError, WorkflowSpec
+from agents import scheduling as sch
+from agents.spec import WorkflowError, WorkflowSpec
 
 
 def wf(steps, **kw):

@@ -103,7 +103,7 @@ def test_import_path_that_does_not_import_fails(fresh):
     rs = find(objs, "RayService")
     cfg = yaml.safe_load(rs["spec"]["serveConfigV2"])
     cfg["applications"][0]["import_path"] = "serve.no_such_module:build_app"
-    cfg["applications"][1]["import_path"] = "models.serving:no_such_builder"
+    cfg["applications"][1]["import_path"] = "serve.model_apps:no_such_builder"
     rs["spec"]["serveConfigV2"] = yaml.safe_dump(cfg)
     problems = _problems(objs)
     _one(problems, "serve.no_such_module does not import")
@@ -115,7 +115,7 @@ def test_every_import_path_is_checked(rendered):
     paths = {a["import_path"] for a in cfg["applications"]}
     assert paths == {
         "serve.gateway.app:build_app",
-        "models.serving:build_model_app",
+        "serve.model_apps:build_model_app",
         "models.engines.vllm_engine:build_vllm_app",
         "serve.rag_app:build_app",
         "serve.agents_app:build_workflows_app",

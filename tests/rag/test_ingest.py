@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jobs.ingest import run_ingest
+from rag.ingest import run_ingest
 from rag.errors import CollectionNotFound, SourceNotAllowed, SourceUnreadable
 from rag.store import open_store
 from rag.versions import list_versions, rollback

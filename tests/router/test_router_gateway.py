@@ -9,8 +9,8 @@ import pytest
 import ray
 
 from cluster.cli import experiment_report
-from cluster.keys import keystore
-from cluster.ledger import ledger
+from security.keys import keystore
+from analytics.ledger import ledger
 from config import ModelSpec, Settings
 from harness import deployed, free_port, make_key
 from provider_server import ProviderServer

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from pydantic import ValidationError
 
-from cluster.ledger import Ledger, period_start
+from analytics.ledger import Ledger, period_start
 from config import ModelSpec, Settings
 from config.settings import BreakerSettings, ExperimentSettings, FallbackSettings
 from models.errors import InvalidRequest, PermissionDenied, NoCapableModel, NoHealthyModel, UpstreamError, UpstreamTimeout

@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-import ray
 
-from cluster.keys import NAMESPACE
+from config.actors import detached_actor
 
 PERIODS = ("day", "month")
 
@@ -131,8 +130,5 @@ def ledger_name(data_dir: str | Path) -> tuple[str, Path]:
 def ledger(data_dir: str | Path):
     """The cluster's ledger actor for this data directory (created on first use, restarted on loss)."""
     name, path = ledger_name(data_dir)
-    actor = ray.remote(Ledger).options(
-        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1,
-        max_task_retries=-1,  # calls made while it restarts wait for it; record() ignores a repeated response id
-    )
-    return actor.remote(str(path))
+    # max_task_retries: calls made while it restarts wait for it; record() ignores a repeated response id.
+    return detached_actor(Ledger, name, str(path), durable=True, max_task_retries=-1)

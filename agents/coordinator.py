@@ -19,17 +19,19 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
-from cluster.agents import scheduling as sch
-from cluster.agents.agent import AgentActor, AgentError, gateway_chat, usage_of
-from cluster.agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, resolve
-from cluster.agents.checkpoints import RUN_ID, CheckpointStore
-from cluster.agents.engine import RunExecutor, StepFailed
-from cluster.agents.expressions import ExpressionError, render
-from cluster.agents.metrics import WorkflowMetrics
-from cluster.agents.scheduling import RunState
-from cluster.agents.spec import StepSpec, WorkflowError, WorkflowSpec
-from cluster.agents.tools import SHIPPED_TOOLS, ToolError, build_tools
+from agents import scheduling as sch
+from agents.agent import AgentActor, AgentError, gateway_chat, usage_of
+from agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, resolve
+from agents.checkpoints import RUN_ID, CheckpointStore
+from agents.engine import RunExecutor, StepFailed
+from agents.expressions import ExpressionError, render
+from agents.metrics import WorkflowMetrics
+from agents.scheduling import RunState
+from agents.spec import StepSpec, WorkflowError, WorkflowSpec
+from agents.tools import SHIPPED_TOOLS, ToolError, build_tools
 from config import AgentSpec, Settings, settings_from_dict
+from config.actors import detached_actor
+from config.names import ACTOR_NAMESPACE
 from models.errors import InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
@@ -67,10 +69,8 @@ def definitions_dir(settings: Settings) -> Path:
 
 def coordinator(settings: Settings):
     """This data directory's coordinator (created on first use; restarted by Ray if it dies)."""
-    return ray.remote(Coordinator).options(
-        name=coordinator_name(settings), namespace=settings.agents.namespace, lifetime="detached",
-        get_if_exists=True, num_cpus=0, max_restarts=-1, max_concurrency=1000,
-    ).remote(settings.to_dict())
+    return detached_actor(Coordinator, coordinator_name(settings), settings.to_dict(), durable=True,
+                          max_concurrency=1000)
 
 
 @dataclass
@@ -218,8 +218,8 @@ class Coordinator:
             scope = "" if reg.scope == "global" else f"-{reg.scope[:12]}"
             slot.actor_name = f"{self.name}-{reg.spec.name}{scope}-{slot.index}-g{slot.generation}"
             slot.actor = ray.remote(AgentActor).options(
-                name=slot.actor_name, namespace=self.cfg.namespace, num_cpus=0, max_restarts=0,
-            ).remote(reg.spec.model_dump(mode="json"), self.settings.to_dict(), self.name, self.cfg.namespace)
+                name=slot.actor_name, namespace=ACTOR_NAMESPACE, num_cpus=0, max_restarts=0,
+            ).remote(reg.spec.model_dump(mode="json"), self.settings.to_dict(), self.name)
         return slot.actor
 
     async def _on_agent(self, reg: Registered, run_id: str, step_id: str, task: str, idem: str) -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from cluster.keys import hash_key, keystore
+from security.keys import hash_key, keystore
 from config import Settings
 from models.errors import AuthenticationFailed, PermissionDenied
 

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from cluster.agents.spec import StepSpec, WorkflowSpec
+from agents.spec import StepSpec, WorkflowSpec
 
 StepStatus = Literal["pending", "running", "retry_wait", "awaiting_approval", "succeeded", "failed",
                      "recovered", "skipped", "cancelled"]
@@ -191,7 +191,7 @@ def apply_plan(run: RunState, p: Plan, now: float) -> RunState:
 
 
 def run_output(run: RunState) -> Any:
-    from cluster.agents.expressions import ExpressionError, render
+    from agents.expressions import ExpressionError, render
 
     if run.workflow.output:
         try:

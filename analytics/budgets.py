@@ -6,7 +6,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
-from cluster.ledger import ledger, period_start
+from analytics.ledger import ledger, period_start
 from config import Settings
 from models.errors import BudgetExceeded
 

@@ -19,7 +19,8 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-import ray
+
+from config.actors import detached_actor
 
 
 class BusTimeout(TimeoutError):
@@ -195,8 +196,6 @@ class MessageBus:
         return True
 
 
-def message_bus(data_dir: str, namespace: str = "orfeas"):
+def message_bus(data_dir: str):
     """The bus actor for this data directory (created on first use)."""
-    name = "orfeas-bus-" + hashlib.sha1(str(data_dir).encode()).hexdigest()[:10]
-    return ray.remote(MessageBus).options(name=name, namespace=namespace, lifetime="detached",
-                                          get_if_exists=True, num_cpus=0, max_restarts=-1).remote()
+    return detached_actor(MessageBus, "orfeas-bus-" + hashlib.sha1(str(data_dir).encode()).hexdigest()[:10])

@@ -14,9 +14,10 @@ from typing import Any, Awaitable, Callable
 
 import ray
 
-from cluster.agents.protocol import parse_reply, system_prompt, tool_result_messages
-from cluster.agents.tools import Tool, ToolError, build_tools
+from agents.protocol import parse_reply, system_prompt, tool_result_messages
+from agents.tools import Tool, ToolError, build_tools
 from config import AgentSpec, Settings, settings_from_dict
+from config.names import ACTOR_NAMESPACE
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +51,7 @@ def gateway_chat(settings: Settings) -> Chat:
     cost ledger as HTTP)."""
     from ray import serve
 
-    from serve.applications import GATEWAY_APP
+    from config.names import GATEWAY_APP
 
     handle = None
 
@@ -141,16 +142,16 @@ class AgentCore:
 class AgentActor:
     """The agent as an async Ray actor."""
 
-    def __init__(self, spec: dict, settings: dict, coordinator: str, namespace: str):
+    def __init__(self, spec: dict, settings: dict, coordinator: str):
         self.settings = settings_from_dict(settings)
         self.core = AgentCore(AgentSpec.model_validate(spec), self.settings, gateway_chat(self.settings))
-        self.coordinator_name, self.namespace = coordinator, namespace
+        self.coordinator_name = coordinator
         self._coordinator = None
         self.busy = 0
 
     def _coord(self):
         if self._coordinator is None:
-            self._coordinator = ray.get_actor(self.coordinator_name, namespace=self.namespace)
+            self._coordinator = ray.get_actor(self.coordinator_name, namespace=ACTOR_NAMESPACE)
         return self._coordinator
 
     async def _heartbeats(self, task_id: str) -> None:

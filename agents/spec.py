@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cluster.agents.expressions import ExpressionError, _parse, references
+from agents.expressions import ExpressionError, _parse, references
 from config import AgentSpec
 from config.settings import ConflictPolicy
 

@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 from typing import Literal
 
-import ray
 from pydantic import BaseModel, Field
 
+from config.actors import detached_actor
+
 Role = Literal["admin", "user"]
-NAMESPACE = "orfeas"
 KEY_PREFIX = "orf"
 
 
@@ -153,7 +153,4 @@ def keystore(data_dir: str | Path):
     """The cluster's key store actor for this data directory (created on first use)."""
     path = Path(data_dir).expanduser().resolve() / "auth" / "keys.json"
     name = "orfeas-keys-" + hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    actor = ray.remote(KeyStore).options(
-        name=name, namespace=NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0, max_restarts=-1
-    )
-    return actor.remote(str(path))
+    return detached_actor(KeyStore, name, str(path), durable=True)

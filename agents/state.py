@@ -16,7 +16,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import ray
+
+from config.actors import detached_actor
 
 
 class VersionConflict(Exception):
@@ -95,8 +96,7 @@ class SharedState:
         self._save()
 
 
-def shared_state(data_dir: str | Path, namespace: str = "orfeas"):
+def shared_state(data_dir: str | Path):
     path = Path(data_dir).expanduser().resolve() / "agents" / "state.json"
-    name = "orfeas-state-" + hashlib.sha1(str(path).encode()).hexdigest()[:10]
-    return ray.remote(SharedState).options(name=name, namespace=namespace, lifetime="detached",
-                                           get_if_exists=True, num_cpus=0, max_restarts=-1).remote(str(path))
+    return detached_actor(SharedState, "orfeas-state-" + hashlib.sha1(str(path).encode()).hexdigest()[:10], str(path),
+                          durable=True)

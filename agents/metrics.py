@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ray.util.metrics import Counter, Gauge, Histogram
 
-from cluster.agents.scheduling import RunState
+from agents.scheduling import RunState
 
 
 class WorkflowMetrics:

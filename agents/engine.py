@@ -2,7 +2,7 @@
 `StepRunner` (the coordinator), checkpoints every transition and emits events.
 
 The executor holds no decision logic of its own: readiness, retries, backoff, on-failure and
-approval all come from `cluster.agents.scheduling`.
+approval all come from `agents.scheduling`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import logging
 import time
 from typing import Any, Awaitable, Callable, Protocol
 
-from cluster.agents import scheduling as sch
-from cluster.agents.expressions import ExpressionError, evaluate, render
-from cluster.agents.scheduling import RunState
-from cluster.agents.spec import StepSpec
+from agents import scheduling as sch
+from agents.expressions import ExpressionError, evaluate, render
+from agents.scheduling import RunState
+from agents.spec import StepSpec
 
 log = logging.getLogger(__name__)
 

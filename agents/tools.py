@@ -12,7 +12,7 @@ import logging
 from typing import Any
 from urllib.parse import urlsplit
 
-from cluster.agents.expressions import ExpressionError, calculate
+from agents.expressions import ExpressionError, calculate
 from config import Settings
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class KnowledgeBaseSearch(Tool):
     async def run(self, args, *, idempotency_key=None):
         from ray import serve
 
-        from serve.applications import RAG_APP
+        from config.names import RAG_APP
 
         if not self.settings.rag.enabled:
             raise ToolError("the knowledge base is not enabled on this platform")

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cluster.agents.scheduling import RunState
+from agents.scheduling import RunState
 
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 

@@ -1,0 +1,1 @@
+"""Usage: the cost ledger actor and budgets (the gateway's book of spend per key)."""

@@ -1,0 +1,434 @@
+"""Ingest documents into a versioned collection with Ray Data (the library behind `jobs.ingest`).
+
+Pipeline: list files (local file/dir/glob, or s3:// gs:// abfs:// through pyarrow/fsspec) ->
+parse + chunk (Ray Data tasks) -> embed dense + BM25 (Ray Data actor pool) -> upsert in
+batches into the store (the Edge owner actor or a Qdrant server).
+
+Idempotent: point ids are uuid5(doc id, chunk index); a document whose points all carry its
+current hash and are all present is skipped; a changed document's chunks are overwritten and its
+older chunks removed; documents gone from the source are removed. A killed run leaves documents
+half-written, which the next run sees (missing points or mixed hashes) and redoes, so a re-run
+ends with exactly the chunks of one clean run. `--rebuild` writes a new version and flips the
+alias only at the end.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import glob
+import hashlib
+import logging
+import os
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pyarrow as pa
+from pydantic import BaseModel
+
+from config import Settings, load_settings
+from rag.errors import ParseError, SourceNotAllowed, SourceUnreadable
+
+log = logging.getLogger(__name__)
+
+PROGRESS_TAG = "ORFEAS_PROGRESS"
+SUMMARY_TAG = "ORFEAS_SUMMARY"
+_URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdfs://", "file://", "memory://")
+
+ROW_SCHEMA = pa.schema([
+    ("kind", pa.string()),  # chunk | skipped | failed
+    ("id", pa.string()), ("doc_id", pa.string()), ("chunk_index", pa.int32()), ("n_chunks", pa.int32()),
+    ("source", pa.string()), ("root", pa.string()), ("title", pa.string()), ("section", pa.string()),
+    ("text", pa.string()), ("embed_text", pa.string()), ("start", pa.int64()), ("end", pa.int64()),
+    ("page", pa.int32()), ("token_count", pa.int32()), ("hash", pa.string()), ("doc_hash", pa.string()),
+    ("record_id", pa.string()), ("tags", pa.list_(pa.string())), ("date", pa.string()), ("error", pa.string()),
+])
+EMBEDDED_SCHEMA = ROW_SCHEMA.append(pa.field("dense", pa.list_(pa.float32()))) \
+    .append(pa.field("sparse_indices", pa.list_(pa.int64()))).append(pa.field("sparse_values", pa.list_(pa.float32())))
+BLOCK_BYTES = 512 * 1024
+CHUNK_ROWS_OUT = 256
+EMBED_ACTORS_AUTO_MAX = 8
+PAYLOAD_FIELDS = ["doc_id", "chunk_index", "n_chunks", "source", "root", "title", "section", "text", "start", "end",
+                  "page", "token_count", "hash", "doc_hash", "record_id", "tags", "date"]
+
+
+class IngestSummary(BaseModel):
+    source: str
+    collection: str
+    version_collection: str
+    alias_flipped: bool
+    files: int
+    documents: int          # documents seen in the source (indexed + skipped)
+    indexed: int            # documents (re)written this run
+    chunks: int             # chunks written this run
+    skipped: int            # unchanged documents
+    deleted: int            # documents removed (gone from the source)
+    failed: list[dict[str, str]]   # [{"path", "reason"}]
+    seconds: float
+    chunks_per_s: float
+
+
+# --- sources ------------------------------------------------------------------------------------
+
+def is_uri(source: str) -> bool:
+    return source.startswith(_URI_SCHEMES)
+
+
+def check_allowed(source: str, settings: Settings) -> None:
+    """API-triggered ingest may read only under rag.allowed_roots (default: data_dir/uploads)."""
+    roots = settings.rag.allowed_roots or [str(settings.resolved_data_dir() / "uploads")]
+    if is_uri(source):
+        ok = any(source.startswith(r.rstrip("/") + "/") or source == r for r in roots if is_uri(r))
+    else:
+        real = os.path.realpath(os.path.expanduser(source.split("*")[0] or "."))
+        ok = False
+        for r in roots:
+            if is_uri(r):
+                continue
+            rr = os.path.realpath(os.path.expanduser(r))
+            if real == rr or real.startswith(rr.rstrip(os.sep) + os.sep):
+                ok = True
+    if not ok:
+        raise SourceNotAllowed(f"source {source!r} is outside the allowed ingest roots", "source")
+
+
+def _filesystem(uri: str):
+    """(filesystem, path) for a URI: pyarrow's own filesystems, else fsspec through pyarrow."""
+    from pyarrow import fs as pafs
+
+    try:
+        return pafs.FileSystem.from_uri(uri)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, ValueError):
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(uri)
+        return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def list_sources(source: str) -> tuple[list[dict[str, Any]], str]:
+    """Files under a source (file, directory, glob or URI) with their modification dates, and the
+    normalised source root that scopes deletions."""
+    from rag.documents import supported
+
+    files: list[dict[str, Any]] = []
+    if is_uri(source):
+        from pyarrow import fs as pafs
+
+        has_glob = any(ch in source for ch in "*?[")
+        base = source.split("*")[0].rsplit("/", 1)[0] if has_glob else source
+        try:
+            fs, path = _filesystem(base)
+            info = fs.get_file_info(path)
+            scheme = source.split("://", 1)[0] + "://"
+            if info.type == pafs.FileType.NotFound:
+                raise SourceUnreadable(f"source {source!r} does not exist", "source")
+            infos = [info] if info.type == pafs.FileType.File else \
+                fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            for i in infos:
+                if i.type != pafs.FileType.File:
+                    continue
+                uri = i.path if "://" in i.path else scheme + i.path.lstrip("/") if scheme != "file://" else scheme + i.path
+                if has_glob and not fnmatch.fnmatch(uri, source):
+                    continue
+                if supported(uri):
+                    files.append({"path": uri, "mtime": i.mtime.isoformat() if i.mtime else None})
+        except SourceUnreadable:
+            raise
+        except Exception as e:
+            raise SourceUnreadable(f"cannot list {source!r}: {type(e).__name__}: {e}", "source") from e
+        return sorted(files, key=lambda f: f["path"]), source.rstrip("/")
+
+    expanded = os.path.expanduser(source)
+    if any(ch in expanded for ch in "*?["):
+        paths = [p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p)]
+        root = os.path.abspath(expanded)
+    else:
+        p = Path(expanded)
+        if not p.exists():
+            raise SourceUnreadable(f"source {source!r} does not exist", "source")
+        if not os.access(p, os.R_OK):
+            raise SourceUnreadable(f"source {source!r} is not readable", "source")
+        if p.is_dir():
+            paths = [str(f) for f in p.rglob("*") if f.is_file()
+                     and not any(part.startswith(".") for part in f.relative_to(p).parts)]
+        else:
+            paths = [str(p)]
+        root = str(p.resolve())
+    for path in sorted(paths):
+        if not supported(path) and not (len(paths) == 1):
+            continue  # in a directory, skip files of unknown type silently
+        st = os.stat(path)
+        files.append({"path": str(Path(path).resolve()),
+                      "mtime": datetime.fromtimestamp(st.st_mtime, timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")})
+    return files, root
+
+
+def read_bytes(path: str) -> bytes:
+    if is_uri(path):
+        fs, p = _filesystem(path)
+        with fs.open_input_stream(p) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+# --- Ray Data stages ----------------------------------------------------------------------------
+
+def index_hash(doc_hash: str, params: str) -> str:
+    """A document's hash together with the indexing parameters: changing either re-indexes it."""
+    return hashlib.sha256(f"{doc_hash}|{params}".encode()).hexdigest()[:32]
+
+
+def _norm_date(value: str | None) -> str | None:
+    if not value:
+        return None
+    try:
+        d = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if d.tzinfo is None:
+        d = d.replace(tzinfo=timezone.utc)
+    return d.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+_STATE_CACHE: dict[str, dict[str, str]] = {}
+
+
+def _complete_hashes(ref) -> dict[str, str]:
+    import ray
+
+    key = ref.hex() if hasattr(ref, "hex") else str(id(ref))
+    if key not in _STATE_CACHE:
+        _STATE_CACHE.clear()
+        _STATE_CACHE[key] = ray.get(ref)
+    return _STATE_CACHE[key]
+
+
+def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int, params: str, root: str,
+                    states_ref, with_title: bool = True) -> Iterator[pa.Table]:
+    """Files -> chunk rows (kind=chunk), plus one row per unchanged (skipped) doc or failed file.
+    Yields every CHUNK_ROWS_OUT rows, so one file holding a whole corpus still streams to the
+    encoder instead of arriving all at once."""
+    from rag.chunking import Chunker, embedding_text, load_tokenizer
+    from rag.documents import parse_bytes
+
+    complete = _complete_hashes(states_ref)
+    chunker = Chunker(load_tokenizer(model_dir), size, overlap)
+    rows: list[dict[str, Any]] = []
+    for f in batch.to_pylist():
+        path = f["path"]
+        try:
+            docs = parse_bytes(path, read_bytes(path), date=f.get("mtime"))
+        except ParseError as e:
+            rows.append({"kind": "failed", "source": path, "root": root, "error": e.reason})
+            continue
+        except OSError as e:
+            rows.append({"kind": "failed", "source": path, "root": root, "error": f"unreadable: {e}"})
+            continue
+        except Exception as e:  # a parser bug must not sink the job: report the file
+            rows.append({"kind": "failed", "source": path, "root": root, "error": f"{type(e).__name__}: {e}"})
+            continue
+        for d in docs:
+            h = index_hash(d.doc_hash, params)
+            if complete.get(d.doc_id) == h:
+                rows.append({"kind": "skipped", "doc_id": d.doc_id, "source": d.source, "root": root, "doc_hash": h})
+                continue
+            d.date = _norm_date(d.date)
+            try:
+                chunks = chunker.split(d)
+            except Exception as e:
+                rows.append({"kind": "failed", "source": f"{path}#{d.record_id or d.doc_id}", "root": root,
+                             "error": f"chunking failed: {type(e).__name__}: {e}"})
+                continue
+            for c in chunks:
+                r = c.to_row()
+                r.update(kind="chunk", root=root, doc_hash=h,
+                         embed_text=embedding_text(c.title, c.section, c.text, with_title))
+                rows.append(r)
+            if len(rows) >= CHUNK_ROWS_OUT:
+                yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+                rows = []
+    if rows:
+        yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+
+
+class EmbedStage:
+    """Ray Data actor: loads the dense model once, embeds dense + BM25 for chunk rows."""
+
+    def __init__(self, model_dir: str, bm25: tuple[float, float, float], batch_size: int, threads: int):
+        import torch
+
+        from rag.embedding import DenseEmbedder, SparseEncoder
+
+        torch.set_num_threads(threads)
+        self.dense = DenseEmbedder(model_dir, batch_size=batch_size)
+        self.sparse = SparseEncoder(*bm25)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        idx = [i for i, r in enumerate(rows) if r["kind"] == "chunk"]
+        texts = [rows[i]["embed_text"] for i in idx]
+        dense = self.dense.embed(texts)
+        sparse = self.sparse.embed_documents(texts)
+        for r in rows:
+            r["dense"], r["sparse_indices"], r["sparse_values"] = [], [], []
+        for j, i in enumerate(idx):
+            rows[i]["dense"] = dense[j].tolist()
+            rows[i]["sparse_indices"] = sparse[j].indices
+            rows[i]["sparse_values"] = sparse[j].values
+        return pa.Table.from_pylist(rows, schema=EMBEDDED_SCHEMA)
+
+
+# --- the job ------------------------------------------------------------------------------------
+
+def embed_actors(settings: Settings) -> int:
+    """The embedding pool's largest size: rag.embed_actors, else one actor per embed_threads CPUs
+    of the cluster, at most EMBED_ACTORS_AUTO_MAX (each holds its own copy of the model)."""
+    import ray
+
+    if settings.rag.embed_actors:
+        return settings.rag.embed_actors
+    cpus = int(ray.cluster_resources().get("CPU", 1))
+    return max(1, min(EMBED_ACTORS_AUTO_MAX, cpus // settings.rag.embed_threads))
+
+
+def indexing_params(settings: Settings) -> str:
+    r = settings.rag
+    return f"chunk={r.chunk_tokens}/{r.chunk_overlap};bm25={r.bm25_k}/{r.bm25_b}/{r.bm25_avg_len};model={r.embedding_model}"
+
+
+def run_ingest(source: str, collection: str | None = None, *, settings: Settings | None = None,
+               rebuild: bool = False, store=None, enforce_roots: bool = False,
+               progress: Callable[[dict[str, Any]], None] | None = None) -> IngestSummary:
+    """Run the ingest pipeline on the connected Ray cluster and return its summary."""
+    import ray
+
+    from rag.embedding import embedder_dir
+    from rag.store import open_store
+    from rag.versions import check_logical_name, ingest_target
+
+    t0 = time.perf_counter()
+    settings = settings or load_settings()
+    r = settings.rag
+    collection = collection or r.collection
+    check_logical_name(collection)
+    if enforce_roots:
+        check_allowed(source, settings)
+    files, root = list_sources(source)
+    if not files:
+        raise SourceUnreadable(f"no ingestible files under {source!r}", "source")
+    store = store or open_store(settings)
+    model_dir = embedder_dir(settings)
+    dim = 384 if r.embedding_model == "all-minilm-l6-v2" else _dimension(model_dir)
+    target, flip = ingest_target(store, collection, dim, rebuild)
+    log.info("ingesting %d file(s) from %s into %s (version %s)", len(files), source, collection, target)
+
+    states = store.doc_states(target)
+    complete = {d: next(iter(s["hashes"])) for d, s in states.items()
+                if len(s["hashes"]) == 1 and s["count"] == s["n_chunks"]}
+    states_ref = ray.put(complete)
+
+    # Small blocks keep the stream moving: embedded chunks reach the upserts (and the progress
+    # report) while later ones are still being embedded, even when one file holds the corpus.
+    ctx = ray.data.DataContext.get_current()
+    saved_block_size, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
+    try:
+        return _pipeline(settings, store, files=files, model_dir=model_dir, root=root, states_ref=states_ref,
+                         target=target, states=states, flip=flip, collection=collection,
+                         source=source, t0=t0, progress=progress)
+    finally:
+        ctx.target_max_block_size = saved_block_size
+
+
+def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, target, states, flip,
+              collection, source, t0, progress) -> IngestSummary:
+    """Ray Data: parse + chunk -> embed (actor pool) -> upserts from the stream; then clean-up."""
+    import ray
+
+    r = settings.rag
+    ds = ray.data.from_items(files, override_num_blocks=max(1, min(len(files), 64)))
+    # Parsing runs as its own tasks, not fused into the embedding actors (its other num_cpus keeps
+    # Ray Data from fusing them): it overlaps the actors' model load, the encoders never stop to
+    # chunk, and the chunks of one big file spread over every actor. Half a CPU: it is light
+    # next to embedding, and an actor can start beside it on a 2-CPU node.
+    ds = ds.map_batches(parse_and_chunk, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+                        fn_kwargs=dict(model_dir=model_dir, size=r.chunk_tokens, overlap=r.chunk_overlap,
+                                       params=indexing_params(settings), root=root, states_ref=states_ref))
+    # Each call gets embed_call_rows chunks; the encoder sorts them by length into batches of
+    # embed_batch_size, so batches pad little. The pool grows from one actor while chunks queue
+    # up; two tasks in flight per actor keep the small blocks spread over all of them.
+    ds = ds.map_batches(EmbedStage, batch_size=max(r.embed_call_rows, r.embed_batch_size), batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_actors(settings),
+                                                           max_tasks_in_flight_per_actor=2),
+                        num_cpus=r.embed_threads,
+                        fn_constructor_kwargs=dict(model_dir=model_dir, bm25=(r.bm25_k, r.bm25_b, r.bm25_avg_len),
+                                                   batch_size=r.embed_batch_size, threads=r.embed_threads))
+
+    seen_docs: dict[str, str] = {}     # doc_id -> index hash (written or skipped)
+    written_docs: set[str] = set()
+    failed: list[dict[str, str]] = []
+    chunks = skipped = 0
+    last = 0.0
+    for batch in ds.iter_batches(batch_size=r.upsert_batch_size, batch_format="pyarrow"):
+        points = []
+        for row in batch.to_pylist():
+            kind = row["kind"]
+            if kind == "failed":
+                failed.append({"path": row["source"], "reason": row["error"]})
+                log.warning("could not ingest %s: %s", row["source"], row["error"])
+                continue
+            if kind == "skipped":
+                seen_docs[row["doc_id"]] = row["doc_hash"]
+                skipped += 1
+                continue
+            seen_docs[row["doc_id"]] = row["doc_hash"]
+            written_docs.add(row["doc_id"])
+            points.append({"id": row["id"], "dense": row["dense"], "sparse_indices": row["sparse_indices"],
+                           "sparse_values": row["sparse_values"], "payload": {k: row[k] for k in PAYLOAD_FIELDS}})
+        if points:
+            store.upsert(target, points)
+            chunks += len(points)
+        now = time.perf_counter()
+        if progress and now - last > 0.5:
+            last = now
+            progress({"files": len(files), "documents": len(seen_docs), "chunks": chunks, "skipped": skipped,
+                      "failed": len(failed), "seconds": round(now - t0, 1)})
+
+    # Older versions of rewritten documents, and documents gone from this source.
+    for doc_id in written_docs:
+        if doc_id in states:
+            store.delete_stale(target, doc_id, seen_docs[doc_id])
+    failed_sources = {f["path"] for f in failed}
+    gone = [d for d, s in states.items() if s.get("root") == root and d not in seen_docs
+            and s.get("source") not in failed_sources]
+    if gone:
+        store.delete_docs(target, gone)
+    store.flush(target)
+    if flip:
+        store.set_alias(collection, target)
+    secs = time.perf_counter() - t0
+    summary = IngestSummary(
+        source=source, collection=collection, version_collection=target, alias_flipped=flip, files=len(files),
+        documents=len(seen_docs), indexed=len(written_docs), chunks=chunks, skipped=skipped, deleted=len(gone),
+        failed=failed, seconds=round(secs, 2), chunks_per_s=round(chunks / secs, 1) if secs > 0 else 0.0)
+    log.info("ingest done: %s", summary.model_dump_json())
+    return summary
+
+
+def _dimension(model_dir: str) -> int:
+    from rag.embedding import shared_dense
+
+    return shared_dense(model_dir).dim
+
+
+def format_summary(s: IngestSummary) -> str:
+    lines = [f"ingested {s.source} into {s.collection} ({s.version_collection}"
+             + (", alias flipped" if s.alias_flipped else "") + ")",
+             f"  documents {s.documents}  indexed {s.indexed}  chunks {s.chunks}  skipped {s.skipped}  "
+             f"deleted {s.deleted}  failed {len(s.failed)}",
+             f"  {s.seconds:.1f} s  {s.chunks_per_s:.1f} chunks/s"]
+    for f in s.failed:
+        lines.append(f"  failed: {f['path']}: {f['reason']}")
+    return "\n".join(lines)
+

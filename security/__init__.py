@@ -1,0 +1,1 @@
+"""Identity and access: API keys and their store, principals and the authenticator."""
