@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import time
 import uuid
+from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 def new_id(prefix: str) -> str:
@@ -59,6 +60,19 @@ class _Sampling(_Request):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(None, description="Token id (as a string) -> bias in [-100, 100].")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for token, bias in (v or {}).items():
+            if not token.isdigit():
+                raise ValueError(f"keys are token ids, not {token!r}")
+            if not -100 <= bias <= 100:
+                raise ValueError(f"bias of token {token} is {bias}, outside [-100, 100]")
+        return v
 
     @field_validator("stop")
     @classmethod
@@ -75,6 +89,26 @@ class _Sampling(_Request):
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+    def _params(self, max_tokens_cap: int, limit: int | None, **extra: Any) -> GenerationParams:
+        """Engine parameters; a limit over the cap is the caller's error, checked before this."""
+        return GenerationParams(max_tokens=limit, max_tokens_cap=max_tokens_cap, temperature=self.temperature,
+                                top_p=self.top_p, stop=self.stop, seed=self.seed,
+                                presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
+                                logit_bias=self.logit_bias, user=self.user, **extra)
+
+
+class ResponseFormat(BaseModel):
+    """`text`, JSON mode (`json_object`) or structured output (`json_schema`: name, schema, strict)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_json_schema(self) -> "ResponseFormat":
+        if self.type == "json_schema" and not (self.json_schema and "name" in self.json_schema):
+            raise ValueError('type "json_schema" needs json_schema with at least a name')
+        return self
 
 
 class FunctionDefinition(BaseModel):
@@ -95,6 +129,9 @@ class ChatCompletionRequest(_Sampling):
     tools: list[ToolDefinition] | None = Field(None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
     parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
 
     @field_validator("tools")
     @classmethod
@@ -132,11 +169,20 @@ class ChatCompletionRequest(_Sampling):
     def token_limit(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
 
+    def to_generation(self, max_tokens_cap: int) -> GenerationRequest:
+        return GenerationRequest(
+            kind=GenerationKind.CHAT, messages=[m.model_dump(exclude_none=True) for m in self.messages],
+            **self.tool_payload(), params=self._params(max_tokens_cap, self.token_limit(),
+                                                     response_format=self.response_format,
+                                                     logprobs=bool(self.logprobs),
+                                                     top_logprobs=self.top_logprobs))
+
 
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
+    logprobs: int | None = Field(None, ge=0, le=5, description="Log probabilities of this many top tokens.")
 
     @field_validator("prompt")
     @classmethod
@@ -150,6 +196,12 @@ class CompletionRequest(_Sampling):
 
     def token_limit(self) -> int | None:
         return self.max_tokens
+
+    def to_generation(self, max_tokens_cap: int) -> GenerationRequest:
+        return GenerationRequest(kind=GenerationKind.COMPLETION, prompt=self.prompt,
+                                 params=self._params(max_tokens_cap, self.token_limit(),
+                                                     logprobs=self.logprobs is not None,
+                                                     top_logprobs=self.logprobs))
 
 
 class EmbeddingRequest(_Request):
@@ -210,6 +262,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: FinishReason | None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -246,6 +299,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChatDelta
     finish_reason: FinishReason | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -261,7 +315,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: FinishReason | None
-    logprobs: None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class Completion(BaseModel):
@@ -324,8 +378,14 @@ class ErrorResponse(BaseModel):
 # ---------------------------------------------------------------- engine-side pieces
 
 
+class GenerationKind(str, Enum):
+    CHAT = "chat"
+    COMPLETION = "completion"
+
+
 class GenerationParams(BaseModel):
-    """What an engine needs to generate, whatever the request's endpoint."""
+    """What an engine needs to generate, whatever the request's endpoint. Unset (None) fields are
+    left to the engine; an engine that cannot honour a set one refuses the request naming it."""
 
     max_tokens: int | None = Field(None, description="None: as many as fit, up to max_tokens_cap.")
     max_tokens_cap: int = 4096
@@ -333,6 +393,38 @@ class GenerationParams(BaseModel):
     top_p: float = 1.0
     stop: list[str] | None = None
     seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = None
+    response_format: ResponseFormat | None = None
+    user: str | None = None
+
+    def token_budget(self) -> int:
+        """The most tokens an answer may have: the request's limit or, without one, the cap."""
+        return min(self.max_tokens or self.max_tokens_cap, self.max_tokens_cap)
+
+
+class GenerationRequest(BaseModel):
+    """One generation, as every engine takes it: a chat (`messages`, optional tools) or a
+    completion (`prompt`), and its parameters."""
+
+    kind: GenerationKind
+    messages: list[dict[str, Any]] | None = None
+    prompt: str | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    params: GenerationParams = Field(default_factory=GenerationParams)
+
+    @model_validator(mode="after")
+    def _input_of_its_kind(self) -> "GenerationRequest":
+        if self.kind is GenerationKind.CHAT and not self.messages:
+            raise ValueError("a chat generation needs messages")
+        if self.kind is GenerationKind.COMPLETION and self.prompt is None:
+            raise ValueError("a completion generation needs a prompt")
+        return self
 
 
 class GenerationEvent(BaseModel):
@@ -343,6 +435,9 @@ class GenerationEvent(BaseModel):
     tool_calls: list[ToolCallDelta] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
+    # The provider's log probabilities of this step's tokens, in its own shape (chat: {"content": [...]};
+    # completion: {"tokens": [...], "token_logprobs": [...], "top_logprobs": [...]}), passed back as is.
+    logprobs: dict[str, Any] | None = None
 
 
 class ToolCallCollector:
