@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from config import Settings
+    from config.names import ACTOR_NAMESPACE
     from rag.ingest import run_ingest
     from rag.chunking import Chunker, embedding_text, load_tokenizer
     from rag.documents import parse_bytes
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     del model
 
     # The job: Ray Data end to end, through the Edge owner actor, model load included.
-    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False, namespace="orfeas")
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False,
+             namespace=ACTOR_NAMESPACE)
     ray.data.DataContext.get_current().enable_progress_bars = False
     t0 = time.perf_counter()
     summary = run_ingest(str(corpus), "bench", settings=settings, rebuild=True)

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from cluster.deploy import deploy, wait_running
     from security.keys import keystore
     from config import load_settings
+    from config.names import ACTOR_NAMESPACE
     from serve.applications import RAG_APP, resolve_ingress
 
     with socket.socket() as sock:
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     body = {"collection": args.collection, "top_k": args.top_k, "mode": "hybrid", "answer": False,
             "include_passages": False}
 
-    ray.init(include_dashboard=False, log_to_driver=False, namespace="orfeas")
+    ray.init(include_dashboard=False, log_to_driver=False, namespace=ACTOR_NAMESPACE)
     names = deploy(settings)
     states = wait_running(names, timeout_s=600)
     if any(s != "RUNNING" for s in states.values()):
