@@ -14,6 +14,7 @@ import yaml
 from typer.testing import CliRunner
 
 from config import ModelSpec, Settings
+from config.names import ACTOR_NAMESPACE
 from harness import deployed, free_port, make_key
 from provider_server import ProviderServer
 
@@ -257,7 +258,7 @@ def test_agent_killed_mid_step_is_retried_on_a_new_actor_exactly_once_in_effect(
     run_id = ray.get(c.start_run.remote(wf))["id"]
     effects.wait_hits("agent-kill", 1)
     [task] = [t for t in ray.get(c.tasks_in_flight.remote()) if t["run_id"] == run_id]
-    victim = ray.get_actor(task["actor"], namespace="orfeas")
+    victim = ray.get_actor(task["actor"], namespace=ACTOR_NAMESPACE)
     ray.kill(victim, no_restart=True)
     effects.release("agent-kill")
     run = wait_done(c, run_id)
