@@ -50,6 +50,14 @@ def admit(h: BackendHealth, now: float, cfg: BreakerSettings) -> tuple[bool, Bac
     return False, h
 
 
+def release(h: BackendHealth) -> BackendHealth:
+    """The state after an admitted request ended with no outcome (its caller went away): a
+    half-open circuit gets its trial slot back, so the next request can be the trial."""
+    if h.state == HALF_OPEN and h.trials > 0:
+        return replace(h, trials=h.trials - 1)
+    return h
+
+
 def record(h: BackendHealth, ok: bool, latency_s: float | None, now: float, cfg: BreakerSettings,
            alpha: float, error: str | None = None) -> BackendHealth:
     """The state after one request's outcome (`ok` False only for failures that count: retryable ones)."""

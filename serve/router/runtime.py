@@ -315,14 +315,14 @@ class Router:
             events = _bounded(backend.stream(kind, payload, params), deadline, mid)
             try:
                 first = await anext(events)
-            except StopAsyncIteration:
-                first = None
-                err: APIError = UpstreamError(f"model {mid!r} ended its answer without any output")
-            except APIError as e:
-                first, err = None, e
-            except Exception as e:  # an engine bug or a lost replica: treat as a 5xx
-                log.exception("backend %s failed before its first token", mid)
-                first, err = None, ModelUnavailable(f"model {mid!r} failed: {type(e).__name__}")
+            except BaseException as e:
+                if not isinstance(e, Exception):  # cancelled (the client went away): no outcome to record
+                    self._release(mid)
+                    await events.aclose()
+                    raise
+                first, err = self._first_failure(mid, e)
+            else:
+                err = None
             if first is not None:
                 attempts.append((mid, "ok"))
                 return Opened(mid, first, self._tracked(mid, start, events), attempts)
@@ -344,30 +344,77 @@ class Router:
         tried = ", ".join(f"{m} ({o})" for m, o in attempts)
         raise type(last)(f"{last.message} [tried: {tried}]", last.param, last.code)
 
-    async def _tracked(self, mid: str, start: float, events: AsyncIterator[GenerationEvent]
-                       ) -> AsyncIterator[GenerationEvent]:
-        """The rest of a backend's events; the outcome feeds its health once it ends."""
-        outcome: tuple[bool, str | None] | None = None
+    @staticmethod
+    def _first_failure(mid: str, e: Exception) -> tuple[None, APIError]:
+        """The error of an attempt that gave no first event."""
+        if isinstance(e, StopAsyncIteration):
+            return None, UpstreamError(f"model {mid!r} ended its answer without any output")
+        if isinstance(e, APIError):
+            return None, e
+        log.exception("backend %s failed before its first token", mid)  # an engine bug or a lost replica: a 5xx
+        return None, ModelUnavailable(f"model {mid!r} failed: {type(e).__name__}")
+
+    def _release(self, mid: str) -> None:
+        """An admitted attempt ended with no outcome (its caller went away): give back its slot."""
+        self.outstanding[mid] -= 1
+        self._set(mid, health.release(self.health[mid]))
+
+    def _tracked(self, mid: str, start: float, events: AsyncIterator[GenerationEvent]) -> "TrackedEvents":
+        return TrackedEvents(self, mid, start, events)
+
+    def _finish(self, mid: str, start: float, outcome: tuple[bool, str | None] | None) -> None:
+        """One attempt's end: its outcome feeds the backend's health; with none (the caller went
+        away before the stream finished or failed), its slot is given back."""
+        if outcome is None:
+            self._release(mid)
+            return
+        self.outstanding[mid] -= 1
+        self._set(mid, health.record(self.health[mid], outcome[0], time.monotonic() - start if outcome[0] else None,
+                                     time.monotonic(), self.cfg.breaker, self.cfg.ewma_alpha, outcome[1]))
+
+
+class TrackedEvents:
+    """The rest of a backend's events after the first. However it ends (finished, failed, closed
+    early, or closed before it was ever read), the attempt is accounted for exactly once."""
+
+    def __init__(self, router: Router, mid: str, start: float, events: AsyncIterator[GenerationEvent]):
+        self.router, self.mid, self.start, self.events = router, mid, start, events
+        self.outcome: tuple[bool, str | None] | None = None
+        self._ended = False
+
+    def __aiter__(self) -> "TrackedEvents":
+        return self
+
+    async def __anext__(self) -> GenerationEvent:
+        if self._ended:
+            raise StopAsyncIteration
         try:
-            async for event in events:
-                if event.finish_reason:
-                    outcome = (True, None)
-                yield event
-            if outcome is None:
-                outcome = (False, "stream ended without finishing")
+            event = await anext(self.events)
+        except StopAsyncIteration:
+            await self._end(self.outcome or (False, "stream ended without finishing"))
+            raise
         except APIError as e:
-            outcome = (not fallback.retryable(e), f"{e.code}: {e.message}"[:300])
+            await self._end((not fallback.retryable(e), f"{e.code}: {e.message}"[:300]))
             raise
         except Exception as e:
-            outcome = (False, type(e).__name__)
+            await self._end((False, type(e).__name__))
             raise
-        finally:
-            self.outstanding[mid] -= 1
-            await events.aclose()
-            if outcome is not None:
-                self._set(mid, health.record(self.health[mid], outcome[0],
-                                             time.monotonic() - start if outcome[0] else None, time.monotonic(),
-                                             self.cfg.breaker, self.cfg.ewma_alpha, outcome[1]))
+        except BaseException:  # cancelled: the caller went away
+            await self._end(self.outcome)
+            raise
+        if event.finish_reason:
+            self.outcome = (True, None)
+        return event
+
+    async def aclose(self) -> None:
+        await self._end(self.outcome)
+
+    async def _end(self, outcome: tuple[bool, str | None] | None) -> None:
+        if self._ended:
+            return
+        self._ended = True
+        self.router._finish(self.mid, self.start, outcome)
+        await self.events.aclose()
 
 
 async def _bounded(events: AsyncIterator[GenerationEvent], deadline: float, model: str
