@@ -9,19 +9,13 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-from config import ConfigError, Settings, load_settings
-
-console = Console()
-err = Console(stderr=True)
+from cluster.console import ConfigOpt, JsonOpt, connected, console, fail, print_json, table
 
 workflows_app = typer.Typer(help="Run, inspect, approve, cancel and resume durable workflows.", no_args_is_help=True)
 agents_app = typer.Typer(help="The agent registry.", no_args_is_help=True)
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Configuration file (default: ./orfeas.yaml).")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON.")]
 CLI_OWNER = "cli"
 
 
@@ -30,44 +24,21 @@ def register(app: typer.Typer) -> None:
     app.add_typer(agents_app, name="agents")
 
 
-def _fail(message: str, code: int = 1):
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _coordinator(config: Path | None):
+def _call(config: Path | None, method: str, *args, **kwargs) -> Any:
+    """Call a coordinator method; its typed errors become CLI errors (2 for bad input)."""
     import ray
 
     from agents.coordinator import coordinator
-    from cluster.local import ClusterError, connect
-
-    try:
-        settings: Settings = load_settings(config)
-    except ConfigError as e:
-        _fail(str(e), 2)
-    try:
-        connect(settings)
-    except ClusterError as e:
-        _fail(str(e))
-    return ray, coordinator(settings)
-
-
-def _call(config: Path | None, method: str, *args, **kwargs) -> Any:
-    """Call a coordinator method; its typed errors become CLI errors (2 for bad input)."""
     from models.errors import APIError
 
-    ray, coord = _coordinator(config)
+    coord = coordinator(connected(config))
     try:
         return ray.get(getattr(coord, method).remote(*args, **kwargs))
     except ray.exceptions.RayTaskError as e:
         cause = getattr(e, "cause", None)
         if isinstance(cause, APIError):
-            _fail(cause.message, 2 if cause.status < 500 else 1)
+            fail(cause.message, 2 if cause.status < 500 else 1)
         raise
-
-
-def _print(obj: Any) -> None:
-    console.print_json(json.dumps(obj, default=str))
 
 
 def _parse_inputs(pairs: list[str] | None, inputs_json: str | None) -> dict:
@@ -76,13 +47,13 @@ def _parse_inputs(pairs: list[str] | None, inputs_json: str | None) -> dict:
         try:
             inputs = json.loads(inputs_json)
         except ValueError as e:
-            _fail(f"--inputs-json is not valid JSON: {e}", 2)
+            fail(f"--inputs-json is not valid JSON: {e}", 2)
         if not isinstance(inputs, dict):
-            _fail("--inputs-json must be a JSON object", 2)
+            fail("--inputs-json must be a JSON object", 2)
     for pair in pairs or []:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            _fail(f"--input takes KEY=VALUE, not {pair!r}", 2)
+            fail(f"--input takes KEY=VALUE, not {pair!r}", 2)
         try:
             inputs[key] = json.loads(value)
         except ValueError:
@@ -94,17 +65,17 @@ def _definition(workflow: str) -> str:
     path = Path(workflow)
     if path.suffix in (".yaml", ".yml", ".json"):
         if not path.exists():
-            _fail(f"{workflow} does not exist", 2)
+            fail(f"{workflow} does not exist", 2)
         return path.read_text()
     return workflow  # a registered workflow's name
 
 
 def _run_table(run: dict) -> Table:
-    table = Table("step", "status", "attempts", "time s", "agent", "error", box=None, pad_edge=False)
+    steps = table("step", "status", "attempts", "time s", "agent", "error")
     for sid, st in run["steps"].items():
-        table.add_row(sid, st["status"], str(st["attempts"]), f"{st['run_time_s']:.2f}", st.get("agent") or "",
+        steps.add_row(sid, st["status"], str(st["attempts"]), f"{st['run_time_s']:.2f}", st.get("agent") or "",
                       (st.get("error") or "")[:60])
-    return table
+    return steps
 
 
 @workflows_app.command("run")
@@ -117,11 +88,11 @@ def run_cmd(workflow: Annotated[str, typer.Argument(help="A YAML file or a regis
     inputs = _parse_inputs(input, inputs_json)
     run = _call(config, "start_run", _definition(workflow), inputs, CLI_OWNER)
     if not wait:
-        _print(run) if as_json else console.print(f"started {run['id']} ({run['workflow']})")
+        print_json(run) if as_json else console.print(f"started {run['id']} ({run['workflow']})")
         return
     _follow(config, run["id"])
     final = _call(config, "get_run", run["id"])
-    _print(final) if as_json else console.print(_run_table(final))
+    print_json(final) if as_json else console.print(_run_table(final))
     if final["status"] != "succeeded":
         raise typer.Exit(1)
 
@@ -144,12 +115,12 @@ def list_cmd(config: ConfigOpt = None, as_json: JsonOpt = False):
     """Runs, newest first."""
     runs = _call(config, "list_runs")
     if as_json:
-        return _print(runs)
-    table = Table("run", "workflow", "owner", "status", "created", box=None, pad_edge=False)
+        return print_json(runs)
+    rows = table("run", "workflow", "owner", "status", "created")
     for r in runs:
-        table.add_row(r["id"], r["workflow"], r["owner"], r["status"],
-                      time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])))
-    console.print(table)
+        rows.add_row(r["id"], r["workflow"], r["owner"], r["status"],
+                     time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created_at"])))
+    console.print(rows)
 
 
 @workflows_app.command("status")
@@ -157,7 +128,7 @@ def status_cmd(run_id: str, config: ConfigOpt = None, as_json: JsonOpt = False):
     """A run's status, steps and analytics."""
     run = _call(config, "get_run", run_id)
     if as_json:
-        return _print(run)
+        return print_json(run)
     console.print(f"{run['id']} ({run['workflow']}): [bold]{run['status']}[/]" +
                   (f" — {run['error']}" if run["error"] else ""))
     console.print(_run_table(run))
@@ -204,7 +175,7 @@ def resume_cmd(run_id: str, config: ConfigOpt = None):
 def register_cmd(path: Path, config: ConfigOpt = None):
     """Register a workflow definition (YAML) under its name."""
     if not path.exists():
-        _fail(f"{path} does not exist", 2)
+        fail(f"{path} does not exist", 2)
     out = _call(config, "register_workflow", path.read_text())
     console.print(f"registered {out['name']} ({out['steps']} steps)")
 
@@ -214,7 +185,7 @@ def definitions_cmd(config: ConfigOpt = None, as_json: JsonOpt = False):
     """Registered workflow definitions."""
     defs = _call(config, "workflows")
     if as_json:
-        return _print(defs)
+        return print_json(defs)
     for d in defs:
         console.print(f"{d['name']}: {d.get('error') or ', '.join(d['steps'])}")
 
@@ -225,9 +196,9 @@ def agents_list(capability: Annotated[Optional[str], typer.Option(help="Only age
     """Registered agents: capabilities, tools, model, load."""
     agents = _call(config, "agents", capability)
     if as_json:
-        return _print(agents)
-    table = Table("agent", "role", "capabilities", "tools", "model", "replicas", "load", box=None, pad_edge=False)
+        return print_json(agents)
+    rows = table("agent", "role", "capabilities", "tools", "model", "replicas", "load")
     for a in agents:
-        table.add_row(a["name"], a["role"], ",".join(a["capabilities"]), ",".join(a["tools"]), a["model"] or "-",
-                      str(a["replicas"]), str(a["load"]))
-    console.print(table)
+        rows.add_row(a["name"], a["role"], ",".join(a["capabilities"]), ",".join(a["tools"]), a["model"] or "-",
+                     str(a["replicas"]), str(a["load"]))
+    console.print(rows)

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Optional
 
 import httpx
 import ray
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from cluster import agents_cli, rag_cli
+from cluster.console import (ConfigOpt, JsonOpt, connected, console, err, fail, print_json, settings_or_exit,
+                             table)
 from cluster.k8s_cli import k8s_app
-from config import ConfigError, Settings, load_settings
+from config import Settings
 
 app = typer.Typer(help="ORFEAS: a Ray-native AI platform.", no_args_is_help=True, add_completion=False)
 keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
@@ -26,35 +26,6 @@ experiments_app = typer.Typer(help="A/B experiments of the router.", no_args_is_
 app.add_typer(experiments_app, name="experiments")
 rag_cli.register(app)  # ingest, collections, ask, eval
 agents_cli.register(app)  # workflows, agents
-
-console = Console()
-err = Console(stderr=True)
-
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Configuration file (default: ./orfeas.yaml).")]
-
-
-def fail(message: str, code: int = 1) -> None:
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def settings_or_exit(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as e:
-        fail(str(e), 2)
-
-
-def _connected(config: Path | None) -> Settings:
-    from cluster.local import ClusterError, connect
-
-    settings = settings_or_exit(config)
-    try:
-        connect(settings)
-    except ClusterError as e:
-        fail(str(e))
-    return settings
-
 
 def _router_status(probe: bool = False) -> dict | None:
     """Health and circuit state per backend, as one gateway replica sees it (None: no gateway)."""
@@ -79,12 +50,12 @@ def _model_states(settings: Settings) -> dict[str, str] | None:
 
 
 def _model_table(settings: Settings, states: dict[str, str] | None) -> Table:
-    table = Table("model", "task", "engine", "status", box=None, pad_edge=False)
+    models = table("model", "task", "engine", "status")
     colour = {"ready": "green", "loading": "yellow", "unhealthy": "red"}
     for m in settings.models:
         s = (states or {}).get(m.id, "unknown")
-        table.add_row(m.id, m.task, m.engine, f"[{colour.get(s, 'white')}]{s}[/]")
-    return table
+        models.add_row(m.id, m.task, m.engine, f"[{colour.get(s, 'white')}]{s}[/]")
+    return models
 
 
 # ------------------------------------------------------------------ up / down / status
@@ -177,7 +148,7 @@ def down(config: ConfigOpt = None):
 
 
 @app.command()
-def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--json")] = False,
+def status(config: ConfigOpt = None, as_json: JsonOpt = False,
            probe: Annotated[bool, typer.Option("--probe", help="Actively probe every backend first "
                                                "(hosted providers included) instead of showing the last round.")] = False):
     """Cluster resources, Serve applications, models and their health."""
@@ -185,28 +156,28 @@ def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--js
 
     from cluster.local import api_url, cluster_address, dashboard_url
 
-    settings = _connected(config)
+    settings = connected(config)
     resources = ray.cluster_resources()
     apps = {n: {"status": a.status.value, "message": a.message} for n, a in serve.status().applications.items()}
     models = _model_states(settings)
     if as_json:
-        console.print_json(json.dumps({"cluster": cluster_address(settings), "resources": resources,
-                                       "applications": apps, "models": models, "router": _router_status(probe)}))
+        print_json({"cluster": cluster_address(settings), "resources": resources, "applications": apps,
+                    "models": models, "router": _router_status(probe)})
         return
     console.print(f"cluster:   {cluster_address(settings)}  ({resources.get('CPU', 0):g} CPU, "
                   f"{resources.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s))")
     console.print(f"dashboard: {dashboard_url(settings)}\napi:       {api_url(settings)}/v1\n")
-    table = Table("application", "status", "message", box=None, pad_edge=False)
+    app_table = table("application", "status", "message")
     for n, a in apps.items():
-        table.add_row(n, a["status"], (a["message"] or "")[:80])
-    console.print(table)
+        app_table.add_row(n, a["status"], (a["message"] or "")[:80])
+    console.print(app_table)
     console.print()
     console.print(_model_table(settings, models))
     router = _router_status(probe)
     if router:
         console.print()
-        rt = Table("backend", "circuit", "requests", "failures", "error EWMA", "latency EWMA s", "in flight",
-                   "last error", box=None, pad_edge=False)
+        rt = table("backend", "circuit", "requests", "failures", "error EWMA", "latency EWMA s", "in flight",
+                   "last error")
         for mid, b in router["backends"].items():
             rt.add_row(mid, b["state"], str(b["requests"]), str(b["failures"]), f"{b['error_rate_ewma']:.2f}",
                        "-" if b["latency_ewma_s"] is None else f"{b['latency_ewma_s']:.3f}", str(b["outstanding"]),
@@ -220,7 +191,7 @@ def status(config: ConfigOpt = None, as_json: Annotated[bool, typer.Option("--js
 def _store(config: Path | None):
     from security.keys import keystore
 
-    return keystore(_connected(config).resolved_data_dir())
+    return keystore(connected(config).resolved_data_dir())
 
 
 @keys_app.command("create")
@@ -253,12 +224,12 @@ def keys_list(config: ConfigOpt = None):
     """List keys (ids, roles, models, state); never the keys themselves."""
     import datetime as dt
 
-    table = Table("id", "role", "models", "name", "created", "state", box=None, pad_edge=False)
+    keys = table("id", "role", "models", "name", "created", "state")
     for r in ray.get(_store(config).list.remote()):
         created = dt.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M")
         state = "revoked" if r["revoked_at"] else "active"
-        table.add_row(r["id"], r["role"], ",".join(r["models"] or ["*"]), r["name"], created, state)
-    console.print(table)
+        keys.add_row(r["id"], r["role"], ",".join(r["models"] or ["*"]), r["name"], created, state)
+    console.print(keys)
 
 
 @keys_app.command("revoke")
@@ -309,26 +280,24 @@ def experiment_report(settings: Settings, name: str) -> dict:
 
 
 @experiments_app.command("report")
-def experiments_report(name: str, config: ConfigOpt = None,
-                       as_json: Annotated[bool, typer.Option("--json")] = False):
+def experiments_report(name: str, config: ConfigOpt = None, as_json: JsonOpt = False):
     """Per-arm requests, error rate, latency, cost and feedback, with significance tests (scipy)."""
-    settings = _connected(config)
+    settings = connected(config)
     try:
         r = experiment_report(settings, name)
     except KeyError:
         known = ", ".join(e.name for e in settings.router.experiments) or "none"
         fail(f"no experiment {name!r} in router.experiments (configured: {known})", 2)
     if as_json:
-        console.print_json(json.dumps(r))
+        print_json(r)
         return
-    table = Table("arm", "requests", "error rate", "latency mean s", "cost USD", "feedback n", "feedback mean",
-                  box=None, pad_edge=False)
+    arms = table("arm", "requests", "error rate", "latency mean s", "cost USD", "feedback n", "feedback mean")
     fmt = lambda v, f="{:.4g}": "-" if v is None else f.format(v)  # noqa: E731
     for arm, a in r["arms"].items():
-        table.add_row(arm, str(a["requests"]), fmt(a["error_rate"]), fmt(a["latency_mean_s"]),
-                      fmt(a["cost_usd"], "{:.6f}"), str(a["feedback_n"]), fmt(a["feedback_mean"]))
+        arms.add_row(arm, str(a["requests"]), fmt(a["error_rate"]), fmt(a["latency_mean_s"]),
+                     fmt(a["cost_usd"], "{:.6f}"), str(a["feedback_n"]), fmt(a["feedback_mean"]))
     console.print(f"experiment {name} (control: {r['control']})")
-    console.print(table)
+    console.print(arms)
     for pair, tests in r["tests"].items():
         line = ", ".join(f"{k} p={fmt(v['p_value'])}" for k, v in tests.items()) or "too little data"
         console.print(f"{pair}: {line}")
@@ -342,17 +311,17 @@ def usage(config: ConfigOpt = None, key_id: Annotated[Optional[str], typer.Optio
 
     import time as _time
 
-    settings = _connected(config)
+    settings = connected(config)
     if period not in (None, "day", "month"):
         fail("--period must be day or month", 2)
     since = period_start(period, _time.time()) if period else None
     data = ray.get(ledger(settings.resolved_data_dir()).usage.remote(key_id, since))
     for group in ("by_key", "by_team", "by_model"):
-        table = Table(group[3:], "requests", "errors", "prompt", "completion", "cost USD", box=None, pad_edge=False)
+        rows = table(group[3:], "requests", "errors", "prompt", "completion", "cost USD")
         for k, v in data[group].items():
-            table.add_row(k, str(v["requests"]), str(v["errors"]), str(v["prompt_tokens"]),
-                          str(v["completion_tokens"]), f"{v['cost_usd']:.6f}")
-        console.print(table)
+            rows.add_row(k, str(v["requests"]), str(v["errors"]), str(v["prompt_tokens"]),
+                         str(v["completion_tokens"]), f"{v['cost_usd']:.6f}")
+        console.print(rows)
         console.print()
 
 

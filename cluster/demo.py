@@ -6,24 +6,22 @@ words are noise, the serving path is real), the embeddings come from the shipped
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import ray
+import typer
 
 from cluster import cli
-from config import ConfigError, load_settings
+from cluster.console import console as out
+from cluster.console import settings_or_exit
 
 
-def main() -> int:
-    try:
-        settings = load_settings()
-    except ConfigError as e:
-        cli.fail(str(e), 2)
+def main() -> None:
+    settings = settings_or_exit(None)
     tiny = settings.model("tiny-chat")
     if tiny is not None and tiny.engine == "transformers":
         if not (Path(tiny.source) / "config.json").exists():
-            cli.console.print(f"building the tiny demo chat model in {tiny.source}")
+            out.print(f"building the tiny demo chat model in {tiny.source}")
             cli.models_tiny(Path(tiny.source))
 
     cli.up(config=None, timeout=600)
@@ -45,7 +43,6 @@ def main() -> int:
     chat_model = next((m.id for m in ready if (m.model_extra or {}).get("task") == "chat"), None)
     embed_model = next((m.id for m in ready if (m.model_extra or {}).get("task") == "embedding"), None)
 
-    out = cli.console
     out.rule("a chat request through the official openai client")
     if chat_model:
         question = "What is ORFEAS?"
@@ -76,7 +73,6 @@ def main() -> int:
     out.rule("try it")
     out.print(f"curl {api_url(settings)}/v1/models -H 'Authorization: Bearer {key}'", soft_wrap=True, highlight=False)
     out.print("Stop everything with: [bold]make down[/]")
-    return 0
 
 
 SAMPLE_CORPUS = Path(__file__).resolve().parents[1] / "docs" / "sample-corpus"
@@ -88,7 +84,6 @@ def ask_the_sample_corpus(client, settings) -> None:
     ask about it through the `rag` chat alias, printing the cited answer."""
     from cluster import rag_cli
 
-    out = cli.console
     out.rule(f"RAG: ingest {SAMPLE_CORPUS.relative_to(Path.cwd()) if SAMPLE_CORPUS.is_relative_to(Path.cwd()) else SAMPLE_CORPUS}")
     rag_cli.ingest(str(SAMPLE_CORPUS), collection=settings.rag.collection, rebuild=False, config=None)
     out.rule("RAG: a question about it, through the `rag` model alias")
@@ -102,4 +97,4 @@ def ask_the_sample_corpus(client, settings) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    typer.run(main)  # a failed step ends with its message and exit status, not a traceback

@@ -16,7 +16,7 @@ from pathlib import Path
 import ray
 
 from config import Settings
-from config.names import ACTOR_NAMESPACE as NAMESPACE
+from config.names import ACTOR_NAMESPACE
 
 
 class ClusterError(RuntimeError):
@@ -36,6 +36,12 @@ def cluster_address(settings: Settings) -> str:
 def is_managed(settings: Settings) -> bool:
     """True when ORFEAS runs its own local head (no address configured)."""
     return not (settings.ray.address or os.environ.get("RAY_ADDRESS"))
+
+
+def is_local(settings: Settings) -> bool:
+    """True when the cluster runs on this machine (ORFEAS's own head, or a dashboard on loopback):
+    a job submitted to it can run this checkout with this interpreter."""
+    return is_managed(settings) or settings.ray.dashboard_host in ("127.0.0.1", "localhost", "::1")
 
 
 def dashboard_url(settings: Settings) -> str:
@@ -122,7 +128,7 @@ def connect(settings: Settings) -> str:
         _use_token_auth()
     if not ray.is_initialized():
         try:
-            ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
+            ray.init(address=address, namespace=ACTOR_NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)
         except (ConnectionError, RuntimeError) as e:
             raise ClusterError(f"cannot connect to the Ray cluster at {address}: {e}") from None
     return address

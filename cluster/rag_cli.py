@@ -9,56 +9,27 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shlex
 import sys
+from collections import deque
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from config import ConfigError, Settings, load_settings
+from cluster.console import ConfigOpt, connect_or_exit, console, err, fail, print_json, settings_or_exit, table
+from cluster.local import dashboard_url, is_local
+from config import Settings
 
-console = Console()
-err = Console(stderr=True)
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-ConfigOpt = Annotated[Optional[Path], typer.Option("--config", "-c", help="Configuration file (default: ./orfeas.yaml).")]
 CollectionOpt = Annotated[Optional[str], typer.Option("--collection", help="Collection (default: rag.collection).")]
-
-
-def _fail(message: str, code: int = 1):
-    err.print(f"[bold red]error:[/] {message}")
-    raise typer.Exit(code)
-
-
-def _settings(config: Path | None) -> Settings:
-    try:
-        return load_settings(config)
-    except ConfigError as e:
-        _fail(str(e), 2)
-
-
-def _connect(settings: Settings) -> None:
-    from cluster.local import ClusterError, connect
-
-    try:
-        connect(settings)
-    except ClusterError as e:
-        _fail(str(e))
-
-
-def _is_local(settings: Settings) -> bool:
-    from cluster.local import is_managed
-
-    return is_managed(settings) or settings.ray.dashboard_host in ("127.0.0.1", "localhost", "::1")
 
 
 def _job_env(settings: Settings, config: Path | None) -> dict[str, Any]:
     """On a local cluster the job runs this checkout, this config and this data dir."""
-    if not _is_local(settings):
+    if not is_local(settings):
         return {}
     from config import config_path
 
@@ -70,39 +41,57 @@ def _job_env(settings: Settings, config: Path | None) -> dict[str, Any]:
     return {"env_vars": env}
 
 
+@dataclass
+class JobRun:
+    id: str
+    status: str
+    tail: deque[str]  # its last log lines
+
+    def fail_unless_succeeded(self, what: str, got_result: bool) -> None:
+        """End the command (status 1, after the job's last log lines) unless the job succeeded and
+        printed its result."""
+        if self.status != "SUCCEEDED" or not got_result:
+            err.print("\n".join(self.tail), markup=False, highlight=False)
+            fail(f"{what} job {self.id} ended {self.status}")
+
+
 def submit_and_follow(settings: Settings, config: Path | None, args: list[str],
-                      on_line: Callable[[str], None]) -> tuple[str, str]:
-    """Submit `python -m ...args` as a Ray job, feed its log lines to `on_line`; (status, job id)."""
+                      on_line: Callable[[str], None]) -> JobRun:
+    """Submit `python -m ...args` as a Ray job and feed its log lines to `on_line` until it ends."""
     from ray.job_submission import JobStatus, JobSubmissionClient
 
-    from cluster.local import dashboard_url
-
-    _connect(settings)  # also presents the local head's auth token
-    python = sys.executable if _is_local(settings) else "python"
+    connect_or_exit(settings)  # also presents the local head's auth token
+    python = sys.executable if is_local(settings) else "python"
     entrypoint = " ".join(shlex.quote(a) for a in [python, *args])
     try:
         client = JobSubmissionClient(dashboard_url(settings))
         job_id = client.submit_job(entrypoint=entrypoint, runtime_env=_job_env(settings, config) or None)
     except Exception as e:  # noqa: BLE001 - report any submission problem plainly
-        _fail(f"cannot submit the job to {dashboard_url(settings)}: {e}")
+        fail(f"cannot submit the job to {dashboard_url(settings)}: {e}")
+
+    tail: deque[str] = deque(maxlen=15)
+
+    def line(text: str) -> None:
+        tail.append(text)
+        on_line(text)
 
     async def follow() -> None:
         buf = ""
         async for chunk in client.tail_job_logs(job_id):
             buf += chunk
             *lines, buf = buf.split("\n")
-            for line in lines:
-                on_line(line)
+            for text in lines:
+                line(text)
         if buf:
-            on_line(buf)
+            line(buf)
 
     try:
         asyncio.run(follow())
     except KeyboardInterrupt:
         client.stop_job(job_id)
-        _fail(f"interrupted; job {job_id} stopped", 130)
+        fail(f"interrupted; job {job_id} stopped", 130)
     status = client.get_job_status(job_id)
-    return (status.value if isinstance(status, JobStatus) else str(status)), job_id
+    return JobRun(job_id, status.value if isinstance(status, JobStatus) else str(status), tail)
 
 
 # ---------------------------------------------------------------------------------------- ingest
@@ -118,17 +107,16 @@ def ingest(
 
     from rag.ingest import PROGRESS_TAG, SUMMARY_TAG, IngestSummary, format_summary, is_uri
 
-    settings = _settings(config)
-    if not is_uri(source) and _is_local(settings):
+    settings = settings_or_exit(config)
+    if not is_uri(source) and is_local(settings):
         if not any(ch in source for ch in "*?[") and not Path(source).expanduser().exists():
-            _fail(f"source {source!r} does not exist")
+            fail(f"source {source!r} does not exist")
         source = str(Path(source).expanduser().absolute())
     args = ["-m", "jobs.ingest", source, "--collection", collection or settings.rag.collection]
     if rebuild:
         args.append("--rebuild")
     summary: dict[str, Any] = {}
     errors: list[str] = []
-    tail: list[str] = []
 
     with Progress(SpinnerColumn(), TextColumn("[bold]ingest[/] {task.description}"), BarColumn(),
                   TextColumn("{task.fields[chunks]} chunks"), TimeElapsedColumn(), console=console,
@@ -136,8 +124,6 @@ def ingest(
         task = progress.add_task("submitting", total=None, chunks=0)
 
         def on_line(line: str) -> None:
-            tail.append(line)
-            del tail[:-30]
             if line.startswith(PROGRESS_TAG):
                 p = json.loads(line[len(PROGRESS_TAG):])
                 progress.update(task, description=f"{p['documents']} documents, {p['skipped']} skipped, "
@@ -147,12 +133,10 @@ def ingest(
             elif line.startswith("error: "):
                 errors.append(line[len("error: "):])
 
-        status, job_id = submit_and_follow(settings, config, args, on_line)
+        job = submit_and_follow(settings, config, args, on_line)
     if errors:
-        _fail(errors[-1], 2)
-    if status != "SUCCEEDED" or not summary:
-        err.print("\n".join(tail[-15:]))
-        _fail(f"ingest job {job_id} ended {status}")
+        fail(errors[-1], 2)
+    job.fail_unless_succeeded("ingest", bool(summary))
     console.print(format_summary(IngestSummary.model_validate(summary)))
 
 
@@ -162,7 +146,7 @@ def _store(settings: Settings):
     from rag.store import open_store
 
     if not settings.rag.qdrant_url:
-        _connect(settings)
+        connect_or_exit(settings)
     return open_store(settings)
 
 
@@ -176,15 +160,15 @@ def collections_list(
         return
     from rag.versions import list_versions
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     rows = list_versions(_store(settings), name)
     if not rows:
         console.print("no collections yet: `orfeas ingest PATH` makes one")
         return
-    table = Table("collection", "version", "physical", "points", "active", box=None, pad_edge=False)
+    versions = table("collection", "version", "physical", "points", "active")
     for r in rows:
-        table.add_row(r.name, f"v{r.version}", r.collection, str(r.points), "[green]*[/]" if r.active else "")
-    console.print(table)
+        versions.add_row(r.name, f"v{r.version}", r.collection, str(r.points), "[green]*[/]" if r.active else "")
+    console.print(versions)
 
 
 def collections_rollback(
@@ -196,11 +180,11 @@ def collections_rollback(
     from models.errors import APIError
     from rag.versions import rollback
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         v = rollback(_store(settings), name, to)
     except APIError as e:
-        _fail(e.message, 2)
+        fail(e.message, 2)
     console.print(f"{name} now serves v{v.version} ({v.collection}, {v.points} points)")
 
 
@@ -218,14 +202,14 @@ def ask(
     from models.errors import APIError
     from rag.service import RagQueryRequest, RagService
 
-    settings = _settings(config)
+    settings = settings_or_exit(config)
     try:
         service = RagService(settings, store=_store(settings))
         resp = service.query(RagQueryRequest(query=question, collection=collection, top_k=top_k, mode=mode))
     except APIError as e:
-        _fail(e.message, 2)
+        fail(e.message, 2)
     except ValueError as e:
-        _fail(str(e), 2)
+        fail(str(e), 2)
     if as_json:
         console.print_json(resp.model_dump_json())
         return
@@ -250,30 +234,25 @@ def eval_retrieval(
     from rag.evaluation import RESULT_TAG
 
     if split not in ("train", "test", "dev"):
-        _fail("--split must be train, test or dev", 2)
+        fail("--split must be train, test or dev", 2)
     if not (dataset / "corpus.jsonl").exists():
-        _fail(f"{dataset} is not a BEIR dataset (no corpus.jsonl)", 2)
+        fail(f"{dataset} is not a BEIR dataset (no corpus.jsonl)", 2)
     if not (dataset / "qrels" / f"{split}.tsv").exists():
-        _fail(f"{dataset} has no qrels/{split}.tsv", 2)
-    settings = _settings(config)
+        fail(f"{dataset} has no qrels/{split}.tsv", 2)
+    settings = settings_or_exit(config)
     args = ["-m", "jobs.eval_retrieval", "--dataset", str(dataset.resolve()), "--split", split]
     if output:
         args += ["--output", str(output.resolve())]
     result: dict[str, Any] = {}
-    tail: list[str] = []
 
     def on_line(line: str) -> None:
-        tail.append(line)
-        del tail[:-30]
         if line.startswith(RESULT_TAG):
             result.update(json.loads(line[len(RESULT_TAG):]))
 
     with console.status("evaluating (ingest + queries) ..."):
-        status, job_id = submit_and_follow(settings, config, args, on_line)
-    if status != "SUCCEEDED" or not result:
-        err.print("\n".join(tail[-15:]))
-        _fail(f"evaluation job {job_id} ended {status}")
-    console.print_json(json.dumps(result))
+        job = submit_and_follow(settings, config, args, on_line)
+    job.fail_unless_succeeded("evaluation", bool(result))
+    print_json(result)
 
 
 def register(app: typer.Typer) -> None:
