@@ -16,6 +16,7 @@ import typer
 import yaml
 
 from cluster import k8s_render
+from cluster.console import fail
 
 k8s_app = typer.Typer(
     name="k8s",
@@ -27,16 +28,11 @@ k8s_app = typer.Typer(
 JOBS = ("ingest", "reindex")
 
 
-def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code)
-
-
 def _overlays(name: str) -> list[str]:
     if name == "all":
         return list(k8s_render.OVERLAYS)
     if name not in (*k8s_render.OVERLAYS, "jobs"):
-        _fail(f"unknown overlay {name!r}; choose one of {', '.join(k8s_render.OVERLAYS)}, jobs or all")
+        fail(f"unknown overlay {name!r}; choose one of {', '.join(k8s_render.OVERLAYS)}, jobs or all")
     return [name]
 
 
@@ -54,14 +50,14 @@ def render(
         if check:
             stale = k8s_render.stale_generated(config)
             if stale:
-                _fail("stale generated files (run `orfeas k8s render`): " + ", ".join(str(p) for p in stale))
+                fail("stale generated files (run `orfeas k8s render`): " + ", ".join(str(p) for p in stale))
             typer.echo("generated serveConfigV2 files are current", err=True)
             return
         for path in k8s_render.write_generated(config):
             typer.echo(f"wrote {path.relative_to(k8s_render.REPO_ROOT)}", err=True)
         names = _overlays(overlay)
         if out is None and len(names) > 1:
-            _fail("--overlay all needs --out DIR")
+            fail("--overlay all needs --out DIR")
         for name in names:
             text = k8s_render.to_yaml(k8s_render.render(name))
             if out is None:
@@ -71,7 +67,7 @@ def render(
                 (out / f"{name}.yaml").write_text(text)
                 typer.echo(f"wrote {out / f'{name}.yaml'}", err=True)
     except (ConfigError, k8s_render.RenderError) as e:
-        _fail(str(e))
+        fail(str(e))
 
 
 @k8s_app.command()
@@ -162,7 +158,7 @@ def submit_job(
     try:
         obj = job_object(job, source, name)
     except (ValueError, k8s_render.RenderError) as e:
-        _fail(str(e))
+        fail(str(e))
     obj["metadata"]["namespace"] = namespace
     if dry_run:
         sys.stdout.write(yaml.dump(obj, Dumper=k8s_render._LiteralDumper, sort_keys=False, width=120))
@@ -170,7 +166,7 @@ def submit_job(
     try:
         created = create_rayjob(obj, namespace, context)
     except K8sUnavailable as e:
-        _fail(str(e))
+        fail(str(e))
     typer.echo(f"created RayJob {namespace}/{created['metadata']['name']}; follow it with: "
                f"kubectl -n {namespace} get rayjob {created['metadata']['name']} -w")
 
