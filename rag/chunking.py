@@ -4,7 +4,8 @@ Text is cut into units (headings, then sentences inside paragraphs); units are p
 chunks of at most `size` tokens. A heading always starts a new chunk and names the section of
 the chunks under it. Consecutive chunks share whole trailing sentences up to `overlap` tokens.
 A sentence longer than a chunk is split at token offsets. Every chunk keeps its character
-offsets into the document's text, its page (for PDFs) and a content hash.
+offsets into the document's text, its page (for PDFs) and a content hash: a `ChunkPayload`
+(rag/payload.py) with its point id.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import bisect
 import hashlib
 import re
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 from rag.documents import Document
+from rag.payload import ChunkPayload
 
 # Stable namespace for point ids: uuid5(NS, f"{doc_id}:{chunk_index}").
 POINT_NAMESPACE = uuid.UUID("5b1c3f1e-6a0e-4f57-9b1e-0b5e8a3d2c11")
@@ -35,28 +36,11 @@ def content_hash(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-@dataclass
-class Chunk:
-    id: str
-    doc_id: str
-    chunk_index: int
-    n_chunks: int
-    source: str
-    title: str
-    section: str
-    text: str
-    start: int
-    end: int
-    page: int | None
-    token_count: int
-    hash: str
-    doc_hash: str
-    record_id: str
-    tags: list[str]
-    date: str | None
+class Chunk(ChunkPayload):
+    """A chunk as the chunker cuts it: its point id and its payload (the ingest job sets `root`
+    and the indexed `doc_hash`)."""
 
-    def to_row(self) -> dict[str, Any]:
-        return asdict(self)
+    id: str
 
 
 @lru_cache(maxsize=4)

@@ -1,10 +1,10 @@
-"""Dense (normalised sentence-transformers) and sparse (BM25) encoders.
+"""What RAG embeds with: the configured dense model and the sparse (BM25) encoder.
 
-The dense model runs on one of two runtimes with the same weights, tokenizer and pooling:
-PyTorch (sentence-transformers' own `encode`) or ONNX Runtime (the model's transformer exported
-in memory at load; pooling and normalisation stay sentence-transformers' modules). ONNX Runtime
-embeds one short query ~4x faster on CPU, which is most of a RAG query's own time; the vectors
-agree with PyTorch's to float precision, so either runtime can read a collection the other wrote.
+The dense side is `models.embedders.DenseEmbedder` (PyTorch or ONNX Runtime, the same vectors),
+the same class the embedding Serve deployment runs: `embedder_dir(settings)` finds the
+`rag.embedding_model` catalog entry's directory, `shared_dense` keeps one loaded model per
+process for queries and answers (`rag.query_embedding_runtime`); the ingest job's encoder actors
+make their own (rag.ingest.EmbedStage).
 
 The sparse side is Qdrant's own `Bm25` (from qdrant-edge-py): documents get BM25 term-frequency
 weights, queries get 1.0 per unique token, and the store applies IDF (the vector's `Idf`
@@ -14,17 +14,12 @@ tokeniser, lowercase, English stop words, Snowball stemmer) cannot drift apart.
 
 from __future__ import annotations
 
-import io
 import logging
-import os
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
-
-import numpy as np
 
 from config import Settings
+from models.embedders import DenseEmbedder, Runtime, resolve_embedder_source
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +29,6 @@ SPARSE = "bm25"
 
 def embedder_dir(settings: Settings) -> str:
     """Directory of the configured sentence-transformers embedding model."""
-    from models.engines.sentence_embedder import resolve_embedder_source
-
     spec = settings.model(settings.rag.embedding_model)
     if spec is None:
         raise ValueError(f"rag.embedding_model {settings.rag.embedding_model!r} is not in the model catalog")
@@ -50,95 +43,10 @@ class SparseVec:
     values: list[float]
 
 
-Runtime = Literal["torch", "onnx"]
-
-
-def default_threads() -> int:
-    """Intra-op threads for an ONNX session: the node's cores, at most 4 (replicas share nodes)."""
-    return max(1, min(4, os.cpu_count() or 1))
-
-
-class OnnxTransformer:
-    """A sentence-transformers model's transformer module exported to ONNX (in memory, ~2 s) and
-    run by ONNX Runtime. Tokenisation and the modules after the transformer (pooling,
-    normalisation) stay the model's own, so the embedding is the model's embedding."""
-
-    def __init__(self, model, threads: int | None = None):
-        import onnxruntime as ort
-        import torch
-
-        self.model = model
-        self.inputs = [k for k, v in model.preprocess(["probe"]).items() if isinstance(v, torch.Tensor)]
-        hf = model[0].auto_model.eval()
-        names = self.inputs
-
-        class Forward(torch.nn.Module):  # positional ONNX inputs -> the HF model's keyword call
-            def __init__(self):
-                super().__init__()
-                self.hf = hf
-
-            def forward(self, *args):
-                return self.hf(**dict(zip(names, args))).last_hidden_state
-
-        sample = model.preprocess(["export sample"])
-        buf = io.BytesIO()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            axes = {n: {0: "batch", 1: "tokens"} for n in [*names, "token_embeddings"]}
-            torch.onnx.export(Forward(), tuple(sample[n] for n in names), buf, input_names=names,
-                              output_names=["token_embeddings"], dynamic_axes=axes, opset_version=17,
-                              dynamo=False)
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads or default_threads()
-        opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
-        self.post = list(model)[1:]
-
-    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
-        import torch
-
-        # Longest first, as sentence-transformers does: batches of similar length pad less.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = np.empty((len(texts), self.model.get_embedding_dimension()), dtype=np.float32)
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            features = self.model.preprocess([texts[i] for i in idx])
-            hidden = self.session.run(None, {n: features[n].numpy() for n in self.inputs})[0]
-            features["token_embeddings"] = torch.from_numpy(hidden)
-            with torch.inference_mode():
-                for module in self.post:
-                    features = module(features)
-            out[idx] = features["sentence_embedding"].numpy()
-        return out
-
-
-class DenseEmbedder:
-    def __init__(self, model_dir: str, batch_size: int = 64, device: str = "cpu", runtime: Runtime = "torch",
-                 threads: int | None = None):
-        from sentence_transformers import SentenceTransformer
-
-        self.model = SentenceTransformer(model_dir, device=device, local_files_only=True)
-        self.batch_size = batch_size
-        self.dim = int(self.model.get_embedding_dimension())
-        self.runtime: Runtime = runtime if device == "cpu" else "torch"
-        self._onnx = OnnxTransformer(self.model, threads) if self.runtime == "onnx" else None
-
-    def embed(self, texts: list[str]) -> np.ndarray:
-        if not texts:
-            return np.zeros((0, self.dim), dtype=np.float32)
-        if self._onnx is not None:
-            vecs = self._onnx.encode(texts, self.batch_size)
-            return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
-        return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
-                                 convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
-
-    def embed_query(self, text: str) -> list[float]:
-        return self.embed([text])[0].tolist()
-
-
 @lru_cache(maxsize=4)
 def shared_dense(model_dir: str, runtime: Runtime = "torch") -> DenseEmbedder:
-    return DenseEmbedder(model_dir, runtime=runtime)
+    """One loaded dense model per (directory, runtime) in this process."""
+    return DenseEmbedder(model_dir, runtime=runtime).load()
 
 
 class SparseEncoder:

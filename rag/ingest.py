@@ -22,13 +22,15 @@ import os
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Literal
 
 import pyarrow as pa
 from pydantic import BaseModel
 
 from config import Settings, load_settings
+from rag.chunking import Chunk, Chunker, embedding_text, load_tokenizer
 from rag.errors import ParseError, SourceNotAllowed, SourceUnreadable
+from rag.payload import PAYLOAD_FIELDS, arrow_schema
 
 log = logging.getLogger(__name__)
 
@@ -36,21 +38,32 @@ PROGRESS_TAG = "ORFEAS_PROGRESS"
 SUMMARY_TAG = "ORFEAS_SUMMARY"
 _URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdfs://", "file://", "memory://")
 
-ROW_SCHEMA = pa.schema([
-    ("kind", pa.string()),  # chunk | skipped | failed
-    ("id", pa.string()), ("doc_id", pa.string()), ("chunk_index", pa.int32()), ("n_chunks", pa.int32()),
-    ("source", pa.string()), ("root", pa.string()), ("title", pa.string()), ("section", pa.string()),
-    ("text", pa.string()), ("embed_text", pa.string()), ("start", pa.int64()), ("end", pa.int64()),
-    ("page", pa.int32()), ("token_count", pa.int32()), ("hash", pa.string()), ("doc_hash", pa.string()),
-    ("record_id", pa.string()), ("tags", pa.list_(pa.string())), ("date", pa.string()), ("error", pa.string()),
-])
-EMBEDDED_SCHEMA = ROW_SCHEMA.append(pa.field("dense", pa.list_(pa.float32()))) \
-    .append(pa.field("sparse_indices", pa.list_(pa.int64()))).append(pa.field("sparse_values", pa.list_(pa.float32())))
 BLOCK_BYTES = 512 * 1024
 CHUNK_ROWS_OUT = 256
 EMBED_ACTORS_AUTO_MAX = 8
-PAYLOAD_FIELDS = ["doc_id", "chunk_index", "n_chunks", "source", "root", "title", "section", "text", "start", "end",
-                  "page", "token_count", "hash", "doc_hash", "record_id", "tags", "date"]
+
+
+class StreamRow(Chunk):
+    """A row between the parse and embed stages: a chunk (kind=chunk), or one row per unchanged
+    document (skipped) or unparseable file (failed). Rows are plain dicts; this model only gives
+    their columns (ROW_SCHEMA), the chunk payload's among them."""
+
+    kind: Literal["chunk", "skipped", "failed"] = "chunk"
+    id: str = ""
+    embed_text: str = ""     # what the encoders see (embedding_text)
+    error: str = ""          # why a file failed
+
+
+class EmbeddedRow(StreamRow):
+    """A row after the embed stage: its dense and BM25 vectors (empty for skipped and failed rows)."""
+
+    dense: list[float] = []
+    sparse_indices: list[int] = []
+    sparse_values: list[float] = []
+
+
+ROW_SCHEMA = arrow_schema(StreamRow)
+EMBEDDED_SCHEMA = arrow_schema(EmbeddedRow)
 
 
 class IngestSummary(BaseModel):
@@ -210,7 +223,6 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
     """Files -> chunk rows (kind=chunk), plus one row per unchanged (skipped) doc or failed file.
     Yields every CHUNK_ROWS_OUT rows, so one file holding a whole corpus still streams to the
     encoder instead of arriving all at once."""
-    from rag.chunking import Chunker, embedding_text, load_tokenizer
     from rag.documents import parse_bytes
 
     complete = _complete_hashes(states_ref)
@@ -242,7 +254,7 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
                              "error": f"chunking failed: {type(e).__name__}: {e}"})
                 continue
             for c in chunks:
-                r = c.to_row()
+                r = c.model_dump()
                 r.update(kind="chunk", root=root, doc_hash=h,
                          embed_text=embedding_text(c.title, c.section, c.text, with_title))
                 rows.append(r)
@@ -257,12 +269,11 @@ class EmbedStage:
     """Ray Data actor: loads the dense model once, embeds dense + BM25 for chunk rows."""
 
     def __init__(self, model_dir: str, bm25: tuple[float, float, float], batch_size: int, threads: int):
-        import torch
+        from models.embedders import DenseEmbedder
+        from rag.embedding import SparseEncoder
 
-        from rag.embedding import DenseEmbedder, SparseEncoder
-
-        torch.set_num_threads(threads)
-        self.dense = DenseEmbedder(model_dir, batch_size=batch_size)
+        # PyTorch with `threads` intra-op threads: the actor's own process, its num_cpus.
+        self.dense = DenseEmbedder(model_dir, batch_size=batch_size, threads=threads).load()
         self.sparse = SparseEncoder(*bm25)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

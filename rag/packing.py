@@ -12,21 +12,15 @@ from __future__ import annotations
 import re
 from typing import Callable
 
-from pydantic import BaseModel
-
+from rag.payload import PASSAGE_FIELDS, ChunkPayload, view
 from rag.retrieval import RetrievedChunk
 
 
-class Passage(BaseModel):
+class Passage(view(ChunkPayload, PASSAGE_FIELDS, "PassageFields")):
+    """A numbered context passage: the chunk payload's passage fields (a merged passage's span,
+    text and page cover all its chunks) with its number, best score, chunks and token count."""
+
     index: int
-    doc_id: str
-    source: str
-    title: str = ""
-    section: str = ""
-    text: str
-    start: int
-    end: int
-    page: int | None = None
     score: float
     chunk_ids: list[str]
     tokens: int = 0
@@ -62,9 +56,8 @@ def pack_context(chunks: list[RetrievedChunk], count_tokens: Callable[[str], int
         if any(_merge(p, c) for p in passages):
             # a merge can make two passages touch: fold them together
             continue
-        passages.append(Passage(index=0, doc_id=c.doc_id, source=c.source, title=c.title, section=c.section,
-                                text=c.text, start=c.start, end=c.end, page=c.page, score=c.score,
-                                chunk_ids=[c.id], tokens=c.tokens))
+        passages.append(Passage(index=0, score=c.score, chunk_ids=[c.id], tokens=c.token_count,
+                                **{f: getattr(c, f) for f in PASSAGE_FIELDS}))
     out: list[Passage] = []
     used = 0
     for p in passages:

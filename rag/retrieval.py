@@ -11,8 +11,10 @@ import numpy as np
 from pydantic import BaseModel
 
 from config import Settings
-from rag.embedding import DenseEmbedder, SparseEncoder, SparseVec, embedder_dir, shared_dense
+from models.embedders import DenseEmbedder
+from rag.embedding import SparseEncoder, SparseVec, embedder_dir, shared_dense
 from rag.errors import RagInvalidRequest
+from rag.payload import ChunkPayload, read_payload
 from rag.store import Hit, PayloadFilter, SearchSpec, VectorStore
 
 log = logging.getLogger(__name__)
@@ -21,31 +23,16 @@ MODES = ("dense", "sparse", "hybrid")
 FUSIONS = ("rrf", "dbsf")
 
 
-class RetrievedChunk(BaseModel):
+class RetrievedChunk(ChunkPayload):
+    """A search hit: the point id, its score(s) and its stored payload."""
+
     id: str
     score: float
-    doc_id: str
-    source: str
-    title: str = ""
-    section: str = ""
-    text: str
-    start: int = 0
-    end: int = 0
-    page: int | None = None
-    chunk_index: int = 0
-    hash: str = ""
-    record_id: str = ""
-    tokens: int = 0  # the text's token count from ingest (0: unknown)
     rerank_score: float | None = None
 
     @classmethod
     def from_hit(cls, h: Hit) -> "RetrievedChunk":
-        p = h.payload
-        return cls(id=h.id, score=h.score, doc_id=p.get("doc_id", ""), source=p.get("source", ""),
-                   title=p.get("title") or "", section=p.get("section") or "", text=p.get("text") or "",
-                   start=int(p.get("start") or 0), end=int(p.get("end") or 0), page=p.get("page"),
-                   chunk_index=int(p.get("chunk_index") or 0), hash=p.get("hash") or "",
-                   record_id=str(p.get("record_id") or ""), tokens=int(p.get("token_count") or 0))
+        return cls(id=h.id, score=h.score, **read_payload(h.payload))
 
 
 class RetrievalDiagnostics(BaseModel):

@@ -9,7 +9,8 @@
   with the Query API's prefetch + fusion; `":memory:"` gives qdrant-client's local mode.
 
 Both store named vectors `dense` (cosine) and `bm25` (sparse, IDF modifier) and the chunk
-payload written by the ingest job. Collection names given to queries may be aliases.
+payload written by the ingest job (`rag.payload.ChunkPayload`). Collection names given to
+queries may be aliases.
 """
 
 from __future__ import annotations
@@ -32,12 +33,12 @@ from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
 from rag.embedding import DENSE, SPARSE, SparseVec
 from rag.errors import CollectionNotFound, RagInvalidRequest
+from rag.payload import STATE_FIELDS
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["dense", "sparse", "hybrid"]
 FusionName = Literal["rrf", "dbsf"]
-STATE_FIELDS = ["doc_id", "doc_hash", "n_chunks", "source", "root"]
 
 
 class PayloadFilter(BaseModel):

@@ -15,7 +15,7 @@ from typing import Any
 from ray import serve
 
 from config import ModelSpec
-from models.engines.sentence_embedder import SentenceEmbedder
+from models.embedders import DenseEmbedder
 from models.engines.transformers_engine import TransformersEngine
 from models.errors import InvalidRequest, ModelUnavailable
 from models.protocol import GenerationEvent, GenerationParams
@@ -141,12 +141,12 @@ class ChatModelServer(_Hosted):
 @serve.deployment
 class EmbeddingServer(_Hosted):
     def __init__(self, spec: dict[str, Any]):
-        self._load(SentenceEmbedder(ModelSpec.model_validate(spec)))
+        self._load(DenseEmbedder.from_spec(ModelSpec.model_validate(spec)))
 
     def status(self) -> dict[str, Any]:
         out = super().status()
         if not self.error:
-            out["dimension"] = self.engine.dimension
+            out["dimension"] = self.engine.dim
         return out
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
@@ -157,7 +157,7 @@ class EmbeddingServer(_Hosted):
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
     async def _embed_batched(self, requests: list[list[str]]) -> list[tuple[list[list[float]], list[int]]]:
         flat = [t for texts in requests for t in texts]
-        vectors, counts = self.engine.embed(flat)
+        vectors, counts = self.engine.embed(flat).tolist(), self.engine.token_counts(flat)
         out, i = [], 0
         for texts in requests:
             out.append((vectors[i : i + len(texts)], counts[i : i + len(texts)]))

@@ -5,7 +5,7 @@ import pytest
 from pydantic import ValidationError
 
 from config import Settings
-from rag.embedding import DenseEmbedder
+from models.embedders import DenseEmbedder
 
 
 @pytest.fixture(scope="module")

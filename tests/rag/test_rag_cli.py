@@ -24,7 +24,7 @@ def cli(ray_cluster, settings, tmp_path, monkeypatch, tokenizer, dense, sparse):
     texts = [embedding_text(c.title, c.section, c.text) for c in chunks]
     dv, sv = dense.embed(texts), sparse.embed_documents(texts)
     pts = [{"id": c.id, "dense": dv[i].tolist(), "sparse_indices": sv[i].indices, "sparse_values": sv[i].values,
-            "payload": c.to_row()} for i, c in enumerate(chunks)]
+            "payload": c.payload()} for i, c in enumerate(chunks)]
     for v in ("faq__v1", "faq__v2"):
         store.create_collection(v, 384)
         store.upsert(v, pts)

@@ -42,7 +42,7 @@ def service(tmp_path_factory, tokenizer, dense, sparse):
     texts = [embedding_text(c.title, c.section, c.text) for c in chunks]
     dv, sv = dense.embed(texts), sparse.embed_documents(texts)
     store.upsert("kb__v1", [{"id": c.id, "dense": dv[i].tolist(), "sparse_indices": sv[i].indices,
-                             "sparse_values": sv[i].values, "payload": c.to_row()} for i, c in enumerate(chunks)])
+                             "sparse_values": sv[i].values, "payload": c.payload()} for i, c in enumerate(chunks)])
     store.set_alias("kb", "kb__v1")
     settings.rag.collection = "kb"
     yield RagService(settings, store=store, retriever=Retriever(settings, store, dense=dense, sparse=sparse))
@@ -138,9 +138,9 @@ def test_packing_uses_ingest_token_counts_and_recounts_only_merged_text(tokenize
         counted.append(s)
         return len(tokenizer.encode(s, add_special_tokens=False).ids)
 
-    a = RetrievedChunk(id="a", score=0.9, doc_id="d", source="s", text=text[0:30], start=0, end=30, tokens=8)
-    b = RetrievedChunk(id="b", score=0.8, doc_id="d", source="s", text=text[15:48], start=15, end=48, tokens=9)
-    solo = RetrievedChunk(id="o", score=0.5, doc_id="f", source="u", text="Other doc.", start=0, end=10, tokens=3)
+    a = RetrievedChunk(id="a", score=0.9, doc_id="d", source="s", text=text[0:30], start=0, end=30, token_count=8)
+    b = RetrievedChunk(id="b", score=0.8, doc_id="d", source="s", text=text[15:48], start=15, end=48, token_count=9)
+    solo = RetrievedChunk(id="o", score=0.5, doc_id="f", source="u", text="Other doc.", start=0, end=10, token_count=3)
     ps = pack_context([a, b, solo], count, budget=100)
     assert counted == [text[0:48]]  # the merged passage only; the solo chunk's stored count is used
     assert ps[0].tokens == count(text[0:48]) and ps[1].tokens == 3

@@ -52,7 +52,7 @@ def points(dense, sparse):
 
 
 def _spec(dense, sparse, query, **kw):
-    return SearchSpec(dense=dense.embed_query(query), sparse=sparse.embed_query(query), **kw)
+    return SearchSpec(dense=dense.embed([query])[0].tolist(), sparse=sparse.embed_query(query), **kw)
 
 
 def test_collections_upsert_idempotent_and_count(store, points):
