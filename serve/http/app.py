@@ -1,0 +1,155 @@
+"""The one HTTP app builder of ORFEAS: every Serve app's FastAPI app comes from `http_app`.
+
+    app = http_app("ORFEAS RAG")                    # module level: routes are declared on it
+
+    @serve.ingress(app)
+    class RagServer:
+        def __init__(self, settings):
+            self.settings = settings_from_dict(settings)
+            app.state.configure(self.settings)      # limits, Authenticator, model labels
+
+        @app.post("/query", response_model=Answer)
+        async def query(self, req: Query, request: Request, principal: Principal = Depends(authenticated)):
+            label_model(request, req.model)         # the layer maps unknown names to "other"
+            ...
+
+Built once, the app has: the error handlers (serve.http.errors), the request-id, metrics,
+body-limit and error middlewares (pure ASGI, in that order from the outside in), OpenAI-style
+error schemas on every route, and `app.state` an `HttpState` that the replica configures.
+
+`serve.ingress` serves a copy of the app (it pickles it at decoration time, and the replica
+unpickles the class, and may import the module again): every copy of one app's `HttpState` in
+a process is the same object (it pickles as a reference to a per-process registry entry keyed
+by the defining module and the title), so `configure` on the module's app reaches the app that
+Serve serves. One module defines one app per title.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.datastructures import State
+from starlette.middleware import Middleware
+
+from config import Settings
+from models.protocol import ErrorResponse
+from security.auth import Authenticator
+from serve.http.body import BodyLimitMiddleware
+from serve.http.errors import ErrorMiddleware, install_error_handlers
+from serve.http.metrics import MetricsMiddleware, request_metrics
+from serve.http.request_id import RequestIdMiddleware, install_log_record_factory
+
+DEFAULT_MAX_BODY_BYTES = 1_048_576
+NO_MODEL, OTHER_MODEL = "-", "other"
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    "4XX": {"model": ErrorResponse, "description": "An OpenAI-style error: the bad parameter in `param`."},
+    "5XX": {"model": ErrorResponse, "description": "An OpenAI-style error."},
+}
+
+_registry: dict[str, HttpState] = {}
+_registry_lock = threading.Lock()
+
+
+def _shared_state(key: str, name: str) -> HttpState:
+    with _registry_lock:
+        state = _registry.get(key)
+        if state is None:
+            state = _registry[key] = HttpState(key, name)
+        return state
+
+
+def catalog_label(settings: Settings, *extra: str) -> Callable[[str | None], str]:
+    """A model label: the catalog's ids (and `extra` names) as they are, any other name "other"."""
+    known = frozenset(m.id for m in settings.models) | frozenset(extra)
+    return lambda model: (model if model in known else OTHER_MODEL) if model else NO_MODEL
+
+
+def _unknown_label(model: str | None) -> str:
+    return OTHER_MODEL if model else NO_MODEL
+
+
+def _in_serve_replica() -> bool:
+    try:
+        from ray import serve
+
+        serve.get_replica_context()
+        return True
+    except Exception:
+        return False
+
+
+class HttpState(State):
+    """`app.state` of an app built by `http_app`: what the layer needs from the replica.
+
+    Apps may keep their own values on it too (`app.state.x = ...`, as on any Starlette state)."""
+
+    def __init__(self, key: str, name: str):
+        super().__init__()
+        for attr, value in {"key": key, "name": name, "settings": None, "authenticator": None,
+                            "max_body_bytes": DEFAULT_MAX_BODY_BYTES, "model_label": _unknown_label,
+                            "behind_serve": False}.items():
+            object.__setattr__(self, attr, value)
+
+    def __reduce__(self):
+        return _shared_state, (self.key, self.name)
+
+    def configure(self, settings: Settings, *, authenticator: Authenticator | None = None,
+                  model_label: Callable[[str | None], str] | None = None,
+                  behind_serve: bool | None = None) -> HttpState:
+        """Set at replica init: the body limit, the Authenticator the `authenticated` dependency
+        uses (one from the settings unless given), and the model label (catalog ids, else
+        "other"); `behind_serve` (detected) says Serve's ingress already echoes request ids."""
+        values = {"settings": settings, "max_body_bytes": settings.limits.max_body_bytes,
+                  "authenticator": authenticator or Authenticator(settings),
+                  "model_label": model_label or catalog_label(settings),
+                  "behind_serve": _in_serve_replica() if behind_serve is None else behind_serve}
+        for attr, value in values.items():
+            object.__setattr__(self, attr, value)
+        request_metrics()  # registered with the replica's metrics agent before the first request
+        return self
+
+
+def http_app(title: str, *, name: str | None = None, version: str = "0.1.0", **fastapi_kwargs: Any) -> FastAPI:
+    """A FastAPI app with ORFEAS's HTTP layer installed. `name` is the app's metrics label (by
+    default the title without "ORFEAS ", lower case, dashes for spaces)."""
+    name = name or title.removeprefix("ORFEAS ").strip().lower().replace(" ", "-")
+    fastapi_kwargs.setdefault("docs_url", "/docs")
+    fastapi_kwargs.setdefault("redoc_url", None)
+    responses = {**ERROR_RESPONSES, **fastapi_kwargs.pop("responses", {})}
+    module = sys._getframe(1).f_globals.get("__name__", "?")
+    state = _shared_state(f"{module}:{title}", name)
+    # Outside in: the request id first (so everything after, logs included, has it), then the
+    # metrics (which see the final status, 413s and 500s included), the body limit, and the
+    # catch-all that turns what no handler took into a JSON response.
+    middleware = [Middleware(RequestIdMiddleware, http=state), Middleware(MetricsMiddleware, http=state),
+                  Middleware(BodyLimitMiddleware, http=state), Middleware(ErrorMiddleware),
+                  *fastapi_kwargs.pop("middleware", ())]
+    app = FastAPI(title=title, version=version, responses=responses, middleware=middleware, **fastapi_kwargs)
+    app.state = state
+    install_error_handlers(app)
+    install_log_record_factory()
+    return app
+
+
+build_app = http_app
+
+
+def http_state(app: Any) -> HttpState:
+    state = getattr(app, "state", None)
+    if not isinstance(state, HttpState):
+        raise RuntimeError("this app was not built with serve.http.http_app")
+    return state
+
+
+def label_model(request: Request, model: str | None, error_type: str | None = None) -> None:
+    """Name the model a request is about, for the request metrics (the layer maps names outside
+    the catalog to "other"); `error_type` marks a failure the status does not show (a stream
+    that failed after its 200)."""
+    request.state.model = model
+    if error_type is not None:
+        request.state.error_type = error_type

@@ -1,0 +1,45 @@
+"""Authentication as FastAPI dependencies:
+
+    async def route(self, principal: Principal = Depends(authenticated)): ...
+    @app.get("/admin-only", dependencies=[Depends(admin)])
+
+The dependency uses the `Authenticator` the replica configured on `app.state` (see
+`HttpState.configure`), so it works in class-based `@serve.ingress` views. A 401 carries
+`WWW-Authenticate: Bearer`; the route's OpenAPI operation names the bearer scheme.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from fastapi.security import HTTPBearer
+
+from models.errors import AdminRequired
+from security.auth import Principal
+from serve.http.app import http_state
+
+# Documents the scheme in /openapi.json; the Authenticator reads the header itself (its own
+# messages for a missing or malformed one), so this never refuses anything.
+_bearer = HTTPBearer(auto_error=False, description="An ORFEAS API key: `Authorization: Bearer <key>`.")
+
+
+async def authenticated(request: Request, _: Annotated[object, Depends(_bearer)] = None) -> Principal:
+    """The caller's principal (a 401 when the key is missing, malformed, unknown or revoked)."""
+    auth = http_state(request.app).authenticator
+    if auth is None:
+        raise RuntimeError("app.state.configure(settings) was not called at replica init: no Authenticator")
+    principal = await auth.authenticate(request.headers.get("authorization"))
+    request.state.principal = principal
+    return principal
+
+
+async def admin(request: Request, principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    """The caller's principal, which must be an admin's (else a 403 `admin_required`)."""
+    if not principal.is_admin:
+        raise AdminRequired(f"only admin keys may call {request.method} {request.url.path}")
+    return principal
+
+
+Authenticated = Annotated[Principal, Depends(authenticated)]
+Admin = Annotated[Principal, Depends(admin)]
