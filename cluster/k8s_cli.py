@@ -59,7 +59,7 @@ def render(
         if out is None and len(names) > 1:
             fail("--overlay all needs --out DIR")
         for name in names:
-            text = k8s_render.to_yaml(k8s_render.render(name))
+            text = k8s_render.render_yaml(name)
             if out is None:
                 sys.stdout.write(text)
             else:

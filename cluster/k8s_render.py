@@ -9,17 +9,18 @@ small `orfeas.overlay.yaml` merged over `orfeas.yaml`.
 
 `write_generated()` writes those serveConfigV2 values as kustomize patches
 (`generated/serve-config.yaml`); a test re-renders them and fails when the committed files are
-stale. `build()` is a kustomize equivalent in Python for the subset of kustomize the manifests
-use (resources, namespace, labels, strategic-merge and JSON 6902 patches), so rendering and the
-offline validation need neither a cluster nor a kustomize binary; a test checks it against
-`kubectl kustomize` wherever kubectl is installed.
+stale. `build()` runs real kustomize (`kustomize build` where a standalone kustomize is on PATH,
+else `kubectl kustomize`, kubectl >= 1.27): without either it fails and says what to install.
 """
 
 from __future__ import annotations
 
-import copy
+import functools
 import json
 import os
+import re
+import shutil
+import subprocess
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -209,186 +210,99 @@ def stale_generated(config_file: Path | None = None) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------
-# kustomize (the subset the manifests use)
+# kustomize (the real one: `kustomize build`, else `kubectl kustomize`)
 
-# Lists whose items kustomize merges by a key when they have one (kyaml's associative keys);
-# any other list in a strategic-merge patch replaces the original.
-_ASSOCIATIVE_KEYS = ("mountPath", "devicePath", "ip", "type", "topologyKey", "name", "containerPort")
-_SUPPORTED = {"apiVersion", "kind", "resources", "namespace", "labels", "patches", "components"}
+# kubectl 1.27 is the first release with kustomize v5 built in.
+MIN_KUSTOMIZE = (5, 0)
+INSTALL_HINT = (
+    "`orfeas k8s render` and `orfeas k8s validate` build the manifests with kustomize: install kubectl >= 1.27 "
+    "(kustomize v5 built in: https://kubernetes.io/docs/tasks/tools/) or a standalone kustomize v5 "
+    "(https://kubectl.docs.kubernetes.io/installation/kustomize/) and put it on PATH"
+)
 
 
-def _load_docs(path: Path) -> list[dict[str, Any]]:
+class KustomizeNotFound(RenderError):
+    """Neither `kustomize` nor `kubectl` (new enough) is on PATH; the message says what to install."""
+
+
+def _version(text: str) -> tuple[int, int] | None:
+    m = re.search(r"v(\d+)\.(\d+)", text)
+    return (int(m.group(1)), int(m.group(2))) if m else None
+
+
+@functools.lru_cache(maxsize=8)
+def _kustomize_version(exe: str, tool: str) -> tuple[int, int] | None:
+    """The kustomize version of a `kustomize` or `kubectl` binary (None when it does not say)."""
+    args = [exe, "version"] if tool == "kustomize" else [exe, "version", "--client", "-o", "json"]
     try:
-        docs = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except yaml.YAMLError as e:
-        raise RenderError(f"{path} is not valid YAML: {e}") from e
-    for d in docs:
-        if not isinstance(d, dict) or "kind" not in d or "apiVersion" not in d:
-            raise RenderError(f"{path}: every document must be a Kubernetes object with apiVersion and kind")
-    return docs
-
-
-def _key_of(items: list[Any]) -> str | None:
-    for k in _ASSOCIATIVE_KEYS:
-        if items and all(isinstance(i, dict) and k in i for i in items):
-            return k
-    return None
-
-
-def strategic_merge(base: Any, patch: Any) -> Any:
-    if isinstance(base, dict) and isinstance(patch, dict):
-        out = dict(base)
-        for k, v in patch.items():
-            if v is None:
-                out.pop(k, None)
-            elif k in out:
-                out[k] = strategic_merge(out[k], v)
-            else:
-                out[k] = copy.deepcopy(v)
-        return out
-    if isinstance(base, list) and isinstance(patch, list):
-        key = _key_of(base + patch)
-        if key is None:
-            return copy.deepcopy(patch)
-        out = [copy.deepcopy(i) for i in base]
-        for item in patch:
-            idx = next((n for n, b in enumerate(out) if b[key] == item[key]), None)
-            if idx is None:
-                out.append(copy.deepcopy(item))
-            else:
-                out[idx] = strategic_merge(out[idx], item)
-        return out
-    return copy.deepcopy(patch)
-
-
-def _pointer(path: str) -> list[str]:
-    if not path.startswith("/"):
-        raise RenderError(f"JSON patch path {path!r} must start with '/'")
-    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
-
-
-def json6902(doc: dict[str, Any], ops: list[dict[str, Any]], where: str) -> dict[str, Any]:
-    doc = copy.deepcopy(doc)
-    for op in ops:
-        parts = _pointer(op["path"])
-        parent: Any = doc
+        out = subprocess.run(args, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if tool == "kubectl":
         try:
-            for p in parts[:-1]:
-                parent = parent[int(p)] if isinstance(parent, list) else parent[p]
-            last = parts[-1]
-            kind = op["op"]
-            if isinstance(parent, list):
-                idx = len(parent) if last == "-" else int(last)
-                if kind == "add":
-                    parent.insert(idx, copy.deepcopy(op["value"]))
-                elif kind == "replace":
-                    parent[idx] = copy.deepcopy(op["value"])
-                elif kind == "remove":
-                    del parent[idx]
-                else:
-                    raise RenderError(f"{where}: unsupported JSON patch op {kind!r}")
-            else:
-                if kind in ("add", "replace"):
-                    if kind == "replace" and last not in parent:
-                        raise KeyError(last)
-                    parent[last] = copy.deepcopy(op["value"])
-                elif kind == "remove":
-                    del parent[last]
-                else:
-                    raise RenderError(f"{where}: unsupported JSON patch op {kind!r}")
-        except (KeyError, IndexError, ValueError, TypeError) as e:
-            raise RenderError(f"{where}: JSON patch {op['op']} {op['path']} does not apply ({e!r})") from None
-    return doc
+            out = json.loads(out).get("kustomizeVersion") or ""
+        except ValueError:
+            return None
+    return _version(out)
 
 
-def _matches(obj: dict[str, Any], target: dict[str, Any]) -> bool:
-    if "kind" in target and obj["kind"] != target["kind"]:
-        return False
-    if "name" in target and obj["metadata"].get("name") != target["name"]:
-        return False
-    if "group" in target or "version" in target:
-        group, _, version = obj["apiVersion"].rpartition("/")
-        if target.get("group", group) != group or target.get("version", version) != version:
-            return False
-    return True
+def kustomize_command() -> list[str]:
+    """The command that builds a kustomization directory: `kustomize build` when a standalone
+    kustomize is on PATH, else `kubectl kustomize`; KustomizeNotFound when there is neither (or
+    only one older than kustomize v5)."""
+    found = []
+    for tool, sub in (("kustomize", "build"), ("kubectl", "kustomize")):
+        exe = shutil.which(tool)
+        if exe is None:
+            continue
+        version = _kustomize_version(exe, tool)
+        if version is None or version >= MIN_KUSTOMIZE:
+            return [exe, sub]
+        found.append(f"{exe} has kustomize v{version[0]}.{version[1]}")
+    raise KustomizeNotFound(f"{INSTALL_HINT} ({'; '.join(found) if found else 'neither kustomize nor kubectl is on PATH'})")
+
+
+def build_yaml(directory: Path) -> str:
+    """`kustomize build directory`: the YAML stream `kubectl apply -k` would send."""
+    directory = Path(directory)
+    if not (directory / "kustomization.yaml").exists():
+        raise RenderError(f"{directory} has no kustomization.yaml")
+    cmd = [*kustomize_command(), str(directory)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        raise RenderError(f"`{' '.join(cmd)}` did not finish within 300 s") from None
+    if proc.returncode != 0:
+        raise RenderError(f"`{' '.join(cmd)}` failed: {proc.stderr.strip() or f'exit status {proc.returncode}'}")
+    return proc.stdout
+
+
+_FastLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def build(directory: Path) -> list[dict[str, Any]]:
-    """`kustomize build directory` for the features the manifests use."""
-    directory = Path(directory)
-    kfile = directory / "kustomization.yaml"
-    if not kfile.exists():
-        raise RenderError(f"{directory} has no kustomization.yaml")
-    k = yaml.safe_load(kfile.read_text()) or {}
-    unknown = set(k) - _SUPPORTED
-    if unknown:
-        raise RenderError(f"{kfile}: fields {sorted(unknown)} are not supported by the built-in renderer")
-    objs: list[dict[str, Any]] = []
-    for entry in list(k.get("resources") or []) + list(k.get("components") or []):
-        p = (directory / entry).resolve()
-        objs.extend(build(p) if p.is_dir() else _load_docs(p))
-    for patch in k.get("patches") or []:
-        where = f"{kfile} patch {patch.get('path', '(inline)')}"
-        text = (directory / patch["path"]).read_text() if "path" in patch else patch["patch"]
-        try:
-            bodies = [b for b in yaml.safe_load_all(text) if b is not None]
-        except yaml.YAMLError as e:
-            raise RenderError(f"{where} is not valid YAML: {e}") from e
-        target = patch.get("target")
-        if len(bodies) == 1 and isinstance(bodies[0], list):  # JSON 6902
-            if not target:
-                raise RenderError(f"{where}: a JSON 6902 patch needs a target")
-            hits = [i for i, o in enumerate(objs) if _matches(o, target)]
-            if not hits:
-                raise RenderError(f"{where}: matches no resource")
-            for i in hits:
-                objs[i] = json6902(objs[i], bodies[0], where)
-            continue
-        for body in bodies:  # strategic merge: each document patches the object it names
-            t = target or {"kind": body.get("kind"), "name": (body.get("metadata") or {}).get("name")}
-            hits = [i for i, o in enumerate(objs) if _matches(o, t)]
-            if not hits:
-                raise RenderError(f"{where}: {t.get('kind')}/{t.get('name')} matches no resource")
-            if body.get("$patch") == "delete":
-                objs = [o for i, o in enumerate(objs) if i not in hits]
-            else:
-                for i in hits:
-                    objs[i] = strategic_merge(objs[i], body)
-    for spec in k.get("labels") or []:
-        for o in objs:
-            o.setdefault("metadata", {}).setdefault("labels", {}).update(spec.get("pairs", {}))
-    if k.get("namespace"):
-        for o in objs:
-            if o["kind"] not in _CLUSTER_SCOPED:
-                o["metadata"]["namespace"] = k["namespace"]
-            _namespace_subjects(o, k["namespace"])
-    return objs
+    """The objects of `kustomize build directory`."""
+    return [d for d in yaml.load_all(build_yaml(directory), Loader=_FastLoader) if d is not None]
 
 
-_CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PriorityClass", "StorageClass"}
+def _directory(overlay: str | None) -> Path:
+    if overlay is None:
+        return BASE_DIR
+    if overlay == "jobs":
+        return JOBS_DIR
+    if overlay not in OVERLAYS:
+        raise RenderError(f"unknown overlay {overlay!r}; choose one of {', '.join(OVERLAYS)} (or jobs)")
+    return OVERLAYS_DIR / overlay
 
 
-def _namespace_subjects(o: dict[str, Any], ns: str) -> None:
-    # kustomize moves ServiceAccount subjects of role bindings into the namespace too.
-    if o["kind"] in ("RoleBinding", "ClusterRoleBinding"):
-        for s in o.get("subjects") or []:
-            if s.get("kind") == "ServiceAccount":
-                s["namespace"] = ns
+def render_yaml(overlay: str | None) -> str:
+    """An overlay (None: the base) as kustomize renders it."""
+    return build_yaml(_directory(overlay))
 
 
 def render(overlay: str | None) -> list[dict[str, Any]]:
     """The objects of an overlay (None: the base), as `kubectl apply -k` would send them."""
-    if overlay is None:
-        return build(BASE_DIR)
-    if overlay == "jobs":
-        return build(JOBS_DIR)
-    if overlay not in OVERLAYS:
-        raise RenderError(f"unknown overlay {overlay!r}; choose one of {', '.join(OVERLAYS)} (or jobs)")
-    return build(OVERLAYS_DIR / overlay)
-
-
-def to_yaml(objs: list[dict[str, Any]]) -> str:
-    return yaml.dump_all(objs, Dumper=_LiteralDumper, sort_keys=False, width=120)
+    return build(_directory(overlay))
 
 
 def object_id(o: dict[str, Any]) -> str:

@@ -9,7 +9,8 @@
   schema of the fields ORFEAS uses (their CRDs are not vendored here).
 - Policy: requests, limits and probes on every container, no `latest` or untagged images, no
   privileged containers, every Serve `import_path` imports, every RayJob entrypoint module
-  exists, vLLM models fit a GPU group, secrets only referenced, Ray pods never under an HPA.
+  exists, vLLM models fit a GPU group, the Ray group that mounts the data volume advertises
+  the durable-state resource, secrets only referenced, Ray pods never under an HPA.
 
 Every function returns a list of problems (strings naming the object and the field); empty is
 valid.
@@ -30,8 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
 from cluster.k8s_render import REPO_ROOT, object_id
+from config import ModelSpec, settings_from_dict
+from config.actors import STATE_RESOURCE
+from config.names import GATEWAY_APP
 
 K8S_VERSION = "1.32"
 # The CRDs are 4 MB of YAML: libyaml's loader reads them in a fraction of the pure-Python time.
@@ -381,18 +386,23 @@ def hpa_problems(obj: dict[str, Any]) -> list[str]:
     return []
 
 
+def _ray_clusters(obj: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(where, cluster spec) of the Ray cluster an object brings up, if any."""
+    spec, kind = obj.get("spec") or {}, obj.get("kind")
+    if kind == "RayService":
+        return [("spec.rayClusterConfig", spec.get("rayClusterConfig") or {})]
+    if kind == "RayCluster":
+        return [("spec", spec)]
+    if kind == "RayJob" and spec.get("rayClusterSpec"):
+        return [("spec.rayClusterSpec", spec["rayClusterSpec"])]
+    if kind == "RayCronJob" and (spec.get("jobTemplate") or {}).get("rayClusterSpec"):
+        return [("spec.jobTemplate.rayClusterSpec", spec["jobTemplate"]["rayClusterSpec"])]
+    return []
+
+
 def autoscaling_problems(obj: dict[str, Any]) -> list[str]:
-    clusters = []
-    if obj.get("kind") == "RayService":
-        clusters.append(("spec.rayClusterConfig", obj["spec"].get("rayClusterConfig") or {}))
-    elif obj.get("kind") == "RayCluster":
-        clusters.append(("spec", obj.get("spec") or {}))
-    elif obj.get("kind") == "RayJob" and obj["spec"].get("rayClusterSpec"):
-        clusters.append(("spec.rayClusterSpec", obj["spec"]["rayClusterSpec"]))
-    elif obj.get("kind") == "RayCronJob" and (obj["spec"].get("jobTemplate") or {}).get("rayClusterSpec"):
-        clusters.append(("spec.jobTemplate.rayClusterSpec", obj["spec"]["jobTemplate"]["rayClusterSpec"]))
     out = []
-    for where, c in clusters:
+    for where, c in _ray_clusters(obj):
         at = f"{object_id(obj)}: {where}"
         if not c.get("enableInTreeAutoscaling"):
             out.append(f"{at}.enableInTreeAutoscaling must be true")
@@ -410,19 +420,27 @@ def autoscaling_problems(obj: dict[str, Any]) -> list[str]:
     return out
 
 
-def _accelerator_types(group: dict[str, Any]) -> set[str]:
+def _custom_resources(group: dict[str, Any]) -> dict[str, Any]:
+    """The custom resources a Ray group advertises: rayStartParams `resources` (a quoted JSON
+    object, as `ray start --resources` takes it) and the group's own `resources` field."""
     raw = (group.get("rayStartParams") or {}).get("resources")
-    found: set[str] = set()
+    found: dict[str, Any] = {}
     if raw:
         text = raw.strip()
         if text.startswith('"') and text.endswith('"'):
             text = text[1:-1].replace('\\"', '"')
         try:
-            found |= {k.split(":", 1)[1] for k in json.loads(text) if k.startswith("accelerator_type:")}
-        except (ValueError, AttributeError):
+            parsed = json.loads(text)
+            if isinstance(parsed, dict):
+                found.update(parsed)
+        except ValueError:
             pass
-    found |= {k.split(":", 1)[1] for k in (group.get("resources") or {}) if k.startswith("accelerator_type:")}
+    found.update(group.get("resources") or {})
     return found
+
+
+def _accelerator_types(group: dict[str, Any]) -> set[str]:
+    return {k.split(":", 1)[1] for k in _custom_resources(group) if k.startswith("accelerator_type:")}
 
 
 def _gpus(group: dict[str, Any]) -> float:
@@ -470,21 +488,55 @@ def gpu_problems(obj: dict[str, Any]) -> list[str]:
     groups = (obj["spec"].get("rayClusterConfig") or {}).get("workerGroupSpecs") or []
     out = []
     for app in cfg.get("applications") or []:
-        model = (app.get("args") or {}).get("model") or {}
-        if model.get("engine") != "vllm":
+        args = app.get("args") or {}
+        if "model" not in args:
             continue
-        need, accel = float(model.get("num_gpus") or 0), model.get("accelerator_type")
+        try:  # the args carry non-default fields only: read them back with the defaults
+            model = ModelSpec.model_validate(args["model"])
+        except ValidationError as e:
+            out.append(f"{object_id(obj)}: application {app.get('name')}: invalid model args: {e}")
+            continue
+        if model.engine != "vllm":
+            continue
+        need, accel = float(model.num_gpus), model.accelerator_type
         fits = [g for g in groups if _gpus(g) >= max(need, 1) and (accel is None or accel in _accelerator_types(g))]
         if not fits:
             declared = {g.get("groupName"): sorted(_accelerator_types(g)) for g in groups if _gpus(g)}
             out.append(
-                f"{object_id(obj)}: vLLM model {model.get('id')!r} needs {need:g} GPU(s) of type {accel}; "
+                f"{object_id(obj)}: vLLM model {model.id!r} needs {need:g} GPU(s) of type {accel}; "
                 f"GPU groups declare {declared or 'nothing'}"
             )
         for g in fits:
             pod = (g.get("template") or {}).get("spec") or {}
             if not pod.get("tolerations") or not pod.get("nodeSelector"):
                 out.append(f"{object_id(obj)}: GPU group {g.get('groupName')} needs tolerations and a nodeSelector")
+    return out
+
+
+def _mounts_a_claim(group: dict[str, Any]) -> bool:
+    pod = (group.get("template") or {}).get("spec") or {}
+    claims = {v.get("name") for v in pod.get("volumes") or [] if v.get("persistentVolumeClaim")}
+    return any(m.get("name") in claims for _, c in containers(pod) for m in c.get("volumeMounts") or [])
+
+
+def state_resource_problems(obj: dict[str, Any]) -> list[str]:
+    """Durable-state actors (config/actors.py, durable=True) land where the persistent volume is:
+    a Ray group whose pods mount a PersistentVolumeClaim advertises STATE_RESOURCE, and no other
+    group does (its actors would write to a volume that dies with the pod)."""
+    out = []
+    for where, c in _ray_clusters(obj):
+        head = c.get("headGroupSpec") or {}
+        groups = [("headGroupSpec", head)] + [(f"workerGroupSpecs[{g.get('groupName')}]", g)
+                                              for g in c.get("workerGroupSpecs") or []]
+        for name, g in groups:
+            at = f"{object_id(obj)}: {where}.{name}"
+            advertises = bool(_custom_resources(g).get(STATE_RESOURCE))
+            if _mounts_a_claim(g) and not advertises:
+                out.append(f"{at} mounts a PersistentVolumeClaim but does not advertise the {STATE_RESOURCE!r} "
+                           "resource (rayStartParams resources): durable-state actors would not be placed there")
+            elif advertises and not _mounts_a_claim(g):
+                out.append(f"{at} advertises {STATE_RESOURCE!r} but mounts no PersistentVolumeClaim: durable-state "
+                           "actors placed there would lose their state with the pod")
     return out
 
 
@@ -535,8 +587,9 @@ def ingress_problems(objs: list[dict[str, Any]]) -> list[str]:
     for o in objs:
         cfg = serve_config_of(o)
         for app in (cfg or {}).get("applications") or []:
-            if "settings" in (app.get("args") or {}):
-                limit = app["args"]["settings"]["limits"]["max_body_bytes"]
+            if app.get("name") == GATEWAY_APP and "settings" in (app.get("args") or {}):
+                # Non-default settings only: the gateway's replicas fill in the defaults the same way.
+                limit = settings_from_dict(app["args"]["settings"]).limits.max_body_bytes
     for o in objs:
         if o.get("kind") != "Ingress":
             continue
@@ -571,6 +624,7 @@ def policy_problems(objs: list[dict[str, Any]]) -> list[str]:
         out += hpa_problems(o)
         out += autoscaling_problems(o)
         out += gpu_problems(o)
+        out += state_resource_problems(o)
         out += import_path_problems(o)
         out += entrypoint_problems(o)
     out += ingress_problems(objs)

@@ -98,10 +98,31 @@ def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, A
     return options
 
 
+# The `Settings` sections each application's code reads (its builder, its replicas and the actors
+# they create; `data_dir` always goes along). Its args carry only the non-default values of these:
+# the replica rebuilds a full `Settings` with `config.settings_from_dict`, so every other field
+# and section is its default there. tests/kuberay/test_serve_args.py re-derives these sets from
+# the code and fails when an app starts reading a section that is not listed.
+GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router")
+RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag")
+AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents")  # workflows and agents apps
+
+
+def app_settings(settings: Settings, sections: tuple[str, ...]) -> dict[str, Any]:
+    """`{"settings": ...}` args: the resolved data directory and the non-default values of
+    `sections`, JSON-safe."""
+    data = settings.model_dump(mode="json", include=set(sections), exclude_defaults=True)
+    return {"settings": {"data_dir": str(settings.resolved_data_dir()), **data}}
+
+
 def model_app(spec: ModelSpec, serve: ServeSettings) -> AppSpec:
-    import_path = VLLM_IMPORT_PATH if spec.engine == "vllm" else MODEL_IMPORT_PATH
-    return AppSpec(model_app_name(spec.id), import_path, None,
-                   {"model": spec.model_dump(mode="json"), "serve": serve.model_dump(mode="json")})
+    """A model's application; its args are the spec's non-default fields (the builders read them
+    back with `ModelSpec.model_validate`) and, for our own engines, the non-default `serve` ones."""
+    args: dict[str, Any] = {"model": spec.model_dump(mode="json", exclude_defaults=True)}
+    if spec.engine == "vllm":  # Ray Serve LLM's own deployment: no ORFEAS replica options
+        return AppSpec(model_app_name(spec.id), VLLM_IMPORT_PATH, None, args)
+    args["serve"] = serve.model_dump(mode="json", exclude_defaults=True)
+    return AppSpec(model_app_name(spec.id), MODEL_IMPORT_PATH, None, args)
 
 
 def applications(settings: Settings) -> list[AppSpec]:
@@ -110,11 +131,12 @@ def applications(settings: Settings) -> list[AppSpec]:
     apps = [model_app(m, settings.serve) for m in settings.models
             if m.engine in IN_CLUSTER_ENGINES]
     if settings.rag.enabled:
-        apps.append(AppSpec(RAG_APP, RAG_IMPORT_PATH, RAG_PREFIX, {"settings": settings.to_dict()}))
+        apps.append(AppSpec(RAG_APP, RAG_IMPORT_PATH, RAG_PREFIX, app_settings(settings, RAG_SECTIONS)))
     if settings.agents.enabled:
-        apps.append(AppSpec(WORKFLOWS_APP, WORKFLOWS_IMPORT_PATH, WORKFLOWS_PREFIX, {"settings": settings.to_dict()}))
-        apps.append(AppSpec(AGENTS_APP, AGENTS_IMPORT_PATH, AGENTS_PREFIX, {"settings": settings.to_dict()}))
-    apps.append(AppSpec(GATEWAY_APP, GATEWAY_IMPORT_PATH, GATEWAY_PREFIX, {"settings": settings.to_dict()}))
+        apps.append(AppSpec(WORKFLOWS_APP, WORKFLOWS_IMPORT_PATH, WORKFLOWS_PREFIX,
+                            app_settings(settings, AGENTS_SECTIONS)))
+        apps.append(AppSpec(AGENTS_APP, AGENTS_IMPORT_PATH, AGENTS_PREFIX, app_settings(settings, AGENTS_SECTIONS)))
+    apps.append(AppSpec(GATEWAY_APP, GATEWAY_IMPORT_PATH, GATEWAY_PREFIX, app_settings(settings, GATEWAY_SECTIONS)))
     return apps
 
 

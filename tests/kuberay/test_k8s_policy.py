@@ -152,6 +152,16 @@ def test_vllm_model_on_a_cluster_without_gpus_fails(fresh):
     _one(_problems(objs), "qwen2.5-7b-instruct", "declare nothing")
 
 
+def test_data_volume_without_the_state_resource_fails(fresh):
+    objs = fresh("dev")
+    cluster = find(objs, "RayService")["spec"]["rayClusterConfig"]
+    del cluster["headGroupSpec"]["rayStartParams"]["resources"]
+    cluster["workerGroupSpecs"][0]["rayStartParams"]["resources"] = '"{\\"orfeas_state\\": 1}"'
+    problems = _problems(objs)
+    _one(problems, "headGroupSpec mounts a PersistentVolumeClaim", "orfeas_state")
+    _one(problems, "workerGroupSpecs[cpu-workers] advertises 'orfeas_state' but mounts no PersistentVolumeClaim")
+
+
 def test_gpu_on_the_head_fails(fresh):
     objs = fresh("gpu")
     _head(objs)["resources"]["limits"]["nvidia.com/gpu"] = "1"

@@ -1,18 +1,22 @@
-"""Rendering: every overlay builds, serveConfigV2 is the Serve config of orfeas.yaml and the
-committed copies are current, and the built-in renderer agrees with `kubectl kustomize`."""
+"""Rendering: every overlay builds with real kustomize, serveConfigV2 is the Serve config of
+orfeas.yaml and the committed copies are current, and without a kustomize binary the render fails
+saying what to install."""
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
 
 from k8s_fixtures import fresh, rendered  # noqa: F401  (fixtures)
 
-from cluster import k8s_render
-from config import load_settings
+from cluster import k8s_render, k8s_validate
+from config import load_settings, settings_from_dict
 from serve.applications import serve_config
 
 ALL = k8s_render.ALL_TARGETS
@@ -49,9 +53,12 @@ def test_serve_config_is_the_local_one_with_in_cluster_facts(rendered, tmp_path)
     gateway = next(a for a in k8s["applications"] if a["name"] == "gateway")
     assert gateway["route_prefix"] == "/"
     assert gateway["args"]["settings"]["data_dir"] == k8s_render.DATA_DIR
+    # The args carry non-default values only: compare what the replicas rebuild from them.
     local_gw = next(a for a in local["applications"] if a["name"] == "gateway")["args"]["settings"]
-    for section in ("gateway", "limits", "auth"):
-        assert gateway["args"]["settings"][section] == local_gw[section]
+    k8s_gw, local_gw = settings_from_dict(gateway["args"]["settings"]), settings_from_dict(local_gw)
+    for section in ("gateway", "limits", "auth", "router"):
+        assert getattr(k8s_gw, section) == getattr(local_gw, section)
+    assert k8s_gw.rag.qdrant_url == k8s_render.QDRANT_URL and k8s_gw.serve.host == "0.0.0.0"
     # Model directories under the repository are where the image keeps the repository.
     tiny = next(a for a in k8s["applications"] if a["name"] == "model-tiny-chat")
     assert tiny["args"]["model"]["source"] == f"{k8s_render.APP_DIR}/data/models/tiny-chat"
@@ -81,36 +88,99 @@ def test_gpu_overlays_add_vllm_models(rendered):
     assert [g["groupName"] for g in groups] == ["cpu-workers"]
 
 
-def test_renderer_rejects_a_patch_that_matches_nothing(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: [cm.yaml]\npatches:\n  - path: p.yaml\n    target: {kind: ConfigMap, name: other}\n"
-    )
+def test_kustomize_errors_are_render_errors(tmp_path):
+    """kustomize's own refusal (a patch naming an object the kustomization lacks) comes back as a
+    RenderError with its message."""
+    (tmp_path / "kustomization.yaml").write_text("resources: [cm.yaml]\npatches:\n  - path: p.yaml\n")
     (tmp_path / "cm.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a}\n")
-    (tmp_path / "p.yaml").write_text("- {op: add, path: /data, value: {}}\n")
-    with pytest.raises(k8s_render.RenderError, match="matches no resource"):
+    (tmp_path / "p.yaml").write_text("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: other}\ndata: {x: y}\n")
+    with pytest.raises(k8s_render.RenderError, match="failed:.*other"):
         k8s_render.build(tmp_path)
 
 
-def test_renderer_rejects_kustomize_features_it_does_not_implement(tmp_path):
-    (tmp_path / "kustomization.yaml").write_text("resources: []\nimages: [{name: x, newTag: '1'}]\n")
-    with pytest.raises(k8s_render.RenderError, match="not supported"):
-        k8s_render.build(tmp_path)
+def test_builds_are_kustomize_output(rendered):
+    """The objects are kustomize's, as `kubectl kustomize` prints them (the binary found on PATH)."""
+    assert k8s_render.kustomize_command()[-1] in ("build", "kustomize")
+    text = k8s_render.render_yaml("dev")
+    assert [o for o in yaml.safe_load_all(text) if o] == rendered["dev"]
 
 
-def _kubectl_kustomize_ok() -> bool:
-    if not shutil.which("kubectl"):
-        return False
-    out = subprocess.run(["kubectl", "version", "--client"], capture_output=True, text=True).stdout
-    return "Kustomize Version: v5" in out or "Kustomize Version: v4" in out
+def _bin_with(tmp_path, **scripts: str):
+    """A PATH directory holding only these executables (name -> shell script body)."""
+    d = tmp_path / "bin"
+    d.mkdir(exist_ok=True)
+    for name, body in scripts.items():
+        f = d / name
+        f.write_text("#!/bin/sh\n" + body)
+        f.chmod(0o755)
+    return str(d)
 
 
-@pytest.mark.skipif(not _kubectl_kustomize_ok(), reason="kubectl with kustomize v4+ is not installed")
+def test_render_without_any_kustomize_says_what_to_install(tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", _bin_with(tmp_path))
+    with pytest.raises(k8s_render.KustomizeNotFound, match=r"kubectl >= 1\.27.*standalone kustomize"):
+        k8s_render.render("dev")
+
+
+def test_cli_render_without_any_kustomize_fails_clearly(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(k8s_render.REPO_ROOT), "PATH": _bin_with(tmp_path)}
+    out = subprocess.run([sys.executable, "-m", "cluster.k8s_cli", "render", "--overlay", "dev"], cwd=k8s_render.REPO_ROOT,
+                         env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1, out.stderr
+    assert "install kubectl >= 1.27" in out.stderr and "neither kustomize nor kubectl is on PATH" in out.stderr
+    assert "Traceback" not in out.stderr and out.stdout == ""
+
+
+needs_kubectl = pytest.mark.skipif(not shutil.which("kubectl"), reason="kubectl is not installed")
+
+
+@needs_kubectl
+def test_kubectl_kustomize_when_there_is_no_standalone_kustomize(tmp_path, monkeypatch):
+    d = tmp_path / "bin"
+    d.mkdir()
+    (d / "kubectl").symlink_to(shutil.which("kubectl"))
+    monkeypatch.setenv("PATH", str(d))
+    assert k8s_render.kustomize_command() == [str(d / "kubectl"), "kustomize"]
+    assert find(k8s_render.render("jobs"), "RayJob", "orfeas-ingest")
+
+
+@needs_kubectl
+def test_a_standalone_kustomize_is_preferred(tmp_path, monkeypatch):
+    # Standalone kustomize is not installed here: this stand-in answers `version` as kustomize v5
+    # does and builds with kubectl's kustomize, leaving a mark that it ran.
+    kubectl = shutil.which("kubectl")
+    path = _bin_with(tmp_path, kustomize=(
+        'if [ "$1" = version ]; then echo v5.5.0; exit 0; fi\n'
+        f'[ "$1" = build ] || exit 2\n: > "{tmp_path}/ran"\nexec {kubectl} kustomize "$2"\n'))
+    (tmp_path / "bin" / "kubectl").symlink_to(kubectl)
+    monkeypatch.setenv("PATH", path)
+    assert k8s_render.kustomize_command() == [f"{path}/kustomize", "build"]
+    assert find(k8s_render.render("jobs"), "RayJob", "orfeas-reindex")
+    assert (tmp_path / "ran").exists()
+
+
+def test_a_kubectl_older_than_kustomize_v5_is_refused(tmp_path, monkeypatch):
+    # kubectl 1.26 shipped kustomize v4.5.7.
+    version = json.dumps({"clientVersion": {"gitVersion": "v1.26.9"}, "kustomizeVersion": "v4.5.7"})
+    monkeypatch.setenv("PATH", _bin_with(tmp_path, kubectl=f"echo '{version}'\n"))
+    with pytest.raises(k8s_render.KustomizeNotFound, match=r"kubectl >= 1\.27.*has kustomize v4\.5"):
+        k8s_render.kustomize_command()
+
+
 @pytest.mark.parametrize("overlay", ALL)
-def test_builtin_renderer_matches_kubectl_kustomize(rendered, overlay):
-    directory = k8s_render.JOBS_DIR if overlay == "jobs" else k8s_render.OVERLAYS_DIR / overlay
-    out = subprocess.run(["kubectl", "kustomize", str(directory)], capture_output=True, text=True, check=True).stdout
-    theirs = {k8s_render.object_id(o): o for o in yaml.safe_load_all(out) if o}
-    mine = {k8s_render.object_id(o): o for o in rendered[overlay]}
-    assert set(mine) == set(theirs)
-    for key in mine:
-        assert k8s_render.dumps_json(mine[key]) == k8s_render.dumps_json(theirs[key]), key
+def test_durable_state_resource_is_where_the_data_volume_is(rendered, overlay):
+    """The RayService head mounts orfeas-data and advertises orfeas_state (config/actors.py);
+    no other Ray group does: job clusters keep their data on emptyDir."""
+    from config.actors import STATE_RESOURCE
+
+    advertised = []
+    for o in rendered[overlay]:
+        for where, cluster in k8s_validate._ray_clusters(o):
+            groups = [("head", cluster["headGroupSpec"])] + [(g["groupName"], g) for g in cluster["workerGroupSpecs"]]
+            for name, g in groups:
+                raw = (g.get("rayStartParams") or {}).get("resources")
+                if raw and STATE_RESOURCE in json.loads(json.loads(raw)):
+                    advertised.append((k8s_render.object_id(o), name))
+                    volumes = g["template"]["spec"]["volumes"]
+                    assert {"name": "data", "persistentVolumeClaim": {"claimName": "orfeas-data"}} in volumes
+    assert advertised == ([] if overlay == "jobs" else [("RayService/orfeas/orfeas", "head")])
