@@ -133,6 +133,13 @@ class ChatCompletionRequest(_Sampling):
     logprobs: bool | None = None
     top_logprobs: int | None = Field(None, ge=0, le=20)
 
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs_need_logprobs(cls, v: int | None, info: ValidationInfo) -> int | None:
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("needs logprobs: true")
+        return v
+
     @field_validator("tools")
     @classmethod
     def _unique_tools(cls, v: list[ToolDefinition] | None) -> list[ToolDefinition] | None:
@@ -426,6 +433,34 @@ class GenerationRequest(BaseModel):
             raise ValueError("a completion generation needs a prompt")
         return self
 
+    def openai_body(self, model: str) -> dict[str, Any]:
+        """This generation as the body of an OpenAI-compatible request (`/chat/completions` or
+        `/completions`, by kind), streamed with usage. Every parameter that is set is sent, and
+        `max_tokens` always is: the request's limit or, without one, the gateway's cap."""
+        p = self.params
+        body: dict[str, Any] = {"model": model, "stream": True, "stream_options": {"include_usage": True},
+                                "max_tokens": p.token_budget(), "temperature": p.temperature, "top_p": p.top_p}
+        if self.kind is GenerationKind.CHAT:
+            body["messages"] = self.messages
+            for key in ("tools", "tool_choice", "parallel_tool_calls"):
+                if getattr(self, key) is not None:
+                    body[key] = getattr(self, key)
+            if p.logprobs:
+                body["logprobs"] = True
+                if p.top_logprobs is not None:
+                    body["top_logprobs"] = p.top_logprobs
+        else:
+            body["prompt"] = self.prompt
+            if p.logprobs:
+                body["logprobs"] = p.top_logprobs or 0  # completions: how many top tokens, 0 the chosen only
+        for key in ("stop", "seed", "presence_penalty", "frequency_penalty", "logit_bias", "user"):
+            if getattr(p, key) is not None:
+                body[key] = getattr(p, key)
+        if p.response_format is not None:
+            fmt = p.response_format
+            body["response_format"] = {"type": fmt.type, **({"json_schema": fmt.json_schema} if fmt.json_schema else {})}
+        return body
+
 
 class GenerationEvent(BaseModel):
     """One step of a streamed generation: new text or tool-call pieces, and at the end the finish
@@ -435,9 +470,30 @@ class GenerationEvent(BaseModel):
     tool_calls: list[ToolCallDelta] | None = None
     finish_reason: FinishReason | None = None
     usage: Usage | None = None
-    # The provider's log probabilities of this step's tokens, in its own shape (chat: {"content": [...]};
-    # completion: {"tokens": [...], "token_logprobs": [...], "top_logprobs": [...]}), passed back as is.
+    # The log probabilities of this step's tokens, in OpenAI's shape for the request's kind (chat:
+    # {"content": [...]}; completion: {"tokens": [...], "token_logprobs": [...], "top_logprobs": [...]}):
+    # a provider's are passed back as they came.
     logprobs: dict[str, Any] | None = None
+
+    def followed_by(self, later: "GenerationEvent") -> "GenerationEvent":
+        """This event and the next as one (the later one's finish and usage stand)."""
+        calls = (self.tool_calls or []) + (later.tool_calls or [])
+        return GenerationEvent(text=self.text + later.text, tool_calls=calls or None,
+                               finish_reason=later.finish_reason, usage=later.usage,
+                               logprobs=join_logprobs(self.logprobs, later.logprobs))
+
+
+def join_logprobs(a: dict[str, Any] | None, b: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The log probabilities of two consecutive pieces of one answer, as one (lists are joined)."""
+    if not a or not b:
+        return a or b
+    out = dict(a)
+    for key, value in b.items():
+        if isinstance(value, list) and isinstance(out.get(key), list):
+            out[key] = out[key] + value
+        elif out.get(key) is None:
+            out[key] = value
+    return out
 
 
 class ToolCallCollector:
@@ -465,21 +521,23 @@ class ToolCallCollector:
 class StreamReader:
     """Turns an OpenAI-compatible server's stream chunks (chat or completion) into generation events."""
 
-    def __init__(self, kind: Literal["chat", "completion"]):
-        self.kind = kind
+    def __init__(self, kind: GenerationKind):
+        self.kind = GenerationKind(kind)
         self.finish: str | None = None
         self.usage: Usage | None = None
 
     def read(self, chunk: dict[str, Any]) -> list[GenerationEvent]:
         if chunk.get("usage"):
             self.usage = Usage.model_validate(chunk["usage"])
+        chat = self.kind is GenerationKind.CHAT
         events = []
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") or {}
-            text = delta.get("content") if self.kind == "chat" else choice.get("text")
-            calls = delta.get("tool_calls") if self.kind == "chat" else None
-            if text or calls:
-                events.append(GenerationEvent(text=text or "", tool_calls=[
+            text = delta.get("content") if chat else choice.get("text")
+            calls = delta.get("tool_calls") if chat else None
+            logprobs = choice.get("logprobs") or None
+            if text or calls or logprobs:
+                events.append(GenerationEvent(text=text or "", logprobs=logprobs, tool_calls=[
                     ToolCallDelta.model_validate({"index": i, **c}) for i, c in enumerate(calls or [])]
                     or None))
             self.finish = choice.get("finish_reason") or self.finish

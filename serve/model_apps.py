@@ -12,13 +12,14 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
+from pydantic import ValidationError
 from ray import serve
 
 from config import ModelSpec
 from models.embedders import DenseEmbedder
 from models.engines.transformers_engine import TransformersEngine
 from models.errors import InvalidRequest, ModelUnavailable
-from models.protocol import GenerationEvent, GenerationParams
+from models.protocol import GenerationEvent, GenerationRequest
 from config.settings import ServeSettings
 from serve.applications import replica_actor_options
 
@@ -27,9 +28,7 @@ log = logging.getLogger(__name__)
 
 def merge(a: GenerationEvent, b: GenerationEvent) -> GenerationEvent:
     """Two consecutive events as one (b is the later: its finish and usage stand)."""
-    calls = (a.tool_calls or []) + (b.tool_calls or [])
-    return GenerationEvent(text=a.text + b.text, tool_calls=calls or None, finish_reason=b.finish_reason,
-                           usage=b.usage)
+    return a.followed_by(b)
 
 
 async def batched(events: AsyncIterator[GenerationEvent], interval_s: float) -> AsyncIterator[GenerationEvent]:
@@ -119,22 +118,15 @@ class ChatModelServer(_Hosted):
     def __init__(self, spec: dict[str, Any]):
         self._load(TransformersEngine(ModelSpec.model_validate(spec)))
 
-    async def generate(self, kind: str, payload: dict[str, Any], params: dict[str, Any]) -> AsyncIterator[dict]:
-        """Stream generation events (as dicts) for a chat (`messages`) or completion (`prompt`) payload."""
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict]:
+        """Stream generation events (as dicts) for a `GenerationRequest` (as JSON: a Serve handle
+        call takes JSON-able arguments; it is validated here, on the replica)."""
         self._ready()
-        tools = None
-        if kind == "chat":
-            # tool_choice "none" offers no tools; "required" or a named tool cannot be enforced
-            # without guided decoding, so they are offered as "auto" (vLLM enforces them).
-            offered = payload.get("tools") if payload.get("tool_choice") != "none" else None
-            prompt_ids = self.engine.chat_prompt_ids(payload["messages"], offered)
-            tools = {t["function"]["name"] for t in offered} if offered else None
-        elif kind == "completion":
-            prompt_ids = self.engine.text_prompt_ids(payload["prompt"])
-        else:
-            raise InvalidRequest(f"unknown generation kind {kind!r}")
-        events = self.engine.stream(prompt_ids, GenerationParams.model_validate(params), tools)
-        async for event in batched(events, self.engine.spec.stream_interval_ms / 1000):
+        try:
+            gen = GenerationRequest.model_validate(request)
+        except ValidationError as e:
+            raise InvalidRequest(f"not a generation request: {e}") from None
+        async for event in batched(self.engine.stream(gen), self.engine.spec.stream_interval_ms / 1000):
             yield event.model_dump()
 
 

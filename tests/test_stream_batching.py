@@ -72,3 +72,16 @@ def test_a_caller_that_goes_away_stops_the_engine():
         return first
 
     assert asyncio.run(go()).text == "t0 " and log == ["closed"]
+
+
+def test_log_probabilities_survive_batching_in_order():
+    async def tokens():
+        for i in range(6):
+            await asyncio.sleep(0.001)
+            yield GenerationEvent(text=f"t{i}", logprobs={"content": [{"token": f"t{i}", "logprob": -i / 10,
+                                                                       "top_logprobs": []}]},
+                                  finish_reason="stop" if i == 5 else None)
+
+    out = collect(batched(tokens(), interval_s=0.05))
+    assert len(out) < 6
+    assert [c["token"] for e in out for c in (e.logprobs or {}).get("content", [])] == [f"t{i}" for i in range(6)]

@@ -4,7 +4,7 @@ text that may become a call while streaming, and joining streamed call pieces.""
 import json
 
 from models.engines.tool_parser import may_be_a_call, parse_tool_calls
-from models.protocol import StreamReader, ToolCallCollector, ToolCallDelta
+from models.protocol import GenerationKind, StreamReader, ToolCallCollector, ToolCallDelta
 
 OFFERED = {"weather", "calculator"}
 
@@ -42,7 +42,7 @@ def test_streaming_holds_back_only_what_may_be_a_call():
 
 
 def test_stream_pieces_join_into_whole_calls():
-    reader = StreamReader("chat")
+    reader = StreamReader(GenerationKind.CHAT)
     chunks = [
         {"choices": [{"index": 0, "delta": {"role": "assistant", "content": None}}]},
         {"choices": [{"index": 0, "delta": {"tool_calls": [
@@ -66,3 +66,14 @@ def test_stream_pieces_join_into_whole_calls():
     collector = ToolCallCollector()
     collector.add([ToolCallDelta(index=0, function={"name": "weather", "arguments": "{}"})])
     assert collector.calls()[0].id.startswith("call-")  # an id is made when the provider sent none
+
+
+def test_provider_log_probabilities_ride_with_their_text():
+    chat = StreamReader(GenerationKind.CHAT)
+    lp = {"content": [{"token": "Hi", "logprob": -0.1, "bytes": [72, 105], "top_logprobs": []}]}
+    [event] = chat.read({"choices": [{"index": 0, "delta": {"content": "Hi"}, "logprobs": lp}]})
+    assert event.text == "Hi" and event.logprobs == lp
+    completion = StreamReader(GenerationKind.COMPLETION)
+    lp = {"tokens": ["Hi"], "token_logprobs": [-0.1], "top_logprobs": [{"Hi": -0.1}]}
+    [event] = completion.read({"choices": [{"index": 0, "text": "Hi", "logprobs": lp}]})
+    assert event.text == "Hi" and event.logprobs == lp

@@ -1,27 +1,42 @@
 """vLLM on GPUs through Ray Serve's own LLM library (`ray.serve.llm`); no wrapper of our own.
 
+`build_vllm_app` deploys the model's LLMServer; `VLLMEngine` is the gateway's engine for it,
+calling the LLMServer deployment through its handle with vLLM's own OpenAI request types, every
+parameter the client set included (vLLM honours them all: JSON mode and schemas by guided
+decoding, penalties, logit_bias, logprobs).
+
 Nothing here imports vLLM at module import: it is the `gpu` extra, absent on CPU machines.
 """
 
 from __future__ import annotations
 
+import asyncio
 import importlib.util
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from config import ModelSpec
+from models.engine import Engine, EngineStatus
 from models.errors import InvalidRequest, UpstreamError
-from models.protocol import GenerationEvent, StreamReader
+from models.protocol import GenerationEvent, GenerationKind, GenerationRequest, StreamReader
 
 MISSING_EXTRA = (
     "model {id!r} uses engine 'vllm', which needs vLLM: install the gpu extra "
     "(pip install 'orfeas[gpu]') on a machine with a CUDA GPU"
 )
+STATUS_TIMEOUT_S = 3.0
+# LLMServer's method and vLLM's request type for each kind.
+METHODS = {GenerationKind.CHAT: ("chat", "ChatCompletionRequest"),
+           GenerationKind.COMPLETION: ("completions", "CompletionRequest")}
 
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
+
+
+def max_model_len(spec: ModelSpec) -> int:
+    return int(spec.engine_kwargs.get("max_model_len", spec.max_context))
 
 
 def llm_config(spec: ModelSpec):
@@ -48,24 +63,77 @@ def build_vllm_app(args: dict[str, Any]):
     return build_llm_deployment(llm_config(spec))
 
 
-async def stream_from_llm_server(handle, kind: str, payload: dict[str, Any]) -> AsyncIterator[GenerationEvent]:
-    """Call an LLMServer deployment handle and turn its OpenAI stream into generation events."""
-    from ray.serve.llm.openai_api_models import ChatCompletionRequest, CompletionRequest
+def prompt_tokens_bound(request: GenerationRequest) -> int:
+    """At most how many tokens the prompt can be once templated, without a tokenizer: a token of
+    the byte-level and byte-fallback tokenizers vLLM serves covers at least one byte of text, and
+    templates add a few special tokens per message plus a preamble."""
+    if request.kind is GenerationKind.COMPLETION:
+        return len((request.prompt or "").encode()) + 16
+    text = json.dumps(request.messages, ensure_ascii=False) + json.dumps(request.tools or [], ensure_ascii=False)
+    return len(text.encode()) + 16 * len(request.messages or []) + 64
 
-    request_cls, method = (ChatCompletionRequest, "chat") if kind == "chat" else (CompletionRequest, "completions")
-    request = request_cls(**payload, stream=True, stream_options={"include_usage": True})
-    reader = StreamReader(kind)
-    async for batch in getattr(handle.options(stream=True), method).remote(request):
-        for item in batch if isinstance(batch, list) else [batch]:
-            if not isinstance(item, str):  # an ErrorResponse object
-                body = item.model_dump() if hasattr(item, "model_dump") else {"error": str(item)}
-                err = body.get("error", body)
-                message = err.get("message", str(err)) if isinstance(err, dict) else str(err)
-                code = err.get("code") if isinstance(err, dict) else None
-                raise (InvalidRequest if code == 400 else UpstreamError)(f"vLLM: {message}")
-            for line in item.splitlines():
-                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
-                    continue
-                for event in reader.read(json.loads(line[5:])):
-                    yield event
-    yield reader.final()
+
+def vllm_body(request: GenerationRequest, spec: ModelSpec) -> dict[str, Any]:
+    """The OpenAI-compatible body LLMServer is sent. `max_tokens` is always the gateway's budget
+    (the client's limit, or the cap). Without a client limit it is also kept to what fits the
+    model's context after the prompt: vLLM refuses a max_tokens that does not fit, where the
+    client asked for no particular length."""
+    body = request.openai_body(spec.id)
+    if request.params.max_tokens is None:
+        room = max_model_len(spec) - prompt_tokens_bound(request)
+        body["max_tokens"] = max(1, min(body["max_tokens"], room))
+    return body
+
+
+class VLLMEngine(Engine):
+    """vLLM's LLMServer deployment, reached through its Serve handle (`handle()` returns it)."""
+
+    def __init__(self, spec: ModelSpec, handle: Callable[[], Any]):
+        super().__init__(spec)
+        self._handle = handle
+
+    @property
+    def handle(self):
+        return self._handle()
+
+    async def status(self) -> EngineStatus:
+        if not vllm_available():
+            return EngineStatus.unhealthy(MISSING_EXTRA.format(id=self.spec.id))
+        try:
+            await asyncio.wait_for(self.handle.check_health.remote(), STATUS_TIMEOUT_S)
+        except Exception as e:  # a replica that cannot answer its health check is not serving
+            return EngineStatus.unhealthy(f"vLLM health check failed: {type(e).__name__}: {e}"[:500])
+        return EngineStatus.ready(max_context=max_model_len(self.spec))
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
+        """LLMServer's OpenAI stream as generation events."""
+        from ray.serve.llm import openai_api_models
+
+        method, type_name = METHODS[request.kind]
+        body = getattr(openai_api_models, type_name)(**vllm_body(request, self.spec))
+        reader = StreamReader(request.kind)
+        async for batch in getattr(self.handle.options(stream=True), method).remote(body):
+            for item in batch if isinstance(batch, list) else [batch]:
+                if not isinstance(item, str):  # an ErrorResponse object
+                    raise _error(item)
+                for line in item.splitlines():
+                    if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                        continue
+                    chunk = json.loads(line[5:])
+                    if "error" in chunk:
+                        raise _error(chunk)
+                    for event in reader.read(chunk):
+                        yield event
+        yield reader.final()
+
+
+def _error(item: Any) -> Exception:
+    body = item.model_dump() if hasattr(item, "model_dump") else item if isinstance(item, dict) else {"error": str(item)}
+    err = body.get("error", body)
+    if not isinstance(err, dict):
+        return UpstreamError(f"vLLM: {err}")
+    message, code = err.get("message", str(err)), err.get("code")
+    if code == 400 or err.get("type") == "BadRequestError":
+        param = err.get("param") if isinstance(err.get("param"), str) else None
+        return InvalidRequest(f"vLLM: {message}", param)
+    return UpstreamError(f"vLLM: {message}")

@@ -27,7 +27,7 @@ from models.errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from models.protocol import GenerationEvent
+from models.protocol import GenerationEvent, GenerationRequest
 from serve.router import balance, experiments, features, fallback, health
 from serve.router.selection import Candidate, Decision, PolicyParams, SelectionContext, select
 
@@ -288,8 +288,7 @@ class Router:
 
     # ------------------------------------------------------------ calling
 
-    async def open(self, route: Route, kind: str, payload: dict[str, Any], params: dict[str, Any],
-                   deadline: float) -> Opened:
+    async def open(self, route: Route, request: GenerationRequest, deadline: float) -> Opened:
         """The first event from the first backend in the route's plan that gives one."""
         cfg = self.cfg.fallback
         plan = fallback.attempt_plan(route.plan, cfg)
@@ -312,7 +311,7 @@ class Router:
             backend = self.backends.get(mid)
             start = time.monotonic()
             self.outstanding[mid] += 1
-            events = _bounded(backend.stream(kind, payload, params), deadline, mid)
+            events = _bounded(backend.stream(request), deadline, mid)
             try:
                 first = await anext(events)
             except BaseException as e:
