@@ -1,4 +1,4 @@
-"""The gateway's side of the cost ledger: pricing, recording, budget checks (cached briefly)."""
+"""The gateway's side of the cost ledger: recording, budget checks (spend cached briefly), budget views."""
 
 from __future__ import annotations
 
@@ -52,3 +52,11 @@ class UsageBook:
                 f"${principal.budget_usd:g} (period started {start:%Y-%m-%d %H:%M} UTC); ask an admin to raise it "
                 "or wait for the next period")
         return left
+
+    async def budget_view(self, principal) -> dict | None:
+        """The key's budget, spend and what is left in this period (None: no budget)."""
+        if principal.budget_usd is None:
+            return None
+        spent = await self.spend(principal.key_id, principal.budget_period)
+        return {"period": principal.budget_period, "limit_usd": principal.budget_usd, "spent_usd": spent,
+                "remaining_usd": max(principal.budget_usd - spent, 0.0)}

@@ -273,19 +273,25 @@ def test_revoked_key_is_refused(platform):
 def test_metrics_reach_rays_prometheus_export(platform, client, metrics_port):
     client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "m"}], max_tokens=3)
     want = [
-        ('ray_orfeas_gateway_requests_total', f'model="{CHAT}"', 'status="200"'),
-        ('ray_orfeas_gateway_errors_total', 'type="authentication_error"'),
+        ('ray_orfeas_http_requests_total', 'app="gateway"', 'route="/v1/chat/completions"', f'model="{CHAT}"',
+         'status="200"'),
+        ('ray_orfeas_http_errors_total', 'app="gateway"', 'type="authentication_error"'),
         ('ray_orfeas_gateway_tokens_total', 'direction="out"'),
         ('ray_orfeas_gateway_time_to_first_token_seconds_bucket', f'model="{CHAT}"'),
-        ('ray_orfeas_gateway_request_latency_seconds_bucket', 'route="embeddings"'),
+        ('ray_orfeas_http_request_latency_seconds_bucket', 'app="gateway"', 'route="/v1/embeddings"'),
+        ('ray_orfeas_http_requests_total', 'route="/v1/chat/completions"', 'model="other"', 'status="404"'),
     ]
+    # A model name that is not in the catalog never becomes a label value of its own.
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="no-such-model-7f3a", messages=[{"role": "user", "content": "m"}])
     client.embeddings.create(model=EMB, input="m")
     httpx.get(f"http://127.0.0.1:{platform[0].serve.port}/v1/models")  # no key: a 401, counted as an error
     deadline = time.monotonic() + 90
     missing = want
     while missing and time.monotonic() < deadline:
         text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
-        lines = [ln for ln in text.splitlines() if ln.startswith("ray_orfeas_gateway")]
+        lines = [ln for ln in text.splitlines() if ln.startswith(("ray_orfeas_gateway", "ray_orfeas_http"))]
+        assert not any("no-such-model-7f3a" in ln for ln in lines)
         missing = [w for w in want if not any(ln.startswith(w[0]) and all(t in ln for t in w[1:]) for ln in lines)]
         if missing:
             time.sleep(2)

@@ -1,0 +1,138 @@
+"""Names a chat request may use that are not catalog models: the `rag` alias (the RAG service
+answers) and the orchestrator alias (plan, fan out, combine). Both call back into `ChatService`
+with the caller's principal, so that key's scopes, budget and ledger apply to every model call."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from ray import serve
+
+from config import Settings
+from config.names import RAG_APP
+from models.errors import APIError, InvalidRequest, ModelNotFound, ModelUnavailable, NotFound, UpstreamTimeout
+from models.protocol import (
+    ChatCompletionRequest,
+    GenerationKind,
+    GenerationParams,
+    GenerationRequest,
+    Usage,
+    new_id,
+)
+from security.auth import Principal
+from serve.gateway.catalog import RAG_ALIAS, Catalog
+from serve.gateway.chat import Answer, ChatCall, ChatService
+from serve.http import unwrap
+from serve.router.orchestrator import CallResult, OrchestrateRequest, Orchestrator
+
+RAG_DISABLED = "the RAG service is not enabled on this platform (rag.enabled: false)"
+
+
+def rag_collection(model: str) -> tuple[bool, str | None]:
+    """(is this the RAG alias, the collection it names)."""
+    name, sep, collection = model.partition(":")
+    return name == RAG_ALIAS and (not sep or bool(collection)), collection or None
+
+
+def last_user_text(req: ChatCompletionRequest, what: str) -> str:
+    text = next((m.text() for m in reversed(req.messages) if m.role == "user"), "").strip()
+    if not text:
+        raise InvalidRequest(f"the {what} answers the last user message, and there is none", "messages")
+    return text
+
+
+class RagAlias:
+    def __init__(self, settings: Settings, catalog: Catalog):
+        self.settings, self.catalog = settings, catalog
+        self.timeout_s = settings.gateway.request_timeout_s
+        self._handle = None
+
+    async def generator(self, model: str | None, principal: Principal) -> str | None:
+        """The chat model a RAG answer generates with: a named model must be usable by this key
+        (its errors are the caller's); else rag.chat_model when it is usable now; else None, and
+        the answer is extractive."""
+        if model:
+            await self.catalog.usable(model, principal, "chat")
+            return model
+        if self.settings.rag.chat_model:
+            try:
+                await self.catalog.usable(self.settings.rag.chat_model, principal, "chat")
+                return self.settings.rag.chat_model
+            except APIError:
+                pass  # the default generator is not usable now: answer extractively
+        return None
+
+    async def answer(self, req: ChatCompletionRequest, principal: Principal) -> tuple[Answer, list[dict]]:
+        """A chat request to `rag[:collection]`: the last user message is the question."""
+        if not self.settings.rag.enabled:
+            raise NotFound(RAG_DISABLED)
+        question = last_user_text(req, "rag model")
+        _, collection = rag_collection(req.model)
+        if self._handle is None:
+            self._handle = serve.get_app_handle(RAG_APP)
+        body = {"query": question, "collection": collection}
+        try:
+            result = await asyncio.wait_for(
+                self._handle.query.remote(body, await self.generator(None, principal), principal), self.timeout_s)
+        except TimeoutError:
+            raise UpstreamTimeout(f"the RAG service did not answer within {self.timeout_s:g}s") from None
+        except Exception as e:
+            raise unwrap(e) from None
+        completion = result.get("completion_tokens") or len(result["answer"].split())
+        usage = Usage.of(result["diagnostics"]["context_tokens"], completion)
+        answer = Answer(f"{RAG_ALIAS}/{result['model']}", new_id("chatcmpl"), result["answer"], "stop", usage, 0.0)
+        return answer, result["citations"]
+
+
+class OrchestratorAlias:
+    def __init__(self, settings: Settings, chat: ChatService):
+        self.settings, self.chat = settings, chat
+        self.max_tokens = settings.limits.max_tokens
+
+    def check_limit(self, max_tokens: int | None) -> None:
+        if max_tokens is not None and max_tokens > self.max_tokens:
+            raise InvalidRequest(f"max_tokens is {max_tokens}, over this gateway's limit of {self.max_tokens}",
+                                 "max_tokens")
+
+    async def run(self, req: OrchestrateRequest, principal: Principal) -> dict[str, Any]:
+        """Plan, run subtasks in parallel across backends, combine (see serve.router.orchestrator)."""
+        self.check_limit(req.max_tokens)
+        router = self.chat.router
+        for m in req.models or []:
+            if self.settings.model(m) is not None:
+                principal.check_model(m)
+            elif router.policy(m) is None and m not in router.groups and m not in router.experiments:
+                raise ModelNotFound(f"model {m!r} does not exist; GET /v1/models lists the models", "models")
+        await self.chat.book.remaining(principal)  # refuse up front when the budget is spent
+        deadline = time.monotonic() + self.chat.timeout_s
+
+        async def call_model(model: str, messages: list[dict], max_tokens: int, task: str | None,
+                             json_mode: bool) -> CallResult:
+            # JSON mode only steers routing (to models good at it): the orchestrator reads JSON out of
+            # any text, and a model without constrained decoding would refuse response_format.
+            params = GenerationParams(max_tokens=min(max_tokens, self.max_tokens), max_tokens_cap=self.max_tokens,
+                                      temperature=0.0)
+            gen = GenerationRequest(kind=GenerationKind.CHAT, messages=messages, params=params)
+            features: dict[str, Any] = {"model": model, "messages": messages}
+            if json_mode:
+                features["response_format"] = {"type": "json_object"}
+            call = ChatCall(principal, "orchestrate", response_id=new_id("orchcall"))
+            a = await self.chat.complete(call, model, gen, features=features,
+                                         headers={"x-orfeas-task": task} if task else {}, deadline=deadline)
+            return CallResult(model=a.model, text=a.text, prompt_tokens=a.usage.prompt_tokens,
+                              completion_tokens=a.usage.completion_tokens, cost_usd=a.cost_usd)
+
+        try:
+            return await Orchestrator(self.settings.router.orchestrator, call_model).run(req)
+        except RuntimeError as e:
+            raise ModelUnavailable(str(e)[:1000]) from None
+
+    async def answer(self, req: ChatCompletionRequest, principal: Principal) -> tuple[Answer, dict[str, Any]]:
+        """The orchestrator as a chat model: the last user message is the task, answered in one message."""
+        task = last_user_text(req, "orchestrator")
+        result = await self.run(OrchestrateRequest(task=task, max_tokens=req.token_limit()), principal)
+        usage = Usage.of(result["usage"]["prompt_tokens"], result["usage"]["completion_tokens"])
+        answer = Answer(req.model, new_id("chatcmpl"), result["answer"], "stop", usage, result["cost_usd"])
+        return answer, {k: result[k] for k in ("strategy", "plan", "subtasks", "timings", "cost_usd")}

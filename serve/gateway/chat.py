@@ -1,0 +1,216 @@
+"""The one chat path: resolve -> reserve -> open -> stream or collect -> settle.
+
+Every generation the platform makes goes through `ChatService`: the OpenAI routes, the `rag`
+alias and RAG answers, the orchestrator, agents and the CLI. Each call carries the principal it
+is made for, so that key's scopes and budget apply and the ledger charges it.
+
+Settling happens exactly once per call, however the stream ends: a finished answer is priced by
+the usage its backend reported; an answer cut short (client gone, deadline, error mid-stream) or
+one from a backend that reports no usage is priced by the tokens actually sent.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from analytics.budgets import UsageBook
+from config import Settings
+from models.errors import APIError, ModelUnavailable
+from models.protocol import GenerationEvent, GenerationKind, GenerationRequest, ToolCall, ToolCallCollector, Usage, new_id
+from security.auth import Principal
+from serve.gateway.metrics import GatewayMetrics, RouterMetrics
+from serve.router.features import estimate_tokens
+from serve.router.runtime import Opened, Route, Router, ascii_header
+
+
+@dataclass
+class ChatCall:
+    """One call's bookkeeping: who, which route label, which model answered, since when."""
+
+    principal: Principal
+    route: str  # the metrics route label: chat, completion, chat-rag, orchestrate, internal, ...
+    model: str = "-"
+    routed: Route | None = None
+    response_id: str | None = None
+    start: float = field(default_factory=time.perf_counter)
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class Answer:
+    """A collected answer: what the model said, how it finished, what it cost."""
+
+    model: str
+    response_id: str
+    text: str
+    finish_reason: str
+    usage: Usage
+    cost_usd: float
+    tool_calls: list[ToolCall] | None = None
+    logprobs: dict[str, Any] | None = None
+
+
+def _prompt_text(gen: GenerationRequest) -> str:
+    if gen.kind is GenerationKind.COMPLETION:
+        return gen.prompt or ""
+    parts = []
+    for m in gen.messages or []:
+        c = m.get("content") or ""
+        parts.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if isinstance(p, dict)))
+    return " ".join(parts)
+
+
+class ChatStream:
+    """An opened generation whose first event is in hand. Iterate `events()` once (or `collect()`);
+    closing it, however early, settles the call."""
+
+    def __init__(self, service: "ChatService", call: ChatCall, route: Route, opened: Opened, gen: GenerationRequest):
+        self.service, self.call, self.route, self.opened, self.gen = service, call, route, opened, gen
+        self.usage: Usage | None = None
+        self.cost_usd = 0.0
+        self._sent: list[str] = []  # text handed to the caller so far, for pricing a cut stream
+        self._settled = False
+
+    @property
+    def model(self) -> str:
+        return self.opened.model
+
+    def headers(self) -> dict[str, str]:
+        """What the router did, for the response headers."""
+        h = {"x-orfeas-model": self.opened.model, "x-orfeas-route": ascii_header(self.route.reason),
+             "x-orfeas-attempts": ascii_header(",".join(f"{m}:{o}" for m, o in self.opened.attempts)),
+             "x-orfeas-response-id": self.call.response_id or ""}
+        if self.route.experiment:
+            h["x-orfeas-experiment"] = f"{self.route.experiment}/{self.route.arm}"
+        return h
+
+    async def events(self) -> AsyncIterator[GenerationEvent]:
+        """Every event, the first included; the finishing one carries the usage."""
+        error = True
+        try:
+            event: GenerationEvent | None = self.opened.first
+            first_output = True
+            while event is not None:
+                if first_output and (event.text or event.tool_calls):
+                    self.service.metrics.ttft.observe(self.call.elapsed(), {"route": self.call.route,
+                                                                             "model": self.call.model})
+                    first_output = False
+                if event.text:
+                    self._sent.append(event.text)
+                if event.finish_reason:
+                    self.usage = event.usage
+                    error = False
+                    yield event
+                    return
+                yield event
+                event = await anext(self.opened.events, None)
+            raise ModelUnavailable(f"model {self.call.model!r} ended its answer without finishing")
+        finally:
+            await self.close(error=error)
+
+    async def collect(self) -> Answer:
+        """The whole answer (the call is settled when this returns)."""
+        calls = ToolCallCollector()
+        logprobs: dict[str, list] = {}
+        last: GenerationEvent | None = None
+        async for event in self.events():
+            calls.add(event.tool_calls)
+            for k, v in (event.logprobs or {}).items():
+                if isinstance(v, list):
+                    logprobs.setdefault(k, []).extend(v)
+            last = event
+        assert last is not None and last.finish_reason  # events() raises otherwise
+        return Answer(self.opened.model, self.call.response_id or "", "".join(self._sent), last.finish_reason,
+                      self.usage_or_counted(), self.cost_usd, calls.calls(), logprobs or None)
+
+    def usage_or_counted(self) -> Usage:
+        """The backend's usage when it reported one, else counted from the request and the text sent."""
+        if self.usage is not None and (self.usage.prompt_tokens or self.usage.completion_tokens):
+            return self.usage
+        sent = "".join(self._sent)
+        return Usage.of(estimate_tokens(_prompt_text(self.gen)), estimate_tokens(sent) if sent else 0)
+
+    async def close(self, error: bool = False) -> None:
+        """Stop the backend's stream and settle the call; later calls do nothing."""
+        if self._settled:
+            return
+        self._settled = True
+        try:
+            await self.opened.events.aclose()
+        finally:
+            self.cost_usd = self.service.settle(self.call, self.usage_or_counted(), error=error)
+
+
+class ChatService:
+    def __init__(self, settings: Settings, router: Router, book: UsageBook, metrics: GatewayMetrics,
+                 router_metrics: RouterMetrics):
+        self.settings, self.router, self.book = settings, router, book
+        self.metrics, self.router_metrics = metrics, router_metrics
+        self.max_tokens = settings.limits.max_tokens
+        self.timeout_s = settings.gateway.request_timeout_s
+
+    async def open(self, call: ChatCall, requested: str, gen: GenerationRequest, *,
+                   features: dict[str, Any] | None = None, headers: Mapping[str, str] | None = None,
+                   deadline: float | None = None) -> ChatStream:
+        """Resolve `requested` for this principal, check its budget, and open the first backend
+        that answers. `features` is what the router reads to classify the request (the OpenAI
+        body as sent); by default it is made from `gen`."""
+        call.model = requested
+        remaining = await self.book.remaining(call.principal)  # BudgetExceeded when the budget is spent
+        body = features if features is not None else self._features(requested, gen)
+        expected = gen.params.max_tokens or min(self.settings.router.expected_output_tokens, self.max_tokens)
+        route = call.routed = await self.router.resolve(requested, body, call.principal, headers or {}, expected,
+                                                        remaining)
+        opened = await self.router.open(route, gen, deadline or time.monotonic() + self.timeout_s)
+        call.model = opened.model
+        call.response_id = call.response_id or new_id("chatcmpl" if gen.kind is GenerationKind.CHAT else "cmpl")
+        self.router_metrics.routed(route, opened)
+        return ChatStream(self, call, route, opened, gen)
+
+    async def complete(self, call: ChatCall, requested: str, gen: GenerationRequest, **kwargs: Any) -> Answer:
+        """One whole answer through the same path."""
+        return await (await self.open(call, requested, gen, **kwargs)).collect()
+
+    @staticmethod
+    def _features(requested: str, gen: GenerationRequest) -> dict[str, Any]:
+        body: dict[str, Any] = {"model": requested, "max_tokens": gen.params.max_tokens}
+        if gen.kind is GenerationKind.CHAT:
+            body["messages"] = gen.messages
+            if gen.tools:
+                body["tools"] = gen.tools
+        else:
+            body["prompt"] = gen.prompt
+        if gen.params.response_format is not None:
+            body["response_format"] = gen.params.response_format.model_dump(exclude_none=True)
+        if gen.params.user:
+            body["user"] = gen.params.user
+        return body
+
+    def settle(self, call: ChatCall, usage: Usage | None, error: bool = False) -> float:
+        """Meter, price and (for routed calls) record one call's usage; returns its cost in USD."""
+        u = usage or Usage()
+        if usage is not None:
+            self.metrics.usage(call.model, u.prompt_tokens, u.completion_tokens)
+        spec = self.settings.model(call.model)
+        cost = spec.price(u.prompt_tokens, u.completion_tokens) if spec is not None and spec.task == "chat" else 0.0
+        if cost:
+            self.router_metrics.cost(call.model, cost)
+        if call.routed is not None or call.route == "orchestrate":
+            p, r = call.principal, call.routed
+            self.book.record({
+                "response_id": call.response_id, "key_id": p.key_id, "team": p.team, "model": call.model,
+                "requested": r.requested if r else call.model, "route": call.route,
+                "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "cost_usd": cost,
+                "latency_s": round(call.elapsed(), 6), "error": error,
+                "experiment": r.experiment if r else None, "arm": r.arm if r else None})
+        return cost
+
+    def failed(self, call: ChatCall, e: APIError) -> None:
+        """A call that failed before its answer: experiments count their failures in the ledger."""
+        if call.routed is not None and call.routed.experiment:
+            self.settle(call, None, error=True)

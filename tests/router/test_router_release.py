@@ -1,0 +1,115 @@
+"""A caller that goes away gives its slot back: the router's in-flight count and a half-open
+breaker's trial are released whether the client leaves before the first token or mid-stream.
+Real parts: the router and the remote backend against a real provider server on loopback."""
+
+import asyncio
+import time
+
+import pytest
+
+from config import ModelSpec, Settings
+from harness import PROVIDER_KEY, free_port
+from models.protocol import GenerationKind, GenerationRequest
+from provider_server import ProviderServer
+from serve.gateway.backends import BackendRegistry
+from serve.router import health
+from serve.router.runtime import Router
+
+
+@pytest.fixture(scope="module")
+def provider():
+    server = ProviderServer(free_port(), slow_s=5.0).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def router(provider, tmp_path, monkeypatch):
+    monkeypatch.setenv("ORFEAS_TEST_PROVIDER_KEY", PROVIDER_KEY)
+    settings = Settings(data_dir=tmp_path, rag={"enabled": False}, agents={"enabled": False}, models=[
+        ModelSpec(id=m, engine="openai", base_url=provider.base_url, source=m, api_key_env="ORFEAS_TEST_PROVIDER_KEY")
+        for m in ("slow", "echo")])
+    return Router(settings, BackendRegistry(settings))
+
+
+class Caller:
+    key_id, role, models, team = "k", "admin", None, ""
+
+    def check_model(self, _):
+        pass
+
+    def may_use(self, _):
+        return True
+
+
+def chat(text: str) -> GenerationRequest:
+    return GenerationRequest(kind=GenerationKind.CHAT, messages=[{"role": "user", "content": text}])
+
+
+def half_open(router: Router, mid: str) -> None:
+    """The circuit of `mid` open long enough ago that the next request is its trial."""
+    router.health[mid] = health.BackendHealth(state=health.OPEN, opened_at=time.monotonic() - 3600)
+
+
+async def open_then_cancel(router: Router, mid: str) -> None:
+    route = await router.resolve(mid, {"model": mid}, Caller(), {}, 16, None)
+    task = asyncio.create_task(router.open(route, chat("hello"), time.monotonic() + 30))
+    await asyncio.sleep(0.5)  # the provider holds its first byte for 5 s
+    assert router.outstanding[mid] == 1
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_client_gone_before_the_first_token_releases_in_flight_and_trial(router):
+    async def run():
+        half_open(router, "slow")
+        await open_then_cancel(router, "slow")
+        assert router.outstanding["slow"] == 0
+        h = router.health["slow"]
+        assert h.state == health.HALF_OPEN and h.trials == 0
+        # The next request is admitted as the trial (it was refused as circuit_open before the fix).
+        assert health.admit(h, time.monotonic(), router.cfg.breaker)[0]
+
+    asyncio.run(run())
+
+
+def test_client_gone_mid_stream_releases_in_flight_and_trial(router):
+    async def run():
+        half_open(router, "echo")
+        route = await router.resolve("echo", {"model": "echo"}, Caller(), {}, 16, None)
+        opened = await router.open(route, chat("one two three four five six"), time.monotonic() + 30)
+        assert router.outstanding["echo"] == 1
+        await anext(opened.events)  # one more event, then the client leaves
+        await opened.events.aclose()
+        assert router.outstanding["echo"] == 0
+        assert router.health["echo"].trials == 0
+        assert health.admit(router.health["echo"], time.monotonic(), router.cfg.breaker)[0]
+
+    asyncio.run(run())
+
+
+def test_a_stream_closed_before_it_is_read_is_accounted_once(router):
+    async def run():
+        route = await router.resolve("echo", {"model": "echo"}, Caller(), {}, 16, None)
+        opened = await router.open(route, chat("a b c"), time.monotonic() + 30)
+        await opened.events.aclose()
+        await opened.events.aclose()
+        assert router.outstanding["echo"] == 0
+
+    asyncio.run(run())
+
+
+def test_a_finished_stream_closes_the_half_open_circuit(router):
+    async def run():
+        half_open(router, "echo")
+        route = await router.resolve("echo", {"model": "echo"}, Caller(), {}, 16, None)
+        opened = await router.open(route, chat("a b"), time.monotonic() + 30)
+        async for event in opened.events:
+            if event.finish_reason:
+                break
+        await opened.events.aclose()
+        assert router.outstanding["echo"] == 0
+        assert router.health["echo"].state == health.CLOSED
+
+    asyncio.run(run())
