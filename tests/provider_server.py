@@ -11,6 +11,8 @@ Its behaviour is chosen by the requested model name:
   limited:N     answers 429 (Retry-After: 0.1) to its first N requests, then echo
   delay:S       echo after S seconds before the first byte
   const:TEXT    answers TEXT (with usage)
+  nousage       echo, but never reports usage (a provider that ignores stream_options)
+  refuses:P     answers 400 naming parameter P when the request sets it (a provider without P), else echo
   plan          a planner: a JSON plan with one subtask per non-empty line of the last user message
   script        a deterministic agent stand-in: a system message line `SCRIPT: [...]` (a JSON list)
                 holds its replies; the k-th reply answers a conversation with k assistant turns
@@ -18,6 +20,8 @@ Its behaviour is chosen by the requested model name:
                 the first user message's. An entry may be {"content": ..., "delay_s": ...}, or
                 {"tool_calls": [{"name": ..., "arguments": {...}}]}: native tool calls, streamed as
                 OpenAI does (id and name first, arguments in pieces), finish_reason tool_calls.
+The echo models send log probabilities when asked (`logprobs`, `top_logprobs`), in OpenAI's shape
+for chat and for completions: each word's log-probability is -0.25 times its position + 1.
 Every request is recorded (path, body, Authorization header) for the tests to inspect;
 GET /v1/models answers the listing and counts as a health probe.
 """
@@ -66,7 +70,8 @@ class ProviderServer:
     def _build(self) -> FastAPI:
         app = FastAPI()
 
-        def chunk(kind: str, model: str, text: str | None = None, finish: str | None = None, usage=None) -> str:
+        def chunk(kind: str, model: str, text: str | None = None, finish: str | None = None, usage=None,
+                  logprobs: dict | None = None) -> str:
             if kind == "chat":
                 choices = [] if usage else [{"index": 0, "delta": {"content": text} if text else {},
                                              "finish_reason": finish}]
@@ -75,6 +80,8 @@ class ProviderServer:
             else:
                 choices = [] if usage else [{"index": 0, "text": text or "", "finish_reason": finish}]
                 obj = {"id": "p-1", "object": "text_completion", "created": 1, "model": model, "choices": choices}
+            if logprobs and choices:
+                choices[0]["logprobs"] = logprobs
             if usage:
                 obj["usage"] = usage
             return f"data: {json.dumps(obj)}\n\n"
@@ -93,6 +100,9 @@ class ProviderServer:
                                     headers={"Retry-After": "0.1"})
             if mode == "delay":
                 await asyncio.sleep(float(arg))
+            if mode == "refuses" and body.get(arg) is not None:
+                return JSONResponse({"error": {"message": f"{arg} is not supported by this model",
+                                               "type": "invalid_request_error", "param": arg}}, 400)
             if mode in ("const", "plan") and kind == "chat":
                 if mode == "plan":
                     lines = [x.strip() for x in body["messages"][-1]["content"].splitlines() if x.strip()]
@@ -133,12 +143,12 @@ class ProviderServer:
                     yield "data: {not json\n\n"
                     return
                 for i, w in enumerate(out):
-                    yield chunk(kind, model, (" " if i else "") + w)
+                    yield chunk(kind, model, (" " if i else "") + w, logprobs=word_logprobs(kind, body, w, i))
                     if model == "drop" and i == 1:
                         return
                     await asyncio.sleep(0.01)
                 yield chunk(kind, model, finish="length" if limit < len(words) else "stop")
-                if (body.get("stream_options") or {}).get("include_usage"):
+                if (body.get("stream_options") or {}).get("include_usage") and model != "nousage":
                     yield chunk(kind, model, usage={"prompt_tokens": len(words), "completion_tokens": len(out),
                                                     "total_tokens": len(words) + len(out)})
                 yield "data: [DONE]\n\n"
@@ -194,6 +204,23 @@ class ProviderServer:
                               "total_tokens": sum(len(t.split()) for t in texts)}}
 
         return app
+
+
+def word_logprobs(kind: str, body: dict, word: str, i: int) -> dict | None:
+    """The echo models' log probabilities of the i-th word, when the request asked for them."""
+    lp = -0.25 * (i + 1)
+    if kind == "chat":
+        if not body.get("logprobs"):
+            return None
+        top = [{"token": word, "logprob": lp, "bytes": list(word.encode())}]
+        top += [{"token": f"alt{k}", "logprob": lp - k, "bytes": list(f"alt{k}".encode())}
+                for k in range(1, (body.get("top_logprobs") or 0))]
+        return {"content": [{"token": word, "logprob": lp, "bytes": list(word.encode()),
+                             "top_logprobs": top[: body.get("top_logprobs") or 0]}]}
+    if body.get("logprobs") is None:
+        return None
+    top = {word: lp, **{f"alt{k}": lp - k for k in range(1, body["logprobs"])}}
+    return {"tokens": [word], "token_logprobs": [lp], "top_logprobs": [dict(list(top.items())[: body["logprobs"]])]}
 
 
 def scripted_reply(messages: list[dict]) -> tuple[str | list[dict], float]:

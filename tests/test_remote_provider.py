@@ -28,6 +28,7 @@ def gateway(serve_port, provider, tmp_path_factory):
         data_dir=tmp_path_factory.mktemp("remote-data"),
         serve={"host": "127.0.0.1", "port": serve_port},
         auth={"key_cache_s": 0},
+        limits={"max_tokens": 64},
         rag={"enabled": False},  # tests/test_rag_gateway.py covers the RAG service
         agents={"enabled": False},  # tests/agents covers the agents API
         models=[
@@ -39,6 +40,7 @@ def gateway(serve_port, provider, tmp_path_factory):
             remote("drops", "drop"),
             remote("garbage", "garbage"),
             remote("remote-emb", "emb-model", task="embedding"),
+            remote("no-bias", "refuses:logit_bias"),
             ModelSpec(id="keyless", engine="openai", base_url=provider.base_url, source="echo",
                       api_key_env="ORFEAS_TEST_UNSET_KEY"),
         ],
@@ -174,3 +176,83 @@ def test_bad_tool_definitions_are_400_and_reach_no_provider(gateway, provider, e
     assert error["type"] == "invalid_request_error" and fragment in error["message"]
     assert error["param"].startswith(param)
     assert len(provider.requests) == n
+
+
+# ---------------------------------------------------------------- every parameter reaches the provider
+
+
+def test_every_sampling_parameter_reaches_the_provider(gateway, provider):
+    client, _ = gateway
+    r = client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "one two three"}], max_tokens=10, temperature=0.4,
+        top_p=0.8, stop=["zzz", "yyy"], seed=7, presence_penalty=0.5, frequency_penalty=-0.25,
+        logit_bias={"42": -5, "7": 10}, logprobs=True, top_logprobs=2, user="user-1",
+        response_format={"type": "json_object"})
+    assert r.choices[0].message.content == "one two three"
+    body = provider.requests[-1]["body"]
+    assert {k: body[k] for k in ("max_tokens", "temperature", "top_p", "stop", "seed", "presence_penalty",
+                                 "frequency_penalty", "logit_bias", "logprobs", "top_logprobs", "user",
+                                 "response_format")} == {
+        "max_tokens": 10, "temperature": 0.4, "top_p": 0.8, "stop": ["zzz", "yyy"], "seed": 7,
+        "presence_penalty": 0.5, "frequency_penalty": -0.25, "logit_bias": {"42": -5, "7": 10}, "logprobs": True,
+        "top_logprobs": 2, "user": "user-1", "response_format": {"type": "json_object"}}
+
+    schema = {"name": "answer", "strict": True,
+              "schema": {"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]}}
+    client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}],
+                                   response_format={"type": "json_schema", "json_schema": schema})
+    assert provider.requests[-1]["body"]["response_format"] == {"type": "json_schema", "json_schema": schema}
+
+    client.completions.create(model="echo", prompt="a b c", max_tokens=3, seed=1, logprobs=2, presence_penalty=1.0,
+                              frequency_penalty=1.5, logit_bias={"3": 1}, stop="q", user="user-2")
+    body = provider.requests[-1]["body"]
+    assert body["prompt"] == "a b c" and body["logprobs"] == 2 and body["seed"] == 1 and body["stop"] == ["q"]
+    assert body["presence_penalty"] == 1.0 and body["frequency_penalty"] == 1.5 and body["logit_bias"] == {"3": 1}
+    assert body["user"] == "user-2" and "top_logprobs" not in body and "messages" not in body
+
+
+def test_provider_log_probabilities_come_back_in_the_choices(gateway):
+    client, _ = gateway
+    r = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "red green blue"}],
+                                       logprobs=True, top_logprobs=2)
+    content = r.choices[0].logprobs.content
+    assert [c.token for c in content] == ["red", "green", "blue"]
+    assert [c.logprob for c in content] == [-0.25, -0.5, -0.75] and all(len(c.top_logprobs) == 2 for c in content)
+    chunks = list(client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "red green"}],
+                                                 logprobs=True, stream=True))
+    streamed = [c for ch in chunks if ch.choices and ch.choices[0].logprobs for c in ch.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == ["red", "green"]
+    # Not asked for, none come back.
+    assert client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a"}]
+                                          ).choices[0].logprobs is None
+    c = client.completions.create(model="echo", prompt="x y", logprobs=1)
+    assert c.choices[0].logprobs.tokens == ["x", "y"] and c.choices[0].logprobs.token_logprobs == [-0.25, -0.5]
+
+
+def test_a_parameter_the_provider_refuses_is_a_400_naming_it(gateway, provider):
+    client, _ = gateway
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="no-bias", messages=[{"role": "user", "content": "a"}],
+                                       logit_bias={"1": 2})
+    assert e.value.body["param"] == "logit_bias" and "logit_bias is not supported" in e.value.body["message"]
+    assert provider.requests[-1]["body"]["logit_bias"] == {"1": 2}
+    ok = client.chat.completions.create(model="no-bias", messages=[{"role": "user", "content": "a b"}])
+    assert ok.choices[0].message.content == "a b"
+
+
+def test_the_gateway_cap_binds_providers_also_without_max_tokens(gateway, provider):
+    """limits.max_tokens is 64 here: it is what the provider is sent when the client sets no limit."""
+    client, _ = gateway
+    client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b"}])
+    assert provider.requests[-1]["body"]["max_tokens"] == 64
+    list(client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b"}], stream=True))
+    assert provider.requests[-1]["body"]["max_tokens"] == 64
+    client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a b"}],
+                                   max_completion_tokens=9)
+    assert provider.requests[-1]["body"]["max_tokens"] == 9
+    client.completions.create(model="echo", prompt="a b")
+    assert provider.requests[-1]["body"]["max_tokens"] == 16  # the completions endpoint's own default
+    n = len(provider.requests)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a"}], max_tokens=65)
+    assert e.value.body["param"] == "max_tokens" and len(provider.requests) == n
