@@ -17,13 +17,14 @@ import ray
 from agents.protocol import parse_reply, system_prompt, tool_result_messages
 from agents.tools import Tool, ToolError, build_tools
 from config import AgentSpec, Settings, settings_from_dict
+from security.auth import Principal
 from config.names import ACTOR_NAMESPACE
 
 log = logging.getLogger(__name__)
 
-# chat(model, messages, max_tokens, tools) -> the gateway's chat_message dict: content, tool_calls,
+# chat(model, messages, max_tokens, tools, caller) -> the gateway's chat_message dict: content, tool_calls,
 # model, usage, cost_usd.
-Chat = Callable[[str, list[dict], int, list[dict] | None], Awaitable[dict[str, Any]]]
+Chat = Callable[[str, list[dict], int, list[dict] | None, Principal | None], Awaitable[dict[str, Any]]]
 
 
 class AgentError(Exception):
@@ -48,19 +49,20 @@ def usage_of(reply: dict[str, Any], messages: list[dict]) -> dict[str, Any]:
 
 def gateway_chat(settings: Settings) -> Chat:
     """Chat through the gateway's in-cluster path (same backends, router, limits, metrics and
-    cost ledger as HTTP)."""
+    cost ledger as HTTP), for `caller`: the key that started the work, whose scopes and budget apply."""
     from ray import serve
 
     from config.names import GATEWAY_APP
 
     handle = None
 
-    async def chat(model: str, messages: list[dict], max_tokens: int, tools: list[dict] | None = None) -> dict:
+    async def chat(model: str, messages: list[dict], max_tokens: int, tools: list[dict] | None = None,
+                   caller: Principal | None = None) -> dict:
         nonlocal handle
         if handle is None:
             handle = serve.get_app_handle(GATEWAY_APP)
         try:
-            return await handle.chat_message.remote(model, messages, max_tokens, tools)
+            return await handle.chat_message.remote(model, messages, max_tokens, tools, caller)
         except Exception as e:
             cause = getattr(e, "cause", None) or e
             raise AgentError(f"model {model!r} failed: {getattr(cause, 'message', None) or cause}") from None
@@ -84,14 +86,15 @@ class AgentCore:
         spec = self.settings.model(self.model) if self.model else None
         return bool(self.tools) and spec is not None and "tools" in spec.capabilities
 
-    async def _ask(self, messages: list[dict], tools: list[dict] | None, usage: dict) -> dict[str, Any]:
+    async def _ask(self, messages: list[dict], tools: list[dict] | None, usage: dict,
+                   caller: Principal | None) -> dict[str, Any]:
         models = [m for m in [self.model, *self.spec.fallback_models] if m]
         if not models:
             raise AgentError(f"agent {self.spec.name!r} has no model (set its model or agents.default_model)")
         errors = []
         for model in models:
             try:
-                reply = await self.chat(model, messages, self.spec.max_tokens, tools)
+                reply = await self.chat(model, messages, self.spec.max_tokens, tools, caller)
             except AgentError as e:
                 errors.append(str(e))
                 continue
@@ -100,7 +103,7 @@ class AgentCore:
             return reply
         raise AgentError("; ".join(errors))
 
-    async def run(self, task: str, idempotency_prefix: str = "") -> dict[str, Any]:
+    async def run(self, task: str, idempotency_prefix: str = "", caller: Principal | None = None) -> dict[str, Any]:
         schemas = [t.openai_schema() for t in self.tools.values()]
         native = self.native_tools
         system = system_prompt(self.spec.role, self.spec.instructions, [] if native else schemas)
@@ -108,7 +111,7 @@ class AgentCore:
         usage = {"model_calls": 0, "tokens": 0, "cost": 0.0}
         trace: list[dict] = []
         for step in range(self.max_steps):
-            reply = await self._ask(messages, schemas if native else None, usage)
+            reply = await self._ask(messages, schemas if native else None, usage, caller)
             parsed = parse_reply(reply.get("content"), reply.get("tool_calls"), step=step)
             if not parsed.calls:
                 return {"answer": parsed.answer, "agent": self.spec.name, "steps": step + 1, "tool_calls": trace,
@@ -162,11 +165,12 @@ class AgentActor:
                 self._coordinator = None
             await asyncio.sleep(self.settings.agents.heartbeat_s)
 
-    async def run_task(self, task_id: str, task: str, idempotency_prefix: str = "") -> dict[str, Any]:
+    async def run_task(self, task_id: str, task: str, idempotency_prefix: str = "",
+                       caller: Principal | None = None) -> dict[str, Any]:
         self.busy += 1
         beat = asyncio.create_task(self._heartbeats(task_id))
         try:
-            return await self.core.run(task, idempotency_prefix)
+            return await self.core.run(task, idempotency_prefix, caller)
         finally:
             beat.cancel()
             self.busy -= 1

@@ -32,6 +32,7 @@ from agents.tools import SHIPPED_TOOLS, ToolError, build_tools
 from config import AgentSpec, Settings, settings_from_dict
 from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
+from security.auth import Principal
 from models.errors import InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
@@ -222,12 +223,13 @@ class Coordinator:
             ).remote(reg.spec.model_dump(mode="json"), self.settings.to_dict(), self.name)
         return slot.actor
 
-    async def _on_agent(self, reg: Registered, run_id: str, step_id: str, task: str, idem: str) -> dict:
+    async def _on_agent(self, reg: Registered, run: RunState, step_id: str, task: str, idem: str) -> dict:
         """One task on the least-loaded replica of an agent; one task at a time per replica."""
         slot = min(reg.slots, key=lambda s: (s.load, s.index))
-        return await self._on_slot(reg, slot, run_id, step_id, task, idem)
+        return await self._on_slot(reg, slot, run, step_id, task, idem)
 
-    async def _on_slot(self, reg: Registered, slot: Slot, run_id: str, step_id: str, task: str, idem: str) -> dict:
+    async def _on_slot(self, reg: Registered, slot: Slot, run: RunState, step_id: str, task: str, idem: str) -> dict:
+        run_id = run.run_id
         slot.load += 1
         task_id = uuid.uuid4().hex[:16]
         try:
@@ -236,7 +238,7 @@ class Coordinator:
                 self.tasks[task_id] = {"id": task_id, "run_id": run_id, "step": step_id, "agent": reg.spec.name,
                                        "actor": slot.actor_name, "started": time.time(), "heartbeat": None,
                                        "slot": slot}
-                ref = actor.run_task.remote(task_id, task, idem)
+                ref = actor.run_task.remote(task_id, task, idem, run.caller)
                 try:
                     return await ref
                 except asyncio.CancelledError:
@@ -278,7 +280,7 @@ class Coordinator:
                 if not model:
                     raise StepFailed("model step names no model and agents.default_model is empty", retryable=False)
                 try:
-                    reply = await self._chat(model, messages, step.max_tokens)
+                    reply = await self._chat(model, messages, step.max_tokens, None, run.caller)
                 except AgentError as e:
                     raise StepFailed(str(e)) from None
                 return reply["content"] or "", usage_of(reply, messages)
@@ -289,7 +291,7 @@ class Coordinator:
     async def _agent_step(self, run: RunState, step: StepSpec, task: str, idem: str) -> tuple[Any, dict]:
         if step.agents:
             regs = [self._lookup(run.run_id, n) for n in step.agents]
-            results = await asyncio.gather(*(self._on_agent(r, run.run_id, step.id, task, f"{idem}:{r.spec.name}")
+            results = await asyncio.gather(*(self._on_agent(r, run, step.id, task, f"{idem}:{r.spec.name}")
                                              for r in regs))
             usage = _sum_usage(r.pop("usage", {}) for r in results)
             answers = [{"agent": r["agent"], "answer": r["answer"], "priority": reg.spec.priority}
@@ -299,7 +301,7 @@ class Coordinator:
             if policy == "judge" and self.cfg.judge_model and len({a["answer"] for a in answers}) > 1:
                 try:
                     prompt = judge_prompt(task, answers)
-                    verdict = await self._chat(self.cfg.judge_model, prompt, 16)
+                    verdict = await self._chat(self.cfg.judge_model, prompt, 16, None, run.caller)
                     choice = read_judge_choice(verdict["content"] or "", len(answers))
                     for k, v in usage_of(verdict, prompt).items():
                         usage[k] += v
@@ -311,7 +313,7 @@ class Coordinator:
             raise StepFailed(f"no agent for step {step.id!r}", retryable=False)
         chosen = pick([Candidate(r.spec.name, s.index, s.load, r.spec.priority) for r in regs for s in r.slots])
         reg = next(r for r in regs if r.spec.name == chosen.agent)
-        result = await self._on_slot(reg, reg.slots[chosen.slot], run.run_id, step.id, task, idem)
+        result = await self._on_slot(reg, reg.slots[chosen.slot], run, step.id, task, idem)
         usage = result.pop("usage", {})
         return result, usage
 
@@ -339,8 +341,9 @@ class Coordinator:
                 raise InvalidRequest(f"agent {a.name!r}: unknown tool(s) {bad}", "definition")
 
     async def start_run(self, definition: Any, inputs: dict | None = None, owner: str = "anonymous",
-                        run_id: str | None = None) -> dict:
-        """Start a run of a registered workflow (by name) or an inline definition (dict/YAML)."""
+                        run_id: str | None = None, caller: Principal | None = None) -> dict:
+        """Start a run of a registered workflow (by name) or an inline definition (dict/YAML);
+        its model calls are made for `caller` (the key that started it; the platform when None)."""
         await self._start_once()
         if isinstance(definition, str) and "\n" not in definition and ":" not in definition:
             definition = self._definition(definition)
@@ -356,7 +359,7 @@ class Coordinator:
         if run_id in self.drivers or self.store.load(run_id) is not None:
             raise Conflict(f"run {run_id!r} already exists", "run_id")
         self._check_runnable(wf, run_id)
-        run = RunState.new(run_id, wf, inputs, owner)
+        run = RunState.new(run_id, wf, inputs, owner, caller=caller)
         self.store.save(run)
         self.metrics.run_started(wf.name)
         await self._drive(run, "run.created")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from agents.spec import StepSpec, WorkflowSpec
+from security.auth import Principal
 
 StepStatus = Literal["pending", "running", "retry_wait", "awaiting_approval", "succeeded", "failed",
                      "recovered", "skipped", "cancelled"]
@@ -53,6 +54,7 @@ class RunState(BaseModel):
     run_id: str
     workflow: WorkflowSpec
     owner: str = "anonymous"
+    caller: Principal | None = None  # whose key the run's model calls are made for (None: the platform's)
     inputs: dict[str, Any] = Field(default_factory=dict)
     status: RunStatus = "running"
     created_at: float = Field(default_factory=time.time)
@@ -65,9 +67,9 @@ class RunState(BaseModel):
 
     @classmethod
     def new(cls, run_id: str, workflow: WorkflowSpec, inputs: dict[str, Any] | None = None,
-            owner: str = "anonymous", now: float | None = None) -> "RunState":
+            owner: str = "anonymous", now: float | None = None, caller: Principal | None = None) -> "RunState":
         merged = {**workflow.inputs, **(inputs or {})}
-        return cls(run_id=run_id, workflow=workflow, owner=owner, inputs=merged,
+        return cls(run_id=run_id, workflow=workflow, owner=owner, caller=caller, inputs=merged,
                    created_at=now if now is not None else time.time(),
                    steps={s.id: StepState() for s in workflow.steps})
 

@@ -500,3 +500,27 @@ def test_cli_run_status_approve_and_agents(platform, tmp_path):
     assert r.exit_code == 2 and "no workflow run" in r.text
     r = cli("workflows", "approve", "run_nope")
     assert r.exit_code == 2
+
+
+def test_a_runs_model_calls_are_made_for_the_key_that_started_it(platform):
+    # A model step and an agent step, started over HTTP by alice: both model calls are charged to
+    # her key in the ledger (they were the platform's own "internal" calls before), at its price.
+    wf = {"name": "on-behalf", "agents": [{"name": "pricer", "model": "script-tools",
+                                             "instructions": script('{"answer": "from the agent"}')}],
+          "steps": [{"id": "ask", "kind": "model", "model": "script-tools",
+                     "system": script("from the model step"), "prompt": "hello"},
+                    {"id": "delegate", "kind": "agent", "agent": "pricer", "task": "hi", "needs": ["ask"]}]}
+    r = api(platform, "POST", "/v1/workflows/runs", platform["alice"], json={"definition": wf})
+    assert r.status_code == 201, r.text
+    run = wait_done(coord(platform), r.json()["id"])
+    assert run["status"] == "succeeded", run
+    deadline = time.monotonic() + 30
+    while True:
+        usage = api(platform, "GET", "/v1/usage", platform["alice"]).json()
+        calls = usage["by_model"].get("script-tools", {}).get("requests", 0)
+        if calls >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert calls >= 2, usage
+    assert usage["totals"]["cost_usd"] > 0
+    assert set(usage["by_key"]) == {usage["key_id"]}
