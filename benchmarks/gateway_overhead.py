@@ -111,12 +111,15 @@ async def run_interleaved(calls: dict, concurrency: int, n: int, rounds: int = R
 
 
 async def measure(handle, floor, base_url: str, key: str, levels: list[int], n: int) -> list[dict]:
-    params = {"max_tokens": MAX_TOKENS, "temperature": 0.0}
+    from models.protocol import GenerationKind, GenerationParams, GenerationRequest
+
+    request = GenerationRequest(kind=GenerationKind.CHAT, messages=PAYLOAD["messages"],
+                                params=GenerationParams(max_tokens=MAX_TOKENS, temperature=0.0)).model_dump(mode="json")
     stream_handle = handle.options(stream=True)
 
     async def direct() -> float:
         first = None
-        async for event in stream_handle.generate.remote("chat", PAYLOAD, params):
+        async for event in stream_handle.generate.remote(request):
             if first is None and event.get("text"):
                 first = time.perf_counter()
         return first or time.perf_counter()
