@@ -15,20 +15,20 @@ Same API keys as every /v1 route; a user sees only the runs their key started, a
 
 import json
 import logging
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi import Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.exceptions import RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError
 
 from config import Settings, settings_from_dict
-from models.errors import APIError, InvalidRequest, ModelNotFound
-from security.auth import Authenticator, Principal
-from serve.gateway.body import read_json
+from config.names import AGENTS_APP, WORKFLOWS_APP
+from models.errors import InvalidRequest, ModelNotFound
+from security.auth import Principal
 from serve.applications import replica_actor_options
-from serve.gateway.errors import install_error_handlers, invalid_request
+from serve.http import authenticated, http_app, label_model
 
 log = logging.getLogger(__name__)
 
@@ -46,15 +46,84 @@ class StartRun(BaseModel):
 class Approval(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    step: str | None = None
+    step: str | None = Field(None, description="The step to settle (default: the one awaiting approval).")
     approved: bool = True
     comment: str = Field("", max_length=2000)
 
 
-def _unwrap(e: BaseException) -> BaseException:
-    if isinstance(e, RayTaskError) and isinstance(getattr(e, "cause", None), APIError):
-        return e.cause
-    return e
+# ---------------------------------------------------------------- responses (the coordinator's dicts)
+
+
+class RunSummary(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    id: str
+    object: Literal["workflow.run"] = "workflow.run"
+    workflow: str
+    owner: str
+    status: str = Field(description="pending, running, awaiting_approval, succeeded, failed, cancelled, ...")
+    created_at: float
+    finished_at: float | None = None
+    error: str | None = None
+    awaiting_approval: list[str] = Field(default_factory=list, description="Steps waiting for an approval.")
+
+
+class RunDetail(RunSummary):
+    inputs: dict[str, Any] | None = None
+    output: Any = None
+    steps: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Each step's state, by id.")
+    analytics: dict[str, Any] = Field(default_factory=dict, description="Model calls, tokens, cost, timings.")
+    definition: dict[str, Any] = Field(default_factory=dict, description="The workflow definition run.")
+
+
+class ResumeResult(RunSummary):
+    resumed: bool
+    reason: str | None = None
+
+
+class RunList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[RunSummary]
+
+
+class Definition(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    description: str | None = None
+    steps: list[str] | None = None
+    error: str | None = Field(None, description="Why a registered definition does not parse.")
+
+
+class DefinitionList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Definition]
+
+
+class AgentCard(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    name: str
+    role: str | None = None
+    capabilities: list[str] = Field(default_factory=list)
+    tools: list[str] = Field(default_factory=list)
+    model: str | None = None
+    fallback_models: list[str] = Field(default_factory=list)
+    priority: int = 0
+    replicas: int | None = None
+    scope: str = Field("global", description="`global`, or the run id of a workflow's own agent.")
+    load: int = Field(0, description="Tasks in flight on this agent's actors.")
+    actors: list[dict[str, Any]] = Field(default_factory=list)
+
+
+class AgentList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[AgentCard]
+
+
+EVENTS_DOC = {200: {"description": "Server-sent events (`id`, `event`, `data`: the event as JSON) as the run "
+                                   "progresses; `event: end` when it is over.",
+                    "content": {"text/event-stream": {"schema": {"type": "string"}}}}}
 
 
 def _owner(principal: Principal) -> str | None:
@@ -80,7 +149,7 @@ class _Api:
         from agents.coordinator import coordinator
 
         self.settings = settings_from_dict(settings)
-        self.auth = Authenticator(self.settings)
+        self.api.state.configure(self.settings)
         self._make = coordinator
         self._coord = None
 
@@ -90,77 +159,72 @@ class _Api:
             self._coord = self._make(self.settings)
         return self._coord
 
-    async def _principal(self, request: Request) -> Principal:
-        return await self.auth.authenticate(request.headers.get("authorization"))
-
     async def _call(self, method: str, *args, **kwargs) -> Any:
+        """A coordinator call; its typed errors reach the client through the HTTP layer."""
         try:
             return await getattr(self.coord, method).remote(*args, **kwargs)
-        except Exception as e:
-            cause = _unwrap(e)
-            if isinstance(cause, APIError):
-                raise cause from None
-            if "ActorDiedError" in type(e).__name__ or "ActorUnavailable" in type(e).__name__:
-                self._coord = None  # a restarted coordinator gets a fresh handle next time
+        except (ActorDiedError, ActorUnavailableError):
+            self._coord = None  # a restarted coordinator gets a fresh handle next time
             raise
 
-    async def _body(self, request: Request, cls: type[BaseModel]) -> BaseModel:
-        data = await read_json(request, self.settings.limits.max_body_bytes)
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise invalid_request(e) from None
+
+class _BarePrefix:
+    """`GET /v1/agents` (the route prefix itself) is the listing, not a redirect to `/v1/agents/`
+    (pure ASGI, like every middleware of the HTTP layer)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            root = scope.get("root_path", "")
+            if root and scope["path"] == root:
+                scope["path"] = root + "/"
+                scope["raw_path"] = (root + "/").encode()
+        await self.app(scope, receive, send)
 
 
-workflows_api = FastAPI(title="ORFEAS workflows", docs_url="/docs", redoc_url=None)
-install_error_handlers(workflows_api)
-agents_api = FastAPI(title="ORFEAS agents", docs_url="/docs", redoc_url=None)
-install_error_handlers(agents_api)
-
-
-@agents_api.middleware("http")
-async def _bare_prefix(request: Request, call_next):
-    """`GET /v1/agents` (the route prefix itself) is the listing, not a redirect to `/v1/agents/`."""
-    root = request.scope.get("root_path", "")
-    if root and request.scope["path"] == root:
-        request.scope["path"] = root + "/"
-        request.scope["raw_path"] = (root + "/").encode()
-    return await call_next(request)
+workflows_api = http_app("ORFEAS workflows", name=WORKFLOWS_APP)
+agents_api = http_app("ORFEAS agents", name=AGENTS_APP)
+agents_api.add_middleware(_BarePrefix)  # outermost: it runs before the route is matched
 
 
 @serve.ingress(workflows_api)
 class WorkflowsApi(_Api):
-    @workflows_api.post("/runs")
-    async def start(self, request: Request) -> JSONResponse:
-        principal = await self._principal(request)
-        body = await self._body(request, StartRun)
+    api = workflows_api
+
+    @workflows_api.post("/runs", response_model=RunSummary, status_code=201)
+    async def start(self, request: Request, body: StartRun | None = None,
+                    principal: Principal = Depends(authenticated)) -> dict:
+        body = body or StartRun()
         if (body.workflow is None) == (body.definition is None):
             raise InvalidRequest("give either 'workflow' (a registered name) or 'definition' (inline)", "workflow")
         definition = body.definition if body.definition is not None else body.workflow
         if body.definition is not None:
-            for model in sorted(_models_of(body.definition, self.settings)):
+            models = sorted(_models_of(body.definition, self.settings))
+            if len(models) == 1:
+                label_model(request, models[0])
+            for model in models:
                 if self.settings.model(model) is None:
                     raise ModelNotFound(f"model {model!r} does not exist; GET /v1/models lists the models", "model")
                 principal.check_model(model)
-        run = await self._call("start_run", definition, body.inputs, principal.key_id)
-        return JSONResponse(run, status_code=201)
+        # The run's model calls are made for this key: its model scopes and budget apply to them.
+        return await self._call("start_run", definition, body.inputs, principal.key_id, caller=principal)
 
-    @workflows_api.get("/runs")
-    async def list_runs(self, request: Request, limit: int = 100) -> JSONResponse:
-        principal = await self._principal(request)
+    @workflows_api.get("/runs", response_model=RunList)
+    async def list_runs(self, limit: int = Query(100, description="At most this many runs, newest first (1-1000)."),
+                        principal: Principal = Depends(authenticated)) -> dict:
         if not 1 <= limit <= 1000:
             raise InvalidRequest("limit must be between 1 and 1000", "limit")
-        runs = await self._call("list_runs", _owner(principal), limit)
-        return JSONResponse({"object": "list", "data": runs})
+        return {"object": "list", "data": await self._call("list_runs", _owner(principal), limit)}
 
-    @workflows_api.get("/runs/{run_id}")
-    async def get_run(self, run_id: str, request: Request) -> JSONResponse:
-        principal = await self._principal(request)
-        return JSONResponse(await self._call("get_run", run_id, _owner(principal)))
+    @workflows_api.get("/runs/{run_id}", response_model=RunDetail)
+    async def get_run(self, run_id: str, principal: Principal = Depends(authenticated)) -> dict:
+        return await self._call("get_run", run_id, _owner(principal))
 
-    @workflows_api.get("/runs/{run_id}/events")
-    async def events(self, run_id: str, request: Request, after: int = 0) -> StreamingResponse:
-        principal = await self._principal(request)
+    @workflows_api.get("/runs/{run_id}/events", response_class=StreamingResponse, responses=EVENTS_DOC)
+    async def events(self, run_id: str, request: Request, after: int = 0,
+                     principal: Principal = Depends(authenticated)) -> StreamingResponse:
         owner = _owner(principal)
         last = request.headers.get("last-event-id")
         after = int(last) if last and last.isdigit() else after
@@ -182,35 +246,33 @@ class WorkflowsApi(_Api):
         return StreamingResponse(stream(), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
-    @workflows_api.post("/runs/{run_id}/cancel")
-    async def cancel(self, run_id: str, request: Request) -> JSONResponse:
-        principal = await self._principal(request)
-        return JSONResponse(await self._call("cancel", run_id, _owner(principal)))
+    @workflows_api.post("/runs/{run_id}/cancel", response_model=RunSummary)
+    async def cancel(self, run_id: str, principal: Principal = Depends(authenticated)) -> dict:
+        return await self._call("cancel", run_id, _owner(principal))
 
-    @workflows_api.post("/runs/{run_id}/approve")
-    async def approve(self, run_id: str, request: Request) -> JSONResponse:
-        principal = await self._principal(request)
-        body = await self._body(request, Approval)
-        return JSONResponse(await self._call("approve", run_id, body.step, principal.key_id, body.approved,
-                                             body.comment, _owner(principal)))
+    @workflows_api.post("/runs/{run_id}/approve", response_model=RunSummary)
+    async def approve(self, run_id: str, body: Approval | None = None,
+                      principal: Principal = Depends(authenticated)) -> dict:
+        body = body or Approval()
+        return await self._call("approve", run_id, body.step, principal.key_id, body.approved, body.comment,
+                                _owner(principal))
 
-    @workflows_api.post("/runs/{run_id}/resume")
-    async def resume(self, run_id: str, request: Request) -> JSONResponse:
-        principal = await self._principal(request)
-        return JSONResponse(await self._call("resume", run_id, _owner(principal)))
+    @workflows_api.post("/runs/{run_id}/resume", response_model=ResumeResult)
+    async def resume(self, run_id: str, principal: Principal = Depends(authenticated)) -> dict:
+        return await self._call("resume", run_id, _owner(principal))
 
-    @workflows_api.get("/definitions")
-    async def definitions(self, request: Request) -> JSONResponse:
-        await self._principal(request)
-        return JSONResponse({"object": "list", "data": await self._call("workflows")})
+    @workflows_api.get("/definitions", response_model=DefinitionList, dependencies=[Depends(authenticated)])
+    async def definitions(self) -> dict:
+        return {"object": "list", "data": await self._call("workflows")}
 
 
 @serve.ingress(agents_api)
 class AgentsApi(_Api):
-    @agents_api.get("/")
-    async def list_agents(self, request: Request, capability: str | None = None) -> JSONResponse:
-        await self._principal(request)
-        return JSONResponse({"object": "list", "data": await self._call("agents", capability)})
+    api = agents_api
+
+    @agents_api.get("/", response_model=AgentList, dependencies=[Depends(authenticated)])
+    async def list_agents(self, capability: str | None = None) -> dict:
+        return {"object": "list", "data": await self._call("agents", capability)}
 
 
 def _deployment(cls, name: str, settings: Settings):

@@ -17,24 +17,20 @@ import logging
 import threading
 import time
 import uuid
-from typing import Any
+from typing import Any, Literal
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from config import settings_from_dict
-from models.errors import AdminRequired, APIError, NotFound, UpstreamTimeout
-from rag.errors import RagInvalidRequest
-from rag.service import RagService
-from config.names import GATEWAY_APP
+from config.names import GATEWAY_APP, RAG_APP
+from models.errors import NotFound, UpstreamTimeout
+from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
+from security.auth import Principal
 from serve.applications import replica_actor_options
-from security.auth import Authenticator, Principal
-from serve.gateway.backends import unwrap
-from serve.gateway.body import read_json
-from serve.gateway.errors import error_response, install_error_handlers
-from serve.gateway.metrics import GatewayMetrics
+from serve.http import admin, authenticated, catalog_label, http_app, label_model
 
 log = logging.getLogger(__name__)
 
@@ -47,18 +43,35 @@ class IngestRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
+    source: str = Field(description="A file or directory under rag.allowed_roots.")
+    collection: str | None = Field(None, description="The logical collection (default rag.collection).")
+    rebuild: bool = Field(False, description="Build a new version from scratch instead of adding to the current.")
+
+
+class IngestRun(BaseModel):
+    """An ingest run started through the API, as `GET /v1/rag/ingest/{run_id}` reports it."""
+
+    id: str
+    object: Literal["rag.ingest"] = "rag.ingest"
+    status: Literal["running", "succeeded", "failed"]
     source: str
-    collection: str | None = None
-    rebuild: bool = False
+    collection: str
+    rebuild: bool
+    files: int = Field(description="Ingestible files found under the source when the run started.")
+    owner: str = Field(description="The API key id that started the run.")
+    created: int
+    finished: int | None = None
+    summary: dict[str, Any] | None = Field(None, description="The ingest summary once the run succeeded.")
+    error: str | None = None
 
 
-rag_api = FastAPI(title="ORFEAS RAG", docs_url="/docs", redoc_url=None)
-install_error_handlers(rag_api)
+class RagAnswer(RagQueryResponse):
+    """`POST /v1/rag/query`'s answer."""
+
+    completion_tokens: int = Field(description="Tokens in the answer (the `rag` chat alias's usage).")
 
 
-def _require_admin(principal: Principal, what: str) -> None:
-    if not principal.is_admin:
-        raise AdminRequired(f"only admin keys may {what}")
+rag_api = http_app("ORFEAS RAG", name=RAG_APP)
 
 
 @serve.deployment
@@ -67,8 +80,7 @@ class RagServer:
     def __init__(self, settings: dict[str, Any]):
         self.settings = settings_from_dict(settings)
         self.service = RagService(self.settings)
-        self.auth = Authenticator(self.settings)
-        self.metrics = GatewayMetrics()  # the same request metrics as the gateway's routes
+        rag_api.state.configure(self.settings, model_label=catalog_label(self.settings, EXTRACTIVE_MODEL))
         self._gateway = None
         # Ingest runs started through the API, by id. They live with this replica (the default
         # is one); `orfeas ingest` runs are Ray jobs with their own durable status.
@@ -81,56 +93,32 @@ class RagServer:
             self._gateway = serve.get_app_handle(GATEWAY_APP)
         return self._gateway
 
-    async def _http(self, route: str, request: Request, work) -> JSONResponse:
-        """Authenticate, run `work(principal)` -> (body, status), and record the request's metrics."""
-        start = time.perf_counter()
-        try:
-            principal = await self.auth.authenticate(request.headers.get("authorization"))
-            body, status = await work(principal)
-        except APIError as e:
-            self.metrics.record(route, "-", e.status, time.perf_counter() - start, e.type)
-            return error_response(e)
-        self.metrics.record(route, "-", status, time.perf_counter() - start)
-        return JSONResponse(body, status_code=status)
+    @rag_api.post("/query", response_model=RagAnswer)
+    async def query_http(self, req: RagQueryRequest, request: Request,
+                         principal: Principal = Depends(authenticated)) -> JSONResponse:
+        label_model(request, req.model)
+        model = None
+        # Only a generating answer needs the gateway: it checks the key against the named model
+        # (or picks rag.chat_model when it is healthy); retrieval and extractive answers do not.
+        if req.answer and (req.model or self.settings.rag.chat_model):
+            timeout = self.settings.gateway.request_timeout_s
+            try:
+                model = await asyncio.wait_for(self.gateway.rag_generator.remote(req.model, principal), timeout)
+            except TimeoutError:
+                raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
+        out = await self.query(req, model)
+        label_model(request, out["model"])
+        return JSONResponse(out)  # built from a RagQueryResponse: no second validation
 
-    @rag_api.post("/query")
-    async def query_http(self, request: Request) -> JSONResponse:
-        async def work(principal: Principal):
-            body = await read_json(request, self.settings.limits.max_body_bytes)
-            model = None
-            named = body.get("model") if isinstance(body.get("model"), str) else None  # else a 400 below
-            # Only a generating answer needs the gateway: it checks the key against the named model
-            # (or picks rag.chat_model when it is healthy); retrieval and extractive answers do not.
-            if body.get("answer") is not False and (named or self.settings.rag.chat_model):
-                timeout = self.settings.gateway.request_timeout_s
-                try:
-                    model = await asyncio.wait_for(self.gateway.rag_generator.remote(named, principal), timeout)
-                except TimeoutError:
-                    raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
-                except Exception as e:
-                    raise unwrap(e) from None
-            return await self.query(body, model), 200
+    @rag_api.post("/ingest", response_model=IngestRun, status_code=202)
+    async def ingest_http(self, req: IngestRequest, principal: Principal = Depends(admin)) -> IngestRun:
+        return IngestRun.model_validate(await asyncio.to_thread(self.start_ingest, req, principal.key_id))
 
-        return await self._http("rag", request, work)
+    @rag_api.get("/ingest/{run_id}", response_model=IngestRun, dependencies=[Depends(admin)])
+    async def ingest_status_http(self, run_id: str) -> IngestRun:
+        return IngestRun.model_validate(self.ingest_status(run_id))
 
-    @rag_api.post("/ingest")
-    async def ingest_http(self, request: Request) -> JSONResponse:
-        async def work(principal: Principal):
-            _require_admin(principal, "ingest")
-            body = await read_json(request, self.settings.limits.max_body_bytes)
-            return await asyncio.to_thread(self.start_ingest, body, principal.key_id), 202
-
-        return await self._http("rag-ingest", request, work)
-
-    @rag_api.get("/ingest/{run_id}")
-    async def ingest_status_http(self, run_id: str, request: Request) -> JSONResponse:
-        async def work(principal: Principal):
-            _require_admin(principal, "ingest")
-            return self.ingest_status(run_id), 200
-
-        return await self._http("rag-ingest", request, work)
-
-    def _generate_with(self, model_id: str, loop: asyncio.AbstractEventLoop):
+    def _generate_with(self, model_id: str, loop: asyncio.AbstractEventLoop, principal: Principal | None = None):
         timeout = self.settings.gateway.request_timeout_s
         gateway = self.gateway
 
@@ -138,7 +126,9 @@ class RagServer:
             # Called from the worker thread that runs the query. The handle call itself is made on
             # the replica's event loop: in Serve's throughput mode handles route on that loop.
             async def call() -> str:
-                return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS)
+                if principal is None:
+                    return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS)
+                return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS, principal)
 
             future = asyncio.run_coroutine_threadsafe(call(), loop)
             try:
@@ -149,9 +139,11 @@ class RagServer:
 
         return generate
 
-    async def query(self, body: dict[str, Any], model_id: str | None) -> dict[str, Any]:
-        """One RAG query (also the gateway's `rag` chat alias, through this app's handle)."""
-        generate = self._generate_with(model_id, asyncio.get_running_loop()) if model_id else None
+    async def query(self, body: RagQueryRequest | dict[str, Any], model_id: str | None,
+                    principal: Principal | None = None) -> dict[str, Any]:
+        """One RAG query (also the gateway's `rag` chat alias, through this app's handle); with a
+        principal, the answer is generated on that key's behalf."""
+        generate = self._generate_with(model_id, asyncio.get_running_loop(), principal) if model_id else None
 
         def run() -> dict[str, Any]:
             response = self.service.query(body, generate=generate, generator=model_id)
@@ -161,19 +153,13 @@ class RagServer:
 
         return await asyncio.to_thread(run)
 
-    def start_ingest(self, body: dict[str, Any], owner: str) -> dict[str, Any]:
+    def start_ingest(self, req: IngestRequest, owner: str) -> dict[str, Any]:
         """Check the request (allowed roots, name, readable files) before anything is written,
         then run the Ray Data ingest on the cluster from a background thread."""
         from rag.ingest import check_allowed, list_sources, run_ingest
         from rag.errors import SourceUnreadable
         from rag.versions import check_logical_name
 
-        try:
-            req = IngestRequest.model_validate(body)
-        except ValidationError as e:
-            first = e.errors()[0]
-            param = ".".join(str(p) for p in first.get("loc", ())) or None
-            raise RagInvalidRequest(f"invalid value for '{param}': {first.get('msg')}", param) from None
         collection = req.collection or self.settings.rag.collection
         check_logical_name(collection)
         check_allowed(req.source, self.settings)

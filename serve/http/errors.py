@@ -62,9 +62,11 @@ def invalid_request(err: ValidationError | RequestValidationError) -> InvalidReq
         why = (first.get("ctx") or {}).get("error")
         where = f" at position {raw[1]}" if len(raw) > 1 and isinstance(raw[1], int) else ""
         return InvalidRequest(f"request body is not valid JSON{': ' + str(why) if why else ''}{where}")
-    loc = [str(p) for p in raw if p != "body"]
-    param = ".".join(loc) or None
-    if param is None and raw[:1] == ("body",):
+    whole_body = raw == ("body",)
+    if raw[:1] in (("body",), ("query",), ("path",), ("header",), ("cookie",)):
+        raw = raw[1:]  # where FastAPI found it: the parameter's own name is what a client sent
+    param = ".".join(str(p) for p in raw) or None
+    if whole_body:
         if kind == "missing":
             return InvalidRequest("request body is required: a JSON object")
         return InvalidRequest("request body must be a JSON object")
