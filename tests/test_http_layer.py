@@ -199,7 +199,8 @@ def test_openapi_documents_bodies_responses_errors_and_the_bearer_scheme():
     assert op["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Answer"}
     assert op["responses"]["4XX"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorResponse")
     assert "422" not in op["responses"]  # validation errors are 400s here
-    assert op["security"] == [{"HTTPBearer": []}] and spec["components"]["securitySchemes"]["HTTPBearer"]
+    assert op["security"] == [{"bearer": []}] and spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert "security" not in spec["paths"]["/runs"]["get"]  # no auth dependency, no scheme
 
 
 # ------------------------------------------------------------------ live on the cluster

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
 from starlette.datastructures import State
 from starlette.middleware import Middleware
 
@@ -50,6 +51,12 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "4XX": {"model": ErrorResponse, "description": "An OpenAI-style error: the bad parameter in `param`."},
     "5XX": {"model": ErrorResponse, "description": "An OpenAI-style error."},
 }
+
+# The dependencies that authenticate (serve.http.auth adds them): routes that use one get the
+# bearer scheme in their OpenAPI operation.
+AUTH_DEPENDENCIES: set[Callable] = set()
+BEARER_SCHEME = {"type": "http", "scheme": "bearer",
+                 "description": "An ORFEAS API key: `Authorization: Bearer <key>`."}
 
 _registry: dict[str, HttpState] = {}
 _registry_lock = threading.Lock()
@@ -133,7 +140,31 @@ def http_app(title: str, *, name: str | None = None, version: str = "0.1.0", **f
     app.state = state
     install_error_handlers(app)
     install_log_record_factory()
+    app.openapi = _openapi_with_bearer(app, app.openapi)
     return app
+
+
+def _authenticates(dependant) -> bool:
+    return any(d.call in AUTH_DEPENDENCIES or _authenticates(d) for d in dependant.dependencies)
+
+
+def _openapi_with_bearer(app: FastAPI, generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = generate()
+            secured = False
+            for route in app.routes:
+                if isinstance(route, APIRoute) and _authenticates(route.dependant):
+                    for method in route.methods:
+                        op = schema.get("paths", {}).get(route.path_format, {}).get(method.lower())
+                        if op is not None:
+                            op["security"], secured = [{"bearer": []}], True
+            if secured:
+                schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = BEARER_SCHEME
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    return openapi
 
 
 build_app = http_app

@@ -5,7 +5,9 @@
 
 The dependency uses the `Authenticator` the replica configured on `app.state` (see
 `HttpState.configure`), so it works in class-based `@serve.ingress` views. A 401 carries
-`WWW-Authenticate: Bearer`; the route's OpenAPI operation names the bearer scheme.
+`WWW-Authenticate: Bearer`. `http_app`'s OpenAPI names the bearer scheme on every route that
+depends on these (added to the schema, not resolved per request: FastAPI's HTTPBearer
+dependency would cost each request more than the rest of authentication).
 """
 
 from __future__ import annotations
@@ -13,18 +15,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
-from fastapi.security import HTTPBearer
 
 from models.errors import AdminRequired
 from security.auth import Principal
-from serve.http.app import http_state
-
-# Documents the scheme in /openapi.json; the Authenticator reads the header itself (its own
-# messages for a missing or malformed one), so this never refuses anything.
-_bearer = HTTPBearer(auto_error=False, description="An ORFEAS API key: `Authorization: Bearer <key>`.")
+from serve.http.app import AUTH_DEPENDENCIES, http_state
 
 
-async def authenticated(request: Request, _: Annotated[object, Depends(_bearer)] = None) -> Principal:
+async def authenticated(request: Request) -> Principal:
     """The caller's principal (a 401 when the key is missing, malformed, unknown or revoked)."""
     auth = http_state(request.app).authenticator
     if auth is None:
@@ -43,3 +40,6 @@ async def admin(request: Request, principal: Annotated[Principal, Depends(authen
 
 Authenticated = Annotated[Principal, Depends(authenticated)]
 Admin = Annotated[Principal, Depends(admin)]
+
+
+AUTH_DEPENDENCIES.update({authenticated, admin})
