@@ -244,14 +244,20 @@ def post(live, path, **kw):
                                                     **kw.pop("headers", {})}, timeout=60, **kw)
 
 
-def layer_apps() -> dict[str, str]:
-    """The route prefix of every app on the layer (the gateway once it is switched to it)."""
+def gateway_on_layer() -> bool:
+    from serve.gateway import app as gateway
     from serve.http import HttpState
 
-    apps = {"/v1/rag": "rag", "/v1/workflows": "workflows", "/v1/agents": "agents"}
-    import serve.gateway.app as gateway
+    return isinstance(getattr(getattr(gateway, "app", None), "state", None), HttpState)
 
-    if isinstance(getattr(getattr(gateway, "app", None), "state", None), HttpState):
+
+GATEWAY = gateway_on_layer()
+
+
+def layer_apps() -> dict[str, str]:
+    """The route prefix of every app on the layer (the gateway once it is switched to it)."""
+    apps = {"/v1/rag": "rag", "/v1/workflows": "workflows", "/v1/agents": "agents"}
+    if GATEWAY:
         apps[""] = "gateway"
     return apps
 
@@ -283,7 +289,7 @@ def serve_logs() -> list[Path]:
 
 
 def test_request_ids_are_echoed_made_up_and_logged(live):
-    for path in ["/v1/agents", "/v1/workflows/runs", "/v1/rag/ingest/ingest-nope"]:
+    for path in ["/v1/agents", "/v1/workflows/runs", "/v1/rag/ingest/ingest-nope"] + (["/v1/models"] if GATEWAY else []):
         rid = f"orfeas-{uuid.uuid4().hex}"
         r = get(live, path, headers={"x-request-id": rid})
         assert r.status_code < 500 and r.headers.get_list("x-request-id") == [rid], (path, r.headers)
@@ -300,7 +306,8 @@ def test_request_ids_are_echoed_made_up_and_logged(live):
 
 
 @pytest.mark.parametrize("path", ["/v1/rag/query", "/v1/rag/ingest", "/v1/workflows/runs",
-                                  "/v1/workflows/runs/run_x/approve"])
+                                  "/v1/workflows/runs/run_x/approve"]
+                         + (["/v1/chat/completions", "/v1/embeddings", "/v1/feedback"] if GATEWAY else []))
 def test_oversize_bodies_get_413_and_malformed_json_a_400(live, path):
     r = post(live, path, json={"query": "x" * (LIMIT + 10)})
     assert_error(r, 413, "invalid_request_error", code="payload_too_large")
@@ -331,7 +338,16 @@ def test_every_app_counts_requests_with_bounded_model_labels(live):
     assert_error(r, 404, "not_found_error", "model")
     assert_error(post(live, "/v1/rag/query", json={"query": "x", "model": unknown}), 404, "not_found_error", "model")
     assert get(live, "/v1/agents", headers={"Authorization": "Bearer orf_bad"}).status_code == 401
-    want = [
+    gateway = []
+    if GATEWAY:
+        r = post(live, "/v1/chat/completions", json={"model": unknown, "messages": [{"role": "user", "content": "x"}]})
+        assert_error(r, 404, "not_found_error", "model")
+        assert post(live, "/v1/embeddings", json={"model": EMB, "input": "x"}).status_code == 200
+        gateway = [('ray_orfeas_http_requests_total', 'app="gateway"', 'route="/v1/chat/completions"',
+                    'model="other"', 'status="404"'),
+                   ('ray_orfeas_http_requests_total', 'app="gateway"', 'route="/v1/embeddings"', f'model="{EMB}"',
+                    'status="200"')]
+    want = gateway + [
         ('ray_orfeas_http_requests_total', 'app="agents"', 'route="/v1/agents/"', 'status="200"'),
         ('ray_orfeas_http_requests_total', 'app="workflows"', 'route="/v1/workflows/runs"', 'method="GET"'),
         ('ray_orfeas_http_requests_total', 'app="workflows"', 'model="other"', 'status="404"'),
