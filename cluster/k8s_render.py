@@ -213,9 +213,9 @@ def stale_generated(config_file: Path | None = None) -> list[Path]:
 # kustomize (the real one: `kustomize build`, else `kubectl kustomize`)
 
 # kubectl 1.27 is the first release with kustomize v5 built in.
-MIN_KUSTOMIZE = (5, 0)
+MIN_KUSTOMIZE, MIN_KUBECTL = (5, 0), (1, 27)
 INSTALL_HINT = (
-    "`orfeas k8s render` and `orfeas k8s validate` build the manifests with kustomize: install kubectl >= 1.27 "
+    "`orfeas k8s` builds the manifests with kustomize: install kubectl >= 1.27 "
     "(kustomize v5 built in: https://kubernetes.io/docs/tasks/tools/) or a standalone kustomize v5 "
     "(https://kubectl.docs.kubernetes.io/installation/kustomize/) and put it on PATH"
 )
@@ -226,39 +226,47 @@ class KustomizeNotFound(RenderError):
 
 
 def _version(text: str) -> tuple[int, int] | None:
-    m = re.search(r"v(\d+)\.(\d+)", text)
+    m = re.search(r"v?(\d+)\.(\d+)", text)
     return (int(m.group(1)), int(m.group(2))) if m else None
 
 
 @functools.lru_cache(maxsize=8)
-def _kustomize_version(exe: str, tool: str) -> tuple[int, int] | None:
-    """The kustomize version of a `kustomize` or `kubectl` binary (None when it does not say)."""
+def _too_old(exe: str, tool: str) -> str | None:
+    """Why the kustomize in this `kustomize` or `kubectl` binary is too old, or None (new
+    enough, or the binary does not say: then kustomize's own errors speak)."""
     args = [exe, "version"] if tool == "kustomize" else [exe, "version", "--client", "-o", "json"]
     try:
         out = subprocess.run(args, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.TimeoutExpired):
         return None
-    if tool == "kubectl":
-        try:
-            out = json.loads(out).get("kustomizeVersion") or ""
-        except ValueError:
-            return None
-    return _version(out)
+    if tool == "kustomize":
+        v = _version(out)
+        return f"{exe} is kustomize v{v[0]}.{v[1]}" if v and v < MIN_KUSTOMIZE else None
+    try:
+        info = json.loads(out)
+    except ValueError:
+        return None
+    v = _version(info.get("kustomizeVersion") or "")
+    if v is not None:
+        return f"{exe} has kustomize v{v[0]}.{v[1]}" if v < MIN_KUSTOMIZE else None
+    client = info.get("clientVersion") or {}
+    k = _version(f"{client.get('major', '')}.{client.get('minor', '')}") or _version(client.get("gitVersion") or "")
+    return f"{exe} is kubectl {k[0]}.{k[1]}" if k and k < MIN_KUBECTL else None
 
 
 def kustomize_command() -> list[str]:
     """The command that builds a kustomization directory: `kustomize build` when a standalone
     kustomize is on PATH, else `kubectl kustomize`; KustomizeNotFound when there is neither (or
-    only one older than kustomize v5)."""
+    only ones older than kustomize v5)."""
     found = []
     for tool, sub in (("kustomize", "build"), ("kubectl", "kustomize")):
         exe = shutil.which(tool)
         if exe is None:
             continue
-        version = _kustomize_version(exe, tool)
-        if version is None or version >= MIN_KUSTOMIZE:
+        old = _too_old(exe, tool)
+        if old is None:
             return [exe, sub]
-        found.append(f"{exe} has kustomize v{version[0]}.{version[1]}")
+        found.append(old)
     raise KustomizeNotFound(f"{INSTALL_HINT} ({'; '.join(found) if found else 'neither kustomize nor kubectl is on PATH'})")
 
 
@@ -309,10 +317,6 @@ def object_id(o: dict[str, Any]) -> str:
     md = o.get("metadata") or {}
     ns = md.get("namespace")
     return f"{o.get('kind')}/{(ns + '/') if ns else ''}{md.get('name')}"
-
-
-def dumps_json(o: Any) -> str:
-    return json.dumps(o, sort_keys=True)
 
 
 def find_object(objs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:

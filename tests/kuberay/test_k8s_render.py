@@ -159,11 +159,16 @@ def test_a_standalone_kustomize_is_preferred(tmp_path, monkeypatch):
     assert (tmp_path / "ran").exists()
 
 
-def test_a_kubectl_older_than_kustomize_v5_is_refused(tmp_path, monkeypatch):
-    # kubectl 1.26 shipped kustomize v4.5.7.
-    version = json.dumps({"clientVersion": {"gitVersion": "v1.26.9"}, "kustomizeVersion": "v4.5.7"})
-    monkeypatch.setenv("PATH", _bin_with(tmp_path, kubectl=f"echo '{version}'\n"))
-    with pytest.raises(k8s_render.KustomizeNotFound, match=r"kubectl >= 1\.27.*has kustomize v4\.5"):
+@pytest.mark.parametrize("tool, answer, why", [
+    # kubectl 1.26 shipped kustomize v4.5.7; kubectl 1.20 did not report its kustomize at all.
+    ("kubectl", {"clientVersion": {"major": "1", "minor": "26"}, "kustomizeVersion": "v4.5.7"}, "has kustomize v4.5"),
+    ("kubectl", {"clientVersion": {"major": "1", "minor": "20+", "gitVersion": "v1.20.15"}}, "is kubectl 1.20"),
+    ("kustomize", "{Version:kustomize/v4.5.7 GitCommit:56d82a8 BuildDate:2022-08-02T16:35:54Z}", "is kustomize v4.5"),
+])
+def test_a_kustomize_older_than_v5_is_refused(tmp_path, monkeypatch, tool, answer, why):
+    text = json.dumps(answer) if isinstance(answer, dict) else answer
+    monkeypatch.setenv("PATH", _bin_with(tmp_path, **{tool: f"echo '{text}'\n"}))
+    with pytest.raises(k8s_render.KustomizeNotFound, match=r"kubectl >= 1\.27.*" + why.replace(".", r"\.")):
         k8s_render.kustomize_command()
 
 
