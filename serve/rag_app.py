@@ -106,7 +106,7 @@ class RagServer:
                 model = await asyncio.wait_for(self.gateway.rag_generator.remote(req.model, principal), timeout)
             except TimeoutError:
                 raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
-        out = await self.query(req, model)
+        out = await self.query(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
         label_model(request, out["model"])
         return JSONResponse(out)  # built from a RagQueryResponse: no second validation
 
@@ -126,8 +126,6 @@ class RagServer:
             # Called from the worker thread that runs the query. The handle call itself is made on
             # the replica's event loop: in Serve's throughput mode handles route on that loop.
             async def call() -> str:
-                if principal is None:
-                    return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS)
                 return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS, principal)
 
             future = asyncio.run_coroutine_threadsafe(call(), loop)
