@@ -5,7 +5,6 @@ import inspect
 import pytest
 from pydantic import ValidationError
 
-from config import ModelSpec
 from models.engine import Engine, EngineStatus
 from models.engines.openai_remote import RemoteOpenAIEngine
 from models.engines.transformers_engine import TransformersEngine

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 from collections.abc import AsyncIterator
-from typing import Any
 
 import httpx
 
