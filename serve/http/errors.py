@@ -89,9 +89,9 @@ def error_response(e: APIError, request: Request | None = None) -> JSONResponse:
 
 def _internal(scope: Scope, e: BaseException) -> JSONResponse:
     app = scope.get("app")
-    log.error("unhandled error in %s %s (%s)", scope.get("method"), scope.get("path"),
-              getattr(app, "title", "app"), exc_info=e)
     state = scope.setdefault("state", {})
+    log.error("unhandled error in %s %s (%s, request %s)", scope.get("method"), scope.get("path"),
+              getattr(app, "title", "app"), state.get("request_id", "-"), exc_info=e)
     state["error_type"] = "api_error"
     return JSONResponse({"error": {"message": "internal error", "type": "api_error", "param": None,
                                    "code": None}}, status_code=500)
