@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 import uuid
@@ -72,6 +73,12 @@ def coordinator(settings: Settings):
     """This data directory's coordinator (created on first use; restarted by Ray if it dies)."""
     return detached_actor(Coordinator, coordinator_name(settings), settings.to_dict(), durable=True,
                           max_concurrency=1000)
+
+
+def _text(value: Any) -> str:
+    """A rendered template as message text: a template that is one expression renders to its
+    value (a number, a list), which a chat message carries as JSON text."""
+    return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
 @dataclass
@@ -274,8 +281,8 @@ class Coordinator:
                     raise StepFailed(f"tool {step.tool!r}: {cause if isinstance(cause, ToolError) else e}") from None
                 return out, {}
             if step.kind == "model":
-                messages = ([{"role": "system", "content": render(step.system, ns)}] if step.system else []) + \
-                           [{"role": "user", "content": render(step.prompt, ns)}]
+                messages = ([{"role": "system", "content": _text(render(step.system, ns))}] if step.system else []) + \
+                           [{"role": "user", "content": _text(render(step.prompt, ns))}]
                 model = step.model or self.cfg.default_model
                 if not model:
                     raise StepFailed("model step names no model and agents.default_model is empty", retryable=False)

@@ -61,7 +61,9 @@ def _prompt_text(gen: GenerationRequest) -> str:
     parts = []
     for m in gen.messages or []:
         c = m.get("content") or ""
-        parts.append(c if isinstance(c, str) else " ".join(p.get("text", "") for p in c if isinstance(p, dict)))
+        if isinstance(c, list):  # multi-part content: its text parts
+            c = " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+        parts.append(str(c))
     return " ".join(parts)
 
 

@@ -136,7 +136,8 @@ def test_agent_tool_loop_handles_native_json_and_bad_calls(platform):
 def test_agent_uses_native_tool_calls_when_its_model_has_them(platform):
     """A model catalogued with `tools` is offered them the OpenAI way through the gateway; its
     tool_calls run and their results go back as `tool` messages. Analytics carry the backend's
-    token counts and the catalog price (7 prompt + 5 completion tokens on the calling turn)."""
+    token counts and the catalog price (7 prompt + 5 completion tokens on the calling turn; the
+    answering turn's provider reports no usage, so that turn is priced from counted tokens)."""
     native = {"name": "native", "model": "script-tools", "capabilities": ["native"], "tools": ["calculator"],
               "instructions": script({"tool_calls": [{"name": "calculator", "arguments": {"expression": "6*7"}}]},
                                      "answer: {last}")}
@@ -157,7 +158,7 @@ def test_agent_uses_native_tool_calls_when_its_model_has_them(platform):
     assert second["messages"][3] == {"role": "tool", "tool_call_id": call["id"], "content": '{"result": 42}'}
     a = run["analytics"]
     assert a["model_calls"] == 2 and a["tokens"] > 12
-    assert a["cost"] == pytest.approx((7 * 1000.0 + 5 * 2000.0) / 1e6)
+    assert a["cost"] > (7 * 1000.0 + 5 * 2000.0) / 1e6
 
 
 def test_step_limit_stops_a_looping_agent(platform):
