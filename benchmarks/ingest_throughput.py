@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     from rag.ingest import run_ingest
     from rag.chunking import Chunker, embedding_text, load_tokenizer
     from rag.documents import parse_bytes
-    from rag.embedding import DenseEmbedder, embedder_dir
+    from models.embedders import DenseEmbedder
+    from rag.embedding import embedder_dir
 
     work = Path(tempfile.mkdtemp(prefix="orfeas-bench-"))
     corpus = Path(args.corpus)

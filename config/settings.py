@@ -473,7 +473,8 @@ class Settings(BaseSettings):
         return self.data_dir.expanduser().resolve()
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-safe dict that `Settings.model_validate` reads back (what Serve apps receive as args)."""
+        """A JSON-safe dict of every setting that `Settings.model_validate` reads back (what replicas and
+        actors are handed; the Serve app args in a config are trimmed: `serve.applications.app_settings`)."""
         data = self.model_dump(mode="json")
         data["data_dir"] = str(self.resolved_data_dir())
         return data

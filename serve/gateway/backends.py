@@ -16,15 +16,14 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from ray import serve
-from ray.exceptions import RayTaskError
 
 from config import ModelSpec, Settings
 from config.names import model_app_name
 from models.engine import Engine, EngineStatus
 from models.engines.openai_remote import RemoteOpenAIEngine
 from models.engines.vllm_engine import MISSING_EXTRA, VLLMEngine, max_model_len, vllm_available
-from models.errors import APIError
 from models.protocol import GenerationEvent, GenerationRequest
+from serve.http import unwrap
 
 log = logging.getLogger(__name__)
 
@@ -64,17 +63,6 @@ class StaleWhileRevalidate(Generic[T]):
             self.set(await self.fetch())
         except Exception as e:
             log.warning("%s refresh failed, keeping the last answer: %s", self.what, e)
-
-
-def unwrap(e: BaseException) -> BaseException:
-    """The API error a replica raised, out of Ray's wrapper."""
-    if isinstance(e, RayTaskError) and isinstance(getattr(e, "cause", None), APIError):
-        return e.cause
-    return e
-
-
-# What the gateway calls an engine it reaches: every catalog model's backend is an `Engine`.
-Backend = Engine
 
 
 class ServeAppEngine(Engine):

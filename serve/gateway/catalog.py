@@ -9,7 +9,8 @@ from config.names import RAG_APP
 from models.errors import InvalidRequest, ModelNotFound, ModelUnavailable
 from models.protocol import ModelCard
 from security.auth import Principal
-from serve.gateway.backends import Backend, BackendRegistry
+from models.engine import Engine
+from serve.gateway.backends import BackendRegistry
 
 # `model: "rag"` (default collection) or `"rag:<collection>"` in a chat request answers from the
 # RAG service, so any OpenAI client can ask the knowledge base.
@@ -36,7 +37,7 @@ class Catalog:
             cards.append(ModelCard(id=RAG_ALIAS, task="rag", engine="rag", status=h.status, error=h.error))
         return cards
 
-    async def usable(self, model_id: str, principal: Principal, task: str) -> Backend:
+    async def usable(self, model_id: str, principal: Principal, task: str) -> Engine:
         """The backend of a model this key may use for `task`, healthy now; else the error that says why."""
         spec = self.settings.model(model_id)
         if spec is None:

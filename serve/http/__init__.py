@@ -23,13 +23,13 @@ from serve.http.errors import (
     invalid_request,
     unwrap,
 )
-from serve.http.metrics import GatewayMetrics, MetricsMiddleware, RequestMetrics, RouterMetrics, request_metrics
+from serve.http.metrics import MetricsMiddleware, RequestMetrics, request_metrics
 from serve.http.request_id import RequestIdFilter, RequestIdMiddleware, current_request_id
 
 __all__ = [
     "ERROR_RESPONSES", "Admin", "Authenticated", "BodyLimitMiddleware", "BodyTooLarge", "ErrorMiddleware",
-    "GatewayMetrics", "HttpState", "MetricsMiddleware", "RequestIdFilter", "RequestIdMiddleware", "RequestMetrics",
-    "RouterMetrics", "admin", "api_error", "authenticated", "build_app", "catalog_label", "current_request_id",
+    "HttpState", "MetricsMiddleware", "RequestIdFilter", "RequestIdMiddleware", "RequestMetrics",
+    "admin", "api_error", "authenticated", "build_app", "catalog_label", "current_request_id",
     "error_response", "http_app", "http_state", "install_error_handlers", "invalid_request", "label_model",
     "read_json", "request_metrics", "unwrap",
 ]

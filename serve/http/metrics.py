@@ -7,8 +7,8 @@ route's template (or "unmatched"), the method one of the HTTP methods (or "other
 what the handler put in `request.state.model` (`label_model`) mapped through the app's
 `model_label` (catalog ids pass, any other name is "other", no model is "-").
 
-`GatewayMetrics` and `RouterMetrics` are the gateway's own (time to first token, tokens,
-routing decisions, breakers, cost).
+The gateway's own metrics (time to first token, tokens, routing, breakers, cost) are in
+`serve.gateway.metrics`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from serve.http.errors import api_error, error_type_for
 if TYPE_CHECKING:
     from serve.http.app import HttpState
 
-_LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
+LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 UNMATCHED = "unmatched"
 
@@ -42,7 +42,7 @@ class RequestMetrics:
                               "method, route template, model and error type.",
                               tag_keys=("app", "method", "route", "model", "type"))
         self.latency = Histogram("orfeas_http_request_latency_seconds", "Time to the last byte of the response.",
-                                 boundaries=_LATENCY_BOUNDS, tag_keys=self.TAGS)
+                                 boundaries=LATENCY_BOUNDS, tag_keys=self.TAGS)
 
     def record(self, tags: dict[str, str], seconds: float, error_type: str | None) -> None:
         self.requests.inc(1, tags)
@@ -113,66 +113,3 @@ class MetricsMiddleware:
                 "route": route_label(scope), "model": self.http.model_label(state.get("model")),
                 "status": str(status or 500)}
         request_metrics().record(tags, seconds, error_type)
-
-
-class GatewayMetrics:
-    def __init__(self) -> None:
-        self.requests = Counter(
-            "orfeas_gateway_requests", "Requests by route, model and HTTP status.", tag_keys=("route", "model", "status")
-        )
-        self.errors = Counter(
-            "orfeas_gateway_errors", "Error responses by route, model and error type.", tag_keys=("route", "model", "type")
-        )
-        self.latency = Histogram(
-            "orfeas_gateway_request_latency_seconds", "Time to the last byte.", boundaries=_LATENCY_BOUNDS,
-            tag_keys=("route", "model", "status"),
-        )
-        self.ttft = Histogram(
-            "orfeas_gateway_time_to_first_token_seconds", "Time to the first generated token.",
-            boundaries=_LATENCY_BOUNDS, tag_keys=("route", "model"),
-        )
-        self.tokens = Counter(
-            "orfeas_gateway_tokens", "Tokens in (prompt) and out (completion).", tag_keys=("model", "direction")
-        )
-
-    def record(self, route: str, model: str, status: int, seconds: float, error_type: str | None = None) -> None:
-        tags = {"route": route, "model": model, "status": str(status)}
-        self.requests.inc(1, tags)
-        self.latency.observe(seconds, tags)
-        if error_type:
-            self.errors.inc(1, {"route": route, "model": model, "type": error_type})
-
-    def usage(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
-        if prompt_tokens:
-            self.tokens.inc(prompt_tokens, {"model": model, "direction": "in"})
-        if completion_tokens:
-            self.tokens.inc(completion_tokens, {"model": model, "direction": "out"})
-
-
-class RouterMetrics:
-    """Routing decisions, fallbacks, breaker transitions and cost."""
-
-    _STATES = {"closed": 0, "half_open": 1, "open": 2}
-
-    def __init__(self) -> None:
-        from ray.util.metrics import Gauge
-
-        self.decisions = Counter("orfeas_router_decisions", "Requests routed, by requested name, route kind and "
-                                 "chosen model.", tag_keys=("requested", "kind", "model"))
-        self.fallbacks = Counter("orfeas_router_fallbacks", "Failed attempts that moved on to another try, by "
-                                 "model and outcome.", tag_keys=("model", "outcome"))
-        self.breaker = Gauge("orfeas_router_breaker_state", "Circuit state per model: 0 closed, 1 half-open, 2 open.",
-                             tag_keys=("model",))
-        self.cost_usd = Counter("orfeas_router_cost_usd", "Priced usage in USD, by model.", tag_keys=("model",))
-
-    def routed(self, route, opened) -> None:
-        self.decisions.inc(1, {"requested": route.requested, "kind": route.kind, "model": opened.model})
-        for model, outcome in opened.attempts:
-            if outcome != "ok":
-                self.fallbacks.inc(1, {"model": model, "outcome": outcome})
-
-    def breaker_transition(self, model: str, old: str, new: str) -> None:
-        self.breaker.set(self._STATES.get(new, 0), {"model": model})
-
-    def cost(self, model: str, usd: float) -> None:
-        self.cost_usd.inc(usd, {"model": model})
