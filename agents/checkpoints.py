@@ -49,17 +49,19 @@ class CheckpointStore:
             with self.fs.open(path, "w") as f:
                 f.write(data)
 
-    def load(self, run_id: str) -> RunState | None:
-        path = self._path(run_id, "run.json")
+    def _read(self, path: str) -> str | None:
+        """A file's text, None when it does not exist."""
         try:
             if self.local:
-                text = Path(path).read_text()
-            else:
-                with self.fs.open(path, "r") as f:
-                    text = f.read()
+                return Path(path).read_text()
+            with self.fs.open(path, "r") as f:
+                return f.read()
         except FileNotFoundError:
             return None
-        return RunState.model_validate_json(text)
+
+    def load(self, run_id: str) -> RunState | None:
+        text = self._read(self._path(run_id, "run.json"))
+        return None if text is None else RunState.model_validate_json(text)
 
     def run_ids(self) -> list[str]:
         if self.local:
@@ -77,21 +79,10 @@ class CheckpointStore:
             with open(path, "a") as f:
                 f.write(lines)
         else:  # object stores cannot append: rewrite
-            old = ""
-            if self.fs.exists(path):
-                with self.fs.open(path, "r") as f:
-                    old = f.read()
+            old = self._read(path) or ""
             with self.fs.open(path, "w") as f:
                 f.write(old + lines)
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
-        path = self._path(run_id, "events.jsonl")
-        try:
-            if self.local:
-                text = Path(path).read_text()
-            else:
-                with self.fs.open(path, "r") as f:
-                    text = f.read()
-        except FileNotFoundError:
-            return []
+        text = self._read(self._path(run_id, "events.jsonl")) or ""
         return [json.loads(line) for line in text.splitlines() if line.strip()]

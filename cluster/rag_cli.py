@@ -142,6 +142,34 @@ def ingest(
 
 # ----------------------------------------------------------------------------------- collections
 
+def _ask_platform(settings: Settings, req) -> dict:
+    """A generated answer from the deployed RAG app, which generates through the gateway's chat
+    path as the platform itself (the CLI holds no API key)."""
+    from ray import serve
+
+    from config.names import GATEWAY_APP, RAG_APP
+    from models.errors import APIError
+    from serve.http import unwrap
+
+    connect_or_exit(settings)
+    try:
+        gateway, rag = serve.get_app_handle(GATEWAY_APP), serve.get_app_handle(RAG_APP)
+    except Exception:
+        fail("the gateway or the RAG service is not deployed: start the platform with `orfeas up` "
+             "(rag.enabled: true)")
+    timeout = settings.gateway.request_timeout_s
+    try:
+        model = gateway.rag_generator.remote(req.model).result(timeout_s=timeout)  # is it usable now?
+        out = rag.query.remote(req.model_dump(exclude_none=True), model).result(timeout_s=timeout)
+    except Exception as e:
+        cause = unwrap(e)
+        if isinstance(cause, APIError):
+            raise cause from None
+        fail(f"the RAG service failed: {type(e).__name__}: {e}"[:2000])
+    out.pop("completion_tokens", None)  # the chat alias's usage, not part of the answer
+    return out
+
+
 def _store(settings: Settings):
     from rag.store import open_store
 
@@ -196,16 +224,22 @@ def ask(
     top_k: Annotated[Optional[int], typer.Option("--top-k", help="Chunks to retrieve.")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="dense, sparse or hybrid.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the whole response as JSON.")] = False,
+    model: Annotated[Optional[str], typer.Option(
+        "--model", help="Generate the answer with this chat model, through the platform's chat path "
+                        "(router, limits, ledger: needs `orfeas up`); without it the answer is extractive.")] = None,
     config: ConfigOpt = None,
 ):
     """Answer a question from a collection, with its sources."""
     from models.errors import APIError
-    from rag.service import RagQueryRequest, RagService
+    from rag.service import RagQueryRequest, RagQueryResponse, RagService
 
     settings = settings_or_exit(config)
     try:
-        service = RagService(settings, store=_store(settings))
-        resp = service.query(RagQueryRequest(query=question, collection=collection, top_k=top_k, mode=mode))
+        req = RagQueryRequest(query=question, collection=collection, top_k=top_k, mode=mode, model=model)
+        if model:
+            resp = RagQueryResponse.model_validate(_ask_platform(settings, req))
+        else:
+            resp = RagService(settings, store=_store(settings)).query(req)
     except APIError as e:
         fail(e.message, 2)
     except ValueError as e:

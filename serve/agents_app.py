@@ -15,7 +15,7 @@ Same API keys as every /v1 route; a user sees only the runs their key started, a
 
 import json
 import logging
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from fastapi import Depends, Query, Request
 from fastapi.responses import StreamingResponse
@@ -53,6 +53,15 @@ class Approval(BaseModel):
 
 # ---------------------------------------------------------------- responses (the coordinator's dicts)
 
+T = TypeVar("T")
+
+
+class Listing(BaseModel, Generic[T]):
+    """An OpenAI-style list: `{"object": "list", "data": [...]}`."""
+
+    object: Literal["list"] = "list"
+    data: list[T]
+
 
 class RunSummary(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -81,11 +90,6 @@ class ResumeResult(RunSummary):
     reason: str | None = None
 
 
-class RunList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[RunSummary]
-
-
 class Definition(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -93,11 +97,6 @@ class Definition(BaseModel):
     description: str | None = None
     steps: list[str] | None = None
     error: str | None = Field(None, description="Why a registered definition does not parse.")
-
-
-class DefinitionList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[Definition]
 
 
 class AgentCard(BaseModel):
@@ -114,11 +113,6 @@ class AgentCard(BaseModel):
     scope: str = Field("global", description="`global`, or the run id of a workflow's own agent.")
     load: int = Field(0, description="Tasks in flight on this agent's actors.")
     actors: list[dict[str, Any]] = Field(default_factory=list)
-
-
-class AgentList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[AgentCard]
 
 
 EVENTS_DOC = {200: {"description": "Server-sent events (`id`, `event`, `data`: the event as JSON) as the run "
@@ -211,7 +205,7 @@ class WorkflowsApi(_Api):
         # The run's model calls are made for this key: its model scopes and budget apply to them.
         return await self._call("start_run", definition, body.inputs, principal.key_id, caller=principal)
 
-    @workflows_api.get("/runs", response_model=RunList)
+    @workflows_api.get("/runs", response_model=Listing[RunSummary])
     async def list_runs(self, limit: int = Query(100, description="At most this many runs, newest first (1-1000)."),
                         principal: Principal = Depends(authenticated)) -> dict:
         if not 1 <= limit <= 1000:
@@ -261,7 +255,7 @@ class WorkflowsApi(_Api):
     async def resume(self, run_id: str, principal: Principal = Depends(authenticated)) -> dict:
         return await self._call("resume", run_id, _owner(principal))
 
-    @workflows_api.get("/definitions", response_model=DefinitionList, dependencies=[Depends(authenticated)])
+    @workflows_api.get("/definitions", response_model=Listing[Definition], dependencies=[Depends(authenticated)])
     async def definitions(self) -> dict:
         return {"object": "list", "data": await self._call("workflows")}
 
@@ -270,7 +264,7 @@ class WorkflowsApi(_Api):
 class AgentsApi(_Api):
     api = agents_api
 
-    @agents_api.get("/", response_model=AgentList, dependencies=[Depends(authenticated)])
+    @agents_api.get("/", response_model=Listing[AgentCard], dependencies=[Depends(authenticated)])
     async def list_agents(self, capability: str | None = None) -> dict:
         return {"object": "list", "data": await self._call("agents", capability)}
 

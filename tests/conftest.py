@@ -59,3 +59,13 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     from models.tiny import build_tiny_chat_model
 
     return build_tiny_chat_model(tmp_path_factory.mktemp("models") / "tiny-chat")
+
+
+@pytest.fixture(scope="module")
+def provider():
+    """A stand-in OpenAI-compatible provider on loopback for the module (tests/provider_server.py)."""
+    from provider_server import ProviderServer
+
+    server = ProviderServer(free_port()).start()
+    yield server
+    server.stop()

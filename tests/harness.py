@@ -39,3 +39,24 @@ def make_key(settings, role: str = "admin", models: list[str] | None = None, nam
     from security.keys import keystore
 
     return ray.get(keystore(settings.resolved_data_dir()).create.remote(role, models, name))
+
+
+def platform_settings(data_dir, serve_port: int, **fields):
+    """Settings of a test platform on the session's Serve port: keys looked up on every request,
+    the RAG and agents apps off unless `fields` turn them on; a section in `fields` is merged into
+    these defaults."""
+    from config import Settings
+
+    base = {"data_dir": data_dir, "serve": {"host": "127.0.0.1", "port": serve_port}, "auth": {"key_cache_s": 0},
+            "rag": {"enabled": False}, "agents": {"enabled": False}}
+    for name, value in fields.items():
+        base[name] = {**base[name], **value} if isinstance(base.get(name), dict) and isinstance(value, dict) else value
+    return Settings(**base)
+
+
+def remote_model(provider, model_id: str, source: str, **kw):
+    """A catalog entry for the stand-in provider (tests/provider_server.py) serving `source`."""
+    from config import ModelSpec
+
+    return ModelSpec(id=model_id, engine="openai", base_url=provider.base_url, source=source,
+                     api_key_env="ORFEAS_TEST_PROVIDER_KEY", **kw)

@@ -8,30 +8,17 @@ import pytest
 import ray
 
 from analytics.ledger import ledger
-from config import ModelSpec, Settings
-from harness import deployed, free_port, make_key
-from provider_server import ProviderServer
+from harness import deployed, make_key, platform_settings, remote_model
 
 WORDS = " ".join(f"w{i}" for i in range(300))  # the provider sends one word every 10 ms: ~3 s
 
 
 @pytest.fixture(scope="module")
-def provider():
-    server = ProviderServer(free_port()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def gateway(serve_port, provider, tmp_path_factory):
-    def priced(model_id, source):
-        # A dollar a token each way, so any counted token shows in the cost.
-        return ModelSpec(id=model_id, engine="openai", base_url=provider.base_url, source=source,
-                         api_key_env="ORFEAS_TEST_PROVIDER_KEY", price_input_per_m=1e6, price_output_per_m=1e6)
-
-    settings = Settings(data_dir=tmp_path_factory.mktemp("pricing-data"), serve={"host": "127.0.0.1", "port": serve_port},
-                        auth={"key_cache_s": 0}, rag={"enabled": False}, agents={"enabled": False},
-                        models=[priced("echo", "echo"), priced("quiet", "nousage")])
+    # A dollar a token each way, so any counted token shows in the cost.
+    price = {"price_input_per_m": 1e6, "price_output_per_m": 1e6}
+    settings = platform_settings(tmp_path_factory.mktemp("pricing-data"), serve_port, models=[
+        remote_model(provider, "echo", "echo", **price), remote_model(provider, "quiet", "nousage", **price)])
     with deployed(settings):
         _, key = make_key(settings, "admin")
         yield settings, f"http://127.0.0.1:{serve_port}/v1", {"Authorization": f"Bearer {key}"}

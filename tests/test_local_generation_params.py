@@ -4,21 +4,17 @@ official `openai` client: each is honoured, or refused with a 400 naming it, nev
 import openai
 import pytest
 
-from config import ModelSpec, Settings
-from harness import deployed, make_key
+from config import ModelSpec
+from harness import deployed, make_key, platform_settings
 
 CHAT = "tiny-params"
 
 
 @pytest.fixture(scope="module")
 def client(serve_port, tiny_model_dir, tmp_path_factory):
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("params-data"),
-        serve={"host": "127.0.0.1", "port": serve_port},
-        auth={"key_cache_s": 0},
+    settings = platform_settings(
+        tmp_path_factory.mktemp("params-data"), serve_port,
         limits={"max_tokens": 64},
-        rag={"enabled": False},
-        agents={"enabled": False},
         models=[ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=256)],
     )
     with deployed(settings):

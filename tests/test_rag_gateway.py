@@ -200,3 +200,34 @@ def test_agents_kb_search_tool_searches_the_real_index(rag_platform):
         asyncio.run(kb({"query": "anything", "collection": "nope"}))
     with pytest.raises(ToolError, match="top_k"):
         asyncio.run(kb({"query": "anything", "top_k": 0}))
+
+
+def test_cli_ask_with_a_model_generates_through_the_chat_path(rag_platform, ray_cluster, tmp_path, monkeypatch):
+    import typer
+    from typer.testing import CliRunner
+
+    from analytics.ledger import ledger
+    from cluster.rag_cli import register
+
+    settings = rag_platform[0]
+    monkeypatch.setenv("RAY_ADDRESS", ray_cluster.get_runtime_context().gcs_address)
+    cfg = tmp_path / "orfeas.yaml"
+    cfg.write_text(f"data_dir: {settings.resolved_data_dir()}\n")
+    app = typer.Typer()
+    register(app)
+    before = ray_cluster.get(ledger(settings.resolved_data_dir()).usage.remote())["by_model"].get(CHAT, {})
+    r = CliRunner().invoke(app, ["ask", "How does KubeRay deploy Serve applications?", "--collection", "docs",
+                                 "--model", CHAT, "--config", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert f"model: {CHAT}" in " ".join(r.output.split()) and "kuberay.md" in r.output
+    # The answer was generated through the gateway's chat path: the ledger has one more call.
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        after = ray_cluster.get(ledger(settings.resolved_data_dir()).usage.remote())["by_model"].get(CHAT, {})
+        if after.get("requests", 0) > before.get("requests", 0):
+            break
+        time.sleep(0.5)
+    assert after.get("requests", 0) == before.get("requests", 0) + 1
+    r = CliRunner().invoke(app, ["ask", "x", "--collection", "docs", "--model", "no-such-model",
+                                 "--config", str(cfg)])
+    assert r.exit_code == 2 and "no-such-model" in r.output

@@ -244,9 +244,10 @@ class Gateway:
         return {"backends": self.router.status(),
                 "routes": [{"name": n, "routes": what} for n, what in self.router.routed_names()]}
 
-    async def rag_generator(self, model: str | None, principal: Principal) -> str | None:
-        """The chat model a RAG answer generates with (the RAG app's /v1/rag/query asks)."""
-        return await self.rag.generator(model, principal)
+    async def rag_generator(self, model: str | None, principal: Principal | None = None) -> str | None:
+        """The chat model a RAG answer generates with (the RAG app's /v1/rag/query and `orfeas ask`
+        ask), for `principal` (the platform itself when None)."""
+        return await self.rag.generator(model, principal or INTERNAL_CALLER)
 
     async def complete_chat(self, model_id: str, messages: list[dict], max_tokens: int,
                             principal: Principal | None = None) -> str:

@@ -10,16 +10,13 @@ a body sent without a content type, or as `application/x-www-form-urlencoded` / 
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING
 
 from fastapi import Request
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from models.errors import InvalidRequest, PayloadTooLarge
 from serve.http.errors import BodyTooLarge, error_response
-
-if TYPE_CHECKING:
-    from serve.http.app import HttpState
+from serve.http.middleware import HttpMiddleware
 
 _JSON = (b"content-type", b"application/json")
 _READ_AS_JSON = (b"application/x-www-form-urlencoded", b"text/plain")
@@ -42,14 +39,8 @@ async def read_json(request: Request, max_bytes: int) -> dict:
     return data
 
 
-class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, http: HttpState):
-        self.app, self.http = app, http
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class BodyLimitMiddleware(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         limit = self.http.max_body_bytes
         declared = ctype_at = None
         headers = scope["headers"]

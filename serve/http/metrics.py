@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
 
 from ray.util.metrics import Counter, Histogram
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
 from serve.http.errors import api_error, error_type_for
-
-if TYPE_CHECKING:
-    from serve.http.app import HttpState
+from serve.http.middleware import HttpMiddleware
 
 LATENCY_BOUNDS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120]
 _METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
@@ -70,14 +67,8 @@ def route_label(scope: Scope) -> str:
     return scope.get("root_path", "").rstrip("/") + template
 
 
-class MetricsMiddleware:
-    def __init__(self, app: ASGIApp, http: HttpState):
-        self.app, self.http = app, http
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class MetricsMiddleware(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         status = 0
 

@@ -14,12 +14,10 @@ import logging
 import re
 import uuid
 from contextvars import ContextVar
-from typing import TYPE_CHECKING
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import Message, Receive, Scope, Send
 
-if TYPE_CHECKING:
-    from serve.http.app import HttpState
+from serve.http.middleware import HttpMiddleware
 
 HEADER = b"x-request-id"
 MAX_LENGTH = 128
@@ -41,14 +39,8 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-class RequestIdMiddleware:
-    def __init__(self, app: ASGIApp, http: HttpState):
-        self.app, self.http = app, http
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
+class RequestIdMiddleware(HttpMiddleware):
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = next((v for k, v in scope["headers"] if k == HEADER), None)
         rid = sane(incoming)
         # Serve echoes the id it passed on: add ours only when Serve's is not the one we use.

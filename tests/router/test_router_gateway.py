@@ -11,38 +11,25 @@ import ray
 from cluster.cli import experiment_report
 from security.keys import keystore
 from analytics.ledger import ledger
-from config import ModelSpec, Settings
-from harness import deployed, free_port, make_key
-from provider_server import ProviderServer
+from config import ModelSpec
+from harness import deployed, free_port, make_key, platform_settings, remote_model
 from serve.router import experiments
 
 ECHO_PRICE = (2.0, 4.0)  # USD per million tokens in, out
 
 
 @pytest.fixture(scope="module")
-def provider():
-    server = ProviderServer(free_port()).start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture(scope="module")
 def platform(serve_port, provider, tiny_model_dir, tmp_path_factory):
     def remote(mid, source, routable=False, **kw):
-        return ModelSpec(id=mid, engine="openai", base_url=provider.base_url, source=source,
-                         api_key_env="ORFEAS_TEST_PROVIDER_KEY", routable=routable, **kw)
+        return remote_model(provider, mid, source, routable=routable, **kw)
 
     def tiny(mid, **kw):
         return ModelSpec(id=mid, engine="transformers", source=str(tiny_model_dir), max_context=256,
                          num_cpus=0.25, **kw)
 
-    settings = Settings(
-        data_dir=tmp_path_factory.mktemp("router-data"),
-        serve={"host": "127.0.0.1", "port": serve_port},
-        auth={"key_cache_s": 0},
+    settings = platform_settings(
+        tmp_path_factory.mktemp("router-data"), serve_port,
         limits={"max_tokens": 64},
-        rag={"enabled": False},
-        agents={"enabled": False},
         models=[
             tiny("tiny-a", quality={"general": 0.3}, latency_prior_s=0.5),
             tiny("tiny-b", quality={"code": 0.9, "general": 0.4}, latency_prior_s=0.5),

@@ -7,28 +7,17 @@ import time
 
 import pytest
 
-from config import ModelSpec, Settings
-from harness import PROVIDER_KEY, free_port
+from harness import PROVIDER_KEY, platform_settings, remote_model
 from models.protocol import GenerationKind, GenerationRequest
-from provider_server import ProviderServer
 from serve.gateway.backends import BackendRegistry
 from serve.router import health
 from serve.router.runtime import Router
 
 
-@pytest.fixture(scope="module")
-def provider():
-    server = ProviderServer(free_port(), slow_s=5.0).start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def router(provider, tmp_path, monkeypatch):
     monkeypatch.setenv("ORFEAS_TEST_PROVIDER_KEY", PROVIDER_KEY)
-    settings = Settings(data_dir=tmp_path, rag={"enabled": False}, agents={"enabled": False}, models=[
-        ModelSpec(id=m, engine="openai", base_url=provider.base_url, source=m, api_key_env="ORFEAS_TEST_PROVIDER_KEY")
-        for m in ("slow", "echo")])
+    settings = platform_settings(tmp_path, 8000, models=[remote_model(provider, m, m) for m in ("slow", "echo")])
     return Router(settings, BackendRegistry(settings))
 
 
@@ -54,7 +43,7 @@ def half_open(router: Router, mid: str) -> None:
 async def open_then_cancel(router: Router, mid: str) -> None:
     route = await router.resolve(mid, {"model": mid}, Caller(), {}, 16, None)
     task = asyncio.create_task(router.open(route, chat("hello"), time.monotonic() + 30))
-    await asyncio.sleep(0.5)  # the provider holds its first byte for 5 s
+    await asyncio.sleep(0.5)  # the provider holds its first byte for `slow_s` (5 s)
     assert router.outstanding[mid] == 1
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
