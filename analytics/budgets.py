@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import Any
 
 from analytics.ledger import ledger, period_start
@@ -16,20 +17,25 @@ class UsageBook:
         self.enabled = settings.router.ledger
         self.cache_s = settings.router.budget_cache_s
         self.data_dir = settings.resolved_data_dir()
-        self._actor = None
         self._spend: dict[tuple[str, str], tuple[float, float]] = {}
 
-    @property
+    @cached_property
     def actor(self):
-        if self._actor is None:
-            self._actor = ledger(self.data_dir)
-        return self._actor
+        """The ledger actor, got on first use (not at replica start)."""
+        return ledger(self.data_dir)
 
     def record(self, entry: dict[str, Any]) -> None:
-        """Fire and forget: calls from one replica reach the actor in order, so a later spend or
-        usage query from the same replica sees this entry."""
+        """Fire and forget: calls from one replica reach the actor in order, so a later spend,
+        usage or feedback call from the same replica sees this entry."""
         if self.enabled:
             self.actor.record.remote([entry])
+
+    async def usage(self, key_id: str | None, since: float | None) -> dict[str, Any]:
+        return await self.actor.usage.remote(key_id, since)
+
+    async def add_feedback(self, response_id: str, score: float, key_id: str | None, comment: str) -> dict[str, Any]:
+        """KeyError when no such response of this key (None: any key) is in the ledger."""
+        return await self.actor.add_feedback.remote(response_id, score, key_id, comment)
 
     async def spend(self, key_id: str, period: str) -> float:
         hit = self._spend.get((key_id, period))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from functools import cached_property
 
 from security.keys import hash_key, keystore
 from config import Settings
@@ -39,14 +40,12 @@ class Authenticator:
         self.enabled = settings.auth.enabled
         self.ttl = settings.auth.key_cache_s
         self.data_dir = settings.resolved_data_dir()
-        self._store = None
         self._cache: dict[str, tuple[float, Principal | None]] = {}
 
-    @property
+    @cached_property
     def store(self):
-        if self._store is None:
-            self._store = keystore(self.data_dir)
-        return self._store
+        """The key store actor, got on first use (not at replica start)."""
+        return keystore(self.data_dir)
 
     async def authenticate(self, authorization: str | None) -> Principal:
         if not self.enabled:

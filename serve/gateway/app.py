@@ -9,14 +9,11 @@ first token gets its proper HTTP status.
 
 
 import asyncio
-import base64
 import time
 from typing import Any, Literal
 
-import numpy as np
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
 from ray import serve
 
 from analytics.budgets import UsageBook
@@ -53,7 +50,9 @@ from serve.gateway.backends import BackendRegistry
 from serve.gateway.catalog import Catalog
 from serve.gateway.chat import ChatCall, ChatService
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
-from serve.gateway.responses import SSE_HEADERS, one_answer, stream_sse, whole
+from serve.gateway.responses import SSE_HEADERS, encode_vector, one_answer, stream_sse, whole
+from serve.gateway.schemas import (Feedback, FeedbackResult, Health, Orchestration, Readiness, RouterStatus,
+                                   UsageReport)
 from serve.http import admin, authenticated, http_app, label_model
 from serve.router.orchestrator import OrchestrateRequest
 from serve.router.runtime import Router
@@ -63,19 +62,6 @@ INTERNAL_CALLER = Principal("internal", "admin", None)
 STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true"}}
 
 app = http_app("ORFEAS gateway")
-
-
-class Feedback(BaseModel):
-    model_config = {"extra": "forbid"}
-    response_id: str = Field(min_length=1, max_length=200)
-    score: float = Field(ge=-1, le=1, description="1 good, 0 neutral, -1 bad (any value in between).")
-    comment: str = Field("", max_length=2000)
-
-
-def _encode(vector: list[float], encoding_format: str) -> list[float] | str:
-    if encoding_format == "base64":
-        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
-    return vector
 
 
 @serve.ingress(app)
@@ -102,16 +88,16 @@ class Gateway:
 
     # ------------------------------------------------------------ health and the catalog
 
-    @app.get("/healthz")
-    async def healthz(self) -> dict:
-        return {"status": "ok"}
+    @app.get("/healthz", response_model=Health)
+    async def healthz(self) -> Health:
+        return Health()
 
-    @app.get("/readyz")
+    @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
     async def readyz(self) -> JSONResponse:
         cards = await self.catalog.cards(None)
         ready = any(c.status == "ready" for c in cards)
-        return JSONResponse({"status": "ready" if ready else "unavailable", "models": {c.id: c.status for c in cards}},
-                            status_code=200 if ready else 503)
+        body = Readiness(status="ready" if ready else "unavailable", models={c.id: c.status for c in cards})
+        return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self, principal: Principal = Depends(authenticated)) -> ModelList:
@@ -184,17 +170,17 @@ class Gateway:
             raise InvalidRequest(f"model {req.model!r} produces {len(vectors[0])}-dimensional vectors; "
                                  f"dimensions={req.dimensions} is not supported", "dimensions")
         self.metrics.usage(req.model, sum(counts), 0)
-        data = [Embedding(index=i, embedding=_encode(v, req.encoding_format)) for i, v in enumerate(vectors)]
+        data = [Embedding(index=i, embedding=encode_vector(v, req.encoding_format)) for i, v in enumerate(vectors)]
         return EmbeddingList(data=data, model=req.model, usage=Usage.of(sum(counts)))
 
     # ------------------------------------------------------------ orchestrator, usage, feedback, router
 
-    @app.post("/v1/orchestrate")
+    @app.post("/v1/orchestrate", response_model=Orchestration)
     async def orchestrate(self, req: OrchestrateRequest, principal: Principal = Depends(authenticated)) -> dict:
         """Plan, run subtasks in parallel across backends, combine (see serve.router.orchestrator)."""
         return {"id": new_id("orch"), "created": now(), **await self.orchestrator.run(req, principal)}
 
-    @app.get("/v1/usage")
+    @app.get("/v1/usage", response_model=UsageReport)
     async def usage(self, request: Request, key_id: str | None = None, since: float | None = None,
                     period: Literal["day", "month"] | None = None,
                     principal: Principal = Depends(authenticated)) -> dict:
@@ -210,22 +196,22 @@ class Gateway:
             key_id = principal.key_id
         start = period_start(period, time.time()) if period else since
         book = self.chat.book
-        body = {"object": "usage", "key_id": key_id, "since": start, **await book.actor.usage.remote(key_id, start)}
+        body = {"object": "usage", "key_id": key_id, "since": start, **await book.usage(key_id, start)}
         if not principal.is_admin or key_id == principal.key_id:
             body["budget"] = await book.budget_view(principal)
         return body
 
-    @app.post("/v1/feedback")
+    @app.post("/v1/feedback", response_model=FeedbackResult)
     async def feedback(self, fb: Feedback, principal: Principal = Depends(authenticated)) -> dict:
         """A score for an earlier response (by its id), counted in its experiment arm's figures."""
         try:
-            result = await self.chat.book.actor.add_feedback.remote(
+            result = await self.chat.book.add_feedback(
                 fb.response_id, fb.score, None if principal.is_admin else principal.key_id, fb.comment)
         except KeyError:  # Ray raises the actor's error as an instance of its cause
             raise NotFound(f"no response {fb.response_id!r} of this key is in the ledger", "response_id") from None
         return {"object": "feedback", **result}
 
-    @app.get("/v1/router/status", dependencies=[Depends(admin)])
+    @app.get("/v1/router/status", response_model=RouterStatus, dependencies=[Depends(admin)])
     async def router_status_http(self) -> dict:
         return await self.router_status()
 

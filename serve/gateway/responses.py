@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 from collections.abc import AsyncIterator, Callable
 
+import numpy as np
 from pydantic import BaseModel
 
 from models.errors import APIError, ModelUnavailable
@@ -33,6 +35,13 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 def sse(obj: BaseModel | dict) -> str:
     data = obj.model_dump_json(exclude_none=False) if isinstance(obj, BaseModel) else json.dumps(obj)
     return f"data: {data}\n\n"
+
+
+def encode_vector(vector: list[float], encoding_format: str) -> list[float] | str:
+    """An embedding as the client asked for it: floats, or base64 of little-endian float32."""
+    if encoding_format == "base64":
+        return base64.b64encode(np.asarray(vector, dtype="<f4").tobytes()).decode()
+    return vector
 
 
 def whole(kind: GenerationKind, answer: Answer, model: str | None = None) -> ChatCompletion | Completion:

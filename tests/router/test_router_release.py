@@ -40,6 +40,11 @@ def half_open(router: Router, mid: str) -> None:
     router.health[mid] = health.BackendHealth(state=health.OPEN, opened_at=time.monotonic() - 3600)
 
 
+async def opened(router: Router, mid: str, text: str):
+    route = await router.resolve(mid, {"model": mid}, Caller(), {}, 16, None)
+    return await router.open(route, chat(text), time.monotonic() + 30)
+
+
 async def open_then_cancel(router: Router, mid: str) -> None:
     route = await router.resolve(mid, {"model": mid}, Caller(), {}, 16, None)
     task = asyncio.create_task(router.open(route, chat("hello"), time.monotonic() + 30))
@@ -66,11 +71,10 @@ def test_client_gone_before_the_first_token_releases_in_flight_and_trial(router)
 def test_client_gone_mid_stream_releases_in_flight_and_trial(router):
     async def run():
         half_open(router, "echo")
-        route = await router.resolve("echo", {"model": "echo"}, Caller(), {}, 16, None)
-        opened = await router.open(route, chat("one two three four five six"), time.monotonic() + 30)
+        stream = await opened(router, "echo", "one two three four five six")
         assert router.outstanding["echo"] == 1
-        await anext(opened.events)  # one more event, then the client leaves
-        await opened.events.aclose()
+        await anext(stream.events)  # one more event, then the client leaves
+        await stream.events.aclose()
         assert router.outstanding["echo"] == 0
         assert router.health["echo"].trials == 0
         assert health.admit(router.health["echo"], time.monotonic(), router.cfg.breaker)[0]
@@ -80,10 +84,9 @@ def test_client_gone_mid_stream_releases_in_flight_and_trial(router):
 
 def test_a_stream_closed_before_it_is_read_is_accounted_once(router):
     async def run():
-        route = await router.resolve("echo", {"model": "echo"}, Caller(), {}, 16, None)
-        opened = await router.open(route, chat("a b c"), time.monotonic() + 30)
-        await opened.events.aclose()
-        await opened.events.aclose()
+        stream = await opened(router, "echo", "a b c")
+        await stream.events.aclose()
+        await stream.events.aclose()
         assert router.outstanding["echo"] == 0
 
     asyncio.run(run())
@@ -92,12 +95,11 @@ def test_a_stream_closed_before_it_is_read_is_accounted_once(router):
 def test_a_finished_stream_closes_the_half_open_circuit(router):
     async def run():
         half_open(router, "echo")
-        route = await router.resolve("echo", {"model": "echo"}, Caller(), {}, 16, None)
-        opened = await router.open(route, chat("a b"), time.monotonic() + 30)
-        async for event in opened.events:
+        stream = await opened(router, "echo", "a b")
+        async for event in stream.events:
             if event.finish_reason:
                 break
-        await opened.events.aclose()
+        await stream.events.aclose()
         assert router.outstanding["echo"] == 0
         assert router.health["echo"].state == health.CLOSED
 
