@@ -61,7 +61,7 @@ class UsageReport(BaseModel):
 
 
 class Orchestration(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """What `serve.router.orchestrator.Orchestrator.run` answers, with the response's id."""
 
     id: str
     object: Literal["orchestration"] = "orchestration"
@@ -69,8 +69,11 @@ class Orchestration(BaseModel):
     strategy: str
     answer: Any
     plan: dict[str, Any] | None = None
-    subtasks: list[dict[str, Any]] = Field(default_factory=list)
+    subtasks: list[dict[str, Any]] = Field(default_factory=list, description="Each subtask and its result.")
+    selected: Any = Field(None, description="What a vote or judge chose, when the strategy chooses.")
+    validation: Any = Field(None, description="The schema check of the answer, when a schema was given.")
     timings: dict[str, Any] = Field(default_factory=dict)
+    calls: list[dict[str, Any]] = Field(default_factory=list, description="Every model call made, with its cost.")
     usage: dict[str, int] = Field(default_factory=dict)
     cost_usd: float = 0.0
 
