@@ -9,6 +9,7 @@ Shipped: `kb_search` (the RAG service), `calculator` (AST arithmetic, no eval) a
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -64,7 +65,7 @@ def check_args(schema: dict[str, Any], value: Any, path: str = "arguments") -> N
             check_args(schema["items"], v, f"{path}[{i}]")
 
 
-class Tool:
+class Tool(ABC):
     name: str = ""
     description: str = ""
     parameters: dict[str, Any] = {}
@@ -79,8 +80,9 @@ class Tool:
         check_args(self.parameters, args)
         return await self.run(args, idempotency_key=idempotency_key)
 
+    @abstractmethod
     async def run(self, args: dict[str, Any], *, idempotency_key: str | None = None) -> Any:
-        raise NotImplementedError
+        """The tool's work on checked arguments; ToolError for the model to read."""
 
 
 class Calculator(Tool):

@@ -188,8 +188,16 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
-    echo: bool = False
+    echo: bool = Field(False, description="Only false is served (the prompt is never repeated in the answer).")
     logprobs: int | None = Field(None, ge=0, le=5, description="Log probabilities of this many top tokens.")
+
+    @field_validator("echo")
+    @classmethod
+    def _no_echo(cls, v: bool) -> bool:
+        # Refused rather than ignored: a client that asks for its prompt back must not get less.
+        if v:
+            raise ValueError("echo is not served: the answer never repeats the prompt")
+        return v
 
     @field_validator("prompt")
     @classmethod

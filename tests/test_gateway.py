@@ -253,6 +253,9 @@ def test_openai_client_raises_typed_errors(platform, client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "x"}], top_p=0)
     assert e.value.body["param"] == "top_p"
+    with pytest.raises(openai.BadRequestError) as e:  # refused, never silently ignored
+        client.completions.create(model=CHAT, prompt="x", echo=True)
+    assert e.value.body["param"] == "echo" and "not served" in e.value.body["message"]
 
 
 def test_revoked_key_is_refused(platform):
