@@ -50,7 +50,8 @@ from serve.gateway.backends import BackendRegistry
 from serve.gateway.catalog import Catalog
 from serve.gateway.chat import ChatCall, ChatService
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
-from serve.gateway.responses import SSE_HEADERS, encode_vector, one_answer, stream_sse, whole
+from serve.gateway.responses import (SSE_HEADERS, SettledStreamingResponse, encode_vector, one_answer, stream_sse,
+                                     whole)
 from serve.gateway.schemas import (Feedback, FeedbackResult, Health, Orchestration, Readiness, RouterStatus,
                                    UsageReport)
 from serve.http import admin, authenticated, http_app, label_model
@@ -144,7 +145,7 @@ class Gateway:
         body = stream_sse(kind, stream.events(), call.response_id, stream.model, req.include_usage,
                           on_error=lambda e: label_model(request, stream.model, e.type),
                           counted=stream.usage_or_counted)
-        return StreamingResponse(body, media_type="text/event-stream", headers={**SSE_HEADERS, **headers})
+        return SettledStreamingResponse(body, lambda: stream.close(error=True), headers={**SSE_HEADERS, **headers})
 
     def _alias_response(self, req: ChatCompletionRequest, answer, extra: dict[str, Any]):
         if req.stream:

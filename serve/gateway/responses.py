@@ -5,9 +5,10 @@ from __future__ import annotations
 import base64
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import numpy as np
+from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
 from models.errors import APIError, ModelUnavailable
@@ -30,6 +31,22 @@ from serve.gateway.chat import Answer
 log = logging.getLogger(__name__)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+class SettledStreamingResponse(StreamingResponse):
+    """A streamed answer whose call is settled however the response ends: `on_end` runs after the
+    body, also when the client went away before the body was read at all (then the body's own
+    generator never ran, and neither did its cleanup)."""
+
+    def __init__(self, content: AsyncIterator[str], on_end: Callable[[], Awaitable[None]], **kwargs):
+        super().__init__(content, media_type="text/event-stream", **kwargs)
+        self.on_end = on_end
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_end()
 
 
 def sse(obj: BaseModel | dict) -> str:
