@@ -118,6 +118,7 @@ def test_killed_job_rerun_ends_with_one_clean_run(store, settings, tmp_path, ray
     proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", str(src), "--collection", "killed"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tmp_path))
     partial = 0
+    killed_running = False
     deadline = time.time() + 180
     try:
         while time.time() < deadline and proc.poll() is None:
@@ -128,15 +129,18 @@ def test_killed_job_rerun_ends_with_one_clean_run(store, settings, tmp_path, ray
                     break
             time.sleep(0.05)
     finally:
-        if proc.poll() is None:
+        killed_running = proc.poll() is None
+        if killed_running:
             proc.send_signal(signal.SIGKILL)
         proc.wait()
-    assert 0 < partial < 80, f"the job should be killed half-way (had {partial} points)"
+    # Killed mid-run: some points written, the job not finished (how many depends on the CPU).
+    assert killed_running and partial > 0, f"the job should be killed while running (had {partial} points)"
     with pytest.raises(CollectionNotFound):
         store.resolve("killed")  # the alias flips only when a run completes
 
     rerun = run_ingest(str(src), "killed", settings=settings, store=store)
     clean = run_ingest(str(src), "clean", settings=settings, store=store)
+    assert partial < clean.chunks, f"the killed job had written all {clean.chunks} points"
     assert rerun.version_collection == "killed__v1"
     got, want = _points(store, "killed"), _points(store, "clean")
     assert got == want and len(got) == clean.chunks
