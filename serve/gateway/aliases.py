@@ -91,14 +91,9 @@ class OrchestratorAlias:
         self.settings, self.chat = settings, chat
         self.max_tokens = settings.limits.max_tokens
 
-    def check_limit(self, max_tokens: int | None) -> None:
-        if max_tokens is not None and max_tokens > self.max_tokens:
-            raise InvalidRequest(f"max_tokens is {max_tokens}, over this gateway's limit of {self.max_tokens}",
-                                 "max_tokens")
-
     async def run(self, req: OrchestrateRequest, principal: Principal) -> dict[str, Any]:
         """Plan, run subtasks in parallel across backends, combine (see serve.router.orchestrator)."""
-        self.check_limit(req.max_tokens)
+        self.chat.check_limit(req.max_tokens)
         router = self.chat.router
         for m in req.models or []:
             if self.settings.model(m) is not None:

@@ -126,7 +126,7 @@ class Gateway:
 
     async def _generate(self, kind: GenerationKind, req: ChatCompletionRequest | CompletionRequest, request: Request,
                         principal: Principal):
-        self.orchestrator.check_limit(req.token_limit())
+        self.chat.check_limit(req.token_limit())
         call = ChatCall(principal, kind.value)
         try:
             stream = await self.chat.open(call, req.model, req.to_generation(self.limits.max_tokens),

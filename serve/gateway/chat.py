@@ -18,7 +18,7 @@ from typing import Any
 
 from analytics.budgets import UsageBook
 from config import Settings
-from models.errors import APIError, ModelUnavailable
+from models.errors import APIError, InvalidRequest, ModelUnavailable
 from models.protocol import GenerationEvent, GenerationKind, GenerationRequest, ToolCall, ToolCallCollector, Usage, new_id
 from security.auth import Principal
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
@@ -155,6 +155,12 @@ class ChatService:
         self.metrics, self.router_metrics = metrics, router_metrics
         self.max_tokens = settings.limits.max_tokens
         self.timeout_s = settings.gateway.request_timeout_s
+
+    def check_limit(self, max_tokens: int | None) -> None:
+        """A client's token limit over `limits.max_tokens` is its error (a 400), never silently lowered."""
+        if max_tokens is not None and max_tokens > self.max_tokens:
+            raise InvalidRequest(f"max_tokens is {max_tokens}, over this gateway's limit of {self.max_tokens}",
+                                 "max_tokens")
 
     async def open(self, call: ChatCall, requested: str, gen: GenerationRequest, *,
                    features: dict[str, Any] | None = None, headers: Mapping[str, str] | None = None,
