@@ -17,6 +17,7 @@ import ray
 from agents.protocol import parse_reply, system_prompt, tool_result_messages
 from agents.tools import Tool, ToolError, build_tools
 from config import AgentSpec, Settings, settings_from_dict
+from observability import tracing
 from security.auth import Principal
 from config.names import ACTOR_NAMESPACE
 
@@ -61,7 +62,10 @@ def gateway_chat(settings: Settings) -> Chat:
         nonlocal handle
         if handle is None:
             handle = serve.get_app_handle(GATEWAY_APP)
+        carrier = tracing.inject()  # the caller's span (a step, an agent task) parents the chat
         try:
+            if carrier:
+                return await handle.chat_message.remote(model, messages, max_tokens, tools, caller, trace=carrier)
             return await handle.chat_message.remote(model, messages, max_tokens, tools, caller)
         except Exception as e:
             cause = getattr(e, "cause", None) or e
@@ -148,6 +152,7 @@ class AgentActor:
     def __init__(self, spec: dict, settings: dict, coordinator: str):
         self.settings = settings_from_dict(settings)
         self.core = AgentCore(AgentSpec.model_validate(spec), self.settings, gateway_chat(self.settings))
+        tracing.configure(self.settings.tracing, "agent")
         self.coordinator_name = coordinator
         self._coordinator = None
         self.busy = 0
@@ -166,11 +171,14 @@ class AgentActor:
             await asyncio.sleep(self.settings.agents.heartbeat_s)
 
     async def run_task(self, task_id: str, task: str, idempotency_prefix: str = "",
-                       caller: Principal | None = None) -> dict[str, Any]:
+                       caller: Principal | None = None, trace: dict[str, str] | None = None) -> dict[str, Any]:
+        """One task; `trace`: the step's W3C carrier, the parent of this task's `agent.task` span."""
         self.busy += 1
         beat = asyncio.create_task(self._heartbeats(task_id))
         try:
-            return await self.core.run(task, idempotency_prefix, caller)
+            with tracing.span("agent.task", {"orfeas.agent": self.core.spec.name, "orfeas.task_id": task_id},
+                              parent=trace):
+                return await self.core.run(task, idempotency_prefix, caller)
         finally:
             beat.cancel()
             self.busy -= 1

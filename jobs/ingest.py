@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from models.errors import APIError
 
     settings = load_settings(args.config)
+    from observability import tracing
+
+    tracing.configure(settings.tracing, "ingest")
     if not ray.is_initialized():
         ray.init(address=settings.ray.address or None, namespace=ACTOR_NAMESPACE, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     except APIError as e:
         print(f"error: {e.message}", file=sys.stderr, flush=True)
         return 2
+    tracing.flush()
     print(f"{SUMMARY_TAG} {summary.model_dump_json()}", flush=True)
     print(format_summary(summary), flush=True)
     return 0

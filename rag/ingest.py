@@ -28,6 +28,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from config import Settings, load_settings
+from observability import tracing
 from rag.chunking import Chunk, Chunker, embedding_text, load_tokenizer
 from rag.errors import ParseError, SourceNotAllowed, SourceUnreadable
 from rag.payload import PAYLOAD_FIELDS, arrow_schema
@@ -312,7 +313,19 @@ def indexing_params(settings: Settings) -> str:
 def run_ingest(source: str, collection: str | None = None, *, settings: Settings | None = None,
                rebuild: bool = False, store=None, enforce_roots: bool = False,
                progress: Callable[[dict[str, Any]], None] | None = None) -> IngestSummary:
-    """Run the ingest pipeline on the connected Ray cluster and return its summary."""
+    """Run the ingest pipeline on the connected Ray cluster and return its summary (traced as
+    `ingest.run` with a span per stage: list, stream with its upserts, clean-up, alias flip)."""
+    with tracing.span("ingest.run", {"orfeas.ingest.source": source, "orfeas.ingest.rebuild": rebuild}) as s:
+        summary = _run_ingest(source, collection, settings=settings, rebuild=rebuild, store=store,
+                              enforce_roots=enforce_roots, progress=progress)
+        s.set_attributes({"orfeas.ingest.collection": summary.collection, "orfeas.ingest.files": summary.files,
+                          "orfeas.ingest.chunks": summary.chunks, "orfeas.ingest.failed": len(summary.failed),
+                          "orfeas.ingest.chunks_per_s": summary.chunks_per_s})
+        return summary
+
+
+def _run_ingest(source: str, collection: str | None, *, settings: Settings | None, rebuild: bool, store,
+                enforce_roots: bool, progress: Callable[[dict[str, Any]], None] | None) -> IngestSummary:
     import ray
 
     from rag.embedding import embedder_dir
@@ -326,7 +339,9 @@ def run_ingest(source: str, collection: str | None = None, *, settings: Settings
     check_logical_name(collection)
     if enforce_roots:
         check_allowed(source, settings)
-    files, root = list_sources(source)
+    with tracing.span("ingest.list") as s:
+        files, root = list_sources(source)
+        s.set_attribute("orfeas.ingest.files", len(files))
     if not files:
         raise SourceUnreadable(f"no ingestible files under {source!r}", "source")
     store = store or open_store(settings)
@@ -381,6 +396,9 @@ def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, 
     failed: list[dict[str, str]] = []
     chunks = skipped = 0
     last = 0.0
+    # parse, chunk and embed run in Ray Data's tasks and actors; this span covers the stream they
+    # feed, with one child span per upsert batch
+    stream = tracing.start("ingest.stream", {"orfeas.ingest.files": len(files)})
     for batch in ds.iter_batches(batch_size=r.upsert_batch_size, batch_format="pyarrow"):
         points = []
         for row in batch.to_pylist():
@@ -398,7 +416,8 @@ def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, 
             points.append({"id": row["id"], "dense": row["dense"], "sparse_indices": row["sparse_indices"],
                            "sparse_values": row["sparse_values"], "payload": {k: row[k] for k in PAYLOAD_FIELDS}})
         if points:
-            store.upsert(target, points)
+            with tracing.current(stream), tracing.span("ingest.upsert", {"orfeas.ingest.points": len(points)}):
+                store.upsert(target, points)
             chunks += len(points)
         now = time.perf_counter()
         if progress and now - last > 0.5:
@@ -406,6 +425,10 @@ def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, 
             progress({"files": len(files), "documents": len(seen_docs), "chunks": chunks, "skipped": skipped,
                       "failed": len(failed), "seconds": round(now - t0, 1)})
 
+    stream.set_attributes({"orfeas.ingest.chunks": chunks, "orfeas.ingest.skipped": skipped,
+                           "orfeas.ingest.failed": len(failed)})
+    stream.end()
+    cleanup = tracing.start("ingest.cleanup")
     # Older versions of rewritten documents, and documents gone from this source.
     for doc_id in written_docs:
         if doc_id in states:
@@ -415,9 +438,12 @@ def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, 
             and s.get("source") not in failed_sources]
     if gone:
         store.delete_docs(target, gone)
-    store.flush(target)
+    with tracing.current(cleanup):
+        store.flush(target)
+    cleanup.end()
     if flip:
-        store.set_alias(collection, target)
+        with tracing.span("ingest.flip", {"orfeas.ingest.collection": collection, "orfeas.ingest.version": target}):
+            store.set_alias(collection, target)
     secs = time.perf_counter() - t0
     summary = IngestSummary(
         source=source, collection=collection, version_collection=target, alias_flipped=flip, files=len(files),

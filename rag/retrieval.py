@@ -12,6 +12,7 @@ from pydantic import BaseModel
 
 from config import Settings
 from models.embedders import DenseEmbedder
+from observability import tracing
 from rag.embedding import SparseEncoder, SparseVec, embedder_dir, shared_dense
 from rag.errors import RagInvalidRequest
 from rag.payload import ChunkPayload, read_payload
@@ -135,8 +136,9 @@ class Retriever:
 
         t0 = time.perf_counter()
         if vectors is None:
-            dvec = self.dense.embed([query])[0]
-            svec = self.sparse.embed_query(query)
+            with tracing.span("rag.embed", {"gen_ai.operation.name": "embeddings"}):
+                dvec = self.dense.embed([query])[0]
+                svec = self.sparse.embed_query(query)
         else:
             dvec, svec = vectors
         t1 = time.perf_counter()
@@ -162,7 +164,10 @@ class Retriever:
                     collection=name, resolved_collection=self.store.resolve(name), mode=mode, fusion=None,
                     candidates=0, returned=0, grouped_by_doc=group_by_doc, mmr=mmr, reranked=False,
                     embed_ms=(t1 - t0) * 1e3, search_ms=0.0)
-        physical, hits = self.store.search_resolved(name, spec)
+        with tracing.span("rag.search", {"db.system.name": "qdrant", "db.collection.name": name,
+                                         "orfeas.rag.mode": spec.mode, "orfeas.rag.limit": want}) as s:
+            physical, hits = self.store.search_resolved(name, spec)
+            s.set_attribute("orfeas.rag.candidates", len(hits))
         t2 = time.perf_counter()
         candidates = len(hits)
 
@@ -179,7 +184,8 @@ class Retriever:
         rerank_ms = 0.0
         if do_rerank and chunks:
             t3 = time.perf_counter()
-            scores = self.reranker.score(query, [c.text for c in chunks])
+            with tracing.span("rag.rerank", {"orfeas.rag.candidates": len(chunks)}):
+                scores = self.reranker.score(query, [c.text for c in chunks])
             for c, s in zip(chunks, scores):
                 c.rerank_score = s
             order = sorted(range(len(chunks)), key=lambda i: -scores[i])

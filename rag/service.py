@@ -20,6 +20,7 @@ from typing import Callable, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from config import Settings
+from observability import tracing
 from rag.answer import Citation, citations_for_generated, extractive_answer
 from rag.chunking import load_tokenizer
 from rag.embedding import embedder_dir
@@ -107,14 +108,28 @@ class RagService:
 
     def query(self, request: RagQueryRequest | dict, generate: Generate | None = None,
               generator: str | None = None) -> RagQueryResponse:
+        """One query, traced as `rag.query` with embed, search, re-rank, pack and generate spans."""
+        with tracing.span("rag.query") as s:
+            out = self._query(request, generate, generator)
+            if s.is_recording():
+                d = out.diagnostics
+                s.set_attributes({"orfeas.rag.collection": d.retrieval.collection, "orfeas.rag.passages": d.passages,
+                                  "orfeas.rag.generation": d.generation, "gen_ai.response.model": out.model,
+                                  "orfeas.rag.citations": len(out.citations)})
+            return out
+
+    def _query(self, request: RagQueryRequest | dict, generate: Generate | None,
+               generator: str | None) -> RagQueryResponse:
         t0 = time.perf_counter()
         req = parse_request(request)
-        chunks, rdiag = self.retriever.retrieve(
-            req.query, req.collection, top_k=req.top_k, mode=req.mode, fusion=req.fusion, filters=req.filters,
-            mmr=req.mmr, rerank=req.rerank)
+        with tracing.span("rag.retrieve"):
+            chunks, rdiag = self.retriever.retrieve(
+                req.query, req.collection, top_k=req.top_k, mode=req.mode, fusion=req.fusion, filters=req.filters,
+                mmr=req.mmr, rerank=req.rerank)
         t1 = time.perf_counter()
         budget = req.max_context_tokens or self.settings.rag.context_tokens
-        passages = pack_context(chunks, self.count_tokens, budget)
+        with tracing.span("rag.pack", {"orfeas.rag.budget_tokens": budget, "orfeas.rag.chunks": len(chunks)}):
+            passages = pack_context(chunks, self.count_tokens, budget)
         embed = self.retriever.dense.embed
         fallback_reason = None
         answer, cites, model = "", [], EXTRACTIVE_MODEL
@@ -122,7 +137,8 @@ class RagService:
             generate = None
         if passages and generate is not None:
             try:
-                answer = generate(self.messages(req.query.strip(), passages))
+                with tracing.span("rag.generate", {"gen_ai.request.model": generator or req.model or ""}):
+                    answer = generate(self.messages(req.query.strip(), passages))
                 cites = citations_for_generated(answer, req.query, passages, embed)
                 model = generator or req.model or "chat"
             except Exception as e:  # the chat path failed: fall back, and say why

@@ -513,14 +513,26 @@ class QdrantServerStore(VectorStore):
 class _EdgeStoreOwner:
     """Holds the only open handles on the Edge shards; every method of EdgeStore through `call`."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, tracing_settings: dict | None = None):
+        from config import TracingSettings
+        from observability import tracing
+
         self.store = EdgeStore(root)
         self.root = root
+        tracing.configure(TracingSettings.model_validate(tracing_settings or {}), "qdrant")
 
-    def call(self, method: str, *args, **kwargs):
+    def call(self, method: str, *args, _trace: dict | None = None, **kwargs):
+        """`_trace`: the caller's W3C carrier; the call is a `qdrant.<method>` span under it."""
+        from observability import tracing
+
         if method.startswith("_") or not hasattr(VectorStore, method) and method not in ("close",):
             raise AttributeError(f"EdgeStore has no public method {method!r}")
-        return getattr(self.store, method)(*args, **kwargs)
+        if _trace is None or not tracing.enabled():
+            return getattr(self.store, method)(*args, **kwargs)
+        name = args[0] if args and isinstance(args[0], str) else ""
+        with tracing.span(f"qdrant.{method}", {"db.system.name": "qdrant", "db.operation.name": method,
+                                              "db.collection.name": name}, parent=_trace, kind="server"):
+            return getattr(self.store, method)(*args, **kwargs)
 
     def where(self) -> str:
         return self.root
@@ -538,8 +550,9 @@ def edge_actor_name(settings: Settings) -> str:
 
 def edge_store_actor(settings: Settings):
     """Get or create the detached actor owning this data dir's Edge shards."""
-    return detached_actor(_EdgeStoreOwner, edge_actor_name(settings), str(edge_root(settings)), durable=True,
-                          max_concurrency=16, max_task_retries=0)
+    traced = settings.tracing.model_dump(mode="json", exclude_defaults=True) if settings.tracing.enabled else None
+    return detached_actor(_EdgeStoreOwner, edge_actor_name(settings), str(edge_root(settings)), traced,
+                          durable=True, max_concurrency=16, max_task_retries=0)
 
 
 class RemoteStore(VectorStore):
@@ -551,6 +564,11 @@ class RemoteStore(VectorStore):
     def _call(self, method: str, *args, **kwargs):
         import ray
 
+        from observability import tracing
+
+        carrier = tracing.inject()  # the owner's span joins the caller's trace
+        if carrier:
+            kwargs["_trace"] = carrier
         return ray.get(self._h.call.remote(method, *args, **kwargs))
 
     def create_collection(self, name, dim): return self._call("create_collection", name, dim)

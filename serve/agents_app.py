@@ -28,6 +28,7 @@ from config.names import AGENTS_APP, WORKFLOWS_APP
 from models.errors import InvalidRequest, ModelNotFound
 from security.auth import Principal
 from serve.applications import replica_actor_options
+from observability import tracing
 from serve.http import authenticated, http_app, label_model
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,8 @@ class WorkflowsApi(_Api):
                     raise ModelNotFound(f"model {model!r} does not exist; GET /v1/models lists the models", "model")
                 principal.check_model(model)
         # The run's model calls are made for this key: its model scopes and budget apply to them.
-        return await self._call("start_run", definition, body.inputs, principal.key_id, caller=principal)
+        return await self._call("start_run", definition, body.inputs, principal.key_id, caller=principal,
+                                trace=tracing.inject())  # the run's spans join this request's trace
 
     @workflows_api.get("/runs", response_model=Listing[RunSummary])
     async def list_runs(self, limit: int = Query(100, description="At most this many runs, newest first (1-1000)."),

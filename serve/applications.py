@@ -15,7 +15,7 @@ from typing import Any
 from config import ModelSpec, Settings
 from config.names import (AGENTS_APP, AGENTS_PREFIX, GATEWAY_APP, GATEWAY_PREFIX, RAG_APP, RAG_PREFIX,
                           WORKFLOWS_APP, WORKFLOWS_PREFIX, model_app_name)
-from config.settings import ServeSettings
+from config.settings import ServeSettings, TracingSettings
 
 GATEWAY_IMPORT_PATH = "serve.gateway.app:build_app"
 RAG_IMPORT_PATH = "serve.rag_app:build_app"
@@ -103,9 +103,9 @@ def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, A
 # the replica rebuilds a full `Settings` with `config.settings_from_dict`, so every other field
 # and section is its default there. tests/kuberay/test_serve_args.py re-derives these sets from
 # the code and fails when an app starts reading a section that is not listed.
-GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router")
-RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag")
-AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents")  # workflows and agents apps
+GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router", "tracing")
+RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing")
+AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "tracing")  # workflows and agents apps
 
 
 def app_settings(settings: Settings, sections: tuple[str, ...]) -> dict[str, Any]:
@@ -115,20 +115,23 @@ def app_settings(settings: Settings, sections: tuple[str, ...]) -> dict[str, Any
     return {"settings": {"data_dir": str(settings.resolved_data_dir()), **data}}
 
 
-def model_app(spec: ModelSpec, serve: ServeSettings) -> AppSpec:
+def model_app(spec: ModelSpec, serve: ServeSettings, tracing: TracingSettings | None = None) -> AppSpec:
     """A model's application; its args are the spec's non-default fields (the builders read them
-    back with `ModelSpec.model_validate`) and, for our own engines, the non-default `serve` ones."""
+    back with `ModelSpec.model_validate`) and, for our own engines, the non-default `serve` ones
+    (and `tracing` ones, when tracing is on)."""
     args: dict[str, Any] = {"model": spec.model_dump(mode="json", exclude_defaults=True)}
     if spec.engine == "vllm":  # Ray Serve LLM's own deployment: no ORFEAS replica options
         return AppSpec(model_app_name(spec.id), VLLM_IMPORT_PATH, None, args)
     args["serve"] = serve.model_dump(mode="json", exclude_defaults=True)
+    if tracing is not None and tracing.enabled:
+        args["tracing"] = tracing.model_dump(mode="json", exclude_defaults=True)
     return AppSpec(model_app_name(spec.id), MODEL_IMPORT_PATH, None, args)
 
 
 def applications(settings: Settings) -> list[AppSpec]:
     """Model applications first (the gateway finds them by name), the RAG service and the agents
     API under their own /v1 prefixes (same keys as the gateway), then the gateway at `/`."""
-    apps = [model_app(m, settings.serve) for m in settings.models
+    apps = [model_app(m, settings.serve, settings.tracing) for m in settings.models
             if m.engine in IN_CLUSTER_ENGINES]
     if settings.rag.enabled:
         apps.append(AppSpec(RAG_APP, RAG_IMPORT_PATH, RAG_PREFIX, app_settings(settings, RAG_SECTIONS)))

@@ -15,12 +15,13 @@ from typing import Any
 from pydantic import ValidationError
 from ray import serve
 
-from config import ModelSpec
+from config import ModelSpec, TracingSettings
 from models.embedders import DenseEmbedder
 from models.engines.transformers_engine import TransformersEngine
 from models.errors import InvalidRequest, ModelUnavailable
 from models.protocol import GenerationEvent, GenerationRequest
 from config.settings import ServeSettings
+from observability import tracing
 from serve.applications import replica_actor_options
 
 log = logging.getLogger(__name__)
@@ -115,19 +116,51 @@ class _Hosted:
 
 @serve.deployment
 class ChatModelServer(_Hosted):
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: dict[str, Any], tracing_settings: dict[str, Any] | None = None):
+        tracing.configure(TracingSettings.model_validate(tracing_settings or {}), "model")
         self._load(TransformersEngine(ModelSpec.model_validate(spec)))
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict]:
+    async def generate(self, request: dict[str, Any], trace: dict[str, str] | None = None) -> AsyncIterator[dict]:
         """Stream generation events (as dicts) for a `GenerationRequest` (as JSON: a Serve handle
-        call takes JSON-able arguments; it is validated here, on the replica)."""
+        call takes JSON-able arguments; it is validated here, on the replica). `trace`: the
+        caller's W3C carrier, the parent of this generation's span."""
         self._ready()
         try:
             gen = GenerationRequest.model_validate(request)
         except ValidationError as e:
             raise InvalidRequest(f"not a generation request: {e}") from None
-        async for event in batched(self.engine.stream(gen), self.engine.spec.stream_interval_ms / 1000):
-            yield event.model_dump()
+        if not tracing.enabled():
+            async for event in batched(self.engine.stream(gen), self.engine.spec.stream_interval_ms / 1000):
+                yield event.model_dump()
+            return
+        async for event in self._traced(gen, trace):
+            yield event
+
+    async def _traced(self, gen: GenerationRequest, trace: dict[str, str] | None) -> AsyncIterator[dict]:
+        """`generate` inside a `gen_ai.generate` span (GenAI semantic conventions: model, tokens, TTFT)."""
+        import time
+
+        spec = self.engine.spec
+        span = tracing.start(f"generate {spec.id}", {
+            "gen_ai.operation.name": gen.kind.value, "gen_ai.system": spec.engine, "gen_ai.request.model": spec.id,
+            "gen_ai.request.max_tokens": gen.params.max_tokens or 0}, parent=trace)
+        start, first = time.perf_counter(), True
+        try:
+            async for event in batched(self.engine.stream(gen), spec.stream_interval_ms / 1000):
+                if first and (event.text or event.tool_calls):
+                    span.set_attribute("gen_ai.server.time_to_first_token", time.perf_counter() - start)
+                    first = False
+                if event.finish_reason:
+                    span.set_attribute("gen_ai.response.finish_reasons", [event.finish_reason])
+                    if event.usage is not None:
+                        span.set_attributes({"gen_ai.usage.input_tokens": event.usage.prompt_tokens,
+                                             "gen_ai.usage.output_tokens": event.usage.completion_tokens})
+                yield event.model_dump()
+        except BaseException as e:
+            tracing.fail(span, e)
+            raise
+        finally:
+            span.end()
 
 
 @serve.deployment
@@ -161,9 +194,10 @@ def build_model_app(args: dict[str, Any]):
     """Serve application builder for one catalog entry (transformers or sentence-transformers)."""
     spec = ModelSpec.model_validate(args["model"])
     deployment = EmbeddingServer if spec.task == "embedding" else ChatModelServer
+    extra = (args["tracing"],) if args.get("tracing") and deployment is ChatModelServer else ()
     return deployment.options(
         num_replicas=spec.num_replicas,
         max_ongoing_requests=spec.max_ongoing_requests,
         ray_actor_options=replica_actor_options(ServeSettings.model_validate(args["serve"]), num_cpus=spec.num_cpus,
                                                 num_gpus=spec.num_gpus),
-    ).bind(spec.model_dump(mode="json"))
+    ).bind(spec.model_dump(mode="json"), *extra)

@@ -27,6 +27,7 @@ from ray import serve
 from config import settings_from_dict
 from config.names import GATEWAY_APP, RAG_APP
 from models.errors import NotFound, UpstreamTimeout
+from observability import tracing
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
 from security.auth import Principal
 from serve.applications import replica_actor_options
@@ -125,7 +126,12 @@ class RagServer:
         def generate(messages: list[dict]) -> str:
             # Called from the worker thread that runs the query. The handle call itself is made on
             # the replica's event loop: in Serve's throughput mode handles route on that loop.
+            carrier = tracing.inject()  # the thread's current span (rag.generate) parents the chat
+
             async def call() -> str:
+                if carrier:
+                    return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS, principal,
+                                                              trace=carrier)
                 return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS, principal)
 
             future = asyncio.run_coroutine_threadsafe(call(), loop)

@@ -54,6 +54,7 @@ from serve.gateway.responses import (SSE_HEADERS, SettledStreamingResponse, enco
                                      whole)
 from serve.gateway.schemas import (Feedback, FeedbackResult, Health, Orchestration, Readiness, RouterStatus,
                                    UsageReport)
+from observability import tracing
 from serve.http import admin, authenticated, http_app, label_model
 from serve.router.orchestrator import OrchestrateRequest
 from serve.router.runtime import Router
@@ -237,20 +238,24 @@ class Gateway:
         return await self.rag.generator(model, principal or INTERNAL_CALLER)
 
     async def complete_chat(self, model_id: str, messages: list[dict], max_tokens: int,
-                            principal: Principal | None = None) -> str:
+                            principal: Principal | None = None, trace: dict[str, str] | None = None) -> str:
         """The text of one greedy answer, for in-cluster callers that want only text (RAG)."""
-        return (await self.chat_message(model_id, messages, max_tokens, principal=principal))["content"] or ""
+        return (await self.chat_message(model_id, messages, max_tokens, principal=principal,
+                                        trace=trace))["content"] or ""
 
     async def chat_message(self, model_id: str, messages: list[dict], max_tokens: int,
-                           tools: list[dict] | None = None, principal: Principal | None = None) -> dict[str, Any]:
+                           tools: list[dict] | None = None, principal: Principal | None = None,
+                           trace: dict[str, str] | None = None) -> dict[str, Any]:
         """The chat path for in-cluster callers (the RAG service, agents): one greedy answer for
         `principal` (the platform itself when None) through the router like any chat request.
         Returns the assistant message (`content`, `tool_calls` in OpenAI's shape) with the model
-        that answered, its usage and its cost."""
+        that answered, its usage and its cost. `trace`: the caller's W3C carrier (its span parents
+        this call's)."""
         cap = min(max_tokens, self.limits.max_tokens)
         gen = GenerationRequest(kind=GenerationKind.CHAT, messages=messages, tools=tools or None,
                                 params=GenerationParams(max_tokens_cap=cap, temperature=0.0))
-        a = await self.chat.complete(ChatCall(principal or INTERNAL_CALLER, "internal"), model_id, gen)
+        with tracing.attached(trace):
+            a = await self.chat.complete(ChatCall(principal or INTERNAL_CALLER, "internal"), model_id, gen)
         return {"content": a.text or None, "tool_calls": [c.model_dump() for c in a.tool_calls] if a.tool_calls else None,
                 "model": a.model, "usage": a.usage.model_dump(), "cost_usd": a.cost_usd}
 

@@ -23,6 +23,7 @@ from models.engine import Engine, EngineStatus
 from models.engines.openai_remote import RemoteOpenAIEngine
 from models.engines.vllm_engine import MISSING_EXTRA, VLLMEngine, max_model_len, vllm_available
 from models.protocol import GenerationEvent, GenerationRequest
+from observability import tracing
 from serve.http import unwrap
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,10 @@ class ServeAppEngine(Engine):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         try:
-            async for event in self.handle.options(stream=True).generate.remote(request.model_dump(mode="json")):
+            carrier = tracing.inject()  # the current span (the router's attempt) parents the replica's
+            call = self.handle.options(stream=True).generate
+            body = request.model_dump(mode="json")
+            async for event in (call.remote(body, trace=carrier) if carrier else call.remote(body)):
                 yield GenerationEvent.model_validate(event)
         except Exception as e:
             raise unwrap(e) from None

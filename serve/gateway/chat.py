@@ -21,6 +21,8 @@ from config import Settings
 from models.errors import APIError, InvalidRequest, ModelUnavailable
 from models.protocol import GenerationEvent, GenerationKind, GenerationRequest, ToolCall, ToolCallCollector, Usage, new_id
 from security.auth import Principal
+from observability import tracing
+from serve.gateway import tracing as gtrace
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
 from serve.router.features import estimate_tokens
 from serve.router.runtime import Opened, Route, Router, ascii_header
@@ -36,6 +38,7 @@ class ChatCall:
     routed: Route | None = None
     response_id: str | None = None
     start: float = field(default_factory=time.perf_counter)
+    span: Any = tracing.NO_SPAN  # the call's `chat` span (serve.gateway.tracing), ended when it settles
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -99,8 +102,9 @@ class ChatStream:
             first_output = True
             while event is not None:
                 if first_output and (event.text or event.tool_calls):
-                    self.service.metrics.ttft.observe(self.call.elapsed(), {"route": self.call.route,
-                                                                             "model": self.call.model})
+                    ttft = self.call.elapsed()
+                    self.service.metrics.ttft.observe(ttft, {"route": self.call.route, "model": self.call.model})
+                    self.call.span.set_attribute(gtrace.TTFT, ttft)
                     first_output = False
                 if event.text:
                     self._sent.append(event.text)
@@ -146,6 +150,7 @@ class ChatStream:
             await self.opened.events.aclose()
         finally:
             self.cost_usd = self.service.settle(self.call, self.usage_or_counted(), error=error)
+            gtrace.settled(self.call.span, self.usage_or_counted(), self.cost_usd, error)
 
 
 class ChatService:
@@ -167,7 +172,23 @@ class ChatService:
                    deadline: float | None = None) -> ChatStream:
         """Resolve `requested` for this principal, check its budget, and open the first backend
         that answers. `features` is what the router reads to classify the request (the OpenAI
-        body as sent); by default it is made from `gen`."""
+        body as sent); by default it is made from `gen`. Traced: the call's `chat` span runs
+        from here until the stream settles."""
+        if not tracing.enabled():
+            return await self._open(call, requested, gen, features, headers, deadline)
+        s = call.span = gtrace.chat_span(call, requested, gen.kind.value)
+        try:
+            with tracing.current(s):
+                stream = await self._open(call, requested, gen, features, headers, deadline)
+        except BaseException as e:
+            tracing.fail(s, e)
+            s.end()
+            raise
+        gtrace.opened(s, stream.model, stream.opened.attempts)
+        return stream
+
+    async def _open(self, call: ChatCall, requested: str, gen: GenerationRequest, features: dict[str, Any] | None,
+                    headers: Mapping[str, str] | None, deadline: float | None) -> ChatStream:
         call.model = requested
         remaining = await self.book.remaining(call.principal)  # BudgetExceeded when the budget is spent
         body = features if features is not None else self._features(requested, gen)

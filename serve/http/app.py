@@ -43,6 +43,8 @@ from serve.http.body import BodyLimitMiddleware
 from serve.http.errors import ErrorMiddleware, install_error_handlers
 from serve.http.metrics import MetricsMiddleware, request_metrics
 from serve.http.request_id import RequestIdMiddleware, install_log_record_factory
+from serve.http.tracing import TracingMiddleware
+from observability import tracing
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 NO_MODEL, OTHER_MODEL = "-", "other"
@@ -118,6 +120,7 @@ class HttpState(State):
         for attr, value in values.items():
             object.__setattr__(self, attr, value)
         request_metrics()  # registered with the replica's metrics agent before the first request
+        tracing.configure(settings.tracing, self.name)  # the replica's tracer (nothing when tracing is off)
         return self
 
 
@@ -133,7 +136,9 @@ def http_app(title: str, *, name: str | None = None, version: str = "0.1.0", **f
     # Outside in: the request id first (so everything after, logs included, has it), then the
     # metrics (which see the final status, 413s and 500s included), the body limit, and the
     # catch-all that turns what no handler took into a JSON response.
-    middleware = [Middleware(RequestIdMiddleware, http=state), Middleware(MetricsMiddleware, http=state),
+    # The server span sits just inside the request id (which it records).
+    middleware = [Middleware(RequestIdMiddleware, http=state), Middleware(TracingMiddleware, http=state),
+                  Middleware(MetricsMiddleware, http=state),
                   Middleware(BodyLimitMiddleware, http=state), Middleware(ErrorMiddleware),
                   *fastapi_kwargs.pop("middleware", ())]
     app = FastAPI(title=title, version=version, responses=responses, middleware=middleware, **fastapi_kwargs)

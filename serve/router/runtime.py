@@ -28,6 +28,7 @@ from models.errors import (
     UpstreamTimeout,
 )
 from models.protocol import GenerationEvent, GenerationRequest
+from observability import tracing
 from serve.router import balance, experiments, features, fallback, health
 from serve.router.selection import Candidate, Decision, PolicyParams, SelectionContext, select
 
@@ -210,7 +211,19 @@ class Router:
     # ------------------------------------------------------------ resolving
 
     async def resolve(self, name: str, body: dict[str, Any], principal, headers: Mapping[str, str],
-                      max_output: int, remaining_budget: float | None, _in_experiment: bool = False) -> Route:
+                      max_output: int, remaining_budget: float | None) -> Route:
+        """The route for `name`, traced as a `router.decision` span (candidates, choice, reason)."""
+        if not tracing.enabled():
+            return await self._resolve(name, body, principal, headers, max_output, remaining_budget)
+        from serve.gateway.tracing import decided
+
+        with tracing.span("router.decision", {"orfeas.router.requested": name}) as s:
+            route = await self._resolve(name, body, principal, headers, max_output, remaining_budget)
+            decided(s, route)
+            return route
+
+    async def _resolve(self, name: str, body: dict[str, Any], principal, headers: Mapping[str, str],
+                       max_output: int, remaining_budget: float | None, _in_experiment: bool = False) -> Route:
         self._ensure_probes()
         exp = self.experiments.get(name) if not _in_experiment else None
         if exp is not None:
@@ -218,8 +231,8 @@ class Router:
             if exp.sticky_by == "user" and isinstance(body.get("user"), str) and body["user"]:
                 sticky = "user:" + body["user"]
             arm = experiments.assign(exp, sticky)
-            route = await self.resolve(arm.model or arm.policy, body, principal, headers, max_output,
-                                       remaining_budget, _in_experiment=True)
+            route = await self._resolve(arm.model or arm.policy, body, principal, headers, max_output,
+                                        remaining_budget, _in_experiment=True)
             route.requested, route.experiment, route.arm = name, exp.name, arm.name
             route.reason = f"experiment {exp.name} arm {arm.name}; " + route.reason
             return route
@@ -312,11 +325,17 @@ class Router:
             start = time.monotonic()
             self.outstanding[mid] += 1
             events = _bounded(backend.stream(request), deadline, mid)
+            # The attempt's span is current while the first event is awaited: the engine's first
+            # step (which sends the trace carrier to the replica) runs in it.
+            span = tracing.start("backend.attempt", {"gen_ai.request.model": mid, "orfeas.attempt": i}) \
+                if tracing.enabled() else tracing.NO_SPAN
             try:
-                first = await anext(events)
+                with tracing.current(span):
+                    first = await anext(events)
             except BaseException as e:
                 if not isinstance(e, Exception):  # cancelled (the client went away): no outcome to record
                     self._release(mid)
+                    span.end()
                     await events.aclose()
                     raise
                 first, err = self._first_failure(mid, e)
@@ -324,7 +343,11 @@ class Router:
                 err = None
             if first is not None:
                 attempts.append((mid, "ok"))
-                return Opened(mid, first, self._tracked(mid, start, events), attempts)
+                span.set_attribute("orfeas.outcome", "ok")
+                return Opened(mid, first, self._tracked(mid, start, events, span), attempts)
+            span.set_attribute("orfeas.outcome", err.code or err.type)
+            tracing.fail(span, err)
+            span.end()
             self.outstanding[mid] -= 1
             await events.aclose()
             if not fallback.retryable(err):
@@ -358,8 +381,9 @@ class Router:
         self.outstanding[mid] -= 1
         self._set(mid, health.release(self.health[mid]))
 
-    def _tracked(self, mid: str, start: float, events: AsyncIterator[GenerationEvent]) -> "TrackedEvents":
-        return TrackedEvents(self, mid, start, events)
+    def _tracked(self, mid: str, start: float, events: AsyncIterator[GenerationEvent],
+                 span: Any = tracing.NO_SPAN) -> "TrackedEvents":
+        return TrackedEvents(self, mid, start, events, span)
 
     def _finish(self, mid: str, start: float, outcome: tuple[bool, str | None] | None) -> None:
         """One attempt's end: its outcome feeds the backend's health; with none (the caller went
@@ -376,8 +400,10 @@ class TrackedEvents:
     """The rest of a backend's events after the first. However it ends (finished, failed, closed
     early, or closed before it was ever read), the attempt is accounted for exactly once."""
 
-    def __init__(self, router: Router, mid: str, start: float, events: AsyncIterator[GenerationEvent]):
+    def __init__(self, router: Router, mid: str, start: float, events: AsyncIterator[GenerationEvent],
+                 span: Any = tracing.NO_SPAN):
         self.router, self.mid, self.start, self.events = router, mid, start, events
+        self.span = span  # the attempt's span: it ends with the stream
         self.outcome: tuple[bool, str | None] | None = None
         self._ended = False
 
@@ -413,6 +439,9 @@ class TrackedEvents:
             return
         self._ended = True
         self.router._finish(self.mid, self.start, outcome)
+        if outcome is not None and not outcome[0]:
+            self.span.set_attribute("error.type", (outcome[1] or "failed")[:200])
+        self.span.end()
         await self.events.aclose()
 
 

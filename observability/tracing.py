@@ -1,0 +1,191 @@
+"""OpenTelemetry tracing: one set-up per process, spans that cost nothing when tracing is off,
+and the W3C carrier that joins one trace across Serve handle calls and actor calls.
+
+    configure(settings.tracing, "gateway")            # at replica / actor / job start (once per process)
+    with span("rag.retrieve", {"rag.top_k": 5}):      # the current span's child
+        ...
+    carrier = inject()                                # {"traceparent": ...} or None: pass it along
+    with span("agent.task", parent=carrier): ...      # on the other side of the call
+
+Ray passes no trace context on Serve handle or actor calls, so every hop takes the carrier as an
+explicit argument (`trace=`). Off (the default), `configure` loads no SDK, `span` returns one
+shared no-op object and `inject` returns None: the cost is a global read per call.
+
+Spans that outlive a `with` block (a stream that ends when its consumer stops reading) are made
+with `start` and ended by their owner; they never become the current span, so an async
+generator closed from another task cannot detach the wrong context.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+from config import TracingSettings
+
+log = logging.getLogger(__name__)
+
+TRACEPARENT = "traceparent"
+
+_tracer: Any = None       # the SDK tracer once configured (None: tracing is off in this process)
+_provider: Any = None
+_propagator: Any = None
+
+
+class NoSpan:
+    """What `span` and `start` give when tracing is off: every method does nothing."""
+
+    def __enter__(self) -> NoSpan:
+        return self
+
+    def __exit__(self, *exc: Any) -> bool:
+        return False
+
+    def set_attribute(self, key: str, value: Any) -> None:
+        pass
+
+    def set_attributes(self, attributes: Mapping[str, Any]) -> None:
+        pass
+
+    def add_event(self, name: str, attributes: Mapping[str, Any] | None = None) -> None:
+        pass
+
+    def record_exception(self, exception: BaseException) -> None:
+        pass
+
+    def set_status(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def update_name(self, name: str) -> None:
+        pass
+
+    def end(self) -> None:
+        pass
+
+    def is_recording(self) -> bool:
+        return False
+
+
+NO_SPAN = NoSpan()
+
+
+def enabled() -> bool:
+    return _tracer is not None
+
+
+def configure(settings: TracingSettings, component: str) -> bool:
+    """Install the SDK tracer for this process when `settings.enabled` (the first call wins; later
+    calls, from other replicas in the same worker, keep it). Returns whether tracing is on."""
+    global _tracer, _provider, _propagator
+    if _tracer is not None or not settings.enabled:
+        return _tracer is not None
+    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    resource = Resource.create({"service.name": f"{settings.service_name}-{component}",
+                                "service.namespace": settings.service_name})
+    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)))
+    exporter = OTLPSpanExporter(endpoint=settings.endpoint, timeout=settings.export_timeout_s)
+    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=settings.export_delay_ms))
+    _provider, _propagator = provider, TraceContextTextMapPropagator()
+    _tracer = provider.get_tracer("orfeas")
+    log.info("tracing on: %s-%s exports to %s, sampling %g", settings.service_name, component, settings.endpoint,
+             settings.sample_ratio)
+    return True
+
+
+def flush(timeout_s: float = 5.0) -> None:
+    """Export what is batched now (a job about to exit, a test about to look)."""
+    if _provider is not None:
+        _provider.force_flush(int(timeout_s * 1000))
+
+
+def _context(parent: Mapping[str, str] | None):
+    return _propagator.extract(parent) if parent else None
+
+
+def span(name: str, attributes: Mapping[str, Any] | None = None, *, parent: Mapping[str, str] | None = None,
+         kind: str = "internal"):
+    """A context manager: a span that is current inside the block, the child of `parent` (a
+    carrier from another process) or else of the current span. Errors raised in the block are
+    recorded on it."""
+    if _tracer is None:
+        return NO_SPAN
+    from opentelemetry.trace import SpanKind
+
+    return _tracer.start_as_current_span(name, context=_context(parent), kind=SpanKind[kind.upper()],
+                                         attributes=attributes)
+
+
+def start(name: str, attributes: Mapping[str, Any] | None = None, *, parent: Mapping[str, str] | None = None,
+          kind: str = "internal"):
+    """A span its owner ends (`.end()`), not made current: for streams."""
+    if _tracer is None:
+        return NO_SPAN
+    from opentelemetry.trace import SpanKind
+
+    return _tracer.start_span(name, context=_context(parent), kind=SpanKind[kind.upper()], attributes=attributes)
+
+
+@contextmanager
+def current(s: Any) -> Iterator[Any]:
+    """Make a span from `start` current inside the block (it is not ended on exit)."""
+    if _tracer is None or s is NO_SPAN:
+        yield s
+        return
+    from opentelemetry import trace
+
+    with trace.use_span(s, end_on_exit=False, record_exception=False, set_status_on_exception=False):
+        yield s
+
+
+def fail(s: Any, e: BaseException) -> None:
+    """Mark a span failed by `e` (for spans from `start`)."""
+    if s is NO_SPAN or not s.is_recording():
+        return
+    from opentelemetry.trace import Status, StatusCode
+
+    s.record_exception(e)
+    s.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"[:200]))
+
+
+@contextmanager
+def attached(parent: Mapping[str, str] | None) -> Iterator[None]:
+    """Make a carrier's context current inside the block without a span of its own (the receiving
+    end of a handle call whose own work makes the spans)."""
+    if _tracer is None or not parent:
+        yield
+        return
+    from opentelemetry import context
+
+    token = context.attach(_propagator.extract(parent))
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
+def inject(s: Any = None) -> dict[str, str] | None:
+    """The W3C carrier of span `s` (or of the current span) for the next hop; None when off."""
+    if _tracer is None:
+        return None
+    ctx = None
+    if s is not None and s is not NO_SPAN:
+        from opentelemetry import trace
+
+        ctx = trace.set_span_in_context(s)
+    carrier: dict[str, str] = {}
+    _propagator.inject(carrier, context=ctx)
+    return carrier or None
+
+
+def traceparent(s: Any) -> str | None:
+    """The `traceparent` header value of a span (None when off or not sampled)."""
+    carrier = inject(s)
+    return carrier.get(TRACEPARENT) if carrier else None
