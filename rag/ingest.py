@@ -28,7 +28,7 @@ import pyarrow as pa
 from pydantic import BaseModel
 
 from config import Settings, load_settings
-from observability import tracing
+from observability import metrics, tracing
 from rag.chunking import Chunk, Chunker, embedding_text, load_tokenizer
 from rag.errors import ParseError, SourceNotAllowed, SourceUnreadable
 from rag.payload import PAYLOAD_FIELDS, arrow_schema
@@ -316,8 +316,13 @@ def run_ingest(source: str, collection: str | None = None, *, settings: Settings
     """Run the ingest pipeline on the connected Ray cluster and return its summary (traced as
     `ingest.run` with a span per stage: list, stream with its upserts, clean-up, alias flip)."""
     with tracing.span("ingest.run", {"orfeas.ingest.source": source, "orfeas.ingest.rebuild": rebuild}) as s:
-        summary = _run_ingest(source, collection, settings=settings, rebuild=rebuild, store=store,
-                              enforce_roots=enforce_roots, progress=progress)
+        try:
+            summary = _run_ingest(source, collection, settings=settings, rebuild=rebuild, store=store,
+                                  enforce_roots=enforce_roots, progress=progress)
+        except Exception:
+            metrics.ingest_finished("failed")
+            raise
+        metrics.ingest_finished("succeeded", summary.chunks, summary.chunks_per_s, len(summary.failed))
         s.set_attributes({"orfeas.ingest.collection": summary.collection, "orfeas.ingest.files": summary.files,
                           "orfeas.ingest.chunks": summary.chunks, "orfeas.ingest.failed": len(summary.failed),
                           "orfeas.ingest.chunks_per_s": summary.chunks_per_s})

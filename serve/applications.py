@@ -103,7 +103,7 @@ def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, A
 # the replica rebuilds a full `Settings` with `config.settings_from_dict`, so every other field
 # and section is its default there. tests/kuberay/test_serve_args.py re-derives these sets from
 # the code and fails when an app starts reading a section that is not listed.
-GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router", "tracing")
+GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router", "tracing", "monitoring")
 RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing")
 AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "tracing")  # workflows and agents apps
 

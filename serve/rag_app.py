@@ -27,7 +27,7 @@ from ray import serve
 from config import settings_from_dict
 from config.names import GATEWAY_APP, RAG_APP
 from models.errors import NotFound, UpstreamTimeout
-from observability import tracing
+from observability import metrics, tracing
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
 from security.auth import Principal
 from serve.applications import replica_actor_options
@@ -151,6 +151,9 @@ class RagServer:
 
         def run() -> dict[str, Any]:
             response = self.service.query(body, generate=generate, generator=model_id)
+            d = response.diagnostics
+            grounded = max((c.score for c in response.citations), default=0.0) if d.generation != "none" else None
+            metrics.rag_query(d.retrieval.mode, d.retrieve_ms / 1000, d.generation, grounded)
             out = response.model_dump(mode="json")
             out["completion_tokens"] = self.service.count_tokens(response.answer)  # the chat alias's usage
             return out

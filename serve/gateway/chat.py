@@ -22,6 +22,7 @@ from models.errors import APIError, InvalidRequest, ModelUnavailable
 from models.protocol import GenerationEvent, GenerationKind, GenerationRequest, ToolCall, ToolCallCollector, Usage, new_id
 from security.auth import Principal
 from observability import tracing
+from observability.metrics import llm_metrics
 from serve.gateway import tracing as gtrace
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
 from serve.router.features import estimate_tokens
@@ -100,12 +101,18 @@ class ChatStream:
         try:
             event: GenerationEvent | None = self.opened.first
             first_output = True
+            llm, last_at = self.service.llm, 0.0
             while event is not None:
                 if first_output and (event.text or event.tool_calls):
                     ttft = self.call.elapsed()
                     self.service.metrics.ttft.observe(ttft, {"route": self.call.route, "model": self.call.model})
                     self.call.span.set_attribute(gtrace.TTFT, ttft)
-                    first_output = False
+                    llm.first_token(self.call.model, ttft)
+                    first_output, last_at = False, time.perf_counter()
+                elif event.text and last_at:
+                    now = time.perf_counter()
+                    llm.inter_token(self.call.model, now - last_at)
+                    last_at = now
                 if event.text:
                     self._sent.append(event.text)
                 if event.finish_reason:
@@ -160,6 +167,7 @@ class ChatService:
         self.metrics, self.router_metrics = metrics, router_metrics
         self.max_tokens = settings.limits.max_tokens
         self.timeout_s = settings.gateway.request_timeout_s
+        self.llm = llm_metrics(settings.monitoring.ttft_slo_s, settings.monitoring.latency_slo_s)
 
     def check_limit(self, max_tokens: int | None) -> None:
         """A client's token limit over `limits.max_tokens` is its error (a 400), never silently lowered."""
@@ -229,6 +237,10 @@ class ChatService:
         cost = spec.price(u.prompt_tokens, u.completion_tokens) if spec is not None and spec.task == "chat" else 0.0
         if cost:
             self.router_metrics.cost(call.model, cost)
+        self.llm.finished(call.model, call.route, call.principal.team, seconds=call.elapsed(),
+                          prompt_tokens=u.prompt_tokens, completion_tokens=u.completion_tokens, cost_usd=cost,
+                          error=error)
+        self.llm.in_flight(call.model, self.router.outstanding.get(call.model, 0))
         if call.routed is not None or call.route == "orchestrate":
             p, r = call.principal, call.routed
             self.book.record({

@@ -1,0 +1,146 @@
+"""What tracing costs: the same streamed chat through two gateways deployed side by side in one run,
+one with tracing off and one with 100% sampling exporting every span over OTLP/HTTP to a real
+receiver on loopback (tests/otlp_receiver.py), each in front of its own replica of the same tiny
+model (the traced one traces its generations too). The paths alternate in blocks
+(gateway_overhead.py's method), so a slow spell lands on both alike.
+
+    .venv/bin/python benchmarks/tracing_overhead.py [--requests 300] [--concurrency 1 4]
+
+Writes benchmarks/results/tracing_overhead.json and prints a markdown table for docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+import httpx  # noqa: E402
+import ray  # noqa: E402
+from ray import serve  # noqa: E402
+
+from gateway_overhead import MAX_TOKENS, PAYLOAD, RESULTS, run_interleaved  # noqa: E402
+from otlp_receiver import OtlpReceiver  # noqa: E402
+
+TRACED_PREFIX = "/traced"
+
+
+async def measure(base_url: str, key: str, levels: list[int], n: int, receiver: OtlpReceiver) -> list[dict]:
+    client = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
+                               limits=httpx.Limits(max_connections=max(levels) * 2))
+
+    def via(prefix: str, model: str):
+        body = {"model": model, **PAYLOAD, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+
+        async def call() -> float:
+            first = None
+            async with client.stream("POST", prefix + "/v1/chat/completions", json=body) as resp:
+                resp.raise_for_status()
+                async for line in resp.aiter_lines():
+                    if first is None and line.startswith("data:") and '"content":"' in line \
+                            and '"content":""' not in line:
+                        first = time.perf_counter()
+            return first or time.perf_counter()
+
+        return call
+
+    rows = []
+    for c in levels:
+        calls = {"off": via("", "tiny-chat"), "on": via(TRACED_PREFIX, "tiny-chat-traced")}
+        await run_interleaved(calls, c, c * 4, rounds=1)  # warm both paths
+        spans_before = len(receiver.spans)
+        r = await run_interleaved(calls, c, n)
+        off, on = r["off"], r["on"]
+        await asyncio.sleep(1.5)  # the last batch of spans
+        rows.append({"concurrency": c, "off": off, "on": on,
+                     "added_p50_ms": on["p50_ms"] - off["p50_ms"],
+                     "added_p50_pct": 100 * (on["p50_ms"] / off["p50_ms"] - 1),
+                     "added_ttft_p50_ms": on["ttft_p50_ms"] - off["ttft_p50_ms"],
+                     "throughput_ratio": on["req_per_s"] / off["req_per_s"],
+                     "spans_per_traced_request": (len(receiver.spans) - spans_before) / on["requests"]})
+        print(json.dumps(rows[-1], indent=1))
+    await client.aclose()
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    out = ["| concurrency | off p50 / p99 (ms) | on p50 / p99 (ms) | added p50 | TTFT added p50 (ms) "
+           "| throughput on/off | spans per request |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        o, t = r["off"], r["on"]
+        out.append(f"| {r['concurrency']} | {o['p50_ms']:.1f} / {o['p99_ms']:.1f} | {t['p50_ms']:.1f} / "
+                   f"{t['p99_ms']:.1f} | {r['added_p50_ms']:+.2f} ms ({r['added_p50_pct']:+.1f}%) "
+                   f"| {r['added_ttft_p50_ms']:+.2f} | {r['throughput_ratio']:.3f} "
+                   f"| {r['spans_per_traced_request']:.1f} |")
+    return "\n".join(out)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--requests", type=int, default=300)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    ap.add_argument("--port", type=int, default=18432)
+    args = ap.parse_args()
+
+    from cluster.deploy import deploy, wait_running
+    from config import ModelSpec, Settings
+    from config.names import GATEWAY_APP
+    from harness import free_port
+    from models.tiny import build_tiny_chat_model
+    from security.keys import keystore
+    from serve.applications import GATEWAY_IMPORT_PATH, GATEWAY_SECTIONS, AppSpec, app_settings, model_app
+
+    receiver = OtlpReceiver(free_port()).start()
+    work = Path(tempfile.mkdtemp(prefix="orfeas-bench-"))
+    model_dir = build_tiny_chat_model(work / "tiny-chat")
+
+    def spec(model_id: str) -> ModelSpec:
+        return ModelSpec(id=model_id, engine="transformers", source=str(model_dir), max_context=256,
+                         max_ongoing_requests=64)
+
+    common = dict(data_dir=work / "data", serve={"host": "127.0.0.1", "port": args.port},
+                  rag={"enabled": False}, agents={"enabled": False})
+    off = Settings(**common, models=[spec("tiny-chat")])
+    on = Settings(**common, models=[spec("tiny-chat-traced")],
+                  tracing={"enabled": True, "endpoint": receiver.endpoint, "sample_ratio": 1.0})
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        names = deploy(off)
+        traced_model = model_app(on.models[0], on.serve, on.tracing)
+        traced_gateway = AppSpec(GATEWAY_APP + "-traced", GATEWAY_IMPORT_PATH, TRACED_PREFIX,
+                                 app_settings(on, GATEWAY_SECTIONS))
+        serve.run_many([serve.RunTarget(a.build(), name=a.name, route_prefix=a.route_prefix)
+                        for a in (traced_model, traced_gateway)], wait_for_applications_running=False)
+        names += [traced_model.name, traced_gateway.name]
+        assert set(wait_running(names).values()) == {"RUNNING"}, names
+        _, key = ray.get(keystore(off.resolved_data_dir()).create.remote("admin", None, "bench"))
+        rows = asyncio.run(measure(f"http://127.0.0.1:{args.port}", key, args.concurrency, args.requests, receiver))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        receiver.stop()
+
+    result = {
+        "benchmark": "tracing_overhead",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "model": "tiny-chat (random weights, 2 layers, hidden 64), one replica per path",
+        "max_tokens": MAX_TOKENS, "requests_per_level": args.requests, "sample_ratio": 1.0,
+        "rows": rows, "targets": {"added_p50_pct": 3.0},
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tracing_overhead.json").write_text(json.dumps(result, indent=1))
+    print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
