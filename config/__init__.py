@@ -3,6 +3,7 @@
 from config.settings import (
     AgentSpec,
     AgentsSettings,
+    AlertsSettings,
     AuthSettings,
     ConfigError,
     GatewaySettings,
@@ -23,6 +24,7 @@ from config.settings import (
 __all__ = [
     "AgentSpec",
     "AgentsSettings",
+    "AlertsSettings",
     "AuthSettings",
     "ConfigError",
     "GatewaySettings",

