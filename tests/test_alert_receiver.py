@@ -1,0 +1,152 @@
+"""The alert receiver on the session cluster: real HTTP on 127.0.0.1, loopback stand-ins for Slack
+and PagerDuty (tests/webhook_sink.py), a real SMTP server (aiosmtpd) for email; and, end to end,
+an injected latency regression that fires a Prometheus rule, which Alertmanager (both Debian's,
+started by `orfeas monitoring up`'s code) sends to the receiver, which posts it to Slack."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from email import message_from_bytes
+
+import httpx
+import pytest
+import yaml
+from aiosmtpd.controller import Controller
+
+from harness import PROVIDER_KEY, deployed, free_port, make_key, platform_settings, remote_model
+from webhook_sink import WebhookSink
+
+
+class Mailbox:
+    def __init__(self):
+        self.messages = []
+
+    async def handle_DATA(self, server, session, envelope):
+        self.messages.append((envelope.rcpt_tos, message_from_bytes(envelope.content)))
+        return "250 OK"
+
+
+@pytest.fixture(scope="module")
+def receiver(ray_cluster, serve_port, provider, tmp_path_factory):
+    sink = WebhookSink(free_port()).start()
+    mailbox = Mailbox()
+    smtp = Controller(mailbox, hostname="127.0.0.1", port=free_port())
+    smtp.start()
+    provider.slow_s = 0.0
+    settings = platform_settings(
+        tmp_path_factory.mktemp("alerts") / "data", serve_port,
+        models=[remote_model(provider, "remote", "slow")],
+        monitoring={"ttft_slo_s": 0.5, "scrape_interval_s": 1, "prometheus_port": free_port(),
+                    "alertmanager_port": free_port()},
+        alerts={"enabled": True, "escalate_after_s": 4, "check_interval_s": 0.2,
+                "slack_webhooks": {"default": sink.url("/slack/default"), "search": sink.url("/slack/search")},
+                "pagerduty_url": sink.url("/pagerduty"), "pagerduty_routing_keys": {"default": "ORFEAS_TEST_PROVIDER_KEY"},
+                "email": {"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "to": {"default": ["ops@example.org"]}}})
+    with deployed(settings):
+        _, key = make_key(settings, "admin")
+        yield settings, f"http://127.0.0.1:{serve_port}", key, sink, mailbox
+    smtp.stop()
+    sink.stop()
+
+
+def webhook(*alerts, status="firing"):
+    return {"version": "4", "status": status, "receiver": "orfeas", "groupLabels": {}, "commonLabels": {},
+            "alerts": [{"status": status, "labels": labels, "annotations": {"summary": labels["alertname"] + " now"},
+                        "startsAt": "2026-12-01T10:00:00Z"} for labels in alerts]}
+
+
+def test_routes_by_severity_and_team_to_slack_pagerduty_and_email(receiver):
+    settings, base, key, sink, mailbox = receiver
+    admin = {"Authorization": f"Bearer {key}"}
+    body = webhook({"alertname": "OrfeasHighErrorRate", "severity": "critical", "team": "platform", "app": "gateway"},
+                   {"alertname": "OrfeasQueueSaturation", "severity": "warning", "team": "search"},
+                   {"alertname": "OrfeasBackendCircuitOpen", "severity": "warning", "team": "platform"},
+                   {"alertname": "OrfeasIngestFailures", "severity": "info", "team": "data"})
+    r = httpx.post(base + "/v1/alerts/alertmanager", json=body, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json() == {"object": "alerts.received", "alerts": 4, "notifications": 5}
+    [page] = sink.wait("/pagerduty")
+    assert page["routing_key"] == PROVIDER_KEY and page["event_action"] == "trigger"
+    assert page["payload"]["severity"] == "critical" and page["payload"]["class"] == "OrfeasHighErrorRate"
+    assert sorted(b["text"].split(":")[0] for b in sink.wait("/slack/default", 2)) == [
+        "[FIRING] critical OrfeasHighErrorRate (platform)", "[FIRING] warning OrfeasBackendCircuitOpen (platform)"]
+    assert "OrfeasQueueSaturation" in sink.wait("/slack/search")[0]["text"]  # the team's own webhook
+    deadline = time.monotonic() + 10
+    while not mailbox.messages and time.monotonic() < deadline:
+        time.sleep(0.05)
+    [(to, mail)] = mailbox.messages
+    assert to == ["ops@example.org"] and "OrfeasIngestFailures" in mail["Subject"]
+
+    # The same webhook again: deduplicated. Then the critical one resolves: PagerDuty closes it.
+    assert httpx.post(base + "/v1/alerts/alertmanager", json=body, timeout=30).json()["notifications"] == 0
+    resolved = webhook({"alertname": "OrfeasHighErrorRate", "severity": "critical", "team": "platform",
+                        "app": "gateway"}, status="resolved")
+    httpx.post(base + "/v1/alerts/alertmanager", json=resolved, timeout=30)
+    pages = sink.wait("/pagerduty", 2)
+    assert pages[1]["event_action"] == "resolve" and pages[1]["dedup_key"] == page["dedup_key"]
+
+    # One warning is acknowledged; the other, unacknowledged, escalates to PagerDuty (once).
+    listed = httpx.get(base + "/v1/alerts/", headers=admin, timeout=30).json()["data"]
+    circuit = next(a for a in listed if a["name"] == "OrfeasBackendCircuitOpen")
+    acked = httpx.post(f"{base}/v1/alerts/{circuit['fingerprint']}/ack", headers=admin, timeout=30).json()
+    assert acked["acknowledged_by"] and not acked["escalated"]
+    pages = sink.wait("/pagerduty", 3)
+    assert pages[2]["payload"]["summary"].startswith("ESCALATED") and pages[2]["payload"]["group"] == "search"
+    time.sleep(1.0)
+    assert len(sink.bodies("/pagerduty")) == 3  # escalated once; the acknowledged warning never
+
+    # A silence holds a new alert back; bad requests get clear errors.
+    s = httpx.post(base + "/v1/alerts/silences", headers=admin, json={"matchers": {"alertname": "Quiet"},
+                                                                      "duration_s": 60}, timeout=30)
+    assert s.status_code == 201
+    out = httpx.post(base + "/v1/alerts/alertmanager", timeout=30,
+                     json=webhook({"alertname": "Quiet", "severity": "critical"})).json()
+    assert out["notifications"] == 0
+    bad = httpx.post(base + "/v1/alerts/alertmanager", json={"alerts": [{"labels": {}}]}, timeout=30)
+    assert bad.status_code == 400 and "alertname" in bad.json()["error"]["message"]
+    assert httpx.post(f"{base}/v1/alerts/nope/ack", headers=admin, timeout=30).status_code == 404
+    assert httpx.get(base + "/v1/alerts/", timeout=30).status_code == 401
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (shutil.which("prometheus") and shutil.which("prometheus-alertmanager")),
+                    reason="Debian's prometheus and prometheus-alertmanager are not installed")
+def test_a_latency_regression_fires_a_rule_through_alertmanager_to_slack(receiver, provider, metrics_port,
+                                                                         tmp_path):
+    from cluster import monitoring
+
+    settings, base, key, sink, _ = receiver
+    rules = tmp_path / "e2e.rules.yml"
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "e2e", "interval": "1s", "rules": [
+        {"alert": "TTFTRegression",
+         "expr": 'sum by (model) (increase(ray_orfeas_llm_slo_requests_total{slo="ttft", met="false"}[1m])) > 0',
+         "labels": {"severity": "warning", "team": "search"},
+         "annotations": {"summary": "{{ $labels.model }}: time to first token over its SLO"}}]}]}))
+    client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    ask = {"model": "remote", "messages": [{"role": "user", "content": "hi there"}], "max_tokens": 4}
+    out = monitoring.up(settings, targets=[f"127.0.0.1:{metrics_port}"],
+                        receiver_url=base + "/v1/alerts/alertmanager", rules=[rules])
+    try:
+        prom = httpx.Client(base_url=out["prometheus"], timeout=10)
+        for _ in range(3):
+            assert client.post("/v1/chat/completions", json=ask).status_code == 200
+        # Healthy calls reach Prometheus (met="true") and fire nothing.
+        deadline = time.monotonic() + 60
+        while not prom.get("/api/v1/query", params={"query": 'ray_orfeas_llm_slo_requests_total{slo="ttft"}'}
+                           ).json()["data"]["result"]:
+            assert time.monotonic() < deadline, "Ray's metrics never reached Prometheus"
+            time.sleep(0.5)
+        before = len(sink.bodies("/slack/search"))
+        provider.slow_s = 1.0  # the injected regression: every first token now takes a second
+        for _ in range(3):
+            assert client.post("/v1/chat/completions", json=ask).status_code == 200
+        deadline = time.monotonic() + 60
+        while not any("TTFTRegression" in b["text"] for b in sink.bodies("/slack/search")[before:]):
+            assert time.monotonic() < deadline, prom.get("/api/v1/alerts").json()
+            time.sleep(0.2)
+        msg = next(b for b in sink.bodies("/slack/search")[before:] if "TTFTRegression" in b["text"])
+        assert "remote: time to first token over its SLO" in msg["text"]
+    finally:
+        provider.slow_s = 0.0
+        assert set(monitoring.down(settings)) == {"prometheus", "alertmanager"}
