@@ -420,9 +420,8 @@ class MonitoringSettings(_Section):
     slo_target: float = Field(0.99, gt=0, lt=1, description="Share of calls that must meet each SLO.")
     prometheus_port: int = Field(9090, ge=1, le=65535)
     alertmanager_port: int = Field(9093, ge=1, le=65535)
-    scrape_interval_s: float = Field(15.0, gt=0)
-    metrics_export_port: int = Field(8080, ge=1, le=65535, description="Ray's metrics export port that "
-                                     "Prometheus scrapes (`ray start --metrics-export-port`).")
+    scrape_interval_s: float = Field(15.0, gt=0, description="Scrape and rule evaluation interval of "
+                                     "`orfeas monitoring up` (it scrapes every node Ray lists).")
 
 
 class EmailSettings(_Section):

@@ -144,9 +144,12 @@ class RagServer:
         return generate
 
     async def query(self, body: RagQueryRequest | dict[str, Any], model_id: str | None,
-                    principal: Principal | None = None) -> dict[str, Any]:
+                    principal: Principal | None = None, trace: dict[str, str] | None = None) -> dict[str, Any]:
         """One RAG query (also the gateway's `rag` chat alias, through this app's handle); with a
-        principal, the answer is generated on that key's behalf."""
+        principal, the answer is generated on that key's behalf. `trace`: the caller's W3C carrier."""
+        if trace:
+            with tracing.attached(trace):
+                return await self.query(body, model_id, principal)
         generate = self._generate_with(model_id, asyncio.get_running_loop(), principal) if model_id else None
 
         def run() -> dict[str, Any]:

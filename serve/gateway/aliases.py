@@ -21,6 +21,7 @@ from models.protocol import (
     Usage,
     new_id,
 )
+from observability import tracing
 from security.auth import Principal
 from serve.gateway.catalog import RAG_ALIAS, Catalog
 from serve.gateway.chat import Answer, ChatCall, ChatService
@@ -75,7 +76,8 @@ class RagAlias:
         body = {"query": question, "collection": collection}
         try:
             result = await asyncio.wait_for(
-                self._handle.query.remote(body, await self.generator(None, principal), principal), self.timeout_s)
+                self._handle.query.remote(body, await self.generator(None, principal), principal,
+                                          trace=tracing.inject()), self.timeout_s)
         except TimeoutError:
             raise UpstreamTimeout(f"the RAG service did not answer within {self.timeout_s:g}s") from None
         except Exception as e:
