@@ -163,3 +163,16 @@ def test_two_step_workflow_is_one_trace_through_coordinator_and_agent_actor(trac
     tops = sorted(chain(by_id, g)[3] for g in gens)  # generate <- attempt <- chat <- the step's own span
     assert tops == ["agent.task", "workflow.step"]
     assert {chain(by_id, g)[-3] for g in gens} == {"workflow.step"}
+
+
+def test_admin_resources_report_nodes_deployments_and_bottlenecks(traced):
+    """GET /v1/admin/resources (the resource monitor, scaling.resources) on this deployed platform."""
+    _, base, key = traced
+    r = httpx.get(base + "/v1/admin/resources", headers={"Authorization": f"Bearer {key}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    snap = r.json()
+    deps = {(d["app"], d["name"]): d for d in snap["deployments"]}
+    assert deps[("gateway", "Gateway")]["running"] >= 1 and deps[("gateway", "Gateway")]["capacity_per_replica"] == 100
+    assert ("model-tiny-chat", "ChatModelServer") in deps
+    assert snap["nodes"] and snap["nodes"][0]["cpus"] == 8 and isinstance(snap["bottlenecks"], list)
+    assert httpx.get(base + "/v1/admin/resources", timeout=30).status_code == 401

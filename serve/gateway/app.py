@@ -217,6 +217,13 @@ class Gateway:
     async def router_status_http(self) -> dict:
         return await self.router_status()
 
+    @app.get("/v1/admin/resources", dependencies=[Depends(admin)])
+    async def admin_resources(self) -> dict:
+        """Per node and per deployment resources, and the bottlenecks in words (scaling.resources)."""
+        from scaling.resources import resource_monitor
+
+        return await resource_monitor(self.settings).snapshot.remote()
+
     @app.api_route("/v1/rag/{path:path}", methods=["GET", "POST"], include_in_schema=False)
     async def rag_disabled(self, path: str) -> None:
         """The RAG app serves /v1/rag/* under its own route prefix; this answers only without it."""
