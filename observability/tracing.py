@@ -133,16 +133,13 @@ def start(name: str, attributes: Mapping[str, Any] | None = None, *, parent: Map
     return _tracer.start_span(name, context=_context(parent), kind=SpanKind[kind.upper()], attributes=attributes)
 
 
-@contextmanager
-def current(s: Any) -> Iterator[Any]:
-    """Make a span from `start` current inside the block (it is not ended on exit)."""
+def current(s: Any):
+    """A context manager making a span from `start` current inside the block (not ended on exit)."""
     if _tracer is None or s is NO_SPAN:
-        yield s
-        return
+        return NO_SPAN
     from opentelemetry import trace
 
-    with trace.use_span(s, end_on_exit=False, record_exception=False, set_status_on_exception=False):
-        yield s
+    return trace.use_span(s, end_on_exit=False, record_exception=False, set_status_on_exception=False)
 
 
 def fail(s: Any, e: BaseException) -> None:
@@ -155,13 +152,16 @@ def fail(s: Any, e: BaseException) -> None:
     s.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"[:200]))
 
 
-@contextmanager
-def attached(parent: Mapping[str, str] | None) -> Iterator[None]:
-    """Make a carrier's context current inside the block without a span of its own (the receiving
-    end of a handle call whose own work makes the spans)."""
+def attached(parent: Mapping[str, str] | None):
+    """A context manager making a carrier's context current inside the block, without a span of
+    its own (the receiving end of a handle call whose own work makes the spans)."""
     if _tracer is None or not parent:
-        yield
-        return
+        return NO_SPAN
+    return _attached(parent)
+
+
+@contextmanager
+def _attached(parent: Mapping[str, str]) -> Iterator[None]:
     from opentelemetry import context
 
     token = context.attach(_propagator.extract(parent))

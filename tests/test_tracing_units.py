@@ -1,0 +1,68 @@
+"""observability.tracing without a cluster: off is the shared no-op; on (in a child process, since
+the tracer is per process) spans nest, carriers cross "processes" and spans reach a real OTLP/HTTP
+receiver."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from harness import free_port
+from observability import tracing
+from otlp_receiver import OtlpReceiver
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_off_is_free_and_inert():
+    if tracing.enabled():  # another test configured this process; nothing to check here
+        return
+    assert tracing.span("x") is tracing.NO_SPAN and tracing.start("x") is tracing.NO_SPAN
+    assert tracing.current(tracing.NO_SPAN) is tracing.NO_SPAN and tracing.attached({"traceparent": "x"}) is tracing.NO_SPAN
+    assert tracing.inject() is None and tracing.traceparent(tracing.NO_SPAN) is None
+    with tracing.span("x") as s:
+        s.set_attribute("k", 1)
+
+
+def test_spans_nest_and_carriers_join_one_trace(tmp_path):
+    receiver = OtlpReceiver(free_port()).start()
+    try:
+        script = textwrap.dedent(f"""
+            import sys
+            from config import TracingSettings
+            from observability import tracing
+            assert "opentelemetry.sdk.trace" not in sys.modules
+            tracing.configure(TracingSettings(enabled=True, endpoint="{receiver.endpoint}", export_delay_ms=50), "unit")
+            parent = {{"traceparent": "00-{'a' * 32}-{'b' * 16}-01"}}
+            with tracing.span("outer", {{"k": "v"}}, parent=parent, kind="server"):
+                carrier = tracing.inject()
+                s = tracing.start("stream")
+                with tracing.current(s):
+                    with tracing.span("inner"):
+                        pass
+                s.end()
+            with tracing.attached(carrier):
+                with tracing.span("remote"):
+                    pass
+            try:
+                with tracing.span("fails"):
+                    raise ValueError("boom")
+            except ValueError:
+                pass
+            tracing.flush()
+        """)
+        r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        assert r.returncode == 0, r.stderr
+        spans = {s.name: s for s in receiver.wait_for("a" * 32, {"outer", "stream", "inner", "remote"}, 10)}
+        assert spans["outer"].parent_id == "b" * 16 and spans["outer"].service == "orfeas-unit"
+        assert spans["outer"].attributes == {"k": "v"} and spans["outer"].kind == 2
+        assert spans["stream"].parent_id == spans["outer"].span_id
+        assert spans["inner"].parent_id == spans["stream"].span_id
+        assert spans["remote"].parent_id == spans["outer"].span_id  # through the carrier
+        fails = [s for s in receiver.spans if s.name == "fails"]
+        assert fails and fails[0].status_code == 2  # STATUS_CODE_ERROR
+    finally:
+        receiver.stop()
