@@ -131,7 +131,15 @@ class AgentCore:
 
     async def call_tool(self, name: str, arguments: Any, parse_error: str | None = None,
                         idempotency_key: str | None = None) -> tuple[bool, str]:
-        """(ok, text for the model). Unknown tools and bad arguments are errors for the model."""
+        """(ok, text for the model). Unknown tools and bad arguments are errors for the model.
+        Traced as an `agent.tool` span."""
+        with tracing.span("agent.tool", {"orfeas.agent": self.spec.name, "orfeas.tool": name}) as s:
+            ok, text = await self._call_tool(name, arguments, parse_error, idempotency_key)
+            s.set_attribute("orfeas.ok", ok)
+            return ok, text
+
+    async def _call_tool(self, name: str, arguments: Any, parse_error: str | None,
+                         idempotency_key: str | None) -> tuple[bool, str]:
         if parse_error:
             return False, f"error: {parse_error}"
         tool = self.tools.get(name)

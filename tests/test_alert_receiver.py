@@ -138,8 +138,16 @@ def test_a_latency_regression_fires_a_rule_through_alertmanager_to_slack(receive
             assert time.monotonic() < deadline, "Ray's metrics never reached Prometheus"
             time.sleep(0.5)
         before = len(sink.bodies("/slack/search"))
+        assert not any("TTFTRegression" in b["text"] for b in sink.bodies("/slack/search"))
         provider.slow_s = 1.0  # the injected regression: every first token now takes a second
-        for _ in range(3):
+        assert client.post("/v1/chat/completions", json=ask).status_code == 200
+        # A counter's first sample is no increase to Prometheus: once the series is there, more misses.
+        missed = {"query": 'ray_orfeas_llm_slo_requests_total{slo="ttft", met="false"}'}
+        deadline = time.monotonic() + 60
+        while not prom.get("/api/v1/query", params=missed).json()["data"]["result"]:
+            assert time.monotonic() < deadline, "the SLO miss never reached Prometheus"
+            time.sleep(0.5)
+        for _ in range(2):
             assert client.post("/v1/chat/completions", json=ask).status_code == 200
         deadline = time.monotonic() + 60
         while not any("TTFTRegression" in b["text"] for b in sink.bodies("/slack/search")[before:]):
