@@ -1,6 +1,7 @@
 """What tracing costs: the same streamed chat through two gateways deployed side by side in one run,
 one with tracing off and one with 100% sampling exporting every span over OTLP/HTTP to a real
-receiver on loopback (tests/otlp_receiver.py), each in front of its own replica of the same tiny
+receiver on loopback (tests/otlp_receiver.py, in its own process, as a collector would be), each
+in front of its own replica of the same tiny
 model (the traced one traces its generations too). The paths alternate in blocks
 (gateway_overhead.py's method), so a slow spell lands on both alike.
 
@@ -16,6 +17,7 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -30,12 +32,15 @@ import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
 from gateway_overhead import MAX_TOKENS, PAYLOAD, RESULTS, run_interleaved  # noqa: E402
-from otlp_receiver import OtlpReceiver  # noqa: E402
 
 TRACED_PREFIX = "/traced"
 
 
-async def measure(base_url: str, key: str, levels: list[int], n: int, receiver: OtlpReceiver) -> list[dict]:
+def span_count(receiver: str) -> int:
+    return int(httpx.get(receiver + "/spans/count", timeout=10).text)
+
+
+async def measure(base_url: str, key: str, levels: list[int], n: int, receiver: str) -> list[dict]:
     client = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
                                limits=httpx.Limits(max_connections=max(levels) * 2))
 
@@ -58,7 +63,7 @@ async def measure(base_url: str, key: str, levels: list[int], n: int, receiver: 
     for c in levels:
         calls = {"off": via("", "tiny-chat"), "on": via(TRACED_PREFIX, "tiny-chat-traced")}
         await run_interleaved(calls, c, c * 4, rounds=1)  # warm both paths
-        spans_before = len(receiver.spans)
+        spans_before = span_count(receiver)
         r = await run_interleaved(calls, c, n)
         off, on = r["off"], r["on"]
         await asyncio.sleep(1.5)  # the last batch of spans
@@ -67,7 +72,7 @@ async def measure(base_url: str, key: str, levels: list[int], n: int, receiver: 
                      "added_p50_pct": 100 * (on["p50_ms"] / off["p50_ms"] - 1),
                      "added_ttft_p50_ms": on["ttft_p50_ms"] - off["ttft_p50_ms"],
                      "throughput_ratio": on["req_per_s"] / off["req_per_s"],
-                     "spans_per_traced_request": (len(receiver.spans) - spans_before) / on["requests"]})
+                     "spans_per_traced_request": (span_count(receiver) - spans_before) / on["requests"]})
         print(json.dumps(rows[-1], indent=1))
     await client.aclose()
     return rows
@@ -100,7 +105,11 @@ def main() -> None:
     from security.keys import keystore
     from serve.applications import GATEWAY_IMPORT_PATH, GATEWAY_SECTIONS, AppSpec, app_settings, model_app
 
-    receiver = OtlpReceiver(free_port()).start()
+    port = free_port()
+    tests = Path(__file__).resolve().parents[1] / "tests"
+    receiver_proc = subprocess.Popen([sys.executable, str(tests / "otlp_receiver.py"), str(port)],
+                                     env={**os.environ, "PYTHONPATH": str(tests)})
+    receiver = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="orfeas-bench-"))
     model_dir = build_tiny_chat_model(work / "tiny-chat")
 
@@ -112,7 +121,7 @@ def main() -> None:
                   rag={"enabled": False}, agents={"enabled": False})
     off = Settings(**common, models=[spec("tiny-chat")])
     on = Settings(**common, models=[spec("tiny-chat-traced")],
-                  tracing={"enabled": True, "endpoint": receiver.endpoint, "sample_ratio": 1.0})
+                  tracing={"enabled": True, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0})
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         names = deploy(off)
@@ -128,7 +137,7 @@ def main() -> None:
     finally:
         serve.shutdown()
         ray.shutdown()
-        receiver.stop()
+        receiver_proc.terminate()
 
     result = {
         "benchmark": "tracing_overhead",

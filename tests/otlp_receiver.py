@@ -46,6 +46,13 @@ class OtlpReceiver:
             def log_message(self, *args):
                 pass
 
+            def do_GET(self):  # how many spans so far (for a receiver run in its own process)
+                out = str(len(receiver.spans)).encode()
+                self.send_response(200 if self.path == "/spans/count" else 404)
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 if self.headers.get("content-encoding") == "gzip":
@@ -102,3 +109,9 @@ class OtlpReceiver:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+if __name__ == "__main__":  # python tests/otlp_receiver.py PORT: a receiver in its own process
+    import sys
+
+    OtlpReceiver(int(sys.argv[1])).server.serve_forever()
