@@ -58,6 +58,10 @@ class Authenticator:
     def sessions(self) -> SessionCodec:
         return SessionCodec(self.settings)
 
+    @cached_property
+    def mfa_store(self):
+        return mfa_store(self.settings)
+
     def session_bearer(self, cookies) -> str | None:
         """`Bearer <session>` from the session cookie, for requests without an Authorization header."""
         value = cookies.get(self.session_cookie)
@@ -151,7 +155,7 @@ class Authenticator:
         if principal.via != "key":
             raise MfaRequired("admin permissions need a multi-factor sign-in: the identity provider's "
                               "token shows none (amr/acr, see auth.oidc[].mfa_amr)")
-        store = mfa_store(self.settings)
+        store = self.mfa_store
         if not await store.enrolled.remote(principal.key_id):
             if mode.admin_keys == "required" and mode.admin == "required":
                 raise MfaRequired("admin keys need a TOTP second factor: enrol one with `orfeas mfa enrol`")

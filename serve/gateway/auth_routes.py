@@ -1,0 +1,111 @@
+"""Sign-in routes of the gateway: OIDC authorization code + PKCE for browsers, the session they
+end in, who-am-I, sign-out, and TOTP enrolment for admin keys. The logic is in security/sso.py,
+security/sessions.py and security/mfa.py; these routes move cookies and redirects.
+
+    GET  /v1/auth/login?issuer=&next=   302 to the identity provider (sign-in state in a sealed cookie)
+    GET  /v1/auth/callback?code=&state= the session cookie; 303 to `next`, or the principal as JSON
+    GET  /v1/auth/whoami                the caller's principal (key, token or session)
+    POST /v1/auth/logout                clears the session cookie
+    POST /v1/auth/mfa/enrol             a TOTP secret and recovery codes for the calling admin key
+"""
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+
+from models.errors import AdminRequired, InvalidRequest
+from security.auth import Principal
+from security.mfa import OTP_HEADER, mfa_store
+from security.oidc import identity_of
+from security.sessions import LOGIN_STATE_COOKIE, LOGIN_STATE_TTL_S, SessionRejected, cookie_flags
+from security.sso import Pending, SignInFailed, begin, finish, pick_issuer, safe_next
+from serve.http import authenticated, http_state
+
+router = APIRouter(prefix="/v1/auth", tags=["auth"])
+
+
+def _over_tls(request: Request) -> bool:
+    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
+
+
+def principal_view(p: Principal) -> dict[str, Any]:
+    return {"object": "principal", "id": p.key_id, "user": p.user, "role": p.role, "team": p.team,
+            "models": list(p.models) if p.models is not None else None, "mfa": p.mfa, "via": p.via}
+
+
+@router.get("/login", include_in_schema=True)
+async def login(request: Request, issuer: str | None = None, next: str | None = None) -> RedirectResponse:
+    """Start a browser sign-in with the (first, or named) OIDC issuer that has a client_id."""
+    state = http_state(request.app)
+    chosen = pick_issuer(state.settings.auth.oidc, issuer)
+    redirect_uri = str(request.url_for("auth_callback"))
+    url, pending = await begin(chosen, redirect_uri, safe_next(next))
+    resp = RedirectResponse(url, status_code=302)
+    sealed = state.authenticator.sessions.seal(pending.to_dict())
+    resp.set_cookie(LOGIN_STATE_COOKIE, sealed, max_age=LOGIN_STATE_TTL_S,
+                    **{**cookie_flags(state.settings, _over_tls(request)), "path": "/v1/auth"})
+    return resp
+
+
+@router.get("/callback", name="auth_callback")
+async def callback(request: Request, code: str = "", state: str = "", error: str = "",
+                   error_description: str = ""):
+    """The identity provider's redirect back: verify, then open the session."""
+    http = http_state(request.app)
+    auth = http.authenticator
+    if error:
+        raise SignInFailed(f"the identity provider refused the sign-in: {error} {error_description}".strip())
+    sealed = request.cookies.get(LOGIN_STATE_COOKIE)
+    if not sealed:
+        raise SignInFailed("no sign-in in progress (the sign-in cookie is missing): start at /v1/auth/login")
+    try:
+        pending = Pending(**auth.sessions.open(sealed, ttl_s=LOGIN_STATE_TTL_S))
+    except (SessionRejected, TypeError):
+        raise SignInFailed("the sign-in expired or was tampered with: start again at /v1/auth/login") from None
+    issuer = pick_issuer(http.settings.auth.oidc, pending.issuer)
+    verified, _ = await finish(auth.tokens, issuer, pending, code, state)
+    ident = identity_of(verified)
+    role, team = await auth.directory_role(ident.user, ident.role, ident.team)
+    principal = Principal(ident.key_id, role, ident.models, team, user=ident.user, mfa=ident.mfa, via="session")
+    return session_response(request, principal, pending.next)
+
+
+def session_response(request: Request, principal: Principal, next_path: str = ""):
+    """The answer that opens a session for `principal`: the cookie, then a redirect or the principal."""
+    http = http_state(request.app)
+    value = http.authenticator.new_session(principal)
+    resp = RedirectResponse(next_path, status_code=303) if next_path else JSONResponse(principal_view(principal))
+    resp.set_cookie(http.settings.auth.session.cookie, value, max_age=int(http.settings.auth.session.ttl_s),
+                    **cookie_flags(http.settings, _over_tls(request)))
+    resp.delete_cookie(LOGIN_STATE_COOKIE, path="/v1/auth")
+    return resp
+
+
+@router.get("/whoami")
+async def whoami(principal: Principal = Depends(authenticated)) -> dict:
+    return principal_view(principal)
+
+
+@router.post("/logout")
+async def logout(request: Request) -> JSONResponse:
+    http = http_state(request.app)
+    resp = JSONResponse({"object": "logout", "signed_out": True})
+    resp.delete_cookie(http.settings.auth.session.cookie, path="/",
+                       **{k: v for k, v in cookie_flags(http.settings, _over_tls(request)).items() if k != "path"})
+    return resp
+
+
+@router.post("/mfa/enrol")
+async def mfa_enrol(request: Request, principal: Principal = Depends(authenticated)) -> dict:
+    """Enrol a TOTP second factor for the calling admin API key (shown once). Re-enrolling needs
+    the current factor (a code or a recovery code in the x-orfeas-otp header)."""
+    if not principal.is_admin or principal.via != "key":
+        raise AdminRequired("TOTP enrolment is for admin API keys (token and session users use their IdP's MFA)")
+    store = mfa_store(http_state(request.app).settings)
+    if await store.enrolled.remote(principal.key_id):
+        await http_state(request.app).authenticator.check_mfa(principal, request.headers.get(OTP_HEADER))
+    label = request.query_params.get("label", "")
+    if len(label) > 64:
+        raise InvalidRequest("label is at most 64 characters", "label")
+    return {"object": "mfa_enrolment", **await store.enrol.remote(principal.key_id, label)}
