@@ -27,12 +27,24 @@ $(HAPROXY): $(BIN)/python
 	  echo "haproxy is not installed: Serve's Python proxy will answer HTTP (serve.ingress: auto)"
 	@touch $@
 
-install: $(STAMP) $(HAPROXY)
+# OpenLDAP's server and tools (Debian `slapd ldap-utils`): the directory-sync tests start a real
+# slapd on a loopback port with its own config in a temp dir (tests/slapd_server.py); without it
+# they are skipped.
+SLAPD := $(VENV)/.slapd
+$(SLAPD): $(BIN)/python
+	@command -v slapd >/dev/null || [ -x /usr/sbin/slapd ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slapd ldap-utils >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q slapd ldap-utils >/dev/null 2>&1; }; }; } || \
+	  echo "slapd is not installed: the directory-sync tests will be skipped"
+	@touch $@
+
+install: $(STAMP) $(HAPROXY) $(SLAPD)
 
 demo: $(STAMP) $(HAPROXY)
 	$(BIN)/python -m cluster.demo
 
-test: $(STAMP) $(HAPROXY)
+test: $(STAMP) $(HAPROXY) $(SLAPD)
 	$(BIN)/python -m pytest
 
 down: $(STAMP)

@@ -186,6 +186,16 @@ class AuthSettings(_Section):
     mfa: MfaSettings = Field(default_factory=MfaSettings)
     directory: DirectorySettings = Field(default_factory=DirectorySettings)
 
+    @field_validator("oidc")
+    @classmethod
+    def _distinct_issuers(cls, issuers: list[OidcIssuerSettings]) -> list[OidcIssuerSettings]:
+        seen: set[str] = set()
+        for i in issuers:
+            if i.issuer in seen:
+                raise ValueError(f"issuer {i.issuer!r} appears twice")
+            seen.add(i.issuer)
+        return issuers
+
 
 Engine = Literal["transformers", "openai", "vllm", "sentence-transformers"]
 Task = Literal["chat", "embedding"]

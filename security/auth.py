@@ -59,6 +59,12 @@ class Authenticator:
         return SessionCodec(self.settings)
 
     @cached_property
+    def directory(self):
+        from security.directory import directory_store
+
+        return directory_store(self.settings)
+
+    @cached_property
     def mfa_store(self):
         return mfa_store(self.settings)
 
@@ -135,10 +141,8 @@ class Authenticator:
         if not self.settings.auth.directory.enabled:
             return role, team
         if self._directory is None or time.monotonic() - self._directory[0] >= max(self.ttl, 1.0):
-            from security.directory import directory_store
-
             try:
-                users = await directory_store(self.settings).users.remote()
+                users = await self.directory.get_users.remote()
             except Exception:  # keep the last view when the actor is briefly away
                 users = self._directory[1] if self._directory else {}
             self._directory = (time.monotonic(), users)

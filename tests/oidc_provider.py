@@ -70,6 +70,8 @@ class OidcProvider:
         self.ec = SigningKey("ec-1", "ES256", ec.generate_private_key(ec.SECP256R1()))
         self.ed = SigningKey("ed-1", "EdDSA", ed25519.Ed25519PrivateKey.generate())
         self.published: list[SigningKey] = [self.rsa, self.ec, self.ed]
+        self.rogue = rsa_key("rsa-1")  # an attacker's keys (never published)
+        self.rogue_other = rsa_key("rogue-1")
         self.fail_jwks = False
         self.jwks_fetches = 0
         self.login_claims: dict[str, Any] = {"sub": "alice", "roles": ["user"]}
@@ -201,8 +203,8 @@ def adversarial_tokens(p: OidcProvider) -> list[tuple[str, str, str]]:
     now = int(time.time())
     good = p.claims()
     rs = {"alg": "RS256", "typ": "JWT", "kid": p.rsa.kid}
-    rogue = rsa_key(p.rsa.kid)  # an attacker's key under the real kid
-    rogue_other = rsa_key("rogue-1")
+    rogue = SigningKey(p.rsa.kid, "RS256", p.rogue.private)  # an attacker's key under the real kid
+    rogue_other = p.rogue_other
     pem, der = p.rsa.public_pem(), p.rsa.public_der()
     jwk_json = json.dumps(p.rsa.jwk()).encode()
     valid = p.token()

@@ -16,11 +16,19 @@ from security.auth import Authenticator
 from security.oidc import TokenVerifier, identity_of
 
 
+SERVER = OidcProvider(free_port())  # made at import: the case lists parametrize the tests
+
+
 @pytest.fixture(scope="module")
 def idp():
-    server = OidcProvider(free_port()).start()
+    server = SERVER.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def cases(idp):
+    return adversarial_tokens(idp)
 
 
 def settings_for(idp, tmp_path, **issuer) -> Settings:
@@ -43,22 +51,21 @@ def bearer(token: str) -> str:
     return f"Bearer {token}"
 
 
-def test_the_suite_has_forty_cases(idp):
-    cases = adversarial_tokens(idp)
+def test_the_suite_has_forty_cases(cases):
     assert len(cases) >= 40
     assert len({name for name, _, _ in cases}) == len(cases)
 
 
-@pytest.mark.parametrize("index", range(len(adversarial_tokens(OidcProvider(1)))))
-def test_adversarial_token_is_refused_with_its_reason(idp, auth, index):
-    name, token, reason = adversarial_tokens(idp)[index]
+@pytest.mark.parametrize("index", range(len(adversarial_tokens(SERVER))))
+def test_adversarial_token_is_refused_with_its_reason(cases, auth, index):
+    name, token, reason = cases[index]
     with pytest.raises(AuthenticationFailed) as err:
         run(auth.authenticate(bearer(token)))
     assert err.value.status == 401
     assert reason.lower() in err.value.message.lower(), (name, err.value.message)
 
 
-@pytest.mark.parametrize("index", range(len(valid_tokens(OidcProvider(1)))))
+@pytest.mark.parametrize("index", range(len(valid_tokens(SERVER))))
 def test_valid_tokens_of_every_key_type_are_accepted(idp, auth, index):
     name, token = valid_tokens(idp)[index]
     principal = run(auth.authenticate(bearer(token)))
@@ -162,3 +169,37 @@ def test_identity_reads_acr_as_mfa_evidence(idp, tmp_path):
     verifier = TokenVerifier(settings_for(idp, tmp_path, mfa_acr=["urn:mfa"]))
     assert identity_of(run(verifier.verify(idp.token(acr="urn:mfa")))).mfa
     assert not identity_of(run(verifier.verify(idp.token(acr="urn:pwd")))).mfa
+
+
+def test_orfeas_login_signs_in_through_a_loopback_redirect(idp, tmp_path, monkeypatch):
+    import threading
+    import webbrowser
+
+    import httpx
+    import yaml
+    from typer.testing import CliRunner
+
+    from cluster.cli import app as cli
+    from cluster.identity_cli import stored_token
+
+    config = tmp_path / "orfeas.yaml"
+    config.write_text(yaml.safe_dump({"data_dir": str(tmp_path), "auth": {"oidc": [idp.settings()]}}))
+    monkeypatch.setenv("ORFEAS_TOKEN_FILE", str(tmp_path / "token.json"))
+    idp.login_claims = {"sub": "frank", "roles": ["user"]}
+    visited = []
+
+    def browser(url: str) -> bool:  # the user's browser: follows the IdP's redirect to the CLI
+        def go():
+            visited.append(httpx.get(url, follow_redirects=True, timeout=10).status_code)
+        threading.Thread(target=go, daemon=True).start()
+        return True
+
+    monkeypatch.setattr(webbrowser, "open", browser)
+    result = CliRunner().invoke(cli, ["login", "--config", str(config), "--timeout", "20"])
+    assert result.exit_code == 0, result.output
+    assert "signed in as frank" in result.output and visited == [200]
+    assert (tmp_path / "token.json").stat().st_mode & 0o777 == 0o600
+    token = stored_token()
+    principal = run(Authenticator(settings_for(idp, tmp_path)).authenticate(bearer(token)))
+    assert principal.key_id == "test:frank"
+    assert CliRunner().invoke(cli, ["logout"]).exit_code == 0 and stored_token() is None
