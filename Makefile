@@ -29,14 +29,15 @@ $(HAPROXY): $(BIN)/python
 
 # OpenLDAP's server and tools (Debian `slapd ldap-utils`): the directory-sync tests start a real
 # slapd on a loopback port with its own config in a temp dir (tests/slapd_server.py); without it
-# they are skipped.
+# they are skipped. `xmlsec1` checks and makes SAML signatures for pysaml2 (security/saml.py).
 SLAPD := $(VENV)/.slapd
 $(SLAPD): $(BIN)/python
-	@command -v slapd >/dev/null || [ -x /usr/sbin/slapd ] || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slapd ldap-utils >/dev/null 2>&1 || \
+	@{ command -v xmlsec1 >/dev/null && { command -v slapd >/dev/null || [ -x /usr/sbin/slapd ]; }; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slapd ldap-utils xmlsec1 >/dev/null 2>&1 || \
 	    { apt-get update -q >/dev/null 2>&1 && \
-	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q slapd ldap-utils >/dev/null 2>&1; }; }; } || \
-	  echo "slapd is not installed: the directory-sync tests will be skipped"
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q slapd ldap-utils xmlsec1 >/dev/null 2>&1; }; }; } || \
+	  echo "slapd/xmlsec1 are not installed: directory-sync tests are skipped, SAML sign-in fails"
 	@touch $@
 
 install: $(STAMP) $(HAPROXY) $(SLAPD)

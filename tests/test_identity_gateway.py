@@ -23,11 +23,27 @@ def idp():
 
 
 @pytest.fixture(scope="module")
-def gateway(serve_port, provider, idp, tmp_path_factory):
+def saml_idp(serve_port, tmp_path_factory):
+    from config import Settings
+    from saml_idp import SamlIdp
+    from security.saml import sp_metadata
+
+    sp = Settings(auth={"saml": {"enabled": True, "base_url": f"http://127.0.0.1:{serve_port}"}})
+    server = SamlIdp(free_port(), tmp_path_factory.mktemp("saml-idp"), sp_metadata(sp)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(serve_port, provider, idp, saml_idp, tmp_path_factory):
     settings = platform_settings(
         tmp_path_factory.mktemp("identity-data"), serve_port,
         auth={"enabled": True, "key_cache_s": 0, "jwks_min_refetch_s": 0.2,
-              "oidc": [idp.settings(role_map={"user": "user", "ops": "admin"}, team_claim="team")]},
+              "oidc": [idp.settings(role_map={"user": "user", "ops": "admin"}, team_claim="team")],
+              "saml": {"enabled": True, "base_url": f"http://127.0.0.1:{serve_port}",
+                       "idp_metadata_file": str(saml_idp.metadata_file), "role_map": {"staff": "user",
+                                                                                      "ops": "admin"},
+                       "team_attribute": "team"}},
         models=[remote_model(provider, MODEL, "echo")],
     )
     with deployed(settings):
@@ -150,3 +166,52 @@ def test_admin_key_totp_enrolment_verification_and_recovery(gateway):
     assert recovery not in stored and enrolment["secret"] not in stored
     # Re-enrolling needs the current factor.
     assert httpx.post(f"{base}/v1/auth/mfa/enrol", headers=auth, timeout=30).status_code == 401
+
+
+def test_saml_sign_in_opens_a_session_and_carries_mfa(gateway, saml_idp):
+    from saml_idp import MFA_CONTEXT, PASSWORD_CONTEXT, post_form
+
+    _, base, _ = gateway
+    assert "EntityDescriptor" in httpx.get(f"{base}/v1/auth/saml/metadata", timeout=30).text
+
+    def sign_in(browser: httpx.Client) -> httpx.Response:
+        r = browser.get(f"{base}/v1/auth/saml/login")  # -> the IdP -> its auto-submit form
+        assert r.status_code == 200 and r.url.path == "/sso/redirect", r.text
+        action, fields = post_form(r.text)
+        return browser.post(action, data=fields)
+
+    saml_idp.login, saml_idp.authn_context = {"uid": ["grace"], "role": ["staff"], "team": ["web"]}, PASSWORD_CONTEXT
+    with httpx.Client(timeout=30, follow_redirects=True) as browser:
+        r = sign_in(browser)
+        assert r.status_code == 200, r.text
+        assert (r.json()["id"], r.json()["role"], r.json()["team"], r.json()["mfa"]) == ("saml:grace", "user", "web",
+                                                                                          False)
+        assert browser.get(f"{base}/v1/auth/whoami").json()["via"] == "session"
+        assert chat(base, client=browser).status_code == 200
+        # The same response posted again (a replay) is refused: the sign-in it answered is over.
+        again = browser.get(f"{base}/v1/auth/saml/login")
+        action, fields = post_form(again.text)
+        first = browser.post(action, data=fields)
+        assert first.status_code == 200
+        replay = browser.post(action, data=fields)
+        assert replay.status_code == 401
+    # An admin signed in with a password only has no admin permissions; with MFA it has.
+    saml_idp.login = {"uid": ["heidi"], "role": ["ops"]}
+    with httpx.Client(timeout=30, follow_redirects=True) as browser:
+        assert sign_in(browser).json()["role"] == "admin"
+        r = browser.get(f"{base}/v1/router/status")
+        assert r.status_code == 401 and r.json()["error"]["code"] == "mfa_required"
+    saml_idp.authn_context = MFA_CONTEXT
+    with httpx.Client(timeout=30, follow_redirects=True) as browser:
+        assert sign_in(browser).json()["mfa"] is True
+        assert browser.get(f"{base}/v1/router/status").status_code == 200
+    # A tampered response is refused.
+    saml_idp.authn_context = PASSWORD_CONTEXT
+    with httpx.Client(timeout=30, follow_redirects=True) as browser:
+        r = browser.get(f"{base}/v1/auth/saml/login")
+        action, fields = post_form(r.text)
+        import base64
+
+        xml = base64.b64decode(fields["SAMLResponse"]).decode().replace("heidi", "mallory")
+        r = browser.post(action, data={**fields, "SAMLResponse": base64.b64encode(xml.encode()).decode()})
+        assert r.status_code == 401 and "refused" in r.json()["error"]["message"]

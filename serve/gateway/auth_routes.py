@@ -7,16 +7,21 @@ security/sessions.py and security/mfa.py; these routes move cookies and redirect
     GET  /v1/auth/whoami                the caller's principal (key, token or session)
     POST /v1/auth/logout                clears the session cookie
     POST /v1/auth/mfa/enrol             a TOTP secret and recovery codes for the calling admin key
+    GET  /v1/auth/saml/login?next=      302 to the SAML IdP (HTTP-Redirect binding)
+    POST /v1/auth/saml/acs              the IdP's signed response (HTTP-POST binding) -> the session
+    GET  /v1/auth/saml/metadata         our SP metadata, for the IdP
 """
 
 from typing import Any
+from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from models.errors import AdminRequired, InvalidRequest
 from security.auth import Principal
 from security.mfa import OTP_HEADER, mfa_store
+from security import saml
 from security.oidc import identity_of
 from security.sessions import LOGIN_STATE_COOKIE, LOGIN_STATE_TTL_S, SessionRejected, cookie_flags
 from security.sso import Pending, SignInFailed, begin, finish, pick_issuer, safe_next
@@ -109,3 +114,51 @@ async def mfa_enrol(request: Request, principal: Principal = Depends(authenticat
     if len(label) > 64:
         raise InvalidRequest("label is at most 64 characters", "label")
     return {"object": "mfa_enrolment", **await store.enrol.remote(principal.key_id, label)}
+
+
+SAML_STATE_COOKIE = "orfeas_saml"
+
+
+def _saml_cookie_flags(request: Request) -> dict[str, Any]:
+    # The IdP posts the response cross-site: over TLS the sign-in cookie must be SameSite=None
+    # (with Secure) to come along; on plain-HTTP loopback the IdP is same-site anyway.
+    if _over_tls(request):
+        return {"httponly": True, "secure": True, "samesite": "none", "path": "/v1/auth/saml"}
+    return {"httponly": True, "secure": False, "samesite": "lax", "path": "/v1/auth/saml"}
+
+
+@router.get("/saml/login")
+async def saml_login(request: Request, next: str | None = None) -> RedirectResponse:
+    """Start a SAML sign-in (auth.saml)."""
+    http = http_state(request.app)
+    url, request_id = saml.begin(http.settings)
+    resp = RedirectResponse(url, status_code=302)
+    sealed = http.authenticator.sessions.seal({"request_id": request_id, "next": safe_next(next)})
+    resp.set_cookie(SAML_STATE_COOKIE, sealed, max_age=LOGIN_STATE_TTL_S, **_saml_cookie_flags(request))
+    return resp
+
+
+@router.post("/saml/acs")
+async def saml_acs(request: Request):
+    """The assertion consumer service: verify the IdP's response, then open the session."""
+    http = http_state(request.app)
+    auth = http.authenticator
+    sealed = request.cookies.get(SAML_STATE_COOKIE)
+    if not sealed:
+        raise SignInFailed("no SAML sign-in in progress (the sign-in cookie is missing): start at /v1/auth/saml/login")
+    try:
+        pending = auth.sessions.open(sealed, ttl_s=LOGIN_STATE_TTL_S)
+    except SessionRejected:
+        raise SignInFailed("the SAML sign-in expired or was tampered with: start again") from None
+    form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
+    ident = saml.finish(http.settings, form.get("SAMLResponse", ""), pending.get("request_id", ""))
+    role, team = await auth.directory_role(ident.user, ident.role, ident.team)
+    principal = Principal(ident.key_id, role, ident.models, team, user=ident.user, mfa=ident.mfa, via="session")
+    resp = session_response(request, principal, pending.get("next", ""))
+    resp.delete_cookie(SAML_STATE_COOKIE, path="/v1/auth/saml")
+    return resp
+
+
+@router.get("/saml/metadata")
+async def saml_metadata(request: Request) -> Response:
+    return Response(saml.sp_metadata(http_state(request.app).settings), media_type="application/samlmetadata+xml")
