@@ -5,7 +5,7 @@ told apart by shape, map onto the same `Principal`."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 from security.keys import hash_key, keystore
@@ -88,7 +88,7 @@ class Authenticator:
         if scheme.lower() != "bearer" or not key:
             raise AuthenticationFailed("malformed Authorization header: expected 'Bearer <key>'")
         if looks_like_session(key):
-            return self.from_session(key)
+            return await self.from_session(key)
         if looks_like_jwt(key):
             return await self.from_token(key)
         digest = hash_key(key)  # the cache holds hashes, never keys
@@ -118,20 +118,20 @@ class Authenticator:
         role, team = await self.directory_role(ident.user, ident.role, ident.team)
         return Principal(ident.key_id, role, ident.models, team, user=ident.user, mfa=ident.mfa, via="jwt")
 
-    def from_session(self, value: str) -> Principal:
+    async def from_session(self, value: str) -> Principal:
+        """The principal of a session: what the IdP said at sign-in, with the directory's role and
+        team applied on every request (so a sync reaches open sessions too)."""
         data = self.sessions.open(value)
         models = data.get("models")
-        return Principal(data["key_id"], data["role"], tuple(models) if models is not None else None,
-                         data.get("team") or "", user=data.get("user") or "", mfa=bool(data.get("mfa")),
-                         via="session")
+        user = data.get("user") or ""
+        role, team = await self.directory_role(user, data["role"], data.get("team") or "")
+        return Principal(data["key_id"], role, tuple(models) if models is not None else None, team, user=user,
+                         mfa=bool(data.get("mfa")), via="session")
 
-    def new_session(self, principal: Principal, expires_at: float | None = None) -> str:
-        """A sealed session value for `principal` (what the sign-in routes set as the cookie)."""
-        import time as _t
-
-        exp = _t.time() + self.sessions.ttl_s
-        if expires_at is not None:
-            exp = min(exp, expires_at) if principal.via == "jwt" else exp
+    def new_session(self, principal: Principal) -> str:
+        """A sealed session value for `principal` as the IdP described it (the directory's view is
+        applied per request, see from_session): what the sign-in routes set as the cookie."""
+        exp = time.time() + self.sessions.ttl_s
         return self.sessions.seal({"key_id": principal.key_id, "role": principal.role, "team": principal.team,
                                    "models": list(principal.models) if principal.models is not None else None,
                                    "user": principal.user, "mfa": principal.mfa, "exp": exp})
@@ -168,4 +168,4 @@ class Authenticator:
             raise MfaRequired(f"this admin key has a TOTP second factor: send the code in the {OTP_HEADER} header")
         if not await store.verify.remote(principal.key_id, otp.strip()):
             raise MfaRequired(f"the {OTP_HEADER} code is wrong, expired or already used")
-        return Principal(**{**principal.__dict__, "mfa": True})
+        return replace(principal, mfa=True)

@@ -71,16 +71,20 @@ async def callback(request: Request, code: str = "", state: str = "", error: str
     issuer = pick_issuer(http.settings.auth.oidc, pending.issuer)
     verified, _ = await finish(auth.tokens, issuer, pending, code, state)
     ident = identity_of(verified)
-    role, team = await auth.directory_role(ident.user, ident.role, ident.team)
-    principal = Principal(ident.key_id, role, ident.models, team, user=ident.user, mfa=ident.mfa, via="session")
-    return session_response(request, principal, pending.next)
+    principal = Principal(ident.key_id, ident.role, ident.models, ident.team, user=ident.user, mfa=ident.mfa,
+                          via="session")
+    return await session_response(request, principal, pending.next)
 
 
-def session_response(request: Request, principal: Principal, next_path: str = ""):
-    """The answer that opens a session for `principal`: the cookie, then a redirect or the principal."""
+async def session_response(request: Request, principal: Principal, next_path: str = ""):
+    """The answer that opens a session for `principal` (as the IdP described it): the cookie, then
+    a redirect or the principal as requests will see it (the directory's role and team applied)."""
     http = http_state(request.app)
     value = http.authenticator.new_session(principal)
-    resp = RedirectResponse(next_path, status_code=303) if next_path else JSONResponse(principal_view(principal))
+    if next_path:
+        resp = RedirectResponse(next_path, status_code=303)
+    else:
+        resp = JSONResponse(principal_view(await http.authenticator.from_session(value)))
     resp.set_cookie(http.settings.auth.session.cookie, value, max_age=int(http.settings.auth.session.ttl_s),
                     **cookie_flags(http.settings, _over_tls(request)))
     resp.delete_cookie(LOGIN_STATE_COOKIE, path="/v1/auth")
@@ -152,9 +156,9 @@ async def saml_acs(request: Request):
         raise SignInFailed("the SAML sign-in expired or was tampered with: start again") from None
     form = {k: v[0] for k, v in parse_qs((await request.body()).decode("utf-8", "replace")).items()}
     ident = saml.finish(http.settings, form.get("SAMLResponse", ""), pending.get("request_id", ""))
-    role, team = await auth.directory_role(ident.user, ident.role, ident.team)
-    principal = Principal(ident.key_id, role, ident.models, team, user=ident.user, mfa=ident.mfa, via="session")
-    resp = session_response(request, principal, pending.get("next", ""))
+    principal = Principal(ident.key_id, ident.role, ident.models, ident.team, user=ident.user, mfa=ident.mfa,
+                          via="session")
+    resp = await session_response(request, principal, pending.get("next", ""))
     resp.delete_cookie(SAML_STATE_COOKIE, path="/v1/auth/saml")
     return resp
 
