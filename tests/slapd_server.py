@@ -11,6 +11,7 @@ from pathlib import Path
 BASE = "dc=example,dc=org"
 ADMIN_DN, ADMIN_PASSWORD = f"cn=admin,{BASE}", "admin-secret"
 SCHEMAS = ("core", "cosine", "nis", "inetorgperson")
+PLACEHOLDER = f"cn=placeholder,{BASE}"
 
 
 def slapd_binary() -> str | None:
@@ -77,8 +78,10 @@ class Slapd:
             for u in users:
                 assert conn.add(self.user_dn(u), ["inetOrgPerson"], {"uid": u, "cn": u, "sn": u}), conn.result
             for name, members in groups.items():
+                # groupOfNames needs a member: a placeholder (not a user) keeps a group valid when
+                # its last user leaves, as directories commonly do.
                 assert conn.add(self.group_dn(name), ["groupOfNames"],
-                                {"cn": name, "member": [self.user_dn(m) for m in members]}), conn.result
+                                {"cn": name, "member": [PLACEHOLDER, *(self.user_dn(m) for m in members)]}), conn.result
         finally:
             conn.unbind()
 

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from fastapi import APIRouter, Depends, Request
+from pydantic import BaseModel
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 
 from models.errors import AdminRequired, InvalidRequest
@@ -34,12 +35,37 @@ def _over_tls(request: Request) -> bool:
     return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
 
 
+class PrincipalView(BaseModel):
+    object: str = "principal"
+    id: str
+    user: str
+    role: str
+    team: str
+    models: list[str] | None
+    mfa: bool
+    via: str
+
+
+class SignedOut(BaseModel):
+    object: str = "logout"
+    signed_out: bool = True
+
+
+class MfaEnrolment(BaseModel):
+    object: str = "mfa_enrolment"
+    key_id: str
+    secret: str
+    otpauth_uri: str
+    recovery_codes: list[str]
+
+
 def principal_view(p: Principal) -> dict[str, Any]:
     return {"object": "principal", "id": p.key_id, "user": p.user, "role": p.role, "team": p.team,
             "models": list(p.models) if p.models is not None else None, "mfa": p.mfa, "via": p.via}
 
 
-@router.get("/login", include_in_schema=True)
+# The browser-only steps (redirects, a form post) stay out of the OpenAPI schema.
+@router.get("/login", include_in_schema=False)
 async def login(request: Request, issuer: str | None = None, next: str | None = None) -> RedirectResponse:
     """Start a browser sign-in with the (first, or named) OIDC issuer that has a client_id."""
     state = http_state(request.app)
@@ -53,7 +79,7 @@ async def login(request: Request, issuer: str | None = None, next: str | None = 
     return resp
 
 
-@router.get("/callback", name="auth_callback")
+@router.get("/callback", name="auth_callback", include_in_schema=False)
 async def callback(request: Request, code: str = "", state: str = "", error: str = "",
                    error_description: str = ""):
     """The identity provider's redirect back: verify, then open the session."""
@@ -91,12 +117,12 @@ async def session_response(request: Request, principal: Principal, next_path: st
     return resp
 
 
-@router.get("/whoami")
+@router.get("/whoami", response_model=PrincipalView)
 async def whoami(principal: Principal = Depends(authenticated)) -> dict:
     return principal_view(principal)
 
 
-@router.post("/logout")
+@router.post("/logout", response_model=SignedOut)
 async def logout(request: Request) -> JSONResponse:
     http = http_state(request.app)
     resp = JSONResponse({"object": "logout", "signed_out": True})
@@ -105,7 +131,7 @@ async def logout(request: Request) -> JSONResponse:
     return resp
 
 
-@router.post("/mfa/enrol")
+@router.post("/mfa/enrol", response_model=MfaEnrolment)
 async def mfa_enrol(request: Request, principal: Principal = Depends(authenticated)) -> dict:
     """Enrol a TOTP second factor for the calling admin API key (shown once). Re-enrolling needs
     the current factor (a code or a recovery code in the x-orfeas-otp header)."""
@@ -131,7 +157,7 @@ def _saml_cookie_flags(request: Request) -> dict[str, Any]:
     return {"httponly": True, "secure": False, "samesite": "lax", "path": "/v1/auth/saml"}
 
 
-@router.get("/saml/login")
+@router.get("/saml/login", include_in_schema=False)
 async def saml_login(request: Request, next: str | None = None) -> RedirectResponse:
     """Start a SAML sign-in (auth.saml)."""
     http = http_state(request.app)
@@ -142,7 +168,7 @@ async def saml_login(request: Request, next: str | None = None) -> RedirectRespo
     return resp
 
 
-@router.post("/saml/acs")
+@router.post("/saml/acs", include_in_schema=False)
 async def saml_acs(request: Request):
     """The assertion consumer service: verify the IdP's response, then open the session."""
     http = http_state(request.app)
@@ -163,6 +189,6 @@ async def saml_acs(request: Request):
     return resp
 
 
-@router.get("/saml/metadata")
+@router.get("/saml/metadata", include_in_schema=False)
 async def saml_metadata(request: Request) -> Response:
     return Response(saml.sp_metadata(http_state(request.app).settings), media_type="application/samlmetadata+xml")
