@@ -38,12 +38,25 @@ $(MONITORING): $(BIN)/python
 	  echo "prometheus is not installed: the rule and dashboard tests are skipped, orfeas monitoring is unavailable"
 	@touch $@
 
-install: $(STAMP) $(HAPROXY) $(MONITORING)
+# OpenLDAP's server and tools (Debian `slapd ldap-utils`): the directory-sync tests start a real
+# slapd on a loopback port with its own config in a temp dir (tests/slapd_server.py); without it
+# they are skipped. `xmlsec1` checks and makes SAML signatures for pysaml2 (security/saml.py).
+SLAPD := $(VENV)/.slapd
+$(SLAPD): $(BIN)/python
+	@{ command -v xmlsec1 >/dev/null && { command -v slapd >/dev/null || [ -x /usr/sbin/slapd ]; }; } || \
+	  { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { DEBIAN_FRONTEND=noninteractive apt-get install -y -q slapd ldap-utils xmlsec1 >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && \
+	      DEBIAN_FRONTEND=noninteractive apt-get install -y -q slapd ldap-utils xmlsec1 >/dev/null 2>&1; }; }; } || \
+	  echo "slapd/xmlsec1 are not installed: directory-sync tests are skipped, SAML sign-in fails"
+	@touch $@
+
+install: $(STAMP) $(HAPROXY) $(MONITORING) $(SLAPD)
 
 demo: $(STAMP) $(HAPROXY)
 	$(BIN)/python -m cluster.demo
 
-test: $(STAMP) $(HAPROXY) $(MONITORING)
+test: $(STAMP) $(HAPROXY) $(MONITORING) $(SLAPD)
 	$(BIN)/python -m pytest
 
 down: $(STAMP)

@@ -65,9 +65,136 @@ class LimitSettings(_Section):
     max_embedding_inputs: int = Field(512, ge=1)
 
 
+# ---- identity providers (security/oidc.py, security/sso.py, security/mfa.py, security/directory.py)
+
+ASYMMETRIC_JWT_ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512",
+                             "EdDSA")
+
+
+class OidcIssuerSettings(_Section):
+    """One trusted token issuer: whose tokens, for whom, where its keys are, and how claims map."""
+
+    name: str = Field("", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$|^$",
+                      description="Short label (principal ids are `<name>:<sub>`); default: the issuer's host.")
+    issuer: str = Field(..., min_length=1, description="The exact `iss` value of its tokens.")
+    audience: list[str] = Field(..., min_length=1, description="Accepted `aud` values (one must match).")
+    discovery_url: str = Field("", description="OpenID discovery document; default `<issuer>/.well-known/"
+                               "openid-configuration` when no jwks_url is given.")
+    jwks_url: str = Field("", description="The JWKS endpoint (skips discovery for verification).")
+    algorithms: list[str] = Field(["RS256", "PS256", "ES256", "EdDSA"], min_length=1,
+                                  description="Accepted signing algorithms; asymmetric only (never HS*/none).")
+    client_id: str = Field("", description="OAuth client id for browser/CLI sign-in (authorization code + PKCE).")
+    client_secret_env: str = Field("", description="Environment variable holding the client secret (confidential "
+                                   "clients); empty: a public client (PKCE only).")
+    scopes: list[str] = Field(["openid", "profile", "email"])
+    user_claim: str = Field("sub", description="The claim that names the user (directory sync matches on it).")
+    role_claim: str = Field("roles", description="Claim (dotted path) with the caller's roles or groups.")
+    role_map: dict[str, str] = Field(default_factory=dict, description="Claim value -> ORFEAS role; the first "
+                                     "match in role_priority order wins. Empty: claim values are role names.")
+    role_priority: list[str] = Field(["admin", "developer", "user", "auditor", "viewer"])
+    default_role: str = Field("user", description="Role of a valid token whose claims map to none ('' refuses it).")
+    team_claim: str = Field("", description="Claim (dotted path) naming the caller's team.")
+    models_claim: str = Field("", description="Claim (dotted path, space-separated string or list) with the "
+                              "models the caller may use; empty: all models.")
+    mfa_amr: list[str] = Field(["mfa", "otp", "hwk", "swk", "fido", "totp"],
+                               description="`amr` values that count as multi-factor evidence.")
+    mfa_acr: list[str] = Field(default_factory=list, description="`acr` values that count as multi-factor evidence.")
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, algs: list[str]) -> list[str]:
+        bad = [a for a in algs if a not in ASYMMETRIC_JWT_ALGORITHMS]
+        if bad:
+            raise ValueError(f"algorithm(s) {', '.join(bad)} not allowed: only {', '.join(ASYMMETRIC_JWT_ALGORITHMS)}")
+        return algs
+
+    @field_validator("audience", mode="before")
+    @classmethod
+    def _one_or_many(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
+class SessionSettings(_Section):
+    cookie: str = Field("orfeas_session", pattern=r"^[A-Za-z0-9_-]+$")
+    ttl_s: float = Field(8 * 3600, gt=0, description="How long a browser session lasts.")
+    secret_env: str = Field("ORFEAS_SESSION_SECRET", description="Environment variable with the session key "
+                            "(Kubernetes: from a Secret); unset: a key generated once under data_dir/auth/.")
+    secure: Literal["auto", "always", "never"] = Field("auto", description="The cookie's Secure flag: auto = "
+                                                       "when the request came over TLS.")
+
+
+class SamlSettings(_Section):
+    enabled: bool = False
+    idp_metadata_url: str = Field("", description="The IdP's SAML metadata (URL).")
+    idp_metadata_file: str = Field("", description="The IdP's SAML metadata (file), instead of the URL.")
+    sp_entity_id: str = Field("", description="Our entity id; default `<base_url>/v1/auth/saml/metadata`.")
+    base_url: str = Field("", description="The public URL of the gateway (ACS = <base_url>/v1/auth/saml/acs).")
+    user_attribute: str = Field("uid", description="Attribute naming the user; empty: the NameID.")
+    role_attribute: str = Field("role")
+    role_map: dict[str, str] = Field(default_factory=dict)
+    default_role: str = "user"
+    team_attribute: str = ""
+    mfa_authn_contexts: list[str] = Field(
+        ["urn:oasis:names:tc:SAML:2.0:ac:classes:TimeSyncToken", "https://refeds.org/profile/mfa"],
+        description="AuthnContextClassRef values that count as multi-factor evidence.")
+
+
+class MfaSettings(_Section):
+    admin: Literal["required", "enrolled", "off"] = Field(
+        "required", description="Admin permissions need MFA evidence: `required` (tokens/sessions: amr/acr; "
+        "API keys: a TOTP code, once enrolled), `enrolled` (only where a TOTP is enrolled), `off`.")
+    admin_keys: Literal["required", "enrolled"] = Field(
+        "enrolled", description="Admin API keys: `enrolled` = a key with a TOTP enrolled must send "
+        "`x-orfeas-otp`; `required` = every admin key must enrol and send one.")
+    issuer_name: str = Field("ORFEAS", description="Shown in authenticator apps.")
+    recovery_codes: int = Field(10, ge=1, le=50)
+
+
+class DirectoryGroupMap(_Section):
+    group: str = Field(..., min_length=1, description="Group cn (or full DN).")
+    role: str = ""
+    team: str = ""
+
+
+class DirectorySettings(_Section):
+    enabled: bool = False
+    url: str = Field("", description="ldap://host:port or ldaps://host:port")
+    bind_dn: str = ""
+    bind_password_env: str = Field("ORFEAS_LDAP_PASSWORD", description="Environment variable with the bind password.")
+    group_base_dn: str = ""
+    group_filter: str = "(|(objectClass=groupOfNames)(objectClass=group)(objectClass=groupOfUniqueNames))"
+    member_attributes: list[str] = Field(["member", "uniqueMember"])
+    user_attribute: str = Field("uid", description="User entry attribute matched against tokens' user_claim "
+                                "(Active Directory: sAMAccountName or userPrincipalName).")
+    groups: list[DirectoryGroupMap] = Field(default_factory=list)
+    role_priority: list[str] = Field(["admin", "developer", "user", "auditor", "viewer"])
+    interval_s: float = Field(300.0, ge=5, description="How often the directory actor syncs.")
+    timeout_s: float = Field(10.0, gt=0)
+
+
 class AuthSettings(_Section):
     enabled: bool = Field(True, description="Switch off only on purpose: `orfeas up` warns when it is off.")
     key_cache_s: float = Field(5.0, ge=0, description="How long a gateway replica trusts a key lookup (revocation delay).")
+    # identity providers (security/oidc.py and friends)
+    oidc: list[OidcIssuerSettings] = Field(default_factory=list, description="Trusted JWT/OIDC issuers.")
+    jwks_cache_s: float = Field(300.0, gt=0, description="How long fetched signing keys are trusted before a refetch.")
+    jwks_min_refetch_s: float = Field(10.0, ge=0, description="Least time between two refetches for an unknown kid.")
+    jwt_leeway_s: float = Field(30.0, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
+    max_token_bytes: int = Field(16384, ge=512, description="Longer bearer tokens are refused unread.")
+    session: SessionSettings = Field(default_factory=SessionSettings)
+    saml: SamlSettings = Field(default_factory=SamlSettings)
+    mfa: MfaSettings = Field(default_factory=MfaSettings)
+    directory: DirectorySettings = Field(default_factory=DirectorySettings)
+
+    @field_validator("oidc")
+    @classmethod
+    def _distinct_issuers(cls, issuers: list[OidcIssuerSettings]) -> list[OidcIssuerSettings]:
+        seen: set[str] = set()
+        for i in issuers:
+            if i.issuer in seen:
+                raise ValueError(f"issuer {i.issuer!r} appears twice")
+            seen.add(i.issuer)
+        return issuers
 
 
 Engine = Literal["transformers", "openai", "vllm", "sentence-transformers"]

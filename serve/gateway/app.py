@@ -46,6 +46,7 @@ from models.protocol import (
 from security.auth import Principal
 from serve.applications import replica_actor_options
 from serve.gateway.aliases import RAG_DISABLED, OrchestratorAlias, RagAlias, rag_collection
+from serve.gateway.auth_routes import router as auth_router
 from serve.gateway.backends import BackendRegistry
 from serve.gateway.catalog import Catalog
 from serve.gateway.chat import ChatCall, ChatService
@@ -64,6 +65,7 @@ INTERNAL_CALLER = Principal("internal", "admin", None)
 STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true"}}
 
 app = http_app("ORFEAS gateway")
+app.include_router(auth_router)  # /v1/auth/*: sign-in, sessions, MFA enrolment (serve/gateway/auth_routes.py)
 
 
 @serve.ingress(app)

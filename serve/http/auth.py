@@ -18,6 +18,7 @@ from fastapi import Depends, Request
 
 from models.errors import AdminRequired
 from security.auth import Principal
+from security.mfa import OTP_HEADER
 from serve.http.app import AUTH_DEPENDENCIES, http_state
 
 
@@ -26,7 +27,8 @@ async def authenticated(request: Request) -> Principal:
     auth = http_state(request.app).authenticator
     if auth is None:
         raise RuntimeError("app.state.configure(settings) was not called at replica init: no Authenticator")
-    principal = await auth.authenticate(request.headers.get("authorization"))
+    # No Authorization header: the browser session cookie, if any (security/sessions.py).
+    principal = await auth.authenticate(request.headers.get("authorization") or auth.session_bearer(request.cookies))
     request.state.principal = principal
     return principal
 
@@ -35,6 +37,9 @@ async def admin(request: Request, principal: Annotated[Principal, Depends(authen
     """The caller's principal, which must be an admin's (else a 403 `admin_required`)."""
     if not principal.is_admin:
         raise AdminRequired(f"only admin keys may call {request.method} {request.url.path}")
+    # Admin permissions need MFA evidence (auth.mfa): amr/acr of a token, or a key's TOTP code.
+    principal = await http_state(request.app).authenticator.check_mfa(principal, request.headers.get(OTP_HEADER))
+    request.state.principal = principal
     return principal
 
 
