@@ -26,7 +26,7 @@ VLLM_IMPORT_PATH = "models.engines.vllm_engine:build_vllm_app"
 
 # Engines that run inside the cluster as their own Serve application; `openai` backends are
 # called by the gateway directly over HTTPS.
-IN_CLUSTER_ENGINES = ("transformers", "sentence-transformers", "vllm")
+IN_CLUSTER_ENGINES = ("transformers", "sentence-transformers", "vllm", "llama.cpp")
 
 
 @dataclass(frozen=True)
