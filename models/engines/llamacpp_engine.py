@@ -135,6 +135,34 @@ def tool_call_schema(tools: list[dict[str, Any]], choice: str | dict[str, Any] |
     return one(tools[0]) if len(tools) == 1 else {"anyOf": [one(t) for t in tools]}
 
 
+# JSON Schema keywords that llama-cpp-python's schema-to-grammar converter ignores: a schema using
+# them would parse but might not validate, so it is refused instead.
+UNENFORCED_KEYWORDS = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems",
+                       "not", "if", "then", "else", "contains", "minProperties", "maxProperties",
+                       "patternProperties", "propertyNames", "dependentRequired", "dependentSchemas")
+
+
+def unenforced_keyword(schema: Any, path: str = "") -> str | None:
+    """The first keyword (with where it is) that the grammar would not enforce, or None."""
+    if isinstance(schema, list):
+        return next((w for i, v in enumerate(schema) if (w := unenforced_keyword(v, f"{path}[{i}]"))), None)
+    if not isinstance(schema, dict):
+        return None
+    for key, value in schema.items():
+        if key in ("properties", "$defs", "definitions") and isinstance(value, dict):
+            found = next((w for name, sub in value.items() if (w := unenforced_keyword(sub, f"{path}{key}.{name}."))),
+                         None)
+        elif key in ("const", "enum", "default", "examples", "description", "title"):
+            continue
+        elif key in UNENFORCED_KEYWORDS:
+            return f"{key!r} (at {path.rstrip('.') or 'the top level'})"
+        else:
+            found = unenforced_keyword(value, f"{path}{key}.")
+        if found:
+            return found
+    return None
+
+
 # ---------------------------------------------------------------- the engine
 
 class LlamaCppEngine(Engine):
@@ -233,6 +261,11 @@ class LlamaCppEngine(Engine):
     def _schema_gbnf(schema: dict[str, Any], param: str) -> str:
         from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+        where = unenforced_keyword(schema)
+        if where:
+            raise InvalidRequest(f"the llama.cpp grammar cannot enforce {where} of this JSON schema; leave it out "
+                                 f"(and check the value yourself) or use a model with native structured output",
+                                 param)
         try:
             return json_schema_to_gbnf(json.dumps(schema))
         except Exception as e:  # the converter raises on what it cannot express
