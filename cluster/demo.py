@@ -121,9 +121,8 @@ def run_an_agent_workflow(base_url: str, key: str, settings, timeout_s: float = 
     output = step.get("output") or {}
     if run["status"] == "succeeded":
         out.print(str(output.get("answer", output)), highlight=False)
-        usage = output.get("usage") or {}
         out.print(f"[dim]run {run['status']}: agent {output.get('agent')}, {output.get('steps')} step(s), "
-                  f"{usage.get('model_calls', '?')} model call(s), {len(output.get('tool_calls') or [])} tool call(s)[/]")
+                  f"{len(output.get('tool_calls') or [])} tool call(s)[/]")
     else:
         out.print(f"[yellow]run {run['status']}: {run.get('error') or step.get('error')}[/]")
 
