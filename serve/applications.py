@@ -28,7 +28,7 @@ ALERTS_IMPORT_PATH = "serve.alerts_app:build_app"
 
 # Engines that run inside the cluster as their own Serve application; `openai` backends are
 # called by the gateway directly over HTTPS.
-IN_CLUSTER_ENGINES = ("transformers", "sentence-transformers", "vllm")
+IN_CLUSTER_ENGINES = ("transformers", "sentence-transformers", "vllm", "llama.cpp")
 
 
 @dataclass(frozen=True)

