@@ -20,8 +20,8 @@ from models.embedders import DenseEmbedder
 from models.engines.transformers_engine import TransformersEngine
 from models.errors import InvalidRequest, ModelUnavailable
 from models.protocol import GenerationEvent, GenerationRequest
-from config.settings import ServeSettings
-from serve.applications import replica_actor_options
+from config.settings import AutoscalingSettings, ServeSettings
+from serve.applications import model_autoscaling, replica_actor_options
 
 log = logging.getLogger(__name__)
 
@@ -161,8 +161,10 @@ def build_model_app(args: dict[str, Any]):
     """Serve application builder for one catalog entry (transformers or sentence-transformers)."""
     spec = ModelSpec.model_validate(args["model"])
     deployment = EmbeddingServer if spec.task == "embedding" else ChatModelServer
+    scaling = model_autoscaling(spec, AutoscalingSettings.model_validate(args.get("autoscaling") or {}))
+    count = {"autoscaling_config": scaling} if scaling is not None else {"num_replicas": spec.num_replicas}
     return deployment.options(
-        num_replicas=spec.num_replicas,
+        **count,
         max_ongoing_requests=spec.max_ongoing_requests,
         ray_actor_options=replica_actor_options(ServeSettings.model_validate(args["serve"]), num_cpus=spec.num_cpus,
                                                 num_gpus=spec.num_gpus),
