@@ -48,6 +48,7 @@ class PolicyParams:
     beta: float = 0.3  # trend smoothing per bucket
     errors_kept: int = 240
     start_headroom: float = 0.5  # relative headroom until enough errors are seen
+    max_reversals_per_hour: float = 2.0  # a scale-down that turns an upward run around must fit this
     target_tokens_per_replica: float | None = None  # size by token load too, when replicas report it
 
     @classmethod
@@ -170,7 +171,8 @@ def plan(ctx, p: PolicyParams, *, extra_need: float = 0.0) -> tuple[Plan, dict[s
     """The decision for one deployment and its new ORFEAS state (`ctx.policy_state[STATE_KEY]`)."""
     now = _now(ctx)
     old = (ctx.policy_state or {}).get(STATE_KEY) or {}
-    st: dict[str, Any] = {"last_change": old.get("last_change"), "cold": old.get("cold")}
+    st: dict[str, Any] = {"last_change": old.get("last_change"), "cold": old.get("cold"),
+                          "dir": old.get("dir", 0), "revs": [r for r in old.get("revs", []) if r > now - 3600]}
     _cold_start(st, ctx, now)
     look_back = float(getattr(ctx.config, "look_back_period_s", 30.0))
     horizon = max(p.horizon_s, (st["cold"] or {}).get("s") or 0.0) + look_back / 2
@@ -194,13 +196,21 @@ def plan(ctx, p: PolicyParams, *, extra_need: float = 0.0) -> tuple[Plan, dict[s
     current = ctx.target_num_replicas
     decision = current
     if desired > current:
-        decision = desired
+        decision = desired  # never held back: the SLO comes first
     elif fit < current:
         last = st["last_change"]
-        if last is None or now - last >= p.downscale_cooldown_s:
+        cooled = last is None or now - last >= p.downscale_cooldown_s
+        # Turning an upward run around costs a reversal now and, likely, one more when load
+        # returns: only when both fit the hour's budget. Downward runs are not limited.
+        budget = st["dir"] <= 0 or len(st["revs"]) + 2 <= p.max_reversals_per_hour
+        if cooled and budget:
             decision = max(fit, desired)
     decision = max(lo, min(hi, decision))
     if decision != current:
+        direction = 1 if decision > current else -1
+        if st["dir"] and direction != st["dir"]:
+            st["revs"].append(now)
+        st["dir"] = direction
         st["last_change"] = now
     elif st["last_change"] is None:
         st["last_change"] = now  # the first sighting counts as a change: no scale-down in the first cooldown
