@@ -437,6 +437,11 @@ class AutoscalingSettings(_Section):
                                         "after any scaling.")
     hysteresis: float = Field(0.2, ge=0, lt=1, description="orfeas: scale down only when the forecast fits "
                               "the smaller count with this fraction to spare.")
+    max_reversals_per_hour: float = Field(2.0, ge=0, description="orfeas: a scale-down that turns an upward "
+                                          "run around must fit this budget (scale-ups are never held).")
+    target_tokens_per_replica: float | None = Field(None, gt=0, description="orfeas: also size model "
+                                                    "deployments by forecast tokens in flight (their "
+                                                    "`tokens_in_flight` metric); empty: by requests only.")
     apps: dict[str, DeploymentScaling] = Field(default_factory=dict, description="Per-application overrides "
                                                "(gateway, rag, workflows, agents, model-<id>).")
 

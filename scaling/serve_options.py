@@ -18,8 +18,11 @@ DEFAULT_POLICY_FUNCTION = "ray.serve.autoscaling_policy:default_autoscaling_poli
 
 def policy_kwargs(a: AutoscalingSettings) -> dict[str, Any]:
     """The ForecastPolicy parameters the settings choose (JSON-safe)."""
-    return {"horizon_s": a.horizon_s, "quantile": a.quantile, "downscale_cooldown_s": a.downscale_cooldown_s,
-            "hysteresis": a.hysteresis}
+    out = {"horizon_s": a.horizon_s, "quantile": a.quantile, "downscale_cooldown_s": a.downscale_cooldown_s,
+           "hysteresis": a.hysteresis, "max_reversals_per_hour": a.max_reversals_per_hour}
+    if a.target_tokens_per_replica is not None:
+        out["target_tokens_per_replica"] = a.target_tokens_per_replica
+    return out
 
 
 def autoscaling_config(a: AutoscalingSettings, app: str, *, min_replicas: int,

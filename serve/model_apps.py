@@ -117,6 +117,12 @@ class _Hosted:
 class ChatModelServer(_Hosted):
     def __init__(self, spec: dict[str, Any]):
         self._load(TransformersEngine(ModelSpec.model_validate(spec)))
+        self._tokens_in_flight = 0
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (AutoscalingContext.aggregated_metrics): the token
+        load of the requests in flight, which the ORFEAS policy forecasts besides the count."""
+        return {"tokens_in_flight": float(self._tokens_in_flight)}
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict]:
         """Stream generation events (as dicts) for a `GenerationRequest` (as JSON: a Serve handle
@@ -126,8 +132,15 @@ class ChatModelServer(_Hosted):
             gen = GenerationRequest.model_validate(request)
         except ValidationError as e:
             raise InvalidRequest(f"not a generation request: {e}") from None
-        async for event in batched(self.engine.stream(gen), self.engine.spec.stream_interval_ms / 1000):
-            yield event.model_dump()
+        # A bound without a tokenizer pass: ~4 characters a prompt token, plus the output budget.
+        load = len(str(gen.messages or gen.prompt or "")) // 4 + min(gen.params.max_tokens or gen.params.max_tokens_cap,
+                                                                      gen.params.max_tokens_cap)
+        self._tokens_in_flight += load
+        try:
+            async for event in batched(self.engine.stream(gen), self.engine.spec.stream_interval_ms / 1000):
+                yield event.model_dump()
+        finally:
+            self._tokens_in_flight -= load
 
 
 @serve.deployment

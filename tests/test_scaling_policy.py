@@ -161,3 +161,14 @@ def test_settings_choose_the_policy_and_bounds():
     assert gw["policy"]["policy_function"] == POLICY_FUNCTION and gw["max_replicas"] == 9 and gw["min_replicas"] == 2
     assert autoscaling_config(Settings(autoscaling={"enabled": False}).autoscaling, "rag", min_replicas=1,
                               target_ongoing_requests=1) is None
+
+
+def test_reversals_are_budgeted_but_scale_up_never_waits():
+    """A load that swings every 3 minutes for an hour: the count may follow it up every time, but
+    turns down after an upward run at most once per the hour's budget of 2 reversals."""
+    load = [(24.0 if (k // 180) % 2 else 4.0) for k in range(3600)]
+    counts = run(load, params=PolicyParams(downscale_cooldown_s=30, max_reversals_per_hour=2))
+    dirs = [1 if b > a else -1 for a, b in zip(counts, counts[1:]) if b != a]
+    assert sum(1 for a, b in zip(dirs, dirs[1:]) if a != b) <= 2
+    high = [c for k, c in enumerate(counts) if (k // 180) % 2 and k % 180 > 60]
+    assert min(high) >= 24 / 4, "every burst is covered"
