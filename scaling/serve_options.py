@@ -10,6 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 from config.settings import AutoscalingSettings
+from scaling.policy import PolicyParams
+
+# Ray's own AutoscalingConfig defaults: left out of the rendered config (it stays short).
+RAY_DEFAULTS = {"look_back_period_s": 30.0, "upscale_delay_s": 30.0, "downscale_delay_s": 600.0}
 
 POLICY_FUNCTION = "scaling.policy:ForecastPolicy"
 APP_POLICY_FUNCTION = "scaling.policy:AppForecastPolicy"
@@ -17,12 +21,13 @@ DEFAULT_POLICY_FUNCTION = "ray.serve.autoscaling_policy:default_autoscaling_poli
 
 
 def policy_kwargs(a: AutoscalingSettings) -> dict[str, Any]:
-    """The ForecastPolicy parameters the settings choose (JSON-safe)."""
-    out = {"horizon_s": a.horizon_s, "quantile": a.quantile, "downscale_cooldown_s": a.downscale_cooldown_s,
-           "hysteresis": a.hysteresis, "max_reversals_per_hour": a.max_reversals_per_hour}
-    if a.target_tokens_per_replica is not None:
-        out["target_tokens_per_replica"] = a.target_tokens_per_replica
-    return out
+    """The ForecastPolicy parameters the settings choose that differ from the policy's own
+    defaults (JSON-safe)."""
+    chosen = {"horizon_s": a.horizon_s, "quantile": a.quantile, "downscale_cooldown_s": a.downscale_cooldown_s,
+              "hysteresis": a.hysteresis, "max_reversals_per_hour": a.max_reversals_per_hour,
+              "target_tokens_per_replica": a.target_tokens_per_replica}
+    defaults = PolicyParams()
+    return {k: v for k, v in chosen.items() if v != getattr(defaults, k)}
 
 
 def autoscaling_config(a: AutoscalingSettings, app: str, *, min_replicas: int,
@@ -42,11 +47,12 @@ def autoscaling_config(a: AutoscalingSettings, app: str, *, min_replicas: int,
     cfg: dict[str, Any] = {"min_replicas": lo, "max_replicas": hi, "target_ongoing_requests": target,
                            "look_back_period_s": a.look_back_period_s}
     if policy == "orfeas":
+        kwargs = policy_kwargs(a)
         cfg.update(upscale_delay_s=0.0, downscale_delay_s=0.0,
-                   policy={"policy_function": POLICY_FUNCTION, "policy_kwargs": policy_kwargs(a)})
+                   policy={"policy_function": POLICY_FUNCTION, **({"policy_kwargs": kwargs} if kwargs else {})})
     else:
         cfg.update(upscale_delay_s=a.upscale_delay_s, downscale_delay_s=a.downscale_delay_s)
-    return cfg
+    return {k: v for k, v in cfg.items() if RAY_DEFAULTS.get(k) != v}
 
 
 def replica_count(a: AutoscalingSettings, app: str, *, num_replicas: int, target_ongoing_requests: float) -> dict[str, Any]:

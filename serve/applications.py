@@ -165,7 +165,8 @@ def model_app(spec: ModelSpec, serve: ServeSettings, scaling: AutoscalingSetting
             d["ray_actor_options"] = replica_options_override(serve.gpu_node_label)
             deployments = [d]
         return AppSpec(model_app_name(spec.id), VLLM_IMPORT_PATH, None, args, deployments)
-    args["autoscaling"] = scaling.model_dump(mode="json", exclude_defaults=True)
+    if changed := scaling.model_dump(mode="json", exclude_defaults=True):
+        args["autoscaling"] = changed
     args["serve"] = serve.model_dump(mode="json", exclude_defaults=True)
     return AppSpec(model_app_name(spec.id), MODEL_IMPORT_PATH, None, args, deployments)
 

@@ -157,7 +157,9 @@ def test_settings_choose_the_policy_and_bounds():
     s = Settings(autoscaling={"policy": "default", "apps": {"gateway": {"max_replicas": 9, "policy": "orfeas"}}})
     rag = autoscaling_config(s.autoscaling, "rag", min_replicas=1, target_ongoing_requests=32)
     gw = autoscaling_config(s.autoscaling, "gateway", min_replicas=2, target_ongoing_requests=32)
-    assert "policy" not in rag and rag["downscale_delay_s"] == 600 and rag["upscale_delay_s"] == 30
+    # Ray's default policy with Ray's own delays (left out of the config: they are Ray's defaults).
+    assert "policy" not in rag and AutoscalingConfig(**rag).downscale_delay_s == 600
+    assert AutoscalingConfig(**gw).upscale_delay_s == 0 and AutoscalingConfig(**gw).downscale_delay_s == 0
     assert gw["policy"]["policy_function"] == POLICY_FUNCTION and gw["max_replicas"] == 9 and gw["min_replicas"] == 2
     assert autoscaling_config(Settings(autoscaling={"enabled": False}).autoscaling, "rag", min_replicas=1,
                               target_ongoing_requests=1) is None
