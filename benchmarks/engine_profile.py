@@ -117,8 +117,11 @@ def main() -> None:
         engine = _engine(model_dir)
         prof = measure(engine, args.tokens, args.rounds)
         prof["cold_start_s"] = cold_start(model_dir, args.rounds)
+    # Serial: the per-token time stays flat with more streams while TTFT grows with them (the
+    # transformers engine runs one generation at a time on its executor thread).
+    serial = prof["tpot_s"][-1] < 2 * prof["tpot_s"][0] and prof["ttft_s"][-1] > 4 * prof["ttft_s"][1]
     prof = {"engine": "transformers: models/tiny.py (random-weight Llama, ~2M params, 1 torch thread)",
-            "max_ongoing_requests": max(CONCURRENCY), **prof}
+            "max_ongoing_requests": max(CONCURRENCY), "serial": serial, **prof}
     out = {
         "benchmark": "engine_profile", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"python": platform.python_version(), "cpus": os.cpu_count(), "platform": platform.platform()},
@@ -131,7 +134,7 @@ def main() -> None:
     for c, a, b in zip(prof["concurrency"], prof["ttft_s"], prof["tpot_s"]):
         print(f"| {c} | {a * 1000:.1f} | {b * 1000:.2f} |")
     print(f"\nprefill {prof['prefill_s_per_token'] * 1e6:.1f} us/prompt token; cold start {prof['cold_start_s']:.2f} s; "
-          f"per-token time 8 vs 1 stream: x{out['ratio_tpot_8_over_1']:.2f}")
+          f"per-token time 8 vs 1 stream: x{out['ratio_tpot_8_over_1']:.2f}; serial engine: {prof['serial']}")
 
 
 if __name__ == "__main__":

@@ -171,7 +171,9 @@ def plan(ctx, p: PolicyParams, *, extra_need: float = 0.0) -> tuple[Plan, dict[s
     """The decision for one deployment and its new ORFEAS state (`ctx.policy_state[STATE_KEY]`)."""
     now = _now(ctx)
     old = (ctx.policy_state or {}).get(STATE_KEY) or {}
-    st: dict[str, Any] = {"last_change": old.get("last_change"), "cold": old.get("cold"),
+    # The first call counts as a change: no scale-down within the first cooldown (the count a
+    # deployment starts with is its operator's, and the policy has seen nothing yet).
+    st: dict[str, Any] = {"last_change": old.get("last_change", now), "cold": old.get("cold"),
                           "dir": old.get("dir", 0), "revs": [r for r in old.get("revs", []) if r > now - 3600]}
     _cold_start(st, ctx, now)
     look_back = float(getattr(ctx.config, "look_back_period_s", 30.0))
@@ -195,11 +197,13 @@ def plan(ctx, p: PolicyParams, *, extra_need: float = 0.0) -> tuple[Plan, dict[s
     lo, hi = ctx.capacity_adjusted_min_replicas, ctx.capacity_adjusted_max_replicas
     current = ctx.target_num_replicas
     decision = current
-    if desired > current:
-        decision = desired  # never held back: the SLO comes first
+    pending = ctx.target_num_replicas > ctx.current_num_replicas
+    if desired > current and not (pending and desired < 2 * current):
+        # Never held back (the SLO comes first), except while replicas asked for are still
+        # starting: the load they will take is not yet visible, so only a large miss adds more.
+        decision = desired
     elif fit < current:
-        last = st["last_change"]
-        cooled = last is None or now - last >= p.downscale_cooldown_s
+        cooled = now - st["last_change"] >= p.downscale_cooldown_s
         # Turning an upward run around costs a reversal now and, likely, one more when load
         # returns: only when both fit the hour's budget. Downward runs are not limited.
         budget = st["dir"] <= 0 or len(st["revs"]) + 2 <= p.max_reversals_per_hour
@@ -212,8 +216,6 @@ def plan(ctx, p: PolicyParams, *, extra_need: float = 0.0) -> tuple[Plan, dict[s
             st["revs"].append(now)
         st["dir"] = direction
         st["last_change"] = now
-    elif st["last_change"] is None:
-        st["last_change"] = now  # the first sighting counts as a change: no scale-down in the first cooldown
     return Plan(requests, f_req, need_req, horizon, desired, decision), st
 
 

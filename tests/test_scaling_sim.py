@@ -70,7 +70,7 @@ def test_a_cold_start_delays_the_new_capacity():
 
 def test_both_policies_run_on_the_same_trace_and_orfeas_gives_back_the_trough():
     res = compare(burst_trace(), PROFILE, slo_s=1.0, max_replicas=20)
-    d, o = res["ray_default_same_target"], res["orfeas"]
+    d, o = res["ray_default"], res["orfeas"]
     assert {r.requests for r in res.values()} == {len(burst_trace())}
     assert d.max_replicas > 1 and o.max_replicas > 1
     # Ray's default holds its peak for downscale_delay_s (600 s): past the end of this trace.
