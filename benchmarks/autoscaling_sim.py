@@ -25,9 +25,10 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from scaling.traces import shared_traces_dir
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
-TRACES = REPO.parent / "shared" / "eval" / "traces"
 # How much faster than real time each Azure trace is replayed (its rate times this).
 COMPRESSION = {"azure_llm_2023_code": 2.0, "azure_llm_2023_conv": 2.0}
 
@@ -38,7 +39,7 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--profile", default=str(RESULTS / "engine_profile.json"))
-    ap.add_argument("--traces", default=str(TRACES))
+    ap.add_argument("--traces", default=str(shared_traces_dir(REPO)))
     ap.add_argument("--slo-s", type=float, default=1.0, help="TTFT SLO in seconds.")
     ap.add_argument("--days", type=float, default=2.0, help="Length of the synthetic diurnal series.")
     ap.add_argument("--diurnal-rate", type=float, default=6.0, help="Mean requests/s of the diurnal series.")

@@ -17,6 +17,15 @@ import numpy as np
 COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 
 
+def shared_traces_dir(repo: Path) -> Path:
+    """The evaluation traces beside the checkout (../shared/eval/traces), also from a worktree
+    one folder deeper (../../shared)."""
+    for base in (repo.parent, repo.parent.parent):
+        if (base / "shared" / "eval" / "traces").is_dir():
+            return base / "shared" / "eval" / "traces"
+    return repo.parent / "shared" / "eval" / "traces"
+
+
 class TraceError(ValueError):
     """A trace file that cannot be read; the message names the file, the line and the field."""
 

@@ -13,9 +13,9 @@ import httpx
 import numpy as np
 import pytest
 
-from scaling.traces import load_csv
+from scaling.traces import load_csv, shared_traces_dir
 
-TRACE = Path(__file__).resolve().parents[2] / "shared" / "eval" / "traces" / "azure_llm_2023_conv.csv"
+TRACE = shared_traces_dir(Path(__file__).resolve().parents[1]) / "azure_llm_2023_conv.csv"
 APP, DEPLOYMENT = "scaling-live", "Work"
 SERVICE_S = 0.5  # each request holds its replica this long (a replica takes 4 at once)
 MAX_REPLICAS = 4
