@@ -184,3 +184,13 @@ def test_every_durable_state_actor_asks_for_the_volume():
                         bad.append(f"{f.relative_to(ROOT)}:{node.lineno} {cls}")
     assert bad == []
     assert {"KeyStore", "Ledger", "Coordinator", "SharedState", "_EdgeStoreOwner"} <= seen
+
+
+@pytest.mark.parametrize("flavour", ["cpu", "gpu"])
+def test_images_carry_every_room_the_serve_apps_import(flavour):
+    """serveConfigV2 names scaling.policy (Serve's controller imports it) and the apps import
+    agents, analytics and security: an image without one of them fails at deploy."""
+    text = (k8s_render.KUBERAY_DIR / "images" / f"Dockerfile.{flavour}").read_text()
+    rooms = [d.name for d in ROOT.iterdir() if d.is_dir() and (d / "__init__.py").exists() or d.name == "scaling"]
+    missing = [r for r in rooms if r not in ("tests", "benchmarks") and f"COPY --chown=1000:100 {r} ./{r}" not in text]
+    assert missing == []
