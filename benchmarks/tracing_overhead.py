@@ -125,7 +125,7 @@ def main() -> None:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         names = deploy(off)
-        traced_model = model_app(on.models[0], on.serve, on.tracing)
+        traced_model = model_app(on.models[0], on.serve, tracing=on.tracing)
         traced_gateway = AppSpec(GATEWAY_APP + "-traced", GATEWAY_IMPORT_PATH, TRACED_PREFIX,
                                  app_settings(on, GATEWAY_SECTIONS))
         serve.run_many([serve.RunTarget(a.build(), name=a.name, route_prefix=a.route_prefix)

@@ -46,6 +46,8 @@ RAYSERVICE_NAME = "orfeas"
 APP_DIR = "/home/ray/orfeas"
 DATA_DIR = "/home/ray/data"
 SERVE_PORT = 8000
+# The Ray node label of the gpu-workers group (kuberay/base/rayservice.yaml rayStartParams labels).
+GPU_NODE_LABEL = {"orfeas.io/image": "gpu"}
 # The namespace's Qdrant server (kuberay/base/qdrant.yaml) and the variable holding its API key
 # (from the orfeas-qdrant Secret in every Ray pod).
 QDRANT_URL = "http://orfeas-qdrant:6333"
@@ -99,6 +101,7 @@ def in_cluster(settings: Settings, config_file: Path) -> Settings:
     s = settings.model_copy(deep=True)
     s.serve.host = "0.0.0.0"
     s.serve.port = SERVE_PORT
+    s.serve.gpu_node_label = dict(GPU_NODE_LABEL)
     s.ray.address = "auto"
     s.ray.dashboard_host = "0.0.0.0"
     s.data_dir = Path(DATA_DIR)

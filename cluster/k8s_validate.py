@@ -410,6 +410,8 @@ def autoscaling_problems(obj: dict[str, Any]) -> list[str]:
         for _, ctr in containers((head.get("template") or {}).get("spec") or {}):
             if any(k.startswith("nvidia.com/") for k in (ctr.get("resources") or {}).get("limits") or {}):
                 out.append(f"{at}.headGroupSpec: the head must not take GPUs")
+        if obj.get("kind") == "RayService" and (c.get("autoscalerOptions") or {}).get("version") != "v2":
+            out.append(f"{at}.autoscalerOptions.version must be v2 (KubeRay autoscaler v2)")
         for g in c.get("workerGroupSpecs") or []:
             name = g.get("groupName")
             lo, hi = g.get("minReplicas"), g.get("maxReplicas")
@@ -417,7 +419,80 @@ def autoscaling_problems(obj: dict[str, Any]) -> list[str]:
                 out.append(f"{at}.workerGroupSpecs[{name}]: needs minReplicas <= maxReplicas")
             if g.get("idleTimeoutSeconds") is None:
                 out.append(f"{at}.workerGroupSpecs[{name}]: idleTimeoutSeconds is missing")
+            pod = (g.get("template") or {}).get("spec") or {}
+            if obj.get("kind") == "RayService" and pod.get("restartPolicy") != "Never":
+                out.append(f"{at}.workerGroupSpecs[{name}]: autoscaler v2 needs restartPolicy Never on worker pods "
+                           "(the autoscaler replaces a failed worker; restarted in place it is miscounted)")
     return out
+
+
+def _labels(group: dict[str, Any]) -> dict[str, str]:
+    """The Ray node labels a group's rayStartParams declare (`--labels k=v,k2=v2`)."""
+    raw = (group.get("rayStartParams") or {}).get("labels") or ""
+    pairs = [p.split("=", 1) for p in raw.split(",") if "=" in p]
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def serve_autoscaling_problems(obj: dict[str, Any]) -> list[str]:
+    """Every application of the RayService names each of its deployments' autoscaling_config
+    (bounded), so what scales, and how, is in the manifest."""
+    cfg = serve_config_of(obj)
+    if cfg is None:
+        return []
+    out = []
+    for app in cfg.get("applications") or []:
+        deps = app.get("deployments") or []
+        at = f"{object_id(obj)}: application {app.get('name')}"
+        if not any(d.get("autoscaling_config") for d in deps):
+            out.append(f"{at} has no deployment with an autoscaling_config")
+        for d in deps:
+            a = d.get("autoscaling_config")
+            if a is None:
+                out.append(f"{at}: deployment {d.get('name')} has no autoscaling_config")
+            elif not (0 <= a.get("min_replicas", 1) <= a.get("max_replicas", 1)):
+                out.append(f"{at}: deployment {d.get('name')} needs min_replicas <= max_replicas")
+    return out
+
+
+def vllm_placement_problems(obj: dict[str, Any]) -> list[str]:
+    """vLLM applications (replicas and Serve's build task, which follows their shared label
+    selector) ask for a node label that only GPU groups declare."""
+    cfg = serve_config_of(obj)
+    if cfg is None:
+        return []
+    groups = (obj["spec"].get("rayClusterConfig") or {}).get("workerGroupSpecs") or []
+    out = []
+    for app in cfg.get("applications") or []:
+        if app.get("import_path") != "models.engines.vllm_engine:build_vllm_app":
+            continue
+        at = f"{object_id(obj)}: vLLM application {app.get('name')}"
+        selectors = [((d.get("ray_actor_options") or {}).get("label_selector") or {}) for d in app.get("deployments") or []]
+        selector = next((s for s in selectors if s), None)
+        if not selector:
+            out.append(f"{at} has no ray_actor_options.label_selector: it (and its build task, which imports "
+                       "vLLM) may land on a CPU-image worker")
+            continue
+        matching = [g for g in groups if all(_labels(g).get(k) == v for k, v in selector.items())]
+        if not matching:
+            out.append(f"{at}: no worker group declares the labels {selector}")
+        for g in matching:
+            if not _gpus(g):
+                out.append(f"{at}: its label {selector} matches the non-GPU group {g.get('groupName')}")
+    return out
+
+
+def pdb_problems(obj: dict[str, Any]) -> list[str]:
+    """A budget over Ray pods that allows no disruption blocks every node drain (the head is one
+    pod: maxUnavailable 0, or minAvailable >= 1, can never be met)."""
+    if obj.get("kind") != "PodDisruptionBudget":
+        return []
+    spec = obj.get("spec") or {}
+    labels = (spec.get("selector") or {}).get("matchLabels") or {}
+    if not labels.get("app.kubernetes.io/component", "").startswith("ray-"):
+        return []
+    if spec.get("maxUnavailable") in (0, "0", "0%") or (spec.get("minAvailable") not in (None, 0, "0", "0%")):
+        return [f"{object_id(obj)}: allows no disruption of Ray pods, so it blocks node drains"]
+    return []
 
 
 def _custom_resources(group: dict[str, Any]) -> dict[str, Any]:
@@ -623,6 +698,9 @@ def policy_problems(objs: list[dict[str, Any]]) -> list[str]:
         out += secret_problems(o)
         out += hpa_problems(o)
         out += autoscaling_problems(o)
+        out += serve_autoscaling_problems(o)
+        out += vllm_placement_problems(o)
+        out += pdb_problems(o)
         out += gpu_problems(o)
         out += state_resource_problems(o)
         out += import_path_problems(o)

@@ -48,6 +48,10 @@ class ServeSettings(_Section):
         "needs the `haproxy` binary). `proxy`: Serve's Python proxy actor. `auto`: haproxy when "
         "the deploying machine has the binary on PATH, else proxy "
         "(rendered Kubernetes configs treat auto as proxy: the image decides, so say haproxy there).")
+    gpu_node_label: dict[str, str] = Field(
+        default_factory=dict, description="Ray node label of the nodes running the GPU image: vLLM "
+        "applications (replicas and Serve's build task) are placed only there. Empty on one machine; "
+        "`orfeas k8s render` sets the gpu-workers group's label.")
 
 
 class GatewaySettings(_Section):
@@ -588,6 +592,48 @@ class AlertsSettings(_Section):
     forget_after_s: float = Field(24 * 3600, gt=0, description="Resolved alerts are dropped after this.")
     webhook_token_env: str = Field("", description="Environment variable with a bearer token Alertmanager "
                                    "must send (empty: none; bind to loopback then).")
+ScalingPolicy = Literal["default", "orfeas"]
+
+
+class DeploymentScaling(_Section):
+    """Overrides for one application's deployments (keyed by application name in autoscaling.apps)."""
+
+    policy: ScalingPolicy | None = None
+    min_replicas: int | None = Field(None, ge=0)
+    max_replicas: int | None = Field(None, ge=1)
+    target_ongoing_requests: float | None = Field(None, gt=0)
+
+
+class AutoscalingSettings(_Section):
+    """Serve autoscaling of every ORFEAS deployment: Ray's default policy or ORFEAS's forecasting one
+    (scaling/policy.py). A deployment's configured num_replicas is its minimum."""
+
+    enabled: bool = Field(True, description="Autoscale every deployment; off: fixed num_replicas.")
+    policy: ScalingPolicy = Field("orfeas", description="default: Ray Serve's queue-length policy; orfeas: "
+                                  "forecast a horizon ahead with quantile headroom (docs/autoscaling.md).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas of any deployment (raised to its minimum).")
+    api_target_ongoing_requests: float = Field(32.0, gt=0, description="Target requests per replica of the "
+                                               "gateway, RAG and agents APIs (they mostly wait on I/O).")
+    model_target_ongoing_requests: float | None = Field(None, gt=0, description="Target requests per model "
+                                                        "replica; empty: half its max_ongoing_requests.")
+    look_back_period_s: float = Field(30.0, gt=0, description="Window Serve averages ongoing requests over.")
+    upscale_delay_s: float = Field(30.0, ge=0, description="default policy: Ray's upscale delay.")
+    downscale_delay_s: float = Field(600.0, ge=0, description="default policy: Ray's downscale delay.")
+    horizon_s: float = Field(30.0, gt=0, description="orfeas: shortest forecast horizon; the policy lengthens "
+                             "it to the deployment's measured cold start.")
+    quantile: float = Field(0.95, gt=0, lt=1, description="orfeas: headroom covers this quantile of past "
+                            "forecast errors.")
+    downscale_cooldown_s: float = Field(120.0, ge=0, description="orfeas: no scale-down sooner than this "
+                                        "after any scaling.")
+    hysteresis: float = Field(0.2, ge=0, lt=1, description="orfeas: scale down only when the forecast fits "
+                              "the smaller count with this fraction to spare.")
+    max_reversals_per_hour: float = Field(2.0, ge=0, description="orfeas: a scale-down that turns an upward "
+                                          "run around must fit this budget (scale-ups are never held).")
+    target_tokens_per_replica: float | None = Field(None, gt=0, description="orfeas: also size model "
+                                                    "deployments by forecast tokens in flight (their "
+                                                    "`tokens_in_flight` metric); empty: by requests only.")
+    apps: dict[str, DeploymentScaling] = Field(default_factory=dict, description="Per-application overrides "
+                                               "(gateway, rag, workflows, agents, model-<id>).")
 
 
 def _default_catalog() -> list[ModelSpec]:
@@ -614,6 +660,7 @@ class Settings(BaseSettings):
     tracing: TracingSettings = Field(default_factory=TracingSettings)
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
+    autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
 
     @model_validator(mode="after")
     def _check_router(self) -> "Settings":

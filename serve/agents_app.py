@@ -27,8 +27,9 @@ from config import Settings, settings_from_dict
 from config.names import AGENTS_APP, WORKFLOWS_APP
 from models.errors import InvalidRequest, ModelNotFound
 from security.auth import Principal
-from serve.applications import replica_actor_options
 from observability import tracing
+from scaling.serve_options import replica_count
+from serve.applications import AGENTS_DEPLOYMENT, WORKFLOWS_DEPLOYMENT, replica_actor_options
 from serve.http import authenticated, http_app, label_model
 
 log = logging.getLogger(__name__)
@@ -271,9 +272,11 @@ class AgentsApi(_Api):
         return {"object": "list", "data": await self._call("agents", capability)}
 
 
-def _deployment(cls, name: str, settings: Settings):
+def _deployment(cls, name: str, settings: Settings, app: str):
     return serve.deployment(cls).options(
-        name=name, num_replicas=1, max_ongoing_requests=200,
+        name=name, max_ongoing_requests=200,
+        **replica_count(settings.autoscaling, app, num_replicas=1,
+                        target_ongoing_requests=settings.autoscaling.api_target_ongoing_requests),
         ray_actor_options=replica_actor_options(settings.serve,
                                                 num_cpus=settings.agents.api_num_cpus),
     ).bind(settings.to_dict())
@@ -281,9 +284,9 @@ def _deployment(cls, name: str, settings: Settings):
 
 def build_workflows_app(args: dict[str, Any]):
     settings = settings_from_dict(args["settings"])
-    return _deployment(WorkflowsApi, "WorkflowsApi", settings)
+    return _deployment(WorkflowsApi, WORKFLOWS_DEPLOYMENT, settings, WORKFLOWS_APP)
 
 
 def build_agents_app(args: dict[str, Any]):
     settings = settings_from_dict(args["settings"])
-    return _deployment(AgentsApi, "AgentsApi", settings)
+    return _deployment(AgentsApi, AGENTS_DEPLOYMENT, settings, AGENTS_APP)

@@ -7,6 +7,7 @@ builder and JSON-safe arguments, which is what Serve's declarative config needs.
 
 from __future__ import annotations
 
+import copy
 import importlib
 import shutil
 from dataclasses import dataclass, field
@@ -16,7 +17,9 @@ from config import ModelSpec, Settings
 from config.names import (AGENTS_APP, AGENTS_PREFIX, GATEWAY_APP, GATEWAY_PREFIX, RAG_APP, RAG_PREFIX,
                           WORKFLOWS_APP, WORKFLOWS_PREFIX, model_app_name)
 from config.names import ALERTS_APP, ALERTS_PREFIX
-from config.settings import ServeSettings, TracingSettings
+from config.settings import AutoscalingSettings, ServeSettings, TracingSettings
+from models.engines.vllm_engine import replica_options_override
+from scaling.serve_options import autoscaling_config, model_target
 
 GATEWAY_IMPORT_PATH = "serve.gateway.app:build_app"
 RAG_IMPORT_PATH = "serve.rag_app:build_app"
@@ -25,6 +28,12 @@ AGENTS_IMPORT_PATH = "serve.agents_app:build_agents_app"
 MODEL_IMPORT_PATH = "serve.model_apps:build_model_app"
 VLLM_IMPORT_PATH = "models.engines.vllm_engine:build_vllm_app"
 ALERTS_IMPORT_PATH = "serve.alerts_app:build_app"
+
+# Deployment names (the builders use them; the declarative config's `deployments` name them too).
+GATEWAY_DEPLOYMENT = "Gateway"
+RAG_DEPLOYMENT = "RagServer"
+WORKFLOWS_DEPLOYMENT = "WorkflowsApi"
+AGENTS_DEPLOYMENT = "AgentsApi"
 
 # Engines that run inside the cluster as their own Serve application; `openai` backends are
 # called by the gateway directly over HTTPS.
@@ -37,6 +46,9 @@ class AppSpec:
     import_path: str
     route_prefix: str | None
     args: dict[str, Any] = field(default_factory=dict)
+    # Per-deployment options written into the declarative config (autoscaling_config): what the
+    # builder also sets, so the RayService shows how every deployment scales.
+    deployments: list[dict[str, Any]] = field(default_factory=list)
 
     def build(self):
         """Import the builder and return the bound Serve application."""
@@ -47,6 +59,8 @@ class AppSpec:
         app: dict[str, Any] = {"name": self.name, "import_path": self.import_path, "args": self.args}
         if self.route_prefix is not None:
             app["route_prefix"] = self.route_prefix
+        if self.deployments:
+            app["deployments"] = self.deployments
         return app
 
 
@@ -105,9 +119,11 @@ def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, A
 # the replica rebuilds a full `Settings` with `config.settings_from_dict`, so every other field
 # and section is its default there. tests/kuberay/test_serve_args.py re-derives these sets from
 # the code and fails when an app starts reading a section that is not listed.
-GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router", "tracing", "monitoring")
-RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing")
-AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "tracing")  # workflows and agents apps
+GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router", "tracing", "monitoring",
+                    "autoscaling")
+RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing", "autoscaling")
+AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "tracing",
+                   "autoscaling")  # workflows and agents apps
 ALERTS_SECTIONS = ("serve", "limits", "auth", "models", "alerts", "tracing")
 
 
@@ -118,33 +134,74 @@ def app_settings(settings: Settings, sections: tuple[str, ...]) -> dict[str, Any
     return {"settings": {"data_dir": str(settings.resolved_data_dir()), **data}}
 
 
-def model_app(spec: ModelSpec, serve: ServeSettings, tracing: TracingSettings | None = None) -> AppSpec:
+def _scaled(name: str, cfg: dict[str, Any] | None) -> list[dict[str, Any]]:
+    return [{"name": name, "autoscaling_config": cfg}] if cfg is not None else []
+
+
+def vllm_deployment_name(spec: ModelSpec) -> str:
+    """The name `ray.serve.llm.build_llm_deployment` gives the model's LLMServer deployment."""
+    return "LLMServer:" + spec.id.replace("/", "--").replace(".", "_")
+
+
+def model_deployment_name(spec: ModelSpec) -> str:
+    if spec.engine == "vllm":
+        return vllm_deployment_name(spec)
+    return "EmbeddingServer" if spec.task == "embedding" else "ChatModelServer"
+
+
+def model_autoscaling(spec: ModelSpec, scaling: AutoscalingSettings) -> dict[str, Any] | None:
+    return autoscaling_config(scaling, model_app_name(spec.id), min_replicas=spec.num_replicas,
+                              target_ongoing_requests=model_target(scaling, spec.max_ongoing_requests))
+
+
+def model_app(spec: ModelSpec, serve: ServeSettings, scaling: AutoscalingSettings | None = None,
+              tracing: TracingSettings | None = None) -> AppSpec:
     """A model's application; its args are the spec's non-default fields (the builders read them
-    back with `ModelSpec.model_validate`) and, for our own engines, the non-default `serve` ones
-    (and `tracing` ones, when tracing is on)."""
+    back with `ModelSpec.model_validate`), the non-default `autoscaling` ones and, for our own
+    engines, the non-default `serve` ones (and `tracing` ones, when tracing is on)."""
+    scaling = scaling or AutoscalingSettings()
     args: dict[str, Any] = {"model": spec.model_dump(mode="json", exclude_defaults=True)}
+    cfg = model_autoscaling(spec, scaling)
+    deployments = _scaled(model_deployment_name(spec), cfg)
     if spec.engine == "vllm":  # Ray Serve LLM's own deployment: no ORFEAS replica options
-        return AppSpec(model_app_name(spec.id), VLLM_IMPORT_PATH, None, args)
+        args["autoscaling_config"] = copy.deepcopy(cfg)  # its own copy: no YAML alias in the render
+        if serve.gpu_node_label:
+            args["gpu_label"] = dict(serve.gpu_node_label)
+            d = deployments[0] if deployments else {"name": model_deployment_name(spec)}
+            d["ray_actor_options"] = replica_options_override(serve.gpu_node_label)
+            deployments = [d]
+        return AppSpec(model_app_name(spec.id), VLLM_IMPORT_PATH, None, args, deployments)
+    if changed := scaling.model_dump(mode="json", exclude_defaults=True):
+        args["autoscaling"] = changed
     args["serve"] = serve.model_dump(mode="json", exclude_defaults=True)
     if tracing is not None and tracing.enabled:
         args["tracing"] = tracing.model_dump(mode="json", exclude_defaults=True)
-    return AppSpec(model_app_name(spec.id), MODEL_IMPORT_PATH, None, args)
+    return AppSpec(model_app_name(spec.id), MODEL_IMPORT_PATH, None, args, deployments)
 
 
 def applications(settings: Settings) -> list[AppSpec]:
     """Model applications first (the gateway finds them by name), the RAG service and the agents
     API under their own /v1 prefixes (same keys as the gateway), then the gateway at `/`."""
-    apps = [model_app(m, settings.serve, settings.tracing) for m in settings.models
+    a = settings.autoscaling
+    apps = [model_app(m, settings.serve, a, settings.tracing) for m in settings.models
             if m.engine in IN_CLUSTER_ENGINES]
+
+    def api(app: str, deployment: str, replicas: int) -> list[dict[str, Any]]:
+        return _scaled(deployment, autoscaling_config(a, app, min_replicas=replicas,
+                                                      target_ongoing_requests=a.api_target_ongoing_requests))
+
     if settings.rag.enabled:
-        apps.append(AppSpec(RAG_APP, RAG_IMPORT_PATH, RAG_PREFIX, app_settings(settings, RAG_SECTIONS)))
+        apps.append(AppSpec(RAG_APP, RAG_IMPORT_PATH, RAG_PREFIX, app_settings(settings, RAG_SECTIONS),
+                            api(RAG_APP, RAG_DEPLOYMENT, settings.rag.num_replicas)))
     if settings.agents.enabled:
         apps.append(AppSpec(WORKFLOWS_APP, WORKFLOWS_IMPORT_PATH, WORKFLOWS_PREFIX,
-                            app_settings(settings, AGENTS_SECTIONS)))
-        apps.append(AppSpec(AGENTS_APP, AGENTS_IMPORT_PATH, AGENTS_PREFIX, app_settings(settings, AGENTS_SECTIONS)))
+                            app_settings(settings, AGENTS_SECTIONS), api(WORKFLOWS_APP, WORKFLOWS_DEPLOYMENT, 1)))
+        apps.append(AppSpec(AGENTS_APP, AGENTS_IMPORT_PATH, AGENTS_PREFIX, app_settings(settings, AGENTS_SECTIONS),
+                            api(AGENTS_APP, AGENTS_DEPLOYMENT, 1)))
     if settings.alerts.enabled:
         apps.append(AppSpec(ALERTS_APP, ALERTS_IMPORT_PATH, ALERTS_PREFIX, app_settings(settings, ALERTS_SECTIONS)))
-    apps.append(AppSpec(GATEWAY_APP, GATEWAY_IMPORT_PATH, GATEWAY_PREFIX, app_settings(settings, GATEWAY_SECTIONS)))
+    apps.append(AppSpec(GATEWAY_APP, GATEWAY_IMPORT_PATH, GATEWAY_PREFIX, app_settings(settings, GATEWAY_SECTIONS),
+                        api(GATEWAY_APP, GATEWAY_DEPLOYMENT, settings.gateway.num_replicas)))
     return apps
 
 

@@ -20,9 +20,9 @@ from models.embedders import DenseEmbedder
 from models.engines.local import local_chat_engine
 from models.errors import InvalidRequest, ModelUnavailable
 from models.protocol import GenerationEvent, GenerationRequest
-from config.settings import ServeSettings
+from config.settings import AutoscalingSettings, ServeSettings
 from observability import tracing
-from serve.applications import replica_actor_options
+from serve.applications import model_autoscaling, replica_actor_options
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,12 @@ class ChatModelServer(_Hosted):
     def __init__(self, spec: dict[str, Any], tracing_settings: dict[str, Any] | None = None):
         tracing.configure(TracingSettings.model_validate(tracing_settings or {}), "model")
         self._load(local_chat_engine(ModelSpec.model_validate(spec)))
+        self._tokens_in_flight = 0
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric (AutoscalingContext.aggregated_metrics): the token
+        load of the requests in flight, which the ORFEAS policy forecasts besides the count."""
+        return {"tokens_in_flight": float(self._tokens_in_flight)}
 
     def status(self) -> dict[str, Any]:
         out = super().status()
@@ -134,12 +140,19 @@ class ChatModelServer(_Hosted):
             gen = GenerationRequest.model_validate(request)
         except ValidationError as e:
             raise InvalidRequest(f"not a generation request: {e}") from None
-        if not tracing.enabled():
-            async for event in batched(self.engine.stream(gen), self.engine.spec.stream_interval_ms / 1000):
-                yield event.model_dump()
-            return
-        async for event in self._traced(gen, trace):
-            yield event
+        # A bound without a tokenizer pass: ~4 characters a prompt token, plus the output budget.
+        load = len(str(gen.messages or gen.prompt or "")) // 4 + min(gen.params.max_tokens or gen.params.max_tokens_cap,
+                                                                      gen.params.max_tokens_cap)
+        self._tokens_in_flight += load
+        try:
+            if not tracing.enabled():
+                async for event in batched(self.engine.stream(gen), self.engine.spec.stream_interval_ms / 1000):
+                    yield event.model_dump()
+                return
+            async for event in self._traced(gen, trace):
+                yield event
+        finally:
+            self._tokens_in_flight -= load
 
     async def _traced(self, gen: GenerationRequest, trace: dict[str, str] | None) -> AsyncIterator[dict]:
         """`generate` inside a `gen_ai.generate` span (GenAI semantic conventions: model, tokens, TTFT)."""
@@ -200,8 +213,10 @@ def build_model_app(args: dict[str, Any]):
     spec = ModelSpec.model_validate(args["model"])
     deployment = EmbeddingServer if spec.task == "embedding" else ChatModelServer
     extra = (args["tracing"],) if args.get("tracing") and deployment is ChatModelServer else ()
+    scaling = model_autoscaling(spec, AutoscalingSettings.model_validate(args.get("autoscaling") or {}))
+    count = {"autoscaling_config": scaling} if scaling is not None else {"num_replicas": spec.num_replicas}
     return deployment.options(
-        num_replicas=spec.num_replicas,
+        **count,
         max_ongoing_requests=spec.max_ongoing_requests,
         ray_actor_options=replica_actor_options(ServeSettings.model_validate(args["serve"]), num_cpus=spec.num_cpus,
                                                 num_gpus=spec.num_gpus),

@@ -30,7 +30,8 @@ from models.errors import NotFound, UpstreamTimeout
 from observability import metrics, tracing
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
 from security.auth import Principal
-from serve.applications import replica_actor_options
+from scaling.serve_options import replica_count
+from serve.applications import RAG_DEPLOYMENT, replica_actor_options
 from serve.http import admin, authenticated, catalog_label, http_app, label_model
 
 log = logging.getLogger(__name__)
@@ -208,8 +209,9 @@ def build_app(args: dict[str, Any]):
     """Serve application builder for the RAG service (see serve.applications)."""
     settings = settings_from_dict(args["settings"])
     return RagServer.options(
-        name="RagServer",
-        num_replicas=settings.rag.num_replicas,
+        name=RAG_DEPLOYMENT,
+        **replica_count(settings.autoscaling, RAG_APP, num_replicas=settings.rag.num_replicas,
+                        target_ongoing_requests=settings.autoscaling.api_target_ongoing_requests),
         max_ongoing_requests=32,
         ray_actor_options=replica_actor_options(settings.serve, num_cpus=settings.rag.num_cpus),
     ).bind(settings.to_dict())

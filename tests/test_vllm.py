@@ -51,7 +51,8 @@ SPEC = ModelSpec(id="big", engine="vllm", source="org/model", num_gpus=1, max_co
 
 def test_the_adapter_is_an_engine_with_one_llmserver_method_per_kind():
     assert isinstance(VLLMEngine(SPEC, lambda: None), Engine)
-    assert METHODS[GenerationKind.CHAT][0] == "chat" and METHODS[GenerationKind.COMPLETION][0] == "completions"
+    # OrfeasLLMServer's JSON entry points (models/engines/vllm_server.py): the gateway sends dicts.
+    assert METHODS[GenerationKind.CHAT] == "chat_json" and METHODS[GenerationKind.COMPLETION] == "completions_json"
 
 
 def test_every_parameter_reaches_vllm_and_max_tokens_is_always_set():

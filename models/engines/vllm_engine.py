@@ -26,41 +26,83 @@ MISSING_EXTRA = (
     "(pip install 'orfeas[gpu]') on a machine with a CUDA GPU"
 )
 STATUS_TIMEOUT_S = 3.0
-# LLMServer's method and vLLM's request type for each kind.
-METHODS = {GenerationKind.CHAT: ("chat", "ChatCompletionRequest"),
-           GenerationKind.COMPLETION: ("completions", "CompletionRequest")}
+# The JSON entry point of OrfeasLLMServer (models/engines/vllm_server.py) for each kind: the
+# gateway sends plain dicts and never imports vLLM or its types.
+METHODS = {GenerationKind.CHAT: "chat_json", GenerationKind.COMPLETION: "completions_json"}
 
 
 def vllm_available() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
+def configured_max_model_len(spec: ModelSpec) -> int | None:
+    """The context length the catalog sets (engine_kwargs.max_model_len, else an explicit
+    max_context), or None: then vLLM uses the model's own context from its config."""
+    if "max_model_len" in spec.engine_kwargs:
+        return int(spec.engine_kwargs["max_model_len"])
+    return spec.max_context if "max_context" in spec.model_fields_set else None
+
+
 def max_model_len(spec: ModelSpec) -> int:
-    return int(spec.engine_kwargs.get("max_model_len", spec.max_context))
+    """The context the gateway budgets with: the configured one, else max_context's default (a
+    lower bound of what vLLM was given)."""
+    return configured_max_model_len(spec) or spec.max_context
 
 
-def llm_config(spec: ModelSpec):
+def engine_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    """vLLM's engine arguments: the catalog's, plus max_model_len when the catalog sets one and
+    tensor parallelism over the GPUs the entry asks for (num_gpus: 2 shards the model on 2 GPUs)."""
+    kwargs = dict(spec.engine_kwargs)
+    if (n := configured_max_model_len(spec)) is not None:
+        kwargs["max_model_len"] = n
+    if spec.num_gpus > 1 and "tensor_parallel_size" not in kwargs and "pipeline_parallel_size" not in kwargs:
+        kwargs["tensor_parallel_size"] = int(spec.num_gpus)
+    return kwargs
+
+
+# Ray Serve LLM sets this hook in its replicas' runtime_env; a declarative `ray_actor_options`
+# replaces the code's, so the serve config's override carries it again.
+LLM_SETUP_HOOK = "ray.llm._internal.serve._worker_process_setup_hook"
+
+
+def replica_options_override(gpu_label: dict[str, str]) -> dict[str, Any]:
+    """`ray_actor_options` of a vLLM deployment in the declarative config: pinned to GPU-image
+    nodes, which also pins Serve's build task for the app (it follows a shared label selector)."""
+    return {"label_selector": dict(gpu_label), "runtime_env": {"worker_process_setup_hook": LLM_SETUP_HOOK}}
+
+
+def llm_config(spec: ModelSpec, autoscaling_config: dict[str, Any] | None = None,
+               gpu_label: dict[str, str] | None = None):
     from ray.serve.llm import LLMConfig
 
+    deployment: dict[str, Any] = {"max_ongoing_requests": spec.max_ongoing_requests}
+    if gpu_label:
+        deployment["ray_actor_options"] = {"label_selector": dict(gpu_label)}
+    if autoscaling_config is not None:
+        deployment["autoscaling_config"] = autoscaling_config
+    else:
+        deployment["num_replicas"] = spec.num_replicas
     return LLMConfig(
         model_loading_config={"model_id": spec.id, "model_source": spec.source},
         accelerator_type=spec.accelerator_type,
-        deployment_config={
-            "num_replicas": spec.num_replicas,
-            "max_ongoing_requests": spec.max_ongoing_requests,
-        },
-        engine_kwargs={"max_model_len": spec.max_context, **spec.engine_kwargs},
+        deployment_config=deployment,
+        engine_kwargs=engine_kwargs(spec),
     )
 
 
 def build_vllm_app(args: dict[str, Any]):
-    """Serve application builder: the model's LLMServer deployment from `ray.serve.llm`."""
+    """Serve application builder: the model's LLMServer deployment from `ray.serve.llm`
+    (`autoscaling_config`: the one serve.applications chose for it, or None)."""
     spec = ModelSpec.model_validate(args["model"])
     if not vllm_available():
         raise RuntimeError(MISSING_EXTRA.format(id=spec.id))
     from ray.serve.llm import build_llm_deployment
 
-    return build_llm_deployment(llm_config(spec))
+    from models.engines.vllm_server import OrfeasLLMServer
+
+    # The class name stays LLMServer's in the deployment name (serve.applications names it).
+    return build_llm_deployment(llm_config(spec, args.get("autoscaling_config"), args.get("gpu_label")),
+                                deployment_cls=OrfeasLLMServer, name_prefix="LLMServer:")
 
 
 def prompt_tokens_bound(request: GenerationRequest) -> int:
@@ -107,10 +149,7 @@ class VLLMEngine(Engine):
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[GenerationEvent]:
         """LLMServer's OpenAI stream as generation events."""
-        from ray.serve.llm import openai_api_models
-
-        method, type_name = METHODS[request.kind]
-        body = getattr(openai_api_models, type_name)(**vllm_body(request, self.spec))
+        method, body = METHODS[request.kind], vllm_body(request, self.spec)
         reader = StreamReader(request.kind)
         async for batch in getattr(self.handle.options(stream=True), method).remote(body):
             for item in batch if isinstance(batch, list) else [batch]:

@@ -19,6 +19,7 @@ from ray import serve
 from analytics.budgets import UsageBook
 from analytics.ledger import period_start
 from config import Settings, settings_from_dict
+from config.names import GATEWAY_APP
 from models.errors import (
     APIError,
     InvalidRequest,
@@ -44,7 +45,8 @@ from models.protocol import (
     now,
 )
 from security.auth import Principal
-from serve.applications import replica_actor_options
+from scaling.serve_options import replica_count
+from serve.applications import GATEWAY_DEPLOYMENT, replica_actor_options
 from serve.gateway.aliases import RAG_DISABLED, OrchestratorAlias, RagAlias, rag_collection
 from serve.gateway.auth_routes import router as auth_router
 from serve.gateway.backends import BackendRegistry
@@ -274,8 +276,9 @@ def build_app(args: dict[str, Any]):
     settings = settings_from_dict(args["settings"])
     g = settings.gateway
     return serve.deployment(Gateway).options(
-        name="Gateway",
-        num_replicas=g.num_replicas,
+        name=GATEWAY_DEPLOYMENT,
+        **replica_count(settings.autoscaling, GATEWAY_APP, num_replicas=g.num_replicas,
+                        target_ongoing_requests=settings.autoscaling.api_target_ongoing_requests),
         max_ongoing_requests=g.max_ongoing_requests,
         ray_actor_options=replica_actor_options(settings.serve, num_cpus=g.num_cpus),
     ).bind(settings.to_dict())

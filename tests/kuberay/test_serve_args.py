@@ -21,6 +21,7 @@ from pydantic import BaseModel
 
 from cluster import k8s_render
 from config import ModelSpec, ServeSettings, Settings, load_settings, settings_from_dict
+from config.settings import AutoscalingSettings
 from config.names import AGENTS_APP, GATEWAY_APP, RAG_APP, WORKFLOWS_APP
 from serve.applications import applications
 
@@ -33,7 +34,8 @@ METHODS = {"model": "models", "resolved_data_dir": "data_dir"}
 # Modules an app imports without running their settings code: the list of apps itself (the
 # builders import it for `replica_actor_options`) and the settings model.
 NOT_APP_CODE = ("serve.applications", "config")
-MAX_LINES = 200
+# Each deployment's autoscaling_config adds ~8 lines (the GPU overlays have 6 apps and a vLLM one).
+MAX_LINES = 300
 
 
 def _module_file(name: str) -> Path | None:
@@ -117,7 +119,7 @@ def _non_default(tmp_path: Path) -> Settings:
                    {"id": "big", "engine": "vllm", "source": "org/big", "num_gpus": 1, "accelerator_type": "L4"}],
         "rag": {"top_k": 5, "embedding_model": "emb"}, "router": {"lambda_cost": 0.03},
         "agents": {"max_steps": 4}, "tracing": {"sample_ratio": 0.5},
-        "monitoring": {"ttft_slo_s": 1.5}, "alerts": {"enabled": True},
+        "monitoring": {"ttft_slo_s": 1.5}, "alerts": {"enabled": True}, "autoscaling": {"max_replicas": 5},
     }))
     return load_settings(f)
 
@@ -186,6 +188,10 @@ def test_model_apps_get_their_spec_and_only_what_the_builder_reads(tmp_path):
         assert ModelSpec.model_validate(app.args["model"]) == spec, app.name
         source = _module_file(_builder_module(app.import_path)).read_text()
         expected = {"model"} | ({"serve"} if 'args["serve"]' in source else set())
+        expected |= {k for k in ("autoscaling", "autoscaling_config") if f'args.get("{k}")' in source}
+        assert ("autoscaling" not in app.args
+                or AutoscalingSettings.model_validate(app.args["autoscaling"]) == settings.autoscaling)
+        expected |= {"gpu_label"} if 'args.get("gpu_label")' in source and settings.serve.gpu_node_label else set()
         assert set(app.args) == expected, app.name
         if "serve" in app.args:
             assert ServeSettings.model_validate(app.args["serve"]) == settings.serve
