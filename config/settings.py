@@ -63,6 +63,8 @@ class LimitSettings(_Section):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
     max_tokens: int = Field(4096, ge=1, description="Ceiling on max_tokens for any request.")
     max_embedding_inputs: int = Field(512, ge=1)
+    max_json_depth: int = Field(64, ge=2, le=512, description="JSON bodies nested deeper get 400 "
+                                "(checked before parsing: deep nesting would overflow the parser's stack).")
 
 
 class AuthSettings(_Section):

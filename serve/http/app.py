@@ -41,6 +41,7 @@ from models.protocol import ErrorResponse
 from security.auth import Authenticator
 from serve.http.body import BodyLimitMiddleware
 from serve.http.errors import ErrorMiddleware, install_error_handlers
+from serve.http.json_guard import DEFAULT_MAX_JSON_DEPTH, JsonGuardMiddleware
 from serve.http.metrics import MetricsMiddleware, request_metrics
 from serve.http.request_id import RequestIdMiddleware, install_log_record_factory
 
@@ -99,7 +100,7 @@ class HttpState(State):
         super().__init__()
         for attr, value in {"key": key, "name": name, "settings": None, "authenticator": None,
                             "max_body_bytes": DEFAULT_MAX_BODY_BYTES, "model_label": _unknown_label,
-                            "behind_serve": False}.items():
+                            "behind_serve": False, "max_json_depth": DEFAULT_MAX_JSON_DEPTH}.items():
             object.__setattr__(self, attr, value)
 
     def __reduce__(self):
@@ -114,7 +115,8 @@ class HttpState(State):
         values = {"settings": settings, "max_body_bytes": settings.limits.max_body_bytes,
                   "authenticator": authenticator or Authenticator(settings),
                   "model_label": model_label or catalog_label(settings),
-                  "behind_serve": _in_serve_replica() if behind_serve is None else behind_serve}
+                  "behind_serve": _in_serve_replica() if behind_serve is None else behind_serve,
+                  "max_json_depth": settings.limits.max_json_depth}
         for attr, value in values.items():
             object.__setattr__(self, attr, value)
         request_metrics()  # registered with the replica's metrics agent before the first request
@@ -134,7 +136,8 @@ def http_app(title: str, *, name: str | None = None, version: str = "0.1.0", **f
     # metrics (which see the final status, 413s and 500s included), the body limit, and the
     # catch-all that turns what no handler took into a JSON response.
     middleware = [Middleware(RequestIdMiddleware, http=state), Middleware(MetricsMiddleware, http=state),
-                  Middleware(BodyLimitMiddleware, http=state), Middleware(ErrorMiddleware),
+                  Middleware(BodyLimitMiddleware, http=state), Middleware(JsonGuardMiddleware, http=state),
+                  Middleware(ErrorMiddleware),
                   *fastapi_kwargs.pop("middleware", ())]
     app = FastAPI(title=title, version=version, responses=responses, middleware=middleware, **fastapi_kwargs)
     app.state = state
