@@ -20,6 +20,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
+from agents import limits
 from agents import scheduling as sch
 from agents.agent import AgentActor, AgentError, gateway_chat, usage_of
 from agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, resolve
@@ -342,6 +343,7 @@ class Coordinator:
             if s.kind == "tool" and s.tool not in SHIPPED_TOOLS:
                 raise InvalidRequest(f"step {s.id!r}: unknown tool {s.tool!r}; shipped: {list(SHIPPED_TOOLS)}",
                                      "definition")
+        limits.check_model_steps(wf, self.cfg.default_model)
         for a in wf.agents:
             bad = [t for t in a.tools if t not in SHIPPED_TOOLS]
             if bad:
@@ -366,6 +368,8 @@ class Coordinator:
         if run_id in self.drivers or self.store.load(run_id) is not None:
             raise Conflict(f"run {run_id!r} already exists", "run_id")
         self._check_runnable(wf, run_id)
+        size = limits.run_size(wf, inputs or {}, self.cfg)  # 400 over a per-run limit
+        limits.admit((ex.run for ex in self.runs.values()), owner, size, self.cfg)  # 429 over a per-key one
         run = RunState.new(run_id, wf, inputs, owner, caller=caller)
         self.store.save(run)
         self.metrics.run_started(wf.name)
@@ -379,7 +383,8 @@ class Coordinator:
         self.events.setdefault(run.run_id, self.store.events(run.run_id)[-EVENTS_KEPT:])
         executor = RunExecutor(run, self, self.store.save, lambda e, d, rid=run.run_id: self._emit(rid, e, d),
                                self.cfg.max_parallel_steps, self.cfg.step_timeout_s,
-                               on_finish=self._finished, on_step=self.metrics.step_done)
+                               on_finish=self._finished, on_step=self.metrics.step_done,
+                               max_foreach_items=self.cfg.max_foreach_items)
         self.runs[run.run_id] = executor
         await self._emit(run.run_id, first_event, {"workflow": run.workflow.name, "resumed": run.resumed})
         self.drivers[run.run_id] = asyncio.create_task(self._guarded(executor))

@@ -386,6 +386,12 @@ class AgentsSettings(_Section):
     heartbeat_s: float = Field(1.0, gt=0, description="How often a busy agent reports its task alive.")
     step_timeout_s: float = Field(300.0, gt=0, description="Default per-step timeout.")
     max_parallel_steps: int = Field(16, ge=1, description="Steps of one run in flight at once.")
+    max_foreach_items: int = Field(1000, ge=1, description="Items of one foreach fan-out (more: 400).")
+    max_steps_per_run: int = Field(5000, ge=1, description="Step executions of one run, fan-out items counted "
+                                   "(more: 400 when the run is created).")
+    max_active_runs_per_key: int = Field(20, ge=1, description="Unfinished runs of one key (more: 429).")
+    max_queued_steps_per_key: int = Field(20_000, ge=1, description="Step executions still to do over one key's "
+                                          "unfinished runs (more: 429).")
     auto_resume: bool = Field(True, description="A (re)started coordinator resumes unfinished runs.")
     http_get: HttpToolSettings = Field(default_factory=HttpToolSettings)
     api_num_cpus: float = Field(0.1, ge=0)

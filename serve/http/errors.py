@@ -83,8 +83,17 @@ def error_response(e: APIError, request: Request | None = None) -> JSONResponse:
     the error's type is noted for the request metrics."""
     if request is not None:
         request.state.error_type = e.type
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return JSONResponse(e.body(), status_code=e.status, headers=error_headers(e))
+
+
+def error_headers(e: APIError) -> dict[str, str] | None:
+    """A 401's challenge; `Retry-After` (whole seconds) for an error that says when to come back
+    (a class or instance attribute `retry_after_s`: a 429 or 503 of a limit or of capacity)."""
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    retry = getattr(e, "retry_after_s", None)
+    if retry is not None:
+        headers["Retry-After"] = str(max(int(-(-float(retry) // 1)), 1))
+    return headers or None
 
 
 def _internal(scope: Scope, e: BaseException) -> JSONResponse:
@@ -165,8 +174,7 @@ class ErrorMiddleware:
             typed = api_error(e)
             if typed is not None:
                 scope.setdefault("state", {})["error_type"] = typed.type
-                headers = {"WWW-Authenticate": "Bearer"} if typed.status == 401 else None
-                response = JSONResponse(typed.body(), status_code=typed.status, headers=headers)
+                response = JSONResponse(typed.body(), status_code=typed.status, headers=error_headers(typed))
             else:
                 response = _internal(scope, e)
             await response(scope, receive, send)
