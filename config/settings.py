@@ -103,6 +103,9 @@ class ModelSpec(_Section):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0, ge=0)
     max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(32, ge=-1, description="Requests each caller (gateway replica) queues for "
+                                     "this model beyond max_ongoing_requests x replicas; more get 503 with "
+                                     "Retry-After at once (-1: unbounded).")
     stream_interval_ms: float = Field(
         20.0, ge=0, description="transformers: after the first token, stream what was generated at most every "
         "this many ms (one Ray message per batch instead of per token); 0 sends every token at once.")
@@ -257,6 +260,8 @@ class BreakerSettings(_Section):
     min_requests: int = Field(20, ge=1, description="... once this many requests have been seen.")
     cooldown_s: float = Field(30.0, gt=0, description="Open time before a half-open trial.")
     half_open_max: int = Field(1, ge=1, description="Trial requests let through while half-open.")
+    open_probe_interval_s: float = Field(1.0, gt=0, description="How often an open circuit's backend is probed; "
+                                         "a passing probe re-admits it (half-open) before the cooldown ends.")
 
 
 class ArmSettings(_Section):
