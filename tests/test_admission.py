@@ -21,7 +21,8 @@ CHAT = "tiny-chat"
 def test_a_passing_probe_re_admits_an_open_circuit_before_its_cooldown():
     cfg = BreakerSettings(cooldown_s=30)
     opened = health.BackendHealth(state=health.OPEN, opened_at=100.0, last_error="replica lost")
-    h = health.probe(opened, True, 100.5, cfg)  # healthy again half a second later
+    assert health.probe(opened, True, 100.5, cfg).state == health.OPEN  # not within a probe interval
+    h = health.probe(opened, True, 101.0, cfg)  # healthy again a probe interval later, cooldown or not
     assert h.state == health.HALF_OPEN and h.trials == 0
     ok, h = health.admit(h, 100.6, cfg)
     assert ok  # the next request is the trial...
