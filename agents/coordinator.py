@@ -43,6 +43,7 @@ EVENTS_KEPT = 5_000
 # How long a task waits for its agent actor's first heartbeat (process start, imports) before the
 # actor is taken for lost.
 AGENT_START_TIMEOUT_S = 60.0
+CANCEL_WAIT_S = 10.0
 
 
 class Conflict(InvalidRequest):
@@ -485,7 +486,9 @@ class Coordinator:
         if executor is not None and run_id in self.drivers:
             driver = self.drivers[run_id]
             await executor.update(sch.cancel(run), "run.cancelling", {})
-            await asyncio.wait([driver])  # its running steps are cancelled before this returns
+            # Its running steps are cancelled before this returns; a step slow to stop (a Ray task
+            # that ignores the cancel) cannot hold the answer longer than CANCEL_WAIT_S.
+            await asyncio.wait([driver], timeout=CANCEL_WAIT_S)
         else:  # not being driven (e.g. not resumed yet): settle it on disk
             p = sch.plan(sch.cancel(run), time.time())
             self.store.save(sch.apply_plan(sch.cancel(run), p, time.time()))

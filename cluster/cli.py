@@ -40,8 +40,15 @@ def _router_status(probe: bool = False) -> dict | None:
 
 
 def _model_states(settings: Settings) -> dict[str, str] | None:
-    from cluster.local import api_url
+    from ray import serve
 
+    from cluster.local import api_url
+    from serve.applications import GATEWAY_APP
+
+    try:  # /readyz lists models only to a caller with a key: ask the gateway over its handle
+        return serve.get_app_handle(GATEWAY_APP).model_states.remote().result(timeout_s=30)
+    except Exception:
+        pass
     try:
         resp = httpx.get(api_url(settings) + "/readyz", timeout=10)
         return resp.json().get("models")
@@ -103,6 +110,9 @@ def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Se
         if not ray.get(store.has_admin.remote()):
             record, key = ray.get(store.create.remote("admin", None, "admin (created by orfeas up)"))
             console.print(f"\n[bold]Admin API key[/] (shown once, only its hash is stored): [bold green]{key}[/]\n", soft_wrap=True)
+        else:  # its key was printed when it was made; only its hash is kept
+            console.print("An admin API key exists already (printed once when it was made). Lost it? Make another "
+                          "with [bold]orfeas keys create --role admin[/] (on this machine, with the cluster up).")
     else:
         err.print("[bold yellow]warning:[/] auth is switched off (auth.enabled: false): anyone who reaches "
                   f"{api_url(settings)} can use every model")

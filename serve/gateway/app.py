@@ -94,11 +94,18 @@ class Gateway:
         return Health()
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
-    async def readyz(self) -> JSONResponse:
+    async def readyz(self, request: Request) -> JSONResponse:
         cards = await self.catalog.cards(None)
         ready = any(c.status == "ready" for c in cards)
-        body = Readiness(status="ready" if ready else "unavailable", models={c.id: c.status for c in cards})
+        # Ready or not for anyone (load balancers, probes); which models exist only for a valid key.
+        known = request.headers.get("authorization") is not None and await _has_valid_key(request)
+        body = Readiness(status="ready" if ready else "unavailable",
+                         models={c.id: c.status for c in cards} if known else {})
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    async def model_states(self) -> dict[str, str]:
+        """Each catalog model's health (for `orfeas status`, over the handle: no key needed)."""
+        return {c.id: c.status for c in await self.catalog.cards(None)}
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self, principal: Principal = Depends(authenticated)) -> ModelList:
@@ -253,6 +260,14 @@ class Gateway:
         a = await self.chat.complete(ChatCall(principal or INTERNAL_CALLER, "internal"), model_id, gen)
         return {"content": a.text or None, "tool_calls": [c.model_dump() for c in a.tool_calls] if a.tool_calls else None,
                 "model": a.model, "usage": a.usage.model_dump(), "cost_usd": a.cost_usd}
+
+
+async def _has_valid_key(request: Request) -> bool:
+    try:
+        await authenticated(request)
+        return True
+    except APIError:
+        return False
 
 
 def build_app(args: dict[str, Any]):
