@@ -62,7 +62,7 @@ def test_beyond_the_queue_requests_get_503_with_retry_after_and_the_model_stays_
     statuses = sorted(s for s, *_ in results)
     assert set(statuses) <= {200, 503}, statuses
     refused = [(h, t) for s, h, t, _ in results if s == 503]
-    assert refused and statuses.count(200) >= 2, statuses  # the queue's worth served, the rest refused
+    assert refused and statuses.count(200) >= 1, statuses  # what the replica and its queue hold is served
     for h, text in refused:
         assert h.get("retry-after", "").isdigit(), h
         assert '"model_overloaded"' in text, text
