@@ -52,6 +52,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "4XX": {"model": ErrorResponse, "description": "An OpenAI-style error: the bad parameter in `param`."},
     "5XX": {"model": ErrorResponse, "description": "An OpenAI-style error."},
 }
+# The statuses every route may answer, each named, so that tools (schemathesis, client generators)
+# see them: a bad body, a missing key, a scope, an unknown id, a wrong method (with `Allow`), a
+# body too large, a limit (with `Retry-After`), no capacity (with `Retry-After`).
+for _status, _why in {400: "Invalid request: the bad parameter is in `param`.",
+                      401: "No valid API key (`WWW-Authenticate: Bearer`).",
+                      403: "The key may not do this.", 404: "No such resource.",
+                      405: "Method not allowed; `Allow` lists the methods.", 413: "Request body too large.",
+                      429: "A limit was reached; retry after `Retry-After` seconds.",
+                      503: "No capacity or a part is down; retry after `Retry-After` seconds."}.items():
+    ERROR_RESPONSES[_status] = {"model": ErrorResponse, "description": _why}
 
 # The dependencies that authenticate (serve.http.auth adds them): routes that use one get the
 # bearer scheme in their OpenAPI operation.
