@@ -39,6 +39,13 @@ def _router_status(probe: bool = False) -> dict | None:
         return None
 
 
+def _metrics_address() -> str:
+    """Where this node's Ray metrics export (every ORFEAS metric included) listens."""
+    node = next((n for n in ray.nodes() if n.get("Alive")), {})
+    port = node.get("MetricsExportPort")
+    return f"http://{node.get('NodeManagerAddress', '127.0.0.1')}:{port}/metrics" if port else "(not exported)"
+
+
 def _model_states(settings: Settings) -> dict[str, str] | None:
     from ray import serve
 
@@ -171,12 +178,13 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False,
     apps = {n: {"status": a.status.value, "message": a.message} for n, a in serve.status().applications.items()}
     models = _model_states(settings)
     if as_json:
-        print_json({"cluster": cluster_address(settings), "resources": resources, "applications": apps,
-                    "models": models, "router": _router_status(probe)})
+        print_json({"cluster": cluster_address(settings), "metrics": _metrics_address(), "resources": resources,
+                    "applications": apps, "models": models, "router": _router_status(probe)})
         return
     console.print(f"cluster:   {cluster_address(settings)}  ({resources.get('CPU', 0):g} CPU, "
                   f"{resources.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s))")
-    console.print(f"dashboard: {dashboard_url(settings)}\napi:       {api_url(settings)}/v1\n")
+    console.print(f"dashboard: {dashboard_url(settings)}\napi:       {api_url(settings)}/v1")
+    console.print(f"metrics:   {_metrics_address()}  (Prometheus text; Ray's export of this node)\n")
     app_table = table("application", "status", "message")
     for n, a in apps.items():
         app_table.add_row(n, a["status"], (a["message"] or "")[:80])

@@ -33,6 +33,9 @@ class RaySettings(_Section):
     gcs_port: int = Field(6380, ge=1, le=65535)
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1, le=65535)
+    node_ip_address: str = Field("127.0.0.1", description="Address a local head's services bind to (GCS, "
+                                 "object manager, metrics export): loopback keeps them off the network; the "
+                                 "machine's own address lets workers on other hosts join.")
 
 
 class ServeSettings(_Section):
