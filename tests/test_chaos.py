@@ -27,10 +27,18 @@ BODY = {"messages": [{"role": "user", "content": "Tell me about Ray."}], "max_to
 
 
 def replicas(model: str) -> list[str]:
-    from ray.util.state import list_actors
-
+    """The names of a model's live Serve replica actors (no dashboard needed)."""
     prefix = f"SERVE_REPLICA::{model_app_name(model)}#"
-    return [a.name for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000) if (a.name or "").startswith(prefix)]
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
+             if a["namespace"] == "serve" and a["name"].startswith(prefix)]
+    alive = []
+    for name in names:
+        try:
+            ray.get_actor(name, namespace="serve")
+            alive.append(name)
+        except ValueError:
+            pass
+    return alive
 
 
 def running_replicas(model: str) -> int:

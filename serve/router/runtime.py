@@ -326,6 +326,13 @@ class Router:
             if not ok:
                 attempts.append((mid, "circuit_open"))
                 continue
+            if self._full(mid):  # this replica's own bound: refused without a round trip to Serve
+                self._set(mid, health.release(h))
+                full.add(mid)
+                attempts.append((mid, "overloaded"))
+                last = ModelOverloaded(f"model {mid!r} is at capacity (its request queue is full); retry shortly",
+                                       "model")
+                continue
             self._set(mid, h)
             backend = self.backends.get(mid)
             start = time.monotonic()
@@ -370,6 +377,15 @@ class Router:
                                  + ", ".join(f"{m} {o}" for m, o in attempts), "model")
         tried = ", ".join(f"{m} ({o})" for m, o in attempts)
         raise type(last)(f"{last.message} [tried: {tried}]", last.param, last.code)
+
+    def _full(self, mid: str) -> bool:
+        """Whether this gateway replica already has a Serve-hosted model's whole queue in flight
+        (`max_ongoing_requests` x replicas + `max_queued_requests`): the same bound Serve's
+        handle enforces, checked here first so that a refusal costs no Ray call."""
+        spec = self.specs[mid]
+        if spec.engine == "openai" or spec.max_queued_requests < 0:
+            return False
+        return self.outstanding[mid] >= spec.max_ongoing_requests * spec.num_replicas + spec.max_queued_requests
 
     @staticmethod
     def _first_failure(mid: str, e: Exception) -> tuple[None, APIError]:
