@@ -65,6 +65,16 @@ STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, 
 app = http_app("ORFEAS gateway")
 
 
+# Defined before the class: `serve.ingress` pickles the routes when the class is made, with the
+# module globals that exist then.
+async def _has_valid_key(request: Request) -> bool:
+    try:
+        await authenticated(request)
+        return True
+    except APIError:
+        return False
+
+
 @serve.ingress(app)
 class Gateway:
     def __init__(self, settings: dict[str, Any]):
@@ -260,14 +270,6 @@ class Gateway:
         a = await self.chat.complete(ChatCall(principal or INTERNAL_CALLER, "internal"), model_id, gen)
         return {"content": a.text or None, "tool_calls": [c.model_dump() for c in a.tool_calls] if a.tool_calls else None,
                 "model": a.model, "usage": a.usage.model_dump(), "cost_usd": a.cost_usd}
-
-
-async def _has_valid_key(request: Request) -> bool:
-    try:
-        await authenticated(request)
-        return True
-    except APIError:
-        return False
 
 
 def build_app(args: dict[str, Any]):
