@@ -116,3 +116,26 @@ def test_content_null_is_refused_on_user_messages_only():
                                                               "function": {"name": "f", "arguments": "{}"}}]},
         {"role": "tool", "content": "3", "tool_call_id": "c"}])
     assert ok.messages[1].content is None
+
+
+def test_405_allow_names_every_method_of_the_path():
+    app = http_app(f"ORFEAS allow {uuid.uuid4().hex[:8]}", name="allow")
+
+    @app.post("/runs")
+    async def start() -> dict:
+        return {}
+
+    @app.get("/runs")
+    async def listing() -> dict:
+        return {}
+
+    app.state.configure(Settings(auth={"enabled": False}), behind_serve=False)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://unit") as c:
+            return await c.request("DELETE", "/runs")
+
+    r = asyncio.run(go())
+    assert r.status_code == 405 and r.headers["allow"] == "GET, POST"  # Starlette alone said "POST"
+    assert r.json()["error"]["type"] == "invalid_request_error"

@@ -115,6 +115,19 @@ class BodyTooLarge(HTTPException):
         self.limit = limit
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route of the app serves at this path (Starlette's 405 names only the
+    first route that matched the path: a path with a GET and a POST route said `Allow: POST`)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\x00"})  # no method matches: path only
+        if match is Match.PARTIAL and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """The handlers every ORFEAS app has (`http_app` installs them; a bare FastAPI may call this)."""
 
@@ -132,8 +145,11 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(PayloadTooLarge(str(e.detail)), request)
         kind = error_type_for(e.status_code)
         request.state.error_type = kind
+        headers = getattr(e, "headers", None)
+        if e.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
         return JSONResponse({"error": {"message": str(e.detail), "type": kind, "param": None, "code": None}},
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
+                            status_code=e.status_code, headers=headers)
 
     @app.exception_handler(RayTaskError)
     async def _ray(request: Request, e: RayTaskError) -> JSONResponse:
