@@ -21,7 +21,10 @@ from config import ModelSpec
 from config.names import model_app_name
 from harness import deployed, make_key, platform_settings
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow,
+              # Written and committed but not yet run on a live cluster (the session's locked time ran
+              # out before its turn): run `pytest tests/test_chaos.py -s` and drop this mark.
+              pytest.mark.skip(reason="not yet run live; see the comment above")]
 
 BODY = {"messages": [{"role": "user", "content": "Tell me about Ray."}], "max_tokens": 24, "stream": True}
 
