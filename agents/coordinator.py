@@ -20,6 +20,7 @@ from typing import Any
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
 
+from agents import limits
 from agents import scheduling as sch
 from agents.agent import AgentActor, AgentError, gateway_chat, usage_of
 from agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, resolve
@@ -43,6 +44,7 @@ EVENTS_KEPT = 5_000
 # How long a task waits for its agent actor's first heartbeat (process start, imports) before the
 # actor is taken for lost.
 AGENT_START_TIMEOUT_S = 60.0
+CANCEL_WAIT_S = 10.0
 
 
 class Conflict(InvalidRequest):
@@ -347,6 +349,7 @@ class Coordinator:
             if s.kind == "tool" and s.tool not in SHIPPED_TOOLS:
                 raise InvalidRequest(f"step {s.id!r}: unknown tool {s.tool!r}; shipped: {list(SHIPPED_TOOLS)}",
                                      "definition")
+        limits.check_model_steps(wf, self.cfg.default_model)
         for a in wf.agents:
             bad = [t for t in a.tools if t not in SHIPPED_TOOLS]
             if bad:
@@ -373,6 +376,8 @@ class Coordinator:
         if run_id in self.drivers or self.store.load(run_id) is not None:
             raise Conflict(f"run {run_id!r} already exists", "run_id")
         self._check_runnable(wf, run_id)
+        size = limits.run_size(wf, inputs or {}, self.cfg)  # 400 over a per-run limit
+        limits.admit((ex.run for ex in self.runs.values()), owner, size, self.cfg)  # 429 over a per-key one
         run = RunState.new(run_id, wf, inputs, owner, caller=caller)
         if trace:
             self.traces[run_id] = trace
@@ -389,7 +394,7 @@ class Coordinator:
         executor = RunExecutor(run, self, self.store.save, lambda e, d, rid=run.run_id: self._emit(rid, e, d),
                                self.cfg.max_parallel_steps, self.cfg.step_timeout_s,
                                on_finish=self._finished, on_step=self.metrics.step_done,
-                               trace=self.traces.pop(run.run_id, None))
+                               trace=self.traces.pop(run.run_id, None), max_foreach_items=self.cfg.max_foreach_items)
         self.runs[run.run_id] = executor
         await self._emit(run.run_id, first_event, {"workflow": run.workflow.name, "resumed": run.resumed})
         self.drivers[run.run_id] = asyncio.create_task(self._guarded(executor))
@@ -490,7 +495,9 @@ class Coordinator:
         if executor is not None and run_id in self.drivers:
             driver = self.drivers[run_id]
             await executor.update(sch.cancel(run), "run.cancelling", {})
-            await asyncio.wait([driver])  # its running steps are cancelled before this returns
+            # Its running steps are cancelled before this returns; a step slow to stop (a Ray task
+            # that ignores the cancel) cannot hold the answer longer than CANCEL_WAIT_S.
+            await asyncio.wait([driver], timeout=CANCEL_WAIT_S)
         else:  # not being driven (e.g. not resumed yet): settle it on disk
             p = sch.plan(sch.cancel(run), time.time())
             self.store.save(sch.apply_plan(sch.cancel(run), p, time.time()))

@@ -39,9 +39,11 @@ class RunExecutor:
     def __init__(self, run: RunState, runner: StepRunner, save: Callable[[RunState], None],
                  emit: Callable[[str, dict], Awaitable[None]], max_parallel: int = 16, default_timeout_s: float = 300,
                  on_finish: Callable[[RunState], None] | None = None,
-                 on_step: Callable[[RunState, str], None] | None = None, trace: dict[str, str] | None = None):
+                 on_step: Callable[[RunState, str], None] | None = None, trace: dict[str, str] | None = None,
+                 max_foreach_items: int | None = None):
         self.run = run
         self.trace = trace  # the W3C carrier the run's span continues (the request that started it)
+        self.max_foreach_items = max_foreach_items
         self.runner, self.save, self.emit = runner, save, emit
         self.max_parallel, self.default_timeout_s = max_parallel, default_timeout_s
         self.on_finish, self.on_step = on_finish, on_step
@@ -184,26 +186,31 @@ class RunExecutor:
                 raise StepFailed(f"foreach: {e}", retryable=False) from None
             if not isinstance(items, list):
                 raise StepFailed(f"foreach must give a list, not {type(items).__name__}", retryable=False)
+            if self.max_foreach_items is not None and len(items) > self.max_foreach_items:
+                raise StepFailed(f"foreach gives {len(items)} items, over the limit of {self.max_foreach_items} "
+                                 "(agents.max_foreach_items)", retryable=False)
             self.run = sch.set_items(self.run, step.id, items)
             self.save(self.run)
-        usage = {"model_calls": 0, "tokens": 0, "cost": 0.0}
         attempt = st.attempts
+        # Items run at most max_parallel at a time: a wide fan-out is a queue, not thousands of
+        # tasks at once (and a cancel finds most of it not started).
+        slots = asyncio.Semaphore(self.max_parallel)
 
         async def one(i: int, item: Any):
-            ns = {**sch.namespace(self.run), "item": item, "index": i}
-            out, u = await self.runner.run_step(self.run, step, ns, f"{self.run.run_id}:{step.id}[{i}]:{attempt}")
-            for k in usage:
-                usage[k] += u.get(k, 0)
-            self.run = sch.checkpoint_item(self.run, step.id, i, out)
-            self.save(self.run)  # each finished item survives a crash
-            await self.emit("step.item", {"step": step.id, "index": i})
+            async with slots:
+                ns = {**sch.namespace(self.run), "item": item, "index": i}
+                out, u = await self.runner.run_step(self.run, step, ns,
+                                                    f"{self.run.run_id}:{step.id}[{i}]:{attempt}")
+                # An item's usage is checkpointed with its output: a resumed run counts every call.
+                self.run = sch.checkpoint_item(self.run, step.id, i, out, u)
+                self.save(self.run)  # each finished item survives a crash
+                await self.emit("step.item", {"step": step.id, "index": i})
 
         todo = [i for i in range(len(items)) if str(i) not in self.run.steps[step.id].item_outputs]
         results = await asyncio.gather(*(one(i, items[i]) for i in todo), return_exceptions=True)
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             infra = any(isinstance(e, StepFailed) and e.infra for e in errors)
-            raise StepFailed(f"{len(errors)} of {len(todo)} items failed; first: {errors[0]}", infra=infra,
-                             usage=usage)
+            raise StepFailed(f"{len(errors)} of {len(todo)} items failed; first: {errors[0]}", infra=infra)
         outputs = self.run.steps[step.id].item_outputs
-        return [outputs[str(i)] for i in range(len(items))], usage
+        return [outputs[str(i)] for i in range(len(items))], {}  # the items' usage is counted already

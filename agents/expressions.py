@@ -210,3 +210,45 @@ def references(value: Any) -> set[str]:
             found |= set(re.findall(r"\bsteps\.([A-Za-z0-9_-]+)", m.group(1)))
             found |= set(re.findall(r"\bsteps\[['\"]([A-Za-z0-9_-]+)['\"]\]", m.group(1)))
     return found
+
+
+TEMPLATE_NAMES = frozenset({"inputs", "steps", "item", "index", "true", "false", "null"})
+
+
+def check(expression: str, names: frozenset[str] = TEMPLATE_NAMES) -> None:
+    """Refuse, without evaluating, what `evaluate` would refuse when it runs: syntax outside the
+    whitelist, unknown functions or names (`__import__('os')`), private attributes. A workflow's
+    expressions are checked this way when it is defined, not when its step runs."""
+    tree = _parse(expression)
+    allowed = {name for name in dir(_Evaluator) if name.startswith("_") and name[1:2].isupper()}
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.expr, ast.Expression)) and f"_{type(node).__name__}" not in allowed:
+            raise ExpressionError(f"{type(node).__name__} is not allowed")
+        if isinstance(node, ast.BinOp) and type(node.op) not in _BINARY or \
+                isinstance(node, ast.UnaryOp) and type(node.op) not in _UNARY or \
+                isinstance(node, ast.Compare) and any(type(op) not in _COMPARE for op in node.ops):
+            raise ExpressionError(f"operator in {ast.unparse(node)!r} is not allowed")
+        if isinstance(node, ast.Call):
+            func = node.func
+            if not isinstance(func, ast.Name) or func.id not in CONDITION_FUNCTIONS:
+                name = func.id if isinstance(func, ast.Name) else ast.unparse(func)
+                raise ExpressionError(f"unknown function {name!r}; allowed: {', '.join(sorted(CONDITION_FUNCTIONS))}")
+            if node.keywords:
+                raise ExpressionError("keyword arguments are not allowed")
+        elif isinstance(node, ast.Name) and node.id not in names and node.id not in CONDITION_FUNCTIONS:
+            raise ExpressionError(f"unknown name {node.id!r}; expressions read {', '.join(sorted(names))}")
+        elif isinstance(node, ast.Attribute) and node.attr.startswith("_"):
+            raise ExpressionError(f"attribute {node.attr!r} is not allowed")
+
+
+def check_templates(value: Any) -> None:
+    """`check` every `${...}` expression in a (nested) template value."""
+    if isinstance(value, dict):
+        for v in value.values():
+            check_templates(v)
+    elif isinstance(value, list):
+        for v in value:
+            check_templates(v)
+    elif isinstance(value, str):
+        for m in _TEMPLATE.finditer(value):
+            check(m.group(1))

@@ -254,9 +254,17 @@ def _add_usage(st: StepState, usage: dict[str, float] | None, now: float) -> Non
         st.cost += float(usage.get("cost", 0.0))
 
 
-def checkpoint_item(run: RunState, step_id: str, index: int, output: Any) -> RunState:
+def checkpoint_item(run: RunState, step_id: str, index: int, output: Any,
+                    usage: dict[str, float] | None = None) -> RunState:
+    """A fan-out item's output, and its model use (counted now, so that a resumed run that does
+    not run the item again still counts it)."""
     run = run.model_copy(deep=True)
-    run.steps[step_id].item_outputs[str(index)] = output
+    st = run.steps[step_id]
+    st.item_outputs[str(index)] = output
+    if usage:
+        st.model_calls += int(usage.get("model_calls", 0))
+        st.tokens += int(usage.get("tokens", 0))
+        st.cost += float(usage.get("cost", 0.0))
     return run
 
 

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from agents.expressions import ExpressionError, _parse, references
+from agents.expressions import ExpressionError, check, check_templates, references
 from config import AgentSpec
 from config.settings import ConflictPolicy
 
@@ -92,11 +92,16 @@ class StepSpec(BaseModel):
             raise ValueError(f"a {self.kind} step cannot fan out")
         if self.kind != "condition" and (self.then or self.else_):
             raise ValueError("then/else belong to condition steps")
-        for expr in filter(None, [self.expr]):
+        # Every expression is checked now, when the workflow is defined, not when its step runs.
+        for name, value in [("expr", self.expr), ("task", self.task), ("args", self.args), ("prompt", self.prompt),
+                            ("system", self.system), ("message", self.message), ("foreach", self.foreach)]:
             try:
-                _parse(expr)
+                if name == "expr" and value:
+                    check(value)
+                else:
+                    check_templates(value)
             except ExpressionError as e:
-                raise ValueError(f"expr: {e}") from None
+                raise ValueError(f"{name}: {e}") from None
         return self
 
     def dependencies(self) -> set[str]:
@@ -134,6 +139,10 @@ class WorkflowSpec(BaseModel):
                 if ref == s.id:
                     raise ValueError(f"step {s.id!r} refers to itself")
         self.dependency_map()  # raises on cycles
+        try:
+            check_templates(self.output)
+        except ExpressionError as e:
+            raise ValueError(f"output: {e}") from None
         return self
 
     # ------------------------------------------------------------ graph helpers

@@ -42,9 +42,23 @@ def _router_status(probe: bool = False) -> dict | None:
         return None
 
 
-def _model_states(settings: Settings) -> dict[str, str] | None:
-    from cluster.local import api_url
+def _metrics_address() -> str:
+    """Where this node's Ray metrics export (every ORFEAS metric included) listens."""
+    node = next((n for n in ray.nodes() if n.get("Alive")), {})
+    port = node.get("MetricsExportPort")
+    return f"http://{node.get('NodeManagerAddress', '127.0.0.1')}:{port}/metrics" if port else "(not exported)"
 
+
+def _model_states(settings: Settings) -> dict[str, str] | None:
+    from ray import serve
+
+    from cluster.local import api_url
+    from serve.applications import GATEWAY_APP
+
+    try:  # /readyz lists models only to a caller with a key: ask the gateway over its handle
+        return serve.get_app_handle(GATEWAY_APP).model_states.remote().result(timeout_s=30)
+    except Exception:
+        pass
     try:
         resp = httpx.get(api_url(settings) + "/readyz", timeout=10)
         return resp.json().get("models")
@@ -106,6 +120,9 @@ def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Se
         if not ray.get(store.has_admin.remote()):
             record, key = ray.get(store.create.remote("admin", None, "admin (created by orfeas up)"))
             console.print(f"\n[bold]Admin API key[/] (shown once, only its hash is stored): [bold green]{key}[/]\n", soft_wrap=True)
+        else:  # its key was printed when it was made; only its hash is kept
+            console.print("An admin API key exists already (printed once when it was made). Lost it? Make another "
+                          "with [bold]orfeas keys create --role admin[/] (on this machine, with the cluster up).")
     else:
         err.print("[bold yellow]warning:[/] auth is switched off (auth.enabled: false): anyone who reaches "
                   f"{api_url(settings)} can use every model")
@@ -164,12 +181,13 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False,
     apps = {n: {"status": a.status.value, "message": a.message} for n, a in serve.status().applications.items()}
     models = _model_states(settings)
     if as_json:
-        print_json({"cluster": cluster_address(settings), "resources": resources, "applications": apps,
-                    "models": models, "router": _router_status(probe)})
+        print_json({"cluster": cluster_address(settings), "metrics": _metrics_address(), "resources": resources,
+                    "applications": apps, "models": models, "router": _router_status(probe)})
         return
     console.print(f"cluster:   {cluster_address(settings)}  ({resources.get('CPU', 0):g} CPU, "
                   f"{resources.get('GPU', 0):g} GPU, {len(ray.nodes())} node(s))")
-    console.print(f"dashboard: {dashboard_url(settings)}\napi:       {api_url(settings)}/v1\n")
+    console.print(f"dashboard: {dashboard_url(settings)}\napi:       {api_url(settings)}/v1")
+    console.print(f"metrics:   {_metrics_address()}  (Prometheus text; Ray's export of this node)\n")
     app_table = table("application", "status", "message")
     for n, a in apps.items():
         app_table.add_row(n, a["status"], (a["message"] or "")[:80])

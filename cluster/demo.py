@@ -18,6 +18,9 @@ from cluster.console import console as out
 from cluster.console import settings_or_exit
 
 
+DEMO_ADMIN = "make demo (admin)"
+
+
 def main() -> None:
     settings = settings_or_exit(None)
     cli.up(config=None, timeout=600)
@@ -30,9 +33,13 @@ def main() -> None:
     # A fresh demo key each run, the previous one revoked: the admin key is never stored in clear.
     store = keystore(settings.resolved_data_dir())
     for record in ray.get(store.list.remote()):
-        if record["name"] == "make demo" and not record["revoked_at"]:
+        if record["name"] in ("make demo", DEMO_ADMIN) and not record["revoked_at"]:
             ray.get(store.revoke.remote(record["id"]))
     _, key = ray.get(store.create.remote("user", None, "make demo"))
+    if settings.auth.enabled:  # a re-run of the demo must not leave the newcomer locked out of admin commands
+        _, admin_key = ray.get(store.create.remote("admin", None, DEMO_ADMIN))
+        out.print(f"demo admin API key (shown once; the previous demo admin key is revoked): "
+                  f"[bold green]{admin_key}[/]", soft_wrap=True, highlight=False)
 
     client = OpenAI(base_url=api_url(settings) + "/v1", api_key=key if settings.auth.enabled else "unused")
     ready = [m for m in client.models.list().data if (m.model_extra or {}).get("status") == "ready"]

@@ -106,6 +106,8 @@ def start_local_head(settings: Settings) -> bool:
         f"--port={settings.ray.gcs_port}",
         f"--dashboard-host={settings.ray.dashboard_host}",
         f"--dashboard-port={settings.ray.dashboard_port}",
+        # Ray binds its metrics export to loopback only when the node's address is loopback.
+        f"--node-ip-address={settings.ray.node_ip_address}",
         "--disable-usage-stats",
     ]
     cmd.append(f"--num-cpus={settings.ray.num_cpus or max(os.cpu_count() or 1, LOCAL_HEAD_MIN_CPUS)}")

@@ -33,6 +33,9 @@ class RaySettings(_Section):
     gcs_port: int = Field(6380, ge=1, le=65535)
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(8265, ge=1, le=65535)
+    node_ip_address: str = Field("127.0.0.1", description="Address a local head's services bind to (GCS, "
+                                 "object manager, metrics export): loopback keeps them off the network; the "
+                                 "machine's own address lets workers on other hosts join.")
 
 
 class ServeSettings(_Section):
@@ -67,6 +70,8 @@ class LimitSettings(_Section):
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies get 413.")
     max_tokens: int = Field(4096, ge=1, description="Ceiling on max_tokens for any request.")
     max_embedding_inputs: int = Field(512, ge=1)
+    max_json_depth: int = Field(64, ge=2, le=512, description="JSON bodies nested deeper get 400 "
+                                "(checked before parsing: deep nesting would overflow the parser's stack).")
 
 
 # ---- identity providers (security/oidc.py, security/sso.py, security/mfa.py, security/directory.py)
@@ -233,6 +238,9 @@ class ModelSpec(_Section):
     num_cpus: float = Field(0.5, ge=0)
     num_gpus: float = Field(0, ge=0)
     max_ongoing_requests: int = Field(16, ge=1)
+    max_queued_requests: int = Field(32, ge=-1, description="Requests each caller (gateway replica) queues for "
+                                     "this model beyond max_ongoing_requests x replicas; more get 503 with "
+                                     "Retry-After at once (-1: unbounded).")
     stream_interval_ms: float = Field(
         20.0, ge=0, description="transformers: after the first token, stream what was generated at most every "
         "this many ms (one Ray message per batch instead of per token); 0 sends every token at once.")
@@ -391,6 +399,8 @@ class BreakerSettings(_Section):
     min_requests: int = Field(20, ge=1, description="... once this many requests have been seen.")
     cooldown_s: float = Field(30.0, gt=0, description="Open time before a half-open trial.")
     half_open_max: int = Field(1, ge=1, description="Trial requests let through while half-open.")
+    open_probe_interval_s: float = Field(1.0, gt=0, description="How often an open circuit's backend is probed; "
+                                         "a passing probe re-admits it (half-open) before the cooldown ends.")
 
 
 class ArmSettings(_Section):
@@ -520,6 +530,12 @@ class AgentsSettings(_Section):
     heartbeat_s: float = Field(1.0, gt=0, description="How often a busy agent reports its task alive.")
     step_timeout_s: float = Field(300.0, gt=0, description="Default per-step timeout.")
     max_parallel_steps: int = Field(16, ge=1, description="Steps of one run in flight at once.")
+    max_foreach_items: int = Field(1000, ge=1, description="Items of one foreach fan-out (more: 400).")
+    max_steps_per_run: int = Field(5000, ge=1, description="Step executions of one run, fan-out items counted "
+                                   "(more: 400 when the run is created).")
+    max_active_runs_per_key: int = Field(20, ge=1, description="Unfinished runs of one key (more: 429).")
+    max_queued_steps_per_key: int = Field(20_000, ge=1, description="Step executions still to do over one key's "
+                                          "unfinished runs (more: 429).")
     auto_resume: bool = Field(True, description="A (re)started coordinator resumes unfinished runs.")
     http_get: HttpToolSettings = Field(default_factory=HttpToolSettings)
     api_num_cpus: float = Field(0.1, ge=0)

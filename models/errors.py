@@ -84,6 +84,21 @@ class NoHealthyModel(ModelUnavailable):
     code = "no_healthy_model"
 
 
+class ModelOverloaded(ModelUnavailable):
+    """A deployment's bounded queue is full (Serve's `max_queued_requests`): capacity, not failure.
+    Answered at once with `Retry-After`; it never counts against the backend's circuit breaker."""
+
+    code = "model_overloaded"
+    retry_after_s = 1
+
+
+class ReplicaLost(ModelUnavailable):
+    """The replica serving a request died before its first token; another replica may take it."""
+
+    code = "replica_lost"
+    retry_after_s = 1
+
+
 class BudgetExceeded(APIError):
     """The API key's spending budget for the period is used up."""
 

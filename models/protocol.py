@@ -11,7 +11,7 @@ import uuid
 from enum import Enum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationInfo, field_validator, model_validator
 
 
 def new_id(prefix: str) -> str:
@@ -36,6 +36,13 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
 
+    @model_validator(mode="after")
+    def _content_required(self) -> "ChatMessage":
+        # As OpenAI: only an assistant message (one that calls tools) may have no content.
+        if self.content is None and self.role != "assistant":
+            raise ValueError(f"a {self.role} message needs content (a string or a list of parts), not null")
+        return self
+
     def text(self) -> str:
         """Content as plain text (text parts of a multi-part message joined)."""
         if self.content is None:
@@ -57,7 +64,7 @@ class _Sampling(_Request):
     stop: str | list[str] | None = None
     seed: int | None = None
     n: int = Field(1, ge=1, le=1, description="Only n=1 is served.")
-    stream: bool = False
+    stream: StrictBool = Field(False, description="true or false (JSON booleans only, as OpenAI).")
     stream_options: StreamOptions | None = None
     user: str | None = None
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)

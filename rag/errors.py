@@ -3,7 +3,7 @@ to OpenAI-style JSON with the right status (400, 403, 404); the CLI prints their
 
 from __future__ import annotations
 
-from models.errors import InvalidRequest, NotFound, PermissionDenied
+from models.errors import InvalidRequest, ModelUnavailable, NotFound, PermissionDenied
 
 
 class RagInvalidRequest(InvalidRequest):
@@ -12,6 +12,13 @@ class RagInvalidRequest(InvalidRequest):
 
 class CollectionNotFound(NotFound):
     code = "collection_not_found"
+
+
+class StoreUnavailable(ModelUnavailable):
+    """The vector store's owner actor is lost (it is being restarted): 503 with Retry-After."""
+
+    code = "store_unavailable"
+    retry_after_s = 2
 
 
 class SourceNotAllowed(PermissionDenied):

@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import threading
+import time
 from abc import ABC, abstractmethod
 from datetime import datetime
 from pathlib import Path
@@ -32,7 +33,7 @@ from config import Settings
 from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
 from rag.embedding import DENSE, SPARSE, SparseVec
-from rag.errors import CollectionNotFound, RagInvalidRequest
+from rag.errors import CollectionNotFound, RagInvalidRequest, StoreUnavailable
 from rag.payload import STATE_FIELDS
 
 log = logging.getLogger(__name__)
@@ -555,21 +556,43 @@ def edge_store_actor(settings: Settings):
                           durable=True, max_concurrency=16, max_task_retries=0)
 
 
-class RemoteStore(VectorStore):
-    """A VectorStore whose every call runs in the owning actor."""
+# Calls that only read: one lost to a dead owner is retried once, on a fresh (or restarted) owner.
+IDEMPOTENT_READS = frozenset({"list_collections", "count", "list_aliases", "scroll_payloads", "search",
+                              "search_resolved", "doc_states", "resolve", "collection_exists"})
+OWNER_RETRY_WAIT_S = 0.5
 
-    def __init__(self, handle):
+
+class RemoteStore(VectorStore):
+    """A VectorStore whose every call runs in the owning actor. When the owner is lost, a read
+    is retried once on the owner `reopen` gets (the detached actor, made again if it is gone);
+    a write, or a read that fails again, is a `StoreUnavailable` (503 with Retry-After)."""
+
+    def __init__(self, handle, reopen=None):
         self._h = handle
+        self._reopen = reopen
 
     def _call(self, method: str, *args, **kwargs):
         import ray
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         from observability import tracing
 
         carrier = tracing.inject()  # the owner's span joins the caller's trace
         if carrier:
             kwargs["_trace"] = carrier
-        return ray.get(self._h.call.remote(method, *args, **kwargs))
+        for attempt in (1, 2):
+            try:
+                return ray.get(self._h.call.remote(method, *args, **kwargs))
+            except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
+                lost = f"the vector store's owner actor was lost ({type(e).__name__}); retry shortly"
+                if self._reopen is not None:
+                    time.sleep(OWNER_RETRY_WAIT_S)
+                    try:
+                        self._h = self._reopen()
+                    except Exception:  # the next call tries again
+                        log.warning("cannot reach the vector store's owner again yet", exc_info=True)
+                if attempt == 2 or method not in IDEMPOTENT_READS:
+                    raise StoreUnavailable(lost) from None
 
     def create_collection(self, name, dim): return self._call("create_collection", name, dim)
     def drop_collection(self, name): return self._call("drop_collection", name)
@@ -598,4 +621,4 @@ def open_store(settings: Settings) -> VectorStore:
 
     if not ray.is_initialized():
         ray.init(address=settings.ray.address or "auto", namespace=ACTOR_NAMESPACE, log_to_driver=False)
-    return RemoteStore(edge_store_actor(settings))
+    return RemoteStore(edge_store_actor(settings), reopen=lambda: edge_store_actor(settings))

@@ -218,6 +218,7 @@ def build_model_app(args: dict[str, Any]):
     return deployment.options(
         **count,
         max_ongoing_requests=spec.max_ongoing_requests,
+        max_queued_requests=spec.max_queued_requests,  # beyond it: BackPressureError, a 503 at the gateway
         ray_actor_options=replica_actor_options(ServeSettings.model_validate(args["serve"]), num_cpus=spec.num_cpus,
                                                 num_gpus=spec.num_gpus),
     ).bind(spec.model_dump(mode="json"), *extra)

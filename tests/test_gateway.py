@@ -65,6 +65,10 @@ def test_health_endpoints(platform):
     assert httpx.get(base + "/healthz").json() == {"status": "ok"}
     ready = httpx.get(base + "/readyz")
     assert ready.status_code == 200
+    assert ready.json() == {"status": "ready", "models": {}}  # anonymous callers learn no model names
+    _, _, admin, _ = platform
+    ready = httpx.get(base + "/readyz", headers={"Authorization": f"Bearer {admin}"})
+    assert ready.status_code == 200, ready.text
     assert ready.json()["models"] == {EMB: "ready", CHAT: "ready", BROKEN: "unhealthy"}
 
 

@@ -429,3 +429,25 @@ def test_a_stream_is_timed_to_its_last_byte(live, probe):
             break
         time.sleep(2)
     assert buckets.get(2.5, 0) >= 1 and buckets.get(1.0, 0) == 0, buckets
+
+
+@pytest.mark.parametrize("path", ["/v1/rag/query", "/v1/workflows/runs"]
+                         + (["/v1/chat/completions", "/v1/embeddings"] if GATEWAY else []))
+def test_deep_json_and_lone_surrogates_get_a_400_on_every_app(live, path):
+    deep = b'{"query": ' + b"[" * 1500 + b"]" * 1500 + b"}"  # under the 4 KiB body limit, past the depth and recursion limits
+    r = post(live, path, content=deep, headers={"content-type": "application/json"})
+    assert "max_json_depth" in assert_error(r, 400, "invalid_request_error", code="json_too_deep")["message"]
+    lone = {"/v1/rag/query": b'{"query": "a\\ud800b"}', "/v1/workflows/runs": b'{"workflow": "w", "inputs": {"x": "\\ud800"}}',
+            "/v1/chat/completions": b'{"model": "script", "messages": [{"role": "user", "content": "a\\ud800b"}]}',
+            "/v1/embeddings": b'{"model": "' + EMB.encode() + b'", "input": "a\\ud800b"}'}[path]
+    r = post(live, path, content=lone, headers={"content-type": "application/json"})
+    err = assert_error(r, 400, "invalid_request_error", param=ANY_PARAM, code="invalid_unicode")
+    assert "surrogate" in err["message"] and "TextEncodeInput" not in err["message"]
+
+
+class _Any:
+    def __eq__(self, other):
+        return True
+
+
+ANY_PARAM = _Any()

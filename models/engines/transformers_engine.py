@@ -113,7 +113,10 @@ class TransformersEngine(Engine):
             out = self.tokenizer.apply_chat_template(msgs, tools=tools or None, add_generation_prompt=True,
                                                      tokenize=True)
         except Exception as e:  # templates raise on roles or orders they do not support
-            raise InvalidRequest(f"messages do not fit the chat template of {self.spec.id!r}: {e}", "messages") from None
+            # The tokenizer's own message names its internals (TextEncodeInput, Union[...]): logged, not sent.
+            log.info("chat template of %s refused the messages: %s", self.spec.id, e)
+            raise InvalidRequest(f"messages do not fit the chat template of {self.spec.id!r} (check the roles, "
+                                 "their order and that every content is text)", "messages") from None
         # Newer tokenizers return a BatchEncoding, older ones a list of ids.
         ids = out["input_ids"] if hasattr(out, "keys") else out
         return list(ids)

@@ -70,6 +70,16 @@ app = http_app("ORFEAS gateway")
 app.include_router(auth_router)  # /v1/auth/*: sign-in, sessions, MFA enrolment (serve/gateway/auth_routes.py)
 
 
+# Defined before the class: `serve.ingress` pickles the routes when the class is made, with the
+# module globals that exist then.
+async def _has_valid_key(request: Request) -> bool:
+    try:
+        await authenticated(request)
+        return True
+    except APIError:
+        return False
+
+
 @serve.ingress(app)
 class Gateway:
     def __init__(self, settings: dict[str, Any]):
@@ -99,11 +109,18 @@ class Gateway:
         return Health()
 
     @app.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
-    async def readyz(self) -> JSONResponse:
+    async def readyz(self, request: Request) -> JSONResponse:
         cards = await self.catalog.cards(None)
         ready = any(c.status == "ready" for c in cards)
-        body = Readiness(status="ready" if ready else "unavailable", models={c.id: c.status for c in cards})
+        # Ready or not for anyone (load balancers, probes); which models exist only for a valid key.
+        known = request.headers.get("authorization") is not None and await _has_valid_key(request)
+        body = Readiness(status="ready" if ready else "unavailable",
+                         models={c.id: c.status for c in cards} if known else {})
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+    async def model_states(self) -> dict[str, str]:
+        """Each catalog model's health (for `orfeas status`, over the handle: no key needed)."""
+        return {c.id: c.status for c in await self.catalog.cards(None)}
 
     @app.get("/v1/models", response_model=ModelList)
     async def list_models(self, principal: Principal = Depends(authenticated)) -> ModelList:

@@ -16,10 +16,13 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from ray import serve
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 
 from config import ModelSpec, Settings
 from config.names import model_app_name
 from models.engine import Engine, EngineStatus
+from models.errors import ModelOverloaded, ReplicaLost
 from models.engines.openai_remote import RemoteOpenAIEngine
 from models.engines.vllm_engine import MISSING_EXTRA, VLLMEngine, max_model_len, vllm_available
 from models.protocol import GenerationEvent, GenerationRequest
@@ -117,6 +120,11 @@ class ServeAppEngine(Engine):
             return state
         try:
             st = await asyncio.wait_for(self.handle.status.remote(), STATUS_TIMEOUT_S)
+        except (TimeoutError, BackPressureError):
+            # Busy, not broken: the status call queues behind the replicas' requests, while Serve
+            # (whose own health checks reach each replica on the controller's path, past that
+            # queue) says the application is RUNNING. Load must never read as failure.
+            return EngineStatus(status="ready", max_context=self.spec.max_context)
         except Exception as e:  # a replica that cannot answer its status is not serving
             return EngineStatus.unhealthy(f"status check failed: {type(e).__name__}")
         return EngineStatus.model_validate(st)
@@ -129,13 +137,24 @@ class ServeAppEngine(Engine):
             async for event in (call.remote(body, trace=carrier) if carrier else call.remote(body)):
                 yield GenerationEvent.model_validate(event)
         except Exception as e:
-            raise unwrap(e) from None
+            raise serve_error(self.spec.id, unwrap(e)) from None
 
     async def embed(self, texts: list[str]) -> tuple[list[list[float]], list[int]]:
         try:
             return await self.handle.embed.remote(texts)
         except Exception as e:
-            raise unwrap(e) from None
+            raise serve_error(self.spec.id, unwrap(e)) from None
+
+
+def serve_error(model_id: str, e: BaseException) -> BaseException:
+    """A Serve handle's failure as the typed error it means: a full queue is capacity (503 at
+    once, never a breaker failure); a replica that died is lost (retried on another one)."""
+    if isinstance(e, BackPressureError):
+        return ModelOverloaded(f"model {model_id!r} is at capacity (its request queue is full); retry shortly",
+                               "model")
+    if isinstance(e, (ActorDiedError, ActorUnavailableError, RayActorError)):
+        return ReplicaLost(f"the replica serving model {model_id!r} was lost: {type(e).__name__}", "model")
+    return e
 
 
 class VLLMAppEngine(VLLMEngine):

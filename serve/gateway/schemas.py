@@ -31,7 +31,8 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ready", "unavailable"]
-    models: dict[str, str] = Field(description="Each model's health: ready, loading or unhealthy.")
+    models: dict[str, str] = Field(default_factory=dict, description="Each model's health: ready, loading or "
+                                   "unhealthy (for a caller with a valid API key; empty for anonymous callers).")
 
 
 class UsageTotals(BaseModel):

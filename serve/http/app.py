@@ -41,6 +41,7 @@ from models.protocol import ErrorResponse
 from security.auth import Authenticator
 from serve.http.body import BodyLimitMiddleware
 from serve.http.errors import ErrorMiddleware, install_error_handlers
+from serve.http.json_guard import DEFAULT_MAX_JSON_DEPTH, JsonGuardMiddleware
 from serve.http.metrics import MetricsMiddleware, request_metrics
 from serve.http.request_id import RequestIdMiddleware, install_log_record_factory
 from serve.http.tracing import TracingMiddleware
@@ -53,6 +54,16 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     "4XX": {"model": ErrorResponse, "description": "An OpenAI-style error: the bad parameter in `param`."},
     "5XX": {"model": ErrorResponse, "description": "An OpenAI-style error."},
 }
+# The statuses every route may answer, each named, so that tools (schemathesis, client generators)
+# see them: a bad body, a missing key, a scope, an unknown id, a wrong method (with `Allow`), a
+# body too large, a limit (with `Retry-After`), no capacity (with `Retry-After`).
+for _status, _why in {400: "Invalid request: the bad parameter is in `param`.",
+                      401: "No valid API key (`WWW-Authenticate: Bearer`).",
+                      403: "The key may not do this.", 404: "No such resource.",
+                      405: "Method not allowed; `Allow` lists the methods.", 413: "Request body too large.",
+                      429: "A limit was reached; retry after `Retry-After` seconds.",
+                      503: "No capacity or a part is down; retry after `Retry-After` seconds."}.items():
+    ERROR_RESPONSES[_status] = {"model": ErrorResponse, "description": _why}
 
 # The dependencies that authenticate (serve.http.auth adds them): routes that use one get the
 # bearer scheme in their OpenAPI operation.
@@ -101,7 +112,7 @@ class HttpState(State):
         super().__init__()
         for attr, value in {"key": key, "name": name, "settings": None, "authenticator": None,
                             "max_body_bytes": DEFAULT_MAX_BODY_BYTES, "model_label": _unknown_label,
-                            "behind_serve": False}.items():
+                            "behind_serve": False, "max_json_depth": DEFAULT_MAX_JSON_DEPTH}.items():
             object.__setattr__(self, attr, value)
 
     def __reduce__(self):
@@ -116,7 +127,8 @@ class HttpState(State):
         values = {"settings": settings, "max_body_bytes": settings.limits.max_body_bytes,
                   "authenticator": authenticator or Authenticator(settings),
                   "model_label": model_label or catalog_label(settings),
-                  "behind_serve": _in_serve_replica() if behind_serve is None else behind_serve}
+                  "behind_serve": _in_serve_replica() if behind_serve is None else behind_serve,
+                  "max_json_depth": settings.limits.max_json_depth}
         for attr, value in values.items():
             object.__setattr__(self, attr, value)
         request_metrics()  # registered with the replica's metrics agent before the first request
@@ -139,7 +151,8 @@ def http_app(title: str, *, name: str | None = None, version: str = "0.1.0", **f
     # The server span sits just inside the request id (which it records).
     middleware = [Middleware(RequestIdMiddleware, http=state), Middleware(TracingMiddleware, http=state),
                   Middleware(MetricsMiddleware, http=state),
-                  Middleware(BodyLimitMiddleware, http=state), Middleware(ErrorMiddleware),
+                  Middleware(BodyLimitMiddleware, http=state), Middleware(JsonGuardMiddleware, http=state),
+                  Middleware(ErrorMiddleware),
                   *fastapi_kwargs.pop("middleware", ())]
     app = FastAPI(title=title, version=version, responses=responses, middleware=middleware, **fastapi_kwargs)
     app.state = state

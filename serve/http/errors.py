@@ -83,8 +83,17 @@ def error_response(e: APIError, request: Request | None = None) -> JSONResponse:
     the error's type is noted for the request metrics."""
     if request is not None:
         request.state.error_type = e.type
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return JSONResponse(e.body(), status_code=e.status, headers=error_headers(e))
+
+
+def error_headers(e: APIError) -> dict[str, str] | None:
+    """A 401's challenge; `Retry-After` (whole seconds) for an error that says when to come back
+    (a class or instance attribute `retry_after_s`: a 429 or 503 of a limit or of capacity)."""
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    retry = getattr(e, "retry_after_s", None)
+    if retry is not None:
+        headers["Retry-After"] = str(max(int(-(-float(retry) // 1)), 1))
+    return headers or None
 
 
 def _internal(scope: Scope, e: BaseException) -> JSONResponse:
@@ -106,6 +115,19 @@ class BodyTooLarge(HTTPException):
         self.limit = limit
 
 
+def allowed_methods(request: Request) -> str:
+    """Every method some route of the app serves at this path (Starlette's 405 names only the
+    first route that matched the path: a path with a GET and a POST route said `Allow: POST`)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "\x00"})  # no method matches: path only
+        if match is Match.PARTIAL and getattr(route, "methods", None):
+            methods |= set(route.methods)
+    return ", ".join(sorted(methods))
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """The handlers every ORFEAS app has (`http_app` installs them; a bare FastAPI may call this)."""
 
@@ -123,8 +145,11 @@ def install_error_handlers(app: FastAPI) -> None:
             return error_response(PayloadTooLarge(str(e.detail)), request)
         kind = error_type_for(e.status_code)
         request.state.error_type = kind
+        headers = getattr(e, "headers", None)
+        if e.status_code == 405:
+            headers = {**(headers or {}), "Allow": allowed_methods(request)}
         return JSONResponse({"error": {"message": str(e.detail), "type": kind, "param": None, "code": None}},
-                            status_code=e.status_code, headers=getattr(e, "headers", None))
+                            status_code=e.status_code, headers=headers)
 
     @app.exception_handler(RayTaskError)
     async def _ray(request: Request, e: RayTaskError) -> JSONResponse:
@@ -165,8 +190,7 @@ class ErrorMiddleware:
             typed = api_error(e)
             if typed is not None:
                 scope.setdefault("state", {})["error_type"] = typed.type
-                headers = {"WWW-Authenticate": "Bearer"} if typed.status == 401 else None
-                response = JSONResponse(typed.body(), status_code=typed.status, headers=headers)
+                response = JSONResponse(typed.body(), status_code=typed.status, headers=error_headers(typed))
             else:
                 response = _internal(scope, e)
             await response(scope, receive, send)

@@ -83,11 +83,13 @@ def record(h: BackendHealth, ok: bool, latency_s: float | None, now: float, cfg:
 
 def probe(h: BackendHealth, ok: bool, now: float, cfg: BreakerSettings, error: str | None = None) -> BackendHealth:
     """An active probe's outcome: a failing probe opens the circuit; a passing one lets an open
-    circuit past its cooldown go half-open (the next live request is the trial)."""
+    circuit go half-open (the next live request is the trial) once it has been open for
+    `open_probe_interval_s` (or its cooldown, if shorter): a backend that is healthy again takes
+    traffic within about a probe interval, not only after the cooldown."""
     if not ok:
         if h.state == OPEN:
             return replace(h, last_error=error)
         return replace(h, state=OPEN, opened_at=now, trials=0, last_error=error)
-    if h.state == OPEN and now - h.opened_at >= cfg.cooldown_s:
+    if h.state == OPEN and now - h.opened_at >= min(cfg.cooldown_s, cfg.open_probe_interval_s):
         return replace(h, state=HALF_OPEN, trials=0)
     return h

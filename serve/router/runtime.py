@@ -21,9 +21,11 @@ from models.errors import (
     APIError,
     InvalidRequest,
     ModelNotFound,
+    ModelOverloaded,
     ModelUnavailable,
     NoHealthyModel,
     PermissionDenied,
+    ReplicaLost,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -117,18 +119,30 @@ class Router:
             self._probe_task = asyncio.get_running_loop().create_task(self._probe_loop())
 
     async def _probe_loop(self) -> None:
+        last_full = time.monotonic()
         while True:
-            await asyncio.sleep(self.cfg.probe_interval_s)
+            # An open circuit is probed every breaker.open_probe_interval_s: a passing probe lets
+            # it take traffic again within about that long of the backend's recovery.
+            quick = min(self.cfg.breaker.open_probe_interval_s, self.cfg.probe_interval_s)
+            await asyncio.sleep(quick)
             try:
-                await self.probe_all()
+                if time.monotonic() - last_full >= self.cfg.probe_interval_s:
+                    last_full = time.monotonic()
+                    await self.probe_all()
+                else:
+                    opened = [m for m, h in self.health.items() if h.state == health.OPEN]
+                    if opened:
+                        await self.probe_all(opened)
             except Exception:  # a probe round must never kill the loop
                 log.exception("health probe round failed")
 
-    async def probe_all(self) -> None:
-        """Active probes: each backend's own health check; failing ones open their circuit."""
+    async def probe_all(self, ids: list[str] | None = None) -> None:
+        """Active probes: each backend's own health check (of `ids`, default all); failing ones
+        open their circuit, passing ones let an open circuit take a trial request."""
         now = time.monotonic()
-        results = await asyncio.gather(*(self.backends.probe(m) for m in self.specs), return_exceptions=True)
-        for mid, h in zip(self.specs, results):
+        ids = list(self.specs) if ids is None else ids
+        results = await asyncio.gather(*(self.backends.probe(m) for m in ids), return_exceptions=True)
+        for mid, h in zip(ids, results):
             ok = not isinstance(h, BaseException) and h.status == "ready"
             err = None if ok else (repr(h) if isinstance(h, BaseException) else (h.error or h.status))
             if h is not None and not isinstance(h, BaseException) and h.status == "loading":
@@ -308,8 +322,13 @@ class Router:
         attempts: list[tuple[str, str]] = []
         last: APIError | None = None
         prev = None
+        full: set[str] = set()  # models whose queue is full: not tried again in this request
+        relost = False
         for i, mid in enumerate(plan, 1):
-            if i > 1:
+            if mid in full:
+                attempts.append((mid, "overloaded"))
+                continue
+            if i > 1 and not isinstance(last, ModelOverloaded):  # capacity: the next candidate at once
                 wait = fallback.backoff_s(i, cfg, self.rng.random(), fallback.retry_after(last), same_model=mid == prev)
                 if time.monotonic() + wait >= deadline:
                     attempts.append((mid, "deadline"))
@@ -319,6 +338,13 @@ class Router:
             ok, h = health.admit(self.health[mid], time.monotonic(), self.cfg.breaker)
             if not ok:
                 attempts.append((mid, "circuit_open"))
+                continue
+            if self._full(mid):  # this replica's own bound: refused without a round trip to Serve
+                self._set(mid, health.release(h))
+                full.add(mid)
+                attempts.append((mid, "overloaded"))
+                last = ModelOverloaded(f"model {mid!r} is at capacity (its request queue is full); retry shortly",
+                                       "model")
                 continue
             self._set(mid, h)
             backend = self.backends.get(mid)
@@ -350,6 +376,15 @@ class Router:
             span.end()
             self.outstanding[mid] -= 1
             await events.aclose()
+            if isinstance(err, ModelOverloaded):  # load, not failure: the breaker does not count it
+                self._set(mid, health.release(self.health[mid]))
+                full.add(mid)
+                attempts.append((mid, "overloaded"))
+                last = err
+                continue
+            if isinstance(err, ReplicaLost) and not relost:
+                relost = True
+                plan.insert(i, mid)  # before its first token: once more, on another replica of the model
             if not fallback.retryable(err):
                 self._set(mid, health.record(self.health[mid], True, None, time.monotonic(), self.cfg.breaker,
                                              self.cfg.ewma_alpha))  # the backend answered; the request was bad
@@ -365,6 +400,15 @@ class Router:
                                  + ", ".join(f"{m} {o}" for m, o in attempts), "model")
         tried = ", ".join(f"{m} ({o})" for m, o in attempts)
         raise type(last)(f"{last.message} [tried: {tried}]", last.param, last.code)
+
+    def _full(self, mid: str) -> bool:
+        """Whether this gateway replica already has a Serve-hosted model's whole queue in flight
+        (`max_ongoing_requests` x replicas + `max_queued_requests`): the same bound Serve's
+        handle enforces, checked here first so that a refusal costs no Ray call."""
+        spec = self.specs[mid]
+        if spec.engine == "openai" or spec.max_queued_requests < 0:
+            return False
+        return self.outstanding[mid] >= spec.max_ongoing_requests * spec.num_replicas + spec.max_queued_requests
 
     @staticmethod
     def _first_failure(mid: str, e: Exception) -> tuple[None, APIError]:

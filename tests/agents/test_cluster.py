@@ -448,6 +448,11 @@ def test_http_api_runs_events_and_ownership(platform):
     ({"workflow": "not-registered"}, 404, None),
     ({"definition": "name: [unclosed"}, 400, "definition"),
     ({"definition": {"name": "x", "steps": [{"id": "a", "kind": "approval"}]}, "surprise": 1}, 400, "surprise"),
+    ({"definition": {"name": "x", "steps": [{"id": "a", "kind": "condition", "expr": "__import__('os').getcwd()"}]}},
+     400, "definition"),  # refused when defined, not when the step runs
+    ({"definition": {"name": "x", "steps": [{"id": "a", "kind": "tool", "tool": "calculator",
+                                            "foreach": "${inputs.xs}", "args": {"expression": "${item}"}}]},
+      "inputs": {"xs": list(range(1001))}}, 400, "definition"),  # over agents.max_foreach_items
 ])
 def test_bad_run_requests_are_clear_4xx_and_start_nothing(platform, body, status, param):
     before = api(platform, "GET", "/v1/workflows/runs", platform["admin"]).json()["data"]
