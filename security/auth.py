@@ -6,33 +6,110 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 
+from security import rbac
 from security.keys import hash_key, keystore
+from security.ratelimit import RateLimit
 from config import Settings
 from models.errors import AuthenticationFailed, PermissionDenied
 
 
 @dataclass(frozen=True)
+class Budget:
+    """A spending limit beyond the key's own: a team's or a user's (`scope` is "team" or "user")."""
+
+    scope: str
+    id: str
+    usd: float
+    period: str = "month"
+
+
+@dataclass(frozen=True)
 class Principal:
+    """Who is calling, whatever the credential (an API key here; a verified token maps its claims
+    onto the same fields): the role and what it grants, the team, the scopes (None: every one),
+    the expiry, and the budgets and rate-limit overrides that apply."""
+
     key_id: str
     role: str
     models: tuple[str, ...] | None  # None: every model
     team: str = ""
     budget_usd: float | None = None
     budget_period: str = "month"
+    collections: tuple[str, ...] | None = None  # names or globs; None: every collection
+    endpoints: tuple[str, ...] | None = None  # request paths or globs (/v1/rag/*); None: every endpoint
+    expires_at: float | None = None  # epoch seconds; None: never
+    user: str = ""  # the person behind the credential (user budgets); "" when unknown
+    permissions: frozenset[str] | None = None  # what the role resolved to; None: the built-in role's
+    budgets: tuple[Budget, ...] = ()  # team and user budgets (the key's own is budget_usd)
+    rate_limit: RateLimit | None = None  # the key's override of rate_limits.key
+    team_rate_limit: RateLimit | None = None  # the team's override of rate_limits.team
+    credential: str = "key"  # "key" (an API key, refreshed from the key store), or what else made it ("token")
+
+    @property
+    def grants(self) -> frozenset[str]:
+        return self.permissions if self.permissions is not None else rbac.grants(self.role)
 
     @property
     def is_admin(self) -> bool:
-        return self.role == "admin"
+        return "admin:settings" in self.grants
+
+    def allows(self, permission: str, resource: str | None = None) -> rbac.Decision:
+        return rbac.decide(self, permission, resource, time.time())
+
+    def require(self, permission: str, resource: str | None = None, param: str | None = None) -> None:
+        """PermissionDenied (403) naming what was asked for, unless allowed."""
+        decision = self.allows(permission, resource)
+        if not decision:
+            code = "model_not_allowed" if permission == "models:use" else "permission_denied"
+            raise PermissionDenied(decision.reason, param, code)
 
     def may_use(self, model_id: str) -> bool:
-        return self.models is None or model_id in self.models
+        return bool(self.allows("models:use", model_id))
 
     def check_model(self, model_id: str) -> None:
         if not self.may_use(model_id):
             raise PermissionDenied(f"this API key may not use model {model_id!r}", "model")
 
+    def all_budgets(self) -> tuple[Budget, ...]:
+        own = (Budget("key", self.key_id, self.budget_usd, self.budget_period),) if self.budget_usd is not None else ()
+        return own + self.budgets
+
 
 ANONYMOUS_ADMIN = Principal("anonymous", "admin", None)
+
+
+def _limit(limits: dict | None) -> RateLimit | None:
+    return RateLimit(**{k: v for k, v in limits.items() if k in RATE_FIELDS}) if limits else None
+
+
+RATE_FIELDS = ("requests_per_minute", "tokens_per_minute", "concurrent")
+
+
+def principal_of(record: dict, table: dict[str, frozenset[str]] | None = None) -> Principal:
+    """The principal of a key record (with its `account`: team and user records), its role
+    resolved through the role table."""
+    account = record.get("account") or {}
+    team, user = account.get("team") or {}, account.get("user") or {}
+    budgets = []
+    if team.get("budget_usd") is not None:
+        budgets.append(Budget("team", team["name"], team["budget_usd"], team.get("budget_period") or "month"))
+    if user.get("budget_usd") is not None:
+        budgets.append(Budget("user", user["id"], user["budget_usd"], user.get("budget_period") or "month"))
+
+    def scope(name: str) -> tuple[str, ...] | None:
+        return tuple(record[name]) if record.get(name) else None
+
+    return Principal(
+        record["id"], record["role"], scope("models"), record.get("team") or "", record.get("budget_usd"),
+        record.get("budget_period") or "month", collections=scope("collections"), endpoints=scope("endpoints"),
+        expires_at=record.get("expires_at"), user=record.get("user") or "",
+        permissions=rbac.grants(record["role"], table), budgets=tuple(budgets),
+        rate_limit=_limit(record.get("limits")), team_rate_limit=_limit(team.get("limits")))
+
+
+def role_table_of(settings: Settings) -> dict[str, frozenset[str]]:
+    """Built-in and configured roles (RoleError names a bad one)."""
+    return rbac.role_table({n: (r.permissions, r.inherits) for n, r in settings.auth.roles.items()})
 
 
 class Authenticator:
@@ -40,6 +117,7 @@ class Authenticator:
         self.enabled = settings.auth.enabled
         self.ttl = settings.auth.key_cache_s
         self.data_dir = settings.resolved_data_dir()
+        self.roles = role_table_of(settings)
         self._cache: dict[str, tuple[float, Principal | None]] = {}
 
     @cached_property
@@ -57,18 +135,33 @@ class Authenticator:
         if scheme.lower() != "bearer" or not key:
             raise AuthenticationFailed("malformed Authorization header: expected 'Bearer <key>'")
         digest = hash_key(key)  # the cache holds hashes, never keys
+        now = time.monotonic()
         hit = self._cache.get(digest)
-        if hit is not None and time.monotonic() - hit[0] < self.ttl:
+        if hit is not None and now - hit[0] < self.ttl:
             principal = hit[1]
         else:
             record = await self.store.verify.remote(key)
-            principal = None if record is None else Principal(
-                record["id"], record["role"], tuple(record["models"]) if record["models"] else None,
-                record.get("team") or "", record.get("budget_usd"), record.get("budget_period") or "month",
-            )
+            principal = None if record is None else principal_of(record, self.roles)
             if len(self._cache) > 10_000:
                 self._cache.clear()
-            self._cache[digest] = (time.monotonic(), principal)
+            self._cache[digest] = (now, principal)
         if principal is None:
             raise AuthenticationFailed("invalid or revoked API key")
+        if principal.expires_at is not None and time.time() >= principal.expires_at:
+            raise AuthenticationFailed(f"API key {principal.key_id} expired at "
+                                       f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(principal.expires_at))}")
         return principal
+
+    async def refresh(self, principal: Principal) -> Principal:
+        """The principal as the key store has it now (a workflow that runs for hours must not
+        outlive its key's revocation or a lowered budget); AuthenticationFailed when revoked or
+        expired. Principals that are not API keys (tokens: no record) are returned as they are."""
+        if not self.enabled or principal.credential != "key" or principal is ANONYMOUS_ADMIN:
+            return principal
+        record = await self.store.lookup.remote(principal.key_id)
+        if record is None:
+            raise AuthenticationFailed(f"API key {principal.key_id} was revoked; the work it started stops")
+        fresh = principal_of(record, self.roles)
+        if fresh.expires_at is not None and time.time() >= fresh.expires_at:
+            raise AuthenticationFailed(f"API key {principal.key_id} has expired; the work it started stops")
+        return fresh

@@ -43,6 +43,7 @@ from serve.http.body import BodyLimitMiddleware
 from serve.http.errors import ErrorMiddleware, install_error_handlers
 from serve.http.metrics import MetricsMiddleware, request_metrics
 from serve.http.request_id import RequestIdMiddleware, install_log_record_factory
+from serve.http.surface import ApiSurfaceMiddleware
 
 DEFAULT_MAX_BODY_BYTES = 1_048_576
 NO_MODEL, OTHER_MODEL = "-", "other"
@@ -99,7 +100,7 @@ class HttpState(State):
         super().__init__()
         for attr, value in {"key": key, "name": name, "settings": None, "authenticator": None,
                             "max_body_bytes": DEFAULT_MAX_BODY_BYTES, "model_label": _unknown_label,
-                            "behind_serve": False}.items():
+                            "behind_serve": False, "deprecated": {}}.items():
             object.__setattr__(self, attr, value)
 
     def __reduce__(self):
@@ -134,6 +135,7 @@ def http_app(title: str, *, name: str | None = None, version: str = "0.1.0", **f
     # metrics (which see the final status, 413s and 500s included), the body limit, and the
     # catch-all that turns what no handler took into a JSON response.
     middleware = [Middleware(RequestIdMiddleware, http=state), Middleware(MetricsMiddleware, http=state),
+                  Middleware(ApiSurfaceMiddleware, http=state),
                   Middleware(BodyLimitMiddleware, http=state), Middleware(ErrorMiddleware),
                   *fastapi_kwargs.pop("middleware", ())]
     app = FastAPI(title=title, version=version, responses=responses, middleware=middleware, **fastapi_kwargs)

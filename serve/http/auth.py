@@ -27,13 +27,29 @@ async def authenticated(request: Request) -> Principal:
     if auth is None:
         raise RuntimeError("app.state.configure(settings) was not called at replica init: no Authenticator")
     principal = await auth.authenticate(request.headers.get("authorization"))
+    if principal.endpoints is not None:  # a key scoped to endpoints: this path must be one of them
+        principal.require("endpoints:call", request.url.path)
     request.state.principal = principal
     return principal
 
 
+def permitted(permission: str):
+    """A dependency: the caller's principal, whose role must grant `permission` (else a 403
+    naming it). Resource scopes (a model, a collection) are checked where the resource is known:
+    `principal.require(permission, resource)`."""
+
+    async def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+        principal.require(permission)
+        return principal
+
+    dependency.__name__ = f"permitted_{permission.replace(':', '_')}"
+    AUTH_DEPENDENCIES.add(dependency)
+    return dependency
+
+
 async def admin(request: Request, principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
     """The caller's principal, which must be an admin's (else a 403 `admin_required`)."""
-    if not principal.is_admin:
+    if not principal.allows("admin:settings"):
         raise AdminRequired(f"only admin keys may call {request.method} {request.url.path}")
     return principal
 

@@ -83,8 +83,14 @@ def error_response(e: APIError, request: Request | None = None) -> JSONResponse:
     the error's type is noted for the request metrics."""
     if request is not None:
         request.state.error_type = e.type
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.body(), status_code=e.status, headers=headers)
+    return JSONResponse(e.body(), status_code=e.status, headers=error_headers(e))
+
+
+def error_headers(e: APIError) -> dict[str, str] | None:
+    """A 401 says how to authenticate; an error may carry its own (a 429's Retry-After, x-ratelimit-*)."""
+    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
+    headers.update(getattr(e, "headers", None) or {})
+    return headers or None
 
 
 def _internal(scope: Scope, e: BaseException) -> JSONResponse:
@@ -165,8 +171,7 @@ class ErrorMiddleware:
             typed = api_error(e)
             if typed is not None:
                 scope.setdefault("state", {})["error_type"] = typed.type
-                headers = {"WWW-Authenticate": "Bearer"} if typed.status == 401 else None
-                response = JSONResponse(typed.body(), status_code=typed.status, headers=headers)
+                response = JSONResponse(typed.body(), status_code=typed.status, headers=error_headers(typed))
             else:
                 response = _internal(scope, e)
             await response(scope, receive, send)
