@@ -235,6 +235,8 @@ class _Local:
     leased_at: float = 0.0
     free_slots: int = 0  # slots held, not in use
     in_use: int = 0
+    blocked_until: float = 0.0  # the cluster said no until then: refuse here without asking again
+    refusal: RateLimited | None = None
 
 
 @dataclass
@@ -256,7 +258,10 @@ class Admission:
         self.settled = True
         delta = self.reserved - (used_tokens or 0)
         for b in self.tokens:
-            self.limiter.local[b].units += delta
+            loc = self.limiter.local[b]
+            loc.units += delta
+            if delta > 0:
+                loc.blocked_until = 0.0  # units came back: the next call may fit
         for b in self.slots:
             loc = self.limiter.local[b]
             loc.in_use -= 1
@@ -320,6 +325,12 @@ class Limiter:
                                   f"per minute for {bucket.rsplit(':', 1)[0]}: lower max_tokens", "max_tokens",
                                   headers=self._headers(needs, now))
         short = [n for n in needs if not self._local_has(n)]
+        for bucket, kind, _limit, _amount in short:
+            loc = self.local.get(bucket)
+            if loc is not None and loc.refusal is not None and now < loc.blocked_until and kind != "concurrent":
+                retry = max(1, math.ceil(loc.blocked_until - now))
+                raise RateLimited(loc.refusal.message.rsplit("; retry after", 1)[0] + f"; retry after {retry}s",
+                                  None, headers={**self._headers(needs, now), "retry-after": str(retry)})
         if short:
             async with self._lock:  # one lease round at a time per replica
                 short = [n for n in needs if not self._local_has(n)]
@@ -373,8 +384,11 @@ class Limiter:
             retry = g.retry_after_s if math.isfinite(g.retry_after_s) else 60.0
             headers = self._headers(short, now)
             headers["retry-after"] = str(max(1, math.ceil(retry)))
-            raise RateLimited(f"rate limit reached for {scope}: {a.limit} {what}; retry after "
-                              f"{max(1, math.ceil(retry))}s", None, headers=headers)
+            error = RateLimited(f"rate limit reached for {scope}: {a.limit} {what}; retry after "
+                                f"{max(1, math.ceil(retry))}s", None, headers=headers)
+            loc = self.local[a.bucket]
+            loc.refusal, loc.blocked_until = error, now + min(retry, 1.0)  # look again within a second
+            raise error
 
     def _return_idle(self, now: float) -> None:
         """Units and free slots parked here longer than lease_s go back (fire and forget)."""

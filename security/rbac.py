@@ -52,9 +52,11 @@ BUILTIN_ROLES: dict[str, frozenset[str]] = {
         "models:list", "models:use", "collections:query", "collections:ingest", "workflows:read",
         "workflows:run", "workflows:approve", "workflows:define", "agents:read", "usage:read_own",
         "endpoints:call"}),
+    # A user's runs are their own (the workflow routes show and settle only the runs a key started):
+    # they may define, run and approve them; ingesting into collections is a developer's.
     "user": frozenset({
-        "models:list", "models:use", "collections:query", "workflows:read", "workflows:run", "agents:read",
-        "usage:read_own", "endpoints:call"}),
+        "models:list", "models:use", "collections:query", "workflows:read", "workflows:run", "workflows:define",
+        "workflows:approve", "agents:read", "usage:read_own", "endpoints:call"}),
     "viewer": frozenset({"models:list", "workflows:read", "agents:read", "usage:read_own", "endpoints:call"}),
     "auditor": frozenset({"models:list", "audit:read", "usage:read_own", "usage:read_all", "keys:read",
                           "teams:read", "roles:read", "endpoints:call"}),

@@ -2,8 +2,8 @@
 postponed annotations: FastAPI reads the route signatures at class-decoration time).
 
     POST /v1/rag/query             a cited answer, or ranked passages with "answer": false
-    POST /v1/rag/ingest            admin: ingest a source under rag.allowed_roots (202, a run)
-    GET  /v1/rag/ingest/{run_id}   admin: that run's status and summary
+    POST /v1/rag/ingest            collections:ingest (admin, developer): ingest a source under rag.allowed_roots (202, a run)
+    GET  /v1/rag/ingest/{run_id}   collections:ingest: that run's status and summary
 
 The app serves its routes itself under the `/v1/rag` prefix, with the same API keys as every
 /v1 route: a query pays one Serve hop, not two through the gateway. Answers are generated
@@ -30,7 +30,7 @@ from models.errors import NotFound, UpstreamTimeout
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
 from security.auth import Principal
 from serve.applications import replica_actor_options
-from serve.http import admin, authenticated, catalog_label, http_app, label_model
+from serve.http import authenticated, catalog_label, http_app, label_model, permitted
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +97,7 @@ class RagServer:
     async def query_http(self, req: RagQueryRequest, request: Request,
                          principal: Principal = Depends(authenticated)) -> JSONResponse:
         label_model(request, req.model)
+        principal.require("collections:query", req.collection or self.settings.rag.collection, "collection")
         model = None
         # Only a generating answer needs the gateway: it checks the key against the named model
         # (or picks rag.chat_model when it is healthy); retrieval and extractive answers do not.
@@ -111,10 +112,12 @@ class RagServer:
         return JSONResponse(out)  # built from a RagQueryResponse: no second validation
 
     @rag_api.post("/ingest", response_model=IngestRun, status_code=202)
-    async def ingest_http(self, req: IngestRequest, principal: Principal = Depends(admin)) -> IngestRun:
+    async def ingest_http(self, req: IngestRequest, principal: Principal = Depends(permitted("collections:ingest"))
+                          ) -> IngestRun:
+        principal.require("collections:ingest", req.collection or self.settings.rag.collection, "collection")
         return IngestRun.model_validate(await asyncio.to_thread(self.start_ingest, req, principal.key_id))
 
-    @rag_api.get("/ingest/{run_id}", response_model=IngestRun, dependencies=[Depends(admin)])
+    @rag_api.get("/ingest/{run_id}", response_model=IngestRun, dependencies=[Depends(permitted("collections:ingest"))])
     async def ingest_status_http(self, run_id: str) -> IngestRun:
         return IngestRun.model_validate(self.ingest_status(run_id))
 

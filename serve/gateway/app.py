@@ -21,6 +21,7 @@ from analytics.ledger import period_start
 from config import Settings, settings_from_dict
 from models.errors import (
     APIError,
+    AuthenticationFailed,
     InvalidRequest,
     ModelUnavailable,
     NotFound,
@@ -54,12 +55,12 @@ from serve.gateway.responses import (SSE_HEADERS, SettledStreamingResponse, enco
                                      whole)
 from serve.gateway.schemas import (Feedback, FeedbackResult, Health, Orchestration, Readiness, RouterStatus,
                                    UsageReport)
-from serve.http import admin, authenticated, http_app, label_model
+from serve.http import admin, authenticated, http_app, label_model, permitted
 from serve.router.orchestrator import OrchestrateRequest
 from serve.router.runtime import Router
 
-# Who in-cluster callers that name no principal (the CLI's `orfeas ask`) are to the router and the ledger.
-INTERNAL_CALLER = Principal("internal", "admin", None)
+# The router's own embedding calls (its task classifier): the platform's work, never a user's.
+ROUTER_SELF = Principal("router", "admin", None, credential="platform")
 STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true"}}
 
 app = http_app("ORFEAS gateway")
@@ -84,7 +85,7 @@ class Gateway:
 
     async def _classifier_embed(self, texts: list[str]) -> list[list[float]]:
         """Embeddings for the router's task classifier (router.classifier_model)."""
-        backend = await self.catalog.usable(self.settings.router.classifier_model, INTERNAL_CALLER, "embedding")
+        backend = await self.catalog.usable(self.settings.router.classifier_model, ROUTER_SELF, "embedding")
         return (await backend.embed(texts))[0]
 
     # ------------------------------------------------------------ health and the catalog
@@ -101,7 +102,7 @@ class Gateway:
         return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
     @app.get("/v1/models", response_model=ModelList)
-    async def list_models(self, principal: Principal = Depends(authenticated)) -> ModelList:
+    async def list_models(self, principal: Principal = Depends(permitted("models:list"))) -> ModelList:
         return ModelList(data=await self.catalog.cards(principal))
 
     # ------------------------------------------------------------ generation
@@ -191,14 +192,16 @@ class Gateway:
             raise InvalidRequest(f"unknown query parameter {unknown[0]!r}", unknown[0])
         if since is not None and period is not None:
             raise InvalidRequest("give since or period, not both", "since")
-        if not principal.is_admin:
+        reads_all = bool(principal.allows("usage:read_all"))  # admins and auditors
+        if not reads_all:
+            principal.require("usage:read_own")
             if key_id not in (None, principal.key_id):
                 raise PermissionDenied("a user key may only read its own usage", "key_id")
             key_id = principal.key_id
         start = period_start(period, time.time()) if period else since
         book = self.chat.book
         body = {"object": "usage", "key_id": key_id, "since": start, **await book.usage(key_id, start)}
-        if not principal.is_admin or key_id == principal.key_id:
+        if not reads_all or key_id == principal.key_id:
             body["budget"] = await book.budget_view(principal)
         return body
 
@@ -231,10 +234,18 @@ class Gateway:
         return {"backends": self.router.status(),
                 "routes": [{"name": n, "routes": what} for n, what in self.router.routed_names()]}
 
+    async def _on_behalf_of(self, principal: Principal | None) -> Principal:
+        """The principal an in-cluster call is made for, as the key store has it now (a workflow
+        may outlive its key's revocation): every call made for a user carries that user's."""
+        if principal is None:
+            raise AuthenticationFailed("an in-cluster call must name the principal it is made for "
+                                       "(the caller's; there is no internal admin caller)")
+        return await app.state.authenticator.refresh(principal)
+
     async def rag_generator(self, model: str | None, principal: Principal | None = None) -> str | None:
         """The chat model a RAG answer generates with (the RAG app's /v1/rag/query and `orfeas ask`
-        ask), for `principal` (the platform itself when None)."""
-        return await self.rag.generator(model, principal or INTERNAL_CALLER)
+        ask), for `principal` (required)."""
+        return await self.rag.generator(model, await self._on_behalf_of(principal))
 
     async def complete_chat(self, model_id: str, messages: list[dict], max_tokens: int,
                             principal: Principal | None = None) -> str:
@@ -244,13 +255,13 @@ class Gateway:
     async def chat_message(self, model_id: str, messages: list[dict], max_tokens: int,
                            tools: list[dict] | None = None, principal: Principal | None = None) -> dict[str, Any]:
         """The chat path for in-cluster callers (the RAG service, agents): one greedy answer for
-        `principal` (the platform itself when None) through the router like any chat request.
+        `principal` (required: the caller's) through the router like any chat request.
         Returns the assistant message (`content`, `tool_calls` in OpenAI's shape) with the model
         that answered, its usage and its cost."""
         cap = min(max_tokens, self.limits.max_tokens)
         gen = GenerationRequest(kind=GenerationKind.CHAT, messages=messages, tools=tools or None,
                                 params=GenerationParams(max_tokens_cap=cap, temperature=0.0))
-        a = await self.chat.complete(ChatCall(principal or INTERNAL_CALLER, "internal"), model_id, gen)
+        a = await self.chat.complete(ChatCall(await self._on_behalf_of(principal), "internal"), model_id, gen)
         return {"content": a.text or None, "tool_calls": [c.model_dump() for c in a.tool_calls] if a.tool_calls else None,
                 "model": a.model, "usage": a.usage.model_dump(), "cost_usd": a.cost_usd}
 
