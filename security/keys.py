@@ -303,3 +303,12 @@ def keystore(data_dir: str | Path):
     path = Path(data_dir).expanduser().resolve() / "auth" / "keys.json"
     name = "orfeas-keys-" + hashlib.sha1(str(path).encode()).hexdigest()[:10]
     return detached_actor(KeyStore, name, str(path), durable=True)
+
+
+def bootstrap_admin(data_dir: str | Path, env: str) -> None:
+    """Install the admin key in `$env` (on Kubernetes: the orfeas-admin-bootstrap Secret) once, so
+    that a cluster has an admin credential without `orfeas up` printing one. Fire and forget:
+    a malformed key is reported by the store's error in the replica's log."""
+    key = os.environ.get(env, "").strip()
+    if key:
+        keystore(data_dir).install.remote(key, "admin", "bootstrap")

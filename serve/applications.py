@@ -103,9 +103,9 @@ def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, A
 # the replica rebuilds a full `Settings` with `config.settings_from_dict`, so every other field
 # and section is its default there. tests/kuberay/test_serve_args.py re-derives these sets from
 # the code and fails when an app starts reading a section that is not listed.
-GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router")
-RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag")
-AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents")  # workflows and agents apps
+GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router", "rate_limits")
+RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "rate_limits")
+AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "rate_limits")  # workflows and agents apps
 
 
 def app_settings(settings: Settings, sections: tuple[str, ...]) -> dict[str, Any]:

@@ -45,6 +45,7 @@ from models.protocol import (
     now,
 )
 from security.auth import Principal
+from security.keys import bootstrap_admin
 from serve.applications import replica_actor_options
 from serve.gateway.aliases import RAG_DISABLED, OrchestratorAlias, RagAlias, rag_collection
 from serve.gateway.backends import BackendRegistry
@@ -75,6 +76,8 @@ class Gateway:
         self.backends = BackendRegistry(self.settings)
         self.catalog = Catalog(self.settings, self.backends)
         app.state.configure(self.settings, model_label=self.catalog.known)
+        if self.settings.auth.enabled:
+            bootstrap_admin(self.settings.resolved_data_dir(), self.settings.auth.bootstrap_key_env)
         self.metrics, self.router_metrics = GatewayMetrics(), RouterMetrics()
         self.router = Router(self.settings, self.backends, embed=self._classifier_embed)
         self.router.listeners.append(self.router_metrics.breaker_transition)

@@ -116,7 +116,7 @@ def _non_default(tmp_path: Path) -> Settings:
                    {"id": "chat", "engine": "transformers", "source": "/models/chat", "max_context": 512},
                    {"id": "big", "engine": "vllm", "source": "org/big", "num_gpus": 1, "accelerator_type": "L4"}],
         "rag": {"top_k": 5, "embedding_model": "emb"}, "router": {"lambda_cost": 0.03},
-        "agents": {"max_steps": 4},
+        "agents": {"max_steps": 4}, "rate_limits": {"lease_s": 2},
     }))
     return load_settings(f)
 
