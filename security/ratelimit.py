@@ -211,6 +211,10 @@ class RateLimitCounters:
                 self.slots[bucket] = max(0, self.slots.get(bucket, 0) - n)
                 self.held[(replica, bucket)] = 0
 
+    def replicas(self) -> list[str]:
+        """The replicas that have leased from these counters."""
+        return sorted(self.seen)
+
     def state(self, bucket: str) -> dict[str, Any]:
         b = self.buckets.get(bucket)
         return {"level": None if b is None else b.level, "slots": self.slots.get(bucket, 0)}

@@ -46,6 +46,7 @@ from models.protocol import (
 )
 from security.auth import Principal
 from security.keys import bootstrap_admin
+from serve.admin_api import admin_router
 from serve.applications import replica_actor_options
 from serve.gateway.aliases import RAG_DISABLED, OrchestratorAlias, RagAlias, rag_collection
 from serve.gateway.backends import BackendRegistry
@@ -65,6 +66,7 @@ ROUTER_SELF = Principal("router", "admin", None, credential="platform")
 STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true"}}
 
 app = http_app("ORFEAS gateway")
+app.include_router(admin_router)  # /v1/admin/*: keys, teams, budgets, roles, limits (serve/admin_api.py)
 
 
 @serve.ingress(app)
