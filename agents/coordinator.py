@@ -33,7 +33,7 @@ from agents.tools import SHIPPED_TOOLS, ToolError, build_tools
 from config import AgentSpec, Settings, settings_from_dict
 from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
-from security.auth import Principal
+from security.auth import OPERATOR, Principal
 from models.errors import InvalidRequest, NotFound
 
 log = logging.getLogger(__name__)
@@ -350,7 +350,8 @@ class Coordinator:
     async def start_run(self, definition: Any, inputs: dict | None = None, owner: str = "anonymous",
                         run_id: str | None = None, caller: Principal | None = None) -> dict:
         """Start a run of a registered workflow (by name) or an inline definition (dict/YAML);
-        its model calls are made for `caller` (the key that started it; the platform when None)."""
+        its model calls are made for `caller` (the key that started it). A Ray driver that names
+        none (it holds the cluster itself: the CLI, a test) acts as the operator, by that name."""
         await self._start_once()
         if isinstance(definition, str) and "\n" not in definition and ":" not in definition:
             definition = self._definition(definition)
@@ -366,7 +367,7 @@ class Coordinator:
         if run_id in self.drivers or self.store.load(run_id) is not None:
             raise Conflict(f"run {run_id!r} already exists", "run_id")
         self._check_runnable(wf, run_id)
-        run = RunState.new(run_id, wf, inputs, owner, caller=caller)
+        run = RunState.new(run_id, wf, inputs, owner, caller=caller if caller is not None else OPERATOR)
         self.store.save(run)
         self.metrics.run_started(wf.name)
         await self._drive(run, "run.created")

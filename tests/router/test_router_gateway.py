@@ -323,25 +323,27 @@ def test_orchestrator_vote_schema_retry_and_chat_alias(platform):
 
 
 def test_in_cluster_callers_are_routed_fall_back_and_are_metered(platform):
-    """RAG generation and agents call the gateway handle's complete_chat: the router applies."""
+    """RAG generation and agents call the gateway handle's complete_chat for a named principal
+    (here the operator, as the CLI does): the router applies and the ledger charges that principal."""
     from ray import serve
 
+    from security.auth import OPERATOR
     from serve.applications import GATEWAY_APP
 
     settings, _, _ = platform
     gateway = serve.get_app_handle(GATEWAY_APP)
-    before = ray.get(ledger(settings.resolved_data_dir()).usage.remote("internal"))["totals"]["requests"]
+    before = ray.get(ledger(settings.resolved_data_dir()).usage.remote(OPERATOR.key_id))["totals"]["requests"]
     messages = [{"role": "user", "content": "internal hello"}]
     # p-down refuses connections: its fallback p-echo answers (echo repeats the prompt).
-    assert "internal hello" in gateway.complete_chat.remote("p-down", messages, 16).result(timeout_s=60)
-    assert gateway.complete_chat.remote("auto:best-quality", messages, 8).result(timeout_s=60)
+    assert "internal hello" in gateway.complete_chat.remote("p-down", messages, 16, OPERATOR).result(timeout_s=60)
+    assert gateway.complete_chat.remote("auto:best-quality", messages, 8, OPERATOR).result(timeout_s=60)
     with pytest.raises(Exception, match="does not exist|not_found|unknown"):
-        gateway.complete_chat.remote("no-such-model", messages, 8).result(timeout_s=60)
+        gateway.complete_chat.remote("no-such-model", messages, 8, OPERATOR).result(timeout_s=60)
     import time
 
     deadline = time.monotonic() + 30  # the gateway records asynchronously: wait for both entries
     while True:
-        after = ray.get(ledger(settings.resolved_data_dir()).usage.remote("internal"))["totals"]["requests"]
+        after = ray.get(ledger(settings.resolved_data_dir()).usage.remote(OPERATOR.key_id))["totals"]["requests"]
         if after >= before + 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
