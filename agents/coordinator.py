@@ -29,7 +29,7 @@ from agents.expressions import ExpressionError, render
 from agents.metrics import WorkflowMetrics
 from agents.scheduling import RunState
 from agents.spec import StepSpec, WorkflowError, WorkflowSpec
-from agents.tools import SHIPPED_TOOLS, ToolError, build_tools
+from agents.tools import SHIPPED_TOOLS, ToolError, build_tools, current_caller
 from config import AgentSpec, Settings, settings_from_dict
 from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
@@ -49,10 +49,16 @@ class Conflict(InvalidRequest):
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def run_tool(settings: dict, name: str, args: dict, idempotency_key: str) -> Any:
-    """A workflow's tool step, as a plain Ray task (a crashing tool cannot take the coordinator)."""
+def run_tool(settings: dict, name: str, args: dict, idempotency_key: str, caller: Principal | None = None) -> Any:
+    """A workflow's tool step, as a plain Ray task (a crashing tool cannot take the coordinator),
+    made for the run's caller."""
     tool = build_tools(settings_from_dict(settings), [name])[name]
-    return asyncio.run(tool(args, idempotency_key=idempotency_key))
+
+    async def call() -> Any:
+        current_caller.set(caller)
+        return await tool(args, idempotency_key=idempotency_key)
+
+    return asyncio.run(call())
 
 
 def coordinator_name(settings: Settings) -> str:
@@ -270,7 +276,7 @@ class Coordinator:
                 return await self._agent_step(run, step, render(step.task, ns), idem)
             if step.kind == "tool":
                 args = render(step.args, ns)
-                ref = run_tool.remote(self.settings.to_dict(), step.tool, args, idem)
+                ref = run_tool.remote(self.settings.to_dict(), step.tool, args, idem, run.caller)
                 try:
                     out = await ref
                 except asyncio.CancelledError:

@@ -143,7 +143,11 @@ class RagServer:
     async def query(self, body: RagQueryRequest | dict[str, Any], model_id: str | None,
                     principal: Principal | None = None) -> dict[str, Any]:
         """One RAG query (also the gateway's `rag` chat alias, through this app's handle); with a
-        principal, the answer is generated on that key's behalf."""
+        principal, the answer is generated on that key's behalf and its collection scope applies
+        (an agent's kb_search passes its run's caller)."""
+        if principal is not None:
+            collection = (body.get("collection") if isinstance(body, dict) else body.collection)
+            principal.require("collections:query", collection or self.settings.rag.collection, "collection")
         generate = self._generate_with(model_id, asyncio.get_running_loop(), principal) if model_id else None
 
         def run() -> dict[str, Any]:
