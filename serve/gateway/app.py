@@ -58,6 +58,7 @@ from serve.gateway.responses import (SSE_HEADERS, SettledStreamingResponse, enco
 from serve.gateway.schemas import (Feedback, FeedbackResult, Health, Orchestration, Readiness, RouterStatus,
                                    UsageReport)
 from serve.http import admin, authenticated, http_app, label_model, permitted
+from serve.router.features import estimate_tokens
 from serve.router.orchestrator import OrchestrateRequest
 from serve.router.runtime import Router
 
@@ -169,10 +170,15 @@ class Gateway:
         if len(texts) > self.limits.max_embedding_inputs:
             raise InvalidRequest(f"{len(texts)} inputs, over the limit of {self.limits.max_embedding_inputs} "
                                  "per request", "input")
+        # The key's, team's and model's rate limits hold here too (tokens: counted after the call).
+        admission = await self.chat.limiter.admit(principal, req.model, sum(estimate_tokens(t) for t in texts))
+        counts: list[int] = []
         try:
             vectors, counts = await asyncio.wait_for(backend.embed(texts), self.timeout_s)
         except TimeoutError:
             raise UpstreamTimeout(f"model {req.model!r} did not answer within {self.timeout_s:g}s") from None
+        finally:
+            admission.settle(sum(counts) if counts else None)
         if req.dimensions is not None and vectors and req.dimensions != len(vectors[0]):
             raise InvalidRequest(f"model {req.model!r} produces {len(vectors[0])}-dimensional vectors; "
                                  f"dimensions={req.dimensions} is not supported", "dimensions")
