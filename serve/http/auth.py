@@ -38,10 +38,13 @@ def permitted(permission: str):
     naming it). Resource scopes (a model, a collection) are checked where the resource is known:
     `principal.require(permission, resource)`."""
 
-    async def dependency(principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
+    async def dependency(principal=Depends(authenticated)):
         principal.require(permission)
         return principal
 
+    # Real objects, not this module's postponed strings: Serve pickles the app by value, and a
+    # closure's pickled globals hold only the names its code uses.
+    dependency.__annotations__ = {"principal": Principal, "return": Principal}
     dependency.__name__ = f"permitted_{permission.replace(':', '_')}"
     AUTH_DEPENDENCIES.add(dependency)
     return dependency
