@@ -30,6 +30,9 @@ from security.auth import Principal
 from security.rbac import PERMISSIONS
 from serve.http import http_state, permitted, unwrap
 
+# Every admin route takes a bearer key (named here: the layer's OpenAPI pass sees only the app's
+# own routes, not an included router's).
+SECURED = {"security": [{"bearer": []}]}
 admin_router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
 
@@ -169,12 +172,12 @@ def _limits(limits: Limits | None) -> dict[str, int | None] | None:
     return limits.model_dump() if limits is not None else None
 
 
-@admin_router.get("/keys", response_model=Listing)
+@admin_router.get("/keys", response_model=Listing, openapi_extra=SECURED)
 async def list_keys(request: Request, _: Principal = Depends(permitted("keys:read"))) -> dict:
     return {"object": "list", "data": await _store_call(request, "list")}
 
 
-@admin_router.post("/keys", response_model=CreatedKey, status_code=201)
+@admin_router.post("/keys", response_model=CreatedKey, status_code=201, openapi_extra=SECURED)
 async def create_key(body: NewKey, request: Request, caller: Principal = Depends(permitted("keys:manage"))) -> dict:
     _check_role(request, caller, body.role)
     _check_models(request, body.models)
@@ -190,12 +193,12 @@ async def create_key(body: NewKey, request: Request, caller: Principal = Depends
     return {**record, "key": key}
 
 
-@admin_router.get("/keys/{key_id}", response_model=KeyInfo)
+@admin_router.get("/keys/{key_id}", response_model=KeyInfo, openapi_extra=SECURED)
 async def get_key(key_id: str, request: Request, _: Principal = Depends(permitted("keys:read"))) -> dict:
     return await _store_call(request, "get", key_id)
 
 
-@admin_router.patch("/keys/{key_id}", response_model=KeyInfo)
+@admin_router.patch("/keys/{key_id}", response_model=KeyInfo, openapi_extra=SECURED)
 async def update_key(key_id: str, body: KeyPatch, request: Request,
                      caller: Principal = Depends(permitted("keys:manage"))) -> dict:
     fields = body.model_dump(exclude_unset=True)
@@ -218,17 +221,17 @@ async def update_key(key_id: str, body: KeyPatch, request: Request,
     return record or await _store_call(request, "get", key_id)
 
 
-@admin_router.delete("/keys/{key_id}", response_model=KeyInfo)
+@admin_router.delete("/keys/{key_id}", response_model=KeyInfo, openapi_extra=SECURED)
 async def revoke_key(key_id: str, request: Request, _: Principal = Depends(permitted("keys:manage"))) -> dict:
     return await _store_call(request, "revoke", key_id)
 
 
-@admin_router.get("/teams", response_model=Listing)
+@admin_router.get("/teams", response_model=Listing, openapi_extra=SECURED)
 async def list_teams(request: Request, _: Principal = Depends(permitted("teams:read"))) -> dict:
     return {"object": "list", "data": await _store_call(request, "list_teams")}
 
 
-@admin_router.put("/teams/{name}", response_model=TeamInfo)
+@admin_router.put("/teams/{name}", response_model=TeamInfo, openapi_extra=SECURED)
 async def put_team(name: str, body: Team, request: Request, caller: Principal = Depends(permitted("teams:manage"))
                    ) -> dict:
     if body.budget_usd is not None:
@@ -238,23 +241,23 @@ async def put_team(name: str, body: Team, request: Request, caller: Principal = 
     return await _store_call(request, "set_team", name, body.budget_usd, body.budget_period, _limits(body.limits))
 
 
-@admin_router.delete("/teams/{name}", response_model=TeamInfo)
+@admin_router.delete("/teams/{name}", response_model=TeamInfo, openapi_extra=SECURED)
 async def delete_team(name: str, request: Request, _: Principal = Depends(permitted("teams:manage"))) -> dict:
     return await _store_call(request, "delete_team", name)
 
 
-@admin_router.get("/users", response_model=Listing)
+@admin_router.get("/users", response_model=Listing, openapi_extra=SECURED)
 async def list_users(request: Request, _: Principal = Depends(permitted("budgets:manage"))) -> dict:
     return {"object": "list", "data": await _store_call(request, "list_users")}
 
 
-@admin_router.put("/users/{user_id}/budget", response_model=UserInfo)
+@admin_router.put("/users/{user_id}/budget", response_model=UserInfo, openapi_extra=SECURED)
 async def put_user_budget(user_id: str, body: UserBudget, request: Request,
                           _: Principal = Depends(permitted("budgets:manage"))) -> dict:
     return await _store_call(request, "set_user", user_id, body.budget_usd, body.budget_period)
 
 
-@admin_router.get("/roles", response_model=Listing)
+@admin_router.get("/roles", response_model=Listing, openapi_extra=SECURED)
 async def list_roles(request: Request, _: Principal = Depends(permitted("roles:read"))) -> dict:
     from security.rbac import BUILTIN_ROLES
 
