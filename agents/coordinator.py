@@ -29,7 +29,7 @@ from agents.expressions import ExpressionError, render
 from agents.metrics import WorkflowMetrics
 from agents.scheduling import RunState
 from agents.spec import StepSpec, WorkflowError, WorkflowSpec
-from agents.tools import SHIPPED_TOOLS, ToolError, build_tools, current_caller
+from agents.tools import SHIPPED_TOOLS, ToolError, build_tools
 from config import AgentSpec, Settings, settings_from_dict
 from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
@@ -52,6 +52,8 @@ class Conflict(InvalidRequest):
 def run_tool(settings: dict, name: str, args: dict, idempotency_key: str, caller: Principal | None = None) -> Any:
     """A workflow's tool step, as a plain Ray task (a crashing tool cannot take the coordinator),
     made for the run's caller."""
+    from agents.tools import current_caller  # here: a ContextVar cannot travel with the pickled task
+
     tool = build_tools(settings_from_dict(settings), [name])[name]
 
     async def call() -> Any:

@@ -228,11 +228,19 @@ def test_ledger_totals_equal_the_sum_of_responses(platform):
 
 def test_budget_is_refused_with_429_once_spent_and_changes_nothing(platform):
     settings, base, _ = platform
+    store = keystore(settings.resolved_data_dir())
     key_id, key = new_key(settings, budget_usd=1e-6, budget_period="day")
+    # A call that could cost more than what is left is refused before it runs: the budget holds.
+    r = chat(base, key, "p-echo", "one two three four five")
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded", r.text
+    assert "may cost up to" in r.json()["error"]["message"]
+    assert ray.get(ledger(settings.resolved_data_dir()).usage.remote(key_id))["totals"]["requests"] == 0
+    ray.get(store.set_budget.remote(key_id, 1.0, "day"))
     first = chat(base, key, "p-echo", "one two three four five")
     assert first.status_code == 200
     spent = ray.get(ledger(settings.resolved_data_dir()).usage.remote(key_id))["totals"]
     assert spent["cost_usd"] > 1e-6
+    ray.get(store.set_budget.remote(key_id, spent["cost_usd"], "day"))  # exactly spent
     for model in ("p-echo", "auto"):
         r = chat(base, key, model)
         assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded", r.text
