@@ -15,7 +15,7 @@ from typing import Any, Awaitable, Callable
 import ray
 
 from agents.protocol import parse_reply, system_prompt, tool_result_messages
-from agents.tools import Tool, ToolError, build_tools
+from agents.tools import Tool, ToolError, build_tools, current_caller
 from config import AgentSpec, Settings, settings_from_dict
 from observability import tracing
 from security.auth import Principal
@@ -108,6 +108,7 @@ class AgentCore:
         raise AgentError("; ".join(errors))
 
     async def run(self, task: str, idempotency_prefix: str = "", caller: Principal | None = None) -> dict[str, Any]:
+        current_caller.set(caller)  # this task's tool calls are made for the caller too
         schemas = [t.openai_schema() for t in self.tools.values()]
         native = self.native_tools
         system = system_prompt(self.spec.role, self.spec.instructions, [] if native else schemas)

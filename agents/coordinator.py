@@ -34,7 +34,7 @@ from agents.tools import SHIPPED_TOOLS, ToolError, build_tools
 from config import AgentSpec, Settings, settings_from_dict
 from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
-from security.auth import Principal
+from security.auth import OPERATOR, Principal
 from models.errors import InvalidRequest, NotFound
 from observability import tracing
 
@@ -52,10 +52,18 @@ class Conflict(InvalidRequest):
 
 
 @ray.remote(num_cpus=0, max_retries=0)
-def run_tool(settings: dict, name: str, args: dict, idempotency_key: str) -> Any:
-    """A workflow's tool step, as a plain Ray task (a crashing tool cannot take the coordinator)."""
+def run_tool(settings: dict, name: str, args: dict, idempotency_key: str, caller: Principal | None = None) -> Any:
+    """A workflow's tool step, as a plain Ray task (a crashing tool cannot take the coordinator),
+    made for the run's caller."""
+    from agents.tools import current_caller  # here: a ContextVar cannot travel with the pickled task
+
     tool = build_tools(settings_from_dict(settings), [name])[name]
-    return asyncio.run(tool(args, idempotency_key=idempotency_key))
+
+    async def call() -> Any:
+        current_caller.set(caller)
+        return await tool(args, idempotency_key=idempotency_key)
+
+    return asyncio.run(call())
 
 
 def coordinator_name(settings: Settings) -> str:
@@ -277,7 +285,7 @@ class Coordinator:
                 return await self._agent_step(run, step, render(step.task, ns), idem)
             if step.kind == "tool":
                 args = render(step.args, ns)
-                ref = run_tool.remote(self.settings.to_dict(), step.tool, args, idem)
+                ref = run_tool.remote(self.settings.to_dict(), step.tool, args, idem, run.caller)
                 try:
                     out = await ref
                 except asyncio.CancelledError:
@@ -359,7 +367,8 @@ class Coordinator:
                         run_id: str | None = None, caller: Principal | None = None,
                         trace: dict[str, str] | None = None) -> dict:
         """Start a run of a registered workflow (by name) or an inline definition (dict/YAML);
-        its model calls are made for `caller` (the key that started it; the platform when None).
+        its model calls are made for `caller` (the key that started it). A Ray driver that names
+        none (it holds the cluster itself: the CLI, a test) acts as the operator, by that name.
         `trace`: the starting request's W3C carrier, the parent of the run's `workflow.run` span."""
         await self._start_once()
         if isinstance(definition, str) and "\n" not in definition and ":" not in definition:
@@ -378,7 +387,7 @@ class Coordinator:
         self._check_runnable(wf, run_id)
         size = limits.run_size(wf, inputs or {}, self.cfg)  # 400 over a per-run limit
         limits.admit((ex.run for ex in self.runs.values()), owner, size, self.cfg)  # 429 over a per-key one
-        run = RunState.new(run_id, wf, inputs, owner, caller=caller)
+        run = RunState.new(run_id, wf, inputs, owner, caller=caller if caller is not None else OPERATOR)
         if trace:
             self.traces[run_id] = trace
         self.store.save(run)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -63,6 +64,11 @@ def check_args(schema: dict[str, Any], value: Any, path: str = "arguments") -> N
     if isinstance(value, list) and "items" in schema:
         for i, v in enumerate(value):
             check_args(schema["items"], v, f"{path}[{i}]")
+
+
+# Whom the tool calls in this task are made for (the run's caller): tools that reach other
+# services on a user's behalf (kb_search) pass it on, so that user's collection scopes apply.
+current_caller: ContextVar[Any] = ContextVar("orfeas_tool_caller", default=None)
 
 
 class Tool(ABC):
@@ -121,7 +127,7 @@ class KnowledgeBaseSearch(Tool):
         if args.get("collection"):
             body["collection"] = args["collection"]
         try:
-            result = await serve.get_app_handle(RAG_APP).query.remote(body, None)
+            result = await serve.get_app_handle(RAG_APP).query.remote(body, None, current_caller.get())
         except Exception as e:  # the RAG service's typed errors (unknown collection, ...) go to the model
             cause = getattr(e, "cause", e)
             raise ToolError(f"knowledge base search failed: {getattr(cause, 'message', None) or cause}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from datetime import datetime, timezone
 from functools import cached_property
 from typing import Any
@@ -18,17 +19,38 @@ class UsageBook:
         self.cache_s = settings.router.budget_cache_s
         self.data_dir = settings.resolved_data_dir()
         self._spend: dict[tuple[str, str], tuple[float, float]] = {}
+        # A reservation whose call never settles (its replica died) is dropped after this long.
+        self.reservation_ttl_s = 2 * settings.gateway.request_timeout_s + 60
 
     @cached_property
     def actor(self):
         """The ledger actor, got on first use (not at replica start)."""
         return ledger(self.data_dir)
 
-    def record(self, entry: dict[str, Any]) -> None:
+    def record(self, entry: dict[str, Any], reservation: str | None = None) -> None:
         """Fire and forget: calls from one replica reach the actor in order, so a later spend,
-        usage or feedback call from the same replica sees this entry."""
-        if self.enabled:
+        usage or feedback call from the same replica sees this entry. With a reservation, the
+        entry settles it (the reserved amount is replaced by the real cost in one step)."""
+        if not self.enabled:
+            return
+        if reservation is not None:
+            self.actor.settle.remote(reservation, entry)
+        else:
             self.actor.record.remote([entry])
+
+    async def reserve(self, principal, amount_usd: float) -> str | None:
+        """Hold `amount_usd` (the call's most cost) against every budget of the principal (key,
+        team, user) before the call: BudgetExceeded when any of them cannot cover it beside what
+        is spent and what calls in flight hold. None when no budget applies."""
+        budgets = [(b.scope, b.id, b.usd, b.period) for b in principal.all_budgets()] if self.enabled else []
+        if not budgets:
+            return None
+        reservation = uuid.uuid4().hex
+        await self.actor.reserve.remote(reservation, budgets, float(amount_usd), self.reservation_ttl_s)
+        return reservation
+
+    def release(self, reservation: str) -> None:
+        self.actor.release.remote(reservation)
 
     async def usage(self, key_id: str | None, since: float | None) -> dict[str, Any]:
         return await self.actor.usage.remote(key_id, since)

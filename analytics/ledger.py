@@ -60,6 +60,10 @@ class Ledger:
         self.entries: list[dict[str, Any]] = []
         self.by_id: dict[str, dict[str, Any]] = {}
         self.feedback: dict[str, list[float]] = {}
+        # Spend by (scope, id, period, period start): budgets read it in O(1).
+        self.spent: dict[tuple[str, str, str, float], float] = {}
+        # Budget reservations of calls in flight: id -> (budget keys, amount, expires at).
+        self.reserved: dict[str, tuple[list[tuple[str, str, str]], float, float]] = {}
         if self.path.exists():
             for line in self.path.read_text().splitlines():
                 try:
@@ -76,6 +80,13 @@ class Ledger:
             self.entries.append(rec)
             if rec.get("response_id"):
                 self.by_id[rec["response_id"]] = rec
+            cost = float(rec.get("cost_usd") or 0.0)
+            if cost:
+                for scope, who in (("key", rec.get("key_id")), ("team", rec.get("team")), ("user", rec.get("user"))):
+                    if who:
+                        for period in PERIODS:
+                            k = (scope, who, period, period_start(period, rec["ts"]))
+                            self.spent[k] = self.spent.get(k, 0.0) + cost
 
     def _append(self, recs: list[dict[str, Any]]) -> None:
         with self.path.open("a") as f:
@@ -94,8 +105,54 @@ class Ledger:
         return len(self.entries)
 
     def spend(self, key_id: str, period: str, now: float | None = None) -> float:
-        since = period_start(period, now or time.time())
-        return sum(float(e.get("cost_usd") or 0) for e in self.entries if e.get("key_id") == key_id and e["ts"] >= since)
+        return self.spend_of("key", key_id, period, now)
+
+    def spend_of(self, scope: str, who: str, period: str, now: float | None = None) -> float:
+        """What a key, team or user spent in the budget period that contains `now`."""
+        return self.spent.get((scope, who, period, period_start(period, now or time.time())), 0.0)
+
+    # ------------------------------------------------------------ budget reservations
+
+    def held(self, scope: str, who: str, period: str, now: float) -> float:
+        """What calls in flight hold against this budget."""
+        self._expire(now)
+        return sum(amount for keys, amount, _ in self.reserved.values() if (scope, who, period) in keys)
+
+    def _expire(self, now: float) -> None:
+        for rid in [r for r, (_, _, until) in self.reserved.items() if until <= now]:
+            del self.reserved[rid]
+
+    def reserve(self, reservation: str, budgets: list[tuple[str, str, float, str]], amount: float,
+                ttl_s: float = 300.0, now: float | None = None) -> float:
+        """Hold `amount` USD against every budget (scope, id, limit, period), all or none: a
+        budget that cannot cover spend + held + amount refuses with BudgetExceeded naming it.
+        Returns the amount held. Being one actor, reservations never race each other."""
+        from models.errors import BudgetExceeded
+
+        now = time.time() if now is None else now
+        for scope, who, limit, period in budgets:
+            spent, held = self.spend_of(scope, who, period, now), self.held(scope, who, period, now)
+            if spent + held >= limit or spent + held + amount > limit + 1e-12:
+                what = {"key": "API key", "team": "team", "user": "user"}.get(scope, scope)
+                raise BudgetExceeded(
+                    f"{what} {who} has spent ${spent:.6f} of its {period}ly budget of ${limit:g}, with "
+                    f"${held:.6f} held by calls in flight; this call may cost up to ${amount:.6f}. Ask an admin "
+                    "to raise the budget or wait for calls to finish or for the next period")
+        self.reserved[reservation] = ([(s, w, p) for s, w, _, p in budgets], amount, now + ttl_s)
+        return amount
+
+    def settle(self, reservation: str, entry: dict[str, Any]) -> int:
+        """Record the call's real cost and drop its reservation, in one step."""
+        self.reserved.pop(reservation, None)
+        return self.record([entry])
+
+    def release(self, reservation: str) -> None:
+        self.reserved.pop(reservation, None)
+
+    def budget_state(self, scope: str, who: str, period: str) -> dict[str, float]:
+        now = time.time()
+        return {"spent_usd": self.spend_of(scope, who, period, now), "held_usd": self.held(scope, who, period, now),
+                "reservations": len(self.reserved)}
 
     def usage(self, key_id: str | None = None, since: float | None = None) -> dict[str, Any]:
         rows = [e for e in self.entries if (key_id is None or e.get("key_id") == key_id)

@@ -12,6 +12,7 @@ import typer
 from rich.table import Table
 
 from cluster.console import ConfigOpt, JsonOpt, connected, console, fail, print_json, table
+from security.auth import operator_principal
 
 workflows_app = typer.Typer(help="Run, inspect, approve, cancel and resume durable workflows.", no_args_is_help=True)
 agents_app = typer.Typer(help="The agent registry.", no_args_is_help=True)
@@ -86,7 +87,8 @@ def run_cmd(workflow: Annotated[str, typer.Argument(help="A YAML file or a regis
             config: ConfigOpt = None, as_json: JsonOpt = False):
     """Start a run."""
     inputs = _parse_inputs(input, inputs_json)
-    run = _call(config, "start_run", _definition(workflow), inputs, CLI_OWNER)
+    run = _call(config, "start_run", _definition(workflow), inputs, CLI_OWNER,
+                caller=operator_principal(connected(config)))  # its model calls are the CLI caller's
     if not wait:
         print_json(run) if as_json else console.print(f"started {run['id']} ({run['workflow']})")
         return

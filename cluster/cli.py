@@ -217,7 +217,7 @@ def _store(config: Path | None):
 
 @keys_app.command("create")
 def keys_create(
-    role: Annotated[str, typer.Option(help="admin or user")] = "user",
+    role: Annotated[str, typer.Option(help="admin, developer, user, viewer, auditor or a role from auth.roles")] = "user",
     models: Annotated[Optional[str], typer.Option(help="Comma-separated model ids this key may use (default: all).")] = None,
     name: Annotated[str, typer.Option(help="A label for the key.")] = "",
     team: Annotated[str, typer.Option(help="Team its usage is aggregated under.")] = "",
@@ -228,14 +228,18 @@ def keys_create(
     """Create a key; it is printed once and only its hash is kept."""
     if budget_period not in ("day", "month") or (budget_usd is not None and budget_usd < 0):
         fail("--budget-period must be day or month and --budget-usd not negative", 2)
-    if role not in ("admin", "user"):
-        fail(f"--role must be 'admin' or 'user', not {role!r}", 2)
     settings = settings_or_exit(config)
+    from security.auth import role_table_of
+
+    roles = sorted(role_table_of(settings))
+    if role not in roles:
+        fail(f"--role must be one of {', '.join(roles)}, not {role!r}", 2)
     allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
     unknown = [m for m in allowed or [] if settings.model(m) is None]
     if unknown:
         fail(f"unknown model(s) {', '.join(unknown)}; the catalog has {', '.join(m.id for m in settings.models)}", 2)
-    record, key = ray.get(_store(config).create.remote(role, allowed, name, team, budget_usd, budget_period))
+    record, key = ray.get(_store(config).create.remote(role, allowed, name, team, budget_usd, budget_period,
+                                                       roles=roles))
     console.print(f"key id {record['id']} ({role}" + (f", models: {','.join(allowed)}" if allowed else "") + ")")
     console.print(key, highlight=False, soft_wrap=True)
 

@@ -105,6 +105,9 @@ def in_cluster(settings: Settings, config_file: Path) -> Settings:
     s.ray.address = "auto"
     s.ray.dashboard_host = "0.0.0.0"
     s.data_dir = Path(DATA_DIR)
+    # /docs and /openapi.json need an API key on a cluster unless the file says otherwise.
+    if "docs" not in s.auth.model_fields_set:
+        s.auth.docs = "auth"
     for m in s.models:
         if m.engine != "openai":
             m.source = _rebase(m.source, root)

@@ -144,8 +144,10 @@ def ingest(
 
 def _ask_platform(settings: Settings, req) -> dict:
     """A generated answer from the deployed RAG app, which generates through the gateway's chat
-    path as the platform itself (the CLI holds no API key)."""
+    path for the CLI's caller ($ORFEAS_API_KEY's key, else the operator: security.auth)."""
     from ray import serve
+
+    from security.auth import operator_principal
 
     from config.names import GATEWAY_APP, RAG_APP
     from models.errors import APIError
@@ -159,8 +161,9 @@ def _ask_platform(settings: Settings, req) -> dict:
              "(rag.enabled: true)")
     timeout = settings.gateway.request_timeout_s
     try:
-        model = gateway.rag_generator.remote(req.model).result(timeout_s=timeout)  # is it usable now?
-        out = rag.query.remote(req.model_dump(exclude_none=True), model).result(timeout_s=timeout)
+        caller = operator_principal(settings)  # answers are generated for the CLI's caller, never the platform
+        model = gateway.rag_generator.remote(req.model, caller).result(timeout_s=timeout)  # is it usable now?
+        out = rag.query.remote(req.model_dump(exclude_none=True), model, caller).result(timeout_s=timeout)
     except Exception as e:
         cause = unwrap(e)
         if isinstance(cause, APIError):

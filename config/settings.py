@@ -181,6 +181,13 @@ class DirectorySettings(_Section):
     timeout_s: float = Field(10.0, gt=0)
 
 
+class RoleSettings(_Section):
+    """A custom role: the permissions it grants (resource:action) and the roles it inherits."""
+
+    permissions: list[str] = Field(default_factory=list)
+    inherits: list[str] = Field(default_factory=list)
+
+
 class AuthSettings(_Section):
     enabled: bool = Field(True, description="Switch off only on purpose: `orfeas up` warns when it is off.")
     key_cache_s: float = Field(5.0, ge=0, description="How long a gateway replica trusts a key lookup (revocation delay).")
@@ -204,6 +211,35 @@ class AuthSettings(_Section):
                 raise ValueError(f"issuer {i.issuer!r} appears twice")
             seen.add(i.issuer)
         return issuers
+    roles: dict[str, RoleSettings] = Field(default_factory=dict, description="Custom roles beside the built-in "
+                                             "admin, developer, user, viewer and auditor (security/rbac.py).")
+    docs: Literal["open", "auth", "off"] = Field(
+        "open", description="/docs and /openapi.json of every app: open, behind an API key (auth), or off. The "
+        "Kubernetes profile renders `auth`.")
+    bootstrap_key_env: str = Field("ORFEAS_BOOTSTRAP_ADMIN_KEY", description="Environment variable whose value, "
+                                   "when set (on Kubernetes: from a Secret), is installed as the first admin key.")
+
+
+class RateLimitScope(_Section):
+    """Limits of one scope; empty: unlimited."""
+
+    requests_per_minute: int | None = Field(None, ge=1)
+    tokens_per_minute: int | None = Field(None, ge=1, description="Prompt + completion tokens.")
+    concurrent: int | None = Field(None, ge=1, description="Requests in flight at once.")
+
+
+class RateLimitSettings(_Section):
+    """Requests, tokens and concurrency per key, team and model, held across every gateway replica
+    (security/ratelimit.py). A key's or team's own limits (admin API) override these defaults."""
+
+    enabled: bool = True
+    key: RateLimitScope = Field(default_factory=lambda: RateLimitScope(
+        requests_per_minute=6000, tokens_per_minute=10_000_000, concurrent=128))
+    team: RateLimitScope = Field(default_factory=RateLimitScope)
+    teams: dict[str, RateLimitScope] = Field(default_factory=dict)
+    models: dict[str, RateLimitScope] = Field(default_factory=dict, description="By catalog id.")
+    lease_fraction: float = Field(0.05, gt=0, le=1, description="Most of a limit one replica leases at a time.")
+    lease_s: float = Field(5.0, gt=0, description="Unused leased units go back to the cluster after this long.")
 
 
 Engine = Literal["transformers", "openai", "vllm", "sentence-transformers", "llama.cpp"]
@@ -669,6 +705,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     limits: LimitSettings = Field(default_factory=LimitSettings)
     auth: AuthSettings = Field(default_factory=AuthSettings)
+    rate_limits: RateLimitSettings = Field(default_factory=RateLimitSettings)
     models: list[ModelSpec] = Field(default_factory=_default_catalog)
     rag: RagSettings = Field(default_factory=RagSettings)
     router: RouterSettings = Field(default_factory=RouterSettings)

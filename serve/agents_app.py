@@ -30,7 +30,7 @@ from security.auth import Principal
 from observability import tracing
 from scaling.serve_options import replica_count
 from serve.applications import AGENTS_DEPLOYMENT, WORKFLOWS_DEPLOYMENT, replica_actor_options
-from serve.http import authenticated, http_app, label_model
+from serve.http import authenticated, http_app, label_model, permitted
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ EVENTS_DOC = {200: {"description": "Server-sent events (`id`, `event`, `data`: t
 
 def _owner(principal: Principal) -> str | None:
     """Whose runs a caller sees: admins see all (None)."""
-    return None if principal.role == "admin" else principal.key_id
+    return None if principal.is_admin else principal.key_id
 
 
 def _models_of(definition: Any, settings: Settings) -> set[str]:
@@ -196,6 +196,8 @@ class WorkflowsApi(_Api):
         if (body.workflow is None) == (body.definition is None):
             raise InvalidRequest("give either 'workflow' (a registered name) or 'definition' (inline)", "workflow")
         definition = body.definition if body.definition is not None else body.workflow
+        # An inline definition defines a workflow; a registered one is only run.
+        principal.require("workflows:define" if body.definition is not None else "workflows:run")
         if body.definition is not None:
             models = sorted(_models_of(body.definition, self.settings))
             if len(models) == 1:
@@ -210,18 +212,18 @@ class WorkflowsApi(_Api):
 
     @workflows_api.get("/runs", response_model=Listing[RunSummary])
     async def list_runs(self, limit: int = Query(100, description="At most this many runs, newest first (1-1000)."),
-                        principal: Principal = Depends(authenticated)) -> dict:
+                        principal: Principal = Depends(permitted("workflows:read"))) -> dict:
         if not 1 <= limit <= 1000:
             raise InvalidRequest("limit must be between 1 and 1000", "limit")
         return {"object": "list", "data": await self._call("list_runs", _owner(principal), limit)}
 
     @workflows_api.get("/runs/{run_id}", response_model=RunDetail)
-    async def get_run(self, run_id: str, principal: Principal = Depends(authenticated)) -> dict:
+    async def get_run(self, run_id: str, principal: Principal = Depends(permitted("workflows:read"))) -> dict:
         return await self._call("get_run", run_id, _owner(principal))
 
     @workflows_api.get("/runs/{run_id}/events", response_class=StreamingResponse, responses=EVENTS_DOC)
     async def events(self, run_id: str, request: Request, after: int = 0,
-                     principal: Principal = Depends(authenticated)) -> StreamingResponse:
+                     principal: Principal = Depends(permitted("workflows:read"))) -> StreamingResponse:
         owner = _owner(principal)
         last = request.headers.get("last-event-id")
         after = int(last) if last and last.isdigit() else after
@@ -244,21 +246,22 @@ class WorkflowsApi(_Api):
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     @workflows_api.post("/runs/{run_id}/cancel", response_model=RunSummary)
-    async def cancel(self, run_id: str, principal: Principal = Depends(authenticated)) -> dict:
+    async def cancel(self, run_id: str, principal: Principal = Depends(permitted("workflows:run"))) -> dict:
         return await self._call("cancel", run_id, _owner(principal))
 
     @workflows_api.post("/runs/{run_id}/approve", response_model=RunSummary)
     async def approve(self, run_id: str, body: Approval | None = None,
-                      principal: Principal = Depends(authenticated)) -> dict:
+                      principal: Principal = Depends(permitted("workflows:approve"))) -> dict:
         body = body or Approval()
         return await self._call("approve", run_id, body.step, principal.key_id, body.approved, body.comment,
                                 _owner(principal))
 
     @workflows_api.post("/runs/{run_id}/resume", response_model=ResumeResult)
-    async def resume(self, run_id: str, principal: Principal = Depends(authenticated)) -> dict:
+    async def resume(self, run_id: str, principal: Principal = Depends(permitted("workflows:run"))) -> dict:
         return await self._call("resume", run_id, _owner(principal))
 
-    @workflows_api.get("/definitions", response_model=Listing[Definition], dependencies=[Depends(authenticated)])
+    @workflows_api.get("/definitions", response_model=Listing[Definition],
+                          dependencies=[Depends(permitted("workflows:read"))])
     async def definitions(self) -> dict:
         return {"object": "list", "data": await self._call("workflows")}
 
@@ -267,7 +270,7 @@ class WorkflowsApi(_Api):
 class AgentsApi(_Api):
     api = agents_api
 
-    @agents_api.get("/", response_model=Listing[AgentCard], dependencies=[Depends(authenticated)])
+    @agents_api.get("/", response_model=Listing[AgentCard], dependencies=[Depends(permitted("agents:read"))])
     async def list_agents(self, capability: str | None = None) -> dict:
         return {"object": "list", "data": await self._call("agents", capability)}
 

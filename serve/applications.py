@@ -120,10 +120,10 @@ def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, A
 # and section is its default there. tests/kuberay/test_serve_args.py re-derives these sets from
 # the code and fails when an app starts reading a section that is not listed.
 GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router", "tracing", "monitoring",
-                    "autoscaling")
-RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing", "autoscaling")
-AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "tracing",
-                   "autoscaling")  # workflows and agents apps
+                    "autoscaling", "rate_limits")
+RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing", "autoscaling", "rate_limits")
+AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "tracing", "autoscaling",
+                   "rate_limits")  # workflows and agents apps
 ALERTS_SECTIONS = ("serve", "limits", "auth", "models", "alerts", "tracing")
 
 

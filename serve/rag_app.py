@@ -2,8 +2,8 @@
 postponed annotations: FastAPI reads the route signatures at class-decoration time).
 
     POST /v1/rag/query             a cited answer, or ranked passages with "answer": false
-    POST /v1/rag/ingest            admin: ingest a source under rag.allowed_roots (202, a run)
-    GET  /v1/rag/ingest/{run_id}   admin: that run's status and summary
+    POST /v1/rag/ingest            collections:ingest (admin, developer): ingest a source under rag.allowed_roots (202, a run)
+    GET  /v1/rag/ingest/{run_id}   collections:ingest: that run's status and summary
 
 The app serves its routes itself under the `/v1/rag` prefix, with the same API keys as every
 /v1 route: a query pays one Serve hop, not two through the gateway. Answers are generated
@@ -32,7 +32,7 @@ from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, Rag
 from security.auth import Principal
 from scaling.serve_options import replica_count
 from serve.applications import RAG_DEPLOYMENT, replica_actor_options
-from serve.http import admin, authenticated, catalog_label, http_app, label_model
+from serve.http import admin, authenticated, catalog_label, http_app, label_model, permitted
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +99,7 @@ class RagServer:
     async def query_http(self, req: RagQueryRequest, request: Request,
                          principal: Principal = Depends(authenticated)) -> JSONResponse:
         label_model(request, req.model)
+        principal.require("collections:query", req.collection or self.settings.rag.collection, "collection")
         model = None
         # Only a generating answer needs the gateway: it checks the key against the named model
         # (or picks rag.chat_model when it is healthy); retrieval and extractive answers do not.
@@ -113,10 +114,12 @@ class RagServer:
         return JSONResponse(out)  # built from a RagQueryResponse: no second validation
 
     @rag_api.post("/ingest", response_model=IngestRun, status_code=202)
-    async def ingest_http(self, req: IngestRequest, principal: Principal = Depends(admin)) -> IngestRun:
+    async def ingest_http(self, req: IngestRequest, principal: Principal = Depends(permitted("collections:ingest"))
+                          ) -> IngestRun:
+        principal.require("collections:ingest", req.collection or self.settings.rag.collection, "collection")
         return IngestRun.model_validate(await asyncio.to_thread(self.start_ingest, req, principal.key_id))
 
-    @rag_api.get("/ingest/{run_id}", response_model=IngestRun, dependencies=[Depends(admin)])
+    @rag_api.get("/ingest/{run_id}", response_model=IngestRun, dependencies=[Depends(permitted("collections:ingest"))])
     async def ingest_status_http(self, run_id: str) -> IngestRun:
         return IngestRun.model_validate(self.ingest_status(run_id))
 
@@ -147,10 +150,14 @@ class RagServer:
     async def query(self, body: RagQueryRequest | dict[str, Any], model_id: str | None,
                     principal: Principal | None = None, trace: dict[str, str] | None = None) -> dict[str, Any]:
         """One RAG query (also the gateway's `rag` chat alias, through this app's handle); with a
-        principal, the answer is generated on that key's behalf. `trace`: the caller's W3C carrier."""
+        principal, the answer is generated on that key's behalf and its collection scope applies
+        (an agent's kb_search passes its run's caller). `trace`: the caller's W3C carrier."""
         if trace:
             with tracing.attached(trace):
                 return await self.query(body, model_id, principal)
+        if principal is not None:
+            collection = (body.get("collection") if isinstance(body, dict) else body.collection)
+            principal.require("collections:query", collection or self.settings.rag.collection, "collection")
         generate = self._generate_with(model_id, asyncio.get_running_loop(), principal) if model_id else None
 
         def run() -> dict[str, Any]:

@@ -175,10 +175,11 @@ def test_bad_ingest_requests_are_refused_and_write_nothing(rag_platform, body, s
     assert {c: store.count(c) for c in store.list_collections()} == before
 
 
-def test_ingest_needs_an_admin_key(rag_platform):
-    settings, base, _, scoped = rag_platform
+def test_ingest_needs_the_ingest_permission(rag_platform):
+    settings, base, _, scoped = rag_platform  # a user key: its role does not grant collections:ingest
     r = ingest(base, scoped, {"source": settings.rag.allowed_roots[0]})
-    assert r.status_code == 403 and r.json()["error"]["code"] == "admin_required"
+    assert r.status_code == 403 and r.json()["error"]["code"] == "permission_denied"
+    assert "collections:ingest" in r.json()["error"]["message"]
     assert ingest(base, "orf_bad_key", {"source": "x"}).status_code == 401
     missing = httpx.get(f"{base}/v1/rag/ingest/ingest-nope", headers={"Authorization": f"Bearer {scoped}"})
     assert missing.status_code == 403

@@ -22,6 +22,7 @@ from config import Settings, settings_from_dict
 from config.names import GATEWAY_APP
 from models.errors import (
     APIError,
+    AuthenticationFailed,
     InvalidRequest,
     ModelUnavailable,
     NotFound,
@@ -45,7 +46,9 @@ from models.protocol import (
     now,
 )
 from security.auth import Principal
+from security.keys import bootstrap_admin
 from scaling.serve_options import replica_count
+from serve.admin_api import admin_router
 from serve.applications import GATEWAY_DEPLOYMENT, replica_actor_options
 from serve.gateway.aliases import RAG_DISABLED, OrchestratorAlias, RagAlias, rag_collection
 from serve.gateway.auth_routes import router as auth_router
@@ -58,16 +61,18 @@ from serve.gateway.responses import (SSE_HEADERS, SettledStreamingResponse, enco
 from serve.gateway.schemas import (Feedback, FeedbackResult, Health, Orchestration, Readiness, RouterStatus,
                                    UsageReport)
 from observability import tracing
-from serve.http import admin, authenticated, http_app, label_model
+from serve.http import admin, authenticated, http_app, label_model, permitted
+from serve.router.features import estimate_tokens
 from serve.router.orchestrator import OrchestrateRequest
 from serve.router.runtime import Router
 
-# Who in-cluster callers that name no principal (the CLI's `orfeas ask`) are to the router and the ledger.
-INTERNAL_CALLER = Principal("internal", "admin", None)
+# The router's own embedding calls (its task classifier): the platform's work, never a user's.
+ROUTER_SELF = Principal("router", "admin", None, credential="platform")
 STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true"}}
 
 app = http_app("ORFEAS gateway")
 app.include_router(auth_router)  # /v1/auth/*: sign-in, sessions, MFA enrolment (serve/gateway/auth_routes.py)
+app.include_router(admin_router)  # /v1/admin/*: keys, teams, budgets, roles, limits (serve/admin_api.py)
 
 
 # Defined before the class: `serve.ingress` pickles the routes when the class is made, with the
@@ -89,6 +94,8 @@ class Gateway:
         self.backends = BackendRegistry(self.settings)
         self.catalog = Catalog(self.settings, self.backends)
         app.state.configure(self.settings, model_label=self.catalog.known)
+        if self.settings.auth.enabled:
+            bootstrap_admin(self.settings.resolved_data_dir(), self.settings.auth.bootstrap_key_env)
         self.metrics, self.router_metrics = GatewayMetrics(), RouterMetrics()
         self.router = Router(self.settings, self.backends, embed=self._classifier_embed)
         self.router.listeners.append(self.router_metrics.breaker_transition)
@@ -99,7 +106,7 @@ class Gateway:
 
     async def _classifier_embed(self, texts: list[str]) -> list[list[float]]:
         """Embeddings for the router's task classifier (router.classifier_model)."""
-        backend = await self.catalog.usable(self.settings.router.classifier_model, INTERNAL_CALLER, "embedding")
+        backend = await self.catalog.usable(self.settings.router.classifier_model, ROUTER_SELF, "embedding")
         return (await backend.embed(texts))[0]
 
     # ------------------------------------------------------------ health and the catalog
@@ -123,7 +130,7 @@ class Gateway:
         return {c.id: c.status for c in await self.catalog.cards(None)}
 
     @app.get("/v1/models", response_model=ModelList)
-    async def list_models(self, principal: Principal = Depends(authenticated)) -> ModelList:
+    async def list_models(self, principal: Principal = Depends(permitted("models:list"))) -> ModelList:
         return ModelList(data=await self.catalog.cards(principal))
 
     # ------------------------------------------------------------ generation
@@ -185,10 +192,15 @@ class Gateway:
         if len(texts) > self.limits.max_embedding_inputs:
             raise InvalidRequest(f"{len(texts)} inputs, over the limit of {self.limits.max_embedding_inputs} "
                                  "per request", "input")
+        # The key's, team's and model's rate limits hold here too (tokens: counted after the call).
+        admission = await self.chat.limiter.admit(principal, req.model, sum(estimate_tokens(t) for t in texts))
+        counts: list[int] = []
         try:
             vectors, counts = await asyncio.wait_for(backend.embed(texts), self.timeout_s)
         except TimeoutError:
             raise UpstreamTimeout(f"model {req.model!r} did not answer within {self.timeout_s:g}s") from None
+        finally:
+            admission.settle(sum(counts) if counts else None)
         if req.dimensions is not None and vectors and req.dimensions != len(vectors[0]):
             raise InvalidRequest(f"model {req.model!r} produces {len(vectors[0])}-dimensional vectors; "
                                  f"dimensions={req.dimensions} is not supported", "dimensions")
@@ -213,14 +225,16 @@ class Gateway:
             raise InvalidRequest(f"unknown query parameter {unknown[0]!r}", unknown[0])
         if since is not None and period is not None:
             raise InvalidRequest("give since or period, not both", "since")
-        if not principal.is_admin:
+        reads_all = bool(principal.allows("usage:read_all"))  # admins and auditors
+        if not reads_all:
+            principal.require("usage:read_own")
             if key_id not in (None, principal.key_id):
                 raise PermissionDenied("a user key may only read its own usage", "key_id")
             key_id = principal.key_id
         start = period_start(period, time.time()) if period else since
         book = self.chat.book
         body = {"object": "usage", "key_id": key_id, "since": start, **await book.usage(key_id, start)}
-        if not principal.is_admin or key_id == principal.key_id:
+        if not reads_all or key_id == principal.key_id:
             body["budget"] = await book.budget_view(principal)
         return body
 
@@ -260,10 +274,18 @@ class Gateway:
         return {"backends": self.router.status(),
                 "routes": [{"name": n, "routes": what} for n, what in self.router.routed_names()]}
 
+    async def _on_behalf_of(self, principal: Principal | None) -> Principal:
+        """The principal an in-cluster call is made for, as the key store has it now (a workflow
+        may outlive its key's revocation): every call made for a user carries that user's."""
+        if principal is None:
+            raise AuthenticationFailed("an in-cluster call must name the principal it is made for "
+                                       "(the caller's; there is no internal admin caller)")
+        return await app.state.authenticator.refresh(principal)
+
     async def rag_generator(self, model: str | None, principal: Principal | None = None) -> str | None:
         """The chat model a RAG answer generates with (the RAG app's /v1/rag/query and `orfeas ask`
-        ask), for `principal` (the platform itself when None)."""
-        return await self.rag.generator(model, principal or INTERNAL_CALLER)
+        ask), for `principal` (required)."""
+        return await self.rag.generator(model, await self._on_behalf_of(principal))
 
     async def complete_chat(self, model_id: str, messages: list[dict], max_tokens: int,
                             principal: Principal | None = None, trace: dict[str, str] | None = None) -> str:
@@ -275,7 +297,7 @@ class Gateway:
                            tools: list[dict] | None = None, principal: Principal | None = None,
                            trace: dict[str, str] | None = None) -> dict[str, Any]:
         """The chat path for in-cluster callers (the RAG service, agents): one greedy answer for
-        `principal` (the platform itself when None) through the router like any chat request.
+        `principal` (required: the caller's) through the router like any chat request.
         Returns the assistant message (`content`, `tool_calls` in OpenAI's shape) with the model
         that answered, its usage and its cost. `trace`: the caller's W3C carrier (its span parents
         this call's)."""
@@ -283,7 +305,7 @@ class Gateway:
         gen = GenerationRequest(kind=GenerationKind.CHAT, messages=messages, tools=tools or None,
                                 params=GenerationParams(max_tokens_cap=cap, temperature=0.0))
         with tracing.attached(trace):
-            a = await self.chat.complete(ChatCall(principal or INTERNAL_CALLER, "internal"), model_id, gen)
+            a = await self.chat.complete(ChatCall(await self._on_behalf_of(principal), "internal"), model_id, gen)
         return {"content": a.text or None, "tool_calls": [c.model_dump() for c in a.tool_calls] if a.tool_calls else None,
                 "model": a.model, "usage": a.usage.model_dump(), "cost_usd": a.cost_usd}
 

@@ -24,6 +24,7 @@ from security.auth import Principal
 from observability import tracing
 from observability.metrics import llm_metrics
 from serve.gateway import tracing as gtrace
+from security.ratelimit import Admission, Limiter
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
 from serve.router.features import estimate_tokens
 from serve.router.runtime import Opened, Route, Router, ascii_header
@@ -40,6 +41,8 @@ class ChatCall:
     response_id: str | None = None
     start: float = field(default_factory=time.perf_counter)
     span: Any = tracing.NO_SPAN  # the call's `chat` span (serve.gateway.tracing), ended when it settles
+    admission: Admission | None = None  # rate-limit slots and token reservation (security.ratelimit)
+    reservation: str | None = None  # budget reservation id (analytics.budgets)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -91,6 +94,8 @@ class ChatStream:
         h = {"x-orfeas-model": self.opened.model, "x-orfeas-route": ascii_header(self.route.reason),
              "x-orfeas-attempts": ascii_header(",".join(f"{m}:{o}" for m, o in self.opened.attempts)),
              "x-orfeas-response-id": self.call.response_id or ""}
+        if self.call.admission is not None:
+            h.update(self.call.admission.headers)
         if self.route.experiment:
             h["x-orfeas-experiment"] = f"{self.route.experiment}/{self.route.arm}"
         return h
@@ -162,8 +167,9 @@ class ChatStream:
 
 class ChatService:
     def __init__(self, settings: Settings, router: Router, book: UsageBook, metrics: GatewayMetrics,
-                 router_metrics: RouterMetrics):
+                 router_metrics: RouterMetrics, limiter: Limiter | None = None):
         self.settings, self.router, self.book = settings, router, book
+        self.limiter = limiter if limiter is not None else Limiter(settings)
         self.metrics, self.router_metrics = metrics, router_metrics
         self.max_tokens = settings.limits.max_tokens
         self.timeout_s = settings.gateway.request_timeout_s
@@ -198,12 +204,18 @@ class ChatService:
     async def _open(self, call: ChatCall, requested: str, gen: GenerationRequest, features: dict[str, Any] | None,
                     headers: Mapping[str, str] | None, deadline: float | None) -> ChatStream:
         call.model = requested
+        call.principal.require("models:use", None, "model")  # the role first; the model's scope at resolve
         remaining = await self.book.remaining(call.principal)  # BudgetExceeded when the budget is spent
         body = features if features is not None else self._features(requested, gen)
         expected = gen.params.max_tokens or min(self.settings.router.expected_output_tokens, self.max_tokens)
         route = call.routed = await self.router.resolve(requested, body, call.principal, headers or {}, expected,
                                                         remaining)
-        opened = await self.router.open(route, gen, deadline or time.monotonic() + self.timeout_s)
+        await self.reserve(call, route, gen, expected)
+        try:
+            opened = await self.router.open(route, gen, deadline or time.monotonic() + self.timeout_s)
+        except BaseException:
+            self.release(call)
+            raise
         call.model = opened.model
         call.response_id = call.response_id or new_id("chatcmpl" if gen.kind is GenerationKind.CHAT else "cmpl")
         self.router_metrics.routed(route, opened)
@@ -228,8 +240,35 @@ class ChatService:
             body["user"] = gen.params.user
         return body
 
+    async def reserve(self, call: ChatCall, route: Route, gen: GenerationRequest, expected: int) -> None:
+        """Before the backend is called: count the request and reserve its most tokens against the
+        rate limits (key, team, model), and its most cost against the budgets (key, team, user)."""
+        model = route.plan[0] if route.plan else call.model
+        tokens = estimate_tokens(_prompt_text(gen)) + expected
+        call.admission = await self.limiter.admit(call.principal, model, tokens)
+        most = 0.0  # the dearest model the plan may fall back to
+        for m in route.plan or [model]:
+            spec = self.settings.model(m)
+            if spec is not None and spec.task == "chat":
+                most = max(most, spec.price(tokens - expected, expected))
+        try:
+            call.reservation = await self.book.reserve(call.principal, most)
+        except BaseException:
+            self.release(call)
+            raise
+
+    def release(self, call: ChatCall) -> None:
+        """A call that never reached a backend gives its reservations back."""
+        if call.admission is not None:
+            call.admission.settle(None)
+        if call.reservation is not None:
+            self.book.release(call.reservation)
+            call.reservation = None
+
     def settle(self, call: ChatCall, usage: Usage | None, error: bool = False) -> float:
         """Meter, price and (for routed calls) record one call's usage; returns its cost in USD."""
+        if call.admission is not None:
+            call.admission.settle(usage.prompt_tokens + usage.completion_tokens if usage is not None else None)
         u = usage or Usage()
         if usage is not None:
             self.metrics.usage(call.model, u.prompt_tokens, u.completion_tokens)
@@ -243,12 +282,17 @@ class ChatService:
         self.llm.in_flight(call.model, self.router.outstanding.get(call.model, 0))
         if call.routed is not None or call.route == "orchestrate":
             p, r = call.principal, call.routed
+            reservation, call.reservation = call.reservation, None
             self.book.record({
-                "response_id": call.response_id, "key_id": p.key_id, "team": p.team, "model": call.model,
+                "response_id": call.response_id, "key_id": p.key_id, "team": p.team, "user": p.user,
+                "model": call.model,
                 "requested": r.requested if r else call.model, "route": call.route,
                 "prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens, "cost_usd": cost,
                 "latency_s": round(call.elapsed(), 6), "error": error,
-                "experiment": r.experiment if r else None, "arm": r.arm if r else None})
+                "experiment": r.experiment if r else None, "arm": r.arm if r else None}, reservation)
+        elif call.reservation is not None:
+            self.book.release(call.reservation)
+            call.reservation = None
         return cost
 
     def failed(self, call: ChatCall, e: APIError) -> None:

@@ -12,7 +12,8 @@ from serve.http.app import (
     http_state,
     label_model,
 )
-from serve.http.auth import Admin, Authenticated, admin, authenticated
+from serve.http.auth import Admin, Authenticated, admin, authenticated, permitted
+from serve.http.surface import API_VERSION, deprecate
 from serve.http.body import BodyLimitMiddleware, read_json
 from serve.http.errors import (
     BodyTooLarge,
@@ -31,5 +32,5 @@ __all__ = [
     "HttpState", "MetricsMiddleware", "RequestIdFilter", "RequestIdMiddleware", "RequestMetrics",
     "admin", "api_error", "authenticated", "build_app", "catalog_label", "current_request_id",
     "error_response", "http_app", "http_state", "install_error_handlers", "invalid_request", "label_model",
-    "read_json", "request_metrics", "unwrap",
+    "read_json", "request_metrics", "unwrap", "permitted", "deprecate", "API_VERSION",
 ]

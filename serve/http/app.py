@@ -44,6 +44,7 @@ from serve.http.errors import ErrorMiddleware, install_error_handlers
 from serve.http.json_guard import DEFAULT_MAX_JSON_DEPTH, JsonGuardMiddleware
 from serve.http.metrics import MetricsMiddleware, request_metrics
 from serve.http.request_id import RequestIdMiddleware, install_log_record_factory
+from serve.http.surface import ApiSurfaceMiddleware
 from serve.http.tracing import TracingMiddleware
 from observability import tracing
 
@@ -112,7 +113,8 @@ class HttpState(State):
         super().__init__()
         for attr, value in {"key": key, "name": name, "settings": None, "authenticator": None,
                             "max_body_bytes": DEFAULT_MAX_BODY_BYTES, "model_label": _unknown_label,
-                            "behind_serve": False, "max_json_depth": DEFAULT_MAX_JSON_DEPTH}.items():
+                            "behind_serve": False, "max_json_depth": DEFAULT_MAX_JSON_DEPTH,
+                            "deprecated": {}}.items():
             object.__setattr__(self, attr, value)
 
     def __reduce__(self):
@@ -150,7 +152,7 @@ def http_app(title: str, *, name: str | None = None, version: str = "0.1.0", **f
     # catch-all that turns what no handler took into a JSON response.
     # The server span sits just inside the request id (which it records).
     middleware = [Middleware(RequestIdMiddleware, http=state), Middleware(TracingMiddleware, http=state),
-                  Middleware(MetricsMiddleware, http=state),
+                  Middleware(MetricsMiddleware, http=state), Middleware(ApiSurfaceMiddleware, http=state),
                   Middleware(BodyLimitMiddleware, http=state), Middleware(JsonGuardMiddleware, http=state),
                   Middleware(ErrorMiddleware),
                   *fastapi_kwargs.pop("middleware", ())]

@@ -29,13 +29,32 @@ async def authenticated(request: Request) -> Principal:
         raise RuntimeError("app.state.configure(settings) was not called at replica init: no Authenticator")
     # No Authorization header: the browser session cookie, if any (security/sessions.py).
     principal = await auth.authenticate(request.headers.get("authorization") or auth.session_bearer(request.cookies))
+    if principal.endpoints is not None:  # a key scoped to endpoints: this path must be one of them
+        principal.require("endpoints:call", request.url.path)
     request.state.principal = principal
     return principal
 
 
+def permitted(permission: str):
+    """A dependency: the caller's principal, whose role must grant `permission` (else a 403
+    naming it). Resource scopes (a model, a collection) are checked where the resource is known:
+    `principal.require(permission, resource)`."""
+
+    async def dependency(principal=Depends(authenticated)):
+        principal.require(permission)
+        return principal
+
+    # Real objects, not this module's postponed strings: Serve pickles the app by value, and a
+    # closure's pickled globals hold only the names its code uses.
+    dependency.__annotations__ = {"principal": Principal, "return": Principal}
+    dependency.__name__ = f"permitted_{permission.replace(':', '_')}"
+    AUTH_DEPENDENCIES.add(dependency)
+    return dependency
+
+
 async def admin(request: Request, principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
     """The caller's principal, which must be an admin's (else a 403 `admin_required`)."""
-    if not principal.is_admin:
+    if not principal.allows("admin:settings"):
         raise AdminRequired(f"only admin keys may call {request.method} {request.url.path}")
     # Admin permissions need MFA evidence (auth.mfa): amr/acr of a token, or a key's TOTP code.
     principal = await http_state(request.app).authenticator.check_mfa(principal, request.headers.get(OTP_HEADER))

@@ -88,11 +88,13 @@ def error_response(e: APIError, request: Request | None = None) -> JSONResponse:
 
 def error_headers(e: APIError) -> dict[str, str] | None:
     """A 401's challenge; `Retry-After` (whole seconds) for an error that says when to come back
-    (a class or instance attribute `retry_after_s`: a 429 or 503 of a limit or of capacity)."""
+    (a class or instance attribute `retry_after_s`: a 429 or 503 of a limit or of capacity); and
+    the headers an error carries itself (a rate limit's Retry-After and x-ratelimit-*)."""
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {}
     retry = getattr(e, "retry_after_s", None)
     if retry is not None:
         headers["Retry-After"] = str(max(int(-(-float(retry) // 1)), 1))
+    headers.update(getattr(e, "headers", None) or {})
     return headers or None
 
 

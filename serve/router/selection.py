@@ -126,7 +126,12 @@ def _summary(excluded: Mapping[str, tuple[str, str]]) -> str:
 def select(ctx: SelectionContext) -> Decision:
     excluded: dict[str, tuple[str, str]] = {}
     able: list[Candidate] = []
-    for c in ctx.candidates:
+    # Models outside the caller's scope are not candidates at all: no reason, error or header
+    # may name them to this caller.
+    visible = [c for c in ctx.candidates if ctx.allowed is None or c.id in ctx.allowed]
+    if not visible and ctx.candidates:
+        raise NoCapableModel("no model this API key may use can serve this request", "model")
+    for c in visible:
         why = unmet(c, ctx)
         if why is None:
             able.append(c)

@@ -56,8 +56,11 @@ def test_serve_config_is_the_local_one_with_in_cluster_facts(rendered, tmp_path)
     # The args carry non-default values only: compare what the replicas rebuild from them.
     local_gw = next(a for a in local["applications"] if a["name"] == "gateway")["args"]["settings"]
     k8s_gw, local_gw = settings_from_dict(gateway["args"]["settings"]), settings_from_dict(local_gw)
-    for section in ("gateway", "limits", "auth", "router"):
+    for section in ("gateway", "limits", "router"):
         assert getattr(k8s_gw, section) == getattr(local_gw, section)
+    # The API documentation is open locally and behind an API key on a cluster (auth.docs).
+    assert local_gw.auth.docs == "open" and k8s_gw.auth.docs == "auth"
+    assert k8s_gw.auth.model_copy(update={"docs": "open"}) == local_gw.auth
     assert k8s_gw.rag.qdrant_url == k8s_render.QDRANT_URL and k8s_gw.serve.host == "0.0.0.0"
     # The default chat model's GGUF comes from a package the image installs: its source is no path.
     chat = next(a for a in k8s["applications"] if a["name"] == "model-smollm2-135m")

@@ -120,6 +120,7 @@ def _non_default(tmp_path: Path) -> Settings:
         "rag": {"top_k": 5, "embedding_model": "emb"}, "router": {"lambda_cost": 0.03},
         "agents": {"max_steps": 4}, "tracing": {"sample_ratio": 0.5},
         "monitoring": {"ttft_slo_s": 1.5}, "alerts": {"enabled": True}, "autoscaling": {"max_replicas": 5},
+        "rate_limits": {"lease_s": 2},
     }))
     return load_settings(f)
 

@@ -228,11 +228,19 @@ def test_ledger_totals_equal_the_sum_of_responses(platform):
 
 def test_budget_is_refused_with_429_once_spent_and_changes_nothing(platform):
     settings, base, _ = platform
+    store = keystore(settings.resolved_data_dir())
     key_id, key = new_key(settings, budget_usd=1e-6, budget_period="day")
+    # A call that could cost more than what is left is refused before it runs: the budget holds.
+    r = chat(base, key, "p-echo", "one two three four five")
+    assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded", r.text
+    assert "may cost up to" in r.json()["error"]["message"]
+    assert ray.get(ledger(settings.resolved_data_dir()).usage.remote(key_id))["totals"]["requests"] == 0
+    ray.get(store.set_budget.remote(key_id, 1.0, "day"))
     first = chat(base, key, "p-echo", "one two three four five")
     assert first.status_code == 200
     spent = ray.get(ledger(settings.resolved_data_dir()).usage.remote(key_id))["totals"]
     assert spent["cost_usd"] > 1e-6
+    ray.get(store.set_budget.remote(key_id, spent["cost_usd"], "day"))  # exactly spent
     for model in ("p-echo", "auto"):
         r = chat(base, key, model)
         assert r.status_code == 429 and r.json()["error"]["code"] == "budget_exceeded", r.text
@@ -323,25 +331,27 @@ def test_orchestrator_vote_schema_retry_and_chat_alias(platform):
 
 
 def test_in_cluster_callers_are_routed_fall_back_and_are_metered(platform):
-    """RAG generation and agents call the gateway handle's complete_chat: the router applies."""
+    """RAG generation and agents call the gateway handle's complete_chat for a named principal
+    (here the operator, as the CLI does): the router applies and the ledger charges that principal."""
     from ray import serve
 
+    from security.auth import OPERATOR
     from serve.applications import GATEWAY_APP
 
     settings, _, _ = platform
     gateway = serve.get_app_handle(GATEWAY_APP)
-    before = ray.get(ledger(settings.resolved_data_dir()).usage.remote("internal"))["totals"]["requests"]
+    before = ray.get(ledger(settings.resolved_data_dir()).usage.remote(OPERATOR.key_id))["totals"]["requests"]
     messages = [{"role": "user", "content": "internal hello"}]
     # p-down refuses connections: its fallback p-echo answers (echo repeats the prompt).
-    assert "internal hello" in gateway.complete_chat.remote("p-down", messages, 16).result(timeout_s=60)
-    assert gateway.complete_chat.remote("auto:best-quality", messages, 8).result(timeout_s=60)
+    assert "internal hello" in gateway.complete_chat.remote("p-down", messages, 16, OPERATOR).result(timeout_s=60)
+    assert gateway.complete_chat.remote("auto:best-quality", messages, 8, OPERATOR).result(timeout_s=60)
     with pytest.raises(Exception, match="does not exist|not_found|unknown"):
-        gateway.complete_chat.remote("no-such-model", messages, 8).result(timeout_s=60)
+        gateway.complete_chat.remote("no-such-model", messages, 8, OPERATOR).result(timeout_s=60)
     import time
 
     deadline = time.monotonic() + 30  # the gateway records asynchronously: wait for both entries
     while True:
-        after = ray.get(ledger(settings.resolved_data_dir()).usage.remote("internal"))["totals"]["requests"]
+        after = ray.get(ledger(settings.resolved_data_dir()).usage.remote(OPERATOR.key_id))["totals"]["requests"]
         if after >= before + 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)

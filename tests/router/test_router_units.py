@@ -4,6 +4,8 @@ experiments, orchestrator parts, the ledger file and the catalog validation."""
 import dataclasses
 import random
 
+import re
+
 import pytest
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from pydantic import ValidationError
@@ -79,7 +81,13 @@ def test_hard_constraints_exclude_and_unhealthy_is_503():
     assert e.value.status == 400 and "'vision'" in e.value.message
     d = select(SelectionContext(feats("x " * 100, out=10), cs[:2] + [cand("ok", ctx=10_000)], POLICY["balanced"],
                                 allowed=frozenset({"small", "ok"})))
-    assert d.chosen == "ok" and d.excluded["small"][0] == "context" and d.excluded["notools"][0] == "allowed"
+    # A model outside the key's scope is no candidate: neither the reason nor the exclusions name it.
+    assert d.chosen == "ok" and d.excluded["small"][0] == "context" and "notools" not in d.excluded
+    assert "notools" not in d.reason
+    with pytest.raises(NoCapableModel) as e:
+        select(SelectionContext(feats(required=("chat", "vision")), cs, POLICY["balanced"],
+                                allowed=frozenset({"small"})))
+    assert "small" in e.value.message and "notools" not in e.value.message and "tools (" not in e.value.message
 
 
 model_ids = st.text(alphabet="abcdefgh", min_size=1, max_size=6)
@@ -106,18 +114,27 @@ def test_property_choice_meets_every_hard_constraint_or_error_names_the_unmet(cs
         d = select(ctx)
     except NoCapableModel as e:
         assert e.status == 400 and e.param == "model"
-        for c in cs:  # every candidate fails a constraint, and the message names it
+        for c in cs:  # every candidate fails a constraint; the message names those the key may see
             why = unmet(c, ctx)
-            assert why is not None and why[0] in CONSTRAINTS and why[0] + ":" in e.message
+            assert why is not None and why[0] in CONSTRAINTS
+            named = re.search(rf"(?<![a-h]){c.id} \(", e.message) is not None
+            if allowed is not None and c.id not in allowed:
+                assert not named  # never a model outside the caller's scope
+            else:
+                assert why[0] + ":" in e.message
         return
     except NoHealthyModel as e:
         assert e.status == 503
         assert all(unmet(c, ctx) is not None or not c.healthy for c in cs)
+        assert allowed is None or all(re.search(rf"(?<![a-h]){c.id} \(", e.message) is None
+                                      for c in cs if c.id not in allowed)
         return
     chosen = next(c for c in cs if c.id == d.chosen)
     assert unmet(chosen, ctx) is None and chosen.healthy
     assert f.required <= chosen.capabilities
     assert allowed is None or chosen.id in allowed
+    hidden = [c.id for c in cs if allowed is not None and c.id not in allowed]
+    assert not set(hidden) & set(d.excluded) and not set(hidden) & set(d.ranked)
     assert all(unmet(next(c for c in cs if c.id == m), ctx) is None for m in d.ranked)
 
 

@@ -1,0 +1,167 @@
+"""What access control adds per request: API-key authentication (with RBAC's endpoint check)
+against auth off, and the rate-limit check (admit + settle over local leases) against the
+limiter switched off. Same method as gateway_overhead.py: both sides in one process, in the same
+run, in alternating blocks; the figures are differences of percentiles (added latency).
+
+    .venv/bin/python benchmarks/access_overhead.py [--requests 5000]
+
+The authentication side sends real ASGI requests through an `http_app` (the HTTP layer every app
+uses) with the bearer key in the header; the key store is the real `KeyStore` called in this
+process (a replica pays one actor hop per key per auth.key_cache_s, which the cache then hides;
+what is measured is the per-request cost after it). The rate-limit side runs `Limiter.admit` and
+`Admission.settle` with per-key and per-team limits over the real `RateLimitCounters`, called
+in-process for the lease rounds (one in every lease_fraction x limit requests).
+
+Writes benchmarks/results/access_overhead.json and prints a markdown table for docs/benchmarks.md.
+JWT auth (issue 14's other half, branch i14b) is not on this branch: it is not measured here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import httpx
+from fastapi import Depends
+
+RESULTS = Path(__file__).resolve().parent / "results"
+ROUNDS = 5
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q / 100 * (len(ordered) - 1))))]
+
+
+class InProcess:
+    """An object's methods called as a replica calls an actor's (`.m.remote(...)` awaited)."""
+
+    def __init__(self, obj):
+        self._obj = obj
+
+    def __getattr__(self, name):
+        method = getattr(self._obj, name)
+
+        class _M:
+            @staticmethod
+            def remote(*args, **kwargs):
+                fut = asyncio.get_running_loop().create_future()
+                fut.set_result(method(*args, **kwargs))
+                return fut
+
+        return _M()
+
+
+def auth_app(enabled: bool, data_dir: Path):
+    from config import Settings
+    from security.auth import Authenticator, Principal
+    from serve.http import authenticated, http_app
+
+    app = http_app(f"ORFEAS bench {uuid.uuid4().hex[:8]}", name="bench")
+
+    @app.get("/v1/ping")
+    async def ping(principal: Principal = Depends(authenticated)) -> dict:
+        return {"ok": True}
+
+    settings = Settings(data_dir=data_dir, auth={"enabled": enabled, "key_cache_s": 3600})
+    auth = Authenticator(settings)
+    from security.keys import KeyStore
+
+    store = KeyStore(str(data_dir / "auth" / "keys.json"))
+    auth.__dict__["store"] = InProcess(store)  # the cached_property's slot
+    app.state.configure(settings, authenticator=auth, behind_serve=False)
+    _, key = store.create("user", ["m"], "bench", endpoints=["/v1/*"])
+    return app, key
+
+
+async def time_requests(client: httpx.AsyncClient, n: int, headers: dict) -> list[float]:
+    out = []
+    for _ in range(n):
+        t = time.perf_counter()
+        r = await client.get("/v1/ping", headers=headers)
+        out.append(time.perf_counter() - t)
+        assert r.status_code == 200, r.text
+    return out
+
+
+async def bench_auth(n: int) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="orfeas-bench-"))
+    off_app, _ = auth_app(False, tmp / "off")
+    on_app, key = auth_app(True, tmp / "on")
+    off, on = [], []
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=off_app), base_url="http://b") as c_off, \
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=on_app), base_url="http://b") as c_on:
+        hdr = {"Authorization": f"Bearer {key}"}
+        await time_requests(c_off, 200, {})
+        await time_requests(c_on, 200, hdr)  # warm: the key is cached after the first
+        for _ in range(ROUNDS):
+            off += await time_requests(c_off, n // ROUNDS, {})
+            on += await time_requests(c_on, n // ROUNDS, hdr)
+    return summary(off, on)
+
+
+async def bench_ratelimit(n: int) -> dict:
+    from config import Settings
+    from security.auth import Principal
+    from security.ratelimit import Limiter, RateLimitCounters
+
+    limits = {"requests_per_minute": 10_000_000, "tokens_per_minute": 10_000_000_000, "concurrent": 10_000}
+    on_settings = Settings(rate_limits={"key": limits, "team": limits})
+    off_settings = Settings(rate_limits={"enabled": False})
+    on = Limiter(on_settings, actor=InProcess(RateLimitCounters()))
+    off = Limiter(off_settings, actor=InProcess(RateLimitCounters()))
+    p = Principal("k1", "user", None, team="red")
+
+    async def run(lim: Limiter, count: int) -> list[float]:
+        out = []
+        for _ in range(count):
+            t = time.perf_counter()
+            adm = await lim.admit(p, "m", 300)
+            adm.settle(120)
+            out.append(time.perf_counter() - t)
+        return out
+
+    await run(on, 500)
+    await run(off, 500)
+    a, b = [], []
+    for _ in range(ROUNDS):
+        a += await run(off, n // ROUNDS)
+        b += await run(on, n // ROUNDS)
+    return summary(a, b)
+
+
+def summary(base: list[float], with_: list[float]) -> dict:
+    return {"requests": len(with_),
+            "baseline_p50_ms": statistics.median(base) * 1e3, "baseline_p99_ms": pct(base, 99) * 1e3,
+            "p50_ms": statistics.median(with_) * 1e3, "p99_ms": pct(with_, 99) * 1e3,
+            "added_p50_ms": (statistics.median(with_) - statistics.median(base)) * 1e3,
+            "added_p99_ms": (pct(with_, 99) - pct(base, 99)) * 1e3}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=5000)
+    args = ap.parse_args()
+    auth = asyncio.run(bench_auth(args.requests))
+    limit = asyncio.run(bench_ratelimit(args.requests * 4))
+    result = {"machine": platform.platform(), "python": platform.python_version(), "api_key_auth": auth,
+              "rate_limit_check": limit, "targets_ms": {"api_key_auth_added_p99": 0.5, "rate_limit_added_p99": 0.2}}
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "access_overhead.json").write_text(json.dumps(result, indent=1))
+    print("| what | baseline p50 / p99 (ms) | with p50 / p99 (ms) | added p50 / p99 (ms) | target p99 added |")
+    print("| --- | --- | --- | --- | --- |")
+    for name, r, target in (("API-key auth vs auth off (ASGI request)", auth, 0.5),
+                            ("rate-limit check vs limiter off", limit, 0.2)):
+        print(f"| {name} | {r['baseline_p50_ms']:.3f} / {r['baseline_p99_ms']:.3f} | {r['p50_ms']:.3f} / "
+              f"{r['p99_ms']:.3f} | {r['added_p50_ms']:.3f} / {r['added_p99_ms']:.3f} | {target} ms |")
+
+
+if __name__ == "__main__":
+    main()
