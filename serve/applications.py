@@ -124,7 +124,7 @@ GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "rout
 RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing", "autoscaling", "rate_limits")
 AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "tracing", "autoscaling",
                    "rate_limits")  # workflows and agents apps
-ALERTS_SECTIONS = ("serve", "limits", "auth", "models", "alerts", "tracing")
+ALERTS_SECTIONS = ("serve", "limits", "auth", "models", "alerts", "tracing", "rate_limits")
 
 
 def app_settings(settings: Settings, sections: tuple[str, ...]) -> dict[str, Any]:
