@@ -24,6 +24,7 @@ from agents import scheduling as sch
 from agents.agent import AgentActor, AgentError, gateway_chat, usage_of
 from agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, resolve
 from agents.checkpoints import RUN_ID, CheckpointStore
+from security.encryption import field_cipher
 from agents.engine import RunExecutor, StepFailed
 from agents.expressions import ExpressionError, render
 from agents.metrics import WorkflowMetrics
@@ -104,7 +105,7 @@ class Coordinator:
         self.settings = settings_from_dict(settings)
         self.cfg = self.settings.agents
         self.name = coordinator_name(self.settings)
-        self.store = CheckpointStore(checkpoint_root(self.settings))
+        self.store = CheckpointStore(checkpoint_root(self.settings), field_cipher(self.settings))
         self.metrics = WorkflowMetrics()
         self.registry: dict[tuple[str, str], Registered] = {}
         for spec in self.cfg.agents:

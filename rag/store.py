@@ -571,13 +571,16 @@ class RemoteStore(VectorStore):
 
 
 def open_store(settings: Settings) -> VectorStore:
-    """The configured store: a Qdrant server when `rag.qdrant_url` is set, else the Edge owner actor."""
+    """The configured store: a Qdrant server when `rag.qdrant_url` is set, else the Edge owner actor;
+    behind the field cipher when encryption is on (rag/encrypted_store.py)."""
+    from rag.encrypted_store import encrypted
+
     url = settings.rag.qdrant_url
     if url:
         key = os.environ.get(settings.rag.qdrant_api_key_env) if settings.rag.qdrant_api_key_env else None
-        return QdrantServerStore(url, key, settings.rag.qdrant_timeout_s)
+        return encrypted(QdrantServerStore(url, key, settings.rag.qdrant_timeout_s), settings)
     import ray
 
     if not ray.is_initialized():
         ray.init(address=settings.ray.address or "auto", namespace=ACTOR_NAMESPACE, log_to_driver=False)
-    return RemoteStore(edge_store_actor(settings))
+    return encrypted(RemoteStore(edge_store_actor(settings)), settings)

@@ -112,8 +112,10 @@ class FieldCipher:
         # Only for reading data written before encryption was switched on (a migration window).
         self.allow_plaintext = allow_plaintext
 
-    def encrypt(self, value: str, *, scope: str, record_id: str, field: str) -> str:
-        key_id, key = self.keys.current(scope)
+    def encrypt(self, value: str, *, scope: str, record_id: str, field: str, key_scope: str | None = None) -> str:
+        """`key_scope`: whose data key encrypts (default `scope`; a data subject's, for instance);
+        the associated data always binds `scope`."""
+        key_id, key = self.keys.current(key_scope or scope)
         return seal(key, key_id, value.encode(), associated_data(scope, record_id, field))
 
     def decrypt(self, value: Any, *, scope: str, record_id: str, field: str) -> Any:
@@ -136,13 +138,13 @@ class FieldCipher:
         return json.loads(self.decrypt(value, scope=scope, record_id=record_id, field=field))
 
     def encrypt_fields(self, record: dict[str, Any], fields: tuple[str, ...] | list[str], *, scope: str,
-                       record_id: str) -> dict[str, Any]:
+                       record_id: str, key_scope: str | None = None) -> dict[str, Any]:
         """A copy of `record` with each present, non-empty string field of `fields` encrypted."""
         out = dict(record)
         for f in fields:
             v = out.get(f)
             if isinstance(v, str) and v and not is_token(v):
-                out[f] = self.encrypt(v, scope=scope, record_id=record_id, field=f)
+                out[f] = self.encrypt(v, scope=scope, record_id=record_id, field=f, key_scope=key_scope)
         return out
 
     def decrypt_fields(self, record: dict[str, Any], fields: tuple[str, ...] | list[str], *, scope: str,
@@ -153,10 +155,10 @@ class FieldCipher:
                 out[f] = self.decrypt(out[f], scope=scope, record_id=record_id, field=f)
         return out
 
-    def reencrypt(self, token: str, *, scope: str, record_id: str, field: str) -> str:
-        """The token under the scope's current data key (data-key rotation); unchanged if it already is."""
-        current_id, _ = self.keys.current(scope)
+    def reencrypt(self, token: str, *, scope: str, record_id: str, field: str, key_scope: str | None = None) -> str:
+        """The token under its key scope's current data key (data-key rotation); unchanged if it already is."""
+        current_id, _ = self.keys.current(key_scope or scope)
         if token_key_id(token) == current_id:
             return token
         return self.encrypt(self.decrypt(token, scope=scope, record_id=record_id, field=field), scope=scope,
-                            record_id=record_id, field=field)
+                            record_id=record_id, field=field, key_scope=key_scope)

@@ -44,9 +44,34 @@ def field_cipher(settings: Any) -> FieldCipher | None:
     with _LOCK:
         cipher = _CIPHERS.get(where)
         if cipher is None:
-            cipher = FieldCipher(_data_keys(settings), allow_plaintext=settings.encryption.allow_plaintext_reads)
+            cipher = FieldCipher(_LazyKeys(settings), allow_plaintext=settings.encryption.allow_plaintext_reads)
             _CIPHERS[where] = cipher
         return cipher
+
+
+class _LazyKeys:
+    """DataKeys made on first use, so a process that never encrypts creates no key file."""
+
+    def __init__(self, settings: Any):
+        self.settings, self._keys = settings, None
+        self._lock = threading.Lock()
+
+    def _get(self):
+        with self._lock:
+            if self._keys is None:
+                self._keys = _data_keys(self.settings)
+            return self._keys
+
+    def current(self, scope: str):
+        return self._get().current(scope)
+
+    def key(self, key_id: str):
+        return self._get().key(key_id)
+
+    def forget(self) -> None:
+        forget = getattr(self._keys, "forget", None)
+        if forget:
+            forget()
 
 
 def _data_keys(settings: Any):
