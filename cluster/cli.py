@@ -10,7 +10,7 @@ import ray
 import typer
 from rich.table import Table
 
-from cluster import agents_cli, rag_cli
+from cluster import agents_cli, compliance_cli, rag_cli
 from cluster.console import (ConfigOpt, JsonOpt, connected, console, err, fail, print_json, settings_or_exit,
                              table)
 from cluster.k8s_cli import k8s_app
@@ -26,6 +26,7 @@ experiments_app = typer.Typer(help="A/B experiments of the router.", no_args_is_
 app.add_typer(experiments_app, name="experiments")
 rag_cli.register(app)  # ingest, collections, ask, eval
 agents_cli.register(app)  # workflows, agents
+compliance_cli.register(app)  # audit, encryption
 
 def _router_status(probe: bool = False) -> dict | None:
     """Health and circuit state per backend, as one gateway replica sees it (None: no gateway)."""

@@ -404,9 +404,18 @@ def _open_log(settings: Any) -> AuditLog:
                     cipher=field_cipher(settings), redactor=redactor)
 
 
+_HANDLES: dict[str, Any] = {}
+
+
 def audit_actor(settings: Any):
-    name = "orfeas-audit-" + hashlib.sha1(str(audit_dir(settings)).encode()).hexdigest()[:10]
-    return detached_actor(AuditActor, name, settings.to_dict(), durable=True, max_task_retries=-1)
+    """The data directory's audit actor (created on first use; the handle is kept per process)."""
+    where = str(audit_dir(settings))
+    handle = _HANDLES.get(where)
+    if handle is None:
+        name = "orfeas-audit-" + hashlib.sha1(where.encode()).hexdigest()[:10]
+        handle = _HANDLES[where] = detached_actor(AuditActor, name, settings.to_dict(), durable=True,
+                                                  max_task_retries=-1)
+    return handle
 
 
 _LOCAL: dict[str, AuditLog] = {}

@@ -16,7 +16,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from models.errors import AdminRequired
+from models.errors import AdminRequired, AuthenticationFailed
 from security.auth import Principal
 from serve.http.app import AUTH_DEPENDENCIES, http_state
 
@@ -26,14 +26,30 @@ async def authenticated(request: Request) -> Principal:
     auth = http_state(request.app).authenticator
     if auth is None:
         raise RuntimeError("app.state.configure(settings) was not called at replica init: no Authenticator")
-    principal = await auth.authenticate(request.headers.get("authorization"))
+    try:
+        principal = await auth.authenticate(request.headers.get("authorization"))
+    except AuthenticationFailed as e:
+        _audit(request, "auth.failure", "denied", {"reason": str(e)})
+        raise
     request.state.principal = principal
     return principal
+
+
+def _audit(request: Request, action: str, outcome: str, details: dict, actor: str = "") -> None:
+    """An audit entry for this request (who, from where, which request), sent without waiting."""
+    from security.audit import audit_event
+
+    settings = http_state(request.app).settings
+    if settings is not None:
+        audit_event(settings, action, details, actor=actor, target=f"{request.method} {request.url.path}",
+                    outcome=outcome, source=request.client.host if request.client else "",
+                    request_id=getattr(request.state, "request_id", "") or "")
 
 
 async def admin(request: Request, principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
     """The caller's principal, which must be an admin's (else a 403 `admin_required`)."""
     if not principal.is_admin:
+        _audit(request, "auth.denied", "denied", {"required": "admin"}, actor=principal.key_id)
         raise AdminRequired(f"only admin keys may call {request.method} {request.url.path}")
     return principal
 
