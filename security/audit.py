@@ -147,6 +147,12 @@ class AuditLog:
     def record(self, entries: list[dict[str, Any]]) -> list[int]:
         """Append entries (each: action, actor, target, outcome, source, request_id, details);
         fsynced before returning their seq numbers."""
+        if self.cipher is not None:
+            from security.encryption import AUDIT_SCOPE
+
+            # Get (or create) the details key before taking the file lock: creating it is itself
+            # audited, which in-process would otherwise wait on the lock this call holds.
+            self.cipher.keys.current(AUDIT_SCOPE)
         with open(self.path, "a", encoding="utf-8") as f:
             fcntl.flock(f, fcntl.LOCK_EX)  # another process appending (the CLI beside the actor) waits
             if f.seek(0, os.SEEK_END) != self._size:

@@ -45,6 +45,7 @@ from models.protocol import (
 )
 from security.auth import Principal
 from serve.applications import replica_actor_options
+from serve.audit_api import router as audit_router
 from serve.gateway.aliases import RAG_DISABLED, OrchestratorAlias, RagAlias, rag_collection
 from serve.gateway.backends import BackendRegistry
 from serve.gateway.catalog import Catalog
@@ -63,6 +64,7 @@ INTERNAL_CALLER = Principal("internal", "admin", None)
 STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true"}}
 
 app = http_app("ORFEAS gateway")
+app.include_router(audit_router)  # GET /v1/audit/entries, /v1/audit/verify (serve/audit_api.py)
 
 
 @serve.ingress(app)
