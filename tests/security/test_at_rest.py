@@ -122,3 +122,20 @@ def test_audit_chain_recorded_the_access_and_verifies(platform):
     assert q["target"] == "collection:docs" and q["source"] == "127.0.0.1" and q["request_id"]
     fail = next(e for e in entries if e["action"] == "auth.failure")
     assert fail["outcome"] == "denied" and "invalid" in fail["details"]["reason"]
+
+
+def test_auditor_api_filters_and_is_closed_to_users(platform):
+    settings, base, admin = platform
+    _, user = make_key(settings, "user")
+    r = httpx.get(base + "/v1/audit/entries", params={"action": "data.*", "limit": 5},
+                  headers={"Authorization": f"Bearer {admin}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    rows = r.json()["data"]
+    assert rows and all(e["action"].startswith("data.") for e in rows) and len(rows) <= 5
+    r = httpx.get(base + "/v1/audit/entries", params={"outcome": "denied"},
+                  headers={"Authorization": f"Bearer {admin}"}, timeout=60)
+    assert {e["action"] for e in r.json()["data"]} <= {"auth.failure", "auth.denied"} and r.json()["data"]
+    assert httpx.get(base + "/v1/audit/verify", headers={"Authorization": f"Bearer {admin}"},
+                     timeout=60).json()["ok"] is True
+    r = httpx.get(base + "/v1/audit/entries", headers={"Authorization": f"Bearer {user}"}, timeout=60)
+    assert r.status_code == 403 and r.json()["error"]["type"]
