@@ -25,6 +25,7 @@ encryption_app = typer.Typer(help="Encryption keys: list, rotate the KEK, rotate
 def register(app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
     app.add_typer(encryption_app, name="encryption")
+    app.add_typer(privacy_app, name="privacy")
 
 
 def cli_actor() -> str:
@@ -159,3 +160,24 @@ def encryption_rotate_data_key(
         return print_json(out)
     console.print(f"collection {collection}: data key {out['retired']} -> {out['key_id']}, "
                   f"{out['points']} chunks re-encrypted, old key destroyed: {out['destroyed']}")
+
+
+privacy_app = typer.Typer(help="Data subjects: erasure with crypto-shredding.", no_args_is_help=True)
+
+
+@privacy_app.command("erase")
+def privacy_erase(subject: Annotated[str, typer.Option("--subject", help="The data subject's id.")],
+                  config: ConfigOpt = None, as_json: JsonOpt = False):
+    """Remove a data subject's chunks from every collection and crypto-shred their data key."""
+    from rag.erasure import erase_subject
+
+    settings = connected(config)
+    try:
+        out = erase_subject(settings, subject, actor=cli_actor())
+    except ValueError as e:
+        fail(str(e), 2)
+    if as_json:
+        return print_json(out)
+    docs = sum(out["documents"].values())
+    console.print(f"subject {subject}: {docs} document(s) removed from {len(out['documents'])} collection(s), "
+                  f"{len(out['shredded_keys'])} data key(s) shredded")

@@ -265,32 +265,33 @@ def key_service(settings):
 
 
 class RemoteKeys:
-    """DataKeys through the key service, each unwrapped key cached in this process. A scope's
-    current key is cached briefly, so a rotation reaches every writer within `ttl_s`."""
+    """DataKeys through the key service, unwrapped keys cached in this process for `ttl_s`: a
+    rotation reaches every writer, and a shredded key leaves every cache, within that time."""
 
     def __init__(self, handle, ttl_s: float = 30.0):
         self.handle, self.ttl_s = handle, ttl_s
-        self._keys: dict[str, bytes] = {}
+        self._keys: dict[str, tuple[float, bytes]] = {}
         self._current: dict[str, tuple[float, str]] = {}
 
     def current(self, scope: str) -> tuple[str, bytes]:
         hit = self._current.get(scope)
-        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
-            return hit[1], self._keys[hit[1]]
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s and hit[1] in self._keys:
+            return hit[1], self._keys[hit[1]][1]
         import ray
 
         key_id, dk = ray.get(self.handle.current.remote(scope))
-        self._keys[key_id] = dk
+        self._keys[key_id] = (time.monotonic(), dk)
         self._current[scope] = (time.monotonic(), key_id)
         return key_id, dk
 
     def key(self, key_id: str) -> bytes:
-        dk = self._keys.get(key_id)
-        if dk is None:
-            import ray
+        hit = self._keys.get(key_id)
+        if hit is not None and time.monotonic() - hit[0] < self.ttl_s:
+            return hit[1]
+        import ray
 
-            dk = ray.get(self.handle.key.remote(key_id))
-            self._keys[key_id] = dk
+        dk = ray.get(self.handle.key.remote(key_id))
+        self._keys[key_id] = (time.monotonic(), dk)
         return dk
 
     def forget(self) -> None:

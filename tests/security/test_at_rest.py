@@ -139,3 +139,55 @@ def test_auditor_api_filters_and_is_closed_to_users(platform):
                      timeout=60).json()["ok"] is True
     r = httpx.get(base + "/v1/audit/entries", headers={"Authorization": f"Bearer {user}"}, timeout=60)
     assert r.status_code == 403 and r.json()["error"]["type"]
+
+
+def test_data_key_rotation_reencrypts_online(platform):
+    from rag.encrypted_store import ENCRYPTED_FIELDS
+    from rag.reencrypt import reencrypt_collection
+    from rag.store import open_store
+    from security.crypto import token_key_id
+
+    settings, base, admin = platform
+    out = reencrypt_collection(settings, "docs", actor="test")
+    assert out["retired"] and out["key_id"] != out["retired"] and out["points"] >= 2
+    assert out["left"] == 0 and out["destroyed"] is True
+    inner = open_store(settings).inner
+    ids = {token_key_id(p[f]) for c in out["versions"] for p in inner.scroll_payloads(c, list(ENCRYPTED_FIELDS))
+           for f in ENCRYPTED_FIELDS if p.get(f)}
+    assert ids == {out["key_id"]}
+    r = httpx.post(base + "/v1/rag/query", headers={"Authorization": f"Bearer {admin}"}, timeout=120,
+                   json={"query": "Who guards locker ZQX-4471?"})
+    assert r.status_code == 200 and "ZQX-4471" in r.json()["answer"], r.text
+
+
+def test_erasure_removes_the_subject_and_shreds_their_key(platform, tmp_path):
+    import json
+
+    from rag.erasure import erase_subject
+    from rag.ingest import run_ingest
+    from rag.store import open_store
+    from security.crypto import KeyUnavailable
+    from security.encryption import forget_ciphers
+
+    settings, base, admin = platform
+    src = tmp_path / "people.jsonl"
+    src.write_text(json.dumps({"id": "p42", "title": "Record of Quokka", "tags": ["subject:s-42"],
+                               "text": "Quokka-9981 lives at 12 Harbour Lane and likes sailing."}) + "\n"
+                   + json.dumps({"id": "p43", "title": "Someone else", "text": "A keen gardener in Oslo."}) + "\n")
+    assert run_ingest(str(src), "people", settings=settings).documents == 2
+    store = open_store(settings)
+    before = store.inner.scroll_payloads("people__v1", ["doc_id", "text", "tags"])
+    token = next(p["text"] for p in before if "subject:s-42" in p["tags"])
+
+    out = erase_subject(settings, "s-42", actor="test")
+    assert out["documents"] == {"people__v1": 1} and len(out["shredded_keys"]) == 1
+    left = store.scroll_payloads("people__v1", ["doc_id", "text"])
+    assert [p["text"] for p in left] == ["A keen gardener in Oslo."]
+    r = httpx.post(base + "/v1/rag/query", headers={"Authorization": f"Bearer {admin}"}, timeout=120,
+                   json={"query": "Where does Quokka-9981 live?", "collection": "people", "include_passages": True})
+    assert r.status_code == 200 and "Quokka" not in r.text
+    forget_ciphers()
+    with pytest.raises(KeyUnavailable, match="crypto-shredded"):  # a leftover copy can never be read again
+        open_store(settings).decrypt_payload("people__v1", {"doc_id": before[0]["doc_id"], "chunk_index": 0,
+                                                            "text": token})
+    assert scan(settings.resolved_data_dir(), [b"Quokka-9981", b"Harbour Lane"]) == []
