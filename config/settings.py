@@ -457,9 +457,6 @@ class PiiSettings(_Section):
     spacy_model: str = Field("", description="An installed spaCy model (a package or directory) for PERSON; "
                              "empty: patterns only. Nothing is downloaded.")
     min_score: float = Field(0.4, ge=0, le=1, description="Lowest Presidio score kept (phone numbers score 0.4).")
-    remote_prompts: Literal["off", "redact", "redact-restore"] = Field(
-        "off", description="Prompts to remote (openai engine) providers: redacted, and optionally the "
-        "placeholders restored in the answer.")
     ingest: Literal["off", "tag", "redact"] = Field("off", description="Chunks: tag pii:<TYPE>, or redact them.")
     audit: Literal["off", "redact"] = Field("redact", description="Audit details never carry raw PII.")
 

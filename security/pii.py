@@ -159,15 +159,19 @@ _DETECTORS: dict[tuple, PiiDetector] = {}
 _LOCK = threading.Lock()
 
 
-def detector(settings: Any) -> PiiDetector:
-    """This process's detector for the settings' PII section (built once: the analyzer takes ~1 s)."""
-    p = settings.pii
-    key = (tuple(p.entities), p.spacy_model, p.min_score)
+def detector_for(entities: list[str], spacy_model: str = "", min_score: float = 0.4) -> PiiDetector:
+    """This process's detector for these options (built once: the analyzer takes a few seconds)."""
+    key = (tuple(entities), spacy_model, min_score)
     with _LOCK:
         d = _DETECTORS.get(key)
         if d is None:
-            d = _DETECTORS[key] = PiiDetector(p.entities, p.spacy_model, p.min_score)
+            d = _DETECTORS[key] = PiiDetector(list(entities), spacy_model, min_score)
         return d
+
+
+def detector(settings: Any) -> PiiDetector:
+    p = settings.pii
+    return detector_for(p.entities, p.spacy_model, p.min_score)
 
 
 def redact_value(value: Any, settings: Any) -> Any:

@@ -79,3 +79,17 @@ def test_precision_and_recall_on_the_labelled_sample(detector):
     assert q["ALL"]["recall"] >= 0.95 and q["ALL"]["precision"] >= 0.9, q
     for e in ("EMAIL_ADDRESS", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "PHONE_NUMBER"):
         assert q[e]["precision"] == 1.0 and q[e]["recall"] == 1.0, (e, q[e])
+
+
+def test_ingest_policy_tags_or_redacts_a_chunk(detector):
+    from rag.ingest import apply_pii_policy, indexing_params
+    from config import Settings
+
+    row = {"text": "Write to jane@example.com or pay DE89370400440532013000.", "tags": ["faq"]}
+    tagged = apply_pii_policy(dict(row), "tag", detector)
+    assert tagged["tags"] == ["faq", "pii:EMAIL_ADDRESS", "pii:IBAN_CODE"] and tagged["text"] == row["text"]
+    red = apply_pii_policy(dict(row), "redact", detector)
+    assert red["text"] == "Write to <EMAIL_ADDRESS_1> or pay <IBAN_CODE_1>." and red["tags"] == ["faq"]
+    # The policy is part of the index hash: switching it re-indexes; off leaves existing hashes alone.
+    assert indexing_params(Settings()) == indexing_params(Settings(pii={"ingest": "off"}))
+    assert indexing_params(Settings(pii={"ingest": "redact"})).endswith(";pii=redact")
