@@ -173,16 +173,20 @@ def test_erasure_removes_the_subject_and_shreds_their_key(platform, tmp_path):
     src = tmp_path / "people.jsonl"
     src.write_text(json.dumps({"id": "p42", "title": "Record of Quokka", "tags": ["subject:s-42"],
                                "text": "Quokka-9981 lives at 12 Harbour Lane and likes sailing."}) + "\n"
-                   + json.dumps({"id": "p43", "title": "Someone else", "text": "A keen gardener in Oslo."}) + "\n")
-    assert run_ingest(str(src), "people", settings=settings).documents == 2
+                   + json.dumps({"id": "p43", "title": "Someone else",
+                                 "text": "A keen gardener in Oslo, gardener@example.org."}) + "\n")
+    tagging = settings.model_copy(deep=True)
+    tagging.pii.ingest = "tag"  # and the ingest job tags the chunks that hold PII
+    assert run_ingest(str(src), "people", settings=tagging).documents == 2
     store = open_store(settings)
     before = store.inner.scroll_payloads("people__v1", ["doc_id", "text", "tags"])
     token = next(p["text"] for p in before if "subject:s-42" in p["tags"])
 
     out = erase_subject(settings, "s-42", actor="test")
     assert out["documents"] == {"people__v1": 1} and len(out["shredded_keys"]) == 1
-    left = store.scroll_payloads("people__v1", ["doc_id", "text"])
-    assert [p["text"] for p in left] == ["A keen gardener in Oslo."]
+    left = store.scroll_payloads("people__v1", ["doc_id", "text", "tags"])
+    assert [p["text"] for p in left] == ["A keen gardener in Oslo, gardener@example.org."]
+    assert left[0]["tags"] == ["pii:EMAIL_ADDRESS"]
     r = httpx.post(base + "/v1/rag/query", headers={"Authorization": f"Bearer {admin}"}, timeout=120,
                    json={"query": "Where does Quokka-9981 live?", "collection": "people", "include_passages": True})
     assert r.status_code == 200 and "Quokka" not in r.text
