@@ -20,8 +20,9 @@ def test_verify_and_export(tmp_path, monkeypatch):
     config.write_text(yaml.safe_dump({"data_dir": str(tmp_path / "data"), "audit": {"checkpoint_every": 2}}))
     settings = Settings(data_dir=tmp_path / "data", audit={"checkpoint_every": 2})
     for i in range(5):
+        # wait: on the session cluster (when another module started it) the audit actor appends.
         audit_event(settings, "admin.key.create", {"n": i, "mail": "ops@example.com"}, actor="cli:test",
-                    outcome="ok" if i != 3 else "denied")
+                    outcome="ok" if i != 3 else "denied", wait=True)
     run = CliRunner().invoke
     r = run(app, ["audit", "verify", "--config", str(config)])
     # Six: the first entry is the creation of the audit details' own data key.
@@ -38,7 +39,7 @@ def test_verify_and_export(tmp_path, monkeypatch):
 
     log = audit_dir(settings) / "audit.jsonl"
     lines = log.read_text().splitlines(keepends=True)
-    del lines[1]
+    del lines[1]  # (this test's process no longer appends: the log is only read from here on)
     log.write_text("".join(lines))
     r = run(app, ["audit", "verify", "--config", str(config)])
     assert r.exit_code == 1 and "FAILED at position 2" in " ".join(r.stdout.split()), r.stdout
