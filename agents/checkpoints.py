@@ -1,6 +1,10 @@
 """Durable run checkpoints: `<root>/runs/<run_id>/run.json` (the whole run state, rewritten
 atomically after every step transition) and `events.jsonl` next to it. The root is a local
-directory or any fsspec URI (s3://, gs://, abfs://, memory://)."""
+directory or any fsspec URI (s3://, gs://, abfs://, memory://).
+
+With a field cipher (encryption on) both hold user content only encrypted: run.json is
+`{"orfeas_encrypted": <token>}` and each event line `{"orfeas_encrypted": <token>}`, tokens
+bound to the run id (security/crypto.py)."""
 
 from __future__ import annotations
 
@@ -12,12 +16,17 @@ from pathlib import Path
 from typing import Any
 
 from agents.scheduling import RunState
+from security.crypto import FieldCipher, NotEncrypted
+from security.encryption import WORKFLOWS_SCOPE
+
+ENC = "orfeas_encrypted"
 
 RUN_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
 
 class CheckpointStore:
-    def __init__(self, root: str):
+    def __init__(self, root: str, cipher: FieldCipher | None = None):
+        self.cipher = cipher
         self.root = root.rstrip("/")
         self.local = "://" not in root or root.startswith("file://")
         if self.local:
@@ -34,8 +43,24 @@ class CheckpointStore:
             raise ValueError(f"invalid run id {run_id!r}")
         return f"{self.root}/runs/{run_id}/{name}"
 
+    def _seal(self, text: str, run_id: str, field: str) -> str:
+        if self.cipher is None:
+            return text
+        return json.dumps({ENC: self.cipher.encrypt(text, scope=WORKFLOWS_SCOPE, record_id=run_id, field=field)})
+
+    def _open(self, text: str, run_id: str, field: str) -> str:
+        if text.startswith('{"' + ENC + '"'):
+            if self.cipher is None:
+                raise NotEncrypted(f"{field} of run {run_id!r} is encrypted but encryption is off "
+                                   "(encryption.enabled): it cannot be read")
+            return self.cipher.decrypt(json.loads(text)[ENC], scope=WORKFLOWS_SCOPE, record_id=run_id, field=field)
+        if self.cipher is not None and not self.cipher.allow_plaintext:
+            raise NotEncrypted(f"{field} of run {run_id!r} is stored in plaintext (encryption.allow_plaintext_reads "
+                               "is off)")
+        return text
+
     def save(self, run: RunState) -> None:
-        data = run.model_dump_json()
+        data = self._seal(run.model_dump_json(), run.run_id, "run")
         path = self._path(run.run_id, "run.json")
         if self.local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -61,7 +86,7 @@ class CheckpointStore:
 
     def load(self, run_id: str) -> RunState | None:
         text = self._read(self._path(run_id, "run.json"))
-        return None if text is None else RunState.model_validate_json(text)
+        return None if text is None else RunState.model_validate_json(self._open(text, run_id, "run"))
 
     def run_ids(self) -> list[str]:
         if self.local:
@@ -72,7 +97,7 @@ class CheckpointStore:
             return []
 
     def append_events(self, run_id: str, events: list[dict[str, Any]]) -> None:
-        lines = "".join(json.dumps(e, default=str) + "\n" for e in events)
+        lines = "".join(self._seal(json.dumps(e, default=str), run_id, "event") + "\n" for e in events)
         path = self._path(run_id, "events.jsonl")
         if self.local:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -85,4 +110,4 @@ class CheckpointStore:
 
     def events(self, run_id: str) -> list[dict[str, Any]]:
         text = self._read(self._path(run_id, "events.jsonl")) or ""
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        return [json.loads(self._open(line, run_id, "event")) for line in text.splitlines() if line.strip()]

@@ -25,6 +25,8 @@ from agents import scheduling as sch
 from agents.agent import AgentActor, AgentError, gateway_chat, usage_of
 from agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, resolve
 from agents.checkpoints import RUN_ID, CheckpointStore
+from security.audit import audit_event
+from security.encryption import field_cipher
 from agents.engine import RunExecutor, StepFailed
 from agents.expressions import ExpressionError, render
 from agents.metrics import WorkflowMetrics
@@ -115,7 +117,7 @@ class Coordinator:
         self.settings = settings_from_dict(settings)
         self.cfg = self.settings.agents
         self.name = coordinator_name(self.settings)
-        self.store = CheckpointStore(checkpoint_root(self.settings))
+        self.store = CheckpointStore(checkpoint_root(self.settings), field_cipher(self.settings))
         self.metrics = WorkflowMetrics()
         self.registry: dict[tuple[str, str], Registered] = {}
         for spec in self.cfg.agents:
@@ -524,6 +526,8 @@ class Coordinator:
         settled = next(s for s in new.steps if new.steps[s].approved_by and not run.steps[s].approved_by)
         executor = self.runs.get(run_id)
         event = "step.approved" if approved else "step.rejected"
+        audit_event(self.settings, "workflow.approve" if approved else "workflow.reject", {"step": settled},
+                    actor=by, target=f"run:{run_id}")
         if executor is not None and run_id in self.drivers:
             await executor.update(new, event, {"step": settled, "by": by, "comment": comment})
         else:

@@ -18,6 +18,7 @@ class UsageBook:
         self.enabled = settings.router.ledger
         self.cache_s = settings.router.budget_cache_s
         self.data_dir = settings.resolved_data_dir()
+        self.settings = settings
         self._spend: dict[tuple[str, str], tuple[float, float]] = {}
         # A reservation whose call never settles (its replica died) is dropped after this long.
         self.reservation_ttl_s = 2 * settings.gateway.request_timeout_s + 60
@@ -25,7 +26,7 @@ class UsageBook:
     @cached_property
     def actor(self):
         """The ledger actor, got on first use (not at replica start)."""
-        return ledger(self.data_dir)
+        return ledger(self.data_dir, self.settings)
 
     def record(self, entry: dict[str, Any], reservation: str | None = None) -> None:
         """Fire and forget: calls from one replica reach the actor in order, so a later spend,

@@ -16,6 +16,11 @@ from typing import Any
 
 
 from config.actors import detached_actor
+from security.encryption import LEDGER_SCOPE, field_cipher
+
+# Fields of a ledger record that carry what a user wrote (request metadata, feedback comments):
+# encrypted at rest when encryption is on; the figures the ledger sums stay plain.
+CONTENT_FIELDS = ("comment", "metadata", "user")
 
 PERIODS = ("day", "month")
 
@@ -55,8 +60,12 @@ def aggregate(entries: list[dict[str, Any]]) -> dict[str, Any]:
 class Ledger:
     """Ledger operations over one file; run as a Ray actor (see `ledger`)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, settings: dict | None = None):
+        from config import Settings, settings_from_dict
+
         self.path = Path(path)
+        conf = settings_from_dict(settings) if settings else Settings(data_dir=self.path.parent.parent)
+        self.cipher = field_cipher(conf)
         self.entries: list[dict[str, Any]] = []
         self.by_id: dict[str, dict[str, Any]] = {}
         self.feedback: dict[str, list[float]] = {}
@@ -70,7 +79,7 @@ class Ledger:
                     rec = json.loads(line)
                 except ValueError:
                     continue  # a torn last line from a crash mid-write
-                self._apply(rec)
+                self._apply(self._open(rec))
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def _apply(self, rec: dict[str, Any]) -> None:
@@ -88,9 +97,28 @@ class Ledger:
                             k = (scope, who, period, period_start(period, rec["ts"]))
                             self.spent[k] = self.spent.get(k, 0.0) + cost
 
+    def _seal(self, rec: dict[str, Any]) -> dict[str, Any]:
+        if self.cipher is None or not any(rec.get(f) for f in CONTENT_FIELDS):
+            return rec
+        out = dict(rec)
+        for f in CONTENT_FIELDS:
+            if out.get(f):
+                out[f] = self.cipher.encrypt_json(out[f], scope=LEDGER_SCOPE, record_id=str(rec.get("response_id")),
+                                                  field=f)
+        return out
+
+    def _open(self, rec: dict[str, Any]) -> dict[str, Any]:
+        if self.cipher is None:
+            return rec
+        for f in CONTENT_FIELDS:
+            if rec.get(f):
+                rec[f] = self.cipher.decrypt_json(rec[f], scope=LEDGER_SCOPE, record_id=str(rec.get("response_id")),
+                                                  field=f)
+        return rec
+
     def _append(self, recs: list[dict[str, Any]]) -> None:
         with self.path.open("a") as f:
-            f.write("".join(json.dumps(r, separators=(",", ":")) + "\n" for r in recs))
+            f.write("".join(json.dumps(self._seal(r), separators=(",", ":")) + "\n" for r in recs))
             f.flush()
             os.fsync(f.fileno())
 
@@ -184,8 +212,10 @@ def ledger_name(data_dir: str | Path) -> tuple[str, Path]:
     return "orfeas-ledger-" + hashlib.sha1(str(path).encode()).hexdigest()[:10], path
 
 
-def ledger(data_dir: str | Path):
-    """The cluster's ledger actor for this data directory (created on first use, restarted on loss)."""
+def ledger(data_dir: str | Path, settings=None):
+    """The cluster's ledger actor for this data directory (created on first use, restarted on loss);
+    `settings` (whose encryption section it uses) where the caller has them."""
     name, path = ledger_name(data_dir)
     # max_task_retries: calls made while it restarts wait for it; record() ignores a repeated response id.
-    return detached_actor(Ledger, name, str(path), durable=True, max_task_retries=-1)
+    return detached_actor(Ledger, name, str(path), settings.to_dict() if settings is not None else None,
+                          durable=True, max_task_retries=-1)

@@ -10,7 +10,7 @@ import ray
 import typer
 from rich.table import Table
 
-from cluster import agents_cli, autoscale_cli, identity_cli, monitoring_cli, rag_cli
+from cluster import agents_cli, autoscale_cli, compliance_cli, identity_cli, monitoring_cli, rag_cli
 from cluster.console import (ConfigOpt, JsonOpt, connected, console, err, fail, print_json, settings_or_exit,
                              table)
 from cluster.k8s_cli import k8s_app
@@ -29,6 +29,7 @@ agents_cli.register(app)  # workflows, agents
 monitoring_cli.register(app)  # monitoring up|down|status
 identity_cli.register(app)  # login, logout, directory sync
 autoscale_cli.register(app)  # autoscale analyze
+compliance_cli.register(app)  # audit, encryption, privacy
 
 def _router_status(probe: bool = False) -> dict | None:
     """Health and circuit state per backend, as one gateway replica sees it (None: no gateway)."""

@@ -686,6 +686,67 @@ class AutoscalingSettings(_Section):
                                                     "`tokens_in_flight` metric); empty: by requests only.")
     apps: dict[str, DeploymentScaling] = Field(default_factory=dict, description="Per-application overrides "
                                                "(gateway, rag, workflows, agents, model-<id>).")
+class VaultTransitSettings(_Section):
+    url: str = Field("http://127.0.0.1:8200", description="Vault address.")
+    token_env: str = Field("VAULT_TOKEN", description="Environment variable holding the Vault token.")
+    key_name: str = Field("orfeas", description="Transit key that wraps ORFEAS's data keys.")
+    mount_point: str = "transit"
+    namespace: str = ""
+    ca_file: str = Field("", description="CA bundle for Vault's TLS; empty: the system's.")
+
+
+class AwsKmsSettings(_Section):
+    key_id: str = Field("", description="KMS key id, ARN or alias/... that wraps ORFEAS's data keys.")
+    region: str = "us-east-1"
+    endpoint: str = Field("", description="KMS endpoint; empty: https://kms.<region>.amazonaws.com. Credentials "
+                          "from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_SESSION_TOKEN.")
+
+
+class EncryptionSettings(_Section):
+    """Encryption at rest: user content in stored fields, AES-256-GCM under envelope data keys."""
+
+    enabled: bool = Field(True, description="Encrypt chunk text, workflow checkpoints and events, ledger "
+                          "comments and audit details at rest.")
+    provider: Literal["local", "vault", "aws-kms"] = Field(
+        "local", description="Who holds the KEK: local (ORFEAS_ENCRYPTION_KEY, else data_dir/keys/kek.json, "
+        "created 0600), vault (transit) or aws-kms.")
+    vault: VaultTransitSettings = Field(default_factory=VaultTransitSettings)
+    aws_kms: AwsKmsSettings = Field(default_factory=AwsKmsSettings)
+    subject_tag_prefix: str = Field("subject:", min_length=1, description="A chunk tagged <prefix><id> is "
+                                    "encrypted under that data subject's own key (crypto-shredded on erasure).")
+    allow_plaintext_reads: bool = Field(False, description="Read fields stored before encryption was on "
+                                        "(a migration window); off: a plaintext field is an error.")
+    key_cache_s: float = Field(30.0, ge=0, description="How long a process trusts a scope's current key.")
+    use_summary_s: float = Field(300.0, gt=0, description="How often key use is summarised into the audit log.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "EncryptionSettings":
+        if self.provider == "aws-kms" and not self.aws_kms.key_id:
+            raise ValueError("provider 'aws-kms' needs aws_kms.key_id")
+        return self
+
+
+class AuditSettings(_Section):
+    """The tamper-evident audit chain (security/audit.py)."""
+
+    enabled: bool = True
+    dir: str = Field("", description="Where the chain lives; empty: data_dir/audit.")
+    checkpoint_every: int = Field(1000, ge=1, description="Entries between Ed25519-signed checkpoints.")
+    checkpoint_s: float = Field(60.0, gt=0, description="A checkpoint at least this often while entries are pending.")
+
+
+class PiiSettings(_Section):
+    """PII detection and redaction (Presidio, offline pattern recognizers; security/pii.py)."""
+
+    enabled: bool = True
+    entities: list[str] = Field(default_factory=lambda: ["EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD",
+                                                         "IBAN_CODE", "US_SSN", "IP_ADDRESS"],
+                                description="Entity types detected (PERSON too where a spaCy model is installed).")
+    spacy_model: str = Field("", description="An installed spaCy model (a package or directory) for PERSON; "
+                             "empty: patterns only. Nothing is downloaded.")
+    min_score: float = Field(0.4, ge=0, le=1, description="Lowest Presidio score kept (phone numbers score 0.4).")
+    ingest: Literal["off", "tag", "redact"] = Field("off", description="Chunks: tag pii:<TYPE>, or redact them.")
+    audit: Literal["off", "redact"] = Field("redact", description="Audit details never carry raw PII.")
 
 
 def _default_catalog() -> list[ModelSpec]:
@@ -714,6 +775,9 @@ class Settings(BaseSettings):
     monitoring: MonitoringSettings = Field(default_factory=MonitoringSettings)
     alerts: AlertsSettings = Field(default_factory=AlertsSettings)
     autoscaling: AutoscalingSettings = Field(default_factory=AutoscalingSettings)
+    encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
+    audit: AuditSettings = Field(default_factory=AuditSettings)
+    pii: PiiSettings = Field(default_factory=PiiSettings)
 
     @model_validator(mode="after")
     def _check_router(self) -> "Settings":

@@ -219,8 +219,18 @@ def _complete_hashes(ref) -> dict[str, str]:
     return _STATE_CACHE[key]
 
 
+def apply_pii_policy(row: dict[str, Any], policy: str, detector) -> dict[str, Any]:
+    """pii.ingest on one chunk row: `tag` adds pii:<TYPE> tags, `redact` replaces the values by
+    placeholders in the stored text (before it is embedded, so vectors never see them either)."""
+    if policy == "tag":
+        row["tags"] = sorted(set(row.get("tags") or []) | set(detector.tags(row["text"])))
+    elif policy == "redact":
+        row["text"] = detector.redact(row["text"])[0]
+    return row
+
+
 def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int, params: str, root: str,
-                    states_ref, with_title: bool = True) -> Iterator[pa.Table]:
+                    states_ref, with_title: bool = True, pii: dict[str, Any] | None = None) -> Iterator[pa.Table]:
     """Files -> chunk rows (kind=chunk), plus one row per unchanged (skipped) doc or failed file.
     Yields every CHUNK_ROWS_OUT rows, so one file holding a whole corpus still streams to the
     encoder instead of arriving all at once."""
@@ -228,6 +238,11 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
 
     complete = _complete_hashes(states_ref)
     chunker = Chunker(load_tokenizer(model_dir), size, overlap)
+    detector = None
+    if pii and pii["ingest"] != "off":
+        from security.pii import detector_for
+
+        detector = detector_for(pii["entities"], pii["spacy_model"], pii["min_score"])
     rows: list[dict[str, Any]] = []
     for f in batch.to_pylist():
         path = f["path"]
@@ -256,8 +271,10 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
                 continue
             for c in chunks:
                 r = c.model_dump()
+                if detector is not None:
+                    r = apply_pii_policy(r, pii["ingest"], detector)
                 r.update(kind="chunk", root=root, doc_hash=h,
-                         embed_text=embedding_text(c.title, c.section, c.text, with_title))
+                         embed_text=embedding_text(r["title"], r["section"], r["text"], with_title))
                 rows.append(r)
             if len(rows) >= CHUNK_ROWS_OUT:
                 yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
@@ -307,7 +324,8 @@ def embed_actors(settings: Settings) -> int:
 
 def indexing_params(settings: Settings) -> str:
     r = settings.rag
-    return f"chunk={r.chunk_tokens}/{r.chunk_overlap};bm25={r.bm25_k}/{r.bm25_b}/{r.bm25_avg_len};model={r.embedding_model}"
+    pii = f";pii={settings.pii.ingest}" if settings.pii.enabled and settings.pii.ingest != "off" else ""
+    return f"chunk={r.chunk_tokens}/{r.chunk_overlap};bm25={r.bm25_k}/{r.bm25_b}/{r.bm25_avg_len};model={r.embedding_model}{pii}"
 
 
 def run_ingest(source: str, collection: str | None = None, *, settings: Settings | None = None,
@@ -385,7 +403,8 @@ def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, 
     # next to embedding, and an actor can start beside it on a 2-CPU node.
     ds = ds.map_batches(parse_and_chunk, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
                         fn_kwargs=dict(model_dir=model_dir, size=r.chunk_tokens, overlap=r.chunk_overlap,
-                                       params=indexing_params(settings), root=root, states_ref=states_ref))
+                                       params=indexing_params(settings), root=root, states_ref=states_ref,
+                                       pii=settings.pii.model_dump() if settings.pii.enabled else None))
     # Each call gets embed_call_rows chunks; the encoder sorts them by length into batches of
     # embed_batch_size, so batches pad little. The pool grows from one actor while chunks queue
     # up; two tasks in flight per actor keep the small blocks spread over all of them.

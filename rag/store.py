@@ -114,6 +114,15 @@ class VectorStore(ABC):
     def flush(self, name: str) -> None:  # noqa: B027 - optional
         pass
 
+    # page through points with their ids, and rewrite payload fields in place (re-encryption)
+    def scroll_points(self, name: str, fields: list[str], offset: Any = None,
+                      limit: int = 512) -> tuple[list[dict[str, Any]], Any]:
+        raise NotImplementedError(f"{type(self).__name__} cannot page through points")
+
+    def set_payloads(self, name: str, updates: list[dict[str, Any]]) -> int:
+        """Set the given payload fields ({"id", "payload"}) of each point; other fields stay."""
+        raise NotImplementedError(f"{type(self).__name__} cannot set payloads")
+
     # derived helpers (same for every backend)
     def collection_exists(self, name: str) -> bool:
         return name in self.list_collections()
@@ -313,6 +322,20 @@ class EdgeStore(VectorStore):
         shard = self._shard(name)
         shard.flush()
 
+    def scroll_points(self, name, fields, offset=None, limit=512):
+        import qdrant_edge as q
+
+        recs, nxt = self._shard(name).scroll(q.ScrollRequest(offset=offset, limit=limit, with_payload=list(fields)))
+        return [{"id": str(r.id), "payload": dict(r.payload or {})} for r in recs], nxt
+
+    def set_payloads(self, name, updates):
+        import qdrant_edge as q
+
+        shard = self._shard(name)
+        for u in updates:
+            shard.update(q.UpdateOperation.set_payload([u["id"]], u["payload"]))
+        return len(updates)
+
     def search(self, name: str, spec: SearchSpec) -> list[Hit]:
         import qdrant_edge as q
 
@@ -504,6 +527,18 @@ class QdrantServerStore(VectorStore):
     def collection_exists(self, name: str) -> bool:
         return self.client.collection_exists(name)
 
+    def scroll_points(self, name, fields, offset=None, limit=512):
+        recs, nxt = self.client.scroll(name, limit=limit, offset=offset, with_payload=list(fields))
+        return [{"id": str(r.id), "payload": dict(r.payload or {})} for r in recs], nxt
+
+    def set_payloads(self, name, updates):
+        from qdrant_client import models as m
+
+        if updates:
+            self.client.batch_update_points(name, [m.SetPayloadOperation(set_payload=m.SetPayload(
+                payload=u["payload"], points=[u["id"]])) for u in updates], wait=True)
+        return len(updates)
+
 
 # ================================================================================================
 # The Edge store's owner: a named, detached Ray actor
@@ -609,16 +644,22 @@ class RemoteStore(VectorStore):
     def flush(self, name): return self._call("flush", name)
     def doc_states(self, name): return self._call("doc_states", name)
     def resolve(self, name): return self._call("resolve", name)
+    def scroll_points(self, name, fields, offset=None, limit=512):
+        return self._call("scroll_points", name, fields, offset, limit)
+    def set_payloads(self, name, updates): return self._call("set_payloads", name, updates)
 
 
 def open_store(settings: Settings) -> VectorStore:
-    """The configured store: a Qdrant server when `rag.qdrant_url` is set, else the Edge owner actor."""
+    """The configured store: a Qdrant server when `rag.qdrant_url` is set, else the Edge owner actor;
+    behind the field cipher when encryption is on (rag/encrypted_store.py)."""
+    from rag.encrypted_store import encrypted
+
     url = settings.rag.qdrant_url
     if url:
         key = os.environ.get(settings.rag.qdrant_api_key_env) if settings.rag.qdrant_api_key_env else None
-        return QdrantServerStore(url, key, settings.rag.qdrant_timeout_s)
+        return encrypted(QdrantServerStore(url, key, settings.rag.qdrant_timeout_s), settings)
     import ray
 
     if not ray.is_initialized():
         ray.init(address=settings.ray.address or "auto", namespace=ACTOR_NAMESPACE, log_to_driver=False)
-    return RemoteStore(edge_store_actor(settings), reopen=lambda: edge_store_actor(settings))
+    return encrypted(RemoteStore(edge_store_actor(settings), reopen=lambda: edge_store_actor(settings)), settings)

@@ -119,12 +119,16 @@ def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, A
 # the replica rebuilds a full `Settings` with `config.settings_from_dict`, so every other field
 # and section is its default there. tests/kuberay/test_serve_args.py re-derives these sets from
 # the code and fails when an app starts reading a section that is not listed.
+# Data protection (encryption, audit, pii) reaches every app: each writes audit entries and reads
+# or writes encrypted fields with the configured key provider.
+_PROTECTION = ("encryption", "audit", "pii")
 GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router", "tracing", "monitoring",
-                    "autoscaling", "rate_limits")
-RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing", "autoscaling", "rate_limits")
+                    "autoscaling", "rate_limits", *_PROTECTION)
+RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing", "autoscaling", "rate_limits",
+                *_PROTECTION)
 AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "tracing", "autoscaling",
-                   "rate_limits")  # workflows and agents apps
-ALERTS_SECTIONS = ("serve", "limits", "auth", "models", "alerts", "tracing", "rate_limits")
+                   "rate_limits", *_PROTECTION)  # workflows and agents apps
+ALERTS_SECTIONS = ("serve", "limits", "auth", "models", "alerts", "tracing", "rate_limits", *_PROTECTION)
 
 
 def app_settings(settings: Settings, sections: tuple[str, ...]) -> dict[str, Any]:

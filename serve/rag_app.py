@@ -29,6 +29,7 @@ from config.names import GATEWAY_APP, RAG_APP
 from models.errors import NotFound, UpstreamTimeout
 from observability import metrics, tracing
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
+from security.audit import audit_event
 from security.auth import Principal
 from scaling.serve_options import replica_count
 from serve.applications import RAG_DEPLOYMENT, replica_actor_options
@@ -111,13 +112,22 @@ class RagServer:
                 raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
         out = await self.query(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
         label_model(request, out["model"])
+        audit_event(self.settings, "data.query", {"mode": req.mode, "top_k": req.top_k}, actor=principal.key_id,
+                    target=f"collection:{req.collection or self.settings.rag.collection}",
+                    source=request.client.host if request.client else "",
+                    request_id=getattr(request.state, "request_id", "") or "")
         return JSONResponse(out)  # built from a RagQueryResponse: no second validation
 
     @rag_api.post("/ingest", response_model=IngestRun, status_code=202)
-    async def ingest_http(self, req: IngestRequest, principal: Principal = Depends(permitted("collections:ingest"))
-                          ) -> IngestRun:
+    async def ingest_http(self, req: IngestRequest, request: Request,
+                          principal: Principal = Depends(permitted("collections:ingest"))) -> IngestRun:
         principal.require("collections:ingest", req.collection or self.settings.rag.collection, "collection")
-        return IngestRun.model_validate(await asyncio.to_thread(self.start_ingest, req, principal.key_id))
+        run = IngestRun.model_validate(await asyncio.to_thread(self.start_ingest, req, principal.key_id))
+        audit_event(self.settings, "data.ingest", {"source": req.source, "run_id": run.id},
+                    actor=principal.key_id, target=f"collection:{req.collection or self.settings.rag.collection}",
+                    source=request.client.host if request.client else "",
+                    request_id=getattr(request.state, "request_id", "") or "")
+        return run
 
     @rag_api.get("/ingest/{run_id}", response_model=IngestRun, dependencies=[Depends(permitted("collections:ingest"))])
     async def ingest_status_http(self, run_id: str) -> IngestRun:

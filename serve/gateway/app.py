@@ -50,6 +50,7 @@ from security.keys import bootstrap_admin
 from scaling.serve_options import replica_count
 from serve.admin_api import admin_router
 from serve.applications import GATEWAY_DEPLOYMENT, replica_actor_options
+from serve.audit_api import router as audit_router
 from serve.gateway.aliases import RAG_DISABLED, OrchestratorAlias, RagAlias, rag_collection
 from serve.gateway.auth_routes import router as auth_router
 from serve.gateway.backends import BackendRegistry
@@ -73,6 +74,7 @@ STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, 
 app = http_app("ORFEAS gateway")
 app.include_router(auth_router)  # /v1/auth/*: sign-in, sessions, MFA enrolment (serve/gateway/auth_routes.py)
 app.include_router(admin_router)  # /v1/admin/*: keys, teams, budgets, roles, limits (serve/admin_api.py)
+app.include_router(audit_router)  # GET /v1/audit/entries, /v1/audit/verify (serve/audit_api.py)
 
 
 # Defined before the class: `serve.ingress` pickles the routes when the class is made, with the

@@ -16,7 +16,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from models.errors import AdminRequired
+from models.errors import AdminRequired, AuthenticationFailed
 from security.auth import Principal
 from security.mfa import OTP_HEADER
 from serve.http.app import AUTH_DEPENDENCIES, http_state
@@ -27,8 +27,12 @@ async def authenticated(request: Request) -> Principal:
     auth = http_state(request.app).authenticator
     if auth is None:
         raise RuntimeError("app.state.configure(settings) was not called at replica init: no Authenticator")
-    # No Authorization header: the browser session cookie, if any (security/sessions.py).
-    principal = await auth.authenticate(request.headers.get("authorization") or auth.session_bearer(request.cookies))
+    try:
+        # No Authorization header: the browser session cookie, if any (security/sessions.py).
+        principal = await auth.authenticate(request.headers.get("authorization") or auth.session_bearer(request.cookies))
+    except AuthenticationFailed as e:
+        _audit(request, "auth.failure", "denied", {"reason": str(e)})
+        raise
     if principal.endpoints is not None:  # a key scoped to endpoints: this path must be one of them
         principal.require("endpoints:call", request.url.path)
     request.state.principal = principal
@@ -52,9 +56,21 @@ def permitted(permission: str):
     return dependency
 
 
+def _audit(request: Request, action: str, outcome: str, details: dict, actor: str = "") -> None:
+    """An audit entry for this request (who, from where, which request), sent without waiting."""
+    from security.audit import audit_event
+
+    settings = http_state(request.app).settings
+    if settings is not None:
+        audit_event(settings, action, details, actor=actor, target=f"{request.method} {request.url.path}",
+                    outcome=outcome, source=request.client.host if request.client else "",
+                    request_id=getattr(request.state, "request_id", "") or "")
+
+
 async def admin(request: Request, principal: Annotated[Principal, Depends(authenticated)]) -> Principal:
     """The caller's principal, which must be an admin's (else a 403 `admin_required`)."""
     if not principal.allows("admin:settings"):
+        _audit(request, "auth.denied", "denied", {"required": "admin"}, actor=principal.key_id)
         raise AdminRequired(f"only admin keys may call {request.method} {request.url.path}")
     # Admin permissions need MFA evidence (auth.mfa): amr/acr of a token, or a key's TOTP code.
     principal = await http_state(request.app).authenticator.check_mfa(principal, request.headers.get(OTP_HEADER))

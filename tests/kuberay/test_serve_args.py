@@ -121,6 +121,7 @@ def _non_default(tmp_path: Path) -> Settings:
         "agents": {"max_steps": 4}, "tracing": {"sample_ratio": 0.5},
         "monitoring": {"ttft_slo_s": 1.5}, "alerts": {"enabled": True}, "autoscaling": {"max_replicas": 5},
         "rate_limits": {"lease_s": 2},
+        "encryption": {"key_cache_s": 10}, "audit": {"checkpoint_every": 500}, "pii": {"min_score": 0.5},
     }))
     return load_settings(f)
 

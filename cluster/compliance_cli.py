@@ -1,0 +1,183 @@
+"""`orfeas audit ...` and `orfeas encryption ...`: the audit chain (verify, export, checkpoint)
+and key management (list, rotate the KEK, rotate a data key and re-encrypt). `cluster/cli.py`
+calls `register(app)`.
+
+`audit verify` and `audit export` read the files under the data directory and need no cluster
+(an auditor can run them on a copy); the rest talk to the cluster's actors."""
+
+from __future__ import annotations
+
+import getpass
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cluster.console import ConfigOpt, JsonOpt, connected, console, fail, print_json, settings_or_exit, table
+
+audit_app = typer.Typer(help="The tamper-evident audit chain: verify, export, checkpoint.", no_args_is_help=True)
+encryption_app = typer.Typer(help="Encryption keys: list, rotate the KEK, rotate a data key.", no_args_is_help=True)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(audit_app, name="audit")
+    app.add_typer(encryption_app, name="encryption")
+    app.add_typer(privacy_app, name="privacy")
+
+
+def cli_actor() -> str:
+    return f"cli:{getpass.getuser()}"
+
+
+@audit_app.command("verify")
+def audit_verify(config: ConfigOpt = None, as_json: JsonOpt = False,
+                 public_key: Annotated[Optional[Path], typer.Option(
+                     "--public-key", help="The log's Ed25519 public key (PEM) to trust; default: signing.pub "
+                     "beside the log (pin your own copy: whoever can rewrite the log can rewrite that file).")] = None,
+                 directory: Annotated[Optional[Path], typer.Option("--dir", help="An audit directory (a copy); "
+                                                                   "default: the configured one.")] = None):
+    """Recompute the hash chain and check every signed checkpoint; exit 1 naming the first bad position."""
+    from security.audit import AuditError, audit_dir, verify_log
+
+    d = directory or audit_dir(settings_or_exit(config))
+    try:
+        report = verify_log(d, public_key)
+    except AuditError as e:
+        fail(str(e))
+    if as_json:
+        print_json(report.to_dict())
+    elif report.ok:
+        console.print(f"audit log {d}: OK, {report.entries} entries, {report.checkpoints} signed checkpoints, "
+                      f"head {report.head[:16]}")
+        for n in report.notes:
+            console.print(f"  note: {n}")
+    else:
+        console.print(f"audit log {d}: FAILED at position {report.first_bad}: {report.problem}", highlight=False)
+    if not report.ok:
+        raise typer.Exit(1)
+
+
+@audit_app.command("export")
+def audit_export(config: ConfigOpt = None,
+                 fmt: Annotated[str, typer.Option("--format", help="jsonl or syslog (RFC 5424)")] = "jsonl",
+                 out: Annotated[Optional[Path], typer.Option("--out", help="File to write; default stdout.")] = None,
+                 action: Annotated[Optional[str], typer.Option(help="An action, or a prefix ending in *")] = None,
+                 actor: Annotated[Optional[str], typer.Option(help="Who (a key id, cli:<user>, ...)")] = None,
+                 since: Annotated[Optional[float], typer.Option(help="Unix time")] = None,
+                 until: Annotated[Optional[float], typer.Option(help="Unix time")] = None):
+    """Write the entries (details decrypted) as JSON lines or syslog lines for a SIEM."""
+    from security.audit import audit_dir, canonical, matches, read_entries, to_syslog
+    from security.crypto import EncryptionError
+    from security.encryption import field_cipher
+
+    if fmt not in ("jsonl", "syslog"):
+        fail(f"--format must be jsonl or syslog, not {fmt!r}", 2)
+    settings = settings_or_exit(config)
+    stream = open(out, "w") if out else sys.stdout
+    n = 0
+    try:
+        for e in read_entries(audit_dir(settings), field_cipher(settings)):
+            if matches(e, action=action, actor=actor, since=since, until=until):
+                stream.write((canonical(e) if fmt == "jsonl" else to_syslog(e)) + "\n")
+                n += 1
+    except EncryptionError as e:
+        fail(f"cannot decrypt audit details: {e}")
+    finally:
+        if out:
+            stream.close()
+    if out:
+        console.print(f"wrote {n} entries to {out}")
+
+
+@audit_app.command("checkpoint")
+def audit_checkpoint(config: ConfigOpt = None):
+    """Sign the log's current head now (the audit actor also does so periodically)."""
+    import ray
+
+    from security.audit import audit_actor
+
+    cp = ray.get(audit_actor(connected(config)).checkpoint.remote())
+    console.print("nothing new to sign" if cp is None else f"signed checkpoint at entry {cp['seq']}")
+
+
+def _keys(config: Path | None):
+    from security.keyring import key_service
+
+    settings = connected(config)
+    return settings, key_service(settings)
+
+
+@encryption_app.command("keys")
+def encryption_keys(config: ConfigOpt = None, as_json: JsonOpt = False):
+    """Data keys: scope, state (active, retired, shredded) and the KEK version wrapping each."""
+    import ray
+
+    _, svc = _keys(config)
+    rows = ray.get(svc.call.remote("list"))
+    if as_json:
+        return print_json(rows)
+    t = table("key id", "scope", "state", "kek", "created")
+    for r in rows:
+        t.add_row(r["key_id"], r["scope"], r["state"], r["kek"], time.strftime("%Y-%m-%d %H:%M",
+                                                                             time.localtime(r["created_at"])))
+    console.print(t)
+
+
+@encryption_app.command("rotate-kek")
+def encryption_rotate_kek(config: ConfigOpt = None):
+    """A new KEK version; every data key is rewrapped under it online (the data is untouched)."""
+    import ray
+
+    from security.audit import audit_event
+
+    settings, svc = _keys(config)
+    try:
+        out = ray.get(svc.call.remote("rotate_kek"))
+    except Exception as e:
+        audit_event(settings, "key.rotate_kek", {"error": str(e)[:300]}, actor=cli_actor(), outcome="error")
+        fail(f"KEK rotation failed: {getattr(e, 'cause', e)}")
+    audit_event(settings, "admin.rotate_kek", out, actor=cli_actor(), wait=True)
+    console.print(f"KEK {out['from']} -> {out['to']}: {out['rewrapped']} data keys rewrapped")
+
+
+@encryption_app.command("rotate-data-key")
+def encryption_rotate_data_key(
+        collection: Annotated[str, typer.Argument(help="The logical collection whose data key to rotate.")],
+        config: ConfigOpt = None, as_json: JsonOpt = False):
+    """A new data key for a collection and its chunks re-encrypted under it (a Ray job's work, here
+    run by the CLI's driver: jobs/reencrypt.py is the same library call for `ray job submit`)."""
+    from rag.reencrypt import reencrypt_collection
+
+    settings = connected(config)
+    try:
+        out = reencrypt_collection(settings, collection, actor=cli_actor())
+    except Exception as e:
+        fail(f"re-encryption failed: {getattr(e, 'cause', e)}")
+    if as_json:
+        return print_json(out)
+    console.print(f"collection {collection}: data key {out['retired']} -> {out['key_id']}, "
+                  f"{out['points']} chunks re-encrypted, old key destroyed: {out['destroyed']}")
+
+
+privacy_app = typer.Typer(help="Data subjects: erasure with crypto-shredding.", no_args_is_help=True)
+
+
+@privacy_app.command("erase")
+def privacy_erase(subject: Annotated[str, typer.Option("--subject", help="The data subject's id.")],
+                  config: ConfigOpt = None, as_json: JsonOpt = False):
+    """Remove a data subject's chunks from every collection and crypto-shred their data key."""
+    from rag.erasure import erase_subject
+
+    settings = connected(config)
+    try:
+        out = erase_subject(settings, subject, actor=cli_actor())
+    except ValueError as e:
+        fail(str(e), 2)
+    if as_json:
+        return print_json(out)
+    docs = sum(out["documents"].values())
+    console.print(f"subject {subject}: {docs} document(s) removed from {len(out['documents'])} collection(s), "
+                  f"{len(out['shredded_keys'])} data key(s) shredded")
