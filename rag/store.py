@@ -140,7 +140,8 @@ class VectorStore(ABC):
         states: dict[str, dict[str, Any]] = {}
         for p in self.scroll_payloads(name, STATE_FIELDS):
             s = states.setdefault(p["doc_id"], {"hashes": set(), "count": 0, "n_chunks": p.get("n_chunks"),
-                                                "source": p.get("source"), "root": p.get("root")})
+                                                "source": p.get("source"), "root": p.get("root"),
+                                                "embedder": p.get("embedder") or ""})
             s["hashes"].add(p.get("doc_hash"))
             s["count"] += 1
         return states
