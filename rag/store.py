@@ -113,6 +113,16 @@ class VectorStore(ABC):
     def flush(self, name: str) -> None:  # noqa: B027 - optional
         pass
 
+    # whole points (the edge sync: `rag.sync`), as `upsert` takes them: id, dense, sparse, payload
+    def scroll_points(self, name: str, offset: str | None = None, limit: int = 256,
+                      with_vectors: bool = True) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of points in id order, and the offset of the next page (None at the end)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot scroll whole points")
+
+    def retrieve_points(self, name: str, ids: list[str]) -> list[dict[str, Any]]:
+        """These points (those that exist), with vectors and payload."""
+        raise NotImplementedError(f"{type(self).__name__} cannot retrieve points")
+
     # derived helpers (same for every backend)
     def collection_exists(self, name: str) -> bool:
         return name in self.list_collections()
@@ -291,6 +301,12 @@ class EdgeStore(VectorStore):
             self._shard(name).update(q.UpdateOperation.delete_points_by_filter(
                 q.Filter(must=[q.FieldCondition(key="doc_id", match=q.MatchAny(list(doc_ids)))])))
 
+    def delete_points(self, name: str, ids: list[str]) -> None:
+        import qdrant_edge as q
+
+        if ids:
+            self._shard(name).update(q.UpdateOperation.delete_points(list(ids)))
+
     def delete_stale(self, name: str, doc_id: str, keep_hash: str) -> None:
         import qdrant_edge as q
 
@@ -312,6 +328,26 @@ class EdgeStore(VectorStore):
     def flush(self, name: str) -> None:
         shard = self._shard(name)
         shard.flush()
+
+    @staticmethod
+    def _point(r) -> dict[str, Any]:
+        vec = r.vector if isinstance(r.vector, dict) else {}
+        sp = vec.get(SPARSE)
+        return {"id": str(r.id), "dense": list(vec.get(DENSE) or []),
+                "sparse_indices": list(sp.indices) if sp is not None else [],
+                "sparse_values": list(sp.values) if sp is not None else [], "payload": dict(r.payload or {})}
+
+    def scroll_points(self, name, offset=None, limit=256, with_vectors=True):
+        import qdrant_edge as q
+
+        recs, nxt = self._shard(name).scroll(q.ScrollRequest(offset=offset, limit=limit, with_payload=True,
+                                                             with_vector=[DENSE, SPARSE] if with_vectors else False))
+        return [self._point(r) for r in recs], (str(nxt) if nxt is not None and recs else None)
+
+    def retrieve_points(self, name, ids):
+        if not ids:
+            return []
+        return [self._point(r) for r in self._shard(name).retrieve(list(ids), True, [DENSE, SPARSE])]
 
     def search(self, name: str, spec: SearchSpec) -> list[Hit]:
         import qdrant_edge as q
@@ -569,6 +605,9 @@ class RemoteStore(VectorStore):
     def flush(self, name): return self._call("flush", name)
     def doc_states(self, name): return self._call("doc_states", name)
     def resolve(self, name): return self._call("resolve", name)
+    def scroll_points(self, name, offset=None, limit=256, with_vectors=True):
+        return self._call("scroll_points", name, offset, limit, with_vectors)
+    def retrieve_points(self, name, ids): return self._call("retrieve_points", name, ids)
 
 
 def open_store(settings: Settings) -> VectorStore:
