@@ -16,6 +16,7 @@ serve/http layer cannot be imported here; the two small handlers below mirror it
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 from typing import Any
 
@@ -77,12 +78,16 @@ def build_app(node: EdgeNode) -> FastAPI:
 
     @app.post("/v1/embeddings", response_model=EmbeddingList, dependencies=auth)
     async def embeddings(req: EmbeddingRequest) -> EmbeddingList:
-        if req.encoding_format != "float" or req.dimensions is not None:
-            raise InvalidRequest("the edge serves float embeddings of the model's own dimension",
-                                 "encoding_format" if req.encoding_format != "float" else "dimensions")
+        if req.dimensions is not None and req.dimensions != node.dense.dim:
+            raise InvalidRequest(f"the edge's embedder has {node.dense.dim} dimensions", "dimensions")
         texts = req.texts()
         vecs, counts = await asyncio.to_thread(lambda: (node.dense.embed(texts), node.dense.token_counts(texts)))
-        return EmbeddingList(data=[Embedding(index=i, embedding=v.tolist()) for i, v in enumerate(vecs)],
+
+        def encode(v):  # base64: little-endian float32 bytes, as OpenAI sends them (the openai client's default)
+            return base64.b64encode(v.astype("<f4").tobytes()).decode() if req.encoding_format == "base64" \
+                else v.tolist()
+
+        return EmbeddingList(data=[Embedding(index=i, embedding=encode(v)) for i, v in enumerate(vecs)],
                              model=req.model, usage=Usage.of(sum(counts)))
 
     @app.post("/v1/rag/query", dependencies=auth)
