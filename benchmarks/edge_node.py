@@ -48,6 +48,7 @@ def smollm2_dir(out: Path) -> Path:
     name = "SmolLM2-135M-Instruct.Q4_1.gguf"
     tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=name)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=name)
+    model.hf_quantizer = None  # the GGUF tensors are de-quantised at load: what is saved is plain fp32
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
