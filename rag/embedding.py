@@ -37,6 +37,44 @@ def embedder_dir(settings: Settings) -> str:
     return resolve_embedder_source(spec.source)
 
 
+def dense_source(settings: Settings) -> str:
+    """Where the configured dense model variant loads from: the catalog entry's directory for fp32,
+    else the optimised directory (`orfeas models optimize`), which must exist."""
+    r = settings.rag
+    if r.embedding_variant == "fp32":
+        return embedder_dir(settings)
+    from models.optimize import read_manifest
+
+    path = r.optimized_embedder_dir or str(settings.resolved_data_dir() / "models" /
+                                           f"{r.embedding_model}-{r.embedding_variant}")
+    manifest = read_manifest(path)  # a clear error when missing or corrupt
+    if manifest.variant != r.embedding_variant:
+        from rag.errors import EmbedderMismatch
+
+        raise EmbedderMismatch(f"rag.embedding_variant is {r.embedding_variant!r} but {path} holds variant "
+                               f"{manifest.variant!r}", "embedding_variant")
+    return path
+
+
+def embedder_id(settings: Settings) -> str:
+    """What a collection records about the vectors it holds: `<catalog id>/<variant>`."""
+    return f"{settings.rag.embedding_model}/{settings.rag.embedding_variant}"
+
+
+def check_embedder(collection: str, stored: str | None, current: str) -> None:
+    """Refuse to mix vectors of two embedder variants in one collection (points written before the
+    field existed carry "", which is the catalog model's fp32)."""
+    if stored is None:
+        return
+    stored = stored or current.split("/")[0] + "/fp32"
+    if stored != current:
+        from rag.errors import EmbedderMismatch
+
+        raise EmbedderMismatch(f"collection {collection!r} was written by embedder {stored!r}; this service embeds "
+                               f"with {current!r}: set rag.embedding_variant to match, or re-ingest with --rebuild",
+                               "collection")
+
+
 @dataclass(frozen=True)
 class SparseVec:
     indices: list[int]

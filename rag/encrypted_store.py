@@ -90,6 +90,15 @@ class EncryptedStore(VectorStore):
             out.append(p)
         return out
 
+    # whole points for the edge sync (rag.sync): decrypted here, so the change feed's content
+    # hashes are of the text (stable across re-encryption) and the edge gets what it can search
+    def scroll_points(self, name, offset=None, limit=256, with_vectors=True):
+        points, nxt = self.inner.scroll_points(name, offset, limit, with_vectors)
+        return [{**p, "payload": self.decrypt_payload(name, p["payload"])} for p in points], nxt
+
+    def retrieve_points(self, name, ids):
+        return [{**p, "payload": self.decrypt_payload(name, p["payload"])} for p in self.inner.retrieve_points(name, ids)]
+
     # --- everything else as the inner store does it
     def create_collection(self, name: str, dim: int) -> None: return self.inner.create_collection(name, dim)
     def drop_collection(self, name: str) -> None: return self.inner.drop_collection(name)

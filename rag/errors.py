@@ -33,6 +33,13 @@ class SourceUnreadable(InvalidRequest):
     code = "source_unreadable"
 
 
+class EmbedderMismatch(InvalidRequest):
+    """A collection written by one embedder variant, queried or written with another: 400. Vectors
+    of two variants are close but not the same space; mixing them would degrade silently."""
+
+    code = "embedder_mismatch"
+
+
 class ParseError(Exception):
     """One file could not be parsed; the ingest job reports it and goes on."""
 

@@ -286,13 +286,16 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
 class EmbedStage:
     """Ray Data actor: loads the dense model once, embeds dense + BM25 for chunk rows."""
 
-    def __init__(self, model_dir: str, bm25: tuple[float, float, float], batch_size: int, threads: int):
+    def __init__(self, model_dir: str, bm25: tuple[float, float, float], batch_size: int, threads: int,
+                 embedder: str = ""):
         from models.embedders import DenseEmbedder
         from rag.embedding import SparseEncoder
 
-        # PyTorch with `threads` intra-op threads: the actor's own process, its num_cpus.
+        # `threads` intra-op threads (PyTorch, or ONNX Runtime for an optimised model directory):
+        # the actor's own process, its num_cpus.
         self.dense = DenseEmbedder(model_dir, batch_size=batch_size, threads=threads).load()
         self.sparse = SparseEncoder(*bm25)
+        self.embedder = embedder  # recorded on every point: which model/variant wrote the vector
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -303,6 +306,7 @@ class EmbedStage:
         for r in rows:
             r["dense"], r["sparse_indices"], r["sparse_values"] = [], [], []
         for j, i in enumerate(idx):
+            rows[i]["embedder"] = self.embedder
             rows[i]["dense"] = dense[j].tolist()
             rows[i]["sparse_indices"] = sparse[j].indices
             rows[i]["sparse_values"] = sparse[j].values
@@ -351,7 +355,7 @@ def _run_ingest(source: str, collection: str | None, *, settings: Settings | Non
                 enforce_roots: bool, progress: Callable[[dict[str, Any]], None] | None) -> IngestSummary:
     import ray
 
-    from rag.embedding import embedder_dir
+    from rag.embedding import check_embedder, dense_source, embedder_dir, embedder_id
     from rag.store import open_store
     from rag.versions import check_logical_name, ingest_target
 
@@ -369,11 +373,14 @@ def _run_ingest(source: str, collection: str | None, *, settings: Settings | Non
         raise SourceUnreadable(f"no ingestible files under {source!r}", "source")
     store = store or open_store(settings)
     model_dir = embedder_dir(settings)
+    dense_dir = dense_source(settings)  # the variant's model (fp32, or an optimised directory)
     dim = 384 if r.embedding_model == "all-minilm-l6-v2" else _dimension(model_dir)
     target, flip = ingest_target(store, collection, dim, rebuild)
     log.info("ingesting %d file(s) from %s into %s (version %s)", len(files), source, collection, target)
 
     states = store.doc_states(target)
+    for stored in {s["embedder"] for s in states.values()}:
+        check_embedder(collection, stored, embedder_id(settings))  # never mix two variants' vectors
     complete = {d: next(iter(s["hashes"])) for d, s in states.items()
                 if len(s["hashes"]) == 1 and s["count"] == s["n_chunks"]}
     states_ref = ray.put(complete)
@@ -383,17 +390,19 @@ def _run_ingest(source: str, collection: str | None, *, settings: Settings | Non
     ctx = ray.data.DataContext.get_current()
     saved_block_size, ctx.target_max_block_size = ctx.target_max_block_size, BLOCK_BYTES
     try:
-        return _pipeline(settings, store, files=files, model_dir=model_dir, root=root, states_ref=states_ref,
+        return _pipeline(settings, store, files=files, model_dir=model_dir, dense_dir=dense_dir, root=root, states_ref=states_ref,
                          target=target, states=states, flip=flip, collection=collection,
                          source=source, t0=t0, progress=progress)
     finally:
         ctx.target_max_block_size = saved_block_size
 
 
-def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, target, states, flip,
+def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, states_ref, target, states, flip,
               collection, source, t0, progress) -> IngestSummary:
     """Ray Data: parse + chunk -> embed (actor pool) -> upserts from the stream; then clean-up."""
     import ray
+
+    from rag.embedding import embedder_id
 
     r = settings.rag
     ds = ray.data.from_items(files, override_num_blocks=max(1, min(len(files), 64)))
@@ -412,8 +421,9 @@ def _pipeline(settings: Settings, store, *, files, model_dir, root, states_ref, 
                         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_actors(settings),
                                                            max_tasks_in_flight_per_actor=2),
                         num_cpus=r.embed_threads,
-                        fn_constructor_kwargs=dict(model_dir=model_dir, bm25=(r.bm25_k, r.bm25_b, r.bm25_avg_len),
-                                                   batch_size=r.embed_batch_size, threads=r.embed_threads))
+                        fn_constructor_kwargs=dict(model_dir=dense_dir, bm25=(r.bm25_k, r.bm25_b, r.bm25_avg_len),
+                                                   batch_size=r.embed_batch_size, threads=r.embed_threads,
+                                                   embedder=embedder_id(settings)))
 
     seen_docs: dict[str, str] = {}     # doc_id -> index hash (written or skipped)
     written_docs: set[str] = set()

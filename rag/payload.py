@@ -62,6 +62,7 @@ class ChunkPayload(BaseModel):
     record_id: str = ""                                    # the record's own id (jsonl/csv/parquet rows)
     tags: list[str] = Field(default_factory=list)
     date: str | None = None                                # ISO 8601, UTC
+    embedder: Annotated[str, STATE, BOOKKEEPING] = ""      # model/variant that wrote the vector ("" = .../fp32)
 
     def payload(self) -> dict[str, Any]:
         """The stored payload: the payload fields only (a subclass's own fields left out)."""

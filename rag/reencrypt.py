@@ -34,7 +34,7 @@ def _pass(store: EncryptedStore, physical: str, old: str, rewrite: bool) -> int:
     fields = list(ENCRYPTED_FIELDS) + ["doc_id", "chunk_index", "tags"]
     found, offset = 0, None
     while True:
-        points, offset = inner.scroll_points(physical, fields, offset, PAGE)
+        points, offset = inner.scroll_point_payloads(physical, fields, offset, PAGE)
         updates = []
         for p in points:
             pl = p["payload"]

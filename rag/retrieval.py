@@ -13,7 +13,7 @@ from pydantic import BaseModel
 from config import Settings
 from models.embedders import DenseEmbedder
 from observability import tracing
-from rag.embedding import SparseEncoder, SparseVec, embedder_dir, shared_dense
+from rag.embedding import SparseEncoder, SparseVec, check_embedder, dense_source, shared_dense
 from rag.errors import RagInvalidRequest
 from rag.payload import ChunkPayload, read_payload
 from rag.store import Hit, PayloadFilter, SearchSpec, VectorStore
@@ -98,11 +98,19 @@ class Retriever:
                  sparse: SparseEncoder | None = None, reranker: Reranker | None = None):
         self.settings = settings
         self.store = store
-        self.dense = dense or shared_dense(embedder_dir(settings), settings.rag.query_embedding_runtime)
+        self.dense = dense or shared_dense(dense_source(settings), settings.rag.query_embedding_runtime)
+        self._embedder: str | None = None
         self.sparse = sparse or SparseEncoder.from_settings(settings)
         if reranker is None and settings.rag.reranker:
             reranker = CrossEncoderReranker(settings.rag.reranker)
         self.reranker = reranker
+
+    @property
+    def embedder(self) -> str:
+        """The model/variant of the query vectors: a collection written by another is refused."""
+        if self._embedder is None:
+            self._embedder = f"{self.settings.rag.embedding_model}/{self.dense.variant}"
+        return self._embedder
 
     def validate(self, query: str, top_k: int | None, mode: str | None, fusion: str | None) -> tuple[str, int, str, str]:
         r = self.settings.rag
@@ -155,7 +163,7 @@ class Retriever:
         spec = SearchSpec(mode=mode, dense=[float(x) for x in dvec], sparse=svec if svec.indices else None,
                           fusion=fusion, rrf_k=r.rrf_k, weights=weights, limit=want,
                           prefetch=max(r.prefetch, want), filter=filters, with_dense=mmr,
-                          payload_fields=payload_fields)
+                          payload_fields=[*payload_fields, "embedder"] if payload_fields else None)
         if spec.sparse is None and mode in ("sparse", "hybrid"):
             # no indexable word in the query (only stop words): fall back to dense ranking
             spec.mode = "dense" if mode == "hybrid" else mode
@@ -169,6 +177,9 @@ class Retriever:
             physical, hits = self.store.search_resolved(name, spec)
             s.set_attribute("orfeas.rag.candidates", len(hits))
         t2 = time.perf_counter()
+        if spec.mode != "sparse":
+            for stored in {h.payload.get("embedder", "") for h in hits}:
+                check_embedder(name, stored, self.embedder)
         candidates = len(hits)
 
         if group_by_doc:

@@ -115,13 +115,22 @@ class VectorStore(ABC):
         pass
 
     # page through points with their ids, and rewrite payload fields in place (re-encryption)
-    def scroll_points(self, name: str, fields: list[str], offset: Any = None,
-                      limit: int = 512) -> tuple[list[dict[str, Any]], Any]:
+    def scroll_point_payloads(self, name: str, fields: list[str], offset: Any = None,
+                              limit: int = 512) -> tuple[list[dict[str, Any]], Any]:
         raise NotImplementedError(f"{type(self).__name__} cannot page through points")
 
     def set_payloads(self, name: str, updates: list[dict[str, Any]]) -> int:
         """Set the given payload fields ({"id", "payload"}) of each point; other fields stay."""
         raise NotImplementedError(f"{type(self).__name__} cannot set payloads")
+    # whole points (the edge sync: `rag.sync`), as `upsert` takes them: id, dense, sparse, payload
+    def scroll_points(self, name: str, offset: str | None = None, limit: int = 256,
+                      with_vectors: bool = True) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of points in id order, and the offset of the next page (None at the end)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot scroll whole points")
+
+    def retrieve_points(self, name: str, ids: list[str]) -> list[dict[str, Any]]:
+        """These points (those that exist), with vectors and payload."""
+        raise NotImplementedError(f"{type(self).__name__} cannot retrieve points")
 
     # derived helpers (same for every backend)
     def collection_exists(self, name: str) -> bool:
@@ -150,7 +159,8 @@ class VectorStore(ABC):
         states: dict[str, dict[str, Any]] = {}
         for p in self.scroll_payloads(name, STATE_FIELDS):
             s = states.setdefault(p["doc_id"], {"hashes": set(), "count": 0, "n_chunks": p.get("n_chunks"),
-                                                "source": p.get("source"), "root": p.get("root")})
+                                                "source": p.get("source"), "root": p.get("root"),
+                                                "embedder": p.get("embedder") or ""})
             s["hashes"].add(p.get("doc_hash"))
             s["count"] += 1
         return states
@@ -300,6 +310,12 @@ class EdgeStore(VectorStore):
             self._shard(name).update(q.UpdateOperation.delete_points_by_filter(
                 q.Filter(must=[q.FieldCondition(key="doc_id", match=q.MatchAny(list(doc_ids)))])))
 
+    def delete_points(self, name: str, ids: list[str]) -> None:
+        import qdrant_edge as q
+
+        if ids:
+            self._shard(name).update(q.UpdateOperation.delete_points(list(ids)))
+
     def delete_stale(self, name: str, doc_id: str, keep_hash: str) -> None:
         import qdrant_edge as q
 
@@ -322,7 +338,7 @@ class EdgeStore(VectorStore):
         shard = self._shard(name)
         shard.flush()
 
-    def scroll_points(self, name, fields, offset=None, limit=512):
+    def scroll_point_payloads(self, name, fields, offset=None, limit=512):
         import qdrant_edge as q
 
         recs, nxt = self._shard(name).scroll(q.ScrollRequest(offset=offset, limit=limit, with_payload=list(fields)))
@@ -335,6 +351,25 @@ class EdgeStore(VectorStore):
         for u in updates:
             shard.update(q.UpdateOperation.set_payload([u["id"]], u["payload"]))
         return len(updates)
+    @staticmethod
+    def _point(r) -> dict[str, Any]:
+        vec = r.vector if isinstance(r.vector, dict) else {}
+        sp = vec.get(SPARSE)
+        return {"id": str(r.id), "dense": list(vec.get(DENSE) or []),
+                "sparse_indices": list(sp.indices) if sp is not None else [],
+                "sparse_values": list(sp.values) if sp is not None else [], "payload": dict(r.payload or {})}
+
+    def scroll_points(self, name, offset=None, limit=256, with_vectors=True):
+        import qdrant_edge as q
+
+        recs, nxt = self._shard(name).scroll(q.ScrollRequest(offset=offset, limit=limit, with_payload=True,
+                                                             with_vector=[DENSE, SPARSE] if with_vectors else False))
+        return [self._point(r) for r in recs], (str(nxt) if nxt is not None and recs else None)
+
+    def retrieve_points(self, name, ids):
+        if not ids:
+            return []
+        return [self._point(r) for r in self._shard(name).retrieve(list(ids), True, [DENSE, SPARSE])]
 
     def search(self, name: str, spec: SearchSpec) -> list[Hit]:
         import qdrant_edge as q
@@ -527,7 +562,7 @@ class QdrantServerStore(VectorStore):
     def collection_exists(self, name: str) -> bool:
         return self.client.collection_exists(name)
 
-    def scroll_points(self, name, fields, offset=None, limit=512):
+    def scroll_point_payloads(self, name, fields, offset=None, limit=512):
         recs, nxt = self.client.scroll(name, limit=limit, offset=offset, with_payload=list(fields))
         return [{"id": str(r.id), "payload": dict(r.payload or {})} for r in recs], nxt
 
@@ -593,7 +628,8 @@ def edge_store_actor(settings: Settings):
 
 # Calls that only read: one lost to a dead owner is retried once, on a fresh (or restarted) owner.
 IDEMPOTENT_READS = frozenset({"list_collections", "count", "list_aliases", "scroll_payloads", "search",
-                              "search_resolved", "doc_states", "resolve", "collection_exists"})
+                              "search_resolved", "doc_states", "resolve", "collection_exists",
+                              "scroll_points", "retrieve_points", "scroll_point_payloads"})
 OWNER_RETRY_WAIT_S = 0.5
 
 
@@ -644,9 +680,12 @@ class RemoteStore(VectorStore):
     def flush(self, name): return self._call("flush", name)
     def doc_states(self, name): return self._call("doc_states", name)
     def resolve(self, name): return self._call("resolve", name)
-    def scroll_points(self, name, fields, offset=None, limit=512):
-        return self._call("scroll_points", name, fields, offset, limit)
+    def scroll_point_payloads(self, name, fields, offset=None, limit=512):
+        return self._call("scroll_point_payloads", name, fields, offset, limit)
     def set_payloads(self, name, updates): return self._call("set_payloads", name, updates)
+    def scroll_points(self, name, offset=None, limit=256, with_vectors=True):
+        return self._call("scroll_points", name, offset, limit, with_vectors)
+    def retrieve_points(self, name, ids): return self._call("retrieve_points", name, ids)
 
 
 def open_store(settings: Settings) -> VectorStore:

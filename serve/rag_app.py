@@ -29,6 +29,7 @@ from config.names import GATEWAY_APP, RAG_APP
 from models.errors import NotFound, UpstreamTimeout
 from observability import metrics, tracing
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
+from rag.sync import ChangeFeed, ChangesPage, EdgeWrite, PointsRequest, apply_edge_write
 from security.audit import audit_event
 from security.auth import Principal
 from scaling.serve_options import replica_count
@@ -89,6 +90,7 @@ class RagServer:
         # is one); `orfeas ingest` runs are Ray jobs with their own durable status.
         self.ingests: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        self.feed = ChangeFeed(self.service.store)  # edge sync (rag.sync)
 
     @property
     def gateway(self):
@@ -132,6 +134,20 @@ class RagServer:
     @rag_api.get("/ingest/{run_id}", response_model=IngestRun, dependencies=[Depends(permitted("collections:ingest"))])
     async def ingest_status_http(self, run_id: str) -> IngestRun:
         return IngestRun.model_validate(self.ingest_status(run_id))
+
+    # --- edge sync (rag.sync: a content-addressed change feed, pages of one version)
+    @rag_api.get("/collections/{name}/changes", response_model=ChangesPage, dependencies=[Depends(authenticated)])
+    async def changes_http(self, name: str, since: str | None = None, cursor: int = 0, version: str | None = None,
+                           limit: int = 2000) -> ChangesPage:
+        return await asyncio.to_thread(self.feed.changes, name, since, cursor, version, limit)
+
+    @rag_api.post("/collections/{name}/points", dependencies=[Depends(authenticated)])
+    async def points_http(self, name: str, req: PointsRequest) -> dict[str, Any]:
+        return {"object": "list", "data": await asyncio.to_thread(self.feed.points, name, req.ids)}
+
+    @rag_api.post("/collections/{name}/edge-writes", dependencies=[Depends(admin)])
+    async def edge_write_http(self, name: str, req: EdgeWrite) -> dict[str, Any]:
+        return await asyncio.to_thread(apply_edge_write, self.service.store, self.settings, name, req)
 
     def _generate_with(self, model_id: str, loop: asyncio.AbstractEventLoop, principal: Principal | None = None):
         timeout = self.settings.gateway.request_timeout_s

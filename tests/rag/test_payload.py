@@ -18,7 +18,8 @@ from rag.store import Hit
 
 # What collections written before the one model hold: existing collections must keep working.
 STORED_KEYS = ["doc_id", "chunk_index", "n_chunks", "source", "root", "title", "section", "text", "start", "end",
-               "page", "token_count", "hash", "doc_hash", "record_id", "tags", "date"]
+               "page", "token_count", "hash", "doc_hash", "record_id", "tags", "date",
+               "embedder"]  # added later: points without it read as the catalog model's fp32 (rag.embedding)
 
 
 def _chunk(**kw) -> Chunk:
@@ -30,7 +31,7 @@ def _chunk(**kw) -> Chunk:
 
 def test_the_stored_keys_and_state_fields_are_those_collections_already_hold():
     assert PAYLOAD_FIELDS == STORED_KEYS
-    assert sorted(STATE_FIELDS) == sorted(["doc_id", "doc_hash", "n_chunks", "source", "root"])
+    assert sorted(STATE_FIELDS) == sorted(["doc_id", "doc_hash", "n_chunks", "source", "root", "embedder"])
     assert store.STATE_FIELDS is STATE_FIELDS  # what doc_states scrolls
     assert set(_chunk().payload()) == set(STORED_KEYS)  # the chunk's own id is the point's, not the payload's
 
