@@ -3,9 +3,8 @@
     GET /v1/audit/entries?action=&actor=&outcome=&target=&request_id=&since=&until=&limit=&offset=
     GET /v1/audit/verify
 
-Only admins and auditors may call it: RBAC's `auditor` role (security/rbac.py, the identity
-issue) is accepted by name, so an auditor key works here once that role exists. Every query of
-the log is itself audited (`audit.query`)."""
+Only callers whose role grants `audit:read` may call it (security/rbac.py: admin, auditor, and
+custom roles granted it). Every query of the log is itself audited (`audit.query`)."""
 
 from __future__ import annotations
 
@@ -19,7 +18,6 @@ from security.auth import Principal
 from serve.http import authenticated
 from serve.http.app import http_state
 
-AUDIT_ROLES = ("admin", "auditor")
 router = APIRouter()
 
 
@@ -52,7 +50,7 @@ class AuditVerification(BaseModel):
 
 
 async def auditor(request: Request, principal: Principal = Depends(authenticated)) -> Principal:
-    if principal.role not in AUDIT_ROLES:
+    if not principal.allows("audit:read"):  # RBAC: admin and auditor, and custom roles granted it
         raise AdminRequired(f"only admin or auditor keys may call {request.method} {request.url.path}")
     return principal
 

@@ -13,10 +13,10 @@ def make_engine(spec: ModelSpec) -> Engine:
     """The engine for `spec` (not loaded: call `load()` where it will serve)."""
     if spec.task != "chat":
         raise InvalidRequest(f"model {spec.id!r} is a {spec.task!r} model, not a chat model", "model")
-    if spec.engine == "transformers":
-        from models.engines.transformers_engine import TransformersEngine
+    if spec.engine in ("transformers", "llama.cpp"):  # in-process engines: one rule, shared with the model replicas
+        from models.engines.local import local_chat_engine
 
-        return TransformersEngine(spec)
+        return local_chat_engine(spec)
     if spec.engine == "openai":
         from models.engines.openai_remote import RemoteOpenAIEngine
 
