@@ -143,7 +143,11 @@ def directory_store(settings: Settings, start: bool = True):
     """The cluster's directory actor (created on first use, its periodic sync started)."""
     d = settings.auth.directory
     name = "orfeas-directory-" + hashlib.sha1(f"{settings.resolved_data_dir()}|{d.url}".encode()).hexdigest()[:10]
-    actor = detached_actor(DirectoryStore, name, settings.to_dict())
+    # The bind password travels in the actor's own environment: a worker inherits the raylet's,
+    # which may predate the variable (set by an operator or a Secret in this process only).
+    env = {d.bind_password_env: os.environ[d.bind_password_env]} if os.environ.get(d.bind_password_env) else {}
+    actor = detached_actor(DirectoryStore, name, settings.to_dict(),
+                           **({"runtime_env": {"env_vars": env}} if env else {}))
     if start:
         actor.start.remote()
     return actor
