@@ -1,5 +1,5 @@
 """What access control adds per request: API-key authentication (with RBAC's endpoint check)
-against auth off, and the rate-limit check (admit + settle over local leases) against the
+and JWT authentication (RS256, JWKS cached) against auth off, and the rate-limit check (admit + settle over local leases) against the
 limiter switched off. Same method as gateway_overhead.py: both sides in one process, in the same
 run, in alternating blocks; the figures are differences of percentiles (added latency).
 
@@ -13,7 +13,10 @@ what is measured is the per-request cost after it). The rate-limit side runs `Li
 in-process for the lease rounds (one in every lease_fraction x limit requests).
 
 Writes benchmarks/results/access_overhead.json and prints a markdown table for docs/benchmarks.md.
-JWT auth (issue 14's other half, branch i14b) is not on this branch: it is not measured here.
+The JWT side sends an RS256 token (a key pair made here) through the same app with an
+`auth.oidc` issuer whose JWKS a loopback HTTP server started here publishes: the real
+`TokenVerifier` fetches it once in the warm-up and then serves it from its cache (what is
+measured is full signature and claim verification per request, the JWKS cached).
 """
 
 from __future__ import annotations
@@ -59,7 +62,54 @@ class InProcess:
         return _M()
 
 
-def auth_app(enabled: bool, data_dir: Path):
+ISSUER, AUDIENCE = "https://idp.bench.invalid", "orfeas-bench"
+
+
+class JwksServer:
+    """One RSA key pair, its public half published as a JWKS on 127.0.0.1 (a thread)."""
+
+    def __init__(self):
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        import jwt
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        self.private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        jwk = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(self.private.public_key()))
+        body = json.dumps({"keys": [{**jwk, "kid": "bench-1", "use": "sig", "alg": "RS256"}]}).encode()
+        self.fetches = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 (http.server's name)
+                outer.fetches += 1
+                self.send_response(200)
+                self.send_header("content-type", "application/json")
+                self.send_header("content-length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/jwks.json"
+
+    def token(self) -> str:
+        import jwt
+
+        now = int(time.time())
+        claims = {"iss": ISSUER, "aud": AUDIENCE, "sub": "bench-user", "roles": ["user"], "iat": now, "nbf": now,
+                  "exp": now + 3600}
+        return jwt.encode(claims, self.private, algorithm="RS256", headers={"kid": "bench-1"})
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+def auth_app(enabled: bool, data_dir: Path, oidc: list[dict] | None = None):
     from config import Settings
     from security.auth import Authenticator, Principal
     from serve.http import authenticated, http_app
@@ -70,7 +120,8 @@ def auth_app(enabled: bool, data_dir: Path):
     async def ping(principal: Principal = Depends(authenticated)) -> dict:
         return {"ok": True}
 
-    settings = Settings(data_dir=data_dir, auth={"enabled": enabled, "key_cache_s": 3600})
+    settings = Settings(data_dir=data_dir, auth={"enabled": enabled, "key_cache_s": 3600, "oidc": oidc or [],
+                                                 "jwks_cache_s": 3600})
     auth = Authenticator(settings)
     from security.keys import KeyStore
 
@@ -105,6 +156,28 @@ async def bench_auth(n: int) -> dict:
             off += await time_requests(c_off, n // ROUNDS, {})
             on += await time_requests(c_on, n // ROUNDS, hdr)
     return summary(off, on)
+
+
+async def bench_jwt(n: int) -> dict:
+    tmp = Path(tempfile.mkdtemp(prefix="orfeas-bench-"))
+    idp = JwksServer()
+    try:
+        off_app, _ = auth_app(False, tmp / "off")
+        on_app, _ = auth_app(True, tmp / "on", oidc=[{"issuer": ISSUER, "audience": [AUDIENCE], "jwks_url": idp.url,
+                                                     "algorithms": ["RS256"]}])
+        off, on = [], []
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=off_app), base_url="http://b") as c_off, \
+                httpx.AsyncClient(transport=httpx.ASGITransport(app=on_app), base_url="http://b") as c_on:
+            hdr = {"Authorization": f"Bearer {idp.token()}"}
+            await time_requests(c_off, 200, {})
+            await time_requests(c_on, 200, hdr)  # warm: the first request fetches the JWKS
+            for _ in range(ROUNDS):
+                off += await time_requests(c_off, n // ROUNDS, {})
+                on += await time_requests(c_on, n // ROUNDS, hdr)
+        assert idp.fetches == 1, f"the JWKS was fetched {idp.fetches} times: the cache did not hold"
+    finally:
+        idp.close()
+    return {**summary(off, on), "jwks_fetches": idp.fetches}
 
 
 async def bench_ratelimit(n: int) -> dict:
@@ -150,14 +223,17 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=5000)
     args = ap.parse_args()
     auth = asyncio.run(bench_auth(args.requests))
+    token = asyncio.run(bench_jwt(args.requests))
     limit = asyncio.run(bench_ratelimit(args.requests * 4))
     result = {"machine": platform.platform(), "python": platform.python_version(), "api_key_auth": auth,
-              "rate_limit_check": limit, "targets_ms": {"api_key_auth_added_p99": 0.5, "rate_limit_added_p99": 0.2}}
+              "jwt_auth": token, "rate_limit_check": limit,
+              "targets_ms": {"api_key_auth_added_p99": 0.5, "jwt_auth_added_p99": 0.5, "rate_limit_added_p99": 0.2}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "access_overhead.json").write_text(json.dumps(result, indent=1))
     print("| what | baseline p50 / p99 (ms) | with p50 / p99 (ms) | added p50 / p99 (ms) | target p99 added |")
     print("| --- | --- | --- | --- | --- |")
     for name, r, target in (("API-key auth vs auth off (ASGI request)", auth, 0.5),
+                            ("JWT auth (RS256, JWKS cached) vs auth off (ASGI request)", token, 0.5),
                             ("rate-limit check vs limiter off", limit, 0.2)):
         print(f"| {name} | {r['baseline_p50_ms']:.3f} / {r['baseline_p99_ms']:.3f} | {r['p50_ms']:.3f} / "
               f"{r['p99_ms']:.3f} | {r['added_p50_ms']:.3f} / {r['added_p99_ms']:.3f} | {target} ms |")

@@ -10,20 +10,19 @@ import ray
 import typer
 from rich.table import Table
 
-from cluster import agents_cli, autoscale_cli, compliance_cli, edge_cli, identity_cli, monitoring_cli, rag_cli
+from cluster import admin_cli, agents_cli, autoscale_cli, compliance_cli, edge_cli, identity_cli, monitoring_cli, rag_cli
 from cluster.console import (ConfigOpt, JsonOpt, connected, console, err, fail, print_json, settings_or_exit,
                              table)
 from cluster.k8s_cli import k8s_app
 from config import Settings
 
 app = typer.Typer(help="ORFEAS: a Ray-native AI platform.", no_args_is_help=True, add_completion=False)
-keys_app = typer.Typer(help="Create, list and revoke API keys.", no_args_is_help=True)
 models_app = typer.Typer(help="Local model utilities.", no_args_is_help=True)
-app.add_typer(keys_app, name="keys")
 app.add_typer(models_app, name="models")
 app.add_typer(k8s_app, name="k8s")
 experiments_app = typer.Typer(help="A/B experiments of the router.", no_args_is_help=True)
 app.add_typer(experiments_app, name="experiments")
+admin_cli.register(app)  # keys, teams, roles: the admin API over HTTP
 rag_cli.register(app)  # ingest, collections, ask, eval
 agents_cli.register(app)  # workflows, agents
 monitoring_cli.register(app)  # monitoring up|down|status
@@ -206,89 +205,6 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False,
                        "-" if b["latency_ewma_s"] is None else f"{b['latency_ewma_s']:.3f}", str(b["outstanding"]),
                        (b["last_error"] or "")[:60])
         console.print(rt)
-
-
-# ------------------------------------------------------------------ keys
-
-
-def _store(config: Path | None):
-    from security.keys import keystore
-
-    return keystore(connected(config).resolved_data_dir())
-
-
-@keys_app.command("create")
-def keys_create(
-    role: Annotated[str, typer.Option(help="admin, developer, user, viewer, auditor or a role from auth.roles")] = "user",
-    models: Annotated[Optional[str], typer.Option(help="Comma-separated model ids this key may use (default: all).")] = None,
-    name: Annotated[str, typer.Option(help="A label for the key.")] = "",
-    team: Annotated[str, typer.Option(help="Team its usage is aggregated under.")] = "",
-    budget_usd: Annotated[Optional[float], typer.Option("--budget-usd", help="Spend allowed per period.")] = None,
-    budget_period: Annotated[str, typer.Option("--budget-period", help="day or month")] = "month",
-    config: ConfigOpt = None,
-):
-    """Create a key; it is printed once and only its hash is kept."""
-    if budget_period not in ("day", "month") or (budget_usd is not None and budget_usd < 0):
-        fail("--budget-period must be day or month and --budget-usd not negative", 2)
-    settings = settings_or_exit(config)
-    from security.auth import role_table_of
-
-    roles = sorted(role_table_of(settings))
-    if role not in roles:
-        fail(f"--role must be one of {', '.join(roles)}, not {role!r}", 2)
-    allowed = [m.strip() for m in models.split(",") if m.strip()] if models else None
-    unknown = [m for m in allowed or [] if settings.model(m) is None]
-    if unknown:
-        fail(f"unknown model(s) {', '.join(unknown)}; the catalog has {', '.join(m.id for m in settings.models)}", 2)
-    record, key = ray.get(_store(config).create.remote(role, allowed, name, team, budget_usd, budget_period,
-                                                       roles=roles))
-    console.print(f"key id {record['id']} ({role}" + (f", models: {','.join(allowed)}" if allowed else "") + ")")
-    console.print(key, highlight=False, soft_wrap=True)
-
-
-@keys_app.command("list")
-def keys_list(config: ConfigOpt = None):
-    """List keys (ids, roles, models, state); never the keys themselves."""
-    import datetime as dt
-
-    keys = table("id", "role", "models", "name", "created", "state")
-    for r in ray.get(_store(config).list.remote()):
-        created = dt.datetime.fromtimestamp(r["created_at"]).strftime("%Y-%m-%d %H:%M")
-        state = "revoked" if r["revoked_at"] else "active"
-        keys.add_row(r["id"], r["role"], ",".join(r["models"] or ["*"]), r["name"], created, state)
-    console.print(keys)
-
-
-@keys_app.command("revoke")
-def keys_revoke(key_id: str, config: ConfigOpt = None):
-    """Revoke a key by id (gateways stop accepting it within auth.key_cache_s seconds)."""
-    try:
-        ray.get(_store(config).revoke.remote(key_id))
-    except KeyError:
-        fail(f"no key with id {key_id!r}")
-    except ray.exceptions.RayTaskError as e:
-        fail(str(e.cause) if isinstance(getattr(e, "cause", None), KeyError) else str(e))
-    console.print(f"revoked {key_id}")
-
-
-@keys_app.command("budget")
-def keys_budget(
-    key_id: str,
-    usd: Annotated[Optional[float], typer.Option("--usd", help="Spend allowed per period; omit to remove.")] = None,
-    period: Annotated[str, typer.Option(help="day or month")] = "month",
-    team: Annotated[Optional[str], typer.Option(help="Also set the key's team.")] = None,
-    config: ConfigOpt = None,
-):
-    """Set or clear a key's spending budget (refused with 429 once spent; gateways see it within
-    auth.key_cache_s seconds)."""
-    if period not in ("day", "month") or (usd is not None and usd < 0):
-        fail("--period must be day or month and --usd not negative", 2)
-    try:
-        record = ray.get(_store(config).set_budget.remote(key_id, usd, period, team))
-    except KeyError:
-        fail(f"no key with id {key_id!r}")
-    console.print(f"{key_id}: budget " + (f"${usd:g} per {period}" if usd is not None else "none")
-                  + (f", team {record['team']}" if record.get("team") else ""))
 
 
 # ------------------------------------------------------------------ experiments and usage

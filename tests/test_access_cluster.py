@@ -201,3 +201,44 @@ def test_rbac_key_scopes_expiry_and_the_admin_api(platform):
     assert httpx.delete(base + f"/v1/admin/keys/{kid}", headers=auth(admin)).json()["revoked_at"]
     assert httpx.get(base + "/v1/admin/keys/nope", headers=auth(admin)).status_code == 404
     assert httpx.get(base + "/v1/models", headers=auth(admin)).headers["x-orfeas-api-version"] == "v1"
+
+
+def test_cli_manages_keys_teams_and_roles_over_the_admin_api(platform, tmp_path):
+    """`orfeas keys|teams|roles` against the live gateway, with an admin key in $ORFEAS_API_KEY;
+    the API's refusals come back as their message and a non-zero exit, never a traceback."""
+    import yaml
+    from typer.testing import CliRunner
+
+    from cluster.cli import app as cli
+
+    config = tmp_path / "orfeas.yaml"
+    config.write_text(yaml.safe_dump(platform["settings"].to_dict()))
+    env = {"ORFEAS_API_KEY": platform["admin"], "ORFEAS_TOKEN_FILE": str(tmp_path / "none.json")}
+
+    def orfeas(*args, **extra):
+        return CliRunner().invoke(cli, [*args, "--config", str(config)], env={**env, **extra})
+
+    r = orfeas("keys", "create", "--role", "user", "--team", "cli-team", "--name", "from-cli")
+    assert r.exit_code == 0, r.output
+    key_id = r.output.split()[2]
+    r = orfeas("keys", "limits", key_id, "--rpm", "7")
+    assert r.exit_code == 0 and "rpm=7" in r.output, r.output
+    r = orfeas("teams", "set", "cli-team", "--usd", "4", "--period", "day", "--tpm", "900")
+    assert r.exit_code == 0 and "$4/day" in r.output and "tpm=900" in r.output, r.output
+    # What the CLI set is what the admin API holds.
+    admin = auth(platform["admin"])
+    got = httpx.get(platform["base"] + f"/v1/admin/keys/{key_id}", headers=admin, timeout=30).json()
+    assert got["limits"]["requests_per_minute"] == 7 and got["team"] == "cli-team"
+    teams = httpx.get(platform["base"] + "/v1/admin/teams", headers=admin, timeout=30).json()["data"]
+    assert {"name": "cli-team", "budget_usd": 4.0, "budget_period": "day"}.items() <= \
+        next(t for t in teams if t["name"] == "cli-team").items()
+    r = orfeas("roles", "list", "--json")
+    assert r.exit_code == 0 and '"keymaster"' in r.output, r.output
+    r = orfeas("keys", "list")
+    assert r.exit_code == 0 and key_id in r.output and "from-cli" in r.output, r.output
+    # Refusals: an unknown role (400 → exit 2), a user key on the admin API (403 → exit 1).
+    r = orfeas("keys", "create", "--role", "root")
+    assert r.exit_code == 2 and "unknown role 'root'" in r.output and "Traceback" not in r.output
+    user = new_key(platform, role="user")
+    r = orfeas("teams", "list", ORFEAS_API_KEY=user)
+    assert r.exit_code == 1 and "does not grant teams:read" in r.output, r.output

@@ -1,6 +1,7 @@
 """The `orfeas` CLI as a user runs it, against the session's cluster given as an external address."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -15,9 +16,10 @@ ORFEAS = str(Path(sys.executable).with_name("orfeas"))
 KEY = re.compile(r"orf_[0-9a-f]{8}_[A-Za-z0-9-]+")
 
 
-def orfeas(*args, config=None, check=True):
+def orfeas(*args, config=None, check=True, key=None):
     cmd = [ORFEAS, *args] + (["--config", str(config)] if config else [])
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400)
+    env = {**os.environ, "ORFEAS_API_KEY": key} if key else None  # keys|teams|roles: the admin API over HTTP
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
     if check:
         assert r.returncode == 0, f"{cmd} exited {r.returncode}\n{r.stdout}\n{r.stderr}"
     return r
@@ -70,26 +72,36 @@ def test_status_reports_applications_and_model_health(config_file, admin_key):
 
 def test_keys_create_list_revoke(config_file, admin_key, serve_port):
     base = f"http://127.0.0.1:{serve_port}"
-    created = orfeas("keys", "create", "--role", "user", "--models", "tiny-chat", "--name", "ci", config=config_file)
+    created = orfeas("keys", "create", "--role", "user", "--models", "tiny-chat", "--name", "ci", config=config_file,
+                     key=admin_key)
     key = KEY.findall(created.stdout)[0]
     key_id = key.split("_")[1]
     assert [m["id"] for m in models(base, key).json()["data"]] == ["tiny-chat"]
-    listing = orfeas("keys", "list", config=config_file).stdout
+    listing = orfeas("keys", "list", config=config_file, key=admin_key).stdout
     assert key_id in listing and "tiny-chat" in listing and key not in listing
-    orfeas("keys", "revoke", key_id, config=config_file)
+    orfeas("keys", "revoke", key_id, config=config_file, key=admin_key)
     assert models(base, key).status_code == 401
-    assert "revoked" in orfeas("keys", "list", config=config_file).stdout
+    assert "revoked" in orfeas("keys", "list", config=config_file, key=admin_key).stdout
+    # Without a credential only the bootstrap (keys create on the head machine) works; the rest say how to get one.
+    r = orfeas("keys", "list", config=config_file, check=False)
+    assert r.returncode == 2 and "no admin credential" in r.stderr
+    # A user key is refused by the admin API: its message, not a traceback.
+    r = orfeas("keys", "list", config=config_file, check=False, key=KEY.findall(orfeas(
+        "keys", "create", "--role", "user", config=config_file, key=admin_key).stdout)[0])
+    assert r.returncode == 1 and "keys:read" in r.stderr and "Traceback" not in r.stderr
 
 
 def test_bad_cli_input_is_refused_without_changes(config_file, admin_key, tmp_path):
-    before = orfeas("keys", "list", config=config_file).stdout
-    r = orfeas("keys", "create", "--models", "no-such-model", config=config_file, check=False)
-    assert r.returncode == 2 and "unknown model(s) no-such-model" in r.stderr
-    r = orfeas("keys", "create", "--role", "root", config=config_file, check=False)
+    before = orfeas("keys", "list", config=config_file, key=admin_key).stdout
+    r = orfeas("keys", "create", "--models", "no-such-model", config=config_file, check=False, key=admin_key)
+    assert r.returncode == 2 and "unknown model 'no-such-model'" in r.stderr
+    r = orfeas("keys", "create", "--role", "root", config=config_file, check=False, key=admin_key)
+    assert r.returncode == 2 and "unknown role 'root'" in r.stderr
+    r = orfeas("keys", "create", "--role", "root", config=config_file, check=False)  # the bootstrap checks too
     assert r.returncode == 2 and "--role" in r.stderr
-    r = orfeas("keys", "revoke", "deadbeef", config=config_file, check=False)
-    assert r.returncode == 1 and "no key with id 'deadbeef'" in r.stderr
-    assert orfeas("keys", "list", config=config_file).stdout == before
+    r = orfeas("keys", "revoke", "deadbeef", config=config_file, check=False, key=admin_key)
+    assert r.returncode == 2 and "no key with id 'deadbeef'" in r.stderr and "Traceback" not in r.stderr
+    assert orfeas("keys", "list", config=config_file, key=admin_key).stdout == before
     bad = tmp_path / "bad.yaml"
     bad.write_text("serve:\n  port: -1\n")
     r = orfeas("status", config=bad, check=False)
