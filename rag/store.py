@@ -122,15 +122,18 @@ class VectorStore(ABC):
     def set_payloads(self, name: str, updates: list[dict[str, Any]]) -> int:
         """Set the given payload fields ({"id", "payload"}) of each point; other fields stay."""
         raise NotImplementedError(f"{type(self).__name__} cannot set payloads")
+
     # whole points (the edge sync: `rag.sync`), as `upsert` takes them: id, dense, sparse, payload
     def scroll_points(self, name: str, offset: str | None = None, limit: int = 256,
                       with_vectors: bool = True) -> tuple[list[dict[str, Any]], str | None]:
         """One page of points in id order, and the offset of the next page (None at the end)."""
-        raise NotImplementedError(f"{type(self).__name__} cannot scroll whole points")
+        raise RagInvalidRequest(f"the change feed needs the embedded Qdrant Edge store; {type(self).__name__} "
+                                "cannot page through whole points yet", "collection")
 
     def retrieve_points(self, name: str, ids: list[str]) -> list[dict[str, Any]]:
         """These points (those that exist), with vectors and payload."""
-        raise NotImplementedError(f"{type(self).__name__} cannot retrieve points")
+        raise RagInvalidRequest(f"the change feed needs the embedded Qdrant Edge store; {type(self).__name__} "
+                                "cannot fetch whole points yet", "collection")
 
     # derived helpers (same for every backend)
     def collection_exists(self, name: str) -> bool:
