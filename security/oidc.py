@@ -202,14 +202,14 @@ class JwksCache:
             fut.set_result(ok)
         return ok
 
-    def _stale(self) -> bool:
+    def stale(self) -> bool:
         return self.fetched_at is None or time.monotonic() - self.fetched_at >= self.ttl_s
 
     def _may_refetch(self) -> bool:
         return time.monotonic() - self.last_attempt >= self.min_refetch_s
 
     async def key_for(self, kid: str | None, alg: str) -> SigningKey:
-        if self._stale() and (self.fetched_at is None or self._may_refetch()):
+        if self.stale() and (self.fetched_at is None or self._may_refetch()):
             await self.refresh()
         if self.fetched_at is None:
             raise TokenRejected(f"the signing keys of issuer {self.issuer.issuer!r} could not be fetched")
@@ -313,7 +313,7 @@ class TokenVerifier:
         issuer = entry.verified.issuer
         jwks = self.caches.get(issuer.issuer)
         if self.issuers.get(issuer.issuer) is not issuer or jwks is None or jwks.generation != entry.generation \
-                or jwks._stale():
+                or jwks.stale():
             self.verified.drop(digest)
             return None
         self.verified.hits += 1
