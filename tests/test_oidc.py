@@ -224,8 +224,9 @@ def test_a_repeated_token_is_served_from_the_cache(idp, tmp_path):
     assert off.verified.hits == 0 and len(off.verified) == 0
 
 
-def test_a_warm_cache_lets_no_adversarial_token_through(idp, tmp_path, cases):
+def test_a_warm_cache_lets_no_adversarial_token_through(idp, tmp_path):
     idp.published = [idp.rsa, idp.ec, idp.ed]
+    cases = adversarial_tokens(idp)  # made now: earlier tests rotated the provider's RSA key
     auth = Authenticator(settings_for(idp, tmp_path, role_map={"user": "user", "ops": "admin"},
                                       team_claim="team", models_claim="models"))
     good = idp.token()
