@@ -172,6 +172,33 @@ def _bootstrap_create(settings: Settings, config, role, allowed, name, team, bud
         fail(str(getattr(e, "cause", e)), 2)
 
 
+# What the RayService's pods read as auth.bootstrap_key_env (kuberay/base/rayservice.yaml).
+BOOTSTRAP_SECRET, BOOTSTRAP_SECRET_KEY = "orfeas-admin-bootstrap", "api-key"
+
+
+@keys_app.command("bootstrap-secret")
+def keys_bootstrap_secret(
+    namespace: Annotated[str, typer.Option("--namespace", "-n", help="Namespace of the RayService.")] = "orfeas",
+):
+    """Print a Kubernetes Secret holding a freshly made admin key, for the first admin on a cluster.
+
+    `orfeas keys bootstrap-secret | kubectl apply -f -` before the RayService starts: the gateway
+    installs the key once (docs/access.md). The key is printed in the manifest only (stdout; its
+    id goes to stderr) and kept nowhere else. Needs no cluster and no credential."""
+    import yaml
+
+    from security.keys import key_id_of, new_key
+
+    key = new_key()
+    manifest = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": BOOTSTRAP_SECRET, "namespace": namespace,
+                             "labels": {"app.kubernetes.io/part-of": "orfeas"}},
+                "stringData": {BOOTSTRAP_SECRET_KEY: key}}
+    typer.echo(yaml.safe_dump(manifest, sort_keys=False), nl=False)
+    err.print(f"admin key id {key_id_of(key)} (kept nowhere but this manifest and the Secret you apply; "
+              "revoke it through the admin API once other admins exist)")
+
+
 @keys_app.command("list")
 def keys_list(key: KeyOpt = None, config: ConfigOpt = None, as_json: JsonOpt = False):
     """List keys (ids, roles, models, team, budget, limits, state); never the keys themselves."""

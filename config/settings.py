@@ -197,6 +197,8 @@ class AuthSettings(_Section):
     jwks_min_refetch_s: float = Field(10.0, ge=0, description="Least time between two refetches for an unknown kid.")
     jwt_leeway_s: float = Field(30.0, ge=0, le=300, description="Clock skew allowed on exp/nbf/iat.")
     max_token_bytes: int = Field(16384, ge=512, description="Longer bearer tokens are refused unread.")
+    jwt_cache_entries: int = Field(10_000, ge=0, description="Verified tokens kept (least recently used go "
+                                   "first), each until min(exp, key_cache_s); 0: verify every request in full.")
     session: SessionSettings = Field(default_factory=SessionSettings)
     saml: SamlSettings = Field(default_factory=SamlSettings)
     mfa: MfaSettings = Field(default_factory=MfaSettings)

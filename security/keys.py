@@ -59,6 +59,11 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+def new_key(key_id: str | None = None) -> str:
+    """A fresh API key, `orf_<id>_<secret>` (the secret: 32 random bytes, URL-safe, no `_`)."""
+    return f"{KEY_PREFIX}_{key_id or secrets.token_hex(4)}_{secrets.token_urlsafe(32).replace('_', '-')}"
+
+
 def key_id_of(key: str) -> str | None:
     parts = key.split("_")
     return parts[1] if len(parts) == 3 and parts[0] == KEY_PREFIX else None
@@ -135,7 +140,7 @@ class KeyStore:
         key_id = secrets.token_hex(4)
         while key_id in self.records:
             key_id = secrets.token_hex(4)
-        key = f"{KEY_PREFIX}_{key_id}_{secrets.token_urlsafe(32).replace('_', '-')}"
+        key = new_key(key_id)
         record = KeyRecord(id=key_id, hash=hash_key(key), role=role, models=models or None, name=name,
                            team=team, budget_usd=budget_usd, budget_period=budget_period,
                            collections=collections, endpoints=endpoints, expires_at=expires_at, user=user,

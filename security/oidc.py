@@ -11,6 +11,13 @@ Keys come from `JwksCache`: fetched on first use (discovery document or JWKS URL
 `auth.jwks_cache_s`; a token with an unknown `kid` triggers one refetch (single-flight: concurrent
 callers share it; at most one per `auth.jwks_min_refetch_s`), and a failed fetch keeps serving the
 keys already cached.
+
+Verified tokens are cached (`VerifiedTokenCache`, by the SHA-256 of the raw token, LRU-bounded
+by `auth.jwt_cache_entries`) until min(`exp`, `auth.key_cache_s`): a client that sends the same
+token on every request pays one signature check per key-cache period. An entry serves only while
+its issuer's keys are the ones it was verified with: any JWKS refetch, or the JWKS going stale,
+sends the token through full verification again, so a key rotated out refuses it as it would
+uncached. The issuers are fixed per verifier (a settings change builds a new one, empty).
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import hashlib
 import json
 import logging
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlparse
@@ -130,6 +139,7 @@ class JwksCache:
         self.fetched_at: float | None = None
         self.last_attempt = float("-inf")
         self.fetches = 0  # successful and failed, for the tests and metrics
+        self.generation = 0  # bumped by every successful fetch: verified-token cache entries hold it
         self._inflight: asyncio.Future | None = None
         self._jwks_url = issuer.jwks_url
 
@@ -170,6 +180,7 @@ class JwksCache:
             else:
                 unnamed.append(key)
         self.keys, self.unnamed, self.fetched_at = keys, unnamed, time.monotonic()
+        self.generation += 1
 
     async def refresh(self) -> bool:
         """Fetch the keys (callers arriving meanwhile share this fetch); False when it failed."""
@@ -191,14 +202,14 @@ class JwksCache:
             fut.set_result(ok)
         return ok
 
-    def _stale(self) -> bool:
+    def stale(self) -> bool:
         return self.fetched_at is None or time.monotonic() - self.fetched_at >= self.ttl_s
 
     def _may_refetch(self) -> bool:
         return time.monotonic() - self.last_attempt >= self.min_refetch_s
 
     async def key_for(self, kid: str | None, alg: str) -> SigningKey:
-        if self._stale() and (self.fetched_at is None or self._may_refetch()):
+        if self.stale() and (self.fetched_at is None or self._may_refetch()):
             await self.refresh()
         if self.fetched_at is None:
             raise TokenRejected(f"the signing keys of issuer {self.issuer.issuer!r} could not be fetched")
@@ -226,6 +237,58 @@ class VerifiedToken:
     claims: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class CachedToken:
+    verified: VerifiedToken
+    deadline: float  # epoch seconds: min(exp, when verified + ttl)
+    generation: int  # the issuer's JWKS generation it was verified under
+
+
+class VerifiedTokenCache:
+    """Verified tokens by the SHA-256 of the raw token (the cache never holds a token), at most
+    `max_entries` (least recently used go first); an entry lapses at its deadline. Whether the
+    issuer's keys still back an entry is the verifier's check (`TokenVerifier._cached`)."""
+
+    def __init__(self, max_entries: int, ttl_s: float):
+        self.max_entries, self.ttl_s = max_entries, ttl_s
+        self._entries: OrderedDict[bytes, CachedToken] = OrderedDict()
+        self.hits = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.max_entries > 0 and self.ttl_s > 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @staticmethod
+    def digest(token: str) -> bytes:
+        return hashlib.sha256(token.encode()).digest()
+
+    def get(self, digest: bytes, now: float) -> CachedToken | None:
+        entry = self._entries.get(digest)
+        if entry is None:
+            return None
+        if now >= entry.deadline:
+            del self._entries[digest]
+            return None
+        self._entries.move_to_end(digest)
+        return entry
+
+    def put(self, digest: bytes, verified: VerifiedToken, generation: int, now: float) -> None:
+        exp = verified.claims.get("exp")
+        deadline = min(now + self.ttl_s, float(exp)) if isinstance(exp, (int, float)) else now + self.ttl_s
+        if not self.enabled or deadline <= now:  # e.g. accepted within the leeway after exp: never cached
+            return
+        self._entries[digest] = CachedToken(verified, deadline, generation)
+        self._entries.move_to_end(digest)
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+
+    def drop(self, digest: bytes) -> None:
+        self._entries.pop(digest, None)
+
+
 class TokenVerifier:
     """Verifies bearer JWTs against the configured issuers (`auth.oidc`)."""
 
@@ -235,14 +298,43 @@ class TokenVerifier:
         self.max_bytes = auth.max_token_bytes
         self.issuers = {i.issuer: i for i in auth.oidc}
         self.caches = {i.issuer: JwksCache(i, auth.jwks_cache_s, auth.jwks_min_refetch_s) for i in auth.oidc}
+        self.verified = VerifiedTokenCache(auth.jwt_cache_entries, auth.key_cache_s)
 
     @property
     def configured(self) -> bool:
         return bool(self.issuers)
 
+    def _cached(self, digest: bytes) -> VerifiedToken | None:
+        """A cached verification that still holds: in time, its issuer still trusted, and the
+        issuer's keys unchanged and fresh (else it is dropped and the token verified again)."""
+        entry = self.verified.get(digest, time.time())
+        if entry is None:
+            return None
+        issuer = entry.verified.issuer
+        jwks = self.caches.get(issuer.issuer)
+        if self.issuers.get(issuer.issuer) is not issuer or jwks is None or jwks.generation != entry.generation \
+                or jwks.stale():
+            self.verified.drop(digest)
+            return None
+        self.verified.hits += 1
+        return entry.verified
+
     async def verify(self, token: str) -> VerifiedToken:
         if len(token) > self.max_bytes:
             raise TokenRejected(f"token of {len(token)} bytes is over the limit of {self.max_bytes}")
+        if not self.verified.enabled:
+            return await self._verify(token)
+        digest = self.verified.digest(token)
+        hit = self._cached(digest)
+        if hit is not None:
+            return hit
+        verified = await self._verify(token)
+        # No await since _verify found its key: this generation is the one that key came from.
+        self.verified.put(digest, verified, self.caches[verified.issuer.issuer].generation, time.time())
+        return verified
+
+    async def _verify(self, token: str) -> VerifiedToken:
+        """Full verification, every check in the module docstring's order."""
         parts = token.split(".")
         if len(parts) != 3:
             raise TokenRejected(f"a JWT has 3 dot-separated segments, this one has {len(parts)}")

@@ -172,19 +172,28 @@ def _limits(limits: Limits | None) -> dict[str, int | None] | None:
     return limits.model_dump() if limits is not None else None
 
 
+def _require_spend_grants(caller: Principal, budget: bool, limits: bool) -> None:
+    """Setting a budget needs budgets:manage and setting limits limits:manage, beside the route's own."""
+    if budget:
+        caller.require("budgets:manage", None, "budget_usd")
+    if limits:
+        caller.require("limits:manage", None, "limits")
+
+
+async def _listing(request: Request, method: str) -> dict:
+    return {"object": "list", "data": await _store_call(request, method)}
+
+
 @admin_router.get("/keys", response_model=Listing, openapi_extra=SECURED)
 async def list_keys(request: Request, _: Principal = Depends(permitted("keys:read"))) -> dict:
-    return {"object": "list", "data": await _store_call(request, "list")}
+    return await _listing(request, "list")
 
 
 @admin_router.post("/keys", response_model=CreatedKey, status_code=201, openapi_extra=SECURED)
 async def create_key(body: NewKey, request: Request, caller: Principal = Depends(permitted("keys:manage"))) -> dict:
     _check_role(request, caller, body.role)
     _check_models(request, body.models)
-    if body.budget_usd is not None:
-        caller.require("budgets:manage", None, "budget_usd")
-    if body.limits is not None:
-        caller.require("limits:manage", None, "limits")
+    _require_spend_grants(caller, body.budget_usd is not None, body.limits is not None)
     expires_at = time.time() + body.expires_in_s if body.expires_in_s else None
     record, key = await _store_call(
         request, "create", body.role, body.models, body.name, body.team, body.budget_usd, body.budget_period,
@@ -207,10 +216,7 @@ async def update_key(key_id: str, body: KeyPatch, request: Request,
     if "models" in fields:
         _check_models(request, fields["models"])
     budget = {k: fields.pop(k) for k in ("budget_usd", "budget_period") if k in fields}
-    if budget:
-        caller.require("budgets:manage", None, "budget_usd")
-    if "limits" in fields:
-        caller.require("limits:manage", None, "limits")
+    _require_spend_grants(caller, bool(budget), "limits" in fields)
     record = None
     if fields:
         record = await _store_call(request, "update", key_id, roles=sorted(_auth(request).roles), **fields)
@@ -228,16 +234,13 @@ async def revoke_key(key_id: str, request: Request, _: Principal = Depends(permi
 
 @admin_router.get("/teams", response_model=Listing, openapi_extra=SECURED)
 async def list_teams(request: Request, _: Principal = Depends(permitted("teams:read"))) -> dict:
-    return {"object": "list", "data": await _store_call(request, "list_teams")}
+    return await _listing(request, "list_teams")
 
 
 @admin_router.put("/teams/{name}", response_model=TeamInfo, openapi_extra=SECURED)
 async def put_team(name: str, body: Team, request: Request, caller: Principal = Depends(permitted("teams:manage"))
                    ) -> dict:
-    if body.budget_usd is not None:
-        caller.require("budgets:manage", None, "budget_usd")
-    if body.limits is not None:
-        caller.require("limits:manage", None, "limits")
+    _require_spend_grants(caller, body.budget_usd is not None, body.limits is not None)
     return await _store_call(request, "set_team", name, body.budget_usd, body.budget_period, _limits(body.limits))
 
 
@@ -248,7 +251,7 @@ async def delete_team(name: str, request: Request, _: Principal = Depends(permit
 
 @admin_router.get("/users", response_model=Listing, openapi_extra=SECURED)
 async def list_users(request: Request, _: Principal = Depends(permitted("budgets:manage"))) -> dict:
-    return {"object": "list", "data": await _store_call(request, "list_users")}
+    return await _listing(request, "list_users")
 
 
 @admin_router.put("/users/{user_id}/budget", response_model=UserInfo, openapi_extra=SECURED)

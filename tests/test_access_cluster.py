@@ -187,6 +187,11 @@ def test_rbac_key_scopes_expiry_and_the_admin_api(platform):
     assert r.status_code == 403 and "may not hand it out" in r.json()["error"]["message"]
     r = httpx.post(base + "/v1/admin/keys", json={"role": "user", "models": [ECHO]}, headers=auth(keymaster))
     assert r.status_code == 201
+    # Budgets and limits need their own permissions beyond keys:manage.
+    r = httpx.post(base + "/v1/admin/keys", json={"role": "user", "budget_usd": 1}, headers=auth(keymaster))
+    assert r.status_code == 403 and "budgets:manage" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/admin/keys", json={"role": "user", "limits": {"concurrent": 1}}, headers=auth(keymaster))
+    assert r.status_code == 403 and "limits:manage" in r.json()["error"]["message"]
     r = httpx.post(base + "/v1/admin/keys", json={"role": "ghost"}, headers=auth(admin))
     assert r.status_code == 400 and r.json()["error"]["param"] == "role"
     r = httpx.put(base + "/v1/admin/teams/red", json={"budget_usd": 5, "limits": {"concurrent": 3}}, headers=auth(admin))

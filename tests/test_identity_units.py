@@ -95,3 +95,30 @@ def test_pkce_pair_is_s256():
     verifier, challenge = pkce_pair()
     assert 43 <= len(verifier) <= 128
     assert challenge == base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).rstrip(b"=").decode()
+
+
+def test_verified_token_cache_deadline_lru_and_off():
+    from config.settings import OidcIssuerSettings
+    from security.oidc import VerifiedToken, VerifiedTokenCache
+
+    issuer = OidcIssuerSettings(issuer="http://idp", audience="a")
+    tok = lambda exp: VerifiedToken(issuer, {"exp": exp})  # noqa: E731
+    cache = VerifiedTokenCache(max_entries=2, ttl_s=5)
+    d = [VerifiedTokenCache.digest(f"t{i}") for i in range(4)]
+    assert d[0] != d[1] and len(d[0]) == 32
+    cache.put(d[0], tok(1000 + 60), 1, now=1000)  # lives to min(exp, now + ttl) = 1005
+    cache.put(d[1], tok(1002), 1, now=1000)  # its exp comes first: 1002
+    assert cache.get(d[0], 1004.9).deadline == 1005 and cache.get(d[1], 1001).deadline == 1002
+    assert cache.get(d[1], 1002) is None and len(cache) == 1  # lapsed: dropped
+    cache.put(d[1], tok(2000), 1, now=1000)
+    cache.get(d[0], 1001)  # d[0] is now the most recently used
+    cache.put(d[2], tok(2000), 1, now=1001)  # over the bound: d[1], the least recently used, goes
+    assert cache.get(d[1], 1001) is None and cache.get(d[0], 1001) and cache.get(d[2], 1001)
+    cache.put(d[3], tok(999), 1, now=1000)  # accepted in the leeway past exp: never kept
+    assert cache.get(d[3], 1000) is None
+    cache.drop(d[0])
+    assert cache.get(d[0], 1001) is None
+    assert not VerifiedTokenCache(0, 5).enabled and not VerifiedTokenCache(10, 0).enabled
+    off = VerifiedTokenCache(0, 5)
+    off.put(d[0], tok(2000), 1, now=1000)
+    assert len(off) == 0

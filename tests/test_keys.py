@@ -40,3 +40,43 @@ def test_bad_role_changes_nothing(tmp_path):
         store.create("root")
     assert path.read_text() == before and len(json.loads(before)["keys"]) == 1
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".keys.")]  # no temp files left
+
+
+def test_bootstrap_secret_is_what_the_gateway_pods_read_and_installs_as_admin(tmp_path):
+    """`orfeas keys bootstrap-secret` prints the Secret the RayService's pods reference as
+    ORFEAS_BOOTSTRAP_ADMIN_KEY; its key is one KeyStore.install (the gateway's bootstrap) takes."""
+    from pathlib import Path
+
+    import yaml
+    from typer.testing import CliRunner
+
+    from cluster.cli import app as cli
+    from config import Settings
+
+    result = CliRunner().invoke(cli, ["keys", "bootstrap-secret", "-n", "prod"])
+    assert result.exit_code == 0, result.output
+    secret = yaml.safe_load(result.stdout)
+    assert (secret["apiVersion"], secret["kind"], secret["metadata"]["namespace"]) == ("v1", "Secret", "prod")
+    # Every reference to it in the manifests names this Secret and this key, as the setting's variable.
+    rayservice = (Path(__file__).resolve().parents[1] / "kuberay" / "base" / "rayservice.yaml").read_text()
+    refs = [(e["valueFrom"]["secretKeyRef"]["name"], e["valueFrom"]["secretKeyRef"]["key"])
+            for e in _env_entries(list(yaml.safe_load_all(rayservice))) if e["name"] == Settings().auth.bootstrap_key_env]
+    assert refs and set(refs) == {(secret["metadata"]["name"], next(iter(secret["stringData"])))}
+    key = secret["stringData"]["api-key"]
+    store = KeyStore(str(tmp_path / "keys.json"))
+    installed = store.install(key)
+    assert installed["role"] == "admin" and store.verify(key)["id"] == installed["id"] and key in result.stdout
+    assert installed["id"] in result.stderr and key not in result.stderr
+    again = yaml.safe_load(CliRunner().invoke(cli, ["keys", "bootstrap-secret"]).stdout)
+    assert again["stringData"]["api-key"] != key and again["metadata"]["namespace"] == "orfeas"
+
+
+def _env_entries(node):
+    if isinstance(node, dict):
+        if "valueFrom" in node and "name" in node:
+            yield node
+        for v in node.values():
+            yield from _env_entries(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _env_entries(v)

@@ -203,3 +203,90 @@ def test_orfeas_login_signs_in_through_a_loopback_redirect(idp, tmp_path, monkey
     principal = run(Authenticator(settings_for(idp, tmp_path)).authenticate(bearer(token)))
     assert principal.key_id == "test:frank"
     assert CliRunner().invoke(cli, ["logout"]).exit_code == 0 and stored_token() is None
+
+
+# ------------------------------------------------------------ the verified-token cache
+
+
+def cache_settings(idp, tmp_path, **auth) -> Settings:
+    return Settings(data_dir=tmp_path, auth={"oidc": [idp.settings()], "jwks_min_refetch_s": 0.2,
+                                             "key_cache_s": 60, **auth})
+
+
+def test_a_repeated_token_is_served_from_the_cache(idp, tmp_path):
+    idp.published = [idp.rsa, idp.ec, idp.ed]
+    verifier = TokenVerifier(cache_settings(idp, tmp_path))
+    token = idp.token()
+    first, second = run(verifier.verify(token)), run(verifier.verify(token))
+    assert second is first and verifier.verified.hits == 1 and len(verifier.verified) == 1
+    off = TokenVerifier(cache_settings(idp, tmp_path, jwt_cache_entries=0))
+    run(off.verify(token)), run(off.verify(token))
+    assert off.verified.hits == 0 and len(off.verified) == 0
+
+
+def test_a_warm_cache_lets_no_adversarial_token_through(idp, tmp_path):
+    idp.published = [idp.rsa, idp.ec, idp.ed]
+    cases = adversarial_tokens(idp)  # made now: earlier tests rotated the provider's RSA key
+    auth = Authenticator(settings_for(idp, tmp_path, role_map={"user": "user", "ops": "admin"},
+                                      team_claim="team", models_claim="models"))
+    good = idp.token()
+    run(auth.authenticate(bearer(good)))
+    # Twice: a token whose signature holds but whose claims map to nothing is kept by the verifier
+    # and must be refused the same way from the cache.
+    for _ in range(2):
+        for name, token, reason in cases:
+            with pytest.raises(AuthenticationFailed) as err:
+                run(auth.authenticate(bearer(token)))
+            assert err.value.status == 401 and reason.lower() in err.value.message.lower(), (name, err.value.message)
+    # (Cases with an unknown kid refetched the JWKS, which dropped the good token's entry.)
+    hits = auth.tokens.verified.hits
+    run(auth.authenticate(bearer(good))), run(auth.authenticate(bearer(good)))
+    assert auth.tokens.verified.hits > hits
+
+
+def test_a_cached_token_is_refused_once_it_expires(idp, tmp_path):
+    idp.published = [idp.rsa, idp.ec, idp.ed]
+    verifier = TokenVerifier(cache_settings(idp, tmp_path, jwt_leeway_s=0))
+    exp = time.time() + 2.0
+    token = idp.token(exp=exp)
+    run(verifier.verify(token)), run(verifier.verify(token))
+    assert verifier.verified.hits == 1
+    time.sleep(max(0.0, exp - time.time()) + 0.05)
+    with pytest.raises(AuthenticationFailed, match="expired"):
+        run(verifier.verify(token))
+    assert len(verifier.verified) == 0
+
+
+def test_a_cached_token_is_refused_once_its_key_is_rotated_out(idp, tmp_path):
+    """Seen through another token's refetch (an unknown kid), and through the JWKS TTL."""
+    idp.published = [idp.rsa, idp.ec, idp.ed]
+    verifier = TokenVerifier(cache_settings(idp, tmp_path))
+    old = idp.token()
+    run(verifier.verify(old)), run(verifier.verify(old))
+    assert verifier.verified.hits == 1
+    time.sleep(0.25)  # past jwks_min_refetch_s
+    new = idp.rotate()  # the old key leaves the JWKS
+    try:
+        run(verifier.verify(idp.token(new)))  # an unknown kid: the refetch brings the new key set
+        with pytest.raises(AuthenticationFailed, match="unknown signing key"):
+            run(verifier.verify(old))
+        stale = TokenVerifier(cache_settings(idp, tmp_path, jwks_cache_s=1.0))
+        kept = idp.token(new)
+        run(stale.verify(kept)), run(stale.verify(kept))
+        assert stale.verified.hits == 1
+        idp.rotate()
+        time.sleep(1.05)  # the JWKS goes stale: the cached token is checked against the fresh keys
+        with pytest.raises(AuthenticationFailed, match="unknown signing key"):
+            run(stale.verify(kept))
+    finally:
+        idp.published = [idp.rsa, idp.ec, idp.ed]
+
+
+def test_a_cached_token_of_an_issuer_no_longer_trusted_is_refused(idp, tmp_path):
+    idp.published = [idp.rsa, idp.ec, idp.ed]
+    verifier = TokenVerifier(cache_settings(idp, tmp_path))
+    token = idp.token()
+    run(verifier.verify(token))
+    verifier.issuers.pop(idp.issuer)  # what a reconfiguration in place would do
+    with pytest.raises(AuthenticationFailed, match="not trusted"):
+        run(verifier.verify(token))
