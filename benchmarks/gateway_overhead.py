@@ -79,6 +79,18 @@ def summarise(latencies: list[float], ttfts: list[float], wall: float) -> dict:
     }
 
 
+async def streamed_chat(client: httpx.AsyncClient, path: str, body: dict) -> float:
+    """One streamed chat completion over HTTP, read to its end: the time its first content token
+    arrived (its end when none did). The request loop of every gateway benchmark."""
+    first = None
+    async with client.stream("POST", path, json=body) as resp:
+        resp.raise_for_status()
+        async for line in resp.aiter_lines():
+            if first is None and line.startswith("data:") and '"content":"' in line and '"content":""' not in line:
+                first = time.perf_counter()
+    return first or time.perf_counter()
+
+
 async def run_block(call, concurrency: int, n: int) -> tuple[list[float], list[float], float]:
     """`n` calls, `concurrency` at a time: their latencies, times to first token and wall time."""
     latencies, ttfts = [], []
@@ -102,12 +114,15 @@ async def run_interleaved(calls: dict, concurrency: int, n: int, rounds: int = R
     """Every path `n` times, in `rounds` alternating blocks: a slow spell on the machine (GC, a
     health refresh, another process) lands on every path alike instead of on one path's block."""
     acc = {name: ([], [], 0.0) for name in calls}
+    round_p50s: dict[str, list[float]] = {name: [] for name in calls}
     per_round = max(1, n // rounds)
     for _ in range(rounds):
         for name, call in calls.items():
             lat, ttft, wall = await run_block(call, concurrency, per_round)
             acc[name] = (acc[name][0] + lat, acc[name][1] + ttft, acc[name][2] + wall)
-    return {name: summarise(*acc[name]) for name in calls}
+            round_p50s[name].append(statistics.median(lat) * 1e3)
+    # Each round's p50 too: paths compared round by round see the same spell of the machine.
+    return {name: {**summarise(*acc[name]), "round_p50_ms": round_p50s[name]} for name in calls}
 
 
 async def measure(handle, floor, base_url: str, key: str, levels: list[int], n: int, model: str = "tiny-chat",
@@ -130,13 +145,7 @@ async def measure(handle, floor, base_url: str, key: str, levels: list[int], n: 
     body = {"model": model, **PAYLOAD, "max_tokens": max_tokens, "temperature": 0, "stream": True}
 
     async def via_gateway() -> float:
-        first = None
-        async with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-            resp.raise_for_status()
-            async for line in resp.aiter_lines():
-                if first is None and line.startswith("data:") and '"content":"' in line and '"content":""' not in line:
-                    first = time.perf_counter()
-        return first or time.perf_counter()
+        return await streamed_chat(client, "/v1/chat/completions", body)
 
     floor_stream = floor.options(stream=True)
 

@@ -3,9 +3,10 @@ one with tracing off and one with 100% sampling exporting every span over OTLP/H
 receiver on loopback (tests/otlp_receiver.py, in its own process, as a collector would be), each
 in front of its own replica of the same tiny
 model (the traced one traces its generations too). The paths alternate in blocks
-(gateway_overhead.py's method), so a slow spell lands on both alike.
+(gateway_overhead.py's method and request loop), so a slow spell lands on both alike; besides the
+pooled p50s, each on/off pair of blocks is compared and the median of those is reported.
 
-    .venv/bin/python benchmarks/tracing_overhead.py [--requests 300] [--concurrency 1 4]
+    .venv/bin/python benchmarks/tracing_overhead.py [--requests 300] [--concurrency 1 4] [--rounds 10]
 
 Writes benchmarks/results/tracing_overhead.json and prints a markdown table for docs/benchmarks.md.
 """
@@ -17,10 +18,10 @@ import asyncio
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,45 +32,60 @@ import httpx  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from gateway_overhead import MAX_TOKENS, PAYLOAD, RESULTS, run_interleaved  # noqa: E402
+from gateway_overhead import MAX_TOKENS, PAYLOAD, RESULTS, run_interleaved, streamed_chat  # noqa: E402
 
 TRACED_PREFIX = "/traced"
+
+
+def replica_cpu_s(app: str) -> float:
+    """CPU seconds (user + system) used so far by the Serve replicas of `app` on this machine (Ray
+    titles each replica's process `ray::ServeReplica:<app>:<deployment>`). CPU time, unlike
+    latency, hardly moves with what else the machine runs."""
+    tick, total = os.sysconf("SC_CLK_TCK"), 0.0
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit() or not (proc / "cmdline").read_bytes().startswith(
+                    f"ray::ServeReplica:{app}:".encode()):
+                continue
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / tick
+    return total
 
 
 def span_count(receiver: str) -> int:
     return int(httpx.get(receiver + "/spans/count", timeout=10).text)
 
 
-async def measure(base_url: str, key: str, levels: list[int], n: int, receiver: str) -> list[dict]:
+async def measure(base_url: str, key: str, levels: list[int], n: int, receiver: str, rounds: int,
+                  apps: dict[str, list[str]]) -> list[dict]:
     client = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
                                limits=httpx.Limits(max_connections=max(levels) * 2))
 
     def via(prefix: str, model: str):
         body = {"model": model, **PAYLOAD, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
-
-        async def call() -> float:
-            first = None
-            async with client.stream("POST", prefix + "/v1/chat/completions", json=body) as resp:
-                resp.raise_for_status()
-                async for line in resp.aiter_lines():
-                    if first is None and line.startswith("data:") and '"content":"' in line \
-                            and '"content":""' not in line:
-                        first = time.perf_counter()
-            return first or time.perf_counter()
-
-        return call
+        return lambda: streamed_chat(client, prefix + "/v1/chat/completions", body)
 
     rows = []
     for c in levels:
         calls = {"off": via("", "tiny-chat"), "on": via(TRACED_PREFIX, "tiny-chat-traced")}
         await run_interleaved(calls, c, c * 4, rounds=1)  # warm both paths
         spans_before = span_count(receiver)
-        r = await run_interleaved(calls, c, n)
+        cpu_before = {path: {a: replica_cpu_s(a) for a in names} for path, names in apps.items()}
+        r = await run_interleaved(calls, c, n, rounds=rounds)
         off, on = r["off"], r["on"]
-        await asyncio.sleep(1.5)  # the last batch of spans
+        await asyncio.sleep(1.5)  # the last batch of spans (and its export's CPU)
+        cpu_ms = {path: {a: 1e3 * (replica_cpu_s(a) - cpu_before[path][a]) / r[path]["requests"] for a in names}
+                  for path, names in apps.items()}
+        # Round by round (each on/off pair ran back to back), the median of the added p50s: a slow
+        # spell of the machine shifts both halves of a pair, not the comparison.
+        paired = statistics.median(100 * (a / b - 1) for a, b in zip(on["round_p50_ms"], off["round_p50_ms"]))
         rows.append({"concurrency": c, "off": off, "on": on,
                      "added_p50_ms": on["p50_ms"] - off["p50_ms"],
                      "added_p50_pct": 100 * (on["p50_ms"] / off["p50_ms"] - 1),
+                     "added_p50_pct_paired_median": paired,
+                     "replica_cpu_ms_per_request": cpu_ms,  # {off|on: {app: ms}}
                      "added_ttft_p50_ms": on["ttft_p50_ms"] - off["ttft_p50_ms"],
                      "throughput_ratio": on["req_per_s"] / off["req_per_s"],
                      "spans_per_traced_request": (span_count(receiver) - spans_before) / on["requests"]})
@@ -78,15 +94,28 @@ async def measure(base_url: str, key: str, levels: list[int], n: int, receiver: 
     return rows
 
 
+def gw(row: dict, path: str) -> float:
+    """The gateway's CPU per request on a path (the first app of the path in `apps`)."""
+    return list(row["replica_cpu_ms_per_request"][path].values())[0]
+
+
+def mod(row: dict, path: str) -> float:
+    return list(row["replica_cpu_ms_per_request"][path].values())[1]
+
+
 def table(rows: list[dict]) -> str:
-    out = ["| concurrency | off p50 / p99 (ms) | on p50 / p99 (ms) | added p50 | TTFT added p50 (ms) "
-           "| throughput on/off | spans per request |", "|---|---|---|---|---|---|---|"]
+    out = ["| concurrency | off p50 / p99 (ms) | on p50 / p99 (ms) | added p50 | added p50, median of rounds "
+           "| TTFT added p50 (ms) | throughput on/off | spans per request "
+           "| gateway CPU off / on (ms per request) | model replica CPU off / on (ms per request) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o, t = r["off"], r["on"]
         out.append(f"| {r['concurrency']} | {o['p50_ms']:.1f} / {o['p99_ms']:.1f} | {t['p50_ms']:.1f} / "
                    f"{t['p99_ms']:.1f} | {r['added_p50_ms']:+.2f} ms ({r['added_p50_pct']:+.1f}%) "
+                   f"| {r['added_p50_pct_paired_median']:+.1f}% "
                    f"| {r['added_ttft_p50_ms']:+.2f} | {r['throughput_ratio']:.3f} "
-                   f"| {r['spans_per_traced_request']:.1f} |")
+                   f"| {r['spans_per_traced_request']:.1f} "
+                   f"| {gw(r, 'off'):.2f} / {gw(r, 'on'):.2f} | {mod(r, 'off'):.2f} / {mod(r, 'on'):.2f} |")
     return "\n".join(out)
 
 
@@ -95,11 +124,14 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--port", type=int, default=18432)
+    ap.add_argument("--rounds", type=int, default=10, help="alternating on/off blocks per level")
+    ap.add_argument("--out", default="tracing_overhead.json", help="file name under benchmarks/results/")
     args = ap.parse_args()
+    load_at_start = os.getloadavg()
 
     from cluster.deploy import deploy, wait_running
     from config import ModelSpec, Settings
-    from config.names import GATEWAY_APP
+    from config.names import GATEWAY_APP, model_app_name
     from harness import free_port
     from models.tiny import build_tiny_chat_model
     from security.keys import keystore
@@ -133,7 +165,10 @@ def main() -> None:
         names += [traced_model.name, traced_gateway.name]
         assert set(wait_running(names).values()) == {"RUNNING"}, names
         _, key = ray.get(keystore(off.resolved_data_dir()).create.remote("admin", None, "bench"))
-        rows = asyncio.run(measure(f"http://127.0.0.1:{args.port}", key, args.concurrency, args.requests, receiver))
+        apps = {"off": [GATEWAY_APP, model_app_name("tiny-chat")],
+                "on": [traced_gateway.name, traced_model.name]}
+        rows = asyncio.run(measure(f"http://127.0.0.1:{args.port}", key, args.concurrency, args.requests, receiver,
+                                   args.rounds, apps))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -143,11 +178,12 @@ def main() -> None:
         "benchmark": "tracing_overhead",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": "tiny-chat (random weights, 2 layers, hidden 64), one replica per path",
-        "max_tokens": MAX_TOKENS, "requests_per_level": args.requests, "sample_ratio": 1.0,
+        "max_tokens": MAX_TOKENS, "requests_per_level": args.requests, "rounds": args.rounds, "sample_ratio": 1.0,
+        "load_avg": {"start": load_at_start, "end": os.getloadavg()},  # 1, 5, 15 min: was the machine quiet?
         "rows": rows, "targets": {"added_p50_pct": 3.0},
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "tracing_overhead.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / args.out).write_text(json.dumps(result, indent=1))
     print(table(rows))
 
 

@@ -13,7 +13,7 @@ Recording is cheap and never raises on the request path:
 
     llm = llm_metrics()                    # one set per process, made on first use
     llm.finished(model, route, team, seconds=..., prompt_tokens=..., completion_tokens=..., cost_usd=...)
-    rate_limited("key", team)              # for the rate limiter (security) to call
+    rate_limited("key", "requests", team, model)  # for the rate limiter (security) to call
 """
 
 from __future__ import annotations
@@ -97,8 +97,9 @@ CATALOG: tuple[MetricDef, ...] = (
     _d("orfeas_llm_in_flight", "gauge", "Backend calls in flight per model (this replica).", ("model",)),
     _d("orfeas_llm_queued", "gauge", "Requests waiting for admission per model (the admission controller sets it).",
        ("model",)),
-    _d("orfeas_ratelimit_rejections", "counter", "Requests refused by a rate limit, by limit scope and team.",
-       ("scope", "team")),
+    _d("orfeas_ratelimit_rejections", "counter", "Requests refused by a rate limit (429), by the scope that "
+       "refused (key, team, model), the limit (requests, tokens, concurrent), model and team.",
+       ("scope", "limit", "model", "team")),
     _d("orfeas_cache_lookups", "counter", "Cache lookups by cache and result (hit, miss).", ("cache", "result")),
     _d("orfeas_budget_spent_ratio", "gauge", "Share of a team's budget spent in its period.", ("team",)),
     # RAG and ingest
@@ -263,9 +264,11 @@ def llm_metrics(ttft_slo_s: float = 2.0, latency_slo_s: float = 30.0) -> LlmMetr
 
 
 @_safe
-def rate_limited(scope: str, team: str | None) -> None:
-    """A request refused by a rate limit (`scope`: key, team, model, ip — a fixed set)."""
-    metric("orfeas_ratelimit_rejections").inc(1, {"scope": scope, "team": team_label(team)})
+def rate_limited(scope: str, limit: str, team: str | None, model: str | None = None) -> None:
+    """A request refused by a rate limit (`scope`: key, team, model; `limit`: requests, tokens,
+    concurrent — fixed sets; `model`: a catalog id, as the limiter is asked after resolving)."""
+    metric("orfeas_ratelimit_rejections").inc(1, {"scope": scope, "limit": limit, "model": model or NONE,
+                                                  "team": team_label(team)})
 
 
 @_safe

@@ -32,6 +32,8 @@ TRACEPARENT = "traceparent"
 _tracer: Any = None       # the SDK tracer once configured (None: tracing is off in this process)
 _provider: Any = None
 _propagator: Any = None
+_kinds: dict[str, Any] = {}  # "server" -> SpanKind.SERVER, ... (looked up once, not per span)
+_current_span: Any = None    # opentelemetry.trace.get_current_span
 
 
 class NoSpan:
@@ -78,7 +80,7 @@ def enabled() -> bool:
 def configure(settings: TracingSettings, component: str) -> bool:
     """Install the SDK tracer for this process when `settings.enabled` (the first call wins; later
     calls, from other replicas in the same worker, keep it). Returns whether tracing is on."""
-    global _tracer, _provider, _propagator
+    global _tracer, _provider, _propagator, _current_span
     if _tracer is not None or not settings.enabled:
         return _tracer is not None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -86,6 +88,7 @@ def configure(settings: TracingSettings, component: str) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
     from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
+    from opentelemetry.trace import SpanKind, get_current_span
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     resource = Resource.create({"service.name": f"{settings.service_name}-{component}",
@@ -94,6 +97,8 @@ def configure(settings: TracingSettings, component: str) -> bool:
     exporter = OTLPSpanExporter(endpoint=settings.endpoint, timeout=settings.export_timeout_s)
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=settings.export_delay_ms))
     _provider, _propagator = provider, TraceContextTextMapPropagator()
+    _kinds.update({k.name.lower(): k for k in SpanKind})
+    _current_span = get_current_span
     _tracer = provider.get_tracer("orfeas")
     log.info("tracing on: %s-%s exports to %s, sampling %g", settings.service_name, component, settings.endpoint,
              settings.sample_ratio)
@@ -117,10 +122,7 @@ def span(name: str, attributes: Mapping[str, Any] | None = None, *, parent: Mapp
     recorded on it."""
     if _tracer is None:
         return NO_SPAN
-    from opentelemetry.trace import SpanKind
-
-    return _tracer.start_as_current_span(name, context=_context(parent), kind=SpanKind[kind.upper()],
-                                         attributes=attributes)
+    return _tracer.start_as_current_span(name, context=_context(parent), kind=_kinds[kind], attributes=attributes)
 
 
 def start(name: str, attributes: Mapping[str, Any] | None = None, *, parent: Mapping[str, str] | None = None,
@@ -128,9 +130,7 @@ def start(name: str, attributes: Mapping[str, Any] | None = None, *, parent: Map
     """A span its owner ends (`.end()`), not made current: for streams."""
     if _tracer is None:
         return NO_SPAN
-    from opentelemetry.trace import SpanKind
-
-    return _tracer.start_span(name, context=_context(parent), kind=SpanKind[kind.upper()], attributes=attributes)
+    return _tracer.start_span(name, context=_context(parent), kind=_kinds[kind], attributes=attributes)
 
 
 def current(s: Any):
@@ -172,20 +172,19 @@ def _attached(parent: Mapping[str, str]) -> Iterator[None]:
 
 
 def inject(s: Any = None) -> dict[str, str] | None:
-    """The W3C carrier of span `s` (or of the current span) for the next hop; None when off."""
+    """The W3C carrier of span `s` (or of the current span) for the next hop; None when off or
+    when there is no span."""
+    header = traceparent(s)
+    return {TRACEPARENT: header} if header else None
+
+
+def traceparent(s: Any = None) -> str | None:
+    """The `traceparent` header value of span `s` (or of the current span); None when off or when
+    there is no span. Formatted here from the span's context, as W3C Trace Context writes it (the
+    propagator's inject would build a context and a carrier per call to the same end)."""
     if _tracer is None:
         return None
-    ctx = None
-    if s is not None and s is not NO_SPAN:
-        from opentelemetry import trace
-
-        ctx = trace.set_span_in_context(s)
-    carrier: dict[str, str] = {}
-    _propagator.inject(carrier, context=ctx)
-    return carrier or None
-
-
-def traceparent(s: Any) -> str | None:
-    """The `traceparent` header value of a span (None when off or not sampled)."""
-    carrier = inject(s)
-    return carrier.get(TRACEPARENT) if carrier else None
+    ctx = (_current_span() if s is None or s is NO_SPAN else s).get_span_context()
+    if not ctx.is_valid:
+        return None
+    return f"00-{ctx.trace_id:032x}-{ctx.span_id:016x}-{ctx.trace_flags:02x}"

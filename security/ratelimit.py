@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from models.errors import APIError
+from observability import metrics
 
 
 @dataclass(frozen=True)
@@ -325,6 +326,7 @@ class Limiter:
                 needs.append((f"{prefix}:conc", "concurrent", lim.concurrent, 1.0))
         for bucket, kind, limit, amount in needs:
             if kind == "tokens" and amount > limit:
+                self._refused(bucket, kind, principal, model)
                 raise RateLimited(f"this request may use {int(amount)} tokens, over the limit of {limit} tokens "
                                   f"per minute for {bucket.rsplit(':', 1)[0]}: lower max_tokens", "max_tokens",
                                   headers=self._headers(needs, now))
@@ -333,13 +335,14 @@ class Limiter:
             loc = self.local.get(bucket)
             if loc is not None and loc.refusal is not None and now < loc.blocked_until and kind != "concurrent":
                 retry = max(1, math.ceil(loc.blocked_until - now))
+                self._refused(bucket, kind, principal, model)
                 raise RateLimited(loc.refusal.message.rsplit("; retry after", 1)[0] + f"; retry after {retry}s",
                                   None, headers={**self._headers(needs, now), "retry-after": str(retry)})
         if short:
             async with self._lock:  # one lease round at a time per replica
                 short = [n for n in needs if not self._local_has(n)]
                 if short:
-                    await self._lease(short, now)
+                    await self._lease(short, now, principal, model)
         # Everything is local now: spend it.
         for bucket, kind, _limit, amount in needs:
             loc = self.local[bucket]
@@ -359,7 +362,14 @@ class Limiter:
             return False
         return loc.free_slots >= 1 if kind == "concurrent" else loc.units >= amount
 
-    async def _lease(self, short: list[tuple[str, str, int, float]], now: float) -> None:
+    @staticmethod
+    def _refused(bucket: str, kind: str, principal, model: str | None) -> None:
+        """Count a 429: which scope (key, team, model) and which limit (requests, tokens,
+        concurrent) refused it; the key itself is no label (unbounded), its team is."""
+        metrics.rate_limited(bucket.split(":", 1)[0], kind, principal.team, model)
+
+    async def _lease(self, short: list[tuple[str, str, int, float]], now: float, principal,
+                     model: str | None) -> None:
         asks = []
         for bucket, kind, limit, amount in short:
             loc = self.local.setdefault(bucket, _Local())
@@ -392,6 +402,7 @@ class Limiter:
                                 f"{max(1, math.ceil(retry))}s", None, headers=headers)
             loc = self.local[a.bucket]
             loc.refusal, loc.blocked_until = error, now + min(retry, 1.0)  # look again within a second
+            self._refused(a.bucket, a.kind, principal, model)
             raise error
 
     def _return_idle(self, now: float) -> None:

@@ -169,10 +169,11 @@ class ChatModelServer(_Hosted):
                     span.set_attribute("gen_ai.server.time_to_first_token", time.perf_counter() - start)
                     first = False
                 if event.finish_reason:
-                    span.set_attribute("gen_ai.response.finish_reasons", [event.finish_reason])
+                    done: dict[str, Any] = {"gen_ai.response.finish_reasons": [event.finish_reason]}
                     if event.usage is not None:
-                        span.set_attributes({"gen_ai.usage.input_tokens": event.usage.prompt_tokens,
-                                             "gen_ai.usage.output_tokens": event.usage.completion_tokens})
+                        done.update({"gen_ai.usage.input_tokens": event.usage.prompt_tokens,
+                                     "gen_ai.usage.output_tokens": event.usage.completion_tokens})
+                    span.set_attributes(done)
                 yield event.model_dump()
         except BaseException as e:
             tracing.fail(span, e)

@@ -50,9 +50,18 @@ def chat(base: str, key: str, model: str, **kw) -> httpx.Response:
     return httpx.post(base + "/v1/chat/completions", json=body, headers=auth(key), timeout=60)
 
 
-def test_rate_limit_holds_across_both_replicas_with_openai_headers(platform):
+def rejections(metrics_port: int, *labels: str) -> float:
+    """orfeas_ratelimit_rejections as Ray's metrics export has it now, summed over every replica."""
+    text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
+               if ln.startswith("ray_orfeas_ratelimit_rejections_total{") and all(t in ln for t in labels))
+
+
+def test_rate_limit_holds_across_both_replicas_with_openai_headers(platform, metrics_port):
     base = platform["base"]
     key = new_key(platform, role="user", limits={"requests_per_minute": 20})
+    counted = ('scope="key"', 'limit="requests"', f'model="{ECHO}"', 'team="-"')
+    before = rejections(metrics_port, *counted)
 
     async def go():
         async with httpx.AsyncClient(timeout=60) as c:
@@ -82,6 +91,11 @@ def test_rate_limit_holds_across_both_replicas_with_openai_headers(platform):
     assert err.json()["error"]["type"] == "rate_limit_error" and err.json()["error"]["code"] == "rate_limit_exceeded"
     from security.ratelimit import counters
     assert len(ray.get(counters(platform["settings"].resolved_data_dir()).replicas.remote())) == 2
+    # Every 429 is counted, by the scope and the limit that refused it, on both replicas.
+    deadline = time.monotonic() + 60
+    while (seen := rejections(metrics_port, *counted) - before) < len(limited) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert seen == len(limited), (seen, len(limited))
 
 
 def test_budget_holds_under_200_concurrent_streams_across_both_replicas(platform):

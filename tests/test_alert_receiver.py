@@ -5,6 +5,7 @@ started by `orfeas monitoring up`'s code) sends to the receiver, which posts it 
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
 from email import message_from_bytes
@@ -48,6 +49,18 @@ def receiver(ray_cluster, serve_port, provider, tmp_path_factory):
         yield settings, f"http://127.0.0.1:{serve_port}", key, sink, mailbox
     smtp.stop()
     sink.stop()
+
+
+EVAL_S = 1  # the end-to-end test's rule group interval (and scrape interval)
+
+
+def evaluations(prometheus: str) -> float:
+    """How many times Prometheus has evaluated the e2e rule group (its own
+    prometheus_rule_group_iterations_total: every scheduled evaluation, run or missed)."""
+    for line in httpx.get(prometheus + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("prometheus_rule_group_iterations_total{") and ';e2e"' in line:
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError("Prometheus has not loaded the e2e rule group")
 
 
 def webhook(*alerts, status="firing"):
@@ -118,9 +131,9 @@ def test_a_latency_regression_fires_a_rule_through_alertmanager_to_slack(receive
 
     settings, base, key, sink, _ = receiver
     rules = tmp_path / "e2e.rules.yml"
-    rules.write_text(yaml.safe_dump({"groups": [{"name": "e2e", "interval": "1s", "rules": [
-        {"alert": "TTFTRegression",
-         "expr": 'sum by (model) (increase(ray_orfeas_llm_slo_requests_total{slo="ttft", met="false"}[1m])) > 0',
+    regression = 'sum by (model) (increase(ray_orfeas_llm_slo_requests_total{slo="ttft", met="false"}[1m])) > 0'
+    rules.write_text(yaml.safe_dump({"groups": [{"name": "e2e", "interval": f"{EVAL_S}s", "rules": [
+        {"alert": "TTFTRegression", "expr": regression,  # no `for:`: it fires on the first evaluation that holds
          "labels": {"severity": "warning", "team": "search"},
          "annotations": {"summary": "{{ $labels.model }}: time to first token over its SLO"}}]}]}))
     client = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60)
@@ -147,14 +160,40 @@ def test_a_latency_regression_fires_a_rule_through_alertmanager_to_slack(receive
         while not prom.get("/api/v1/query", params=missed).json()["data"]["result"]:
             assert time.monotonic() < deadline, "the SLO miss never reached Prometheus"
             time.sleep(0.5)
+        # Counted in the rule group's own evaluations (Prometheus' clock, not the test's): the last
+        # count read before a query of the rule's expression that did not hold yet (so before the
+        # regression's samples were in Prometheus), and the count as the Slack stand-in gets it.
+        at_slack: list[float] = []
+        sink.on_post = lambda path, body: at_slack.append(evaluations(out["prometheus"])) \
+            if path == "/slack/search" and "TTFTRegression" in body.get("text", "") else None
+        holds = {"query": regression}
+        not_yet = evaluations(out["prometheus"])
+        assert not prom.get("/api/v1/query", params=holds).json()["data"]["result"]
         for _ in range(2):
             assert client.post("/v1/chat/completions", json=ask).status_code == 200
         deadline = time.monotonic() + 60
+        while True:  # until Ray's export has reached Prometheus (its own delay, not the rule's)
+            n = evaluations(out["prometheus"])
+            if prom.get("/api/v1/query", params=holds).json()["data"]["result"]:
+                break
+            not_yet = n
+            assert time.monotonic() < deadline, "the regression never reached Prometheus"
+            time.sleep(0.05)
+        deadline = time.monotonic() + 60
         while not any("TTFTRegression" in b["text"] for b in sink.bodies("/slack/search")[before:]):
             assert time.monotonic() < deadline, prom.get("/api/v1/alerts").json()
-            time.sleep(0.2)
+            time.sleep(0.05)
         msg = next(b for b in sink.bodies("/slack/search")[before:] if "TTFTRegression" in b["text"])
         assert "remote: time to first token over its SLO" in msg["text"]
+        # Within two evaluation intervals: the rule has no `for:`, so the first evaluation that sees
+        # the samples fires it (two allow for an evaluation that ran while they were being appended
+        # or while this test was between reads); Prometheus hands it to Alertmanager at once, which
+        # holds a new group for its group_wait before posting to the receiver (which posts straight
+        # to Slack): that wait is counted apart, in evaluations too.
+        group_wait_s = float(monitoring.alertmanager_config(settings, "")["route"]["group_wait"].removesuffix("s"))
+        elapsed = at_slack[0] - not_yet
+        assert 1 <= elapsed <= 2 + math.ceil(group_wait_s / EVAL_S), (elapsed, group_wait_s)
     finally:
+        sink.on_post = None
         provider.slow_s = 0.0
         assert set(monitoring.down(settings)) == {"prometheus", "alertmanager"}

@@ -13,6 +13,7 @@ class WebhookSink:
     def __init__(self, port: int):
         self.port = port
         self.received: list[tuple[str, dict]] = []
+        self.on_post = None  # optional (path, body) -> None, called as a body arrives, before it is kept
         self._lock = threading.Lock()
         sink = self
 
@@ -22,6 +23,8 @@ class WebhookSink:
 
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers.get("content-length", 0))) or b"{}")
+                if sink.on_post is not None:
+                    sink.on_post(self.path, body)
                 with sink._lock:
                     sink.received.append((self.path, body))
                 if self.path.startswith("/pagerduty"):

@@ -25,27 +25,39 @@ def decided(s: Any, route: Any) -> None:
         return
     d = route.decision
     candidates = list(d.scores) + list(d.excluded) if d is not None else list(route.plan)
-    s.set_attributes({"orfeas.router.requested": route.requested, "orfeas.router.kind": route.kind,
-                      "orfeas.router.candidates": candidates, "orfeas.router.plan": list(route.plan),
-                      "orfeas.router.choice": route.plan[0] if route.plan else "",
-                      "orfeas.router.reason": route.reason[:500]})
+    # orfeas.router.requested is the span's from its start; the plan only when it has fallbacks.
+    attributes = {"orfeas.router.kind": route.kind, "orfeas.router.candidates": candidates,
+                  "orfeas.router.choice": route.plan[0] if route.plan else "",
+                  "orfeas.router.reason": route.reason[:500]}
+    if len(route.plan) > 1:
+        attributes["orfeas.router.plan"] = list(route.plan)
     if route.policy:
-        s.set_attribute("orfeas.router.policy", route.policy)
+        attributes["orfeas.router.policy"] = route.policy
     if route.experiment:
-        s.set_attributes({"orfeas.experiment": route.experiment, "orfeas.experiment.arm": route.arm or ""})
+        attributes.update({"orfeas.router.requested": route.requested, "orfeas.experiment": route.experiment,
+                           "orfeas.experiment.arm": route.arm or ""})
+    s.set_attributes(attributes)
 
 
 def opened(s: Any, model: str, attempts: list[tuple[str, str]]) -> None:
-    if s.is_recording():
-        s.set_attributes({"gen_ai.response.model": model,
-                          "orfeas.attempts": [f"{m}:{o}" for m, o in attempts]})
+    """The model that answered; the attempts only when there was more than the one that answered
+    (each attempt that reached a backend is a `backend.attempt` child span too)."""
+    if not s.is_recording():
+        return
+    if len(attempts) > 1:
+        s.set_attributes({"gen_ai.response.model": model, "orfeas.attempts": [f"{m}:{o}" for m, o in attempts]})
+    else:
+        s.set_attribute("gen_ai.response.model", model)
 
 
 def settled(s: Any, usage: Any, cost_usd: float, error: bool) -> None:
-    """The call's usage and cost, then the end of its span."""
+    """The call's usage and cost (when it has one), then the end of its span."""
     if s.is_recording():
-        s.set_attributes({"gen_ai.usage.input_tokens": usage.prompt_tokens,
-                          "gen_ai.usage.output_tokens": usage.completion_tokens, "orfeas.cost_usd": cost_usd})
+        attributes = {"gen_ai.usage.input_tokens": usage.prompt_tokens,
+                      "gen_ai.usage.output_tokens": usage.completion_tokens}
+        if cost_usd:
+            attributes["orfeas.cost_usd"] = cost_usd
         if error:
-            s.set_attribute("error.type", "stream_failed")
+            attributes["error.type"] = "stream_failed"
+        s.set_attributes(attributes)
     s.end()

@@ -22,16 +22,16 @@ class TracingMiddleware(HttpMiddleware):
                       None)
         method = scope.get("method", "")
         state = scope.setdefault("state", {})
-        attributes = {"http.request.method": method, "url.path": scope.get("path", ""), "orfeas.app": self.http.name,
+        # The app is the span's service (orfeas-<app>), not an attribute of its own.
+        attributes = {"http.request.method": method, "url.path": scope.get("path", ""),
                       "orfeas.request_id": state.get("request_id", "")}
         with tracing.span(f"{method} {scope.get('path', '')}", attributes, parent=parent, kind="server") as s:
             header = (_TRACEPARENT, (tracing.traceparent(s) or "").encode())
+            status = [0]
 
             async def send_(message: Message) -> None:
                 if message["type"] == "http.response.start":
-                    s.set_attribute("http.response.status_code", message["status"])
-                    if message["status"] >= 500:
-                        s.set_attribute("error.type", str(message["status"]))
+                    status[0] = message["status"]
                     if header[1]:
                         message["headers"] = [*(h for h in message.get("headers", ()) if h[0].lower() != _TRACEPARENT),
                                               header]
@@ -41,5 +41,10 @@ class TracingMiddleware(HttpMiddleware):
                 await self.app(scope, receive, send_)
             finally:
                 route = route_label(scope)
-                s.set_attribute("http.route", route)
+                end = {"http.route": route}  # set once, at the end: one attribute update per span
+                if status[0]:
+                    end["http.response.status_code"] = status[0]
+                    if status[0] >= 500:
+                        end["error.type"] = str(status[0])
+                s.set_attributes(end)
                 s.update_name(f"{method} {route}")
