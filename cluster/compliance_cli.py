@@ -168,8 +168,10 @@ privacy_app = typer.Typer(help="Data subjects: erasure with crypto-shredding.", 
 @privacy_app.command("erase")
 def privacy_erase(subject: Annotated[str, typer.Option("--subject", help="The data subject's id.")],
                   config: ConfigOpt = None, as_json: JsonOpt = False):
-    """Remove a data subject's chunks from every collection and crypto-shred their data key."""
-    from rag.erasure import erase_subject
+    """Erase a data subject: their chunks from every collection (their data key crypto-shredded),
+    their usage-ledger details and their workflow runs (agents/privacy.py; also POST
+    /v1/admin/privacy/erase)."""
+    from agents.privacy import erase_subject
 
     settings = connected(config)
     try:
@@ -180,4 +182,5 @@ def privacy_erase(subject: Annotated[str, typer.Option("--subject", help="The da
         return print_json(out)
     docs = sum(out["documents"].values())
     console.print(f"subject {subject}: {docs} document(s) removed from {len(out['documents'])} collection(s), "
-                  f"{len(out['shredded_keys'])} data key(s) shredded")
+                  f"{len(out['shredded_keys'])} data key(s) shredded, {out['ledger']['changed']} ledger record(s) "
+                  f"scrubbed, {len(out['workflow_runs'])} workflow run(s) removed")
