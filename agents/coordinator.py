@@ -27,6 +27,7 @@ from agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, 
 from agents.checkpoints import RUN_ID, CheckpointStore
 from security.audit import audit_event
 from security.encryption import field_cipher
+from security.log_redaction import install_log_redaction
 from agents.engine import RunExecutor, StepFailed
 from agents.expressions import ExpressionError, render
 from agents.metrics import WorkflowMetrics
@@ -131,6 +132,7 @@ class Coordinator:
         self._resumed_at_start: list[str] = []
         self.traces: dict[str, dict[str, str]] = {}  # run id -> the W3C carrier of the request that started it
         tracing.configure(self.settings.tracing, "coordinator")
+        install_log_redaction(self.settings)  # run errors it logs may quote user content (pii.logs)
         self._started = False
 
     # ------------------------------------------------------------ lifecycle

@@ -753,6 +753,8 @@ class PiiSettings(_Section):
     min_score: float = Field(0.4, ge=0, le=1, description="Lowest Presidio score kept (phone numbers score 0.4).")
     ingest: Literal["off", "tag", "redact"] = Field("off", description="Chunks: tag pii:<TYPE>, or redact them.")
     audit: Literal["off", "redact"] = Field("redact", description="Audit details never carry raw PII.")
+    logs: Literal["off", "redact"] = Field("redact", description="ORFEAS's log records never carry raw PII "
+                                           "(security/log_redaction.py).")
 
 
 def _default_catalog() -> list[ModelSpec]:
