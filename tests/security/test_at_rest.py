@@ -321,3 +321,51 @@ def test_erasure_removes_the_subject_and_shreds_their_key(platform, tmp_path):
     erased = [e for e in entries if e["action"] == "privacy.erase" and e["request_id"] == "req-erase-s42"]
     assert len(erased) == 1 and erased[0]["outcome"] == "ok" and erased[0]["details"]["workflow_runs"]
     assert any(e["action"] == "auth.denied" and e["details"].get("required") == "privacy:erase" for e in entries)
+
+
+def test_retention_removes_what_is_older_than_its_period(platform, tmp_path):
+    """Last in this module (it expires the platform's data): the retention job's work on the
+    real stores, with the clock moved on instead of waiting."""
+    import os
+
+    from agents.retention import enforce_retention
+    from analytics.ledger import ledger
+    from rag.store import open_store
+
+    settings, base, admin = platform
+    logs = tmp_path / "logs"
+    (logs / "old").mkdir(parents=True)
+    (logs / "old" / "gateway.log").write_text("old line\n")
+    (logs / "fresh.log").write_text("fresh line\n")
+    os.utime(logs / "old" / "gateway.log", (time.time() - 40 * 86400,) * 2)
+    book = ledger(settings.resolved_data_dir(), settings)
+    ray.get(book.record.remote([{"response_id": "resp-retained", "key_id": "k", "cost_usd": 0.1}]))
+    runs_dir = settings.resolved_data_dir() / "workflows" / "runs"
+    store = open_store(settings)
+    docs = [c for c in store.list_collections() if c.startswith("docs__")]
+    docs_before = {p["doc_id"] for c in docs for p in store.scroll_payloads(c, ["doc_id"])}
+    assert docs_before and store.scroll_payloads("people__v1", ["doc_id"])
+
+    kept = settings.model_copy(deep=True)
+    kept.retention = type(settings.retention)(collections={"people": 1.0}, usage_events_days=400,
+                                              workflow_runs_days=30, logs_days=30, log_dirs=[str(logs)])
+    # Two days on: the people collection's documents (dated at ingest: now) have expired, nothing else.
+    out = enforce_retention(kept, now=time.time() + 2 * 86400, actor="test")
+    assert out["collections"]["removed"] == {"people__v1": 1} and store.scroll_payloads("people__v1", ["doc_id"]) == []
+    assert {p["doc_id"] for c in docs for p in store.scroll_payloads(c, ["doc_id"])} == docs_before
+    assert out["usage_events"]["dropped"] == 0 and out["workflow_runs"] == []
+    assert out["logs"]["files"] == 1 and not (logs / "old").exists() and (logs / "fresh.log").exists()
+
+    # A year and a half on: the ledger's records and the finished runs are gone; a run still
+    # awaiting approval is not finished, so it stays.
+    out = enforce_retention(kept, now=time.time() + 500 * 86400, actor="test")
+    assert out["usage_events"]["dropped"] >= 1 and ray.get(book.entry.remote("resp-retained")) is None
+    assert out["workflow_runs"], out
+    for run_id in out["workflow_runs"]:
+        assert not (runs_dir / run_id).exists()
+    left = [p.name for p in runs_dir.iterdir()]
+    assert left, "the run awaiting approval is kept"
+    r = httpx.get(base + f"/v1/workflows/runs/{left[0]}", headers={"Authorization": f"Bearer {admin}"}, timeout=60)
+    assert r.status_code == 200 and r.json()["status"] == "awaiting_approval"
+    entries = audit_entries_until(settings, [("retention.enforce", "")])
+    assert [e["outcome"] for e in entries if e["action"] == "retention.enforce"] == ["ok", "ok"]
