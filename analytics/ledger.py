@@ -218,6 +218,8 @@ class Ledger:
                 continue
             changed += new != rec
             kept.append(new)
+        if not changed and not dropped:  # nothing to do: the file stays as it is
+            return {"changed": 0, "dropped": 0}
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".usage.")
         with os.fdopen(fd, "w") as f:
             f.write("".join(json.dumps(self._seal(r), separators=(",", ":")) + "\n" for r in kept))

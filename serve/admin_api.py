@@ -325,9 +325,10 @@ class ErasureResult(BaseModel):
 @admin_router.post("/privacy/erase", response_model=ErasureResult, openapi_extra=SECURED)
 async def erase_subject(body: Erasure, request: Request,
                         caller: Principal = Depends(permitted("privacy:erase"))) -> dict:
-    """Erase a data subject (audited as `privacy.erase` by the erasure itself). It runs as a Ray
-    task: the vector store and the other actors are reached from there, not from this replica."""
-    import ray
+    """Erase a data subject (audited as `privacy.erase` by the erasure itself): actor calls to the
+    key store, the vector store's owner, the key ring, the ledger and the coordinator, made from a
+    thread so the replica's event loop keeps serving."""
+    import asyncio
 
     from agents.privacy import erase_subject as erase
     from security.encryption import subject_scope
@@ -338,13 +339,6 @@ async def erase_subject(body: Erasure, request: Request,
     except ValueError as e:
         raise InvalidRequest(str(e), "subject") from None
     settings = http_state(request.app).settings
-    task = ray.remote(num_cpus=0, max_retries=0)(erase)
-    try:
-        return await task.remote(settings, body.subject, actor=caller.key_id,
-                                 request_id=getattr(request.state, "request_id", "") or "",
-                                 source=request.client.host if request.client else "")
-    except Exception as e:
-        cause = getattr(e, "cause", None) or unwrap(e)
-        if isinstance(cause, ValueError):
-            raise InvalidRequest(str(cause), "subject") from None
-        raise
+    return await asyncio.to_thread(erase, settings, body.subject, actor=caller.key_id,
+                                   request_id=getattr(request.state, "request_id", "") or "",
+                                   source=request.client.host if request.client else "")

@@ -141,6 +141,37 @@ def test_auditor_api_filters_and_is_closed_to_users(platform):
     assert r.status_code == 403 and r.json()["error"]["type"]
 
 
+def test_an_answers_lineage_names_the_collection_version_points_documents_and_ingest(platform):
+    from rag.lineage import LineageNotFound, answer_lineage
+
+    settings, base, admin = platform
+    a = {"Authorization": f"Bearer {admin}"}
+    r = httpx.post(base + "/v1/rag/query", headers={**a, "x-request-id": "req-lineage"}, timeout=120,
+                   json={"query": "Who guards locker ZQX-4471?", "top_k": 2})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    cited = {cid for c in answer["citations"] for cid in c["position"]["chunk_ids"]}
+    assert cited
+    deadline = time.monotonic() + 60
+    while True:  # the audit entry is sent without waiting
+        try:
+            out = answer_lineage(settings, answer["id"])
+            break
+        except LineageNotFound:
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert out["collection"] == "docs" and out["collection_version"] == "docs__v1"
+    assert set(out["points"]) == cited and out["request_id"] == "req-lineage"
+    assert {d["doc_id"] for d in out["documents"]} == {c["doc_id"] for c in answer["citations"]}
+    assert all(d["version"] and d["source"].endswith("protocol.md") for d in out["documents"])
+    over_http = httpx.get(base + f"/v1/audit/lineage/{answer['id']}", headers=a, timeout=60)
+    assert over_http.status_code == 200 and over_http.json()["points"] == out["points"]
+    assert httpx.get(base + "/v1/audit/lineage/rag-nope", headers=a, timeout=60).status_code == 404
+    _, user = make_key(settings, "user")
+    assert httpx.get(base + f"/v1/audit/lineage/{answer['id']}", headers={"Authorization": f"Bearer {user}"},
+                     timeout=60).status_code == 403
+
+
 def audit_entries_until(settings, wanted, timeout_s: float = 60.0) -> list[dict]:
     """The decrypted audit entries once every `wanted` (action, target) pair is among them (audit
     events are sent without waiting)."""
@@ -161,8 +192,11 @@ def test_admin_writes_denials_and_approvals_are_audited_with_their_request_ids(p
     _, user = make_key(settings, "user")
     a = {"Authorization": f"Bearer {admin}"}
 
+    sent = []
+
     def call(method, path, key=a, **kw):
-        rid = f"req-{method.lower()}-{path.strip('/').replace('/', '-')}"
+        sent.append(path)
+        rid = f"req-{len(sent)}-{method.lower()}-{path.strip('/').replace('/', '-')}"
         r = httpx.request(method, base + path, headers={**key, "x-request-id": rid}, timeout=60, **kw)
         return r, rid
 
