@@ -37,7 +37,7 @@ def answer_lineage(settings: Settings, answer_id: str, *, store=None) -> dict[st
     query, ingests = None, []
     for e in read_entries(audit_dir(settings), field_cipher(settings)):
         d = e.get("details") or {}
-        if e["action"] == "data.ingest":
+        if e["action"] in ("data.ingest", "data.ingest.run"):  # asked for over HTTP; a job's run
             ingests.append(e)
         elif e["action"] == "data.query" and isinstance(d, dict) and d.get("answer_id") == answer_id:
             query = e
@@ -58,5 +58,7 @@ def answer_lineage(settings: Settings, answer_id: str, *, store=None) -> dict[st
             "collection": target.removeprefix("collection:"), "collection_version": version,
             "points": d.get("points", []), "documents": docs,
             "ingest_runs": [{"run_id": (i.get("details") or {}).get("run_id"), "ts": i["ts"], "actor": i["actor"],
-                             "source": (i.get("details") or {}).get("source")}
+                             "source": (i.get("details") or {}).get("source"),
+                             "job_id": (i.get("details") or {}).get("job_id"),
+                             "version_collection": (i.get("details") or {}).get("version_collection")}
                             for i in ingests if i["target"] == target]}

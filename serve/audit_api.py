@@ -95,10 +95,12 @@ class LineageDocument(BaseModel):
 
 
 class LineageIngest(BaseModel):
-    run_id: str | None
+    run_id: str | None = Field(None, description="An ingest asked for over HTTP: its run id.")
     ts: float
     actor: str
-    source: str | None
+    source: str | None = None
+    job_id: str | None = Field(None, description="An ingest run: the Ray job that ran it.")
+    version_collection: str | None = Field(None, description="An ingest run: the collection version it wrote.")
 
 
 class Lineage(BaseModel):

@@ -164,6 +164,8 @@ def test_an_answers_lineage_names_the_collection_version_points_documents_and_in
     assert set(out["points"]) == cited and out["request_id"] == "req-lineage"
     assert {d["doc_id"] for d in out["documents"]} == {c["doc_id"] for c in answer["citations"]}
     assert all(d["version"] and d["source"].endswith("protocol.md") for d in out["documents"])
+    runs = [r for r in out["ingest_runs"] if r["version_collection"] == "docs__v1"]
+    assert runs and runs[0]["job_id"] and runs[0]["ts"] <= out["ts"]  # the fixture's ingest job
     over_http = httpx.get(base + f"/v1/audit/lineage/{answer['id']}", headers=a, timeout=60)
     assert over_http.status_code == 200 and over_http.json()["points"] == out["points"]
     assert httpx.get(base + "/v1/audit/lineage/rag-nope", headers=a, timeout=60).status_code == 404
