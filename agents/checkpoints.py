@@ -111,3 +111,19 @@ class CheckpointStore:
     def events(self, run_id: str) -> list[dict[str, Any]]:
         text = self._read(self._path(run_id, "events.jsonl")) or ""
         return [json.loads(self._open(line, run_id, "event")) for line in text.splitlines() if line.strip()]
+
+    def delete(self, run_id: str) -> bool:
+        """Remove a run's checkpoint and events (erasure, retention); False when there was none."""
+        folder = self._path(run_id, "").rstrip("/")
+        if self.local:
+            import shutil
+
+            if not Path(folder).exists():
+                return False
+            shutil.rmtree(folder)
+            return True
+        try:
+            self.fs.rm(folder, recursive=True)
+        except FileNotFoundError:
+            return False
+        return True

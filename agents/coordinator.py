@@ -27,6 +27,7 @@ from agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, 
 from agents.checkpoints import RUN_ID, CheckpointStore
 from security.audit import audit_event
 from security.encryption import field_cipher
+from security.log_redaction import install_log_redaction
 from agents.engine import RunExecutor, StepFailed
 from agents.expressions import ExpressionError, render
 from agents.metrics import WorkflowMetrics
@@ -131,6 +132,7 @@ class Coordinator:
         self._resumed_at_start: list[str] = []
         self.traces: dict[str, dict[str, str]] = {}  # run id -> the W3C carrier of the request that started it
         tracing.configure(self.settings.tracing, "coordinator")
+        install_log_redaction(self.settings)  # run errors it logs may quote user content (pii.logs)
         self._started = False
 
     # ------------------------------------------------------------ lifecycle
@@ -516,18 +518,22 @@ class Coordinator:
         return self._summary(self._load(run_id))
 
     async def approve(self, run_id: str, step_id: str | None = None, by: str = "anonymous", approved: bool = True,
-                      comment: str = "", owner: str | None = None) -> dict:
-        run = self._load(run_id)
-        self._check_owner(run, owner)
+                      comment: str = "", owner: str | None = None, request_id: str = "", source: str = "") -> dict:
+        action = "workflow.approve" if approved else "workflow.reject"
+        where = {"actor": by, "target": f"run:{run_id}", "request_id": request_id, "source": source}
         try:
+            run = self._load(run_id)
+            self._check_owner(run, owner)
             new = sch.approve(run, step_id, by, approved, comment)
-        except sch.ApprovalError as e:
-            raise Conflict(str(e), "step") from None
+        except (NotFound, sch.ApprovalError) as e:  # a refused approval is audited too
+            audit_event(self.settings, action, {"step": step_id, "reason": str(e)[:300]}, outcome="error", **where)
+            if isinstance(e, sch.ApprovalError):
+                raise Conflict(str(e), "step") from None
+            raise
         settled = next(s for s in new.steps if new.steps[s].approved_by and not run.steps[s].approved_by)
         executor = self.runs.get(run_id)
         event = "step.approved" if approved else "step.rejected"
-        audit_event(self.settings, "workflow.approve" if approved else "workflow.reject", {"step": settled},
-                    actor=by, target=f"run:{run_id}")
+        audit_event(self.settings, action, {"step": settled}, **where)
         if executor is not None and run_id in self.drivers:
             await executor.update(new, event, {"step": settled, "by": by, "comment": comment})
         else:
@@ -549,6 +555,40 @@ class Coordinator:
         self.store.save(run)
         await self._drive(run, "run.resumed")
         return {**self._summary(run), "resumed": True}
+
+    # ------------------------------------------------------------ erasure and retention
+
+    async def delete_runs(self, owners: list[str] | None = None, user: str = "",
+                          finished_before: float | None = None) -> list[str]:
+        """Remove runs from memory and disk: a data subject's (`owners`: the key ids that started
+        them, or `user`: whose principal they ran for), running ones cancelled first; or, for
+        retention, the runs that finished before `finished_before`. Returns their ids."""
+        await self._start_once()
+        owners_ = set(owners or ())
+        gone = []
+        for run_id in self.store.run_ids():
+            run = self.runs[run_id].run if run_id in self.runs else self.store.load(run_id)
+            if run is None:
+                continue
+            if finished_before is not None:
+                hit = run.status in sch.TERMINAL_RUN and (run.finished_at or run.created_at) < finished_before
+            else:
+                hit = run.owner in owners_ or bool(user and run.caller is not None and run.caller.user == user)
+            if not hit:
+                continue
+            driver = self.drivers.pop(run_id, None)
+            if driver is not None:
+                driver.cancel()
+                await asyncio.wait([driver], timeout=CANCEL_WAIT_S)
+            self.runs.pop(run_id, None)
+            for key in [k for k in self.registry if k[0] == run_id]:  # its own agents
+                self._release(self.registry.pop(key))
+            self.events.pop(run_id, None)
+            self.changed.pop(run_id, None)
+            self.traces.pop(run_id, None)
+            self.store.delete(run_id)
+            gone.append(run_id)
+        return gone
 
     # ------------------------------------------------------------ registered workflows
 

@@ -199,6 +199,58 @@ class Ledger:
         return {"response_id": response_id, "score": score, "experiment": entry.get("experiment"),
                 "arm": entry.get("arm"), "model": entry.get("model")}
 
+    # ------------------------------------------------------------ erasure and retention
+
+    def _rewrite(self, change) -> dict[str, int]:
+        """Rewrite the file through `change(record) -> record | None` (None drops it), atomically,
+        and rebuild the totals from what is left. Returns how many records were changed and dropped."""
+        import tempfile
+
+        kept, changed, dropped = [], 0, 0
+        for line in self.path.read_text().splitlines() if self.path.exists() else []:
+            try:
+                rec = self._open(json.loads(line))
+            except ValueError:
+                continue
+            new = change(rec)
+            if new is None:
+                dropped += 1
+                continue
+            changed += new != rec
+            kept.append(new)
+        if not changed and not dropped:  # nothing to do: the file stays as it is
+            return {"changed": 0, "dropped": 0}
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".usage.")
+        with os.fdopen(fd, "w") as f:
+            f.write("".join(json.dumps(self._seal(r), separators=(",", ":")) + "\n" for r in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)  # the old file (the erased ciphertext with it) is gone at once
+        self.entries, self.by_id, self.feedback, self.spent = [], {}, {}, {}
+        for rec in kept:
+            self._apply(rec)
+        return {"changed": changed, "dropped": dropped}
+
+    def erase_subject(self, user: str, key_ids: list[str] | None = None) -> dict[str, int]:
+        """Remove a data subject's details: every record of their calls (theirs by `user`, or made
+        with one of `key_ids`) keeps only its figures (tokens, cost, model, key, team), so the
+        spend totals stay right; their request metadata, their user id and their feedback
+        comments are gone from the file and from memory."""
+        keys = set(key_ids or ())
+        theirs = {e.get("response_id") for e in self.entries
+                  if e.get("response_id") and ((user and e.get("user") == user) or e.get("key_id") in keys)}
+
+        def scrub(rec: dict[str, Any]) -> dict[str, Any]:
+            mine = (user and rec.get("user") == user) or rec.get("key_id") in keys or \
+                (rec.get("type") == "feedback" and rec.get("response_id") in theirs)
+            return {k: v for k, v in rec.items() if k not in CONTENT_FIELDS} if mine else rec
+
+        return self._rewrite(scrub)
+
+    def expire(self, before: float) -> dict[str, int]:
+        """Retention: drop every record (usage and feedback) older than `before` (epoch seconds)."""
+        return self._rewrite(lambda rec: rec if float(rec.get("ts") or 0) >= before else None)
+
     def experiment_rows(self, name: str) -> list[dict[str, Any]]:
         return [{**e, "feedback": self.feedback.get(e.get("response_id") or "", [])}
                 for e in self.entries if e.get("experiment") == name]

@@ -165,11 +165,19 @@ def _bootstrap_create(settings: Settings, config, role, allowed, name, team, bud
     connected(config)
     err.print("no admin credential (--key, $ORFEAS_API_KEY, orfeas login): creating the key in the key store "
               "directly (bootstrap)")
+    from cluster.compliance_cli import cli_actor
+    from security.audit import audit_event
+
+    details = {"role": role, "name": name, "team": team, "models": allowed, "bootstrap": True}
     try:
-        return ray.get(keystore(settings.resolved_data_dir()).create.remote(
+        record, key = ray.get(keystore(settings.resolved_data_dir()).create.remote(
             role, allowed, name, team, budget_usd, budget_period, roles=roles))
     except ray.exceptions.RayTaskError as e:
+        audit_event(settings, "admin.key.create", {**details, "reason": str(getattr(e, "cause", e))[:300]},
+                    actor=cli_actor(), outcome="error")
         fail(str(getattr(e, "cause", e)), 2)
+    audit_event(settings, "admin.key.create", details, actor=cli_actor(), target=f"key:{record['id']}", wait=True)
+    return record, key
 
 
 # What the RayService's pods read as auth.bootstrap_key_env (kuberay/base/rayservice.yaml).

@@ -120,6 +120,10 @@ def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Se
         store = keystore(settings.resolved_data_dir())
         if not ray.get(store.has_admin.remote()):
             record, key = ray.get(store.create.remote("admin", None, "admin (created by orfeas up)"))
+            from security.audit import audit_event
+
+            audit_event(settings, "admin.key.create", {"role": "admin", "name": record["name"], "bootstrap": True},
+                        actor=compliance_cli.cli_actor(), target=f"key:{record['id']}", wait=True)
             console.print(f"\n[bold]Admin API key[/] (shown once, only its hash is stored): [bold green]{key}[/]\n", soft_wrap=True)
         else:  # its key was printed when it was made; only its hash is kept
             console.print("An admin API key exists already (printed once when it was made). Lost it? Make another "

@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
     app.add_typer(encryption_app, name="encryption")
     app.add_typer(privacy_app, name="privacy")
+    app.command("lineage")(lineage)
 
 
 def cli_actor() -> str:
@@ -168,8 +169,10 @@ privacy_app = typer.Typer(help="Data subjects: erasure with crypto-shredding.", 
 @privacy_app.command("erase")
 def privacy_erase(subject: Annotated[str, typer.Option("--subject", help="The data subject's id.")],
                   config: ConfigOpt = None, as_json: JsonOpt = False):
-    """Remove a data subject's chunks from every collection and crypto-shred their data key."""
-    from rag.erasure import erase_subject
+    """Erase a data subject: their chunks from every collection (their data key crypto-shredded),
+    their usage-ledger details and their workflow runs (agents/privacy.py; also POST
+    /v1/admin/privacy/erase)."""
+    from agents.privacy import erase_subject
 
     settings = connected(config)
     try:
@@ -180,4 +183,28 @@ def privacy_erase(subject: Annotated[str, typer.Option("--subject", help="The da
         return print_json(out)
     docs = sum(out["documents"].values())
     console.print(f"subject {subject}: {docs} document(s) removed from {len(out['documents'])} collection(s), "
-                  f"{len(out['shredded_keys'])} data key(s) shredded")
+                  f"{len(out['shredded_keys'])} data key(s) shredded, {out['ledger']['changed']} ledger record(s) "
+                  f"scrubbed, {len(out['workflow_runs'])} workflow run(s) removed")
+
+
+def lineage(answer_id: Annotated[str, typer.Argument(help="A RAG answer's id (rag-...).")],
+            config: ConfigOpt = None, as_json: JsonOpt = False):
+    """A RAG answer's lineage: the collection version and points it cited, their documents (and
+    their current version), the ingest runs that wrote the collection (rag/lineage.py)."""
+    from rag.lineage import LineageNotFound, answer_lineage
+
+    settings = connected(config)
+    try:
+        out = answer_lineage(settings, answer_id)
+    except LineageNotFound as e:
+        fail(str(e), 1)
+    if as_json:
+        return print_json(out)
+    console.print(f"answer {answer_id} ({time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(out['ts']))} UTC, by "
+                  f"{out['actor']}, request {out['request_id'] or '-'})", highlight=False)
+    console.print(f"  collection {out['collection']} version {out['collection_version'] or '-'}: "
+                  f"{len(out['points'])} cited point(s)", highlight=False)
+    for d in out["documents"]:
+        console.print(f"  document {d['doc_id']} {d['source']} version {d.get('version') or 'gone'}", highlight=False)
+    for r in out["ingest_runs"]:
+        console.print(f"  ingest run {r['run_id']} by {r['actor']} from {r['source']}", highlight=False)

@@ -755,6 +755,33 @@ class PiiSettings(_Section):
     min_score: float = Field(0.4, ge=0, le=1, description="Lowest Presidio score kept (phone numbers score 0.4).")
     ingest: Literal["off", "tag", "redact"] = Field("off", description="Chunks: tag pii:<TYPE>, or redact them.")
     audit: Literal["off", "redact"] = Field("redact", description="Audit details never carry raw PII.")
+    logs: Literal["off", "redact"] = Field("redact", description="ORFEAS's log records never carry raw PII "
+                                           "(security/log_redaction.py).")
+
+
+class RetentionSettings(_Section):
+    """How long data is kept, in days (null: for ever); `python -m jobs.retention` enforces it, a
+    RayCronJob (kuberay/base/raycronjob-retention.yaml) schedules it."""
+
+    collections: dict[str, float] = Field(default_factory=dict, description="Logical collection -> days: "
+                                          "documents whose date (the record's, else the file's mtime) is older "
+                                          "are removed from every version of it.")
+    collection_days: float | None = Field(None, gt=0, description="The same for collections not named above.")
+    usage_events_days: float | None = Field(400.0, ge=31, description="Usage-ledger records (calls, feedback); "
+                                            "at least 31 days, so a monthly budget always sees its whole month.")
+    logs_days: float | None = Field(30.0, gt=0, description="Files under log_dirs (on the node that holds the "
+                                    "data directory), by modification time; Ray's own session logs rotate by "
+                                    "size and, on Kubernetes, live and die with their pod.")
+    workflow_runs_days: float | None = Field(90.0, gt=0, description="Finished workflow runs (checkpoint and "
+                                             "events), counted from when they finished.")
+    log_dirs: list[str] = Field(default_factory=list, description="Log folders to prune; empty: data_dir/logs.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RetentionSettings":
+        bad = {k: v for k, v in self.collections.items() if not v > 0}
+        if bad:
+            raise ValueError(f"retention.collections: days must be positive, not {bad}")
+        return self
 
 
 def _default_catalog() -> list[ModelSpec]:
@@ -786,6 +813,7 @@ class Settings(BaseSettings):
     encryption: EncryptionSettings = Field(default_factory=EncryptionSettings)
     audit: AuditSettings = Field(default_factory=AuditSettings)
     pii: PiiSettings = Field(default_factory=PiiSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
 
     @model_validator(mode="after")
     def _check_router(self) -> "Settings":

@@ -37,6 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     from observability import tracing
 
     tracing.configure(settings.tracing, "ingest")
+    from security.log_redaction import install_log_redaction
+
+    install_log_redaction(settings)  # the job's log lines never carry raw PII (pii.logs)
     if not ray.is_initialized():
         ray.init(address=settings.ray.address or None, namespace=ACTOR_NAMESPACE, log_to_driver=False)
     ctx = ray.data.DataContext.get_current()

@@ -15,7 +15,9 @@ from security.keyring import check_scope
 from security.encryption import subject_scope
 
 
-def erase_subject(settings: Settings, subject: str, *, actor: str = "") -> dict[str, Any]:
+def erase_subject(settings: Settings, subject: str, *, actor: str = "", audit: bool = True) -> dict[str, Any]:
+    """The subject's chunks and data key (`audit` False: the caller audits the whole erasure,
+    agents/privacy.py, which also removes their ledger details and workflow runs)."""
     import ray
 
     from rag.store import open_store
@@ -36,5 +38,6 @@ def erase_subject(settings: Settings, subject: str, *, actor: str = "") -> dict[
     shred = ray.get(key_service(settings).call.remote("shred", scope)) if settings.encryption.enabled else {"keys": []}
     forget_ciphers()
     out = {"subject": subject, "documents": removed, "shredded_keys": shred["keys"]}
-    audit_event(settings, "privacy.erase", out, actor=actor, target=scope, wait=True)
+    if audit:
+        audit_event(settings, "privacy.erase", out, actor=actor, target=scope, wait=True)
     return out

@@ -348,7 +348,22 @@ def run_ingest(source: str, collection: str | None = None, *, settings: Settings
         s.set_attributes({"orfeas.ingest.collection": summary.collection, "orfeas.ingest.files": summary.files,
                           "orfeas.ingest.chunks": summary.chunks, "orfeas.ingest.failed": len(summary.failed),
                           "orfeas.ingest.chunks_per_s": summary.chunks_per_s})
+        _audit_run(settings or load_settings(), summary)
         return summary
+
+
+def _audit_run(settings: Settings, summary: IngestSummary) -> None:
+    """The run in the audit chain (`data.ingest.run`): which Ray job wrote which collection
+    version; an answer's lineage (rag/lineage.py) leads back to it."""
+    import ray
+
+    from security.audit import audit_event
+
+    job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else ""
+    audit_event(settings, "data.ingest.run", {"job_id": job, "version_collection": summary.version_collection,
+                                              "documents": summary.documents, "indexed": summary.indexed,
+                                              "chunks": summary.chunks, "failed": len(summary.failed)},
+                actor=f"job:{job}" if job else "ingest", target=f"collection:{summary.collection}")
 
 
 def _run_ingest(source: str, collection: str | None, *, settings: Settings | None, rebuild: bool, store,

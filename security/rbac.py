@@ -35,6 +35,7 @@ PERMISSIONS: tuple[str, ...] = (
     "budgets:manage", "limits:manage",
     "usage:read_own", "usage:read_all",
     "audit:read",
+    "privacy:erase",
     "admin:settings",
     "endpoints:call",
 )

@@ -13,6 +13,10 @@ annotations: FastAPI reads the route signatures).
     GET    /v1/admin/users                budgets:manage
     PUT    /v1/admin/users/{id}/budget    budgets:manage
     GET    /v1/admin/roles                roles:read     built-in and configured roles and what they grant
+    POST   /v1/admin/privacy/erase        privacy:erase  erase a data subject everywhere (agents/privacy.py)
+
+Every write is audited (`admin.<what>.<verb>`: who, the target, the outcome, the request id and
+what changed, never a key's secret); a refused one with outcome `denied`, a failed one `error`.
 
 The routes are an `APIRouter` the gateway includes: they reach the key store through the
 Authenticator the HTTP layer configured. Nobody hands out more than they hold: a key's role may
@@ -20,7 +24,8 @@ grant only what the caller's role grants.
 """
 
 import time
-from typing import Any, Literal
+from contextlib import contextmanager
+from typing import Any, Iterator, Literal
 
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -29,6 +34,7 @@ from models.errors import InvalidRequest, NotFound, PermissionDenied
 from security.auth import Principal
 from security.rbac import PERMISSIONS
 from serve.http import http_state, permitted, unwrap
+from serve.http.auth import audit_request
 
 # Every admin route takes a bearer key (named here: the layer's OpenAPI pass sees only the app's
 # own routes, not an included router's).
@@ -151,6 +157,25 @@ async def _store_call(request: Request, method: str, *args, **kwargs) -> Any:
         raise
 
 
+@contextmanager
+def _audited(request: Request, caller: Principal, action: str, target: str,
+             details: dict[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+    """Audit the admin write inside the block: `ok` with the details (the block may add to
+    them), `denied` when a permission refused it, `error` with the reason otherwise."""
+    note: dict[str, Any] = {"target": target, "details": dict(details or {})}
+    try:
+        yield note
+    except PermissionDenied as e:
+        audit_request(request, action, "denied", {**note["details"], "reason": str(e)[:300]}, caller.key_id,
+                      note["target"])
+        raise
+    except Exception as e:
+        audit_request(request, action, "error", {**note["details"], "reason": str(e)[:300] or type(e).__name__},
+                      caller.key_id, note["target"])
+        raise
+    audit_request(request, action, "ok", note["details"], caller.key_id, note["target"])
+
+
 def _check_role(request: Request, caller: Principal, role: str) -> None:
     table = _auth(request).roles
     if role not in table:
@@ -191,14 +216,16 @@ async def list_keys(request: Request, _: Principal = Depends(permitted("keys:rea
 
 @admin_router.post("/keys", response_model=CreatedKey, status_code=201, openapi_extra=SECURED)
 async def create_key(body: NewKey, request: Request, caller: Principal = Depends(permitted("keys:manage"))) -> dict:
-    _check_role(request, caller, body.role)
-    _check_models(request, body.models)
-    _require_spend_grants(caller, body.budget_usd is not None, body.limits is not None)
-    expires_at = time.time() + body.expires_in_s if body.expires_in_s else None
-    record, key = await _store_call(
-        request, "create", body.role, body.models, body.name, body.team, body.budget_usd, body.budget_period,
-        collections=body.collections, endpoints=body.endpoints, expires_at=expires_at, user=body.user,
-        limits=_limits(body.limits), roles=sorted(_auth(request).roles))
+    with _audited(request, caller, "admin.key.create", "key:", body.model_dump(exclude_none=True)) as note:
+        _check_role(request, caller, body.role)
+        _check_models(request, body.models)
+        _require_spend_grants(caller, body.budget_usd is not None, body.limits is not None)
+        expires_at = time.time() + body.expires_in_s if body.expires_in_s else None
+        record, key = await _store_call(
+            request, "create", body.role, body.models, body.name, body.team, body.budget_usd, body.budget_period,
+            collections=body.collections, endpoints=body.endpoints, expires_at=expires_at, user=body.user,
+            limits=_limits(body.limits), roles=sorted(_auth(request).roles))
+        note["target"] = f"key:{record['id']}"
     return {**record, "key": key}
 
 
@@ -210,6 +237,11 @@ async def get_key(key_id: str, request: Request, _: Principal = Depends(permitte
 @admin_router.patch("/keys/{key_id}", response_model=KeyInfo, openapi_extra=SECURED)
 async def update_key(key_id: str, body: KeyPatch, request: Request,
                      caller: Principal = Depends(permitted("keys:manage"))) -> dict:
+    with _audited(request, caller, "admin.key.update", f"key:{key_id}", body.model_dump(exclude_unset=True)):
+        return await _update_key(key_id, body, request, caller)
+
+
+async def _update_key(key_id: str, body: KeyPatch, request: Request, caller: Principal) -> dict:
     fields = body.model_dump(exclude_unset=True)
     if "role" in fields:
         _check_role(request, caller, fields["role"])
@@ -228,8 +260,9 @@ async def update_key(key_id: str, body: KeyPatch, request: Request,
 
 
 @admin_router.delete("/keys/{key_id}", response_model=KeyInfo, openapi_extra=SECURED)
-async def revoke_key(key_id: str, request: Request, _: Principal = Depends(permitted("keys:manage"))) -> dict:
-    return await _store_call(request, "revoke", key_id)
+async def revoke_key(key_id: str, request: Request, caller: Principal = Depends(permitted("keys:manage"))) -> dict:
+    with _audited(request, caller, "admin.key.revoke", f"key:{key_id}"):
+        return await _store_call(request, "revoke", key_id)
 
 
 @admin_router.get("/teams", response_model=Listing, openapi_extra=SECURED)
@@ -240,13 +273,16 @@ async def list_teams(request: Request, _: Principal = Depends(permitted("teams:r
 @admin_router.put("/teams/{name}", response_model=TeamInfo, openapi_extra=SECURED)
 async def put_team(name: str, body: Team, request: Request, caller: Principal = Depends(permitted("teams:manage"))
                    ) -> dict:
-    _require_spend_grants(caller, body.budget_usd is not None, body.limits is not None)
-    return await _store_call(request, "set_team", name, body.budget_usd, body.budget_period, _limits(body.limits))
+    with _audited(request, caller, "admin.team.set", f"team:{name}", body.model_dump(exclude_none=True)):
+        _require_spend_grants(caller, body.budget_usd is not None, body.limits is not None)
+        return await _store_call(request, "set_team", name, body.budget_usd, body.budget_period,
+                                 _limits(body.limits))
 
 
 @admin_router.delete("/teams/{name}", response_model=TeamInfo, openapi_extra=SECURED)
-async def delete_team(name: str, request: Request, _: Principal = Depends(permitted("teams:manage"))) -> dict:
-    return await _store_call(request, "delete_team", name)
+async def delete_team(name: str, request: Request, caller: Principal = Depends(permitted("teams:manage"))) -> dict:
+    with _audited(request, caller, "admin.team.delete", f"team:{name}"):
+        return await _store_call(request, "delete_team", name)
 
 
 @admin_router.get("/users", response_model=Listing, openapi_extra=SECURED)
@@ -256,8 +292,9 @@ async def list_users(request: Request, _: Principal = Depends(permitted("budgets
 
 @admin_router.put("/users/{user_id}/budget", response_model=UserInfo, openapi_extra=SECURED)
 async def put_user_budget(user_id: str, body: UserBudget, request: Request,
-                          _: Principal = Depends(permitted("budgets:manage"))) -> dict:
-    return await _store_call(request, "set_user", user_id, body.budget_usd, body.budget_period)
+                          caller: Principal = Depends(permitted("budgets:manage"))) -> dict:
+    with _audited(request, caller, "admin.user.budget", f"user:{user_id}", body.model_dump()):
+        return await _store_call(request, "set_user", user_id, body.budget_usd, body.budget_period)
 
 
 @admin_router.get("/roles", response_model=Listing, openapi_extra=SECURED)
@@ -268,3 +305,43 @@ async def list_roles(request: Request, _: Principal = Depends(permitted("roles:r
     return {"object": "list", "data": [
         {"name": n, "builtin": n in BUILTIN_ROLES, "permissions": [p for p in PERMISSIONS if p in perms]}
         for n, perms in sorted(table.items())]}
+
+
+class Erasure(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    subject: str = Field(min_length=1, max_length=128, description="The data subject's id: chunks tagged "
+                         "subject:<id>, and the user id of keys and principals.")
+
+
+class ErasureResult(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    subject: str
+    keys: list[str] = Field(description="The subject's API keys (their ledger records were scrubbed).")
+    documents: dict[str, int] = Field(description="Documents removed, per physical collection.")
+    shredded_keys: list[str] = Field(description="The subject's data keys, destroyed.")
+    ledger: dict[str, int] = Field(description="Ledger records scrubbed of the subject's details.")
+    workflow_runs: list[str] = Field(description="Workflow runs removed.")
+
+
+@admin_router.post("/privacy/erase", response_model=ErasureResult, openapi_extra=SECURED)
+async def erase_subject(body: Erasure, request: Request,
+                        caller: Principal = Depends(permitted("privacy:erase"))) -> dict:
+    """Erase a data subject (audited as `privacy.erase` by the erasure itself): actor calls to the
+    key store, the vector store's owner, the key ring, the ledger and the coordinator, made from a
+    thread so the replica's event loop keeps serving."""
+    import asyncio
+
+    from agents.privacy import erase_subject as erase
+    from security.encryption import subject_scope
+    from security.keyring import check_scope
+
+    try:
+        check_scope(subject_scope(body.subject))
+    except ValueError as e:
+        raise InvalidRequest(str(e), "subject") from None
+    settings = http_state(request.app).settings
+    return await asyncio.to_thread(erase, settings, body.subject, actor=caller.key_id,
+                                   request_id=getattr(request.state, "request_id", "") or "",
+                                   source=request.client.host if request.client else "")

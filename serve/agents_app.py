@@ -250,11 +250,12 @@ class WorkflowsApi(_Api):
         return await self._call("cancel", run_id, _owner(principal))
 
     @workflows_api.post("/runs/{run_id}/approve", response_model=RunSummary)
-    async def approve(self, run_id: str, body: Approval | None = None,
+    async def approve(self, run_id: str, request: Request, body: Approval | None = None,
                       principal: Principal = Depends(permitted("workflows:approve"))) -> dict:
         body = body or Approval()
         return await self._call("approve", run_id, body.step, principal.key_id, body.approved, body.comment,
-                                _owner(principal))
+                                _owner(principal), request_id=getattr(request.state, "request_id", "") or "",
+                                source=request.client.host if request.client else "")
 
     @workflows_api.post("/runs/{run_id}/resume", response_model=ResumeResult)
     async def resume(self, run_id: str, principal: Principal = Depends(permitted("workflows:run"))) -> dict:

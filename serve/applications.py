@@ -123,7 +123,8 @@ def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, A
 # or writes encrypted fields with the configured key provider.
 _PROTECTION = ("encryption", "audit", "pii")
 GATEWAY_SECTIONS = ("serve", "gateway", "limits", "auth", "models", "rag", "router", "tracing", "monitoring",
-                    "autoscaling", "rate_limits", *_PROTECTION)
+                    "autoscaling", "rate_limits", *_PROTECTION,
+                    "ray", "agents")  # the admin API's erasure reaches the store and the coordinator
 RAG_SECTIONS = ("ray", "serve", "gateway", "limits", "auth", "models", "rag", "tracing", "autoscaling", "rate_limits",
                 *_PROTECTION)
 AGENTS_SECTIONS = ("serve", "limits", "auth", "models", "rag", "agents", "tracing", "autoscaling",

@@ -2,6 +2,7 @@
 
     GET /v1/audit/entries?action=&actor=&outcome=&target=&request_id=&since=&until=&limit=&offset=
     GET /v1/audit/verify
+    GET /v1/audit/lineage/{answer_id}   a RAG answer's lineage (rag/lineage.py)
 
 Only callers whose role grants `audit:read` may call it (security/rbac.py: admin, auditor, and
 custom roles granted it). Every query of the log is itself audited (`audit.query`)."""
@@ -84,3 +85,45 @@ async def audit_verify(request: Request, principal: Principal = Depends(auditor)
     from security.audit import audit_dir, verify_log
 
     return (await asyncio.to_thread(verify_log, audit_dir(_settings(request)))).to_dict()
+
+
+class LineageDocument(BaseModel):
+    doc_id: str
+    source: str
+    version: str | None = Field(None, description="Its current doc_hash in that collection version; null: "
+                                "removed since (re-ingest, retention, erasure).")
+
+
+class LineageIngest(BaseModel):
+    run_id: str | None = Field(None, description="An ingest asked for over HTTP: its run id.")
+    ts: float
+    actor: str
+    source: str | None = None
+    job_id: str | None = Field(None, description="An ingest run: the Ray job that ran it.")
+    version_collection: str | None = Field(None, description="An ingest run: the collection version it wrote.")
+
+
+class Lineage(BaseModel):
+    answer_id: str
+    ts: float
+    actor: str
+    request_id: str
+    collection: str
+    collection_version: str = Field(description="The physical collection (NAME__vN) the answer was retrieved from.")
+    points: list[str] = Field(description="The point (chunk) ids the answer cited.")
+    documents: list[LineageDocument]
+    ingest_runs: list[LineageIngest] = Field(description="Ingest runs audited for the collection before the answer.")
+
+
+@router.get("/v1/audit/lineage/{answer_id}", response_model=Lineage)
+async def audit_lineage(answer_id: str, request: Request, principal: Principal = Depends(auditor)) -> dict:
+    """A RAG answer -> the collection version and points it cited -> documents -> ingest runs."""
+    import asyncio
+
+    from models.errors import NotFound
+    from rag.lineage import LineageNotFound, answer_lineage
+
+    try:
+        return await asyncio.to_thread(answer_lineage, _settings(request), answer_id)
+    except LineageNotFound as e:
+        raise NotFound(str(e)) from None

@@ -30,6 +30,7 @@ from models.errors import NotFound, UpstreamTimeout
 from observability import metrics, tracing
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
 from rag.sync import ChangeFeed, ChangesPage, EdgeWrite, PointsRequest, apply_edge_write
+from rag.lineage import cited
 from security.audit import audit_event
 from security.auth import Principal
 from scaling.serve_options import replica_count
@@ -114,7 +115,9 @@ class RagServer:
                 raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
         out = await self.query(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
         label_model(request, out["model"])
-        audit_event(self.settings, "data.query", {"mode": req.mode, "top_k": req.top_k}, actor=principal.key_id,
+        # What the answer cited goes into its audit entry: its lineage (rag/lineage.py, `orfeas lineage`).
+        audit_event(self.settings, "data.query", {"mode": req.mode, "top_k": req.top_k, **cited(out)},
+                    actor=principal.key_id,
                     target=f"collection:{req.collection or self.settings.rag.collection}",
                     source=request.client.host if request.client else "",
                     request_id=getattr(request.state, "request_id", "") or "")

@@ -39,6 +39,7 @@ from starlette.middleware import Middleware
 from config import Settings
 from models.protocol import ErrorResponse
 from security.auth import Authenticator
+from security.log_redaction import install_log_redaction
 from serve.http.body import BodyLimitMiddleware
 from serve.http.errors import ErrorMiddleware, install_error_handlers
 from serve.http.json_guard import DEFAULT_MAX_JSON_DEPTH, JsonGuardMiddleware
@@ -135,6 +136,7 @@ class HttpState(State):
             object.__setattr__(self, attr, value)
         request_metrics()  # registered with the replica's metrics agent before the first request
         tracing.configure(settings.tracing, self.name)  # the replica's tracer (nothing when tracing is off)
+        install_log_redaction(settings)  # the replica's ORFEAS log records never carry raw PII (pii.logs)
         return self
 
 
