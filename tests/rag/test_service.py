@@ -144,3 +144,35 @@ def test_packing_uses_ingest_token_counts_and_recounts_only_merged_text(tokenize
     ps = pack_context([a, b, solo], count, budget=100)
     assert counted == [text[0:48]]  # the merged passage only; the solo chunk's stored count is used
     assert ps[0].tokens == count(text[0:48]) and ps[1].tokens == 3
+
+
+def test_generated_answer_citing_nothing_gets_no_citation(service):
+    # Review defect: the top passage was attached as a citation the model never gave.
+    r = service.query({"query": "capital of Germany?", "top_k": 3},
+                      generate=lambda messages: "Berlin is Germany's capital.", generator="tiny-chat")
+    assert r.diagnostics.generation == "chat" and r.citations == []
+
+
+def test_packing_merges_adjacent_chunks_and_folds_passages_a_merge_makes_touch(tokenizer):
+    # Review defect: only overlapping chunks merged; adjacent ones (the chunker strips the space
+    # between them) and passages that a later chunk bridges stayed apart.
+    text = "One fact here. Two facts here. Three facts here. Four facts here."
+    count = lambda s: len(tokenizer.encode(s, add_special_tokens=False).ids)  # noqa: E731
+
+    def chunk(i, s, e, score, doc="d"):
+        return RetrievedChunk(id=i, score=score, doc_id=doc, source="s", text=text[s:e], start=s, end=e, page=e // 20)
+
+    ps = pack_context([chunk("a", 0, 14, 0.9), chunk("b", 15, 30, 0.8)], count, budget=100)
+    assert len(ps) == 1 and ps[0].text == text[0:30] and ps[0].chunk_ids == ["a", "b"]
+    # a and c are apart; b bridges them: one passage, in a's place, text once, earliest page
+    ps = pack_context([chunk("c", 31, 48, 0.9), chunk("x", 0, 14, 0.7, doc="other"), chunk("a", 0, 14, 0.6),
+                       chunk("b", 10, 35, 0.5)], count, budget=100)
+    assert [p.doc_id for p in ps] == ["d", "other"]
+    assert ps[0].text == text[0:48] and (ps[0].start, ps[0].end) == (0, 48)
+    assert sorted(ps[0].chunk_ids) == ["a", "b", "c"] and ps[0].score == 0.9 and ps[0].page == 0
+    # a blank line between chunks stays a blank line, so offsets into the passage still hold
+    para = RetrievedChunk(id="p", score=0.4, doc_id="d", source="s", text="Next paragraph.", start=50, end=65)
+    ps = pack_context([chunk("c", 31, 48, 0.9), para], count, budget=100)
+    assert ps[0].text == text[31:48] + "\n\nNext paragraph." and ps[0].end == 65
+    # spans further apart than the chunker's whitespace stay separate passages
+    assert len(pack_context([chunk("a", 0, 14, 0.9), chunk("c", 31, 48, 0.8)], count, budget=100)) == 2
