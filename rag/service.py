@@ -26,6 +26,7 @@ from rag.chunking import load_tokenizer
 from rag.embedding import embedder_dir
 from rag.errors import RagInvalidRequest
 from rag.packing import Passage, format_context, pack_context
+from rag.quality import AnswerQuality, GateDecision, MemoEmbed, gate, score_answer
 from rag.retrieval import RetrievalDiagnostics, Retriever
 from rag.store import PayloadFilter, VectorStore, open_store
 
@@ -64,6 +65,7 @@ class RagDiagnostics(BaseModel):
     passages: int
     generation: Literal["chat", "extractive", "none"]
     fallback_reason: str | None = None
+    gate: GateDecision | None = Field(None, description="The quality gate's verdict on a generated answer.")
     retrieve_ms: float
     generate_ms: float
     total_ms: float
@@ -77,6 +79,7 @@ class RagQueryResponse(BaseModel):
     model: str
     citations: list[Citation]
     passages: list[Passage] = []
+    quality: AnswerQuality | None = Field(None, description="Scores of the answer (none without an answer).")
     diagnostics: RagDiagnostics
 
 
@@ -130,8 +133,9 @@ class RagService:
         budget = req.max_context_tokens or self.settings.rag.context_tokens
         with tracing.span("rag.pack", {"orfeas.rag.budget_tokens": budget, "orfeas.rag.chunks": len(chunks)}):
             passages = pack_context(chunks, self.count_tokens, budget)
-        embed = self.retriever.dense.embed
-        fallback_reason = None
+        embed = MemoEmbed(self.retriever.dense.embed)  # answer, citations and scores share vectors
+        qs = self.settings.rag.quality
+        fallback_reason, quality, verdict = None, None, None
         answer, cites, model = "", [], EXTRACTIVE_MODEL
         if not req.answer:
             generate = None
@@ -145,6 +149,15 @@ class RagService:
                 log.warning("RAG generation failed, answering extractively: %s", e)
                 fallback_reason = f"generation failed: {type(e).__name__}: {e}"[:300]
                 answer = ""
+            if model != EXTRACTIVE_MODEL:
+                with tracing.span("rag.score"):
+                    quality = self._score(answer, req.query, passages, embed)
+                if qs.min_groundedness > 0:  # the quality gate
+                    verdict = gate(quality, qs.min_groundedness, qs.gate_action)
+                    if verdict.action == "refuse":
+                        answer, cites = qs.refusal, []
+                    elif verdict.action == "extractive":
+                        model, fallback_reason, answer = EXTRACTIVE_MODEL, f"quality gate: {verdict.reason}", ""
         elif generate is None and req.answer:
             fallback_reason = "no chat model available"
         if model == EXTRACTIVE_MODEL and req.answer:
@@ -152,13 +165,20 @@ class RagService:
                 answer, cites = extractive_answer(req.query, passages, embed, self.settings.rag.answer_sentences)
             if not answer:
                 answer = f"No passage in collection {rdiag.collection!r} answers this question."
+            elif passages:
+                quality = self._score(answer, req.query, passages, embed)  # quotes: the vectors are reused
         t2 = time.perf_counter()
         diag = RagDiagnostics(
             retrieval=rdiag, context_tokens=sum(p.tokens for p in passages), passages=len(passages),
             generation=("chat" if model != EXTRACTIVE_MODEL else "extractive") if req.answer else "none",
-            fallback_reason=fallback_reason,
+            fallback_reason=fallback_reason, gate=verdict,
             retrieve_ms=round((t1 - t0) * 1e3, 2), generate_ms=round((t2 - t1) * 1e3, 2),
             total_ms=round((t2 - t0) * 1e3, 2))
         return RagQueryResponse(id=f"rag-{uuid.uuid4().hex[:24]}", created=int(time.time()), answer=answer,
                                 model=model, citations=cites, passages=passages if req.include_passages else [],
-                                diagnostics=diag)
+                                quality=quality, diagnostics=diag)
+
+    def _score(self, answer: str, query: str, passages: list[Passage], embed) -> AnswerQuality:
+        qs = self.settings.rag.quality
+        return score_answer(answer, query, passages, embed, support_threshold=qs.support_threshold,
+                            max_context_sentences=qs.max_context_sentences)

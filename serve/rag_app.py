@@ -189,8 +189,11 @@ class RagServer:
         def run() -> dict[str, Any]:
             response = self.service.query(body, generate=generate, generator=model_id)
             d = response.diagnostics
-            grounded = max((c.score for c in response.citations), default=0.0) if d.generation != "none" else None
-            metrics.rag_query(d.retrieval.mode, d.retrieve_ms / 1000, d.generation, grounded)
+            q = response.quality
+            metrics.rag_query(d.retrieval.mode, d.retrieve_ms / 1000, d.generation, q.groundedness if q else None)
+            if q is not None:
+                metrics.rag_answer_quality(d.generation, q.citation_coverage, q.groundedness, q.context_relevance,
+                                           d.gate.action if d.gate else None)
             out = response.model_dump(mode="json")
             out["completion_tokens"] = self.service.count_tokens(response.answer)  # the chat alias's usage
             return out

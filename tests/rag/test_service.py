@@ -176,3 +176,24 @@ def test_packing_merges_adjacent_chunks_and_folds_passages_a_merge_makes_touch(t
     assert ps[0].text == text[31:48] + "\n\nNext paragraph." and ps[0].end == 65
     # spans further apart than the chunker's whitespace stay separate passages
     assert len(pack_context([chunk("a", 0, 14, 0.9), chunk("c", 31, 48, 0.8)], count, budget=100)) == 2
+
+
+def test_answers_carry_quality_scores_and_the_gate_replaces_an_ungrounded_one(service):
+    good = service.query({"query": "capital of Germany?", "top_k": 3},
+                         generate=lambda m: "Berlin is Germany's capital [1].", generator="tiny-chat")
+    assert good.diagnostics.gate.action == "pass" and good.quality.groundedness > 0.8
+    assert good.quality.citation_coverage == 1.0 and 0 < good.quality.context_relevance <= 1
+    invented = "Ray Serve is written in Go and runs only on mainframes [1]. It was released in 1970 [2]."
+    r = service.query({"query": "capital of Germany?", "top_k": 3}, generate=lambda m: invented, generator="tiny-chat")
+    assert r.diagnostics.gate.action == "extractive" and r.diagnostics.gate.groundedness < 0.5
+    assert r.model == EXTRACTIVE_MODEL and r.diagnostics.fallback_reason.startswith("quality gate: groundedness")
+    assert "Berlin" in r.answer and r.quality.groundedness == 1.0  # the quotes that replaced it
+    qs = service.settings.rag.quality
+    qs.gate_action = "refuse"
+    try:
+        r = service.query({"query": "capital of Germany?", "top_k": 3}, generate=lambda m: invented,
+                          generator="tiny-chat")
+    finally:
+        qs.gate_action = "extractive"
+    assert r.model == "tiny-chat" and r.answer == qs.refusal and r.citations == []
+    assert r.diagnostics.gate.action == "refuse" and "below the quality gate's 0.50" in r.diagnostics.gate.reason
