@@ -28,6 +28,7 @@ from config import settings_from_dict
 from config.names import GATEWAY_APP, RAG_APP
 from models.errors import NotFound, UpstreamTimeout
 from observability import metrics, tracing
+from rag.errors import PromptInjectionDetected
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
 from rag.sync import ChangeFeed, ChangesPage, EdgeWrite, PointsRequest, apply_edge_write
 from security.audit import audit_event
@@ -187,8 +188,14 @@ class RagServer:
         generate = self._generate_with(model_id, asyncio.get_running_loop(), principal) if model_id else None
 
         def run() -> dict[str, Any]:
-            response = self.service.query(body, generate=generate, generator=model_id)
+            try:
+                response = self.service.query(body, generate=generate, generator=model_id)
+            except PromptInjectionDetected:
+                metrics.rag_injection("input", "block")
+                raise
             d = response.diagnostics
+            for found in d.injections:
+                metrics.rag_injection(found.where, found.action)
             q = response.quality
             metrics.rag_query(d.retrieval.mode, d.retrieve_ms / 1000, d.generation, q.groundedness if q else None)
             if q is not None:
