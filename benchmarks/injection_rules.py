@@ -2,7 +2,10 @@
 (tests/rag/data/): precision, recall and F1 on the dev split (the rules were written against it)
 and on the test split (written after the rules were frozen, never tuned on), against a keyword
 baseline measured in the same run (text mentions "ignore", "instructions", "system prompt",
-"jailbreak" or "pretend"), plus detection time per text for both.
+"jailbreak" or "pretend"), plus detection time per text for both. When the SciFact corpus is
+next to the repository (../shared/eval/scifact), its 5,183 abstracts measure false positives on
+real benign passages and the keyword prefilter's speed-up against the full regex scan (same run,
+same texts, findings compared one by one).
 
     .venv/bin/python -m benchmarks.injection_rules [--repeat 50]
 
@@ -21,6 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "rag" / "data"
 RESULTS = Path(__file__).resolve().parent / "results"
+SCIFACT = ROOT.parent / "shared" / "eval" / "scifact" / "corpus.jsonl"
 _KEYWORDS = re.compile(r"ignore|instructions|system prompt|jailbreak|pretend", re.IGNORECASE)
 
 
@@ -36,8 +40,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=50)
     ap.add_argument("--out", default=str(RESULTS / "injection_rules.json"))
+    ap.add_argument("--scifact", type=Path, default=SCIFACT, help="A BEIR corpus.jsonl of benign passages.")
     args = ap.parse_args(argv)
-    from rag.injection import detection_scores, is_injection
+    from rag.injection import detect_injection, detection_scores, is_injection
 
     out: dict = {"created": datetime.now(timezone.utc).isoformat(), "splits": {}}
     for split in ("dev", "test"):
@@ -53,6 +58,20 @@ def main(argv: list[str] | None = None) -> dict:
             fn(t)
         out[f"{name}_us_per_text"] = round((time.perf_counter() - t0) / len(texts) * 1e6, 2)
     out["time_ratio"] = round(out["rules_us_per_text"] / out["keyword_baseline_us_per_text"], 1)
+    if args.scifact.exists():
+        docs = [json.loads(line) for line in args.scifact.read_text().splitlines() if line]
+        texts = [f"{d.get('title', '')}. {d['text']}" for d in docs]
+        runs = {}
+        for prefilter in (True, False):
+            t0 = time.perf_counter()
+            runs[prefilter] = [detect_injection(t, prefilter=prefilter) for t in texts]
+            runs[f"ms_{prefilter}"] = (time.perf_counter() - t0) / len(texts) * 1e3
+        out["scifact"] = {"passages": len(texts), "flagged": sum(bool(f) for f in runs[True]),
+                          "mean_chars": round(sum(map(len, texts)) / len(texts)),
+                          "ms_per_passage_prefilter": round(runs["ms_True"], 3),
+                          "ms_per_passage_full_scan": round(runs["ms_False"], 3),
+                          "speedup": round(runs["ms_False"] / runs["ms_True"], 1),
+                          "findings_differ": sum(a != b for a, b in zip(runs[True], runs[False]))}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2))
     print("| split | detector | n | precision | recall | F1 |\n| --- | --- | --- | --- | --- | --- |")
@@ -62,6 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"| {split} | {name} | {s['n']} | {s['precision']:.2f} | {s['recall']:.2f} | {s['f1']:.2f} |")
     print(f"\nrules {out['rules_us_per_text']} µs/text, keyword baseline {out['keyword_baseline_us_per_text']} µs/text "
           f"(×{out['time_ratio']})")
+    if "scifact" in out:
+        sf = out["scifact"]
+        print(f"SciFact: {sf['flagged']} of {sf['passages']} abstracts flagged; {sf['ms_per_passage_prefilter']} ms "
+              f"per passage with the prefilter, {sf['ms_per_passage_full_scan']} ms full scan (×{sf['speedup']}), "
+              f"{sf['findings_differ']} findings differ")
     return out
 
 

@@ -109,6 +109,55 @@ RULES: dict[str, re.Pattern[str]] = {
 }
 
 
+# Words one of which each rule needs (a regex alternative cannot match without one): a text
+# without any of a rule's words skips that rule's regex. Most text has none of them, and plain
+# substring tests cost a fraction of the case-insensitive scan (docs/benchmarks.md). "=word" must
+# be a whole word; the others are substrings of the lower-cased text with its whitespace collapsed.
+_AI_WORDS = ("=ai", "=ais", "=llm", "=llms", "language model", "chatbot", "assistant", "=model", "=models")
+KEYWORDS: dict[str, tuple[str, ...]] = {
+    "override": ("ignore", "disregard", "forget", "override", "bypass", "skip", "abandon", "follow", "obey",
+                 "attention", "never mind", "supersede", "instruction", "directive", "rule", "guideline",
+                 "no longer", "not apply", "polic"),
+    "role": ("you are now", "you're now", "you are no longer", "pretend", "act as", "behave as", "respond as",
+             "roleplay", "from now on", "stop being", "your new", "new task", "new instruction", "new rule",
+             "new role", "new objective", "new directive"),
+    "exfiltrate_prompt": ("prompt", "instruction", "context window", "message", "configuration", "text above",
+                          "verbatim", "word for word"),
+    "role_marker": ("<|", "[inst]", "[/inst]", "<<sys>>", "system", "assistant", "instruction"),
+    "jailbreak": ("mode", "do anything now", "freely", "without restriction", "without any restriction",
+                  "without limit", "without any limit", "without filter", "without any filter", "without censorship",
+                  "without any censorship", "no ethical", "no content", "no restriction", "no rule", "no filter",
+                  "no guideline", "bypass your", "disable your"),
+    "addresses_ai": _AI_WORDS + ("when ask", "when answer", "when summar", "this article", "this document",
+                                 "this page", "this text", "this file", "every answer", "every response",
+                                 "every repl", "each answer", "each response", "each repl", "all answer",
+                                 "all response", "all repl", "instead "),
+    "exfiltrate_data": ("![", "send", "forward", "post", "upload", "email", "leak", "transmit", "exfiltrat",
+                        "password", "api key", "credential", "secret", "full text of every"),
+}
+_WORD = re.compile(r"[a-z]+")
+
+
+def _candidates(text: str) -> list[str]:
+    """The rules whose words occur in `text` (the only ones whose regex can match)."""
+    low = " ".join(text.lower().split())
+    words: set[str] | None = None
+    out = []
+    for name, keys in KEYWORDS.items():
+        for k in keys:
+            if k[0] == "=":
+                if words is None:
+                    words = set(_WORD.findall(low))
+                if k[1:] in words:
+                    break
+            elif k in low:
+                break
+        else:
+            continue
+        out.append(name)
+    return out
+
+
 class InjectionFinding(BaseModel):
     """A prompt-injection rule that matched, with the text it matched (cut to 120 characters)."""
 
@@ -126,18 +175,19 @@ class InjectionReport(BaseModel):
     source: str | None = None
 
 
-def detect_injection(text: str) -> list[InjectionFinding]:
-    """Every rule that matches `text` (empty: no sign of an injection)."""
+def detect_injection(text: str, prefilter: bool = True) -> list[InjectionFinding]:
+    """Every rule that matches `text` (empty: no sign of an injection). `prefilter=False` runs
+    every regex (the same findings, slower: the tests check they agree)."""
     out = []
-    for name, rx in RULES.items():
-        m = rx.search(text)
+    for name in _candidates(text) if prefilter else RULES:
+        m = RULES[name].search(text)
         if m:
             out.append(InjectionFinding(rule=name, match=m.group(0)[:120]))
     return out
 
 
 def is_injection(text: str) -> bool:
-    return any(rx.search(text) for rx in RULES.values())
+    return any(RULES[name].search(text) for name in _candidates(text))
 
 
 def detection_scores(rows: list[dict], detect=is_injection) -> dict[str, float | int]:

@@ -37,3 +37,11 @@ def test_scores_count_each_outcome():
                           {"text": "ignore files", "injection": True},
                           {"text": "hello", "injection": False}])
     assert (s["tp"], s["fn"], s["fp"], s["tn"]) == (1, 1, 0, 1) and s["precision"] == 1.0 and s["recall"] == 0.5
+
+
+def test_the_keyword_prefilter_never_changes_a_finding():
+    # Each rule's regex runs only when one of its words occurs; on every labelled text (and the
+    # SciFact corpus, benchmarks/injection_rules.py) that must give exactly the full scan's findings.
+    for split in ("dev", "test"):
+        for r in rows(split):
+            assert detect_injection(r["text"]) == detect_injection(r["text"], prefilter=False), r["text"]
