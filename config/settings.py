@@ -350,7 +350,7 @@ class RagQualitySettings(_Section):
                                      "sentence supports an answer sentence.")
     max_context_sentences: int = Field(32, ge=1, le=1000, description="Context sentences embedded for the scores, in "
                                        "passage rank order (cited passages always whole).")
-    min_groundedness: float = Field(0.5, ge=0, le=1, description="Quality gate: a generated answer less grounded "
+    min_groundedness: float = Field(0.6, ge=0, le=1, description="Quality gate: a generated answer less grounded "
                                     "than this is refused or replaced (0 turns the gate off).")
     gate_action: Literal["extractive", "refuse"] = Field("extractive", description="Below min_groundedness: "
                                                          "answer extractively (quotes) or refuse.")

@@ -198,7 +198,7 @@ def test_answers_carry_quality_scores_and_the_gate_replaces_an_ungrounded_one(se
     finally:
         qs.gate_action = "extractive"
     assert r.model == "tiny-chat" and r.answer == qs.refusal and r.citations == []
-    assert r.diagnostics.gate.action == "refuse" and "below the quality gate's 0.50" in r.diagnostics.gate.reason
+    assert r.diagnostics.gate.action == "refuse" and "below the quality gate's 0.60" in r.diagnostics.gate.reason
 
 
 def test_prompt_injection_in_the_question_is_refused_or_reported(service):
