@@ -363,6 +363,14 @@ class RagQualitySettings(_Section):
                                                               "out of the context.")
 
 
+class RagCacheSettings(_Section):
+    """The exact response cache of `POST /v1/rag/query` (per team, or per key without one)."""
+
+    enabled: bool = Field(True, description="Serve a repeated identical query from the cache (x-orfeas-cache).")
+    ttl_s: float = Field(300.0, gt=0, description="How long an answer is served from the cache.")
+    max_entries: int = Field(1024, ge=1, description="Answers kept per replica (least recently used out first).")
+
+
 class RagSettings(_Section):
     """Retrieval-augmented generation: ingestion, vector store, retrieval and answers."""
 
@@ -426,6 +434,7 @@ class RagSettings(_Section):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
     quality: RagQualitySettings = Field(default_factory=RagQualitySettings)
+    cache: RagCacheSettings = Field(default_factory=RagCacheSettings)
 
     @model_validator(mode="after")
     def _check(self) -> "RagSettings":

@@ -28,6 +28,7 @@ from config import settings_from_dict
 from config.names import GATEWAY_APP, RAG_APP
 from models.errors import NotFound, UpstreamTimeout
 from observability import metrics, tracing
+from rag.cache import AnswerCache, cache_key, collection_version, tenant_of
 from rag.errors import PromptInjectionDetected
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
 from rag.sync import ChangeFeed, ChangesPage, EdgeWrite, PointsRequest, apply_edge_write
@@ -92,6 +93,8 @@ class RagServer:
         self.ingests: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.feed = ChangeFeed(self.service.store)  # edge sync (rag.sync)
+        c = self.settings.rag.cache
+        self.cache = AnswerCache(c.ttl_s, c.max_entries) if c.enabled else None
 
     @property
     def gateway(self):
@@ -113,13 +116,31 @@ class RagServer:
                 model = await asyncio.wait_for(self.gateway.rag_generator.remote(req.model, principal), timeout)
             except TimeoutError:
                 raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
-        out = await self.query(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
+        key = await asyncio.to_thread(self._cache_key, req, model, principal) if self.cache else None
+        out = self.cache.get(key) if key else None
+        if self.cache:
+            metrics.cache_lookup("rag", out is not None)
+        headers = {"x-orfeas-cache": "hit" if out is not None else "miss"} if self.cache else None
+        if out is None:
+            out = await self.query(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
+            if key and not (out["diagnostics"]["fallback_reason"] or "").startswith("generation failed"):
+                self.cache.put(key, out)  # a transient failure's fallback is not kept
         label_model(request, out["model"])
         audit_event(self.settings, "data.query", {"mode": req.mode, "top_k": req.top_k}, actor=principal.key_id,
                     target=f"collection:{req.collection or self.settings.rag.collection}",
                     source=request.client.host if request.client else "",
                     request_id=getattr(request.state, "request_id", "") or "")
-        return JSONResponse(out)  # built from a RagQueryResponse: no second validation
+        return JSONResponse(out, headers=headers)  # built from a RagQueryResponse: no second validation
+
+    def _cache_key(self, req: RagQueryRequest, model: str | None, principal: Principal) -> str | None:
+        """The answer cache's key: this tenant, the collection's current version (the physical
+        collection its alias names, and its point count), the chat model and the request. None
+        when the collection cannot be resolved: the query reports why."""
+        try:
+            version = collection_version(self.service.store, req.collection or self.settings.rag.collection)
+        except Exception:  # noqa: BLE001 - unknown collection, store restarting: answer uncached
+            return None
+        return cache_key(tenant_of(principal.team, principal.key_id), version, model, req.model_dump(mode="json"))
 
     @rag_api.post("/ingest", response_model=IngestRun, status_code=202)
     async def ingest_http(self, req: IngestRequest, request: Request,

@@ -68,6 +68,16 @@ def test_query_answers_extractively_with_citations(rag_platform):
     assert body["quality"]["groundedness"] == 1.0 and body["quality"]["citation_coverage"] == 1.0  # quotes
 
 
+def test_a_repeated_query_is_answered_from_the_tenants_cache(rag_platform):
+    _, base, admin, scoped = rag_platform
+    body = {"query": "Which engine does KubeRay run Ray clusters on?", "top_k": 2}
+    first, again = rag(base, admin, body), rag(base, admin, body)
+    assert first.headers["x-orfeas-cache"] == "miss" and again.headers["x-orfeas-cache"] == "hit"
+    assert again.json() == first.json()
+    assert rag(base, scoped, body).headers["x-orfeas-cache"] == "miss"  # another key: never its neighbour's
+    assert rag(base, admin, {**body, "top_k": 3}).headers["x-orfeas-cache"] == "miss"
+
+
 def test_retrieve_only_returns_ranked_passages_without_an_answer(rag_platform):
     _, base, admin, _ = rag_platform
     body = rag(base, admin, {"query": "Which vector store does ORFEAS embed?", "answer": False, "top_k": 2}).json()
