@@ -88,7 +88,9 @@ RULES: dict[str, re.Pattern[str]] = {
         r"|\b" + _AI + r"\s*(?:models?\s+|agents?\s+)?(?:reading|processing|summari[sz]ing)\s+this\b"
         r"|\b(?:reads?|reading|processing)\s+this\s+as\s+an?\s+(?:ai|llm|language\s+model|assistant)\b"
         r"|\b(?:ai|llm)\s+(?:models?|agents?|assistants?)\s+(?:must|should|shall)\b"
-        r"|(?:^|[.!?:\]]\s*)(?:ai\s+)?(?:chatbots?|assistant|ai|model|llm)\s*,\s*(?:please\s+)?[a-z]+"
+        r"|(?:^|[.!?:\]]\s*)(?:ai\s+)?(?:chatbots?|assistant|ai|model|llm)\s*,\s*(?:please\s+)?(?:ignore|disregard|"
+        r"forget|say|reply|respond|answer|include|tell|send|forward|append|write|output|print|stop|do|don'?t|you|"
+        r"when)\b"
         r"|(?:^|[.!?\]]\s*)(?:ai\s+)?(?:chatbots?|assistant|ai|llm)\s*:\s*(?:please\s+)?(?:the\s+following|ignore|"
         r"disregard|you|say|reply|respond|answer|include|forget|when)\b"
         r"|\bwhen\s+(?:asked|answering|summari[sz]ing)\b[^.]{0,60}\b(?:always\s+)?(?:say|respond|reply|answer|"
@@ -113,27 +115,32 @@ RULES: dict[str, re.Pattern[str]] = {
 # without any of a rule's words skips that rule's regex. Most text has none of them, and plain
 # substring tests cost a fraction of the case-insensitive scan (docs/benchmarks.md). "=word" must
 # be a whole word; the others are substrings of the lower-cased text with its whitespace collapsed.
-_AI_WORDS = ("=ai", "=ais", "=llm", "=llms", "language model", "chatbot", "assistant", "=model", "=models")
+_AI_WORDS = ("=ai", "=ais", "=llm", "=llms", "language model", "chatbot", "assistant")
 KEYWORDS: dict[str, tuple[str, ...]] = {
-    "override": ("ignore", "disregard", "forget", "override", "bypass", "skip", "abandon", "follow", "obey",
-                 "attention", "never mind", "supersede", "instruction", "directive", "rule", "guideline",
-                 "no longer", "not apply", "polic"),
+    "override": ("ignore", "disregard", "forget", "override", "bypass", "skip", "abandon", "not follow", "not obey",
+                 "don't follow", "dont follow", "don't obey", "dont obey", "pay no attention", "never mind",
+                 "supersede", "cancel", "void", "revoked", "obsolete", "lifted", "suspended", "no longer",
+                 "not apply", "safety polic", "content polic"),
     "role": ("you are now", "you're now", "you are no longer", "pretend", "act as", "behave as", "respond as",
              "roleplay", "from now on", "stop being", "your new", "new task", "new instruction", "new rule",
              "new role", "new objective", "new directive"),
     "exfiltrate_prompt": ("prompt", "instruction", "context window", "message", "configuration", "text above",
                           "verbatim", "word for word"),
-    "role_marker": ("<|", "[inst]", "[/inst]", "<<sys>>", "system", "assistant", "instruction"),
-    "jailbreak": ("mode", "do anything now", "freely", "without restriction", "without any restriction",
+    "role_marker": ("<|", "[inst]", "[/inst]", "<<sys>>", "<system>", "</system>", "begin system prompt", "#system",
+                    "# system", "##", "system override", "system update", "system notice", "system instruction",
+                    "system:", "system :", "system]", "assistant:", "assistant :", "assistant]"),
+    "jailbreak": ("developer mode", "god mode", "jailbreak mode", "dan mode", "debug mode", "maintenance mode",
+                  "do anything now", "freely", "without restriction", "without any restriction",
                   "without limit", "without any limit", "without filter", "without any filter", "without censorship",
                   "without any censorship", "no ethical", "no content", "no restriction", "no rule", "no filter",
                   "no guideline", "bypass your", "disable your"),
-    "addresses_ai": _AI_WORDS + ("when ask", "when answer", "when summar", "this article", "this document",
-                                 "this page", "this text", "this file", "every answer", "every response",
-                                 "every repl", "each answer", "each response", "each repl", "all answer",
-                                 "all response", "all repl", "instead "),
-    "exfiltrate_data": ("![", "send", "forward", "post", "upload", "email", "leak", "transmit", "exfiltrat",
-                        "password", "api key", "credential", "secret", "full text of every"),
+    "addresses_ai": _AI_WORDS + ("model,", "model ,", "note to", "note for", "message to", "message for",
+                                 "instruction", "attention", "when ask", "when answer", "when summar",
+                                 "this article", "this document", "this page", "this text", "this file",
+                                 "every answer", "every response", "every repl", "each answer", "each response",
+                                 "each repl", "all answer", "all response", "all repl", "instead "),
+    "exfiltrate_data": ("![", "send ", "forward ", "post ", "upload ", "email ", "leak ", "transmit ", "exfiltrat",
+                        "password", "api key", "credential", "secrets", "full text of every"),
 }
 _WORD = re.compile(r"[a-z]+")
 
