@@ -116,11 +116,12 @@ class RagServer:
                 model = await asyncio.wait_for(self.gateway.rag_generator.remote(req.model, principal), timeout)
             except TimeoutError:
                 raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
-        key = await asyncio.to_thread(self._cache_key, req, model, principal) if self.cache else None
+        cached = self.cache is not None  # (an empty cache is falsy: it has a length)
+        key = await asyncio.to_thread(self._cache_key, req, model, principal) if cached else None
         out = self.cache.get(key) if key else None
-        if self.cache:
+        if cached:
             metrics.cache_lookup("rag", out is not None)
-        headers = {"x-orfeas-cache": "hit" if out is not None else "miss"} if self.cache else None
+        headers = {"x-orfeas-cache": "hit" if out is not None else "miss"} if cached else None
         if out is None:
             out = await self.query(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
             if key and not (out["diagnostics"]["fallback_reason"] or "").startswith("generation failed"):
