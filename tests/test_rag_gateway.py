@@ -91,7 +91,7 @@ def test_generation_through_a_named_chat_model(rag_platform):
     assert body["model"] == CHAT and body["diagnostics"]["generation"] == "chat"
     assert body["answer"] and body["passages"][0]["source"].endswith("kuberay.md")
     quality = body["quality"]  # scored on the replica with its embedder; the gate is off in this fixture
-    assert body["diagnostics"]["gate"]["action"] == "pass" and quality["claims"] >= 0
+    assert body["diagnostics"]["gate"] is None and quality["claims"] >= 0  # min_groundedness 0: no verdict
     assert 0 <= quality["groundedness"] <= 1 and 0 < quality["context_relevance"] <= 1
 
 
