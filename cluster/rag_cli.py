@@ -257,6 +257,12 @@ def ask(
         where = f"page {c.position.get('page')}" if c.position.get("page") else \
             f"chars {c.position.get('start')}-{c.position.get('end')}"
         console.print(f"[{c.index}] {c.title} — {c.source} ({where})")
+    if not resp.citations and resp.passages:  # the model cited nothing: show what it was given
+        console.print("[dim]the answer cites no passage; its context was:[/]")
+        for p in resp.passages:
+            console.print(f"[{p.index}] {p.title} — {p.source} (chars {p.start}-{p.end})")
+    if resp.diagnostics.gate and resp.diagnostics.gate.reason:
+        console.print(f"[dim]quality gate: {resp.diagnostics.gate.reason}[/]")
 
 
 # ------------------------------------------------------------------------------------------ eval

@@ -345,6 +345,34 @@ Fusion = Literal["rrf", "dbsf"]
 RetrievalMode = Literal["dense", "sparse", "hybrid"]
 
 
+class RagQualitySettings(_Section):
+    """Answer quality scores and gates of the RAG service (rag.quality, rag.injection)."""
+
+    support_threshold: float = Field(0.6, ge=0, le=1, description="Cosine (dense embedder) at which a context "
+                                     "sentence supports an answer sentence.")
+    max_context_sentences: int = Field(32, ge=1, le=1000, description="Context sentences embedded for the scores, in "
+                                       "passage rank order (cited passages always whole).")
+    min_groundedness: float = Field(0.6, ge=0, le=1, description="Quality gate: a generated answer less grounded "
+                                    "than this is refused or replaced (0 turns the gate off).")
+    gate_action: Literal["extractive", "refuse"] = Field("extractive", description="Below min_groundedness: "
+                                                         "answer extractively (quotes) or refuse.")
+    refusal: str = Field("I cannot answer this reliably from the retrieved documents.",
+                         description="The answer the gate gives when it refuses.")
+    input_injection: Literal["off", "flag", "block"] = Field("block", description="A question that reads as a "
+                                                             "prompt injection: ignore, report it, or refuse (400).")
+    passage_injection: Literal["off", "flag", "drop"] = Field("drop", description="A retrieved passage with "
+                                                              "injected instructions: ignore, report it, or leave it "
+                                                              "out of the context.")
+
+
+class RagCacheSettings(_Section):
+    """The exact response cache of `POST /v1/rag/query` (per team, or per key without one)."""
+
+    enabled: bool = Field(True, description="Serve a repeated identical query from the cache (x-orfeas-cache).")
+    ttl_s: float = Field(300.0, gt=0, description="How long an answer is served from the cache.")
+    max_entries: int = Field(1024, ge=1, description="Answers kept per replica (least recently used out first).")
+
+
 class RagSettings(_Section):
     """Retrieval-augmented generation: ingestion, vector store, retrieval and answers."""
 
@@ -407,6 +435,8 @@ class RagSettings(_Section):
                                    "(quotes with citations) unless a request names a model.")
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.5, ge=0)
+    quality: RagQualitySettings = Field(default_factory=RagQualitySettings)
+    cache: RagCacheSettings = Field(default_factory=RagCacheSettings)
 
     @model_validator(mode="after")
     def _check(self) -> "RagSettings":

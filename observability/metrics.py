@@ -105,8 +105,16 @@ CATALOG: tuple[MetricDef, ...] = (
     # RAG and ingest
     _d("orfeas_rag_retrieval_latency_seconds", "histogram", "Retrieval time (embed, search, re-rank) of a query.",
        ("mode",), LATENCY_BOUNDS),
-    _d("orfeas_rag_groundedness", "histogram", "Support of a generated answer by its passages: the best "
-       "citation's score (0 when nothing is cited).", ("generation",), SCORE_BOUNDS),
+    _d("orfeas_rag_groundedness", "histogram", "Support of an answer's sentences by its context: the mean best "
+       "cosine of each sentence to a context sentence (rag.quality).", ("generation",), SCORE_BOUNDS),
+    _d("orfeas_rag_citation_coverage", "histogram", "Share of an answer's sentences supported by a passage they "
+       "cite.", ("generation",), SCORE_BOUNDS),
+    _d("orfeas_rag_context_relevance", "histogram", "Mean best similarity of the packed passages to the query.",
+       ("generation",), SCORE_BOUNDS),
+    _d("orfeas_rag_quality_gate", "counter", "Generated answers judged by the quality gate, by action (pass, "
+       "refuse, extractive).", ("action",)),
+    _d("orfeas_rag_injections", "counter", "Prompt injections detected, by where (input, passage) and action "
+       "(flag, block, drop).", ("where", "action")),
     _d("orfeas_ingest_runs", "counter", "Ingest runs by final status (succeeded, failed).", ("status",)),
     _d("orfeas_ingest_chunks", "counter", "Chunks written by ingest runs.", ()),
     _d("orfeas_ingest_chunks_per_second", "gauge", "Throughput of the last finished ingest run.", ()),
@@ -291,6 +299,21 @@ def rag_query(mode: str, retrieval_s: float, generation: str, groundedness: floa
     metric("orfeas_rag_retrieval_latency_seconds").observe(retrieval_s, {"mode": mode})
     if groundedness is not None:
         metric("orfeas_rag_groundedness").observe(groundedness, {"generation": generation})
+
+
+@_safe
+def rag_answer_quality(generation: str, citation_coverage: float, groundedness: float, context_relevance: float,
+                       gate_action: str | None) -> None:
+    tags = {"generation": generation}
+    metric("orfeas_rag_citation_coverage").observe(citation_coverage, tags)
+    metric("orfeas_rag_context_relevance").observe(context_relevance, tags)
+    if gate_action:
+        metric("orfeas_rag_quality_gate").inc(1, {"action": gate_action})
+
+
+@_safe
+def rag_injection(where: str, action: str) -> None:
+    metric("orfeas_rag_injections").inc(1, {"where": where, "action": action})
 
 
 @_safe

@@ -120,10 +120,14 @@ def cited_indices(answer: str) -> list[int]:
 
 
 def citations_for_generated(answer: str, query: str, passages: list[Passage], embed) -> list[Citation]:
-    """Citations for a generated answer: the passages it cites as [n] (or, citing none, the top
-    passage), each with its sentence closest to the answer as the quoted span."""
+    """Citations for a generated answer: the passages it cites as [n], each with its sentence
+    closest to the answer as the quoted span. An answer that cites nothing gets no citations:
+    attaching the top passage would claim support the model never gave (citation coverage and
+    the quality gate judge such an answer instead)."""
     by_index = {p.index: p for p in passages}
-    idx = [i for i in cited_indices(answer) if i in by_index] or ([passages[0].index] if passages else [])
+    idx = [i for i in cited_indices(answer) if i in by_index]
+    if not idx:
+        return []
     cites = []
     av = embed([answer or query])[0]
     for i in idx:

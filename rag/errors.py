@@ -10,6 +10,13 @@ class RagInvalidRequest(InvalidRequest):
     """Empty query, top_k out of range, an unknown mode or filter: 400, nothing done."""
 
 
+class PromptInjectionDetected(RagInvalidRequest):
+    """A question that reads as a prompt injection (rag.quality.input_injection = block): 400,
+    nothing retrieved; the message names the rules that matched."""
+
+    code = "prompt_injection"
+
+
 class CollectionNotFound(NotFound):
     code = "collection_not_found"
 

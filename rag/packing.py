@@ -26,22 +26,65 @@ class Passage(view(ChunkPayload, PASSAGE_FIELDS, "PassageFields")):
     tokens: int = 0
 
 
+# Chunk spans of one document "touch" when at most this many characters lie between them: the
+# chunker strips the whitespace between its units (a space, a newline, a blank line), so the next
+# chunk starts up to two characters after the previous one ends.
+TOUCH_GAP = 2
+
+
+def _touches(a_start: int, a_end: int, b_start: int, b_end: int) -> bool:
+    return b_start <= a_end + TOUCH_GAP and a_start <= b_end + TOUCH_GAP
+
+
+def _join(left: str, left_end: int, right: str, right_start: int) -> str:
+    """`left` then `right` (document spans ending at left_end, starting at right_start): overlap
+    text once, a gap filled with as many whitespace characters (a blank line for two) so offsets
+    into the merged text still map to the document."""
+    gap = right_start - left_end
+    if gap >= 0:
+        return left + ("\n" * gap if gap > 1 else " " * gap) + right
+    return left + right[-gap:]
+
+
+def _absorb(a: Passage, start: int, end: int, text: str, score: float, chunk_ids: list[str],
+            page: int | None) -> None:
+    """Widen passage `a` by the touching span [start, end) with its text."""
+    if start < a.start:
+        a.text = _join(text, end, a.text, a.start) if end < a.end else text
+        a.start = start
+        a.end = max(a.end, end)
+    elif end > a.end:
+        a.text = _join(a.text, a.end, text, start)
+        a.end = end
+    a.score = max(a.score, score)
+    a.chunk_ids.extend(i for i in chunk_ids if i not in a.chunk_ids)
+    a.tokens = 0  # the merged text is counted when packed
+    if page is not None and (a.page is None or page < a.page):
+        a.page = page  # a merged passage starts on its earliest page
+
+
 def _merge(a: Passage, c: RetrievedChunk) -> bool:
     """Merge chunk c into passage a when they are the same document and their spans touch."""
-    if a.doc_id != c.doc_id or c.end < a.start or c.start > a.end:
+    if a.doc_id != c.doc_id or not _touches(a.start, a.end, c.start, c.end):
         return False
-    if c.start < a.start:
-        a.text = c.text[: a.start - c.start] + a.text
-        a.start = c.start
-    if c.end > a.end:
-        a.text = a.text + c.text[len(c.text) - (c.end - a.end):]
-        a.end = c.end
-    a.score = max(a.score, c.score)
-    a.chunk_ids.append(c.id)
-    a.tokens = 0  # the merged text is counted when packed
-    if a.page is None or (c.page is not None and c.page < a.page):
-        a.page = c.page if a.page is None else a.page
+    _absorb(a, c.start, c.end, c.text, c.score, [c.id], c.page)
     return True
+
+
+def _fold(passages: list[Passage], grown: Passage) -> None:
+    """A merge widened `grown`: fold in every other passage of its document it now touches (the
+    better-ranked passage keeps its place)."""
+    changed = True
+    while changed:
+        changed = False
+        for other in passages:
+            if other is not grown and other.doc_id == grown.doc_id and _touches(
+                    grown.start, grown.end, other.start, other.end):
+                keep, gone = sorted((grown, other), key=passages.index)
+                _absorb(keep, gone.start, gone.end, gone.text, gone.score, gone.chunk_ids, gone.page)
+                passages.remove(gone)
+                grown, changed = keep, True
+                break
 
 
 def pack_context(chunks: list[RetrievedChunk], count_tokens: Callable[[str], int], budget: int,
@@ -53,8 +96,9 @@ def pack_context(chunks: list[RetrievedChunk], count_tokens: Callable[[str], int
             continue
         if c.hash:
             seen_hash.add(c.hash)
-        if any(_merge(p, c) for p in passages):
-            # a merge can make two passages touch: fold them together
+        grown = next((p for p in passages if _merge(p, c)), None)
+        if grown is not None:
+            _fold(passages, grown)  # a merge can make two passages touch: fold them together
             continue
         passages.append(Passage(index=0, score=c.score, chunk_ids=[c.id], tokens=c.token_count,
                                 **{f: getattr(c, f) for f in PASSAGE_FIELDS}))

@@ -24,8 +24,10 @@ from observability import tracing
 from rag.answer import Citation, citations_for_generated, extractive_answer
 from rag.chunking import load_tokenizer
 from rag.embedding import embedder_dir
-from rag.errors import RagInvalidRequest
+from rag.errors import PromptInjectionDetected, RagInvalidRequest
+from rag.injection import InjectionReport, detect_injection
 from rag.packing import Passage, format_context, pack_context
+from rag.quality import AnswerQuality, GateDecision, MemoEmbed, gate, score_answer
 from rag.retrieval import RetrievalDiagnostics, Retriever
 from rag.store import PayloadFilter, VectorStore, open_store
 
@@ -64,6 +66,9 @@ class RagDiagnostics(BaseModel):
     passages: int
     generation: Literal["chat", "extractive", "none"]
     fallback_reason: str | None = None
+    gate: GateDecision | None = Field(None, description="The quality gate's verdict on a generated answer.")
+    injections: list[InjectionReport] = Field(default_factory=list, description="Prompt injections found in the "
+                                              "question or the retrieved passages, and what was done.")
     retrieve_ms: float
     generate_ms: float
     total_ms: float
@@ -77,6 +82,7 @@ class RagQueryResponse(BaseModel):
     model: str
     citations: list[Citation]
     passages: list[Passage] = []
+    quality: AnswerQuality | None = Field(None, description="Scores of the answer (none without an answer).")
     diagnostics: RagDiagnostics
 
 
@@ -122,16 +128,19 @@ class RagService:
                generator: str | None) -> RagQueryResponse:
         t0 = time.perf_counter()
         req = parse_request(request)
+        qs = self.settings.rag.quality
+        injections = self._check_input(req.query)
         with tracing.span("rag.retrieve"):
             chunks, rdiag = self.retriever.retrieve(
                 req.query, req.collection, top_k=req.top_k, mode=req.mode, fusion=req.fusion, filters=req.filters,
                 mmr=req.mmr, rerank=req.rerank)
+        chunks = self._check_passages(chunks, injections)
         t1 = time.perf_counter()
         budget = req.max_context_tokens or self.settings.rag.context_tokens
         with tracing.span("rag.pack", {"orfeas.rag.budget_tokens": budget, "orfeas.rag.chunks": len(chunks)}):
             passages = pack_context(chunks, self.count_tokens, budget)
-        embed = self.retriever.dense.embed
-        fallback_reason = None
+        embed = MemoEmbed(self.retriever.dense.embed)  # answer, citations and scores share vectors
+        fallback_reason, quality, verdict = None, None, None
         answer, cites, model = "", [], EXTRACTIVE_MODEL
         if not req.answer:
             generate = None
@@ -145,6 +154,15 @@ class RagService:
                 log.warning("RAG generation failed, answering extractively: %s", e)
                 fallback_reason = f"generation failed: {type(e).__name__}: {e}"[:300]
                 answer = ""
+            if model != EXTRACTIVE_MODEL:
+                with tracing.span("rag.score"):
+                    quality = self._score(answer, req.query, passages, embed)
+                if qs.min_groundedness > 0:  # the quality gate
+                    verdict = gate(quality, qs.min_groundedness, qs.gate_action)
+                    if verdict.action == "refuse":
+                        answer, cites = qs.refusal, []
+                    elif verdict.action == "extractive":
+                        model, fallback_reason, answer = EXTRACTIVE_MODEL, f"quality gate: {verdict.reason}", ""
         elif generate is None and req.answer:
             fallback_reason = "no chat model available"
         if model == EXTRACTIVE_MODEL and req.answer:
@@ -152,13 +170,49 @@ class RagService:
                 answer, cites = extractive_answer(req.query, passages, embed, self.settings.rag.answer_sentences)
             if not answer:
                 answer = f"No passage in collection {rdiag.collection!r} answers this question."
+            elif passages:
+                quality = self._score(answer, req.query, passages, embed)  # quotes: the vectors are reused
         t2 = time.perf_counter()
         diag = RagDiagnostics(
             retrieval=rdiag, context_tokens=sum(p.tokens for p in passages), passages=len(passages),
             generation=("chat" if model != EXTRACTIVE_MODEL else "extractive") if req.answer else "none",
-            fallback_reason=fallback_reason,
+            fallback_reason=fallback_reason, gate=verdict, injections=injections,
             retrieve_ms=round((t1 - t0) * 1e3, 2), generate_ms=round((t2 - t1) * 1e3, 2),
             total_ms=round((t2 - t0) * 1e3, 2))
         return RagQueryResponse(id=f"rag-{uuid.uuid4().hex[:24]}", created=int(time.time()), answer=answer,
                                 model=model, citations=cites, passages=passages if req.include_passages else [],
-                                diagnostics=diag)
+                                quality=quality, diagnostics=diag)
+
+    def _check_input(self, query: str) -> list[InjectionReport]:
+        """The question's prompt-injection check: refused (400) or reported per input_injection."""
+        mode = self.settings.rag.quality.input_injection
+        found = detect_injection(query) if mode != "off" else []
+        if not found:
+            return []
+        rules = [f.rule for f in found]
+        if mode == "block":
+            raise PromptInjectionDetected(
+                f"the question reads as a prompt injection (rules: {', '.join(rules)}; matched "
+                f"{found[0].match!r}); rephrase it as a question about the documents", "query")
+        return [InjectionReport(where="input", action="flag", rules=rules)]
+
+    def _check_passages(self, chunks: list, reports: list[InjectionReport]) -> list:
+        """Indirect injection: retrieved chunks carrying instructions for the model are left out
+        of the context or reported, per passage_injection."""
+        mode = self.settings.rag.quality.passage_injection
+        if mode == "off":
+            return chunks
+        kept = []
+        for c in chunks:
+            found = detect_injection(c.text)
+            if found:
+                reports.append(InjectionReport(where="passage", action="drop" if mode == "drop" else "flag",
+                                               rules=[f.rule for f in found], chunk_id=c.id, source=c.source))
+            if not found or mode == "flag":
+                kept.append(c)
+        return kept
+
+    def _score(self, answer: str, query: str, passages: list[Passage], embed) -> AnswerQuality:
+        qs = self.settings.rag.quality
+        return score_answer(answer, query, passages, embed, support_threshold=qs.support_threshold,
+                            max_context_sentences=qs.max_context_sentences)

