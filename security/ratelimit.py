@@ -310,14 +310,18 @@ class Limiter:
             out.append((f"model:{model}", self.models[model]))
         return out
 
-    async def admit(self, principal, model: str | None, tokens: int) -> Admission:
+    async def admit(self, principal, model: str | None, tokens: int, model_only: bool = False) -> Admission:
         """Count one request and reserve `tokens` for it in every scope, and take a slot where
-        concurrency is limited; RateLimited (429) when any scope is out."""
+        concurrency is limited; RateLimited (429) when any scope is out. `model_only`: the model's
+        own scope alone (a fallback model, for a call the key and team already counted)."""
         if not self.enabled:
             return Admission(self, [], [], 0)
         now = time.time()
         needs: list[tuple[str, str, int, float]] = []  # bucket, kind, limit, amount
-        for prefix, lim in self.scopes(principal, model):
+        scopes = self.scopes(principal, model)
+        if model_only:
+            scopes = [(prefix, lim) for prefix, lim in scopes if prefix.startswith("model:")]
+        for prefix, lim in scopes:
             if lim.requests_per_minute:
                 needs.append((f"{prefix}:rpm", "requests", lim.requests_per_minute, 1.0))
             if lim.tokens_per_minute:

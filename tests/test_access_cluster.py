@@ -13,6 +13,7 @@ from harness import deployed, platform_settings, remote_model
 from security.keys import keystore
 
 ECHO, PAID, CONST = "echo", "paid", "toolbox"
+FLAKY, CAPPED = "flaky", "capped"  # flaky always fails over to capped, which has its own rate limit
 BUDGET_USD = 0.2
 STREAMS = 200
 
@@ -24,11 +25,14 @@ def platform(serve_port, provider, tmp_path_factory):
         gateway={"num_replicas": 2, "max_ongoing_requests": 200},
         limits={"max_tokens": 16},
         auth={"roles": {"keymaster": {"permissions": ["keys:manage", "keys:read"], "inherits": ["user"]}}},
-        rate_limits={"key": {"requests_per_minute": 100_000, "tokens_per_minute": 100_000_000, "concurrent": 1000}},
+        rate_limits={"key": {"requests_per_minute": 100_000, "tokens_per_minute": 100_000_000, "concurrent": 1000},
+                     "models": {CAPPED: {"requests_per_minute": 2}}},
         models=[remote_model(provider, ECHO, "echo", tags=["free"]),
                 # Each call costs ~$0.02 at most: the budget covers about ten in flight.
                 remote_model(provider, PAID, "delay:0.5", price_input_per_m=1000, price_output_per_m=1000),
-                remote_model(provider, CONST, "const:hello", capabilities=["chat", "tools"])])
+                remote_model(provider, CONST, "const:hello", capabilities=["chat", "tools"]),
+                remote_model(provider, FLAKY, "fail-500", fallbacks=[CAPPED]),
+                remote_model(provider, CAPPED, "echo")])
     with deployed(settings):
         _, admin = ray.get(keystore(settings.resolved_data_dir()).create.remote("admin"))
         yield {"settings": settings, "base": f"http://127.0.0.1:{serve_port}", "admin": admin}
@@ -55,6 +59,18 @@ def rejections(metrics_port: int, *labels: str) -> float:
     text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines()
                if ln.startswith("ray_orfeas_ratelimit_rejections_total{") and all(t in ln for t in labels))
+
+
+def test_a_fallback_model_is_held_to_its_own_rate_limit(platform):
+    """The model a call falls back to counts it against that model's own limit (before, only the
+    plan's first model was counted, so every fallback call went past it)."""
+    key = new_key(platform, role="user")
+    responses = [chat(platform["base"], key, FLAKY) for _ in range(4)]
+    codes = [r.status_code for r in responses]
+    assert codes[:2] == [200, 200] and codes[2:] == [429, 429], [r.text[:300] for r in responses]
+    assert responses[0].json()["model"] == CAPPED  # the fallback answered
+    refused = responses[-1]
+    assert refused.json()["error"]["code"] == "rate_limit_exceeded" and "retry-after" in refused.headers
 
 
 def test_rate_limit_holds_across_both_replicas_with_openai_headers(platform, metrics_port):

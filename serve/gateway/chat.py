@@ -24,7 +24,7 @@ from security.auth import Principal
 from observability import tracing
 from observability.metrics import llm_metrics
 from serve.gateway import tracing as gtrace
-from security.ratelimit import Admission, Limiter
+from security.ratelimit import Admission, Limiter, RateLimited
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
 from serve.router.features import estimate_tokens
 from serve.router.runtime import Opened, Route, Router, ascii_header
@@ -42,6 +42,8 @@ class ChatCall:
     start: float = field(default_factory=time.perf_counter)
     span: Any = tracing.NO_SPAN  # the call's `chat` span (serve.gateway.tracing), ended when it settles
     admission: Admission | None = None  # rate-limit slots and token reservation (security.ratelimit)
+    fallback_admissions: dict[str, Admission] = field(default_factory=dict)  # model -> its own scope's
+    tokens: int = 0  # the most tokens the call may use, as reserved
     reservation: str | None = None  # budget reservation id (analytics.budgets)
 
     def elapsed(self) -> float:
@@ -212,7 +214,8 @@ class ChatService:
                                                         remaining)
         await self.reserve(call, route, gen, expected)
         try:
-            opened = await self.router.open(route, gen, deadline or time.monotonic() + self.timeout_s)
+            opened = await self.router.open(route, gen, deadline or time.monotonic() + self.timeout_s,
+                                            admit=lambda mid: self.admit_fallback(call, mid))
         except BaseException:
             self.release(call)
             raise
@@ -244,7 +247,7 @@ class ChatService:
         """Before the backend is called: count the request and reserve its most tokens against the
         rate limits (key, team, model), and its most cost against the budgets (key, team, user)."""
         model = route.plan[0] if route.plan else call.model
-        tokens = estimate_tokens(_prompt_text(gen)) + expected
+        tokens = call.tokens = estimate_tokens(_prompt_text(gen)) + expected
         call.admission = await self.limiter.admit(call.principal, model, tokens)
         most = 0.0  # the dearest model the plan may fall back to
         for m in route.plan or [model]:
@@ -257,18 +260,35 @@ class ChatService:
             self.release(call)
             raise
 
+    async def admit_fallback(self, call: ChatCall, model: str) -> RateLimited | None:
+        """Before the router tries a fallback model: that model's own rate limits (the key and
+        team counted the call already); the refusal, if any, for the router to skip it."""
+        if model in call.fallback_admissions:
+            return None
+        try:
+            call.fallback_admissions[model] = await self.limiter.admit(call.principal, model, call.tokens,
+                                                                       model_only=True)
+        except RateLimited as e:
+            return e
+        return None
+
     def release(self, call: ChatCall) -> None:
         """A call that never reached a backend gives its reservations back."""
         if call.admission is not None:
             call.admission.settle(None)
+        for admission in call.fallback_admissions.values():
+            admission.settle(None)
         if call.reservation is not None:
             self.book.release(call.reservation)
             call.reservation = None
 
     def settle(self, call: ChatCall, usage: Usage | None, error: bool = False) -> float:
         """Meter, price and (for routed calls) record one call's usage; returns its cost in USD."""
+        used = usage.prompt_tokens + usage.completion_tokens if usage is not None else None
         if call.admission is not None:
-            call.admission.settle(usage.prompt_tokens + usage.completion_tokens if usage is not None else None)
+            call.admission.settle(used)
+        for model, admission in call.fallback_admissions.items():  # only the model that answered used any
+            admission.settle(used if model == call.model else None)
         u = usage or Usage()
         if usage is not None:
             self.metrics.usage(call.model, u.prompt_tokens, u.completion_tokens)

@@ -315,8 +315,11 @@ class Router:
 
     # ------------------------------------------------------------ calling
 
-    async def open(self, route: Route, request: GenerationRequest, deadline: float) -> Opened:
-        """The first event from the first backend in the route's plan that gives one."""
+    async def open(self, route: Route, request: GenerationRequest, deadline: float,
+                   admit: Callable[[str], Awaitable[APIError | None]] | None = None) -> Opened:
+        """The first event from the first backend in the route's plan that gives one. `admit`, when
+        given, is asked before each attempt on a model other than the plan's first (which the
+        caller admitted already): an error it returns (the model's own rate limit) skips that model."""
         cfg = self.cfg.fallback
         plan = fallback.attempt_plan(route.plan, cfg)
         attempts: list[tuple[str, str]] = []
@@ -345,6 +348,13 @@ class Router:
                 attempts.append((mid, "overloaded"))
                 last = ModelOverloaded(f"model {mid!r} is at capacity (its request queue is full); retry shortly",
                                        "model")
+                continue
+            refused = await admit(mid) if admit is not None and mid != route.plan[0] else None
+            if refused is not None:
+                self._set(mid, health.release(h))
+                full.add(mid)
+                attempts.append((mid, "rate_limited"))
+                last = refused
                 continue
             self._set(mid, h)
             backend = self.backends.get(mid)
@@ -399,7 +409,10 @@ class Router:
             raise NoHealthyModel("no backend could take the request: "
                                  + ", ".join(f"{m} {o}" for m, o in attempts), "model")
         tried = ", ".join(f"{m} ({o})" for m, o in attempts)
-        raise type(last)(f"{last.message} [tried: {tried}]", last.param, last.code)
+        err = type(last)(f"{last.message} [tried: {tried}]", last.param, last.code)
+        if getattr(last, "headers", None):  # a rate limit's Retry-After and x-ratelimit-*
+            err.headers = last.headers
+        raise err
 
     def _full(self, mid: str) -> bool:
         """Whether this gateway replica already has a Serve-hosted model's whole queue in flight
