@@ -99,7 +99,8 @@ CLUSTER_FIXTURES = {"ray_cluster", "serve_port"}
 
 
 def pytest_collection_modifyitems(config, items):
-    """Files that use the Ray cluster run first, the pure unit files last: `make test`'s two
-    workers take a file at a time, and the many short files then even out the end."""
-    cluster_files = {item.path for item in items if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ()))}
-    items.sort(key=lambda item: item.path not in cluster_files)
+    """Files that use the Ray cluster (or are marked slow) run first, the short unit files last:
+    `make test`'s two workers take a file at a time, and the many short files even out the end."""
+    heavy = {item.path for item in items
+             if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in heavy)
