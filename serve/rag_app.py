@@ -122,6 +122,8 @@ class RagServer:
         out = self.cache.get(key) if key else None
         if cached:
             metrics.cache_lookup("rag", out is not None)
+        if out is not None:  # the same answer, but a response of its own: its id leads to this query's lineage
+            out = {**out, "id": f"rag-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
         headers = {"x-orfeas-cache": "hit" if out is not None else "miss"} if cached else None
         if out is None:
             out = await self.query(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
