@@ -114,14 +114,18 @@ class VectorStore(ABC):
     def flush(self, name: str) -> None:  # noqa: B027 - optional
         pass
 
-    # page through points with their ids, and rewrite payload fields in place (re-encryption)
+    # page through points with their ids, and rewrite payload fields in place (re-encryption:
+    # both backends implement them; a wrapper such as EncryptedStore leaves them to its inner
+    # store, since they move ciphertext as it is)
     def scroll_point_payloads(self, name: str, fields: list[str], offset: Any = None,
                               limit: int = 512) -> tuple[list[dict[str, Any]], Any]:
-        raise NotImplementedError(f"{type(self).__name__} cannot page through points")
+        raise RagInvalidRequest(f"{type(self).__name__} does not page raw payloads: call its backend store",
+                                "collection")
 
     def set_payloads(self, name: str, updates: list[dict[str, Any]]) -> int:
         """Set the given payload fields ({"id", "payload"}) of each point; other fields stay."""
-        raise NotImplementedError(f"{type(self).__name__} cannot set payloads")
+        raise RagInvalidRequest(f"{type(self).__name__} does not rewrite raw payloads: call its backend store",
+                                "collection")
 
     # whole points (the edge sync: `rag.sync`), as `upsert` takes them: id, dense, sparse, payload
     def scroll_points(self, name: str, offset: str | None = None, limit: int = 256,
