@@ -60,14 +60,24 @@ $(SLAPD): $(BIN)/python
 	  echo "slapd/xmlsec1 are not installed: directory-sync tests are skipped, SAML sign-in fails"
 	@touch $@
 
-install: $(STAMP) $(HAPROXY) $(MONITORING) $(SLAPD)
+# poppler's `pdftotext` (Debian `poppler-utils`): the compliance-report tests read the PDF back
+# with it (without it they are skipped); installed like the rest.
+POPPLER := $(VENV)/.poppler
+$(POPPLER): $(BIN)/python
+	@command -v pdftotext >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+	  { apt-get install -y -q poppler-utils >/dev/null 2>&1 || { apt-get update -q >/dev/null 2>&1 && \
+	    apt-get install -y -q poppler-utils >/dev/null 2>&1; }; }; } || \
+	  echo "poppler-utils is not installed: the compliance report's PDF test is skipped"
+	@touch $@
+
+install: $(STAMP) $(HAPROXY) $(MONITORING) $(SLAPD) $(POPPLER)
 
 demo: $(STAMP) $(HAPROXY)
 	$(BIN)/python -m cluster.demo
 
 # Two workers, each with its own local Ray cluster, a whole test file at a time (its module
 # fixtures deploy once): one worker left ~30% of 2 cores idle while replicas started.
-test: $(STAMP) $(HAPROXY) $(MONITORING) $(SLAPD)
+test: $(STAMP) $(HAPROXY) $(MONITORING) $(SLAPD) $(POPPLER)
 	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
 
 down: $(STAMP)

