@@ -1,6 +1,6 @@
 """`orfeas audit ...` and `orfeas encryption ...`: the audit chain (verify, export, checkpoint)
-and key management (list, rotate the KEK, rotate a data key and re-encrypt). `cluster/cli.py`
-calls `register(app)`.
+and key management (list, rotate the KEK, rotate a data key and re-encrypt); `orfeas privacy
+erase`, `orfeas lineage`, and `orfeas compliance check|schedule`. `cluster/cli.py` calls `register(app)`.
 
 `audit verify` and `audit export` read the files under the data directory and need no cluster
 (an auditor can run them on a copy); the rest talk to the cluster's actors."""
@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
     app.add_typer(audit_app, name="audit")
     app.add_typer(encryption_app, name="encryption")
     app.add_typer(privacy_app, name="privacy")
+    app.add_typer(compliance_app, name="compliance")
     app.command("lineage")(lineage)
 
 
@@ -208,3 +209,134 @@ def lineage(answer_id: Annotated[str, typer.Argument(help="A RAG answer's id (ra
         console.print(f"  document {d['doc_id']} {d['source']} version {d.get('version') or 'gone'}", highlight=False)
     for r in out["ingest_runs"]:
         console.print(f"  ingest run {r['run_id']} by {r['actor']} from {r['source']}", highlight=False)
+
+
+compliance_app = typer.Typer(help="Compliance: check the platform against GDPR, HIPAA or SOC 2 controls; "
+                             "scheduled audits.", no_args_is_help=True)
+
+ProfileOpt = Annotated[Optional[str], typer.Option("--profile", help="gdpr, hipaa or soc2 (default: "
+                                                   "compliance.profile).")]
+OverlayOpt = Annotated[Optional[str], typer.Option("--overlay", "-o", help="The KubeRay overlay to render and "
+                                                   "check (dev, gpu, aws, gcp, azure); default dev.")]
+ManifestsOpt = Annotated[Optional[Path], typer.Option("--manifests", help="Rendered manifests (a YAML file, e.g. "
+                                                      "`orfeas k8s render -o dev > m.yaml`) instead of rendering.")]
+NoManifestsOpt = Annotated[bool, typer.Option("--no-manifests", help="Check the configuration only.")]
+NoScanOpt = Annotated[bool, typer.Option("--no-scan", help="Do not sample the collections for PII.")]
+OutOpt = Annotated[Optional[Path], typer.Option("--out", help="Report folder; default compliance.report_dir "
+                                                "(data_dir/compliance).")]
+
+
+def _manifests(overlay: str | None, manifests: Path | None, none: bool) -> tuple[list | None, str]:
+    """The manifest objects to check and where they came from; bad input ends the command."""
+    from security.compliance import ComplianceError, load_manifests
+
+    if none:
+        return None, "not evaluated (--no-manifests)"
+    if manifests is not None:
+        try:
+            return load_manifests(manifests), str(manifests)
+        except ComplianceError as e:
+            fail(str(e), 2)
+    from cluster import k8s_render
+
+    name = overlay or "dev"
+    try:
+        return k8s_render.render(name), f"`orfeas k8s render -o {name}` ({k8s_render.OVERLAYS_DIR / name})"
+    except k8s_render.RenderError as e:
+        fail(f"cannot render the manifests of overlay {name!r}: {e} (or give --manifests FILE / --no-manifests)", 2)
+
+
+def _profile(settings, profile: str | None) -> str:
+    from security.compliance import ComplianceError, check_profile
+
+    try:
+        return check_profile(profile or settings.compliance.profile)
+    except ComplianceError as e:
+        fail(str(e), 2)
+
+
+def _scan_connected(settings, no_scan: bool) -> bool:
+    """Join the cluster when one runs (the collections are read through it); else no scan."""
+    if no_scan:
+        return False
+    from cluster.local import ClusterError, connect
+
+    try:
+        connect(settings)
+        return True
+    except ClusterError as e:
+        console.print(f"note: collections not scanned for PII: {e}", highlight=False)
+        return False
+
+
+@compliance_app.command("check")
+def compliance_check(profile: ProfileOpt = None, config: ConfigOpt = None, overlay: OverlayOpt = None,
+                     manifests: ManifestsOpt = None, no_manifests: NoManifestsOpt = False, no_scan: NoScanOpt = False,
+                     out: OutOpt = None, as_json: JsonOpt = False):
+    """Evaluate the configuration, the data directory and the rendered manifests against the
+    profile's controls; write the report (JSON and PDF) with evidence per control and a privacy
+    impact assessment draft. Exit 1 when a required control fails."""
+    from agents.compliance import run_check
+    from security.compliance import ComplianceError
+    from security.compliance_report import report_dir, write_report
+
+    settings = settings_or_exit(config)
+    name = _profile(settings, profile)
+    objs, source = _manifests(overlay, manifests, no_manifests)
+    try:
+        report = run_check(settings, name, objs, manifests_source=source, scan=_scan_connected(settings, no_scan),
+                           actor=cli_actor())
+    except ComplianceError as e:
+        fail(str(e), 2)
+    paths = write_report(report, out or report_dir(settings))
+    if as_json:
+        print_json({**report, "files": paths})
+    else:
+        t = table("control", "required", "status", "evidence")
+        for c in report["controls"]:
+            bad = [e["text"] for e in c["evidence"] if e["ok"] is False]
+            t.add_row(c["id"], "yes" if c["required"] else "advisory", c["status"],
+                      (bad or [e["text"] for e in c["evidence"]] or [""])[0])
+        console.print(t)
+        console.print(f"{name}: {report['result'].upper()} ({report['summary']['pass']} pass, "
+                      f"{report['summary']['fail']} fail, {report['summary']['skipped']} skipped of the required "
+                      f"controls); report {paths['json']} and {paths['pdf']}", highlight=False)
+    if report["result"] == "fail":
+        raise typer.Exit(1)
+
+
+@compliance_app.command("schedule")
+def compliance_schedule(profile: ProfileOpt = None, config: ConfigOpt = None, overlay: OverlayOpt = None,
+                        manifests: ManifestsOpt = None, no_manifests: NoManifestsOpt = False,
+                        no_scan: NoScanOpt = False, out: OutOpt = None,
+                        every: Annotated[Optional[float], typer.Option("--every", help="Seconds between rounds "
+                                                                       "(default compliance.schedule_interval_s).")] = None,
+                        once: Annotated[bool, typer.Option("--once", help="One round, then exit (1 when it failed).")] = False):
+    """Run the check and `audit verify` on a schedule, here in the foreground (on Kubernetes the
+    RayCronJob orfeas-compliance does it). A failed round is logged, audited and alerted."""
+    import logging
+
+    from agents.compliance import scheduled_audit
+    from security.compliance import ComplianceError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = settings_or_exit(config)
+    name = _profile(settings, profile)
+    interval = every or settings.compliance.schedule_interval_s
+    if interval <= 0:
+        fail(f"--every must be a positive number of seconds, not {interval:g}", 2)
+    objs, source = _manifests(overlay, manifests, no_manifests)
+    scan = _scan_connected(settings, no_scan)
+    while True:
+        try:
+            out_ = scheduled_audit(settings, name, objs, manifests_source=source, scan=scan, actor=cli_actor(),
+                                   out_dir=str(out) if out else None)
+        except ComplianceError as e:
+            fail(str(e), 2)
+        console.print(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {name}: {out_['result']}"
+                      + (f", failed {', '.join(out_['failed'])}" if out_["failed"] else "")
+                      + (f"; alert {'sent' if out_['alert']['sent'] else 'not sent: ' + str(out_['alert']['error'])}"
+                         if "alert" in out_ else "") + f"; report {out_['report']['json']}", highlight=False)
+        if once:
+            raise typer.Exit(1 if out_["result"] == "fail" else 0)
+        time.sleep(interval)

@@ -1,0 +1,68 @@
+"""A scheduled audit (settings `compliance`): the compliance check of a profile, with `audit
+verify`, its report written (JSON and PDF under compliance.report_dir), and on failure a log line,
+an audit entry and an alert through the alert receiver.
+
+    python -m jobs.compliance [--config orfeas.yaml] [--profile soc2] [--manifests rendered.yaml]
+    ray job submit -- python -m jobs.compliance
+
+The work is `agents.compliance.scheduled_audit`, run as a Ray task on the node that holds the data
+directory (the `orfeas_state` resource where a node advertises it: the KubeRay head with the
+persistent volume, where the audit chain and the key file live), so it also works when this driver
+joins through Ray Client. It prints the round's summary as one JSON line; exit status 1 when the
+check failed (the RayJob then shows as failed too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from config import load_settings
+from config.names import ACTOR_NAMESPACE
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m jobs.compliance", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default=None, help="orfeas.yaml to read")
+    parser.add_argument("--address", default=None, help="the cluster to join (default: ray.address; "
+                        "ray://HOST:10001 reaches a serving cluster from a job's own one)")
+    parser.add_argument("--profile", default=None, help="gdpr, hipaa or soc2 (default: compliance.profile)")
+    parser.add_argument("--manifests", default=None, help="rendered manifests to check as well (a YAML file)")
+    parser.add_argument("--actor", default="job:compliance", help="who the audit log names")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    import ray
+
+    from agents.compliance import scheduled_audit
+    from config.actors import STATE_RESOURCE
+    from security.compliance import ComplianceError, check_profile, load_manifests
+    from security.log_redaction import install_log_redaction
+
+    settings = load_settings(args.config)
+    install_log_redaction(settings)
+    try:
+        profile = check_profile(args.profile or settings.compliance.profile)
+        manifests = load_manifests(args.manifests) if args.manifests else None
+    except ComplianceError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if not ray.is_initialized():
+        ray.init(address=args.address or settings.ray.address or None, namespace=ACTOR_NAMESPACE,
+                 log_to_driver=False)
+    options: dict = {"num_cpus": 0, "max_retries": 0}
+    if ray.cluster_resources().get(STATE_RESOURCE):
+        options["resources"] = {STATE_RESOURCE: 0.001}
+    try:
+        out = ray.get(ray.remote(scheduled_audit).options(**options).remote(
+            settings, profile, manifests, manifests_source=args.manifests or "", actor=args.actor))
+    except Exception as e:
+        print(f"error: the compliance check could not run: {getattr(e, 'cause', e)}", file=sys.stderr, flush=True)
+        return 1
+    print(json.dumps(out), flush=True)
+    return 1 if out["result"] == "fail" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
