@@ -27,11 +27,10 @@ def inventory(settings: Settings) -> list[dict[str, Any]]:
     """The collections' PII inventory, read through the configured (decrypting) store."""
     from rag.inventory import collection_inventory
     from rag.store import open_store
-    from security.pii import detector_for
+    from security.pii import detector
 
-    p = settings.pii
-    return collection_inventory(open_store(settings), detector_for(p.entities, p.spacy_model, p.min_score),
-                                settings.compliance.pii_sample, settings.encryption.subject_tag_prefix)
+    return collection_inventory(open_store(settings), detector(settings), settings.compliance.pii_sample,
+                                settings.encryption.subject_tag_prefix)
 
 
 def run_check(settings: Settings, profile: str, manifests: list[dict[str, Any]] | None = None, *,

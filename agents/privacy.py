@@ -1,6 +1,7 @@
 """A data subject's erasure across every store that holds them (GDPR art. 17): their documents
 and chunks with their data key crypto-shredded (rag/erasure.py), their usage-ledger details
-(analytics/ledger.py), and their workflow runs with checkpoints and events (the coordinator).
+(analytics/ledger.py), their workflow runs with checkpoints and events (the coordinator), and
+the user and name their API keys were given (the keys are revoked; security/keys.py).
 This is the lowest room that sees all three, so the CLI (`orfeas privacy erase`) and the admin
 API (`POST /v1/admin/privacy/erase`) both call it. One audit entry records the whole erasure.
 
@@ -55,6 +56,7 @@ def erase_subject(settings: Settings, subject: str, *, actor: str = "", request_
     from security.audit import audit_event
     from security.encryption import subject_scope
     from security.keyring import check_scope
+    from security.keys import keystore
 
     scope = check_scope(subject_scope(subject))
     out: dict[str, Any] = {"subject": subject}
@@ -65,6 +67,7 @@ def erase_subject(settings: Settings, subject: str, *, actor: str = "", request_
         out["ledger"] = ray.get(ledger(settings.resolved_data_dir(), settings).erase_subject.remote(subject,
                                                                                                      out["keys"]))
         out["workflow_runs"] = _delete_runs(settings, out["keys"], subject)
+        out["keys_scrubbed"] = ray.get(keystore(settings.resolved_data_dir()).scrub_subject.remote(subject))
     except Exception as e:
         audit_event(settings, "privacy.erase", {**out, "reason": str(getattr(e, "cause", e))[:300]},
                     outcome="error", wait=True, **where)

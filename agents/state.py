@@ -4,7 +4,10 @@ Every write names the version it read (`expected_version`; 0 for "must not exist
 against a stale version raises `VersionConflict` with the current version and value, so two
 agents cannot silently overwrite each other. A write with an idempotency key that was already
 applied returns the earlier result and changes nothing (a redelivered message has no second
-effect). Documents persist to the data directory, one JSON file per scope.
+effect). Documents persist to the data directory in one file, `agents/state.json`; their values
+(user content: plans, notes, tool results) are encrypted there with the field cipher (scope
+`store:agents-state`, bound to the document's scope and key), the scope and key names and the
+versions stay plain.
 """
 
 from __future__ import annotations
@@ -63,19 +66,42 @@ class VersionedStore:
         self.applied.pop(scope, None)
 
 
-class SharedState:
-    """The store as an actor, written through to `<data_dir>/agents/state.json`."""
+STATE_SCOPE = "store:agents-state"
 
-    def __init__(self, path: str):
+
+def _seal(cipher, table: dict[str, dict[str, dict]], kind: str, decrypt: bool = False) -> dict[str, dict[str, dict]]:
+    """Each document's value encrypted (or decrypted), bound to `<kind>/<scope>/<key>`."""
+    if cipher is None:
+        return table
+    call = cipher.decrypt_json if decrypt else cipher.encrypt_json
+    return {scope: {key: {**doc, "value": call(doc["value"], scope=STATE_SCOPE, record_id=f"{kind}/{scope}/{key}",
+                                             field="value")}
+                    for key, doc in docs.items()}
+            for scope, docs in table.items()}
+
+
+class SharedState:
+    """The store as an actor, written through to `<data_dir>/agents/state.json` (values encrypted
+    when encryption is on: `settings`, else the defaults for the data directory the file is in)."""
+
+    def __init__(self, path: str, settings: dict | None = None):
+        from config import Settings, settings_from_dict
+        from security.encryption import field_cipher
+
         self.path = Path(path)
+        conf = settings_from_dict(settings) if settings else Settings(data_dir=self.path.parent.parent)
+        self.cipher = field_cipher(conf)
         data = json.loads(self.path.read_text()) if self.path.exists() else {}
-        self.store = VersionedStore(data.get("docs"), data.get("applied"))
+        self.store = VersionedStore(_seal(self.cipher, data.get("docs") or {}, "doc", decrypt=True),
+                                    _seal(self.cipher, data.get("applied") or {}, "applied", decrypt=True))
 
     def _save(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        sealed = {"docs": _seal(self.cipher, self.store.docs, "doc"),
+                  "applied": _seal(self.cipher, self.store.applied, "applied")}
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".state.")
         with os.fdopen(fd, "w") as f:
-            json.dump({"docs": self.store.docs, "applied": self.store.applied}, f)
+            json.dump(sealed, f)
         os.replace(tmp, self.path)
 
     def get(self, scope: str, key: str) -> dict:
@@ -96,7 +122,9 @@ class SharedState:
         self._save()
 
 
-def shared_state(data_dir: str | Path):
+def shared_state(data_dir: str | Path, settings=None):
+    """The data directory's shared-state actor; `settings` (whose encryption section it uses) where
+    the caller has them."""
     path = Path(data_dir).expanduser().resolve() / "agents" / "state.json"
     return detached_actor(SharedState, "orfeas-state-" + hashlib.sha1(str(path).encode()).hexdigest()[:10], str(path),
-                          durable=True)
+                          settings.to_dict() if settings is not None else None, durable=True)

@@ -49,7 +49,21 @@ def deploy(settings: Settings, *, skip: set[str] = frozenset()) -> list[str]:
             if not (a.name != GATEWAY_APP and a.args.get("model", {}).get("id") in skip)]
     targets = [serve.RunTarget(a.build(), name=a.name, route_prefix=a.route_prefix) for a in apps]
     serve.run_many(targets, wait_for_applications_running=False)
+    _audit_config(settings)
     return [a.name for a in apps]
+
+
+def _audit_config(settings: Settings) -> None:
+    """The settings this deploy changed, by name (security/config_changes.py); never fails a deploy."""
+    import getpass
+    import logging
+
+    from security.config_changes import record_deploy
+
+    try:
+        record_deploy(settings, actor=f"cli:{getpass.getuser()}")
+    except Exception:
+        logging.getLogger(__name__).exception("could not audit the deployed configuration")
 
 
 def wait_running(names: list[str], timeout_s: float = 300.0,

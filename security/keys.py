@@ -154,8 +154,8 @@ class KeyStore:
             raise ValueError("a bootstrap key looks like orf_<id>_<secret> with a secret of at least 32 characters")
         existing = self.records.get(key_id)
         if existing is not None:
-            return existing.public()
-        return self._put(KeyRecord(id=key_id, hash=hash_key(key), role=role, name=name))
+            return {**existing.public(), "installed": False}
+        return {**self._put(KeyRecord(id=key_id, hash=hash_key(key), role=role, name=name)), "installed": True}
 
     def _put(self, record: KeyRecord) -> dict:
         records = {**self.records, record.id: record}
@@ -184,6 +184,22 @@ class KeyStore:
         if record is None:
             raise KeyError(f"no key with id {key_id!r}")
         return record.public()
+
+    def scrub_subject(self, subject: str) -> list[str]:
+        """Erasure of a data subject: their keys (`user == subject`) lose the user and the name they
+        were given and are revoked; their user record (budget) goes. The ids stay (the ledger's
+        figures refer to them). Returns the ids scrubbed."""
+        now = time.time()
+        theirs = [r for r in self.records.values() if r.user == subject]
+        if theirs:
+            records = {**self.records}
+            for r in theirs:
+                records[r.id] = r.model_copy(update={"user": "", "name": "", "revoked_at": r.revoked_at or now})
+            self.file.save(records)
+            self.records = records
+        if subject in self.users:
+            self._save_accounts(self.teams, {k: v for k, v in self.users.items() if k != subject})
+        return [r.id for r in theirs]
 
     # ---------------------------------------------------------------- teams and users
 
@@ -310,10 +326,36 @@ def keystore(data_dir: str | Path):
     return detached_actor(KeyStore, name, str(path), durable=True)
 
 
-def bootstrap_admin(data_dir: str | Path, env: str) -> None:
-    """Install the admin key in `$env` (on Kubernetes: the orfeas-admin-bootstrap Secret) once, so
-    that a cluster has an admin credential without `orfeas up` printing one. Fire and forget:
-    a malformed key is reported by the store's error in the replica's log."""
+def bootstrap_admin(data_dir: str | Path, env: str, settings=None) -> None:
+    """Install the admin key in `$env` (on Kubernetes: the orfeas-admin-bootstrap Secret, made by
+    `orfeas keys bootstrap-secret`) once, so that a cluster has an admin credential without `orfeas
+    up` printing one. Fire and forget; with `settings` the install is audited from a background
+    thread (`admin.key.bootstrap`: the key id and the variable, never the key; outcome error with
+    the reason for a malformed key). Every gateway replica calls this: only the one whose call
+    installed the key records it."""
     key = os.environ.get(env, "").strip()
-    if key:
-        keystore(data_dir).install.remote(key, "admin", "bootstrap")
+    if not key:
+        return
+    ref = keystore(data_dir).install.remote(key, "admin", "bootstrap")
+    if settings is not None:
+        import threading
+
+        threading.Thread(target=_audit_bootstrap, args=(ref, settings, env, key_id_of(key) or "?"),
+                         name="orfeas-bootstrap-audit", daemon=True).start()
+
+
+def _audit_bootstrap(ref, settings, env: str, key_id: str) -> None:
+    import ray
+
+    from security.audit import audit_event
+
+    where = {"actor": "k8s:bootstrap-secret", "target": f"key:{key_id}"}
+    try:
+        record = ray.get(ref)
+    except Exception as e:
+        audit_event(settings, "admin.key.bootstrap", {"env": env, "reason": str(getattr(e, "cause", e))[:300]},
+                    outcome="error", **where)
+        return
+    if record.get("installed"):
+        audit_event(settings, "admin.key.bootstrap", {"env": env, "role": record["role"], "name": record["name"]},
+                    **where)

@@ -323,6 +323,8 @@ class ErasureResult(BaseModel):
     shredded_keys: list[str] = Field(description="The subject's data keys, destroyed.")
     ledger: dict[str, int] = Field(description="Ledger records scrubbed of the subject's details.")
     workflow_runs: list[str] = Field(description="Workflow runs removed.")
+    keys_scrubbed: list[str] = Field(default_factory=list, description="The subject's API keys, revoked and "
+                                     "stripped of the user and name they were given.")
 
 
 @admin_router.post("/privacy/erase", response_model=ErasureResult, openapi_extra=SECURED)

@@ -66,6 +66,7 @@ def test_bootstrap_secret_is_what_the_gateway_pods_read_and_installs_as_admin(tm
     store = KeyStore(str(tmp_path / "keys.json"))
     installed = store.install(key)
     assert installed["role"] == "admin" and store.verify(key)["id"] == installed["id"] and key in result.stdout
+    assert installed["installed"] and not store.install(key)["installed"]  # once: the audit entry names the first
     assert installed["id"] in result.stderr and key not in result.stderr
     again = yaml.safe_load(CliRunner().invoke(cli, ["keys", "bootstrap-secret"]).stdout)
     assert again["stringData"]["api-key"] != key and again["metadata"]["namespace"] == "orfeas"
@@ -80,3 +81,17 @@ def _env_entries(node):
     elif isinstance(node, list):
         for v in node:
             yield from _env_entries(v)
+
+
+def test_erasure_scrubs_the_user_and_name_of_a_subjects_keys(tmp_path):
+    path = tmp_path / "keys.json"
+    store = KeyStore(str(path))
+    theirs, _ = store.create("user", name="Wombat-Q's laptop", user="wombat-q")
+    other, _ = store.create("user", name="ops", user="u-1")
+    store.set_user("wombat-q", budget_usd=5)
+    assert store.scrub_subject("wombat-q") == [theirs["id"]]
+    assert "wombat" not in path.read_text().lower() and "wombat" not in path.with_name("teams.json").read_text()
+    again = KeyStore(str(path))
+    assert again.get(theirs["id"])["user"] == "" and again.get(theirs["id"])["revoked_at"]
+    assert again.get(other["id"]) == store.get(other["id"]) and again.get(other["id"])["user"] == "u-1"
+    assert again.scrub_subject("nobody") == []

@@ -97,7 +97,7 @@ class Gateway:
         self.catalog = Catalog(self.settings, self.backends)
         app.state.configure(self.settings, model_label=self.catalog.known)
         if self.settings.auth.enabled:
-            bootstrap_admin(self.settings.resolved_data_dir(), self.settings.auth.bootstrap_key_env)
+            bootstrap_admin(self.settings.resolved_data_dir(), self.settings.auth.bootstrap_key_env, self.settings)
         self.metrics, self.router_metrics = GatewayMetrics(), RouterMetrics()
         self.router = Router(self.settings, self.backends, embed=self._classifier_embed)
         self.router.listeners.append(self.router_metrics.breaker_transition)

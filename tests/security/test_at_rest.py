@@ -89,7 +89,12 @@ def test_marker_is_returned_to_the_caller_and_never_stored_in_plaintext(platform
     events = ray.get(c.events_after.remote(run_id, 0))["events"]
     assert any("ZQX-4471" in str(e) for e in events)
 
+    # An agent's note in the shared state (agents/state.json) holds the marker too.
+    from agents.state import shared_state
+
+    ray.get(shared_state(settings.resolved_data_dir(), settings).put.remote(run_id, "notes", {"found": MARKER}))
     data_dir = settings.resolved_data_dir()
+    assert (data_dir / "agents" / "state.json").exists()
     assert (data_dir / "workflows" / "runs" / run_id / "run.json").exists()
     assert (data_dir / "qdrant_edge" / "collections").exists()
     needles = [MARKER.encode(), b"ZQX-4471", TITLE.encode(), b"violet pelican"]
@@ -329,6 +334,12 @@ def test_erasure_removes_the_subject_and_shreds_their_key(platform, tmp_path):
     assert out["documents"] == {"people__v1": 1} and len(out["shredded_keys"]) == 1
     assert out["keys"] == [theirs["id"]] and out["workflow_runs"] == [runs[their_key]]
     assert out["ledger"] == {"changed": 2, "dropped": 0}  # their call and the feedback on it
+    # Their key keeps its id (the ledger's figures refer to it) but not the user and name it was given.
+    assert out["keys_scrubbed"] == [theirs["id"]]
+    keys_file = (settings.resolved_data_dir() / "auth" / "keys.json").read_text()
+    assert "s-42" not in keys_file
+    scrubbed = ray.get(keystore(settings.resolved_data_dir()).get.remote(theirs["id"]))
+    assert scrubbed["user"] == "" and scrubbed["name"] == "" and scrubbed["revoked_at"]
 
     left = store.scroll_payloads("people__v1", ["doc_id", "text", "tags"])
     assert [p["text"] for p in left] == ["A keen gardener in Oslo, gardener@example.org."]

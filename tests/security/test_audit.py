@@ -114,3 +114,25 @@ def test_details_are_encrypted_and_chain_verifies_without_keys(tmp_path):
     assert e["details"] == {"source": "/srv/marker-Zebra42.md"}
     line = to_syslog(e, "host1")
     assert line.startswith("<110>1 ") and 'action="data.ingest"' in line and "host1 orfeas - AUDIT" in line
+
+
+def test_a_deploy_records_which_settings_changed_never_their_values(tmp_path):
+    """security/config_changes.py (cluster/deploy.py calls it on every deploy)."""
+    from config import Settings
+    from security.audit import audit_dir
+    from security.config_changes import DIGEST_FILE, record_deploy
+    from security.encryption import field_cipher
+
+    hook = "https://hooks.slack.example/services/T0/B0/Secret-Tern-731"
+    first = Settings(data_dir=tmp_path / "data", pii={"audit": "off"})
+    assert record_deploy(first, actor="cli:ops")["first"] is True
+    assert record_deploy(first, actor="cli:ops") == {"changed": [], "added": [], "removed": []}  # nothing new
+    changed = Settings(data_dir=tmp_path / "data", pii={"audit": "off"}, serve={"port": 8123},
+                       alerts={"slack_webhooks": {"default": hook}})
+    out = record_deploy(changed, actor="cli:ops")
+    assert out["changed"] == ["serve.port"] and out["added"] == ["alerts.slack_webhooks.default"]
+    entries = [e for e in read_entries(audit_dir(first), field_cipher(first)) if e["action"].startswith("config.")]
+    assert [e["action"] for e in entries] == ["config.deploy", "config.change"]
+    assert entries[1]["details"]["changed"] == ["serve.port"] and entries[1]["actor"] == "cli:ops"
+    on_disk = b"".join(p.read_bytes() for p in audit_dir(first).iterdir() if p.is_file())
+    assert b"Secret-Tern-731" not in on_disk and b"8123" not in (audit_dir(first) / DIGEST_FILE).read_bytes()

@@ -49,3 +49,24 @@ def test_checkpoints_and_events_are_encrypted(tmp_path):
     with pytest.raises(NotEncrypted, match="stored in plaintext"):
         store.load("run1")
 
+
+
+def test_shared_agent_state_values_are_encrypted(tmp_path):
+    from agents.state import SharedState
+    from security.crypto import NotEncrypted
+
+    settings = Settings(data_dir=tmp_path / "data")
+    path = settings.resolved_data_dir() / "agents" / "state.json"
+    state = SharedState(str(path), settings.to_dict())
+    state.put("run-1", "plan", {"note": "Pangolin-Sigma-5"}, 0)
+    state.put("run-1", "plan", {"note": "Pangolin-Sigma-6"}, 1, idempotency_key="step-2")
+    raw = path.read_text()
+    assert "Pangolin-Sigma" not in raw and raw.count("orfenc1:") == 2  # the document and the applied copy
+    again = SharedState(str(path), settings.to_dict())  # reopened: versions and values back
+    assert again.get("run-1", "plan") == {"version": 2, "value": {"note": "Pangolin-Sigma-6"}}
+    assert again.put("run-1", "plan", {"note": "x"}, 1, idempotency_key="step-2")["duplicate"]
+    data = json.loads(raw)
+    data["docs"]["run-1"]["plan"]["value"] = {"note": "planted"}
+    path.write_text(json.dumps(data))
+    with pytest.raises(NotEncrypted, match="not encrypted"):
+        SharedState(str(path), settings.to_dict())
