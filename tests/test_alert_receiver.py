@@ -197,3 +197,42 @@ def test_a_latency_regression_fires_a_rule_through_alertmanager_to_slack(receive
         sink.on_post = None
         provider.slow_s = 0.0
         assert set(monitoring.down(settings)) == {"prometheus", "alertmanager"}
+
+
+def test_a_failed_scheduled_audit_is_raised_through_the_receiver(receiver, tmp_path):
+    """`orfeas compliance schedule` / the RayCronJob orfeas-compliance (agents/compliance.py): a
+    tampered audit file fails the check; the alert goes through the receiver to Slack and
+    PagerDuty (critical: tampering), and the failure is audited."""
+    import json
+
+    import ray
+
+    from agents.compliance import ALERT_NAME, scheduled_audit
+    from security.audit import AuditLog, audit_actor, read_entries
+    from security.encryption import field_cipher
+
+    settings, _, _, sink, _ = receiver
+    tampered = settings.model_copy(deep=True)
+    tampered.audit.dir = str(tmp_path / "audit")
+    tampered.pii.audit = "off"  # this audit actor needs no PII analyzer
+    log = AuditLog(tmp_path / "audit", cipher=field_cipher(tampered))
+    for i in range(3):
+        log.record([{"action": "data.query", "actor": "k1", "details": {"i": i}}])
+    path = tmp_path / "audit" / "audit.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join([lines[0], lines[2], lines[1]]))  # reordered
+    out = scheduled_audit(tampered, "soc2", scan=False, out_dir=str(tmp_path / "reports"))
+    assert out["result"] == "fail" and "audit.verify" in out["failed"] and "fails at position 2" in out["audit_verify"]["evidence"]
+    assert out["alert"]["sent"] and out["alert"]["notifications"] >= 1, out["alert"]
+
+    def posted():
+        return [(p, b) for p, b in list(sink.received) if ALERT_NAME in json.dumps(b)]
+    deadline = time.monotonic() + 30
+    while {p.split("/")[1] for p, _ in posted()} != {"slack", "pagerduty"}:
+        assert time.monotonic() < deadline, sink.received[-3:]
+        time.sleep(0.1)
+    page = next(b for p, b in posted() if p.startswith("/pagerduty"))
+    assert page["payload"]["severity"] == "critical" and "position 2" in page["payload"]["summary"]
+    ray.get(audit_actor(tampered).checkpoint.remote())
+    failed = [e for e in read_entries(tmp_path / "audit", field_cipher(tampered)) if e["action"] == "compliance.audit_failed"]
+    assert len(failed) == 1 and failed[0]["details"]["alert"]["sent"] is True

@@ -347,7 +347,7 @@ def test_bus_pubsub_order_redelivery_duplicates_direct_and_request_reply(platfor
     from agents.state import shared_state
 
     data_dir = str(platform["settings"].resolved_data_dir())
-    bus, state = message_bus(data_dir), shared_state(data_dir)
+    bus, state = message_bus(data_dir), shared_state(data_dir, platform["settings"])
     ray.get([bus.subscribe.remote("s1", "news"), bus.subscribe.remote("s2", "news")])
     for i in range(5):
         ray.get(bus.publish.remote("news", {"n": i}, f"k{i}"))
@@ -388,7 +388,7 @@ def test_bus_pubsub_order_redelivery_duplicates_direct_and_request_reply(platfor
 def test_shared_state_compare_and_set_detects_conflicts(platform):
     from agents.state import VersionConflict, shared_state
 
-    state = shared_state(str(platform["settings"].resolved_data_dir()))
+    state = shared_state(str(platform["settings"].resolved_data_dir()), platform["settings"])
     v1 = ray.get(state.put.remote("run-x", "plan", {"owner": "a"}, 0))
     # two agents read version 1 and both try to write
     ok = ray.get(state.put.remote("run-x", "plan", {"owner": "b"}, v1["version"]))

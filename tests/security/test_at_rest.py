@@ -416,3 +416,26 @@ def test_retention_removes_what_is_older_than_its_period(platform, tmp_path):
     assert r.status_code == 200 and r.json()["status"] == "awaiting_approval"
     entries = audit_entries_until(settings, [("retention.enforce", "")])
     assert [e["outcome"] for e in entries if e["action"] == "retention.enforce"] == ["ok", "ok"]
+
+
+def test_the_bootstrap_key_install_is_audited_once_and_never_with_the_key(platform, monkeypatch):
+    """What every gateway replica does with the Secret `orfeas keys bootstrap-secret` made."""
+    from security.audit import audit_dir
+    from security.keys import bootstrap_admin, key_id_of, new_key
+
+    settings, _, _ = platform
+    key = new_key()
+    monkeypatch.setenv("ORFEAS_TEST_BOOTSTRAP_KEY", key)
+    for _ in range(2):  # two replicas: one installs, the other finds it installed
+        bootstrap_admin(settings.resolved_data_dir(), "ORFEAS_TEST_BOOTSTRAP_KEY", settings)
+    monkeypatch.setenv("ORFEAS_TEST_BOOTSTRAP_KEY", "orf_short_x")
+    bootstrap_admin(settings.resolved_data_dir(), "ORFEAS_TEST_BOOTSTRAP_KEY", settings)
+    target = f"key:{key_id_of(key)}"
+    entries = audit_entries_until(settings, [("admin.key.bootstrap", target), ("admin.key.bootstrap", "key:short")])
+    mine = [e for e in entries if e["action"] == "admin.key.bootstrap" and e["target"] == target]
+    assert len(mine) == 1 and mine[0]["outcome"] == "ok" and mine[0]["actor"] == "k8s:bootstrap-secret"
+    assert mine[0]["details"] == {"env": "ORFEAS_TEST_BOOTSTRAP_KEY", "role": "admin", "name": "bootstrap"}
+    bad = next(e for e in entries if e["action"] == "admin.key.bootstrap" and e["target"] == "key:short")
+    assert bad["outcome"] == "error" and "orf_<id>_<secret>" in bad["details"]["reason"]
+    secret = key.rsplit("_", 1)[1].encode()
+    assert not any(secret in p.read_bytes() for p in audit_dir(settings).iterdir() if p.is_file())
