@@ -37,9 +37,9 @@ def settings_for(tmp_path, cls=Settings, **over):
 
 
 def audited(settings, n: int = 3) -> None:
-    from security.encryption import field_cipher
-
-    log = AuditLog(audit_dir(settings), cipher=field_cipher(settings))
+    """A few entries, details unencrypted (no key service: these tests may share a process with
+    a connected Ray session, and a settings subclass is not what its actors accept)."""
+    log = AuditLog(audit_dir(settings))
     for i in range(n):
         log.record([{"action": "data.query", "actor": "k1", "target": "collection:docs", "details": {"i": i}}])
 
@@ -164,9 +164,9 @@ def test_report_is_written_as_json_and_a_pdf_that_names_every_control_and_result
 
 def test_a_tampered_audit_file_fails_the_scheduled_audit_with_a_log_line_and_an_audit_entry(tmp_path, caplog):
     from agents.compliance import scheduled_audit
-    from security.encryption import field_cipher
+    from security.encryption import AUDIT_SCOPE, field_cipher
 
-    settings = settings_for(tmp_path)
+    settings = settings_for(tmp_path, pii={"ingest": "tag", "audit": "off"})  # no PII analyzer for this log
     audited(settings, 5)
     path = audit_dir(settings) / "audit.jsonl"
     lines = path.read_text().splitlines(keepends=True)
@@ -179,9 +179,11 @@ def test_a_tampered_audit_file_fails_the_scheduled_audit_with_a_log_line_and_an_
     assert out["alert"] == {"sent": False, "url": None, "error": "alerts are off (alerts.enabled, compliance.alert_url)"}
     assert any("compliance check (gdpr) failed" in r.getMessage() and "position 3" in r.getMessage()
                for r in caplog.records)
-    entries = list(read_entries(audit_dir(settings), field_cipher(settings)))
-    failed = [e for e in entries if e["action"] == "compliance.audit_failed"]
-    assert len(failed) == 1 and failed[0]["outcome"] == "error" and "audit.verify" in failed[0]["details"]["failed"]
+    failed = [e for e in read_entries(audit_dir(settings)) if e["action"] == "compliance.audit_failed"]
+    assert len(failed) == 1 and failed[0]["outcome"] == "error"
+    details = field_cipher(settings).decrypt_json(failed[0]["details"], scope=AUDIT_SCOPE, record_id=str(failed[0]["seq"]),
+                                                  field="details")
+    assert details["failed"] == out["failed"] and "position 3" in details["audit_verify"]
     assert (tmp_path / "reports").is_dir() and len(list((tmp_path / "reports").glob("*.pdf"))) == 1
 
 
