@@ -82,7 +82,7 @@ def _model_table(settings: Settings, states: dict[str, str] | None) -> Table:
 @app.command()
 def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 600):
     """Start (or join) the Ray cluster, deploy the Serve applications and wait until they are healthy."""
-    from cluster.deploy import DeployError, deploy, refused_models, wait_running
+    from cluster.deploy import DeployError, audit_config, deploy, refused_models, wait_running
     from security.keys import keystore
     from cluster.local import ClusterError, api_url, connect, dashboard_url, is_managed, start_local_head
     from serve.applications import resolve_ingress
@@ -105,6 +105,7 @@ def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Se
     try:
         with console.status("deploying Serve applications...") as status:
             names = deploy(settings, skip={r.model_id for r in refused})
+            audit_config(settings)
             states = wait_running(
                 names, timeout,
                 progress=lambda s: status.update("waiting for " + ", ".join(f"{n}: {v}" for n, v in s.items())),

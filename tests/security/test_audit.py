@@ -117,7 +117,7 @@ def test_details_are_encrypted_and_chain_verifies_without_keys(tmp_path):
 
 
 def test_a_deploy_records_which_settings_changed_never_their_values(tmp_path):
-    """security/config_changes.py (cluster/deploy.py calls it on every deploy)."""
+    """security/config_changes.py (`orfeas up` calls it after each deploy)."""
     from config import Settings
     from security.audit import audit_dir
     from security.config_changes import DIGEST_FILE, record_deploy
