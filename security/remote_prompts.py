@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -99,6 +100,9 @@ class RedactingEngine(Engine):
         super().__init__(inner.spec)
         self.inner, self.restore = inner, restore
         self._settings = settings
+        # Presidio's analyzer takes seconds to build: start now, off the request path (the first
+        # request waits for it under the detector cache's lock if it comes sooner).
+        threading.Thread(target=detector, args=(settings,), name="pii-detector-warmup", daemon=True).start()
 
     def load(self) -> None:
         self.inner.load()
