@@ -823,6 +823,16 @@ class PiiSettings(_Section):
         default_factory=dict, description="Per catalog id, overriding remote_prompts (e.g. off for a provider "
         "under a data-processing agreement or an OpenAI-compatible server inside the cluster).")
 
+    @field_validator("remote_prompts", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
+    @field_validator("remote_prompts_models", mode="before")
+    @classmethod
+    def _yaml_off_models(cls, v: Any) -> Any:
+        return {k: "off" if x is False else x for k, x in v.items()} if isinstance(v, dict) else v
+
 
 class RetentionSettings(_Section):
     """How long data is kept, in days (null: for ever); `python -m jobs.retention` enforces it, a

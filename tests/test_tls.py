@@ -166,3 +166,14 @@ def test_gateway_over_https_and_ray_over_mutual_tls(tls_cluster, certs):
             tls.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")  # TLS 1.3 reports a refused client cert here
             if not tls.recv(1):
                 raise ConnectionError("closed")
+
+
+def test_relative_tls_paths_are_relative_to_the_config_file(tmp_path, monkeypatch):
+    from config import load_settings
+
+    (tmp_path / "conf").mkdir()
+    f = tmp_path / "conf" / "orfeas.yaml"
+    f.write_text("serve:\n  tls: {certfile: ./certs/tls.crt, keyfile: ../tls.key}\n")
+    monkeypatch.chdir(tmp_path)
+    tls = load_settings(f).serve.tls
+    assert (tls.certfile, tls.keyfile) == (str(tmp_path / "conf" / "certs" / "tls.crt"), str(tmp_path / "tls.key"))

@@ -117,3 +117,16 @@ def test_redact_restore_maps_text_and_tool_call_arguments_back(provider):
         calls.add(e.tool_calls)
     (call,) = calls.calls()
     assert json.loads(call.function.arguments) == args
+
+
+def test_a_bare_yaml_off_is_the_off_policy(tmp_path):
+    from config import load_settings
+
+    f = tmp_path / "orfeas.yaml"
+    f.write_text("models:\n  - {id: r, engine: openai, base_url: 'http://127.0.0.1:9/v1', source: echo}\n"
+                 "pii:\n  remote_prompts: off\n  remote_prompts_models: {r: off}\n")
+    s = load_settings(f)
+    assert s.pii.remote_prompts == "off" and s.pii.remote_prompts_models == {"r": "off"}
+    f.write_text("pii:\n  remote_prompts: scramble\n")
+    with pytest.raises(Exception, match="pii.remote_prompts"):
+        load_settings(f)
