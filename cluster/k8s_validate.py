@@ -708,24 +708,38 @@ def _tls_env_problems(c: dict[str, Any], at: str, mounts: list[dict[str, Any]]) 
             for name in RAY_TLS_ENV if not str(env.get(name) or "").startswith(tuple(dirs) or ("\0",))]
 
 
+def _ray_cluster_spec(obj: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    spec = obj.get("spec") or {}
+    kind = obj.get("kind")
+    if kind == "RayService":
+        return "spec.rayClusterConfig", spec.get("rayClusterConfig") or {}
+    if kind == "RayCluster":
+        return "spec", spec
+    if kind == "RayJob" and spec.get("rayClusterSpec"):
+        return "spec.rayClusterSpec", spec["rayClusterSpec"]
+    if kind == "RayCronJob" and (spec.get("jobTemplate") or {}).get("rayClusterSpec"):
+        return "spec.jobTemplate.rayClusterSpec", spec["jobTemplate"]["rayClusterSpec"]
+    return None
+
+
 def ray_tls_problems(obj: dict[str, Any]) -> list[str]:
-    """The serving cluster runs Ray's TLS: every Ray container and the autoscaler sidecar have
+    """Every Ray cluster runs Ray's TLS: each Ray container and the autoscaler sidecar have
     RAY_USE_TLS=1 and the RAY_TLS_* files on a mounted volume (made by the ray-tls initContainer)."""
-    if obj.get("kind") != "RayService":
+    found = _ray_cluster_spec(obj)
+    if found is None:
         return []
+    where_cluster, cluster = found
     out: list[str] = []
-    name = (obj.get("metadata") or {}).get("name")
-    for where, pod in pod_specs(obj):
+    name = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
+    for where, pod in _ray_cluster_pods(cluster, where_cluster):
         ray = (pod.get("containers") or [{}])[0]
-        at = f"RayService/{name}: {where}.containers[{ray.get('name')}]"
+        at = f"{name}: {where}.containers[{ray.get('name')}]"
         out += _tls_env_problems(ray, at, ray.get("volumeMounts") or [])
         if not any(c.get("name") == "ray-tls" for c in pod.get("initContainers") or []):
-            out.append(f"RayService/{name}: {where}: no ray-tls initContainer makes the pod's certificate")
-    cluster = (obj.get("spec") or {}).get("rayClusterConfig") or {}
+            out.append(f"{name}: {where}: no ray-tls initContainer makes the pod's certificate")
     if cluster.get("enableInTreeAutoscaling"):
         a = cluster.get("autoscalerOptions") or {}
-        out += _tls_env_problems(a, f"RayService/{name}: spec.rayClusterConfig.autoscalerOptions",
-                                 a.get("volumeMounts") or [])
+        out += _tls_env_problems(a, f"{name}: {where_cluster}.autoscalerOptions", a.get("volumeMounts") or [])
     return out
 
 

@@ -73,6 +73,17 @@ def test_serve_https_and_ray_tls_on_every_serving_pod(rendered, overlay):
     assert api["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
 
 
+@pytest.mark.parametrize("overlay", k8s_render.ALL_TARGETS)
+def test_every_ray_cluster_runs_ray_tls(rendered, overlay):
+    """The job clusters (RayCronJobs, RayJobs) too: they carry documents and their chunks."""
+    clusters = [o for o in rendered[overlay] if o["kind"] in ("RayService", "RayJob", "RayCronJob")]
+    assert clusters and not [p for o in clusters for p in k8s_validate.ray_tls_problems(o)]
+    for o in clusters:
+        for where, pod in k8s_validate.pod_specs(o):
+            if "submitterPodTemplate" not in where:
+                assert {"ray-tls", "ray-ca"} <= {v["name"] for v in pod["volumes"]}, (o["metadata"]["name"], where)
+
+
 def test_a_pod_without_ray_tls_fails_the_check(fresh):
     objs = fresh("dev")
     head = find(objs, "RayService")["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
@@ -81,7 +92,8 @@ def test_a_pod_without_ray_tls_fails_the_check(fresh):
     auto = find(objs, "RayService")["spec"]["rayClusterConfig"]["autoscalerOptions"]
     auto["volumeMounts"] = []
     problems = k8s_validate.policy_problems(objs)
-    assert any("headGroupSpec" in p and "RAY_USE_TLS is not 1" in p for p in problems), problems
+    assert any("RayService/orfeas: spec.rayClusterConfig.headGroupSpec" in p and "RAY_USE_TLS is not 1" in p
+               for p in problems), problems
     assert any("no ray-tls initContainer" in p for p in problems)
     assert any("autoscalerOptions: RAY_TLS_SERVER_CERT" in p and "not a file under" in p for p in problems)
 
