@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import shutil
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,16 +124,12 @@ def check_tls_files(serve: ServeSettings) -> dict[str, Any]:
     """The `http_options` for a deploy from this machine, after checking that the TLS files are
     there, readable and a matching pair (a bad file would otherwise only show in the proxy actor's
     log, with Serve answering nothing); the key's password comes from its environment variable."""
-    import ssl
-
     options = http_options(serve)
     tls = serve.tls
     if not tls.enabled:
         return options
     password = None
     if tls.keyfile_password_env:
-        import os
-
         password = os.environ.get(tls.keyfile_password_env)
         if password is None:
             raise TlsFileError(f"serve.tls.keyfile_password_env: environment variable {tls.keyfile_password_env} "

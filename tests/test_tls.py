@@ -177,3 +177,11 @@ def test_relative_tls_paths_are_relative_to_the_config_file(tmp_path, monkeypatc
     monkeypatch.chdir(tmp_path)
     tls = load_settings(f).serve.tls
     assert (tls.certfile, tls.keyfile) == (str(tmp_path / "conf" / "certs" / "tls.crt"), str(tmp_path / "tls.key"))
+
+
+def test_the_cli_reaches_an_https_gateway_at_https(certs):
+    from cluster.local import api_url
+
+    tls = {"certfile": certs["cert"], "keyfile": certs["key"]}
+    assert api_url(Settings(serve={"host": "0.0.0.0", "port": 8443, "tls": tls})) == "https://127.0.0.1:8443"
+    assert api_url(Settings()) == "http://127.0.0.1:8000"
