@@ -45,8 +45,8 @@ class ServeTlsSettings(_Section):
     certfile: str = Field("", description="PEM certificate chain of the ingress (the leaf first); empty: plain HTTP.")
     keyfile: str = Field("", description="PEM private key of that certificate.")
     keyfile_password_env: str = Field("", description="Environment variable holding the key's password, if it has one.")
-    ca_certs: str = Field("", description="CA bundle that client certificates must chain to (mutual TLS); "
-                          "empty: no client certificate asked for.")
+    # No client-certificate option: Ray 2.60 hands uvicorn `ssl_ca_certs` but never `ssl_cert_reqs`,
+    # so a CA given there would not make the proxy ask for client certificates (docs/security.md).
 
     @property
     def enabled(self) -> bool:
@@ -56,8 +56,6 @@ class ServeTlsSettings(_Section):
     def _pair(self) -> "ServeTlsSettings":
         if bool(self.certfile) != bool(self.keyfile):
             raise ValueError("serve.tls needs both certfile and keyfile (or neither, for plain HTTP)")
-        if self.ca_certs and not self.certfile:
-            raise ValueError("serve.tls.ca_certs (client certificates) needs certfile and keyfile")
         return self
 
 
@@ -1006,7 +1004,7 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
             if m.engine != "openai" and m.source.startswith(("./", "../")):
                 m.source = str((base / m.source).resolve())
         tls = settings.serve.tls
-        for name in ("certfile", "keyfile", "ca_certs"):  # Serve's proxy runs elsewhere: absolute paths
+        for name in ("certfile", "keyfile"):  # Serve's proxy runs elsewhere: absolute paths
             if getattr(tls, name).startswith(("./", "../")):
                 setattr(tls, name, str((base / getattr(tls, name)).resolve()))
     return settings

@@ -111,8 +111,6 @@ def http_options(serve: ServeSettings) -> dict[str, Any]:
     tls = serve.tls
     if tls.enabled:
         options.update(ssl_certfile=tls.certfile, ssl_keyfile=tls.keyfile)
-        if tls.ca_certs:
-            options["ssl_ca_certs"] = tls.ca_certs
     return options
 
 
@@ -137,11 +135,8 @@ def check_tls_files(serve: ServeSettings) -> dict[str, Any]:
         options["ssl_keyfile_password"] = password
     try:
         ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.certfile, tls.keyfile, password)
-        if tls.ca_certs:
-            ssl.create_default_context(cafile=tls.ca_certs)
     except (OSError, ssl.SSLError) as e:
-        raise TlsFileError(f"serve.tls: cannot use certfile {tls.certfile!r} with keyfile {tls.keyfile!r}"
-                           f"{f' and ca_certs {tls.ca_certs!r}' if tls.ca_certs else ''}: {e}") from None
+        raise TlsFileError(f"serve.tls: cannot use certfile {tls.certfile!r} with keyfile {tls.keyfile!r}: {e}") from None
     return options
 
 

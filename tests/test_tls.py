@@ -72,9 +72,9 @@ def certs(tmp_path_factory) -> dict[str, str]:
 
 
 def test_tls_settings_reach_serves_http_options_and_pick_the_proxy(certs, monkeypatch):
-    s = Settings(serve={"tls": {"certfile": certs["cert"], "keyfile": certs["key"], "ca_certs": certs["ca"]}})
+    s = Settings(serve={"tls": {"certfile": certs["cert"], "keyfile": certs["key"]}})
     assert http_options(s.serve) == {"host": "127.0.0.1", "port": 8000, "ssl_certfile": certs["cert"],
-                                     "ssl_keyfile": certs["key"], "ssl_ca_certs": certs["ca"]}
+                                     "ssl_keyfile": certs["key"]}
     assert serve_config(s)["http_options"]["ssl_certfile"] == certs["cert"]
     monkeypatch.setattr("shutil.which", lambda name: "/usr/sbin/haproxy")  # as if HAProxy were installed
     assert resolve_ingress(s).serve.ingress == "proxy"  # auto: the proxy, the ingress that speaks TLS
