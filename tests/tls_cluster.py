@@ -19,7 +19,7 @@ def main() -> None:
     from security.keys import keystore
 
     settings = settings_from_dict(json.loads(Path(sys.argv[1]).read_text()))
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         states = wait_running(deploy(settings), timeout_s=120)
         _, key = ray.get(keystore(settings.resolved_data_dir()).create.remote("admin", None, "tls-test"))
