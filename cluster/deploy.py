@@ -12,7 +12,8 @@ from ray.serve.schema import ApplicationStatus
 
 from config import Settings
 from models.engines.vllm_engine import MISSING_EXTRA, vllm_available
-from serve.applications import GATEWAY_APP, IngressError, applications, controller_options, resolve_ingress
+from serve.applications import (GATEWAY_APP, IngressError, applications, check_tls_files, controller_options,
+                                resolve_ingress)
 
 log = logging.getLogger(__name__)
 
@@ -41,9 +42,10 @@ def deploy(settings: Settings, *, skip: set[str] = frozenset()) -> list[str]:
     """
     try:
         settings = resolve_ingress(settings)
+        options = check_tls_files(settings.serve)
     except IngressError as e:
         raise DeployError(str(e)) from None
-    serve.start(http_options={"host": settings.serve.host, "port": settings.serve.port},
+    serve.start(http_options=options,
                 controller_options=controller_options(settings.serve))
     apps = [a for a in applications(settings)
             if not (a.name != GATEWAY_APP and a.args.get("model", {}).get("id") in skip)]

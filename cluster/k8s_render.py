@@ -52,6 +52,9 @@ GPU_NODE_LABEL = {"orfeas.io/image": "gpu"}
 # (from the orfeas-qdrant Secret in every Ray pod).
 QDRANT_URL = "http://orfeas-qdrant:6333"
 QDRANT_API_KEY_ENV = "ORFEAS_QDRANT_API_KEY"
+# Serve's HTTPS certificate: the orfeas-serve-tls Secret (type kubernetes.io/tls), mounted on every
+# Ray pod of the serving cluster (Serve runs a proxy per node; rayservice.yaml).
+SERVE_TLS_DIR = "/etc/orfeas/tls"
 
 
 class RenderError(Exception):
@@ -111,6 +114,9 @@ def in_cluster(settings: Settings, config_file: Path) -> Settings:
     for m in s.models:
         if m.engine != "openai":
             m.source = _rebase(m.source, root)
+    # HTTPS between the ingress controller and Serve unless the file names its own certificate.
+    if not s.serve.tls.enabled:
+        s.serve.tls.certfile, s.serve.tls.keyfile = f"{SERVE_TLS_DIR}/tls.crt", f"{SERVE_TLS_DIR}/tls.key"
     # The RAG settings (rag.qdrant_url, rag.qdrant_api_key_env): the cluster uses its Qdrant
     # server unless the file names another one.
     rag = getattr(s, "rag", None)

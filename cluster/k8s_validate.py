@@ -360,7 +360,12 @@ def container_problems(obj: dict[str, Any]) -> list[str]:
                 out.append(f"{at}: runAsNonRoot is not set (container or pod)")
             if sc.get("runAsUser") == 0 or (pod_sc.get("runAsUser") == 0 and "runAsUser" not in sc):
                 out.append(f"{at}: runs as root (runAsUser 0)")
+            # A value that is a file under one of the container's mounts (RAY_TLS_SERVER_KEY) names
+            # where a secret is, not the secret.
+            mounts = tuple(m["mountPath"].rstrip("/") + "/" for m in c.get("volumeMounts") or [] if m.get("mountPath"))
             for e in c.get("env") or []:
+                if "value" in e and str(e["value"]).startswith(mounts or ("\0",)):
+                    continue
                 if "value" in e and _SECRETISH.search(e.get("name", "")) and not e.get("name", "").endswith("_ENV") and e["value"] not in ("", "0", "1", "true", "false"):
                     out.append(f"{at}: env {e['name']} carries a literal value; reference a Secret")
     return out
@@ -691,9 +696,57 @@ def ingress_problems(objs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+RAY_TLS_ENV = ("RAY_TLS_SERVER_CERT", "RAY_TLS_SERVER_KEY", "RAY_TLS_CA_CERT")
+
+
+def _tls_env_problems(c: dict[str, Any], at: str, mounts: list[dict[str, Any]]) -> list[str]:
+    env = {e.get("name"): e.get("value") for e in c.get("env") or []}
+    if env.get("RAY_USE_TLS") not in ("1", "true"):
+        return [f"{at}: RAY_USE_TLS is not 1 (Ray's gRPC between pods would be plaintext)"]
+    dirs = [m["mountPath"].rstrip("/") + "/" for m in mounts if m.get("mountPath")]
+    return [f"{at}: {name} {env.get(name)!r} is not a file under one of its volume mounts"
+            for name in RAY_TLS_ENV if not str(env.get(name) or "").startswith(tuple(dirs) or ("\0",))]
+
+
+def _ray_cluster_spec(obj: dict[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    spec = obj.get("spec") or {}
+    kind = obj.get("kind")
+    if kind == "RayService":
+        return "spec.rayClusterConfig", spec.get("rayClusterConfig") or {}
+    if kind == "RayCluster":
+        return "spec", spec
+    if kind == "RayJob" and spec.get("rayClusterSpec"):
+        return "spec.rayClusterSpec", spec["rayClusterSpec"]
+    if kind == "RayCronJob" and (spec.get("jobTemplate") or {}).get("rayClusterSpec"):
+        return "spec.jobTemplate.rayClusterSpec", spec["jobTemplate"]["rayClusterSpec"]
+    return None
+
+
+def ray_tls_problems(obj: dict[str, Any]) -> list[str]:
+    """Every Ray cluster runs Ray's TLS: each Ray container and the autoscaler sidecar have
+    RAY_USE_TLS=1 and the RAY_TLS_* files on a mounted volume (made by the ray-tls initContainer)."""
+    found = _ray_cluster_spec(obj)
+    if found is None:
+        return []
+    where_cluster, cluster = found
+    out: list[str] = []
+    name = f"{obj.get('kind')}/{(obj.get('metadata') or {}).get('name')}"
+    for where, pod in _ray_cluster_pods(cluster, where_cluster):
+        ray = (pod.get("containers") or [{}])[0]
+        at = f"{name}: {where}.containers[{ray.get('name')}]"
+        out += _tls_env_problems(ray, at, ray.get("volumeMounts") or [])
+        if not any(c.get("name") == "ray-tls" for c in pod.get("initContainers") or []):
+            out.append(f"{name}: {where}: no ray-tls initContainer makes the pod's certificate")
+    if cluster.get("enableInTreeAutoscaling"):
+        a = cluster.get("autoscalerOptions") or {}
+        out += _tls_env_problems(a, f"{name}: {where_cluster}.autoscalerOptions", a.get("volumeMounts") or [])
+    return out
+
+
 def policy_problems(objs: list[dict[str, Any]]) -> list[str]:
     out: list[str] = []
     for o in objs:
+        out += ray_tls_problems(o)
         out += container_problems(o)
         out += secret_problems(o)
         out += hpa_problems(o)

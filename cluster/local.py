@@ -50,7 +50,8 @@ def dashboard_url(settings: Settings) -> str:
 
 def api_url(settings: Settings) -> str:
     host = "127.0.0.1" if settings.serve.host in ("0.0.0.0", "::") else settings.serve.host
-    return f"http://{host}:{settings.serve.port}"
+    scheme = "https" if settings.serve.tls.enabled else "http"  # serve.tls: HTTPS only
+    return f"{scheme}://{host}:{settings.serve.port}"
 
 
 def _listening(address: str, timeout: float = 0.5) -> bool:

@@ -38,6 +38,27 @@ class RaySettings(_Section):
                                  "machine's own address lets workers on other hosts join.")
 
 
+class ServeTlsSettings(_Section):
+    """TLS on the HTTP ingress (Serve's proxy; see docs/security.md#tls-in-transit). Set both files to
+    serve HTTPS only; on Kubernetes they are the mounted `orfeas-tls` Secret."""
+
+    certfile: str = Field("", description="PEM certificate chain of the ingress (the leaf first); empty: plain HTTP.")
+    keyfile: str = Field("", description="PEM private key of that certificate.")
+    keyfile_password_env: str = Field("", description="Environment variable holding the key's password, if it has one.")
+    # No client-certificate option: Ray 2.60 hands uvicorn `ssl_ca_certs` but never `ssl_cert_reqs`,
+    # so a CA given there would not make the proxy ask for client certificates (docs/security.md).
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.certfile)
+
+    @model_validator(mode="after")
+    def _pair(self) -> "ServeTlsSettings":
+        if bool(self.certfile) != bool(self.keyfile):
+            raise ValueError("serve.tls needs both certfile and keyfile (or neither, for plain HTTP)")
+        return self
+
+
 class ServeSettings(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
@@ -55,6 +76,8 @@ class ServeSettings(_Section):
         default_factory=dict, description="Ray node label of the nodes running the GPU image: vLLM "
         "applications (replicas and Serve's build task) are placed only there. Empty on one machine; "
         "`orfeas k8s render` sets the gpu-workers group's label.")
+    tls: ServeTlsSettings = Field(default_factory=ServeTlsSettings, description="HTTPS on host:port (Serve's "
+                                  "proxy ingress; `auto` picks the proxy when this is set, explicit haproxy refuses).")
 
 
 class GatewaySettings(_Section):
@@ -773,6 +796,9 @@ class AuditSettings(_Section):
     checkpoint_s: float = Field(60.0, gt=0, description="A checkpoint at least this often while entries are pending.")
 
 
+RemotePromptPolicy = Literal["off", "redact", "redact_restore"]
+
+
 class PiiSettings(_Section):
     """PII detection and redaction (Presidio, offline pattern recognizers; security/pii.py)."""
 
@@ -787,6 +813,23 @@ class PiiSettings(_Section):
     audit: Literal["off", "redact"] = Field("redact", description="Audit details never carry raw PII.")
     logs: Literal["off", "redact"] = Field("redact", description="ORFEAS's log records never carry raw PII "
                                            "(security/log_redaction.py).")
+    remote_prompts: RemotePromptPolicy = Field(
+        "off", description="Prompts to remote providers (engine openai): redact PII in message contents into "
+        "typed placeholders before they leave, or redact and restore the placeholders in the answer "
+        "(security/remote_prompts.py). In-cluster models are never touched.")
+    remote_prompts_models: dict[str, RemotePromptPolicy] = Field(
+        default_factory=dict, description="Per catalog id, overriding remote_prompts (e.g. off for a provider "
+        "under a data-processing agreement or an OpenAI-compatible server inside the cluster).")
+
+    @field_validator("remote_prompts", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        return "off" if v is False else v  # YAML reads a bare `off` as false
+
+    @field_validator("remote_prompts_models", mode="before")
+    @classmethod
+    def _yaml_off_models(cls, v: Any) -> Any:
+        return {k: "off" if x is False else x for k, x in v.items()} if isinstance(v, dict) else v
 
 
 class RetentionSettings(_Section):
@@ -889,6 +932,14 @@ class Settings(BaseSettings):
                     raise ValueError(f"experiment {e.name!r} arm {arm.name!r}: unknown model {arm.model!r}")
         return self
 
+    @model_validator(mode="after")
+    def _check_pii_models(self) -> "Settings":
+        remote = {m.id for m in self.models if m.engine == "openai"}
+        bad = [i for i in self.pii.remote_prompts_models if i not in remote]
+        if bad:
+            raise ValueError(f"pii.remote_prompts_models: {', '.join(bad)} not a remote (engine openai) catalog id")
+        return self
+
     @field_validator("models")
     @classmethod
     def _unique_ids(cls, models: list[ModelSpec]) -> list[ModelSpec]:
@@ -972,6 +1023,10 @@ def load_settings(path: str | os.PathLike | None = None) -> Settings:
         for m in settings.models:
             if m.engine != "openai" and m.source.startswith(("./", "../")):
                 m.source = str((base / m.source).resolve())
+        tls = settings.serve.tls
+        for name in ("certfile", "keyfile"):  # Serve's proxy runs elsewhere: absolute paths
+            if getattr(tls, name).startswith(("./", "../")):
+                setattr(tls, name, str((base / getattr(tls, name)).resolve()))
     return settings
 
 

@@ -123,8 +123,9 @@ class EdgeNode:
     def load_chat(self) -> None:
         if self.chat_spec is not None and self.chat is None:
             from models.engines.factory import make_engine
+            from security.remote_prompts import guarded
 
-            engine = make_engine(self.chat_spec)
+            engine = guarded(make_engine(self.chat_spec), self.settings)  # pii.remote_prompts
             engine.load()
             self.chat = engine
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import importlib
+import os
 import shutil
+import ssl
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,6 +74,8 @@ def resolve_ingress(settings: Settings) -> Settings:
     """The settings with `serve.ingress: auto` made concrete for this machine (haproxy when the
     binary is on PATH, else Serve's proxy); an explicit `haproxy` without the binary is an error."""
     found = shutil.which("haproxy") is not None
+    if settings.serve.tls.enabled:
+        return _tls_ingress(settings)
     if settings.serve.ingress == "haproxy" and not found:
         raise IngressError("serve.ingress is 'haproxy' but no `haproxy` binary is on PATH: install it "
                            "(Debian/Ubuntu: apt-get install haproxy) or set serve.ingress: proxy")
@@ -80,6 +84,60 @@ def resolve_ingress(settings: Settings) -> Settings:
     out = settings.model_copy(deep=True)
     out.serve.ingress = "haproxy" if found else "proxy"
     return out
+
+
+HAPROXY_NO_TLS = ("serve.tls is set but serve.ingress is 'haproxy': Ray Serve 2.60's HAProxy ingress cannot "
+                  "terminate TLS (its generated haproxy.cfg binds the frontend without `ssl crt` and reaches "
+                  "the replicas' direct-ingress ports without `ssl`, while those replicas would serve HTTPS "
+                  "with the same http_options). Set serve.ingress: proxy (or auto) for HTTPS on Serve's proxy, "
+                  "or terminate TLS in front of HAProxy (a Kubernetes Ingress) and leave serve.tls empty")
+
+
+def _tls_ingress(settings: Settings) -> Settings:
+    """With TLS the ingress is Serve's proxy: `auto` resolves to it, an explicit `haproxy` is refused."""
+    if settings.serve.ingress == "haproxy":
+        raise IngressError(HAPROXY_NO_TLS)
+    if settings.serve.ingress == "proxy":
+        return settings
+    out = settings.model_copy(deep=True)
+    out.serve.ingress = "proxy"
+    return out
+
+
+def http_options(serve: ServeSettings) -> dict[str, Any]:
+    """Serve's `http_options`: where the ingress listens and, with `serve.tls`, its certificate
+    (Serve's proxy, and every direct-ingress replica, runs uvicorn with these `ssl_*` options)."""
+    options: dict[str, Any] = {"host": serve.host, "port": serve.port}
+    tls = serve.tls
+    if tls.enabled:
+        options.update(ssl_certfile=tls.certfile, ssl_keyfile=tls.keyfile)
+    return options
+
+
+class TlsFileError(IngressError):
+    pass
+
+
+def check_tls_files(serve: ServeSettings) -> dict[str, Any]:
+    """The `http_options` for a deploy from this machine, after checking that the TLS files are
+    there, readable and a matching pair (a bad file would otherwise only show in the proxy actor's
+    log, with Serve answering nothing); the key's password comes from its environment variable."""
+    options = http_options(serve)
+    tls = serve.tls
+    if not tls.enabled:
+        return options
+    password = None
+    if tls.keyfile_password_env:
+        password = os.environ.get(tls.keyfile_password_env)
+        if password is None:
+            raise TlsFileError(f"serve.tls.keyfile_password_env: environment variable {tls.keyfile_password_env} "
+                               "is not set")
+        options["ssl_keyfile_password"] = password
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.certfile, tls.keyfile, password)
+    except (OSError, ssl.SSLError) as e:
+        raise TlsFileError(f"serve.tls: cannot use certfile {tls.certfile!r} with keyfile {tls.keyfile!r}: {e}") from None
+    return options
 
 
 def replica_env(serve: ServeSettings) -> dict[str, str]:
@@ -214,7 +272,7 @@ def serve_config(settings: Settings) -> dict[str, Any]:
     """Serve's declarative config (the body of `serve deploy` and a RayService's serveConfigV2)."""
     config: dict[str, Any] = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": settings.serve.host, "port": settings.serve.port},
+        "http_options": http_options(settings.serve),
     }
     if controller := controller_options(settings.serve):
         config["controller_options"] = controller

@@ -43,7 +43,10 @@ def gateway(serve_port, provider, tmp_path_factory):
             remote("no-bias", "refuses:logit_bias"),
             ModelSpec(id="keyless", engine="openai", base_url=provider.base_url, source="echo",
                       api_key_env="ORFEAS_TEST_UNSET_KEY"),
+            remote("pii-restore", "echo"),  # prompts redacted, answers restored (test_pii_* below)
+            remote("pii-redact", "echo"),
         ],
+        pii={"remote_prompts_models": {"pii-restore": "redact_restore", "pii-redact": "redact"}},
     )
     with deployed(settings):
         _, key = make_key(settings, "admin")
@@ -256,3 +259,29 @@ def test_the_gateway_cap_binds_providers_also_without_max_tokens(gateway, provid
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "a"}], max_tokens=65)
     assert e.value.body["param"] == "max_tokens" and len(provider.requests) == n
+
+
+PII_PROMPT = "mail jane.doe@example.com or call +1 415-692-5513, card 4111 1111 1111 1111"
+
+
+def test_pii_prompts_reach_the_provider_redacted_and_come_back_restored(gateway, provider):
+    """pii.remote_prompts: the provider stand-in never sees the raw email, phone or card; with
+    redact_restore the caller gets its own values back, streamed and not; with redact it gets
+    the placeholders the provider saw."""
+    client, _ = gateway
+    n = len(provider.requests)
+    r = client.chat.completions.create(model="pii-restore", messages=[{"role": "user", "content": PII_PROMPT}])
+    assert r.choices[0].message.content == PII_PROMPT
+    chunks = list(client.chat.completions.create(model="pii-restore", stream=True,
+                                                 messages=[{"role": "user", "content": PII_PROMPT}]))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == PII_PROMPT
+    r = client.chat.completions.create(model="pii-redact", messages=[{"role": "user", "content": PII_PROMPT}])
+    redacted = "mail <EMAIL_ADDRESS_1> or call <PHONE_NUMBER_1>, card <CREDIT_CARD_1>"
+    assert r.choices[0].message.content == redacted
+    seen = [json.dumps(q["body"]) for q in provider.requests[n:]]
+    assert len(seen) == 3 and all(redacted in s for s in seen)
+    for raw in ("jane.doe@example.com", "415-692-5513", "4111 1111 1111 1111"):
+        assert not any(raw in s for s in seen), raw
+    # Models without the policy send the prompt as it is (the default is off).
+    client.chat.completions.create(model="echo", messages=[{"role": "user", "content": PII_PROMPT}])
+    assert PII_PROMPT in json.dumps(provider.requests[-1]["body"])

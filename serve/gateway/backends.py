@@ -27,6 +27,7 @@ from models.engines.openai_remote import RemoteOpenAIEngine
 from models.engines.vllm_engine import MISSING_EXTRA, VLLMEngine, max_model_len, vllm_available
 from models.protocol import GenerationEvent, GenerationRequest
 from observability import tracing
+from security.remote_prompts import guarded
 from serve.http import unwrap
 
 log = logging.getLogger(__name__)
@@ -203,7 +204,8 @@ class BackendRegistry:
         self.backends: dict[str, Engine] = {}
         for spec in settings.models:
             if spec.engine == "openai":
-                self.backends[spec.id] = RemoteOpenAIEngine(spec)
+                # Prompts leaving for a remote provider may be redacted first (pii.remote_prompts).
+                self.backends[spec.id] = guarded(RemoteOpenAIEngine(spec), settings)
             elif spec.engine == "vllm":
                 self.backends[spec.id] = VLLMAppEngine(spec, self._serve_status)
             else:

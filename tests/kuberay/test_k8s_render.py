@@ -49,7 +49,9 @@ def test_serve_config_is_the_local_one_with_in_cluster_facts(rendered, tmp_path)
     k8s = yaml.safe_load(find(rendered["dev"], "RayService")["spec"]["serveConfigV2"])
     assert [a["name"] for a in k8s["applications"]] == [a["name"] for a in local["applications"]]
     assert [a["import_path"] for a in k8s["applications"]] == [a["import_path"] for a in local["applications"]]
-    assert k8s["http_options"] == {"host": "0.0.0.0", "port": 8000}
+    # HTTPS on Serve's proxy with the mounted orfeas-serve-tls Secret (tests/kuberay/test_k8s_tls.py).
+    assert k8s["http_options"] == {"host": "0.0.0.0", "port": 8000, "ssl_certfile": "/etc/orfeas/tls/tls.crt",
+                                   "ssl_keyfile": "/etc/orfeas/tls/tls.key"}
     gateway = next(a for a in k8s["applications"] if a["name"] == "gateway")
     assert gateway["route_prefix"] == "/"
     assert gateway["args"]["settings"]["data_dir"] == k8s_render.DATA_DIR

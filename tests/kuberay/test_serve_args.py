@@ -36,7 +36,8 @@ METHODS = {"model": "models", "resolved_data_dir": "data_dir"}
 NOT_APP_CODE = ("serve.applications", "config")
 # Each deployment's autoscaling_config adds ~8 lines (the GPU overlays have 6 apps and a vLLM one).
 # The gateway carries ray and agents too (its admin API erases data subjects: issue 15).
-MAX_LINES = 310
+# serve.tls (the mounted certificate's paths) adds 3 lines to each app's serve section.
+MAX_LINES = 330
 
 
 def _module_file(name: str) -> Path | None:
