@@ -180,16 +180,6 @@ class Context:
     now: float
 
 
-def _tls_settings(settings: Any) -> tuple[str, Any] | None:
-    """The HTTP ingress's TLS settings where this build has them (a `tls` section at the top or
-    under `serve`), read by name so a branch that adds them is read without a change here."""
-    for where, holder in (("tls", settings), ("serve.tls", getattr(settings, "serve", None))):
-        section = getattr(holder, "tls", None) if holder is not None else None
-        if section is not None:
-            return where, section
-    return None
-
-
 def c_encryption_at_rest(ctx: Context) -> list[Evidence]:
     s, f = ctx.settings, ctx.facts
     e = s.encryption
@@ -216,20 +206,9 @@ def c_encryption_at_rest(ctx: Context) -> list[Evidence]:
 
 def c_transit_ingress(ctx: Context) -> list[Evidence]:
     out: list[Evidence] = []
-    tls = _tls_settings(ctx.settings)
-    if tls is None:
-        out.append(Evidence(False, "TLS for the HTTP ingress: not configured (this build has no `tls` or "
-                            "`serve.tls` settings): Serve and HAProxy answer plain HTTP"))
-    else:
-        where, t = tls
-        enabled = getattr(t, "enabled", True)
-        cert = next((getattr(t, n) for n in ("cert_file", "certfile", "cert", "secret_name", "secret")
-                     if getattr(t, n, "")), "")
-        key = next((getattr(t, n) for n in ("key_file", "keyfile", "key", "secret_name", "secret")
-                    if getattr(t, n, "")), "")
-        ok = bool(enabled) and bool(cert) and bool(key)
-        out.append(Evidence(ok, f"{where}: enabled {enabled}, certificate {'set' if cert else 'not set'}, "
-                            f"key {'set' if key else 'not set'}"))
+    tls = ctx.settings.serve.tls
+    out.append(Evidence(tls.enabled, "serve.tls: " + (f"HTTPS with {tls.certfile}" if tls.enabled else
+                        "not configured (Serve's proxy answers plain HTTP)")))
     if ctx.manifests is not None:
         ingresses = [o for o in ctx.manifests if o.get("kind") == "Ingress"]
         for o in ingresses:
@@ -383,14 +362,6 @@ def c_backups(ctx: Context) -> list[Evidence]:
     return out
 
 
-def _prompt_redaction(settings: Any) -> tuple[str, Any] | None:
-    """Redaction of prompts to remote providers where this build has a setting for it (by name)."""
-    for name in type(settings.pii).model_fields:
-        if "prompt" in name or "remote" in name:
-            return f"pii.{name}", getattr(settings.pii, name)
-    return None
-
-
 def c_pii_policy(ctx: Context) -> list[Evidence]:
     p = ctx.settings.pii
     out = [Evidence(bool(p.enabled), f"pii.enabled is {p.enabled} ({', '.join(p.entities)})"),
@@ -399,14 +370,9 @@ def c_pii_policy(ctx: Context) -> list[Evidence]:
            Evidence(p.audit == "redact", f"pii.audit is {p.audit!r}")]
     remote = [m.id for m in ctx.settings.models if m.engine == "openai"]
     if remote:
-        found = _prompt_redaction(ctx.settings)
-        if found is None:
-            out.append(Evidence(False, f"prompts to remote providers ({', '.join(remote)}): redaction not configured "
-                                "(this build has no such pii setting)"))
-        else:
-            name, value = found
-            out.append(Evidence(value not in (False, "off", "", None), f"prompts to remote providers "
-                                f"({', '.join(remote)}): {name} is {value!r}"))
+        policy = {m: p.remote_prompts_models.get(m, p.remote_prompts) for m in remote}
+        out.append(Evidence(all(v != "off" for v in policy.values()), "prompts to remote providers: " +
+                            ", ".join(f"{m} {v}" for m, v in policy.items()) + " (pii.remote_prompts)"))
     else:
         out.append(Evidence(True, "no remote providers in the catalog: prompts stay in the cluster"))
     return out

@@ -11,7 +11,6 @@ import shutil
 import subprocess
 
 import pytest
-from pydantic import BaseModel
 
 from config import ModelSpec, Settings
 from security.audit import AuditLog, audit_dir, read_entries
@@ -19,21 +18,13 @@ from security.compliance import (ComplianceError, check_profile, evaluate, gathe
                                  required_controls)
 
 
-class TlsSection(BaseModel):
-    """The shape the TLS branch's settings take (read by name: security/compliance.py)."""
-
-    enabled: bool = True
-    cert_file: str = "/etc/orfeas/tls.crt"
-    key_file: str = "/etc/orfeas/tls.key"
+# The ingress's certificate as a deployment would set it (files are checked only at deploy).
+TLS = {"tls": {"certfile": "/etc/orfeas/tls.crt", "keyfile": "/etc/orfeas/tls.key"}}
 
 
-class SettingsWithTls(Settings):
-    tls: TlsSection = TlsSection()
-
-
-def settings_for(tmp_path, cls=Settings, **over):
+def settings_for(tmp_path, **over):
     base = {"data_dir": tmp_path / "data", "pii": {"ingest": "tag"}, "retention": {"collection_days": 30}}
-    return cls(**{**base, **over})
+    return Settings(**{**base, **over})
 
 
 def audited(settings, n: int = 3) -> None:
@@ -49,7 +40,7 @@ def control(report, cid):
 
 
 def test_profiles_require_different_controls_and_judge_the_same_facts_differently(tmp_path):
-    settings = settings_for(tmp_path, SettingsWithTls)
+    settings = settings_for(tmp_path, serve=TLS)
     audited(settings)
     facts = gather_facts(settings)
     assert set(required_controls("hipaa")) - set(required_controls("gdpr")) == \
@@ -58,7 +49,7 @@ def test_profiles_require_different_controls_and_judge_the_same_facts_differentl
 
     gdpr = evaluate(settings, "gdpr", None, facts)
     assert gdpr["result"] == "pass", [c for c in gdpr["controls"] if c["required"] and c["status"] != "pass"]
-    assert control(gdpr, "encryption.in_transit.ingress")["evidence"][0]["text"].startswith("tls: enabled True")
+    assert control(gdpr, "encryption.in_transit.ingress")["evidence"][0]["text"] == "serve.tls: HTTPS with /etc/orfeas/tls.crt"
     soc2 = evaluate(settings, "soc2", None, facts)
     backups = control(soc2, "backups.durable_state")
     assert soc2["result"] == "fail" and backups["required"] and backups["status"] == "fail"
@@ -69,13 +60,13 @@ def test_profiles_require_different_controls_and_judge_the_same_facts_differentl
     # A fresh backup under compliance.backup_dir passes the control.
     (tmp_path / "backups").mkdir()
     (tmp_path / "backups" / "data-2026-12-01.tar").write_bytes(b"x")
-    with_backup = settings_for(tmp_path, SettingsWithTls, compliance={"backup_dir": str(tmp_path / "backups")})
+    with_backup = settings_for(tmp_path, serve=TLS, compliance={"backup_dir": str(tmp_path / "backups")})
     assert control(evaluate(with_backup, "soc2", None, gather_facts(with_backup)),
                    "backups.durable_state")["status"] == "pass"
 
 
-def test_this_builds_missing_settings_fail_with_evidence(tmp_path):
-    """No TLS settings on this build, pii ingest off, a remote provider without prompt redaction,
+def test_missing_settings_fail_with_evidence(tmp_path):
+    """No TLS certificate, pii ingest off, a remote provider without prompt redaction,
     too many admin keys without MFA, a custom role with admin permissions: each fails, saying so."""
     from security.keys import KeyStore
 
@@ -90,7 +81,7 @@ def test_this_builds_missing_settings_fail_with_evidence(tmp_path):
         keys.create("admin", name=name)
     report = evaluate(settings, "hipaa", None, gather_facts(settings))
     texts = {c["id"]: " | ".join(e["text"] for e in c["evidence"] if e["ok"] is False) for c in report["controls"]}
-    assert "TLS for the HTTP ingress: not configured" in texts["encryption.in_transit.ingress"]
+    assert "serve.tls: not configured" in texts["encryption.in_transit.ingress"]
     assert "pii.ingest is 'off'" in texts["pii.policy"] and "hosted" in texts["pii.policy"]
     assert "0 of 2 active admin keys have a TOTP" in texts["access.mfa_admins"]
     assert "auth.mfa.admin is 'enrolled'" in texts["access.mfa_admins"]
@@ -158,7 +149,7 @@ def test_report_is_written_as_json_and_a_pdf_that_names_every_control_and_result
     for c in report["controls"]:
         line = next(x for x in text.splitlines() if c["id"] in x)
         assert c["status"].upper() in line, (c["id"], line)
-    assert "TLS for the HTTP ingress: not configured" in text and "Privacy impact assessment" in text
+    assert "serve.tls: not configured" in text and "Privacy impact assessment" in text
     assert "audit log" in text and "usage ledger" in text
 
 
