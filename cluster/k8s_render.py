@@ -161,7 +161,7 @@ def serve_config_v2(settings: Settings) -> str:
     """The serveConfigV2 string: Serve's declarative config as YAML, keys in a stable order."""
     from serve.applications import serve_config
 
-    return yaml.safe_dump(serve_config(settings), sort_keys=False, width=120)
+    return yaml.safe_dump(serve_config(settings, Path(APP_DIR)), sort_keys=False, width=120)
 
 
 def serve_config_patch(settings: Settings) -> str:

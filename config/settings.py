@@ -72,6 +72,12 @@ class ServeSettings(_Section):
         "needs the `haproxy` binary). `proxy`: Serve's Python proxy actor. `auto`: haproxy when "
         "the deploying machine has the binary on PATH, else proxy "
         "(rendered Kubernetes configs treat auto as proxy: the image decides, so say haproxy there).")
+    haproxy_admin_host: str = Field(
+        "127.0.0.1", description="Address the HAProxy ingress's stats page (8404) and Prometheus "
+        "exporter (9101) listen on. Ray's template binds them on every interface without auth; "
+        "ORFEAS starts HAProxy through serve/haproxy_admin_bind, which moves those two listeners "
+        "here. Loopback by default; give an address a scraper can reach to expose the exporter "
+        "(the stats page follows it), or an empty string for Ray's own binds.")
     gpu_node_label: dict[str, str] = Field(
         default_factory=dict, description="Ray node label of the nodes running the GPU image: vLLM "
         "applications (replicas and Serve's build task) are placed only there. Empty on one machine; "

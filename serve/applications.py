@@ -12,6 +12,7 @@ import importlib
 import os
 import shutil
 import ssl
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -155,12 +156,22 @@ def replica_env(serve: ServeSettings) -> dict[str, str]:
     return env
 
 
-def controller_options(serve: ServeSettings) -> dict[str, Any] | None:
+# Runs haproxy with its stats and Prometheus listeners moved to `serve.haproxy_admin_host`.
+HAPROXY_ADMIN_BIND = "serve/haproxy_admin_bind"
+CODE_ROOT = Path(__file__).resolve().parent.parent  # where this checkout's rooms are
+
+
+def controller_options(serve: ServeSettings, code_root: Path = CODE_ROOT) -> dict[str, Any] | None:
     """Options of Serve's controller: with the HAProxy ingress, the controller runs HAProxy (through
-    one manager actor per node) instead of the Python proxy actors."""
+    one manager actor per node) instead of the Python proxy actors. `code_root`: where the nodes
+    have ORFEAS's code (a rendered Kubernetes config names the image's directory)."""
     if serve.ingress != "haproxy":
         return None
-    return {"runtime_env": {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    if serve.haproxy_admin_host:
+        env.update(RAY_SERVE_HAPROXY_BINARY_PATH=str(code_root / HAPROXY_ADMIN_BIND),
+                   ORFEAS_HAPROXY_ADMIN_HOST=serve.haproxy_admin_host)
+    return {"runtime_env": {"env_vars": env}}
 
 
 def replica_actor_options(serve: ServeSettings, **resources: Any) -> dict[str, Any]:
@@ -268,13 +279,14 @@ def applications(settings: Settings) -> list[AppSpec]:
     return apps
 
 
-def serve_config(settings: Settings) -> dict[str, Any]:
-    """Serve's declarative config (the body of `serve deploy` and a RayService's serveConfigV2)."""
+def serve_config(settings: Settings, code_root: Path = CODE_ROOT) -> dict[str, Any]:
+    """Serve's declarative config (the body of `serve deploy` and a RayService's serveConfigV2);
+    `code_root` as in `controller_options`."""
     config: dict[str, Any] = {
         "proxy_location": "EveryNode",
         "http_options": http_options(settings.serve),
     }
-    if controller := controller_options(settings.serve):
+    if controller := controller_options(settings.serve, code_root):
         config["controller_options"] = controller
     config["applications"] = [a.to_serve_config() for a in applications(settings)]
     return config

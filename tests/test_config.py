@@ -1,5 +1,6 @@
 """The configuration model: defaults, the YAML file, ORFEAS_* overrides and clear failures."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -104,6 +105,12 @@ def test_ingress_auto_takes_haproxy_only_where_the_binary_is(tmp_path, monkeypat
     chosen = resolve_ingress(s)
     assert chosen.serve.ingress == "haproxy" and s.serve.ingress == "auto"  # the caller's settings are untouched
     assert replica_env(chosen.serve)["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    env = serve_config(chosen)["controller_options"]["runtime_env"]["env_vars"]
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    # HAProxy starts through the script that moves its stats/metrics listeners to loopback.
+    assert env["ORFEAS_HAPROXY_ADMIN_HOST"] == "127.0.0.1"
+    assert os.access(env["RAY_SERVE_HAPROXY_BINARY_PATH"], os.X_OK)
+    chosen.serve.haproxy_admin_host = ""  # Ray's own binds
     assert serve_config(chosen)["controller_options"] == {"runtime_env": {"env_vars": {"RAY_SERVE_ENABLE_HA_PROXY": "1"}}}
     assert "controller_options" not in serve_config(s)  # auto in a rendered config: Serve's proxy
     assert "RAY_SERVE_ENABLE_HA_PROXY" not in replica_env(s.serve)
