@@ -75,8 +75,8 @@ class ServeSettings(_Section):
     haproxy_admin_host: str = Field(
         "127.0.0.1", description="Address the HAProxy ingress's stats page (8404) and Prometheus "
         "exporter (9101) listen on. Ray's template binds them on every interface without auth; "
-        "ORFEAS starts HAProxy through serve/haproxy_admin_bind, which moves those two listeners "
-        "here. Loopback by default; give an address a scraper can reach to expose the exporter "
+        "ORFEAS starts HAProxy through serve/haproxy_wrapper (which also adds serve.tls to its "
+        "frontend), and it moves those two listeners here. Loopback by default; give an address a scraper can reach to expose the exporter "
         "(the stats page follows it), or an empty string for Ray's own binds.")
     gpu_node_label: dict[str, str] = Field(
         default_factory=dict, description="Ray node label of the nodes running the GPU image: vLLM "

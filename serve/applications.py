@@ -75,34 +75,22 @@ def resolve_ingress(settings: Settings) -> Settings:
     """The settings with `serve.ingress: auto` made concrete for this machine (haproxy when the
     binary is on PATH, else Serve's proxy); an explicit `haproxy` without the binary is an error."""
     found = shutil.which("haproxy") is not None
-    if settings.serve.tls.enabled:
-        return _tls_ingress(settings)
+    tls = settings.serve.tls
     if settings.serve.ingress == "haproxy" and not found:
         raise IngressError("serve.ingress is 'haproxy' but no `haproxy` binary is on PATH: install it "
                            "(Debian/Ubuntu: apt-get install haproxy) or set serve.ingress: proxy")
+    if settings.serve.ingress == "haproxy" and tls.enabled and tls.keyfile_password_env:
+        raise IngressError(HAPROXY_NO_KEY_PASSWORD)
     if settings.serve.ingress != "auto":
         return settings
     out = settings.model_copy(deep=True)
-    out.serve.ingress = "haproxy" if found else "proxy"
+    out.serve.ingress = "haproxy" if found and not (tls.enabled and tls.keyfile_password_env) else "proxy"
     return out
 
 
-HAPROXY_NO_TLS = ("serve.tls is set but serve.ingress is 'haproxy': Ray Serve 2.60's HAProxy ingress cannot "
-                  "terminate TLS (its generated haproxy.cfg binds the frontend without `ssl crt` and reaches "
-                  "the replicas' direct-ingress ports without `ssl`, while those replicas would serve HTTPS "
-                  "with the same http_options). Set serve.ingress: proxy (or auto) for HTTPS on Serve's proxy, "
-                  "or terminate TLS in front of HAProxy (a Kubernetes Ingress) and leave serve.tls empty")
-
-
-def _tls_ingress(settings: Settings) -> Settings:
-    """With TLS the ingress is Serve's proxy: `auto` resolves to it, an explicit `haproxy` is refused."""
-    if settings.serve.ingress == "haproxy":
-        raise IngressError(HAPROXY_NO_TLS)
-    if settings.serve.ingress == "proxy":
-        return settings
-    out = settings.model_copy(deep=True)
-    out.serve.ingress = "proxy"
-    return out
+HAPROXY_NO_KEY_PASSWORD = ("serve.tls.keyfile_password_env is set but serve.ingress is 'haproxy': HAProxy reads "
+                           "its key unencrypted (it has no passphrase option). Set serve.ingress: proxy (or auto), "
+                           "or give HAProxy an unencrypted key file readable only by the Ray user")
 
 
 def http_options(serve: ServeSettings) -> dict[str, Any]:
@@ -110,7 +98,9 @@ def http_options(serve: ServeSettings) -> dict[str, Any]:
     (Serve's proxy, and every direct-ingress replica, runs uvicorn with these `ssl_*` options)."""
     options: dict[str, Any] = {"host": serve.host, "port": serve.port}
     tls = serve.tls
-    if tls.enabled:
+    # HAProxy terminates TLS itself (serve/haproxy_wrapper); its backends, the replicas'
+    # direct-ingress ports on the node's loopback, stay plain HTTP.
+    if tls.enabled and serve.ingress != "haproxy":
         options.update(ssl_certfile=tls.certfile, ssl_keyfile=tls.keyfile)
     return options
 
@@ -157,7 +147,7 @@ def replica_env(serve: ServeSettings) -> dict[str, str]:
 
 
 # Runs haproxy with its stats and Prometheus listeners moved to `serve.haproxy_admin_host`.
-HAPROXY_ADMIN_BIND = "serve/haproxy_admin_bind"
+HAPROXY_WRAPPER = "serve/haproxy_wrapper"
 CODE_ROOT = Path(__file__).resolve().parent.parent  # where this checkout's rooms are
 
 
@@ -168,9 +158,12 @@ def controller_options(serve: ServeSettings, code_root: Path = CODE_ROOT) -> dic
     if serve.ingress != "haproxy":
         return None
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
+    if serve.haproxy_admin_host or serve.tls.enabled:
+        env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(code_root / HAPROXY_WRAPPER)
     if serve.haproxy_admin_host:
-        env.update(RAY_SERVE_HAPROXY_BINARY_PATH=str(code_root / HAPROXY_ADMIN_BIND),
-                   ORFEAS_HAPROXY_ADMIN_HOST=serve.haproxy_admin_host)
+        env["ORFEAS_HAPROXY_ADMIN_HOST"] = serve.haproxy_admin_host
+    if serve.tls.enabled:  # the frontend binds with `ssl crt` (cert chain and key, read on each node)
+        env.update(ORFEAS_HAPROXY_TLS_CERT=serve.tls.certfile, ORFEAS_HAPROXY_TLS_KEY=serve.tls.keyfile)
     return {"runtime_env": {"env_vars": env}}
 
 

@@ -25,7 +25,7 @@ import pytest
 from config import ModelSpec, Settings
 from harness import free_port
 from provider_server import ProviderServer
-from serve.applications import (HAPROXY_NO_TLS, IngressError, TlsFileError, check_tls_files, http_options,
+from serve.applications import (HAPROXY_NO_KEY_PASSWORD, IngressError, TlsFileError, check_tls_files, http_options,
                                 resolve_ingress, serve_config)
 
 TESTS = Path(__file__).parent
@@ -71,16 +71,27 @@ def certs(tmp_path_factory) -> dict[str, str]:
     return make_certs(tmp_path_factory.mktemp("tls"), ["localhost", "127.0.0.1", node_ip_address_from_perspective()])
 
 
-def test_tls_settings_reach_serves_http_options_and_pick_the_proxy(certs, monkeypatch):
+def test_tls_settings_reach_serves_http_options_or_haproxy(certs, monkeypatch):
     s = Settings(serve={"tls": {"certfile": certs["cert"], "keyfile": certs["key"]}})
     assert http_options(s.serve) == {"host": "127.0.0.1", "port": 8000, "ssl_certfile": certs["cert"],
                                      "ssl_keyfile": certs["key"]}
     assert serve_config(s)["http_options"]["ssl_certfile"] == certs["cert"]
     monkeypatch.setattr("shutil.which", lambda name: "/usr/sbin/haproxy")  # as if HAProxy were installed
-    assert resolve_ingress(s).serve.ingress == "proxy"  # auto: the proxy, the ingress that speaks TLS
-    with pytest.raises(IngressError, match="HAProxy ingress cannot terminate TLS"):
-        resolve_ingress(s.model_copy(update={"serve": s.serve.model_copy(update={"ingress": "haproxy"})}))
-    assert "ssl crt" in HAPROXY_NO_TLS
+    # HAProxy terminates TLS (serve/haproxy_wrapper, tests/test_haproxy_wrapper.py); the replicas
+    # behind it on the node's loopback serve plain HTTP.
+    on_haproxy = resolve_ingress(s)
+    assert on_haproxy.serve.ingress == "haproxy"
+    assert http_options(on_haproxy.serve) == {"host": "127.0.0.1", "port": 8000}
+    env = serve_config(on_haproxy)["controller_options"]["runtime_env"]["env_vars"]
+    assert env["ORFEAS_HAPROXY_TLS_CERT"] == certs["cert"] and env["ORFEAS_HAPROXY_TLS_KEY"] == certs["key"]
+    # HAProxy cannot read a key with a password: auto takes the proxy, an explicit haproxy is refused.
+    locked = s.model_copy(deep=True)
+    locked.serve.tls.keyfile_password_env = "ORFEAS_TLS_PASSWORD"
+    assert resolve_ingress(locked).serve.ingress == "proxy"
+    locked.serve.ingress = "haproxy"
+    with pytest.raises(IngressError, match="no passphrase option"):
+        resolve_ingress(locked)
+    assert "keyfile_password_env" in HAPROXY_NO_KEY_PASSWORD
     assert http_options(Settings().serve) == {"host": "127.0.0.1", "port": 8000}  # plain HTTP by default
 
 
