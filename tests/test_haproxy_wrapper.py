@@ -50,15 +50,15 @@ def run_ray_haproxy(tmp_path, monkeypatch, binary: str, admin_host: str | None,
 
     async def cycle():
         await api.start()
-        first = listeners(api._proc.pid)
-        if during:
-            await asyncio.to_thread(during, ports)
-        await api.reload()  # Ray reloads with `-sf OLD_PID` on every route/replica change
-        await asyncio.sleep(0.5)
-        second = listeners(api._proc.pid)
-        pid = api._proc.pid
-        await api.stop()
-        return first, second, pid
+        try:
+            first = listeners(api._proc.pid)
+            if during:
+                await asyncio.to_thread(during, ports)
+            await api.reload()  # Ray reloads with `-sf OLD_PID` on every route/replica change
+            await asyncio.sleep(0.5)
+            return first, listeners(api._proc.pid), api._proc.pid
+        finally:
+            await api.stop()
 
     first, second, pid = asyncio.run(cycle())
     return ports, first, second, pid
