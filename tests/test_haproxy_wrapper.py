@@ -36,6 +36,10 @@ def run_ray_haproxy(tmp_path, monkeypatch, binary: str, admin_host: str | None,
         monkeypatch.delenv("ORFEAS_HAPROXY_ADMIN_HOST", raising=False)
     else:
         monkeypatch.setenv("ORFEAS_HAPROXY_ADMIN_HOST", admin_host)
+    from serve.applications import _bundled_haproxy
+
+    bundled = _bundled_haproxy()  # what the controller's env names, where ray-haproxy is installed
+    monkeypatch.setenv("ORFEAS_HAPROXY_REAL_BINARY", bundled or "")
     for name in ("CERT", "KEY"):
         monkeypatch.delenv(f"ORFEAS_HAPROXY_TLS_{name}", raising=False)
         if tls:
