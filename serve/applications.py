@@ -295,4 +295,7 @@ def serve_config(settings: Settings, code_root: Path = CODE_ROOT) -> dict[str, A
     if controller := controller_options(settings.serve, code_root):
         config["controller_options"] = controller
     config["applications"] = [a.to_serve_config() for a in applications(settings)]
+    for app in config["applications"]:
+        if app["name"] == GATEWAY_APP:  # its builder audits each config change (serve/gateway/app.py)
+            app["args"] = {**app["args"], "audit_deploy": True}
     return config

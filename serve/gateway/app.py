@@ -9,6 +9,7 @@ first token gets its proper HTTP status.
 
 
 import asyncio
+import logging
 import time
 from typing import Any, Literal
 
@@ -313,8 +314,12 @@ class Gateway:
 
 
 def build_app(args: dict[str, Any]):
-    """Serve application builder for the gateway (see serve.applications)."""
+    """Serve application builder for the gateway (see serve.applications). A declarative deploy
+    (a RayService's serveConfigV2, `serve deploy`) runs it once per config change, in Serve's
+    build task: its `audit_deploy` arg has it audit the change (`orfeas up` does so itself)."""
     settings = settings_from_dict(args["settings"])
+    if args.get("audit_deploy"):
+        audit_declarative_deploy(settings)
     g = settings.gateway
     return serve.deployment(Gateway).options(
         name=GATEWAY_DEPLOYMENT,
@@ -323,3 +328,14 @@ def build_app(args: dict[str, Any]):
         max_ongoing_requests=g.max_ongoing_requests,
         ray_actor_options=replica_actor_options(settings.serve, num_cpus=g.num_cpus),
     ).bind(settings.to_dict())
+
+
+def audit_declarative_deploy(settings) -> None:
+    """`config.deploy`/`config.change` for the gateway's sections of a declarative deploy, by
+    setting name (security/config_changes.py). Never fails the deploy."""
+    from security.config_changes import record_deploy
+
+    try:
+        record_deploy(settings, actor="serve:declarative-deploy", source="serveConfigV2")
+    except Exception:
+        logging.getLogger(__name__).exception("could not audit the deployed configuration")

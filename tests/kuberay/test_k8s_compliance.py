@@ -1,7 +1,8 @@
 """The compliance controls over the real rendered manifests (security/compliance.py): what the
-dev overlay does (TLS at the Ingress, the retention and compliance RayCronJobs, no wildcard
-Role) passes, what it does not (Ray's intra-cluster TLS, a backup Schedule for its volumes)
-fails with evidence naming the objects; and a broken copy turns a passing control into a failing one."""
+dev overlay does (TLS at the Ingress, Ray's intra-cluster TLS on every Ray pod, the retention
+and compliance RayCronJobs, no wildcard Role) passes, what it does not (a backup Schedule for its
+volumes) fails with evidence naming the objects; and a broken copy turns a passing control into a
+failing one."""
 
 from __future__ import annotations
 
@@ -25,9 +26,7 @@ def test_the_dev_overlay_against_the_controls(rendered, tmp_path):
     settings = Settings(data_dir=tmp_path / "data")
     c = controls(settings, rendered["dev"])
     assert any(t.startswith("manifests: Ingress/orfeas-api terminates TLS for") for t in texts(c["encryption.in_transit.ingress"], True))
-    ray_tls = texts(c["encryption.in_transit.ray"], False)
-    assert c["encryption.in_transit.ray"]["status"] == "fail" and "RayService/orfeas head" in ray_tls[0]
-    assert "RayCronJob/orfeas-compliance head" in ray_tls[0]
+    assert c["encryption.in_transit.ray"]["status"] == "pass", c["encryption.in_transit.ray"]
     assert any("retention scheduled by RayCronJob/orfeas-retention" in t for t in texts(c["retention.set"], True))
     assert "manifests: every RayService pod reads ORFEAS_ENCRYPTION_KEY from a Secret" in texts(c["encryption.at_rest"], True)
     backups = texts(c["backups.durable_state"], False)
@@ -47,7 +46,11 @@ def test_broken_manifests_fail_the_controls_they_break(fresh, tmp_path):
             o["rules"][0]["verbs"] = ["*"]
         if o["kind"] == "RayCronJob" and o["metadata"]["name"] == "orfeas-retention":
             o["spec"]["suspend"] = True
+        if o["kind"] == "RayCronJob" and o["metadata"]["name"] == "orfeas-compliance":
+            head = o["spec"]["jobTemplate"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+            head["env"] = [e for e in head["env"] if e["name"] != "RAY_USE_TLS"]
     c = controls(Settings(data_dir=tmp_path / "data"), objs)
     assert any("terminates TLS for -" in t for t in texts(c["encryption.in_transit.ingress"], False))
     assert any("use a wildcard verb" in t for t in texts(c["access.least_privilege"], False))
     assert "manifests: no active RayCronJob runs jobs.retention" in texts(c["retention.set"], False)
+    assert any("not in RayCronJob/orfeas-compliance head" in t for t in texts(c["encryption.in_transit.ray"], False))

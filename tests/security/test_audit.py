@@ -136,3 +136,29 @@ def test_a_deploy_records_which_settings_changed_never_their_values(tmp_path):
     assert entries[1]["details"]["changed"] == ["serve.port"] and entries[1]["actor"] == "cli:ops"
     on_disk = b"".join(p.read_bytes() for p in audit_dir(first).iterdir() if p.is_file())
     assert b"Secret-Tern-731" not in on_disk and b"8123" not in (audit_dir(first) / DIGEST_FILE).read_bytes()
+
+
+def test_a_declarative_deploy_audits_its_config_change_in_the_gateway_builder(tmp_path):
+    """A RayService's serveConfigV2 (what `orfeas k8s render` writes) has the gateway's builder
+    record the change; the local deploy path's args do not (`orfeas up` records it itself)."""
+    from config import Settings
+    from security.audit import audit_dir
+    from security.encryption import field_cipher
+    from serve.applications import applications, serve_config
+    from serve.gateway.app import build_app
+
+    def gateway_args(settings):
+        [app] = [a for a in serve_config(settings)["applications"] if a["name"] == "gateway"]
+        return app["args"]
+
+    base = {"data_dir": tmp_path / "data", "pii": {"audit": "off"}}
+    build_app(gateway_args(Settings(**base)))
+    build_app(gateway_args(Settings(**base, gateway={"request_timeout_s": 30})))
+    build_app(gateway_args(Settings(**base, gateway={"request_timeout_s": 30})))  # a redeploy, no change
+    entries = [e for e in read_entries(audit_dir(Settings(**base)), field_cipher(Settings(**base)))
+               if e["action"].startswith("config.")]
+    assert [e["action"] for e in entries] == ["config.deploy", "config.change"]
+    assert entries[1]["details"]["changed"] == ["gateway.request_timeout_s"]
+    assert entries[1]["actor"] == "serve:declarative-deploy" and entries[1]["source"] == "serveConfigV2"
+    [local] = [a for a in applications(Settings(**base)) if a.name == "gateway"]
+    assert "audit_deploy" not in local.args
