@@ -8,7 +8,9 @@ the Qdrant owner (tests/rag/test_store_owner_loss.py), an agent actor and the co
 - two replicas, one killed while requests flow: no request fails before its first token (those
   are retried on the other replica); at most those already streaming from it are cut;
 - one replica, killed: requests wait in Serve's queue (or open the circuit, which a passing probe
-  then closes) and service comes back long before the breaker's cooldown (600 s here).
+  then closes) and service comes back long before the breaker's cooldown (600 s here);
+- one of two gateway replicas, killed: what was in flight on it may be lost (its sockets die with
+  it), never more than the clients' concurrency, and every request after the load is served.
 """
 
 import asyncio
@@ -22,7 +24,7 @@ from ray import serve
 from ray.serve._private.constants import SERVE_NAMESPACE
 
 from config import ModelSpec
-from config.names import model_app_name
+from config.names import GATEWAY_APP, model_app_name
 from harness import deployed, make_key, platform_settings
 
 pytestmark = pytest.mark.slow
@@ -80,7 +82,7 @@ async def stream_one(c: httpx.AsyncClient, key: str, model: str) -> str:
 @pytest.fixture(scope="module")
 def platform(serve_port, tiny_model_dir, tmp_path_factory):
     settings = platform_settings(
-        tmp_path_factory.mktemp("chaos") / "data", serve_port,
+        tmp_path_factory.mktemp("chaos") / "data", serve_port, gateway={"num_replicas": 2},
         router={"breaker": {"cooldown_s": 600, "failure_threshold": 2}, "probe_interval_s": 60},
         models=[ModelSpec(id="two", engine="transformers", source=str(tiny_model_dir), max_context=256,
                           num_replicas=2, num_cpus=0.1),
@@ -151,3 +153,32 @@ def test_killing_the_only_replica_comes_back_without_the_breakers_cooldown(platf
     status = httpx.get(platform["base"] + "/v1/router/status", headers=headers, timeout=30).json()["backends"]["one"]
     # Served again well inside the 600 s cooldown: a passing probe (or no opening at all) readmitted it.
     assert status["state"] == "closed", status
+
+
+def test_killing_one_of_two_gateway_replicas_loses_at_most_what_was_in_flight(platform):
+    gateways = replicas(GATEWAY_APP)
+    assert len(gateways) == 2, gateways
+    clients = 4
+
+    async def load():
+        outcomes: list[str] = []
+        async with httpx.AsyncClient(base_url=platform["base"], timeout=120) as c:
+            async def client():
+                for _ in range(15):
+                    outcomes.append(await stream_one(c, platform["admin"], "two"))
+
+            async def killer():
+                await asyncio.sleep(1.0)
+                kill(gateways[0])
+
+            await asyncio.gather(killer(), *(client() for _ in range(clients)))
+            after = [await stream_one(c, platform["admin"], "two") for _ in range(8)]
+        return outcomes, after
+
+    outcomes, after = asyncio.run(load())
+    lost = outcomes.count("failed") + outcomes.count("cut")
+    print(f"\nCHAOS two gateway replicas, one killed: {len(outcomes)} requests, {outcomes.count('failed')} failed "
+          f"before their first token, {outcomes.count('cut')} cut mid-stream, {lost / len(outcomes):.1%} lost; "
+          f"after: {after}")
+    assert lost <= clients, outcomes  # at most one in flight per client when the replica died
+    assert after == ["ok"] * 8, after

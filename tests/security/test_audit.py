@@ -116,6 +116,17 @@ def test_details_are_encrypted_and_chain_verifies_without_keys(tmp_path):
     assert line.startswith("<110>1 ") and 'action="data.ingest"' in line and "host1 orfeas - AUDIT" in line
 
 
+def settled(settings) -> None:
+    """Wait for entries sent to the audit actor: with Ray connected in this process (an earlier
+    test file in the same worker), `audit_event` sends them without waiting."""
+    import ray
+
+    from security.audit import audit_actor
+
+    if ray.is_initialized():
+        ray.get(audit_actor(settings).head.remote())  # after every record this process sent it
+
+
 def test_a_deploy_records_which_settings_changed_never_their_values(tmp_path):
     """security/config_changes.py (`orfeas up` calls it after each deploy)."""
     from config import Settings
@@ -131,6 +142,7 @@ def test_a_deploy_records_which_settings_changed_never_their_values(tmp_path):
                        alerts={"slack_webhooks": {"default": hook}})
     out = record_deploy(changed, actor="cli:ops")
     assert out["changed"] == ["serve.port"] and out["added"] == ["alerts.slack_webhooks.default"]
+    settled(first)
     entries = [e for e in read_entries(audit_dir(first), field_cipher(first)) if e["action"].startswith("config.")]
     assert [e["action"] for e in entries] == ["config.deploy", "config.change"]
     assert entries[1]["details"]["changed"] == ["serve.port"] and entries[1]["actor"] == "cli:ops"
@@ -155,6 +167,7 @@ def test_a_declarative_deploy_audits_its_config_change_in_the_gateway_builder(tm
     build_app(gateway_args(Settings(**base)))
     build_app(gateway_args(Settings(**base, gateway={"request_timeout_s": 30})))
     build_app(gateway_args(Settings(**base, gateway={"request_timeout_s": 30})))  # a redeploy, no change
+    settled(Settings(**base))
     entries = [e for e in read_entries(audit_dir(Settings(**base)), field_cipher(Settings(**base)))
                if e["action"].startswith("config.")]
     assert [e["action"] for e in entries] == ["config.deploy", "config.change"]
