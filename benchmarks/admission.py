@@ -115,7 +115,8 @@ def main() -> None:
         models=[ModelSpec(id="tiny-chat", engine="transformers", source=str(model_dir), max_context=256,
                           max_ongoing_requests=args.ongoing, max_queued_requests=args.queued)]))
     capacity = args.ongoing + args.queued
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    # A fresh instance (never a head someone else started on this machine).
+    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
         names = deploy(settings)
         assert set(wait_running(names).values()) == {"RUNNING"}
