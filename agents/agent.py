@@ -64,9 +64,13 @@ def gateway_chat(settings: Settings) -> Chat:
             handle = serve.get_app_handle(GATEWAY_APP)
         carrier = tracing.inject()  # the caller's span (a step, an agent task) parents the chat
         try:
-            if carrier:
-                return await handle.chat_message.remote(model, messages, max_tokens, tools, caller, trace=carrier)
-            return await handle.chat_message.remote(model, messages, max_tokens, tools, caller)
+            response = handle.chat_message.remote(model, messages, max_tokens, tools, caller, trace=carrier) \
+                if carrier else handle.chat_message.remote(model, messages, max_tokens, tools, caller)
+            try:
+                return await response
+            except asyncio.CancelledError:  # a cancelled step or run: the gateway's call is cancelled too
+                response.cancel()
+                raise
         except Exception as e:
             cause = getattr(e, "cause", None) or e
             raise AgentError(f"model {model!r} failed: {getattr(cause, 'message', None) or cause}") from None

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,11 @@ EVENTS_KEPT = 5_000
 # actor is taken for lost.
 AGENT_START_TIMEOUT_S = 60.0
 CANCEL_WAIT_S = 10.0
+# The coordinator's concurrency group for status and cancel: Ray gives each group of an async
+# actor its own event loop and thread, so these are answered while the default loop that drives
+# the runs is busy or held (a slow checkpoint write, a burst of step transitions).
+CONTROL = "control"
+CONTROL_CONCURRENCY = 100
 
 
 class Conflict(InvalidRequest):
@@ -85,7 +91,8 @@ def definitions_dir(settings: Settings) -> Path:
 
 def coordinator(settings: Settings):
     """This data directory's coordinator (created on first use; restarted by Ray if it dies)."""
-    return detached_actor(Coordinator, coordinator_name(settings), settings.to_dict(), durable=True,
+    remote = ray.remote(concurrency_groups={CONTROL: CONTROL_CONCURRENCY})(Coordinator)
+    return detached_actor(remote, coordinator_name(settings), settings.to_dict(), durable=True,
                           max_concurrency=1000)
 
 
@@ -131,6 +138,8 @@ class Coordinator:
         self._chat = gateway_chat(self.settings)
         self._resumed_at_start: list[str] = []
         self.traces: dict[str, dict[str, str]] = {}  # run id -> the W3C carrier of the request that started it
+        self.inflight: dict[str, set] = {}  # run id -> the Ray refs its steps await (a cancel cancels them)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the default group's loop, where runs are driven
         tracing.configure(self.settings.tracing, "coordinator")
         install_log_redaction(self.settings)  # run errors it logs may quote user content (pii.logs)
         self._started = False
@@ -145,6 +154,7 @@ class Coordinator:
         if self._started:
             return
         self._started = True
+        self._loop = asyncio.get_running_loop()
         asyncio.create_task(self._watchdog())
         if self.cfg.auto_resume:
             for run_id in self.store.run_ids():
@@ -152,6 +162,31 @@ class Coordinator:
                 if run is not None and run.status not in sch.TERMINAL_RUN:
                     self._resumed_at_start.append(run_id)
                     await self._drive(sch.resume(run), "run.resumed")
+
+    async def _ensure_started(self) -> None:
+        """Start (resume runs) on the default group's loop, also when the first call is a control
+        one: an actor method runs on its group's loop, and runs must be driven on the default one."""
+        if self._started:
+            return
+        try:
+            me = ray.get_runtime_context().current_actor
+        except RuntimeError:  # a plain object (unit tests): one loop for everything
+            me = None
+        if me is None:
+            await self._start_once()
+        else:
+            await me.ping.remote()
+
+    @contextmanager
+    def _tracked(self, run_id: str, ref):
+        """`ref` is in flight for `run_id` while the block runs (a cancel from the control group
+        cancels it directly, without waiting for the default loop)."""
+        refs = self.inflight.setdefault(run_id, set())
+        refs.add(ref)
+        try:
+            yield ref
+        finally:
+            refs.discard(ref)
 
     async def _watchdog(self) -> None:
         """Kill agents whose task stopped heartbeating: the step fails over to a new actor.
@@ -266,7 +301,8 @@ class Coordinator:
                 ref = actor.run_task.remote(task_id, task, idem, run.caller, trace=carrier) if carrier else \
                     actor.run_task.remote(task_id, task, idem, run.caller)
                 try:
-                    return await ref
+                    with self._tracked(run_id, ref):
+                        return await ref
                 except asyncio.CancelledError:
                     ray.cancel(ref)
                     raise
@@ -284,6 +320,9 @@ class Coordinator:
     # ------------------------------------------------------------ running steps (StepRunner)
 
     async def run_step(self, run: RunState, step: StepSpec, ns: dict[str, Any], idem: str) -> tuple[Any, dict]:
+        executor = self.runs.get(run.run_id)
+        if executor is not None and executor.cancelled:
+            raise StepFailed("the run was cancelled", retryable=False)
         try:
             if step.kind == "agent":
                 return await self._agent_step(run, step, render(step.task, ns), idem)
@@ -291,7 +330,8 @@ class Coordinator:
                 args = render(step.args, ns)
                 ref = run_tool.remote(self.settings.to_dict(), step.tool, args, idem, run.caller)
                 try:
-                    out = await ref
+                    with self._tracked(run.run_id, ref):
+                        out = await ref
                 except asyncio.CancelledError:
                     ray.cancel(ref)
                     raise
@@ -429,6 +469,7 @@ class Coordinator:
 
     def _finished(self, run: RunState) -> None:
         self.metrics.run_finished(run)
+        self.inflight.pop(run.run_id, None)
         for key in [k for k in self.registry if k[0] == run.run_id]:
             self._release(self.registry.pop(key))
 
@@ -438,6 +479,12 @@ class Coordinator:
         events.append(record)
         del events[:-EVENTS_KEPT]
         self.store.append_events(run_id, [record])
+        if self._loop is None or asyncio.get_running_loop() is self._loop:
+            await self._notify(run_id)
+        else:  # from the control group's loop: the waiters wait on the default one
+            asyncio.run_coroutine_threadsafe(self._notify(run_id), self._loop)
+
+    async def _notify(self, run_id: str) -> None:
         cond = self.changed.setdefault(run_id, asyncio.Condition())
         async with cond:
             cond.notify_all()
@@ -460,19 +507,22 @@ class Coordinator:
                 "status": run.status, "created_at": run.created_at, "finished_at": run.finished_at,
                 "error": run.error, "awaiting_approval": waiting}
 
+    @ray.method(concurrency_group=CONTROL)
     async def get_run(self, run_id: str, owner: str | None = None) -> dict:
-        await self._start_once()
+        await self._ensure_started()
         run = self._load(run_id)
         self._check_owner(run, owner)
         return {**self._summary(run), "inputs": run.inputs, "output": run.output,
                 "steps": {sid: st.model_dump(exclude={"items"}) for sid, st in run.steps.items()},
                 "analytics": sch.analytics(run), "definition": run.workflow.model_dump(mode="json", by_alias=True)}
 
+    @ray.method(concurrency_group=CONTROL)
     async def list_runs(self, owner: str | None = None, limit: int = 100) -> list[dict]:
-        await self._start_once()
+        await self._ensure_started()
         out = []
         for run_id in self.store.run_ids():
-            run = self.runs[run_id].run if run_id in self.runs else self.store.load(run_id)
+            executor = self.runs.get(run_id)
+            run = executor.run if executor is not None else self.store.load(run_id)
             if run is not None and (owner is None or run.owner == owner):
                 out.append(self._summary(run))
         out.sort(key=lambda r: r["created_at"], reverse=True)
@@ -499,18 +549,25 @@ class Coordinator:
                 except TimeoutError:
                     pass
 
+    @ray.method(concurrency_group=CONTROL)
     async def cancel(self, run_id: str, owner: str | None = None) -> dict:
+        """Cancel a run, on the control group's own loop: the cancel is checkpointed and no step of
+        the run starts once it is, whatever the default loop is doing; the Ray tasks and agent
+        tasks in flight are cancelled from here. The answer waits (up to CANCEL_WAIT_S) for the
+        run to settle as cancelled."""
+        await self._ensure_started()
         run = self._load(run_id)
         self._check_owner(run, owner)
         if run.status in sch.TERMINAL_RUN:
             raise Conflict(f"run {run_id!r} is already {run.status}")
         executor = self.runs.get(run_id)
         if executor is not None and run_id in self.drivers:
-            driver = self.drivers[run_id]
-            await executor.update(sch.cancel(run), "run.cancelling", {})
-            # Its running steps are cancelled before this returns; a step slow to stop (a Ray task
-            # that ignores the cancel) cannot hold the answer longer than CANCEL_WAIT_S.
-            await asyncio.wait([driver], timeout=CANCEL_WAIT_S)
+            executor.request_cancel()
+            for ref in list(self.inflight.get(run_id, ())):
+                ray.cancel(ref)
+            deadline = time.monotonic() + CANCEL_WAIT_S
+            while executor.run.status not in sch.TERMINAL_RUN and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         else:  # not being driven (e.g. not resumed yet): settle it on disk
             p = sch.plan(sch.cancel(run), time.time())
             self.store.save(sch.apply_plan(sch.cancel(run), p, time.time()))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Any, Awaitable, Callable, Protocol
 
@@ -49,6 +50,12 @@ class RunExecutor:
         self.on_finish, self.on_step = on_finish, on_step
         self.wake = asyncio.Event()
         self.tasks: dict[str, asyncio.Task] = {}
+        # A cancel comes from the coordinator's control thread (its own event loop), so that it is
+        # never queued behind this loop: the run state is swapped and saved under a lock, and once
+        # `cancelled` is set nothing of the run starts any more.
+        self.cancelled = False
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._lock = threading.Lock()
 
     # ------------------------------------------------------------ outside requests
 
@@ -56,11 +63,28 @@ class RunExecutor:
         self.wake.set()
 
     async def update(self, new: RunState, event: str, data: dict) -> None:
-        """Apply a change made outside the loop (approve, cancel), checkpoint it and wake the loop."""
-        self.run = new
-        self.save(new)
+        """Apply a change made outside the loop (approve), checkpoint it and wake the loop."""
+        self._commit(new)
         await self.emit(event, data)
         self.poke()
+
+    def request_cancel(self) -> None:
+        """Cancel the run from any thread: checkpointed before this returns, no step or fan-out item
+        starts after it, and the loop is woken to cancel what is in flight and finish the run."""
+        with self._lock:
+            self.cancelled = True
+            self.run = sch.cancel(self.run)
+            self.save(self.run)
+        if self.loop is not None:
+            self.loop.call_soon_threadsafe(self.poke)
+
+    def _commit(self, run: RunState) -> None:
+        """The run's next state, checkpointed; a cancel that came in meanwhile is kept."""
+        with self._lock:
+            if self.cancelled and not run.cancel_requested:
+                run = sch.cancel(run)
+            self.run = run
+            self.save(run)
 
     # ------------------------------------------------------------ the loop
 
@@ -73,6 +97,7 @@ class RunExecutor:
             return run
 
     async def _drive(self) -> RunState:
+        self.loop = asyncio.get_running_loop()
         try:
             while True:
                 now = time.time()
@@ -85,8 +110,9 @@ class RunExecutor:
                     continue
                 if p.start or p.skip or p.await_approval or p.finish:
                     before = self.run.status
-                    self.run = sch.apply_plan(self.run, p, now)
-                    self.save(self.run)
+                    self._commit(sch.apply_plan(self.run, p, now))
+                    if self.cancelled and not p.finish:
+                        continue  # cancelled while this plan was made: nothing of it starts
                     for sid in p.skip:
                         await self.emit("step.skipped", {"step": sid})
                     for sid in p.await_approval:
@@ -126,13 +152,12 @@ class RunExecutor:
 
     async def _finish_step(self, sid: str, task: asyncio.Task) -> None:
         now = time.time()
-        if task.cancelled():
-            return
+        if task.cancelled() or self.cancelled:
+            return  # a cancelled run's steps end as cancelled, whatever they answered
         exc = task.exception()
         if exc is None:
             output, usage = task.result()
-            self.run = sch.record_success(self.run, sid, output, now, usage)
-            self.save(self.run)
+            self._commit(sch.record_success(self.run, sid, output, now, usage))
             await self.emit("step.succeeded", {"step": sid, "output": output,
                                                "attempt": self.run.steps[sid].attempts})
             covered = self.run.workflow.handlers().get(sid)
@@ -140,9 +165,8 @@ class RunExecutor:
                 await self.emit("step.recovered", {"step": covered, "by": sid})
         else:
             failed = exc if isinstance(exc, StepFailed) else StepFailed(f"{type(exc).__name__}: {exc}")
-            self.run = sch.record_failure(self.run, sid, str(failed), now, infra=failed.infra,
-                                          retryable=failed.retryable, usage=failed.usage)
-            self.save(self.run)
+            self._commit(sch.record_failure(self.run, sid, str(failed), now, infra=failed.infra,
+                                            retryable=failed.retryable, usage=failed.usage))
             st = self.run.steps[sid]
             if st.status == "retry_wait":
                 await self.emit("step.retrying", {"step": sid, "error": str(failed), "infra": failed.infra,
@@ -189,8 +213,7 @@ class RunExecutor:
             if self.max_foreach_items is not None and len(items) > self.max_foreach_items:
                 raise StepFailed(f"foreach gives {len(items)} items, over the limit of {self.max_foreach_items} "
                                  "(agents.max_foreach_items)", retryable=False)
-            self.run = sch.set_items(self.run, step.id, items)
-            self.save(self.run)
+            self._commit(sch.set_items(self.run, step.id, items))
         attempt = st.attempts
         # Items run at most max_parallel at a time: a wide fan-out is a queue, not thousands of
         # tasks at once (and a cancel finds most of it not started).
@@ -198,12 +221,13 @@ class RunExecutor:
 
         async def one(i: int, item: Any):
             async with slots:
+                if self.cancelled:  # the run was cancelled while this item waited for a slot
+                    raise StepFailed("the run was cancelled", retryable=False)
                 ns = {**sch.namespace(self.run), "item": item, "index": i}
                 out, u = await self.runner.run_step(self.run, step, ns,
                                                     f"{self.run.run_id}:{step.id}[{i}]:{attempt}")
                 # An item's usage is checkpointed with its output: a resumed run counts every call.
-                self.run = sch.checkpoint_item(self.run, step.id, i, out, u)
-                self.save(self.run)  # each finished item survives a crash
+                self._commit(sch.checkpoint_item(self.run, step.id, i, out, u))  # each finished item survives a crash
                 await self.emit("step.item", {"step": step.id, "index": i})
 
         todo = [i for i in range(len(items)) if str(i) not in self.run.steps[step.id].item_outputs]

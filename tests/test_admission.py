@@ -30,6 +30,27 @@ def test_a_passing_probe_re_admits_an_open_circuit_before_its_cooldown():
     assert health.probe(opened, False, 100.5, cfg).state == health.OPEN
 
 
+def test_a_request_no_model_of_its_plan_has_room_for_is_refused_before_rate_limits(tmp_path):
+    """The gateway sheds first (Router.refusal, asked before the rate limiter and budgets): only
+    when every model of the route's plan has its whole queue in flight from this replica."""
+    from models.errors import ModelOverloaded
+    from serve.gateway.backends import BackendRegistry
+    from serve.router.runtime import Route, Router
+
+    settings = platform_settings(tmp_path, 8000, models=[
+        ModelSpec(id="a", engine="transformers", source="x", max_ongoing_requests=2, max_queued_requests=1),
+        ModelSpec(id="b", engine="transformers", source="x", max_ongoing_requests=1, max_queued_requests=0)])
+    router = Router(settings, BackendRegistry(settings))
+    route = Route("a", "named", ["a", "b"], "test")
+    router.outstanding["a"] = 3  # a's whole queue: 2 ongoing x 1 replica + 1 queued
+    assert router.refusal(route) is None  # b still has room: the router will fall back to it
+    router.outstanding["b"] = 1
+    refused = router.refusal(route)
+    assert isinstance(refused, ModelOverloaded) and refused.status == 503 and refused.retry_after_s
+    router.outstanding["a"] = 2
+    assert router.refusal(route) is None
+
+
 @pytest.fixture(scope="module")
 def platform(serve_port, tiny_model_dir, tmp_path_factory):
     settings = platform_settings(

@@ -3,7 +3,8 @@ transformers model, streaming chat over real HTTP on 127.0.0.1, `ray.kill` on Se
 actors. Figures (requests lost, seconds to recover) are printed for docs/benchmarks.md; the
 assertions are on outcomes, never on time. The other kills of the chaos list have their own tests:
 the Qdrant owner (tests/rag/test_store_owner_loss.py), an agent actor and the coordinator mid-run
-(tests/agents/test_cluster.py), an ingest job (tests/rag/test_ingest.py).
+(tests/agents/test_cluster.py), an ingest job (tests/rag/test_ingest.py). The last test here restarts
+the whole platform on its data directory.
 
 - two replicas, one killed while requests flow: no request fails before its first token (those
   are retried on the other replica); at most those already streaming from it are cut;
@@ -14,6 +15,7 @@ the Qdrant owner (tests/rag/test_store_owner_loss.py), an agent actor and the co
 """
 
 import asyncio
+import json
 import threading
 import time
 
@@ -84,14 +86,15 @@ def platform(serve_port, tiny_model_dir, tmp_path_factory):
     settings = platform_settings(
         tmp_path_factory.mktemp("chaos") / "data", serve_port, gateway={"num_replicas": 2},
         router={"breaker": {"cooldown_s": 600, "failure_threshold": 2}, "probe_interval_s": 60},
+        agents={"enabled": True},  # the workflows API, for the full restart
         models=[ModelSpec(id="two", engine="transformers", source=str(tiny_model_dir), max_context=256,
                           num_replicas=2, num_cpus=0.1),
                 ModelSpec(id="one", engine="transformers", source=str(tiny_model_dir), max_context=256,
                           num_cpus=0.1)],
     )
-    with deployed(settings):
+    with deployed(settings) as names:
         _, admin = make_key(settings, "admin")
-        yield {"base": f"http://127.0.0.1:{serve_port}", "admin": admin}
+        yield {"base": f"http://127.0.0.1:{serve_port}", "admin": admin, "settings": settings, "names": names}
 
 
 def test_killing_one_of_two_replicas_fails_no_request_before_its_first_token(platform):
@@ -182,3 +185,110 @@ def test_killing_one_of_two_gateway_replicas_loses_at_most_what_was_in_flight(pl
           f"after: {after}")
     assert lost <= clients, outcomes  # at most one in flight per client when the replica died
     assert after == ["ok"] * 8, after
+
+
+def restart_platform(settings, names: list[str]) -> None:
+    """What `orfeas down` then `orfeas up` do to the platform, on the session cluster: every ORFEAS
+    Serve application removed and every ORFEAS actor (key store, ledger, coordinator, vector store
+    owner, audit log, ...) gone, then all of it started again from the data directory alone."""
+    from cluster.deploy import deploy, wait_running
+    from config.names import ACTOR_NAMESPACE
+
+    for name in names:
+        serve.delete(name)
+    actors = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ACTOR_NAMESPACE]
+    for name in actors:
+        try:
+            ray.kill(ray.get_actor(name, namespace=ACTOR_NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
+    while any(a["namespace"] == ACTOR_NAMESPACE for a in ray.util.list_named_actors(all_namespaces=True)):
+        time.sleep(0.1)  # ray.kill lands asynchronously
+    assert sorted(deploy(settings)) == sorted(names)
+    states = wait_running(names, timeout_s=300)
+    assert all(v == "RUNNING" for v in states.values()), states
+
+
+def test_a_full_restart_on_the_same_data_directory_loses_and_repeats_nothing(platform):
+    """Restarted with vector points, a workflow run waiting at its approval gate, API keys and
+    ledger rows on disk: the same points, keys that still authenticate, the ledger rows unchanged
+    (and one more for the next request, never a repeat), and the run resumes and finishes once,
+    its finished step not run again. The time until it serves again is printed (docs/benchmarks.md)."""
+    from analytics.ledger import ledger, ledger_name
+    from rag.store import open_store
+
+    settings, base = platform["settings"], platform["base"]
+    record, key = make_key(settings, "user", name="restart")
+    auth = {"Authorization": f"Bearer {key}"}
+    chat = {"model": "two", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+    for _ in range(2):
+        assert httpx.post(base + "/v1/chat/completions", json=chat, headers=auth, timeout=120).status_code == 200
+    store = open_store(settings)
+    store.create_collection("restart", 4)
+    store.upsert("restart", [{"id": i, "dense": [1.0, float(i), 0, 0], "sparse_indices": [i], "sparse_values": [1.0],
+                              "payload": {"doc_id": f"d{i}", "doc_hash": "h", "n_chunks": 1, "chunk_index": 0,
+                                          "text": f"t{i}"}} for i in range(1, 6)])
+    store.flush("restart")
+    wf = {"name": "restart", "steps": [
+        {"id": "a", "kind": "tool", "tool": "calculator", "args": {"expression": "20+1"}},
+        {"id": "gate", "kind": "approval", "needs": ["a"]},
+        {"id": "b", "kind": "tool", "tool": "calculator", "args": {"expression": "${steps.a.output.result} * 2"},
+         "needs": ["gate"]}]}
+    r = httpx.post(base + "/v1/workflows/runs", json={"definition": wf}, headers=auth, timeout=60)
+    assert r.status_code == 201, r.text
+    run_url = base + f"/v1/workflows/runs/{r.json()['id']}"
+    deadline = time.monotonic() + 120
+    while httpx.get(run_url, headers=auth, timeout=60).json()["status"] != "awaiting_approval":
+        assert time.monotonic() < deadline, "the run never reached its gate"  # a guard, not a timing check
+        time.sleep(0.1)
+    _, ledger_file = ledger_name(settings.resolved_data_dir())
+    book = ledger(settings.resolved_data_dir(), settings)
+    while ray.get(book.usage.remote(record["id"]))["totals"]["requests"] < 2:  # settled after the answer
+        assert time.monotonic() < deadline, "the chats never reached the ledger"
+        time.sleep(0.1)
+    rows = ledger_file.read_text().splitlines()
+    usage = ray.get(book.usage.remote())
+
+    down = time.monotonic()
+    restart_platform(settings, platform["names"])
+    running = time.monotonic()
+    assert open_store(settings).count("restart") == 5
+    assert ray.get(ledger(settings.resolved_data_dir(), settings).usage.remote()) == usage
+    assert ledger_file.read_text().splitlines() == rows
+    while True:  # the first request the restarted platform serves
+        try:
+            served = httpx.post(base + "/v1/chat/completions", json=chat, headers=auth, timeout=120).status_code
+        except httpx.HTTPError:
+            served = None
+        if served == 200:
+            break
+        assert time.monotonic() - down < 300, "not serving again"  # a guard against hanging
+        time.sleep(0.2)
+    back = time.monotonic()
+    bad = httpx.post(base + "/v1/chat/completions", json=chat, headers={"Authorization": "Bearer sk-not-a-key"},
+                     timeout=60)
+    assert bad.status_code == 401
+    run = httpx.get(run_url, headers=auth, timeout=60).json()
+    assert run["status"] == "awaiting_approval" and run["steps"]["a"]["attempts"] == 1, run
+    r = httpx.post(run_url + "/approve", json={}, headers=auth, timeout=60)
+    assert r.status_code == 200, r.text
+    while (run := httpx.get(run_url, headers=auth, timeout=60).json())["status"] not in ("succeeded", "failed"):
+        assert time.monotonic() - back < 120, run  # a guard
+        time.sleep(0.1)
+    assert run["status"] == "succeeded" and run["output"] == {"result": 42}, run
+    assert run["steps"]["a"]["attempts"] == 1 and run["steps"]["b"]["attempts"] == 1
+    assert run["analytics"]["resumed"] == 1
+    with httpx.stream("GET", run_url + "/events", headers=auth, timeout=60) as s:
+        events = [line[7:] for line in s.iter_lines() if line.startswith("event: ")]
+    assert events.count("run.succeeded") == 1 and events.count("run.created") == 1, events
+    book = ledger(settings.resolved_data_dir(), settings)
+    while ray.get(book.usage.remote(record["id"]))["totals"]["requests"] < 3:
+        assert time.monotonic() - back < 120, "the request after the restart never reached the ledger"
+        time.sleep(0.1)
+    new_rows = ledger_file.read_text().splitlines()
+    assert new_rows[:len(rows)] == rows  # nothing lost or rewritten...
+    ids = [json.loads(line).get("response_id") for line in new_rows]
+    assert len([i for i in ids if i]) == len({i for i in ids if i})  # ...and nothing recorded twice
+    print(f"\nCHAOS full restart: applications running again {running - down:.1f} s after the restart began, "
+          f"first request served after {back - down:.1f} s; 5/5 points, {len(rows)} ledger rows, key, and the "
+          "run waiting at its gate all kept; the run finished once, its first step not run again")

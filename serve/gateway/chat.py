@@ -212,6 +212,8 @@ class ChatService:
         expected = gen.params.max_tokens or min(self.settings.router.expected_output_tokens, self.max_tokens)
         route = call.routed = await self.router.resolve(requested, body, call.principal, headers or {}, expected,
                                                         remaining)
+        if (full := self.router.refusal(route)) is not None:
+            raise full  # capacity first: shed before any rate-limit or budget round trip
         await self.reserve(call, route, gen, expected)
         try:
             opened = await self.router.open(route, gen, deadline or time.monotonic() + self.timeout_s,

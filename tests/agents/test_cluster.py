@@ -44,7 +44,7 @@ def platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
                           api_key_env="ORFEAS_TEST_PROVIDER_KEY", capabilities=["chat", "tools"],
                           price_input_per_m=1000.0, price_output_per_m=2000.0),
                 ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=2048)],
-        agents={"default_model": "script", "heartbeat_s": 0.5,
+        agents={"default_model": "script", "heartbeat_s": 0.5, "max_parallel_steps": 4,
                 "http_get": {"enabled": True, "allowlist": [effects.url + "/"]},
                 "agents": [{"name": "assistant", "capabilities": ["general"], "tools": ["calculator"],
                             "instructions": script('{"answer": "hello from the registry"}')}]},
@@ -530,3 +530,85 @@ def test_a_runs_model_calls_are_made_for_the_key_that_started_it(platform):
     assert calls >= 2, usage
     assert usage["totals"]["cost_usd"] > 0
     assert set(usage["by_key"]) == {usage["key_id"]}
+
+
+def test_status_and_cancel_are_answered_while_the_engine_is_stalled(platform):
+    """Status and cancel have the coordinator's own control group (its own event loop): they are
+    answered while the loop that runs steps is held (here inside a step's checkpoint I/O: the run's
+    event log is a FIFO nobody reads, a stand-in for a hung disk or NFS write), and a cancel takes
+    effect at once: it is checkpointed while the engine is still held, no fan-out item starts
+    after it, and the items in flight are cancelled (none of them is recorded as done)."""
+    import os
+    import uuid
+
+    from agents.checkpoints import CheckpointStore
+    from agents.coordinator import checkpoint_root
+    from security.encryption import field_cipher
+
+    effects, settings = platform["effects"], platform["settings"]
+    width = settings.agents.max_parallel_steps
+    wf = {"name": "stall", "inputs": {"xs": list(range(width * 3))},
+          "steps": [{"id": "fan", "kind": "tool", "tool": "http_get", "foreach": "${inputs.xs}",
+                     "args": {"url": effects.url + "/gate/stall-${item}"}}]}
+    c = coord(platform)
+    run_id = "run_stall_" + uuid.uuid4().hex[:8]
+    ray.get(c.start_run.remote(wf, run_id=run_id))
+
+    def started() -> int:
+        return sum(n for name, n in list(effects.hits.items()) if name.startswith("stall-"))
+
+    deadline = time.monotonic() + 120
+    while started() < width:  # a full wave of items in flight at their gates
+        assert time.monotonic() < deadline, started()
+        time.sleep(0.05)
+    store = CheckpointStore(checkpoint_root(settings), field_cipher(settings))
+    log = os.path.join(store.root, "runs", run_id, "events.jsonl")
+    os.remove(log)
+    os.mkfifo(log)  # the next event the engine writes blocks its loop until someone reads
+    try:
+        effects.release("stall-0")  # item 0 ends: its checkpoint is written, then its event blocks
+        while "0" not in store.load(run_id).steps["fan"].item_outputs:
+            assert time.monotonic() < deadline, "item 0 was never checkpointed"
+            time.sleep(0.05)
+        status = ray.get(c.get_run.remote(run_id), timeout=30)  # a guard: on a held loop it never comes
+        assert status["status"] == "running" and status["steps"]["fan"]["status"] == "running", status
+        in_flight = started()
+        cancel = c.cancel.remote(run_id)
+        while not store.load(run_id).cancel_requested:  # durable while the engine is still held
+            assert time.monotonic() < deadline, "the cancel did not take effect while the engine was held"
+            time.sleep(0.05)
+    finally:
+        _unblock(log)
+        for i in range(width * 3):
+            effects.release(f"stall-{i}")
+    assert ray.get(cancel, timeout=60)["status"] == "cancelled"
+    run = wait_done(c, run_id)
+    assert run["status"] == "cancelled" and run["steps"]["fan"]["status"] == "cancelled", run
+    assert list(run["steps"]["fan"]["item_outputs"]) == ["0"]  # the items in flight were cancelled, not done
+    assert started() == in_flight == width  # no item started after the cancel
+
+
+def _unblock(fifo: str) -> None:
+    """Let the write held on `fifo` through and put a regular file in its place."""
+    import os
+
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the held open() for writing now completes
+    plain = fifo + ".plain"
+    open(plain, "w").close()
+    os.replace(plain, fifo)  # later events go to a plain file
+    got, deadline = b"", time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:  # until the held event is written and its writer is gone
+            try:
+                chunk = os.read(reader, 65536)
+            except BlockingIOError:
+                chunk = None
+            if chunk:
+                got += chunk
+            elif chunk == b"" and got:
+                break
+            time.sleep(0.01)
+    finally:
+        os.close(reader)
+    with open(fifo, "ab") as f:
+        f.write(got)
