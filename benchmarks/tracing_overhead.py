@@ -9,7 +9,7 @@ and neither always goes first. The target's figure is the added p50 over all req
 with it come a 95% bootstrap interval (rounds resampled with replacement: how far the figure
 moves with the machine's noise) and, as a cross-check, the median of the rounds' added p50s.
 
-    .venv/bin/python benchmarks/tracing_overhead.py [--concurrency 1 4] [--requests 2000 800] [--rounds 100 10]
+    .venv/bin/python benchmarks/tracing_overhead.py [--concurrency 1 4] [--requests 2000 1200] [--rounds 100 30]
 
 Writes benchmarks/results/tracing_overhead.json and prints a markdown table for docs/benchmarks.md.
 """
@@ -176,11 +176,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
     # Concurrency 1 needs the most requests: its p50 is the smallest, so the same noise is a larger share.
-    ap.add_argument("--requests", type=int, nargs="+", default=[2000, 800],
+    ap.add_argument("--requests", type=int, nargs="+", default=[2000, 1200],
                     help="requests per path, one per level (or one for all)")
-    ap.add_argument("--rounds", type=int, nargs="+", default=[100, 10],
+    ap.add_argument("--rounds", type=int, nargs="+", default=[100, 30],
                     help="rounds (one block per path each) per level (or one for all)")
     ap.add_argument("--port", type=int, default=18432)
+    ap.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
+                    help="serve.ingress: Serve's HAProxy ingress or its Python proxy (the same for both paths)")
     ap.add_argument("--out", default="tracing_overhead.json", help="file name under benchmarks/results/")
     args = ap.parse_args()
     for opt in ("requests", "rounds"):
@@ -197,7 +199,8 @@ def main() -> None:
     from harness import free_port
     from models.tiny import build_tiny_chat_model
     from security.keys import keystore
-    from serve.applications import GATEWAY_IMPORT_PATH, GATEWAY_SECTIONS, AppSpec, app_settings, model_app
+    from serve.applications import (GATEWAY_IMPORT_PATH, GATEWAY_SECTIONS, AppSpec, app_settings, model_app,
+                                    resolve_ingress)
 
     port = free_port()
     tests = Path(__file__).resolve().parents[1] / "tests"
@@ -211,7 +214,7 @@ def main() -> None:
         return ModelSpec(id=model_id, engine="transformers", source=str(model_dir), max_context=256,
                          max_ongoing_requests=64)
 
-    common = dict(data_dir=work / "data", serve={"host": "127.0.0.1", "port": args.port},
+    common = dict(data_dir=work / "data", serve={"host": "127.0.0.1", "port": args.port, "ingress": args.ingress},
                   rag={"enabled": False}, agents={"enabled": False})
     off = Settings(**common, models=[spec("tiny-chat")])
     on = Settings(**common, models=[spec("tiny-chat-traced")],
@@ -242,7 +245,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": "tiny-chat (random weights, 2 layers, hidden 64), one replica per path",
         "max_tokens": MAX_TOKENS, "requests_per_level": args.requests, "rounds": args.rounds, "sample_ratio": 1.0,
-        "command": " ".join(sys.argv),
+        "command": " ".join(sys.argv), "ingress": resolve_ingress(off).serve.ingress,
         "load_avg": {"start": load_at_start, "end": os.getloadavg()},  # 1, 5, 15 min: was the machine quiet?
         "rows": rows, "targets": {"added_p50_pct": 3.0},  # pooled p50, at every level
     }
