@@ -184,6 +184,8 @@ def main() -> None:
     ap.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
                     help="serve.ingress: Serve's HAProxy ingress or its Python proxy (the same for both paths)")
     ap.add_argument("--out", default="tracing_overhead.json", help="file name under benchmarks/results/")
+    ap.add_argument("--control", action="store_true",
+                    help="A/A: the second path with tracing off too (its 'added' is the two deployments' own difference)")
     args = ap.parse_args()
     for opt in ("requests", "rounds"):
         values = getattr(args, opt)
@@ -218,7 +220,7 @@ def main() -> None:
                   rag={"enabled": False}, agents={"enabled": False})
     off = Settings(**common, models=[spec("tiny-chat")])
     on = Settings(**common, models=[spec("tiny-chat-traced")],
-                  tracing={"enabled": True, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0})
+                  tracing={"enabled": not args.control, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0})
     # A cluster of its own, never one another program left running (ray.init would join it).
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
@@ -245,7 +247,7 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": "tiny-chat (random weights, 2 layers, hidden 64), one replica per path",
         "max_tokens": MAX_TOKENS, "requests_per_level": args.requests, "rounds": args.rounds, "sample_ratio": 1.0,
-        "command": " ".join(sys.argv), "ingress": resolve_ingress(off).serve.ingress,
+        "command": " ".join(sys.argv), "control": args.control, "ingress": resolve_ingress(off).serve.ingress,
         "load_avg": {"start": load_at_start, "end": os.getloadavg()},  # 1, 5, 15 min: was the machine quiet?
         "rows": rows, "targets": {"added_p50_pct": 3.0},  # pooled p50, at every level
     }
