@@ -222,7 +222,11 @@ def main() -> None:
     on = Settings(**common, models=[spec("tiny-chat-traced")],
                   tracing={"enabled": not args.control, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0})
     # A cluster of its own, never one another program left running (ray.init would join it).
-    ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    try:
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    except BaseException:
+        receiver_proc.terminate()  # the receiver is not left running when no cluster starts
+        raise
     try:
         names = deploy(off)
         traced_model = model_app(on.models[0], on.serve, tracing=on.tracing)
