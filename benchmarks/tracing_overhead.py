@@ -1,12 +1,15 @@
 """What tracing costs: the same streamed chat through two gateways deployed side by side in one run,
 one with tracing off and one with 100% sampling exporting every span over OTLP/HTTP to a real
 receiver on loopback (tests/otlp_receiver.py, in its own process, as a collector would be), each
-in front of its own replica of the same tiny
-model (the traced one traces its generations too). The paths alternate in blocks
-(gateway_overhead.py's method and request loop), so a slow spell lands on both alike; besides the
-pooled p50s, each on/off pair of blocks is compared and the median of those is reported.
+in front of its own replica of the same tiny model (the traced one traces its generations too).
 
-    .venv/bin/python benchmarks/tracing_overhead.py [--requests 300] [--concurrency 1 4] [--rounds 10]
+Method: per level, the two paths run in short alternating blocks, paired into rounds whose order
+alternates (on-off, off-on, ...), so a slow spell of the shared machine lands on both paths alike
+and neither always goes first. The target's figure is the added p50 over all requests (pooled);
+with it come a 95% bootstrap interval (rounds resampled with replacement: how far the figure
+moves with the machine's noise) and, as a cross-check, the median of the rounds' added p50s.
+
+    .venv/bin/python benchmarks/tracing_overhead.py [--concurrency 1 4] [--requests 2000 1200] [--rounds 100 30]
 
 Writes benchmarks/results/tracing_overhead.json and prints a markdown table for docs/benchmarks.md.
 """
@@ -18,10 +21,12 @@ import asyncio
 import json
 import os
 import platform
+import random
 import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,7 +37,7 @@ import httpx  # noqa: E402
 import ray  # noqa: E402
 from ray import serve  # noqa: E402
 
-from gateway_overhead import MAX_TOKENS, PAYLOAD, RESULTS, run_interleaved, streamed_chat  # noqa: E402
+from gateway_overhead import MAX_TOKENS, PAYLOAD, RESULTS, run_block, streamed_chat, summarise  # noqa: E402
 
 TRACED_PREFIX = "/traced"
 
@@ -58,8 +63,50 @@ def span_count(receiver: str) -> int:
     return int(httpx.get(receiver + "/spans/count", timeout=10).text)
 
 
-async def measure(base_url: str, key: str, levels: list[int], n: int, receiver: str, rounds: int,
-                  apps: dict[str, list[str]]) -> list[dict]:
+BOOTSTRAP = 2000  # resamples for the interval
+
+
+async def run_paired(calls: dict, concurrency: int, n: int, rounds: int) -> dict:
+    """Each path `n` times in `rounds` rounds of one block per path; the order within a round
+    alternates (on-off, then off-on), so drift and first-block effects fall on both paths alike.
+    Keeps every block's latencies (for the bootstrap) besides each path's summary."""
+    per_block = max(1, n // rounds)
+    blocks: dict[str, list[list[float]]] = {name: [] for name in calls}
+    ttfts: dict[str, list[float]] = {name: [] for name in calls}
+    walls = dict.fromkeys(calls, 0.0)
+    order = list(calls)
+    for i in range(rounds):
+        for name in (order if i % 2 == 0 else order[::-1]):
+            lat, ttft, wall = await run_block(calls[name], concurrency, per_block)
+            blocks[name].append(lat)
+            ttfts[name] += ttft
+            walls[name] += wall
+    out = {name: summarise([x for b in blocks[name] for x in b], ttfts[name], walls[name]) for name in calls}
+    for name in calls:
+        out[name]["round_p50_ms"] = [statistics.median(b) * 1e3 for b in blocks[name]]
+    out["blocks"] = blocks
+    return out
+
+
+def added_pct(on: list[float], off: list[float]) -> float:
+    return 100 * (statistics.median(on) / statistics.median(off) - 1)
+
+
+def bootstrap_interval(on_blocks: list[list[float]], off_blocks: list[list[float]]) -> tuple[float, float]:
+    """The 95% interval of the pooled added p50 (%) over rounds resampled with replacement (a
+    round is an on block and the off block beside it, so a resample keeps the pairing)."""
+    rng = random.Random(16)  # the same data give the same interval
+    k = len(on_blocks)
+    stats = []
+    for _ in range(BOOTSTRAP):
+        picks = [rng.randrange(k) for _ in range(k)]
+        stats.append(added_pct([x for i in picks for x in on_blocks[i]], [x for i in picks for x in off_blocks[i]]))
+    stats.sort()
+    return stats[int(0.025 * BOOTSTRAP)], stats[int(0.975 * BOOTSTRAP) - 1]
+
+
+async def measure(base_url: str, key: str, levels: list[int], requests: list[int], receiver: str,
+                  rounds: list[int], apps: dict[str, list[str]]) -> list[dict]:
     client = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
                                limits=httpx.Limits(max_connections=max(levels) * 2))
 
@@ -68,28 +115,32 @@ async def measure(base_url: str, key: str, levels: list[int], n: int, receiver: 
         return lambda: streamed_chat(client, prefix + "/v1/chat/completions", body)
 
     rows = []
-    for c in levels:
+    for c, n, nr in zip(levels, requests, rounds):
         calls = {"off": via("", "tiny-chat"), "on": via(TRACED_PREFIX, "tiny-chat-traced")}
-        await run_interleaved(calls, c, c * 4, rounds=1)  # warm both paths
+        await run_paired(calls, c, c * 8, rounds=2)  # warm both paths
         spans_before = span_count(receiver)
         cpu_before = {path: {a: replica_cpu_s(a) for a in names} for path, names in apps.items()}
-        r = await run_interleaved(calls, c, n, rounds=rounds)
-        off, on = r["off"], r["on"]
+        t0 = time.perf_counter()
+        r = await run_paired(calls, c, n, rounds=nr)
+        elapsed = time.perf_counter() - t0
+        off, on, blocks = r["off"], r["on"], r.pop("blocks")
         await asyncio.sleep(1.5)  # the last batch of spans (and its export's CPU)
         cpu_ms = {path: {a: 1e3 * (replica_cpu_s(a) - cpu_before[path][a]) / r[path]["requests"] for a in names}
                   for path, names in apps.items()}
         # Round by round (each on/off pair ran back to back), the median of the added p50s: a slow
         # spell of the machine shifts both halves of a pair, not the comparison.
         paired = statistics.median(100 * (a / b - 1) for a, b in zip(on["round_p50_ms"], off["round_p50_ms"]))
-        rows.append({"concurrency": c, "off": off, "on": on,
+        low, high = bootstrap_interval(blocks["on"], blocks["off"])
+        rows.append({"concurrency": c, "rounds": nr, "seconds": elapsed, "off": off, "on": on,
                      "added_p50_ms": on["p50_ms"] - off["p50_ms"],
                      "added_p50_pct": 100 * (on["p50_ms"] / off["p50_ms"] - 1),
+                     "added_p50_pct_95": [low, high],
                      "added_p50_pct_paired_median": paired,
                      "replica_cpu_ms_per_request": cpu_ms,  # {off|on: {app: ms}}
                      "added_ttft_p50_ms": on["ttft_p50_ms"] - off["ttft_p50_ms"],
                      "throughput_ratio": on["req_per_s"] / off["req_per_s"],
                      "spans_per_traced_request": (span_count(receiver) - spans_before) / on["requests"]})
-        print(json.dumps(rows[-1], indent=1))
+        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("off", "on")}, indent=1))
     await client.aclose()
     return rows
 
@@ -104,14 +155,16 @@ def mod(row: dict, path: str) -> float:
 
 
 def table(rows: list[dict]) -> str:
-    out = ["| concurrency | off p50 / p99 (ms) | on p50 / p99 (ms) | added p50 | added p50, median of rounds "
-           "| TTFT added p50 (ms) | throughput on/off | spans per request "
+    out = ["| concurrency | requests per path (rounds) | off p50 / p99 (ms) | on p50 / p99 (ms) | added p50 (pooled) "
+           "| 95% interval | added p50, median of rounds | TTFT added p50 (ms) | throughput on/off | spans per request "
            "| gateway CPU off / on (ms per request) | model replica CPU off / on (ms per request) |",
-           "|---|---|---|---|---|---|---|---|---|---|"]
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o, t = r["off"], r["on"]
-        out.append(f"| {r['concurrency']} | {o['p50_ms']:.1f} / {o['p99_ms']:.1f} | {t['p50_ms']:.1f} / "
-                   f"{t['p99_ms']:.1f} | {r['added_p50_ms']:+.2f} ms ({r['added_p50_pct']:+.1f}%) "
+        low, high = r["added_p50_pct_95"]
+        out.append(f"| {r['concurrency']} | {o['requests']} ({r['rounds']}) | {o['p50_ms']:.1f} / {o['p99_ms']:.1f} "
+                   f"| {t['p50_ms']:.1f} / {t['p99_ms']:.1f} | {r['added_p50_ms']:+.2f} ms ({r['added_p50_pct']:+.1f}%) "
+                   f"| {low:+.1f}% .. {high:+.1f}% "
                    f"| {r['added_p50_pct_paired_median']:+.1f}% "
                    f"| {r['added_ttft_p50_ms']:+.2f} | {r['throughput_ratio']:.3f} "
                    f"| {r['spans_per_traced_request']:.1f} "
@@ -121,12 +174,25 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--requests", type=int, default=300)
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
+    # Concurrency 1 needs the most requests: its p50 is the smallest, so the same noise is a larger share.
+    ap.add_argument("--requests", type=int, nargs="+", default=[2000, 1200],
+                    help="requests per path, one per level (or one for all)")
+    ap.add_argument("--rounds", type=int, nargs="+", default=[100, 30],
+                    help="rounds (one block per path each) per level (or one for all)")
     ap.add_argument("--port", type=int, default=18432)
-    ap.add_argument("--rounds", type=int, default=10, help="alternating on/off blocks per level")
+    ap.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
+                    help="serve.ingress: Serve's HAProxy ingress or its Python proxy (the same for both paths)")
     ap.add_argument("--out", default="tracing_overhead.json", help="file name under benchmarks/results/")
+    ap.add_argument("--control", action="store_true",
+                    help="A/A: the second path with tracing off too (its 'added' is the two deployments' own difference)")
     args = ap.parse_args()
+    for opt in ("requests", "rounds"):
+        values = getattr(args, opt)
+        if len(values) == 1:
+            setattr(args, opt, values * len(args.concurrency))
+        elif len(values) != len(args.concurrency):
+            ap.error(f"--{opt} takes one value, or one per --concurrency level ({len(args.concurrency)})")
     load_at_start = os.getloadavg()
 
     from cluster.deploy import deploy, wait_running
@@ -135,7 +201,8 @@ def main() -> None:
     from harness import free_port
     from models.tiny import build_tiny_chat_model
     from security.keys import keystore
-    from serve.applications import GATEWAY_IMPORT_PATH, GATEWAY_SECTIONS, AppSpec, app_settings, model_app
+    from serve.applications import (GATEWAY_IMPORT_PATH, GATEWAY_SECTIONS, AppSpec, app_settings, model_app,
+                                    resolve_ingress)
 
     port = free_port()
     tests = Path(__file__).resolve().parents[1] / "tests"
@@ -149,12 +216,17 @@ def main() -> None:
         return ModelSpec(id=model_id, engine="transformers", source=str(model_dir), max_context=256,
                          max_ongoing_requests=64)
 
-    common = dict(data_dir=work / "data", serve={"host": "127.0.0.1", "port": args.port},
+    common = dict(data_dir=work / "data", serve={"host": "127.0.0.1", "port": args.port, "ingress": args.ingress},
                   rag={"enabled": False}, agents={"enabled": False})
     off = Settings(**common, models=[spec("tiny-chat")])
     on = Settings(**common, models=[spec("tiny-chat-traced")],
-                  tracing={"enabled": True, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0})
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+                  tracing={"enabled": not args.control, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0})
+    # A cluster of its own, never one another program left running (ray.init would join it).
+    try:
+        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
+    except BaseException:
+        receiver_proc.terminate()  # the receiver is not left running when no cluster starts
+        raise
     try:
         names = deploy(off)
         traced_model = model_app(on.models[0], on.serve, tracing=on.tracing)
@@ -179,8 +251,9 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": "tiny-chat (random weights, 2 layers, hidden 64), one replica per path",
         "max_tokens": MAX_TOKENS, "requests_per_level": args.requests, "rounds": args.rounds, "sample_ratio": 1.0,
+        "command": " ".join(sys.argv), "control": args.control, "ingress": resolve_ingress(off).serve.ingress,
         "load_avg": {"start": load_at_start, "end": os.getloadavg()},  # 1, 5, 15 min: was the machine quiet?
-        "rows": rows, "targets": {"added_p50_pct": 3.0},
+        "rows": rows, "targets": {"added_p50_pct": 3.0},  # pooled p50, at every level
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / args.out).write_text(json.dumps(result, indent=1))

@@ -34,6 +34,8 @@ _provider: Any = None
 _propagator: Any = None
 _kinds: dict[str, Any] = {}  # "server" -> SpanKind.SERVER, ... (looked up once, not per span)
 _current_span: Any = None    # opentelemetry.trace.get_current_span
+_context_api: Any = None     # opentelemetry.context
+_in_context: Any = None      # opentelemetry.trace.set_span_in_context
 
 
 class NoSpan:
@@ -80,25 +82,28 @@ def enabled() -> bool:
 def configure(settings: TracingSettings, component: str) -> bool:
     """Install the SDK tracer for this process when `settings.enabled` (the first call wins; later
     calls, from other replicas in the same worker, keep it). Returns whether tracing is on."""
-    global _tracer, _provider, _propagator, _current_span
+    global _tracer, _provider, _propagator, _current_span, _context_api, _in_context
     if _tracer is not None or not settings.enabled:
         return _tracer is not None
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
-    from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
-    from opentelemetry.trace import SpanKind, get_current_span
+    from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, TraceIdRatioBased
+    from opentelemetry import context as context_api
+    from opentelemetry.trace import SpanKind, get_current_span, set_span_in_context
     from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
     resource = Resource.create({"service.name": f"{settings.service_name}-{component}",
                                 "service.namespace": settings.service_name})
-    provider = TracerProvider(resource=resource, sampler=ParentBased(TraceIdRatioBased(settings.sample_ratio)))
+    # At 1.0 every new trace is kept: ALWAYS_ON says so without the ratio sampler's work per span.
+    root = ALWAYS_ON if settings.sample_ratio >= 1 else TraceIdRatioBased(settings.sample_ratio)
+    provider = TracerProvider(resource=resource, sampler=ParentBased(root))
     exporter = OTLPSpanExporter(endpoint=settings.endpoint, timeout=settings.export_timeout_s)
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=settings.export_delay_ms))
     _provider, _propagator = provider, TraceContextTextMapPropagator()
     _kinds.update({k.name.lower(): k for k in SpanKind})
-    _current_span = get_current_span
+    _current_span, _context_api, _in_context = get_current_span, context_api, set_span_in_context
     _tracer = provider.get_tracer("orfeas")
     log.info("tracing on: %s-%s exports to %s, sampling %g", settings.service_name, component, settings.endpoint,
              settings.sample_ratio)
@@ -137,9 +142,25 @@ def current(s: Any):
     """A context manager making a span from `start` current inside the block (not ended on exit)."""
     if _tracer is None or s is NO_SPAN:
         return NO_SPAN
-    from opentelemetry import trace
+    return _Current(s)
 
-    return trace.use_span(s, end_on_exit=False, record_exception=False, set_status_on_exception=False)
+
+class _Current:
+    """`current`'s context manager: an attach and a detach, no more (the API's `use_span` is a
+    generator with exception handling `start` spans do not want: their owner records errors)."""
+
+    __slots__ = ("span", "token")
+
+    def __init__(self, s: Any):
+        self.span = s
+
+    def __enter__(self) -> Any:
+        self.token = _context_api.attach(_in_context(self.span))
+        return self.span
+
+    def __exit__(self, *exc: Any) -> bool:
+        _context_api.detach(self.token)
+        return False
 
 
 def fail(s: Any, e: BaseException) -> None:

@@ -1,0 +1,140 @@
+"""What one traced chat's spans cost in CPU, in process and without Ray: the five spans of a
+streamed chat (the gateway's server, `chat`, `router.decision` and `backend.attempt` spans and
+the model replica's `generate`), made through observability.tracing with the same attributes
+and the same calls as the chat path, against the same loop with tracing off.
+
+Three modes, each in its own child process (the tracer is per process), alternating in rounds:
+`off` (no SDK), `request-path` (the SDK with a processor that does nothing: what a request
+waits for) and `exported` (the SDK's BatchSpanProcessor exporting over OTLP/HTTP to a real
+receiver on loopback in its own process: the request path plus the export thread's share).
+tracing_overhead.py measures the end-to-end figure; this one says how much of it the spans
+themselves can be, with far less noise.
+
+    .venv/bin/python benchmarks/tracing_span_cost.py [--rounds 5] [--requests 3000]
+
+Writes benchmarks/results/tracing_span_cost.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES = ("off", "request-path", "exported")
+
+
+def one_chat(tracing) -> None:
+    """The spans of one streamed chat, as serve/http/tracing.py, serve/gateway/{chat,tracing}.py,
+    serve/router/runtime.py and serve/model_apps.py make them."""
+    with tracing.span("POST /v1/chat/completions", {"http.request.method": "POST", "url.path": "/v1/chat/completions",
+                                                    "orfeas.request_id": "req-1"}, kind="server") as s:
+        tracing.traceparent(s)  # the response header
+        chat = tracing.start("chat tiny-chat", {"gen_ai.operation.name": "chat", "gen_ai.request.model": "tiny-chat",
+                                                "orfeas.route": "/v1/chat/completions", "orfeas.key_id": "key-1",
+                                                "orfeas.team": ""})
+        with tracing.current(chat):
+            with tracing.span("router.decision", {"orfeas.router.requested": "tiny-chat"}) as d:
+                d.set_attributes({"orfeas.router.kind": "model", "orfeas.router.candidates": ["tiny-chat"],
+                                  "orfeas.router.choice": "tiny-chat", "orfeas.router.reason": "named model"})
+            attempt = tracing.start("backend.attempt", {"gen_ai.request.model": "tiny-chat", "orfeas.attempt": 0})
+            with tracing.current(attempt):
+                carrier = tracing.inject()  # to the model replica
+            attempt.set_attribute("orfeas.outcome", "ok")
+        chat.set_attribute("gen_ai.response.model", "tiny-chat")
+        # The model replica's side (another process in the cluster; here the same one).
+        gen = tracing.start("generate tiny-chat", {"gen_ai.operation.name": "chat", "gen_ai.system": "transformers",
+                                                   "gen_ai.request.model": "tiny-chat", "gen_ai.request.max_tokens": 8},
+                            parent=carrier)
+        gen.set_attribute("gen_ai.server.time_to_first_token", 0.004)
+        gen.set_attributes({"gen_ai.response.finish_reasons": ["stop"], "gen_ai.usage.input_tokens": 12,
+                            "gen_ai.usage.output_tokens": 8})
+        gen.end()
+        chat.set_attribute("gen_ai.server.time_to_first_token", 0.005)
+        attempt.end()
+        chat.set_attributes({"gen_ai.usage.input_tokens": 12, "gen_ai.usage.output_tokens": 8})
+        chat.end()
+        s.set_attributes({"http.route": "/v1/chat/completions", "http.response.status_code": 200})
+        s.update_name("POST /v1/chat/completions")
+
+
+def child(mode: str, requests: int, endpoint: str) -> None:
+    """Run in a child process: print the CPU µs per chat of `mode`."""
+    from config import TracingSettings
+    from observability import tracing
+
+    if mode != "off":
+        tracing.configure(TracingSettings(enabled=True, endpoint=endpoint), "bench")
+    if mode == "request-path":
+        from opentelemetry.sdk.trace import SpanProcessor
+
+        tracing._provider._active_span_processor._span_processors = (SpanProcessor(),)  # ends go nowhere
+    for _ in range(300):
+        one_chat(tracing)
+    tracing.flush()  # the warm-up's spans are not the timed chats' export
+    # This process's CPU from the first chat to the last span exported (the export thread's
+    # included: its batches are sent during the pauses and by the final flush).
+    t0 = time.process_time()
+    for _ in range(5):
+        for _ in range(requests // 5):
+            one_chat(tracing)
+        time.sleep(0.3)
+    tracing.flush()
+    us = (time.process_time() - t0) / (5 * (requests // 5)) * 1e6
+    print(json.dumps({"mode": mode, "us_per_chat": us}))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--requests", type=int, default=3000, help="chats per mode and round")
+    ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
+    ap.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        child(args.child, args.requests, args.endpoint)
+        return
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from harness import free_port
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    receiver = subprocess.Popen([sys.executable, str(ROOT / "tests" / "otlp_receiver.py"), str(port)], env=env)
+    endpoint = f"http://127.0.0.1:{port}/v1/traces"
+    per_mode: dict[str, list[float]] = {m: [] for m in MODES}
+    try:
+        time.sleep(1.0)
+        for r in range(args.rounds):
+            for mode in (MODES if r % 2 == 0 else MODES[::-1]):
+                out = subprocess.run([sys.executable, __file__, "--child", mode, "--requests", str(args.requests),
+                                      "--endpoint", endpoint], env=env, capture_output=True, text=True, check=True)
+                per_mode[mode].append(json.loads(out.stdout.strip().splitlines()[-1])["us_per_chat"])
+    finally:
+        receiver.terminate()
+    med = {m: statistics.median(v) for m, v in per_mode.items()}
+    result = {
+        "benchmark": "tracing_span_cost",
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "load_avg_end": os.getloadavg(), "rounds": args.rounds, "requests": args.requests,
+        "us_per_chat": per_mode, "median_us_per_chat": med,
+        "added_us_request_path": med["request-path"] - med["off"],
+        "added_us_exported": med["exported"] - med["off"],
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "tracing_span_cost.json").write_text(json.dumps(result, indent=1))
+    print("| mode | CPU per chat, median of rounds (µs) | rounds (µs) |\n|---|---|---|")
+    for m in MODES:
+        print(f"| {m} | {med[m]:.0f} | {', '.join(f'{x:.0f}' for x in per_mode[m])} |")
+
+
+if __name__ == "__main__":
+    main()
