@@ -20,7 +20,6 @@ import logging
 import sys
 
 from config import load_settings
-from config.names import ACTOR_NAMESPACE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--actor", default="job:compliance", help="who the audit log names")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import ray
-
     from agents.compliance import scheduled_audit
-    from config.actors import STATE_RESOURCE
+    from jobs.state_node import run_on_state_node
     from security.compliance import ComplianceError, check_profile, load_manifests
     from security.log_redaction import install_log_redaction
 
@@ -48,15 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     except ComplianceError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
-    if not ray.is_initialized():
-        ray.init(address=args.address or settings.ray.address or None, namespace=ACTOR_NAMESPACE,
-                 log_to_driver=False)
-    options: dict = {"num_cpus": 0, "max_retries": 0}
-    if ray.cluster_resources().get(STATE_RESOURCE):
-        options["resources"] = {STATE_RESOURCE: 0.001}
     try:
-        out = ray.get(ray.remote(scheduled_audit).options(**options).remote(
-            settings, profile, manifests, manifests_source=args.manifests or "", actor=args.actor))
+        out = run_on_state_node(settings, args.address, scheduled_audit, settings, profile, manifests,
+                                manifests_source=args.manifests or "", actor=args.actor)
     except Exception as e:
         print(f"error: the compliance check could not run: {getattr(e, 'cause', e)}", file=sys.stderr, flush=True)
         return 1

@@ -18,7 +18,6 @@ import logging
 import sys
 
 from config import load_settings
-from config.names import ACTOR_NAMESPACE
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,22 +28,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--actor", default="job:retention", help="who the audit log names")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import ray
-
     from agents.retention import enforce_retention
-    from config.actors import STATE_RESOURCE
+    from jobs.state_node import run_on_state_node
     from security.log_redaction import install_log_redaction
 
     settings = load_settings(args.config)
     install_log_redaction(settings)
-    if not ray.is_initialized():
-        ray.init(address=args.address or settings.ray.address or None, namespace=ACTOR_NAMESPACE,
-                 log_to_driver=False)
-    options: dict = {"num_cpus": 0, "max_retries": 0}
-    if ray.cluster_resources().get(STATE_RESOURCE):
-        options["resources"] = {STATE_RESOURCE: 0.001}
     try:
-        out = ray.get(ray.remote(enforce_retention).options(**options).remote(settings, actor=args.actor))
+        out = run_on_state_node(settings, args.address, enforce_retention, settings, actor=args.actor)
     except Exception as e:
         print(f"error: retention failed: {getattr(e, 'cause', e)}", file=sys.stderr, flush=True)
         return 1

@@ -174,9 +174,16 @@ def test_every_durable_state_actor_asks_for_the_volume():
     for f in sorted(ROOT.rglob("*.py")):
         if {".venv", ".git", "tests"} & set(f.relative_to(ROOT).parts):
             continue
-        for node in ast.walk(ast.parse(f.read_text())):
+        tree = ast.parse(f.read_text())
+        # `remote = ray.remote(concurrency_groups=...)(Coordinator)`: the class a name was made from.
+        made_from = {t.id: n.value.args[0].id for n in ast.walk(tree) if isinstance(n, ast.Assign)
+                     and isinstance(n.value, ast.Call) and isinstance(n.value.func, ast.Call)
+                     and n.value.args and isinstance(n.value.args[0], ast.Name)
+                     for t in n.targets if isinstance(t, ast.Name)}
+        for node in ast.walk(tree):
             if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "detached_actor" and node.args:
                 cls = getattr(node.args[0], "id", None)
+                cls = made_from.get(cls, cls)
                 durable = any(k.arg == "durable" and getattr(k.value, "value", False) is True for k in node.keywords)
                 if cls in DURABLE:
                     seen.add(cls)
