@@ -97,29 +97,42 @@ def platform(serve_port, tiny_model_dir, tmp_path_factory):
         yield {"base": f"http://127.0.0.1:{serve_port}", "admin": admin, "settings": settings, "names": names}
 
 
-def test_killing_one_of_two_replicas_fails_no_request_before_its_first_token(platform):
-    assert len(replicas(model_app_name("two"))) == 2
+CLIENTS = 4
+
+
+def streams_through_a_kill(platform, app: str, each: int = 15, then: int = 0) -> tuple[list[str], list[str]]:
+    """CLIENTS clients each stream `each` chats from model "two" while one of `app`'s two replicas
+    is killed 1 s in; then `then` more requests one by one. Outcomes of both phases (`stream_one`)."""
+    victims = replicas(app)
+    assert len(victims) == 2, victims
 
     async def load():
         outcomes: list[str] = []
         async with httpx.AsyncClient(base_url=platform["base"], timeout=120) as c:
             async def client():
-                for _ in range(15):
+                for _ in range(each):
                     outcomes.append(await stream_one(c, platform["admin"], "two"))
 
             async def killer():
                 await asyncio.sleep(1.0)
-                kill(replicas(model_app_name("two"))[0])
+                kill(victims[0])
 
-            await asyncio.gather(killer(), *(client() for _ in range(4)))
-        return outcomes
+            await asyncio.gather(killer(), *(client() for _ in range(CLIENTS)))
+            after = [await stream_one(c, platform["admin"], "two") for _ in range(then)]
+        return outcomes, after
 
-    outcomes = asyncio.run(load())
+    outcomes, after = asyncio.run(load())
     lost = outcomes.count("failed") + outcomes.count("cut")
-    print(f"\nCHAOS two replicas, one killed: {len(outcomes)} requests, {outcomes.count('failed')} failed before "
-          f"their first token, {outcomes.count('cut')} cut mid-stream, {lost / len(outcomes):.1%} lost")
+    print(f"\nCHAOS {app}: two replicas, one killed: {len(outcomes)} requests, {outcomes.count('failed')} failed "
+          f"before their first token, {outcomes.count('cut')} cut mid-stream, {lost / len(outcomes):.1%} lost"
+          + (f"; after: {after}" if then else ""))
+    return outcomes, after
+
+
+def test_killing_one_of_two_replicas_fails_no_request_before_its_first_token(platform):
+    outcomes, _ = streams_through_a_kill(platform, model_app_name("two"))
     assert outcomes.count("failed") == 0, outcomes
-    assert outcomes.count("cut") <= 4  # at most what was streaming from the killed replica
+    assert outcomes.count("cut") <= CLIENTS  # at most what was streaming from the killed replica
 
 
 def test_killing_the_only_replica_comes_back_without_the_breakers_cooldown(platform):
@@ -159,32 +172,9 @@ def test_killing_the_only_replica_comes_back_without_the_breakers_cooldown(platf
 
 
 def test_killing_one_of_two_gateway_replicas_loses_at_most_what_was_in_flight(platform):
-    gateways = replicas(GATEWAY_APP)
-    assert len(gateways) == 2, gateways
-    clients = 4
-
-    async def load():
-        outcomes: list[str] = []
-        async with httpx.AsyncClient(base_url=platform["base"], timeout=120) as c:
-            async def client():
-                for _ in range(15):
-                    outcomes.append(await stream_one(c, platform["admin"], "two"))
-
-            async def killer():
-                await asyncio.sleep(1.0)
-                kill(gateways[0])
-
-            await asyncio.gather(killer(), *(client() for _ in range(clients)))
-            after = [await stream_one(c, platform["admin"], "two") for _ in range(8)]
-        return outcomes, after
-
-    outcomes, after = asyncio.run(load())
-    lost = outcomes.count("failed") + outcomes.count("cut")
-    print(f"\nCHAOS two gateway replicas, one killed: {len(outcomes)} requests, {outcomes.count('failed')} failed "
-          f"before their first token, {outcomes.count('cut')} cut mid-stream, {lost / len(outcomes):.1%} lost; "
-          f"after: {after}")
-    assert lost <= clients, outcomes  # at most one in flight per client when the replica died
-    assert after == ["ok"] * 8, after
+    outcomes, after = streams_through_a_kill(platform, GATEWAY_APP, each=10, then=6)
+    assert outcomes.count("failed") + outcomes.count("cut") <= CLIENTS, outcomes  # one in flight per client
+    assert after == ["ok"] * 6, after
 
 
 def restart_platform(settings, names: list[str]) -> None:

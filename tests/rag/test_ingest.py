@@ -108,7 +108,7 @@ def test_killed_job_rerun_ends_with_one_clean_run(store, settings, tmp_path, ray
     src.mkdir()
     rnd = random.Random(7)
     words = "alpha beta gamma delta vector ray serve qdrant chunk token embed model query answer cite".split()
-    for i in range(32):
+    for i in range(20):
         sents = [" ".join(rnd.choice(words) for _ in range(14)).capitalize() + "." for _ in range(12)]
         (src / f"doc{i:03d}.txt").write_text(" ".join(sents))
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address,
