@@ -73,7 +73,8 @@ class IngressError(RuntimeError):
 
 def resolve_ingress(settings: Settings) -> Settings:
     """The settings with `serve.ingress: auto` made concrete for this machine (haproxy when the
-    binary is on PATH, else Serve's proxy); an explicit `haproxy` without the binary is an error."""
+    binary is on PATH and can read the TLS key, else Serve's proxy); an explicit `haproxy` it
+    cannot run is an error."""
     found = shutil.which("haproxy") is not None
     tls = settings.serve.tls
     if settings.serve.ingress == "haproxy" and not found:
@@ -146,7 +147,8 @@ def replica_env(serve: ServeSettings) -> dict[str, str]:
     return env
 
 
-# Runs haproxy with its stats and Prometheus listeners moved to `serve.haproxy_admin_host`.
+# Runs haproxy with its stats and Prometheus listeners moved to `serve.haproxy_admin_host` and
+# `serve.tls` on its frontend (Ray's template has settings for neither).
 HAPROXY_WRAPPER = "serve/haproxy_wrapper"
 CODE_ROOT = Path(__file__).resolve().parent.parent  # where this checkout's rooms are
 
@@ -171,7 +173,7 @@ def controller_options(serve: ServeSettings, code_root: Path = CODE_ROOT) -> dic
     env = {"RAY_SERVE_ENABLE_HA_PROXY": "1"}
     if serve.haproxy_admin_host or serve.tls.enabled:
         env["RAY_SERVE_HAPROXY_BINARY_PATH"] = str(code_root / HAPROXY_WRAPPER)
-        if bundled := _bundled_haproxy():
+        if code_root == CODE_ROOT and (bundled := _bundled_haproxy()):  # not this venv's path in an image
             env["ORFEAS_HAPROXY_REAL_BINARY"] = bundled
     if serve.haproxy_admin_host:
         env["ORFEAS_HAPROXY_ADMIN_HOST"] = serve.haproxy_admin_host
