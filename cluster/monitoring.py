@@ -60,9 +60,14 @@ def alert_receiver_url(settings: Settings) -> str:
     return f"http://{settings.serve.host}:{settings.serve.port}{ALERTS_PREFIX}/alertmanager"
 
 
+def duration(seconds: float) -> str:
+    """A Prometheus/Alertmanager duration: whole units only ("1.5s" is refused), so milliseconds."""
+    return f"{max(round(seconds * 1000), 1)}ms"
+
+
 def prometheus_config(settings: Settings, targets: list[str], rules: list[Path]) -> dict[str, Any]:
     m = settings.monitoring
-    interval = f"{m.scrape_interval_s:g}s"
+    interval = duration(m.scrape_interval_s)
     ray_job: dict[str, Any] = {"job_name": "ray", "static_configs": [{"targets": targets}]}
     if RAY_DISCOVERY.exists():  # nodes that join later (the head's dashboard keeps this file)
         ray_job["file_sd_configs"] = [{"files": [str(RAY_DISCOVERY)]}]
@@ -77,7 +82,7 @@ def prometheus_config(settings: Settings, targets: list[str], rules: list[Path])
 def alertmanager_config(settings: Settings, receiver_url: str) -> dict[str, Any]:
     """Every alert to ORFEAS's alert receiver, which routes by severity and team itself."""
     m = settings.monitoring
-    group = f"{max(m.scrape_interval_s / 3, 1):g}s"
+    group = duration(max(m.scrape_interval_s / 3, 1))
     return {
         "route": {"receiver": "orfeas", "group_by": ["alertname", "team"], "group_wait": group,
                   "group_interval": group, "repeat_interval": "4h"},

@@ -148,3 +148,21 @@ def test_bounded_label_keeps_the_first_values_and_calls_the_rest_other():
 def test_metrics_defined_elsewhere_are_not_made_twice():
     with pytest.raises(ValueError, match="serve.http.metrics"):
         metrics.metric("orfeas_http_requests")
+
+
+@needs_promtool
+@pytest.mark.skipif(shutil.which("amtool") is None, reason="amtool is not installed (Debian: prometheus-alertmanager)")
+@pytest.mark.parametrize("interval_s", [1, 2.5, 5, 15])
+def test_generated_configs_pass_promtool_and_amtool_for_any_scrape_interval(tmp_path, interval_s):
+    """Durations are whole units: `5/3` once became "1.66667s", which Alertmanager refused at
+    start (the alert end-to-end test then timed out waiting for it to be ready)."""
+    from cluster import monitoring
+    from config import Settings
+
+    settings = Settings(data_dir=tmp_path / "data", monitoring={"scrape_interval_s": interval_s})
+    prom, am = tmp_path / "prometheus.yml", tmp_path / "alertmanager.yml"
+    prom.write_text(yaml.safe_dump(monitoring.prometheus_config(settings, ["127.0.0.1:9999"], [])))
+    am.write_text(yaml.safe_dump(monitoring.alertmanager_config(settings, "http://127.0.0.1:1/hook")))
+    for cmd in ([promtool, "check", "config", str(prom)], [shutil.which("amtool"), "check-config", str(am)]):
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, (cmd, r.stdout + r.stderr)
