@@ -14,31 +14,23 @@ check failed (the RayJob then shows as failed too).
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 
-from config import load_settings
+from jobs.cli import job_parser, job_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.compliance", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="orfeas.yaml to read")
-    parser.add_argument("--address", default=None, help="the cluster to join (default: ray.address; "
-                        "ray://HOST:10001 reaches a serving cluster from a job's own one)")
+    parser = job_parser("jobs.compliance", __doc__, address=True)
     parser.add_argument("--profile", default=None, help="gdpr, hipaa or soc2 (default: compliance.profile)")
     parser.add_argument("--manifests", default=None, help="rendered manifests to check as well (a YAML file)")
     parser.add_argument("--actor", default="job:compliance", help="who the audit log names")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = job_settings(args)
     from agents.compliance import scheduled_audit
     from jobs.state_node import run_on_state_node
     from security.compliance import ComplianceError, check_profile, load_manifests
-    from security.log_redaction import install_log_redaction
 
-    settings = load_settings(args.config)
-    install_log_redaction(settings)
     try:
         profile = check_profile(args.profile or settings.compliance.profile)
         manifests = load_manifests(args.manifests) if args.manifests else None

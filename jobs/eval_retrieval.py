@@ -7,34 +7,28 @@ The evaluation is `rag.evaluation.evaluate`; this entrypoint prints its RESULT l
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
-from config import load_settings
-from config.names import ACTOR_NAMESPACE
+from jobs.cli import job_parser, job_settings, join_cluster
 from rag.evaluation import RESULT_TAG, evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.eval_retrieval", description=__doc__.split("\n\n")[0])
+    parser = job_parser("jobs.eval_retrieval", __doc__)
     parser.add_argument("--dataset", required=True, help="BEIR directory (corpus.jsonl, queries.jsonl, qrels/)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--collection", default=None)
     parser.add_argument("--reuse", action="store_true", help="query an existing collection instead of re-ingesting")
     parser.add_argument("--output", default=None, help="also write the JSON here")
-    parser.add_argument("--config", default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = job_settings(args)
     import ray
 
     from models.errors import APIError
 
-    settings = load_settings(args.config)
-    if not ray.is_initialized():
-        ray.init(address=settings.ray.address or None, namespace=ACTOR_NAMESPACE, log_to_driver=False)
+    join_cluster(settings)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         result = evaluate(args.dataset, args.split, settings=settings, collection=args.collection, reuse=args.reuse)

@@ -9,39 +9,29 @@ The pipeline is `rag.ingest.run_ingest`; this entrypoint prints PROGRESS and SUM
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 from typing import Any
 
-from config import load_settings
-from config.names import ACTOR_NAMESPACE
+from jobs.cli import job_parser, job_settings, join_cluster
 from rag.ingest import PROGRESS_TAG, SUMMARY_TAG, format_summary, run_ingest
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.ingest", description=__doc__.split("\n\n")[0])
+    parser = job_parser("jobs.ingest", __doc__)
     parser.add_argument("source", help="file, directory, glob, or s3:// gs:// abfs:// URI")
     parser.add_argument("--collection", default=None)
     parser.add_argument("--rebuild", action="store_true", help="write a new version, flip the alias when done")
-    parser.add_argument("--config", default=None, help="orfeas.yaml to read")
     parser.add_argument("--enforce-roots", action="store_true", help="refuse sources outside rag.allowed_roots")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = job_settings(args)
     import ray
 
     from models.errors import APIError
-
-    settings = load_settings(args.config)
     from observability import tracing
 
     tracing.configure(settings.tracing, "ingest")
-    from security.log_redaction import install_log_redaction
-
-    install_log_redaction(settings)  # the job's log lines never carry raw PII (pii.logs)
-    if not ray.is_initialized():
-        ray.init(address=settings.ray.address or None, namespace=ACTOR_NAMESPACE, log_to_driver=False)
+    join_cluster(settings)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
 

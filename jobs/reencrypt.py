@@ -8,29 +8,21 @@ The work is `rag.reencrypt.reencrypt_collection`; this prints its result as one 
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 
-from config import load_settings
-from config.names import ACTOR_NAMESPACE
+from jobs.cli import job_parser, job_settings, join_cluster
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.reencrypt", description=__doc__.split("\n\n")[0])
+    parser = job_parser("jobs.reencrypt", __doc__)
     parser.add_argument("collection", help="the logical collection")
-    parser.add_argument("--config", default=None, help="orfeas.yaml to read")
     parser.add_argument("--actor", default="job:reencrypt", help="who the audit log names")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    import ray
-
+    settings = job_settings(args)
     from rag.reencrypt import reencrypt_collection
 
-    settings = load_settings(args.config)
-    if not ray.is_initialized():
-        ray.init(address=settings.ray.address or None, namespace=ACTOR_NAMESPACE, log_to_driver=False)
+    join_cluster(settings)
     try:
         out = reencrypt_collection(settings, args.collection, actor=args.actor)
     except ValueError as e:

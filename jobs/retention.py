@@ -12,28 +12,20 @@ result as one JSON line.
 
 from __future__ import annotations
 
-import argparse
 import json
-import logging
 import sys
 
-from config import load_settings
+from jobs.cli import job_parser, job_settings
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jobs.retention", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", default=None, help="orfeas.yaml to read")
-    parser.add_argument("--address", default=None, help="the cluster to join (default: ray.address; "
-                        "ray://HOST:10001 reaches a serving cluster from a job's own one)")
+    parser = job_parser("jobs.retention", __doc__, address=True)
     parser.add_argument("--actor", default="job:retention", help="who the audit log names")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = job_settings(args)
     from agents.retention import enforce_retention
     from jobs.state_node import run_on_state_node
-    from security.log_redaction import install_log_redaction
 
-    settings = load_settings(args.config)
-    install_log_redaction(settings)
     try:
         out = run_on_state_node(settings, args.address, enforce_retention, settings, actor=args.actor)
     except Exception as e:

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from config import Settings
 from config.actors import STATE_RESOURCE
-from config.names import ACTOR_NAMESPACE
+from jobs.cli import join_cluster
 
 
 def run_on_state_node(settings: Settings, address: str | None, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -16,8 +16,7 @@ def run_on_state_node(settings: Settings, address: str | None, fn: Callable[...,
     never retried: a maintenance pass that failed half-way is run again whole by its schedule."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address=address or settings.ray.address or None, namespace=ACTOR_NAMESPACE, log_to_driver=False)
+    join_cluster(settings, address)
     options: dict = {"num_cpus": 0, "max_retries": 0}
     if ray.cluster_resources().get(STATE_RESOURCE):
         options["resources"] = {STATE_RESOURCE: 0.001}
