@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from typing import Any
 
+from rag.errors import CollectionUnreadable
 from rag.store import Hit, PayloadFilter, SearchSpec, VectorStore
 from rag.versions import parse_physical
-from security.crypto import FieldCipher
+from security.crypto import DecryptionFailed, FieldCipher, NotEncrypted
 from security.encryption import collection_scope, subject_of, subject_scope
 
 ENCRYPTED_FIELDS = ("text", "title", "section")
@@ -48,8 +49,18 @@ class EncryptedStore(VectorStore):
                                           key_scope=subject_scope(subject) if subject else None)
 
     def decrypt_payload(self, collection: str, payload: dict[str, Any]) -> dict[str, Any]:
-        return self.cipher.decrypt_fields(payload, ENCRYPTED_FIELDS, scope=collection_scope(logical_name(collection)),
-                                          record_id=chunk_record_id(payload))
+        logical = logical_name(collection)
+        try:
+            return self.cipher.decrypt_fields(payload, ENCRYPTED_FIELDS, scope=collection_scope(logical),
+                                              record_id=chunk_record_id(payload))
+        except NotEncrypted as e:
+            raise CollectionUnreadable(
+                f"collection {logical!r} holds chunks stored without encryption (written before encryption "
+                f"at rest was on): {e}. Ingest its sources again (`orfeas ingest SOURCE --collection {logical}` "
+                "re-writes them encrypted), or set encryption.allow_plaintext_reads for a migration window"
+            ) from None
+        except DecryptionFailed as e:
+            raise CollectionUnreadable(f"collection {logical!r} holds a chunk no data key here opens: {e}") from None
 
     def upsert(self, name: str, points: list[dict[str, Any]]) -> int:
         return self.inner.upsert(name, [{**p, "payload": self.encrypt_payload(name, p["payload"])} for p in points])

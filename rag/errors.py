@@ -3,7 +3,7 @@ to OpenAI-style JSON with the right status (400, 403, 404); the CLI prints their
 
 from __future__ import annotations
 
-from models.errors import InvalidRequest, ModelUnavailable, NotFound, PermissionDenied
+from models.errors import APIError, InvalidRequest, ModelUnavailable, NotFound, PermissionDenied
 
 
 class RagInvalidRequest(InvalidRequest):
@@ -26,6 +26,14 @@ class StoreUnavailable(ModelUnavailable):
 
     code = "store_unavailable"
     retry_after_s = 2
+
+
+class CollectionUnreadable(APIError):
+    """Stored chunks this platform refuses to read: plaintext written before encryption at rest
+    was on, or ciphertext no key here opens. A server-side state, not the caller's: 500 with a
+    message that says what to do, never a bare "internal error"."""
+
+    code = "collection_unreadable"
 
 
 class SourceNotAllowed(PermissionDenied):

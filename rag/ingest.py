@@ -327,9 +327,14 @@ def embed_actors(settings: Settings) -> int:
 
 
 def indexing_params(settings: Settings) -> str:
+    """What a document's stored chunks depend on besides its content. Encryption at rest is part of
+    it: a document indexed in plaintext is re-written when encryption is switched on (else the
+    re-ingest skips it, and every query of it is refused), and in plaintext when it is off."""
     r = settings.rag
     pii = f";pii={settings.pii.ingest}" if settings.pii.enabled and settings.pii.ingest != "off" else ""
-    return f"chunk={r.chunk_tokens}/{r.chunk_overlap};bm25={r.bm25_k}/{r.bm25_b}/{r.bm25_avg_len};model={r.embedding_model}{pii}"
+    enc = ";enc" if settings.encryption.enabled else ""
+    return (f"chunk={r.chunk_tokens}/{r.chunk_overlap};bm25={r.bm25_k}/{r.bm25_b}/{r.bm25_avg_len};"
+            f"model={r.embedding_model}{enc}{pii}")
 
 
 def run_ingest(source: str, collection: str | None = None, *, settings: Settings | None = None,
