@@ -51,7 +51,7 @@ def p(values: list[float], q: float) -> float | None:
 
 
 async def one(c: aiohttp.ClientSession, base: str, key: str) -> tuple[int, float, float | None, float | None]:
-    """(status, answer or first-token seconds, ttft, the seconds the refusal said to wait)."""
+    """(status, answer or first-token seconds, ttft, the seconds the refusal said to wait, sent at)."""
     start = time.perf_counter()
     async with c.post(base + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"}) as r:
         if r.status != 200:
@@ -59,12 +59,12 @@ async def one(c: aiohttp.ClientSession, base: str, key: str) -> tuple[int, float
             elapsed = time.perf_counter() - start
             ms, s = r.headers.get("retry-after-ms"), r.headers.get("retry-after")
             told = float(ms) / 1000 if ms else (float(s) if s else None)
-            return r.status, elapsed, None, told
+            return r.status, elapsed, None, told, start
         ttft = None
         async for line in r.content:
             if ttft is None and line.startswith(b"data: {") and b'"content"' in line:
                 ttft = time.perf_counter() - start
-        return 200, time.perf_counter() - start, ttft, None
+        return 200, time.perf_counter() - start, ttft, None, start
 
 
 async def ticker(lags: list[float], stop: asyncio.Event, every: float = 0.01) -> None:
@@ -77,7 +77,8 @@ async def ticker(lags: list[float], stop: asyncio.Event, every: float = 0.01) ->
 
 async def level(base: str, key: str, concurrency: int, requests: int, backoff: str = "retry-after") -> dict:
     """`concurrency` clients, each sending requests back to back, `requests` in all."""
-    done: list[tuple[int, float, float | None, float | None]] = []
+    done: list[tuple[int, float, float | None, float | None, float]] = []
+    began = time.perf_counter()
     left = requests
 
     async def client(c):
@@ -110,6 +111,9 @@ async def level(base: str, key: str, concurrency: int, requests: int, backoff: s
             "rejected_answer_p50_ms": p([d[1] * 1000 for d in refused], 0.5),
             "rejected_answer_max_ms": max((d[1] * 1000 for d in refused), default=None),
             "rejected_answer_p99_ms": (p([d[1] * 1000 for d in refused], 0.99)),
+            # The slowest refusals and when they were sent (s into the level): periodic stalls show.
+            "rejected_slowest": [(round(d[4] - began, 3), round(d[1] * 1000, 1))
+                                 for d in sorted(refused, key=lambda d: -d[1])[:6]],
             "client_loop_lag_p99_ms": (p(lags, 0.99) or 0) * 1000, "client_loop_lag_max_ms": max(lags, default=0) * 1000}
 
 
