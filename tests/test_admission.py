@@ -176,6 +176,8 @@ def test_the_authenticator_answers_from_its_cache_only_keys_it_verified_lately(t
     assert auth.cached(f"Bearer {key}") is None
     auth._cache[hash_key(key)] = (_time.monotonic() - 31, Principal("abcd1234", "user", None))  # past the TTL
     assert auth.cached(f"Bearer {key}") is None
+    assert auth.cached(f"Bearer {key}", max_age_s=60).key_id == "abcd1234"  # verified within the last minute
+    assert auth.cached(f"Bearer {key}", max_age_s=20) is None
     auth._cache[hash_key(key)] = (_time.monotonic(), Principal("abcd1234", "user", None, expires_at=1.0))
     assert auth.cached(f"Bearer {key}") is None  # expired
     assert Authenticator(platform_settings(tmp_path, 8000, auth={"enabled": False})).cached(None) is ANONYMOUS_ADMIN

@@ -72,6 +72,7 @@ from serve.router.runtime import Router
 # The router's own embedding calls (its task classifier): the platform's work, never a user's.
 ROUTER_SELF = Principal("router", "admin", None, credential="platform")
 GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})  # shed early (serve.http.admission)
+SHED_KEY_AGE_S = 60.0  # how recently a key must have been verified for its requests to be shed early
 STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true"}}
 
 app = http_app("ORFEAS gateway")
@@ -113,8 +114,11 @@ class Gateway:
     def _early_refusal(self, path: str, model: str, authorization: str | None) -> APIError | None:
         """A capacity refusal before the HTTP layer's body checks and this route's work
         (serve.http.admission): only for a key verified lately that may call `path`, when the
-        router would refuse the named model anyway (`Router.early_refusal`)."""
-        principal = app.state.authenticator.cached(authorization)
+        router would refuse the named model anyway (`Router.early_refusal`). "Lately": within
+        SHED_KEY_AGE_S, past the key cache's TTL, since a refusal grants nothing (a key revoked
+        meanwhile gets a 503 instead of its 401 until then) and accepted requests, which take
+        the full path, keep verifying the key."""
+        principal = app.state.authenticator.cached(authorization, max(SHED_KEY_AGE_S, self.settings.auth.key_cache_s))
         if principal is None or (principal.endpoints is not None and not principal.allows("endpoints:call", path)):
             return None
         return self.router.early_refusal(model, principal)
