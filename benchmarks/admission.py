@@ -107,7 +107,10 @@ async def level(base: str, key: str, concurrency: int, requests: int, backoff: s
             "statuses": sorted({d[0] for d in done}),
             "rejected_with_retry_after": len(waits),
             "retry_after_min_s": min(waits, default=None), "retry_after_max_s": max(waits, default=None),
-            "accepted_ttft_p50_s": p(ttfts, 0.5), "accepted_ttft_p99_s": p(ttfts, 0.99),
+            "accepted_ttft_p50_s": p(ttfts, 0.5), "accepted_ttft_p95_s": p(ttfts, 0.95),
+            "accepted_ttft_p99_s": p(ttfts, 0.99),
+            "accepted_slowest": [(round(d[4] - began, 3), round(d[2] * 1000, 1))
+                                 for d in sorted((d for d in ok if d[2] is not None), key=lambda d: -d[2])[:6]],
             "rejected_answer_p50_ms": p([d[1] * 1000 for d in refused], 0.5),
             "rejected_answer_max_ms": max((d[1] * 1000 for d in refused), default=None),
             "rejected_answer_p99_ms": (p([d[1] * 1000 for d in refused], 0.99)),
