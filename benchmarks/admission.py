@@ -8,9 +8,13 @@ capacity, measured in the same run. Targets (issue 18): at 2x and 5x, accepted p
 
     .venv/bin/python benchmarks/admission.py [--requests 60] [--ongoing 2] [--queued 2] [--backoff retry-after]
 
-A refused client waits what its 503's `Retry-After` says (`--backoff retry-after`, as OpenAI's
-clients do), or a fixed number of seconds (`--backoff 0.05`: a client that ignores the header,
-whose retry storm is itself load on the gateway).
+A refused client waits what its 503 says (`--backoff retry-after`, as OpenAI's clients do:
+`retry-after-ms` when present, else `Retry-After`), or a fixed number of seconds (`--backoff
+0.05`: a client that ignores the header, whose retry storm is itself load on the gateway).
+
+The clients are one process on uvloop with aiohttp (lighter than httpx: the client shares the
+cores with the gateway); a 10 ms ticker beside them records how late the client's own loop ran
+(`client_loop_lag_*`), so a slow client shows instead of reading as slow refusals.
 
 Writes benchmarks/results/admission.json and prints a markdown table for docs/benchmarks.md.
 """
@@ -29,8 +33,9 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import httpx  # noqa: E402
+import aiohttp  # noqa: E402
 import ray  # noqa: E402
+import uvloop  # noqa: E402
 from ray import serve  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -45,59 +50,85 @@ def p(values: list[float], q: float) -> float | None:
     return s[min(int(q * len(s)), len(s) - 1)]
 
 
-async def one(c: httpx.AsyncClient, key: str) -> tuple[int, float, float | None, str | None]:
-    """(status, answer or first-token seconds, ttft, the Retry-After header)."""
+async def one(c: aiohttp.ClientSession, base: str, key: str) -> tuple[int, float, float | None, float | None]:
+    """(status, answer or first-token seconds, ttft, the seconds the refusal said to wait, sent at)."""
     start = time.perf_counter()
-    async with c.stream("POST", "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"}) as r:
-        if r.status_code != 200:
-            await r.aread()
-            return r.status_code, time.perf_counter() - start, None, r.headers.get("retry-after")
+    async with c.post(base + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"}) as r:
+        if r.status != 200:
+            await r.read()
+            elapsed = time.perf_counter() - start
+            ms, s = r.headers.get("retry-after-ms"), r.headers.get("retry-after")
+            told = float(ms) / 1000 if ms else (float(s) if s else None)
+            return r.status, elapsed, None, told, start
         ttft = None
-        async for line in r.aiter_lines():
-            if ttft is None and line.startswith("data: {") and '"content"' in line:
+        async for line in r.content:
+            if ttft is None and line.startswith(b"data: {") and b'"content"' in line:
                 ttft = time.perf_counter() - start
-        return 200, time.perf_counter() - start, ttft, None
+        return 200, time.perf_counter() - start, ttft, None, start
+
+
+async def ticker(lags: list[float], stop: asyncio.Event, every: float = 0.01) -> None:
+    """How late the client's loop wakes a 10 ms sleep (its own overload, not the server's)."""
+    while not stop.is_set():
+        t = time.perf_counter()
+        await asyncio.sleep(every)
+        lags.append(max(time.perf_counter() - t - every, 0.0))
 
 
 async def level(base: str, key: str, concurrency: int, requests: int, backoff: str = "retry-after") -> dict:
     """`concurrency` clients, each sending requests back to back, `requests` in all."""
-    done: list[tuple[int, float, float | None, bool]] = []
+    done: list[tuple[int, float, float | None, float | None, float]] = []
+    began = time.perf_counter()
     left = requests
 
     async def client(c):
         nonlocal left
         while left > 0:
             left -= 1
-            done.append(await one(c, key))
+            done.append(await one(c, base, key))
             if done[-1][0] != 200:  # a refused client waits as it was told (or a fixed time)
                 told = done[-1][3]
-                await asyncio.sleep(float(told) if backoff == "retry-after" and told else float(
+                await asyncio.sleep(told if backoff == "retry-after" and told else float(
                     backoff if backoff != "retry-after" else 1))
 
-    async with httpx.AsyncClient(base_url=base, timeout=120,
-                                 limits=httpx.Limits(max_connections=concurrency + 4)) as c:
+    lags: list[float] = []
+    stop = asyncio.Event()
+    tick = asyncio.create_task(ticker(lags, stop))
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120),
+                                     connector=aiohttp.TCPConnector(limit=concurrency + 4)) as c:
         await asyncio.gather(*(client(c) for _ in range(concurrency)))
+    stop.set()
+    await tick
     ok = [d for d in done if d[0] == 200]
     refused = [d for d in done if d[0] != 200]
     ttfts = [d[2] for d in ok if d[2] is not None]
+    waits = [d[3] for d in refused if d[3] is not None]
     return {"concurrency": concurrency, "requests": len(done), "accepted": len(ok), "rejected": len(refused),
             "statuses": sorted({d[0] for d in done}),
-            "rejected_with_retry_after": sum(1 for d in refused if d[3]),
-            "accepted_ttft_p50_s": p(ttfts, 0.5), "accepted_ttft_p99_s": p(ttfts, 0.99),
+            "rejected_with_retry_after": len(waits),
+            "retry_after_min_s": min(waits, default=None), "retry_after_max_s": max(waits, default=None),
+            "accepted_ttft_p50_s": p(ttfts, 0.5), "accepted_ttft_p95_s": p(ttfts, 0.95),
+            "accepted_ttft_p99_s": p(ttfts, 0.99),
+            "accepted_slowest": [(round(d[4] - began, 3), round(d[2] * 1000, 1))
+                                 for d in sorted((d for d in ok if d[2] is not None), key=lambda d: -d[2])[:6]],
             "rejected_answer_p50_ms": p([d[1] * 1000 for d in refused], 0.5),
             "rejected_answer_max_ms": max((d[1] * 1000 for d in refused), default=None),
-            "rejected_answer_p99_ms": (p([d[1] * 1000 for d in refused], 0.99))}
+            "rejected_answer_p99_ms": (p([d[1] * 1000 for d in refused], 0.99)),
+            # The slowest refusals and when they were sent (s into the level): periodic stalls show.
+            "rejected_slowest": [(round(d[4] - began, 3), round(d[1] * 1000, 1))
+                                 for d in sorted(refused, key=lambda d: -d[1])[:6]],
+            "client_loop_lag_p99_ms": (p(lags, 0.99) or 0) * 1000, "client_loop_lag_max_ms": max(lags, default=0) * 1000}
 
 
 def table(rows: list[dict], base_p99: float) -> str:
     out = ["| offered | requests | accepted | rejected (503) | accepted p99 TTFT | vs capacity "
-           "| rejected answer p50 / max |", "| --- | --- | --- | --- | --- | --- | --- |"]
+           "| rejected answer p50 / p99 / max | client loop lag max |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ratio = r["accepted_ttft_p99_s"] / base_p99 if r["accepted_ttft_p99_s"] and base_p99 else None
-        rej = f"{r['rejected_answer_p50_ms']:.1f} / {r['rejected_answer_max_ms']:.1f} ms" \
+        rej = f"{r['rejected_answer_p50_ms']:.1f} / {r['rejected_answer_p99_ms']:.1f} / {r['rejected_answer_max_ms']:.1f} ms" \
             if r["rejected_answer_max_ms"] is not None else "-"
         out.append(f"| {r['label']} ({r['concurrency']} clients) | {r['requests']} | {r['accepted']} | {r['rejected']} "
-                   f"| {r['accepted_ttft_p99_s'] * 1000:.0f} ms | {ratio:.2f}x | {rej} |")
+                   f"| {r['accepted_ttft_p99_s'] * 1000:.0f} ms | {ratio:.2f}x | {rej} | {r['client_loop_lag_max_ms']:.1f} ms |")
     return "\n".join(out)
 
 
@@ -132,13 +163,15 @@ def main() -> None:
         assert set(wait_running(names).values()) == {"RUNNING"}
         _, key = ray.get(keystore(settings.resolved_data_dir()).create.remote("admin", None, "bench"))
         base = f"http://127.0.0.1:{args.port}"
-        asyncio.run(level(base, key, 1, 5))  # warm up
+        load_start = os.getloadavg()
+        uvloop.run(level(base, key, 1, 5))  # warm up
         rows = []
         for label, factor in (("capacity", 1), ("2x", 2), ("5x", 5)):
-            row = asyncio.run(level(base, key, capacity * factor, args.requests * factor, args.backoff))
+            row = uvloop.run(level(base, key, capacity * factor, args.requests * factor, args.backoff))
             row["label"] = label
             rows.append(row)
             print(json.dumps(row))
+        load_end = os.getloadavg()
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -149,9 +182,11 @@ def main() -> None:
     result = {"benchmark": "admission", "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "model": "tiny-chat (random weights)", "ingress": settings.serve.ingress,
               "backoff": args.backoff, "max_ongoing_requests": args.ongoing, "max_queued_requests": args.queued, "capacity": capacity,
+              "load_average_start": load_start, "load_average_end": load_end,
               "rows": rows, "targets": {"ttft_p99_vs_capacity": 2.0, "rejected_answer_max_ms": 50.0}}
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "admission.json").write_text(json.dumps(result, indent=1))
+    print(f"load average (1/5/15 min) at start {load_start}, at end {load_end}")
     print(table(rows, base_p99))
 
 

@@ -93,6 +93,22 @@ class GatewaySettings(_Section):
     request_timeout_s: float = Field(120.0, gt=0)
     health_cache_s: float = Field(2.0, ge=0, description="How often a backend health answer is refreshed "
                                   "(in the background: requests use the last answer).")
+    # Admission control (issue 18; serve/http/admission.py, serve/router/runtime.py `Router.refusal`).
+    shed_early: bool = Field(True, description="Refuse a chat or completion request for a named model whose whole "
+                             "queue is in flight before the HTTP layer's body checks, validation and routing run "
+                             "(only for a key this replica verified recently; any other request takes the full path).")
+    overload_retry_after_min_s: float = Field(1.0, ge=0, description="A capacity refusal (503 model_overloaded) "
+                                              "says to retry after a time drawn uniformly between this and "
+                                              "overload_retry_after_max_s (`retry-after-ms`; `Retry-After` rounds "
+                                              "it up), so that refused clients do not all return at once.")
+    overload_retry_after_max_s: float = Field(3.0, ge=0, description="See overload_retry_after_min_s.")
+
+    @model_validator(mode="after")
+    def _retry_after_range(self) -> "GatewaySettings":
+        if self.overload_retry_after_max_s < self.overload_retry_after_min_s:
+            raise ValueError(f"gateway.overload_retry_after_max_s ({self.overload_retry_after_max_s:g}) is below "
+                             f"overload_retry_after_min_s ({self.overload_retry_after_min_s:g})")
+        return self
 
 
 class LimitSettings(_Section):

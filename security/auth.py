@@ -187,6 +187,25 @@ class Authenticator:
                                        f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime(principal.expires_at))}")
         return principal
 
+    def cached(self, authorization: str | None, max_age_s: float | None = None) -> Principal | None:
+        """The principal of a bearer API key this authenticator verified within `max_age_s` (by
+        default its cache TTL), or None (no key, a token or session, unknown, revoked, expired,
+        or not verified lately): no await, no Ray call, for checks that must cost nothing and
+        grant nothing (serve.http.admission refuses with it, never admits)."""
+        if not self.enabled:
+            return ANONYMOUS_ADMIN
+        scheme, _, key = (authorization or "").partition(" ")
+        key = key.strip()
+        if scheme.lower() != "bearer" or not key or looks_like_session(key) or looks_like_jwt(key):
+            return None
+        hit = self._cache.get(hash_key(key))
+        if hit is None or time.monotonic() - hit[0] >= (self.ttl if max_age_s is None else max_age_s) or hit[1] is None:
+            return None
+        principal = hit[1]
+        if principal.expires_at is not None and time.time() >= principal.expires_at:
+            return None
+        return principal
+
     # ------------------------------------------------------------ tokens, sessions, MFA
 
     async def from_token(self, token: str) -> Principal:

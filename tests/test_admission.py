@@ -56,6 +56,7 @@ def platform(serve_port, tiny_model_dir, tmp_path_factory):
     settings = platform_settings(
         tmp_path_factory.mktemp("admission") / "data", serve_port,
         router={"breaker": {"cooldown_s": 600, "failure_threshold": 3}},
+        auth={"key_cache_s": 60},  # a key verified lately: full-queue refusals are shed early (serve.http.admission)
         models=[ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=256,
                           max_ongoing_requests=1, max_queued_requests=1)],
     )
@@ -77,6 +78,7 @@ def test_beyond_the_queue_requests_get_503_with_retry_after_and_the_model_stays_
 
     async def burst():
         async with httpx.AsyncClient(base_url=platform["base"], timeout=120) as c:
+            assert (await one(c))[0] == 200  # the key is verified (and cached) before the burst
             return await asyncio.gather(*(one(c) for _ in range(10)))
 
     results = asyncio.run(burst())
@@ -85,7 +87,8 @@ def test_beyond_the_queue_requests_get_503_with_retry_after_and_the_model_stays_
     refused = [(h, t) for s, h, t, _ in results if s == 503]
     assert refused and statuses.count(200) >= 1, statuses  # what the replica and its queue hold is served
     for h, text in refused:
-        assert h.get("retry-after", "").isdigit(), h
+        assert h.get("retry-after", "") in ("1", "2", "3"), h  # gateway.overload_retry_after_*: 1-3 s, jittered
+        assert 1000 <= int(h.get("retry-after-ms", "1000")) <= 3000, h
         assert '"model_overloaded"' in text, text
     served = [t for s, _, t, _ in results if s == 200]
     assert all("data: [DONE]" in t for t in served)
@@ -94,3 +97,160 @@ def test_beyond_the_queue_requests_get_503_with_retry_after_and_the_model_stays_
     assert status["backends"][CHAT]["state"] == "closed" and status["backends"][CHAT]["failures"] == 0, status
     ready = httpx.get(platform["base"] + "/readyz", timeout=30)
     assert ready.status_code == 200, ready.text
+
+
+# ------------------------------------------------------------------ shedding early, jittered Retry-After
+
+
+def _router(tmp_path, **gateway):
+    from serve.gateway.backends import BackendRegistry
+    from serve.router.runtime import Router
+
+    settings = platform_settings(tmp_path, 8000, gateway=gateway, models=[
+        ModelSpec(id="a", engine="transformers", source="x", max_ongoing_requests=2, max_queued_requests=1,
+                  fallbacks=["b"]),
+        ModelSpec(id="b", engine="transformers", source="x", max_ongoing_requests=1, max_queued_requests=0),
+        ModelSpec(id="c", engine="transformers", source="x", max_ongoing_requests=1, max_queued_requests=0,
+                  serves="pool")])
+    return Router(settings, BackendRegistry(settings))
+
+
+def test_capacity_refusals_say_retry_after_a_jittered_time_within_the_configured_bounds(tmp_path):
+    from serve.http.errors import error_headers
+    from serve.router.runtime import Route
+
+    router = _router(tmp_path, overload_retry_after_min_s=1.0, overload_retry_after_max_s=3.0)
+    router.outstanding.update(a=3, b=1)
+    waits = []
+    for _ in range(200):
+        e = router.refusal(Route("a", "named", ["a", "b"], "test"))
+        h = error_headers(e)
+        waits.append(e.retry_after_s)
+        assert 1.0 <= e.retry_after_s <= 3.0
+        assert int(h["Retry-After"]) == -(-e.retry_after_s // 1)  # whole seconds, never sooner than said
+        if "retry-after-ms" in h:  # the exact time, as OpenAI's clients read it
+            assert int(h["retry-after-ms"]) == int(e.retry_after_s * 1000)
+    assert max(waits) - min(waits) > 1.0  # spread out: refused clients do not come back in one burst
+    fixed = _router(tmp_path, overload_retry_after_min_s=2, overload_retry_after_max_s=2)
+    fixed.outstanding.update(a=3, b=1)
+    h = error_headers(fixed.refusal(Route("a", "named", ["a", "b"], "test")))
+    assert h["Retry-After"] == "2" and "retry-after-ms" not in h
+    with pytest.raises(ValueError, match="overload_retry_after_max_s"):
+        platform_settings(tmp_path, 8000, gateway={"overload_retry_after_min_s": 3, "overload_retry_after_max_s": 1})
+
+
+def test_the_early_refusal_sheds_a_named_model_only_when_it_and_its_fallbacks_are_full(tmp_path):
+    from security.auth import Principal
+
+    router = _router(tmp_path)
+    anyone = Principal("k1", "user", None)
+    router.outstanding.update(a=3)
+    assert router.early_refusal("a", anyone) is None  # its fallback b has room: the router falls back
+    router.outstanding.update(b=1)
+    refused = router.early_refusal("a", anyone)
+    assert refused is not None and refused.status == 503 and refused.code == "model_overloaded"
+    only_a = Principal("k2", "user", ("a",))  # may not use b: a alone decides
+    router.outstanding.update(b=0)
+    assert router.early_refusal("a", only_a) is not None and router.early_refusal("a", anyone) is None
+    assert router.early_refusal("b", only_a) is None  # a model the key may not use: its 403 comes from the full path
+    router.outstanding.update(c=1)
+    assert router.early_refusal("pool", anyone) is None  # groups, policies, unknown names: the full path
+    assert router.early_refusal("auto", anyone) is None and router.early_refusal("nope", anyone) is None
+
+
+def test_the_authenticator_answers_from_its_cache_only_keys_it_verified_lately(tmp_path):
+    import time as _time
+
+    from security.auth import ANONYMOUS_ADMIN, Authenticator, Principal
+    from security.keys import hash_key
+
+    settings = platform_settings(tmp_path, 8000, auth={"key_cache_s": 30})
+    auth = Authenticator(settings)
+    key = "orf_abcd1234_secret"
+    assert auth.cached(f"Bearer {key}") is None  # never verified here: the full path asks the key store
+    auth._cache[hash_key(key)] = (_time.monotonic(), Principal("abcd1234", "user", None))  # what authenticate keeps
+    assert auth.cached(f"Bearer {key}").key_id == "abcd1234"
+    for header in (None, "", key, f"Basic {key}", "Bearer ", "Bearer a.b.c"):
+        assert auth.cached(header) is None, header
+    auth._cache[hash_key(key)] = (_time.monotonic(), None)  # verified as unknown or revoked
+    assert auth.cached(f"Bearer {key}") is None
+    auth._cache[hash_key(key)] = (_time.monotonic() - 31, Principal("abcd1234", "user", None))  # past the TTL
+    assert auth.cached(f"Bearer {key}") is None
+    assert auth.cached(f"Bearer {key}", max_age_s=60).key_id == "abcd1234"  # verified within the last minute
+    assert auth.cached(f"Bearer {key}", max_age_s=20) is None
+    auth._cache[hash_key(key)] = (_time.monotonic(), Principal("abcd1234", "user", None, expires_at=1.0))
+    assert auth.cached(f"Bearer {key}") is None  # expired
+    assert Authenticator(platform_settings(tmp_path, 8000, auth={"enabled": False})).cached(None) is ANONYMOUS_ADMIN
+
+
+def _shed_app(refuse_model: str):
+    """A small app on the HTTP layer whose Shedder refuses `refuse_model`; it counts what ran."""
+    import uuid
+
+    from fastapi import Depends
+    from pydantic import BaseModel, ConfigDict
+
+    from config import Settings
+    from models.errors import ModelOverloaded
+    from security.auth import Principal
+    from serve.http import authenticated, http_app
+    from serve.http.admission import Shedder
+
+    ran = {"auth": 0, "handler": 0}
+
+    class Ask(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        model: str
+        prompt: str
+
+    app = http_app(f"ORFEAS shed {uuid.uuid4().hex[:8]}", name="shed")
+
+    async def counted(principal: Principal = Depends(authenticated)) -> Principal:
+        ran["auth"] += 1
+        return principal
+
+    @app.post("/gen")
+    async def gen(req: Ask, principal: Principal = Depends(counted)) -> dict:
+        ran["handler"] += 1
+        return {"model": req.model, "prompt": req.prompt}
+
+    def refuse(path, model, authorization):
+        e = ModelOverloaded(f"model {model!r} is at capacity", "model")
+        e.retry_after_s = 1.5
+        return e if model == refuse_model and path == "/gen" else None
+
+    app.state.configure(Settings(auth={"enabled": False}), shed=Shedder(frozenset({"/gen"}), refuse))
+    return app, ran
+
+
+def _post(app, path, **kw):
+    async def go():
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://unit") as c:
+            return await c.post(path, **kw)
+
+    return asyncio.run(go())
+
+
+def test_a_shed_request_is_refused_before_body_validation_auth_and_the_handler():
+    app, ran = _shed_app("full")
+    # Not even a valid body for the route: the refusal comes before validation, auth and the handler.
+    r = _post(app, "/gen", json={"model": "full", "unknown": 1})
+    assert r.status_code == 503 and r.headers["retry-after"] == "2" and r.headers["retry-after-ms"] == "1500"
+    assert r.json()["error"]["code"] == "model_overloaded" and r.headers["x-orfeas-api-version"] == "v1"
+    assert r.headers["x-request-id"] and ran == {"auth": 0, "handler": 0}
+    # Every other request takes the full path with its body as it came.
+    ok = _post(app, "/gen", json={"model": "free", "prompt": "é" * 10})
+    assert ok.status_code == 200 and ok.json() == {"model": "free", "prompt": "é" * 10} and ran["handler"] == 1
+    assert _post(app, "/gen", json={"model": "free", "unknown": 1}).status_code == 400
+    assert _post(app, "/gen", content=b"[" * 5000, headers={"content-type": "application/json"}).status_code == 400
+    assert _post(app, "/gen", content=b"not json").status_code == 400
+    # Too big to peek at (the full path checks it): not shed.
+    big = _post(app, "/gen", json={"model": "full", "prompt": "x" * 70_000})
+    assert big.status_code == 200 and ran["handler"] == 2
+    # A body without a declared length (chunked): not shed.
+
+    async def chunks():
+        yield b'{"model": "full", '
+        yield b'"prompt": "p"}'
+
+    assert _post(app, "/gen", content=chunks(), headers={"content-type": "application/json"}).status_code == 200

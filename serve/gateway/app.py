@@ -64,12 +64,15 @@ from serve.gateway.schemas import (Feedback, FeedbackResult, Health, Orchestrati
                                    UsageReport)
 from observability import tracing
 from serve.http import admin, authenticated, http_app, label_model, permitted
+from serve.http.admission import Shedder
 from serve.router.features import estimate_tokens
 from serve.router.orchestrator import OrchestrateRequest
 from serve.router.runtime import Router
 
 # The router's own embedding calls (its task classifier): the platform's work, never a user's.
 ROUTER_SELF = Principal("router", "admin", None, credential="platform")
+GENERATION_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})  # shed early (serve.http.admission)
+SHED_KEY_AGE_S = 60.0  # how recently a key must have been verified for its requests to be shed early
 STREAM_DOC = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE when `stream` is true"}}
 
 app = http_app("ORFEAS gateway")
@@ -96,7 +99,8 @@ class Gateway:
         self.timeout_s = self.settings.gateway.request_timeout_s
         self.backends = BackendRegistry(self.settings)
         self.catalog = Catalog(self.settings, self.backends)
-        app.state.configure(self.settings, model_label=self.catalog.known)
+        shed = Shedder(GENERATION_PATHS, self._early_refusal) if self.settings.gateway.shed_early else None
+        app.state.configure(self.settings, model_label=self.catalog.known, shed=shed)
         if self.settings.auth.enabled:
             bootstrap_admin(self.settings.resolved_data_dir(), self.settings.auth.bootstrap_key_env, self.settings)
         self.metrics, self.router_metrics = GatewayMetrics(), RouterMetrics()
@@ -106,6 +110,18 @@ class Gateway:
                                 self.router_metrics)
         self.rag = RagAlias(self.settings, self.catalog)
         self.orchestrator = OrchestratorAlias(self.settings, self.chat)
+
+    def _early_refusal(self, path: str, model: str, authorization: str | None) -> APIError | None:
+        """A capacity refusal before the HTTP layer's body checks and this route's work
+        (serve.http.admission): only for a key verified lately that may call `path`, when the
+        router would refuse the named model anyway (`Router.early_refusal`). "Lately": within
+        SHED_KEY_AGE_S, past the key cache's TTL, since a refusal grants nothing (a key revoked
+        meanwhile gets a 503 instead of its 401 until then) and accepted requests, which take
+        the full path, keep verifying the key."""
+        principal = app.state.authenticator.cached(authorization, max(SHED_KEY_AGE_S, self.settings.auth.key_cache_s))
+        if principal is None or (principal.endpoints is not None and not principal.allows("endpoints:call", path)):
+            return None
+        return self.router.early_refusal(model, principal)
 
     async def _classifier_embed(self, texts: list[str]) -> list[list[float]]:
         """Embeddings for the router's task classifier (router.classifier_model)."""

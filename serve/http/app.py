@@ -40,6 +40,7 @@ from config import Settings
 from models.protocol import ErrorResponse
 from security.auth import Authenticator
 from security.log_redaction import install_log_redaction
+from serve.http.admission import ShedMiddleware, Shedder
 from serve.http.body import BodyLimitMiddleware
 from serve.http.errors import ErrorMiddleware, install_error_handlers
 from serve.http.json_guard import DEFAULT_MAX_JSON_DEPTH, JsonGuardMiddleware
@@ -115,7 +116,7 @@ class HttpState(State):
         for attr, value in {"key": key, "name": name, "settings": None, "authenticator": None,
                             "max_body_bytes": DEFAULT_MAX_BODY_BYTES, "model_label": _unknown_label,
                             "behind_serve": False, "max_json_depth": DEFAULT_MAX_JSON_DEPTH,
-                            "deprecated": {}}.items():
+                            "deprecated": {}, "shed": None}.items():
             object.__setattr__(self, attr, value)
 
     def __reduce__(self):
@@ -123,15 +124,16 @@ class HttpState(State):
 
     def configure(self, settings: Settings, *, authenticator: Authenticator | None = None,
                   model_label: Callable[[str | None], str] | None = None,
-                  behind_serve: bool | None = None) -> HttpState:
+                  behind_serve: bool | None = None, shed: Shedder | None = None) -> HttpState:
         """Set at replica init: the body limit, the Authenticator the `authenticated` dependency
         uses (one from the settings unless given), and the model label (catalog ids, else
-        "other"); `behind_serve` (detected) says Serve's ingress already echoes request ids."""
+        "other"); `behind_serve` (detected) says Serve's ingress already echoes request ids;
+        `shed` refuses requests for capacity before the body checks and handlers (serve.http.admission)."""
         values = {"settings": settings, "max_body_bytes": settings.limits.max_body_bytes,
                   "authenticator": authenticator or Authenticator(settings),
                   "model_label": model_label or catalog_label(settings),
                   "behind_serve": _in_serve_replica() if behind_serve is None else behind_serve,
-                  "max_json_depth": settings.limits.max_json_depth}
+                  "max_json_depth": settings.limits.max_json_depth, "shed": shed}
         for attr, value in values.items():
             object.__setattr__(self, attr, value)
         request_metrics()  # registered with the replica's metrics agent before the first request
@@ -155,6 +157,7 @@ def http_app(title: str, *, name: str | None = None, version: str = "0.1.0", **f
     # The server span sits just inside the request id (which it records).
     middleware = [Middleware(RequestIdMiddleware, http=state), Middleware(TracingMiddleware, http=state),
                   Middleware(MetricsMiddleware, http=state), Middleware(ApiSurfaceMiddleware, http=state),
+                  Middleware(ShedMiddleware, http=state),  # capacity refusals, before the body is checked
                   Middleware(BodyLimitMiddleware, http=state), Middleware(JsonGuardMiddleware, http=state),
                   Middleware(ErrorMiddleware),
                   *fastapi_kwargs.pop("middleware", ())]

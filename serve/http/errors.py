@@ -94,6 +94,8 @@ def error_headers(e: APIError) -> dict[str, str] | None:
     retry = getattr(e, "retry_after_s", None)
     if retry is not None:
         headers["Retry-After"] = str(max(int(-(-float(retry) // 1)), 1))
+        if float(retry) != int(retry):  # a fraction (a jittered refusal): exact for clients that read it (OpenAI's)
+            headers["retry-after-ms"] = str(max(int(float(retry) * 1000), 1))
     headers.update(getattr(e, "headers", None) or {})
     return headers or None
 

@@ -83,6 +83,8 @@ class Router:
         self._centroids: dict[str, list[float]] | None = None
         self._probe_task: asyncio.Task | None = None
         self.listeners: list[Callable[[str, str, str], None]] = []  # (model, old state, new state)
+        g = settings.gateway
+        self.retry_after_s = (g.overload_retry_after_min_s, g.overload_retry_after_max_s)
 
     # ------------------------------------------------------------ names
 
@@ -412,7 +414,7 @@ class Router:
         err = type(last)(f"{last.message} [tried: {tried}]", last.param, last.code)
         if getattr(last, "headers", None):  # a rate limit's Retry-After and x-ratelimit-*
             err.headers = last.headers
-        raise err
+        raise self._jittered(err) if isinstance(err, ModelOverloaded) else err
 
     def refusal(self, route: Route) -> ModelOverloaded | None:
         """The refusal of a request that no model of its plan has room for (each one's whole queue
@@ -420,8 +422,31 @@ class Router:
         request costs no Ray call and spends no quota (issue 18: refused in < 50 ms)."""
         if not route.plan or not all(mid in self.specs and self._full(mid) for mid in route.plan):
             return None
-        return ModelOverloaded(f"model {route.plan[0]!r} is at capacity (its request queue is full); retry shortly "
-                               f"[tried: {', '.join(f'{m} (overloaded)' for m in route.plan)}]", "model")
+        return self._overloaded(route.plan)
+
+    def early_refusal(self, name: str, principal) -> ModelOverloaded | None:
+        """`refusal` for a request not yet routed, from its model name alone (no await, no Ray
+        call): a named chat model (not an experiment entry) that `principal` may use, whose
+        fallbacks this key may use are all full too; None whenever the full path might admit it."""
+        spec = self.specs.get(name)
+        if spec is None or name in self.experiments or not principal.may_use(name):
+            return None
+        chain = [name] + [m for m in spec.fallbacks if m in self.specs and principal.may_use(m)]
+        if not all(self._full(m) for m in chain):
+            return None
+        return self._overloaded(chain)
+
+    def _overloaded(self, plan: list[str]) -> ModelOverloaded:
+        return self._jittered(ModelOverloaded(
+            f"model {plan[0]!r} is at capacity (its request queue is full); retry shortly "
+            f"[tried: {', '.join(f'{m} (overloaded)' for m in plan)}]", "model"))
+
+    def _jittered(self, err: ModelOverloaded) -> ModelOverloaded:
+        """A capacity refusal's Retry-After, drawn from `gateway.overload_retry_after_{min,max}_s`:
+        clients refused together come back spread out, not in one burst."""
+        lo, hi = self.retry_after_s
+        err.retry_after_s = round(lo + (hi - lo) * self.rng.random(), 3)
+        return err
 
     def _full(self, mid: str) -> bool:
         """Whether this gateway replica already has a Serve-hosted model's whole queue in flight
