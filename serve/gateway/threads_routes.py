@@ -27,6 +27,9 @@ from serve.http import http_state, label_model, permitted
 
 router = APIRouter(prefix="/v1/threads", tags=["threads"])
 may_query = permitted("collections:query")
+# Named per route, as the admin API does: the layer's automatic scheme does not reach routes of
+# an included router (FastAPI nests them).
+SECURED = {"security": [{"bearer": []}]}
 ThreadId = Path(pattern=THREAD_ID, description="A thread id (`thr_` and 24 hex digits).")
 
 
@@ -48,7 +51,7 @@ def _store(request: Request):
     return thread_store(http_state(request.app).settings)
 
 
-@router.post("", response_model=Thread)
+@router.post("", response_model=Thread, openapi_extra=SECURED)
 async def create_thread(body: ThreadCreate, request: Request, principal: Principal = Depends(may_query)) -> Thread:
     if body.collection:
         principal.require("collections:query", body.collection, "collection")
@@ -56,24 +59,24 @@ async def create_thread(body: ThreadCreate, request: Request, principal: Princip
         principal.key_id, body.title, body.collection, [m.model_dump() for m in body.messages]))
 
 
-@router.get("", response_model=ThreadList)
+@router.get("", response_model=ThreadList, openapi_extra=SECURED)
 async def list_threads(request: Request, principal: Principal = Depends(may_query)) -> ThreadList:
     return ThreadList.model_validate({"data": await _store(request).list.remote(principal.key_id)})
 
 
-@router.get("/{thread_id}", response_model=Thread)
+@router.get("/{thread_id}", response_model=Thread, openapi_extra=SECURED)
 async def get_thread(request: Request, thread_id: str = ThreadId, principal: Principal = Depends(may_query)) -> Thread:
     return Thread.model_validate(await _store(request).get.remote(principal.key_id, thread_id))
 
 
-@router.post("/{thread_id}/messages", response_model=Thread)
+@router.post("/{thread_id}/messages", response_model=Thread, openapi_extra=SECURED)
 async def append_message(body: NewMessage, request: Request, thread_id: str = ThreadId,
                          principal: Principal = Depends(may_query)) -> Thread:
     return Thread.model_validate(await _store(request).append.remote(principal.key_id, thread_id,
                                                                      [body.model_dump()]))
 
 
-@router.post("/{thread_id}/ask", response_model=RagQueryResponse)
+@router.post("/{thread_id}/ask", response_model=RagQueryResponse, openapi_extra=SECURED)
 async def ask_in_thread(body: ThreadAsk, request: Request, thread_id: str = ThreadId,
                         principal: Principal = Depends(may_query)) -> JSONResponse:
     label_model(request, body.model)
@@ -83,7 +86,7 @@ async def ask_in_thread(body: ThreadAsk, request: Request, thread_id: str = Thre
     return JSONResponse(out)
 
 
-@router.delete("/{thread_id}", response_model=ThreadDeleted)
+@router.delete("/{thread_id}", response_model=ThreadDeleted, openapi_extra=SECURED)
 async def delete_thread(request: Request, thread_id: str = ThreadId,
                         principal: Principal = Depends(may_query)) -> ThreadDeleted:
     await _store(request).delete.remote(principal.key_id, thread_id)

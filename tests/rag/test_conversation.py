@@ -166,11 +166,15 @@ def test_thread_sizes_are_bounded_with_clear_errors(tmp_path):
 
 
 def test_thread_content_is_encrypted_at_rest(tmp_path):
-    from security.encryption import field_cipher
+    from security.crypto import FieldCipher
+    from security.keyproviders import LocalKeyProvider
+    from security.keyring import KeyRing
 
-    settings = Settings(data_dir=tmp_path / "data", encryption={"enabled": True})
-    s = store(tmp_path, field_cipher(settings))
+    def cipher():
+        return FieldCipher(KeyRing(tmp_path / "keys" / "dk.json", LocalKeyProvider(tmp_path / "keys" / "kek.json")))
+
+    s = store(tmp_path, cipher())
     t = s.create("k", "secret title", messages=[{"role": "user", "content": "my private question"}])
     raw = (tmp_path / "threads" / f"{t['id']}.json").read_text()
     assert "private" not in raw and "secret" not in raw and json.loads(raw)["owner"] == "k"
-    assert store(tmp_path, field_cipher(settings)).get("k", t["id"])["messages"][0]["content"] == "my private question"
+    assert store(tmp_path, cipher()).get("k", t["id"])["messages"][0]["content"] == "my private question"
