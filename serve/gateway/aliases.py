@@ -91,7 +91,6 @@ class RagAlias:
         answer = Answer(f"{RAG_ALIAS}/{result['model']}", new_id("chatcmpl"), result["answer"], "stop", usage, 0.0)
         return answer, result["citations"]
 
-
     async def query(self, body: dict[str, Any], model: str | None, principal: Principal) -> dict[str, Any]:
         """One RAG query on the RAG app (a thread's question too), generated with `model` or the
         default generator, on this principal's behalf; the RAG app's answer as a dict."""
