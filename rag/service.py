@@ -141,7 +141,7 @@ class RagService:
         req = parse_request(request)
         qs = self.settings.rag.quality
         injections = self._check_input(req.query)
-        conv = self._conversation(req, generate)
+        conv = self._conversation(req, generate, injections)
         question = conv.standalone if conv else req.query  # retrieval, quotes and scores read the standalone one
         with tracing.span("rag.retrieve"):
             chunks, rdiag = self.retriever.retrieve(
@@ -198,8 +198,11 @@ class RagService:
                                 model=model, citations=cites, passages=passages if req.include_passages else [],
                                 quality=quality, diagnostics=diag)
 
-    def _conversation(self, req: RagQueryRequest, generate: Generate | None) -> Conversation | None:
-        """With history: the question rewritten to stand alone and the history packed (rag.conversation)."""
+    def _conversation(self, req: RagQueryRequest, generate: Generate | None,
+                      reports: list[InjectionReport]) -> Conversation | None:
+        """With history: the question rewritten to stand alone and the history packed (rag.conversation).
+        An earlier user message that reads as a prompt injection is reported (input_injection: flag)
+        or left out of the history (block): refusing would refuse every later question of a thread."""
         if not req.history or not req.query.strip():
             return None  # (an empty question is refused by retrieval)
         if req.thread is None:  # a thread's messages were checked when they were added
@@ -208,8 +211,18 @@ class RagService:
                 if len(m.content) > most:
                     raise RagInvalidRequest(f"history message {i} has {len(m.content)} characters, over the limit "
                                             f"of {most} (rag.conversation.max_message_chars)", f"history.{i}.content")
+        history, mode = list(req.history), self.settings.rag.quality.input_injection
+        if mode != "off":
+            history = []
+            for i, m in enumerate(req.history):
+                found = detect_injection(m.content) if m.role == "user" else []
+                if found:
+                    reports.append(InjectionReport(where="input", action="flag" if mode == "flag" else "drop",
+                                                   rules=[f.rule for f in found], source=f"history.{i}"))
+                if not found or mode == "flag":
+                    history.append(m)
         with tracing.span("rag.conversation", {"orfeas.rag.history": len(req.history)}):
-            return prepare_conversation(req.query, req.history, self.settings.rag.conversation, self.count_tokens,
+            return prepare_conversation(req.query, history, self.settings.rag.conversation, self.count_tokens,
                                         generate if req.answer else None, thread=req.thread)
 
     def _check_input(self, query: str) -> list[InjectionReport]:
