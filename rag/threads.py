@@ -251,3 +251,15 @@ def thread_store(settings):
         name = "orfeas-threads-" + hashlib.sha1(where.encode()).hexdigest()[:10]
         handle = _HANDLES[where] = detached_actor(ThreadStoreActor, name, settings.to_dict(), durable=True)
     return handle
+
+
+async def call(settings, method: str, *args: Any) -> Any:
+    """`method` of the thread store, awaited. A store actor that was killed for good (not
+    restarted: an operator, a redeploy) is made again from its files, once."""
+    from ray.exceptions import ActorDiedError
+
+    try:
+        return await getattr(thread_store(settings), method).remote(*args)
+    except ActorDiedError:
+        _HANDLES.pop(str(threads_dir(settings).resolve()), None)
+        return await getattr(thread_store(settings), method).remote(*args)

@@ -33,7 +33,7 @@ from rag.errors import PromptInjectionDetected
 from rag.conversation import HistoryMessage
 from rag.errors import RagInvalidRequest
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService, parse_request
-from rag.threads import thread_store
+from rag import threads
 from rag.sync import ChangeFeed, ChangesPage, EdgeWrite, PointsRequest, apply_edge_write
 from rag.lineage import cited
 from security.audit import audit_event
@@ -251,7 +251,7 @@ class RagServer:
         if req.history:
             raise RagInvalidRequest("name a thread or send history, not both", "history")
         turn = [{"role": "user", "content": req.query}, {"role": "assistant", "content": ""}]
-        t = await thread_store(self.settings).room.remote(principal.key_id, req.thread, turn)
+        t = await threads.call(self.settings, "room", principal.key_id, req.thread, turn)
         update: dict[str, Any] = {"history": [HistoryMessage(role=m["role"], content=m["content"])
                                               for m in t["messages"]]}
         if req.collection is None and t["collection"]:
@@ -267,7 +267,7 @@ class RagServer:
             turn.append({"role": "assistant", "content": out["answer"], "model": out["model"],
                          "citations": [{k: c.get(k, "") for k in ("index", "source", "title", "doc_id")}
                                        for c in out["citations"]]})
-        await thread_store(self.settings).append.remote(principal.key_id, req.thread, turn)
+        await threads.call(self.settings, "append", principal.key_id, req.thread, turn)
 
     def start_ingest(self, req: IngestRequest, owner: str) -> dict[str, Any]:
         """Check the request (allowed roots, name, readable files) before anything is written,

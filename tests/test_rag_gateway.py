@@ -306,16 +306,19 @@ def test_threads_keep_the_conversation_for_their_owner_only(rag_platform, ray_cl
     assert rag(base, scoped, {"query": "x", "thread": tid}).status_code == 404
     assert threads(base, scoped).json()["data"] == [] and tid in [t["id"] for t in threads(base, admin).json()["data"]]
     # durable: the store's actor restarts from its files
+    from rag import threads as thread_module
     from rag.threads import thread_store
 
-    ray_cluster.kill(thread_store(settings), no_restart=False)
-    deadline = time.time() + 30
-    while True:
-        r = threads(base, admin, path=f"/{tid}")
-        if r.status_code == 200 or time.time() > deadline:
-            break
-        time.sleep(0.2)
-    assert r.status_code == 200 and r.json()["message_count"] == 6, r.text
+    for no_restart in (False, True):  # restarted by Ray; killed for good: made again by the next call
+        ray_cluster.kill(thread_store(settings), no_restart=no_restart)
+        deadline = time.time() + 30
+        while True:
+            r = threads(base, admin, path=f"/{tid}")
+            if r.status_code == 200 or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["message_count"] == 6, r.text
+        thread_module._HANDLES.clear()  # this process's handle may have gone with it
     assert threads(base, admin, "DELETE", f"/{tid}").json() == {"id": tid, "object": "thread.deleted", "deleted": True}
     assert threads(base, admin, path=f"/{tid}").status_code == 404
 

@@ -21,7 +21,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from rag.service import RagQueryResponse
-from rag.threads import THREAD_ID, NewMessage, Thread, ThreadCreate, ThreadDeleted, ThreadList, thread_store
+from rag import threads
+from rag.threads import THREAD_ID, NewMessage, Thread, ThreadCreate, ThreadDeleted, ThreadList
 from security.auth import Principal
 from serve.http import http_state, label_model, permitted
 
@@ -47,33 +48,33 @@ class ThreadAsk(BaseModel):
     include_passages: bool = False
 
 
-def _store(request: Request):
-    return thread_store(http_state(request.app).settings)
+async def _store(request: Request, method: str, *args):
+    return await threads.call(http_state(request.app).settings, method, *args)
 
 
 @router.post("", response_model=Thread, openapi_extra=SECURED)
 async def create_thread(body: ThreadCreate, request: Request, principal: Principal = Depends(may_query)) -> Thread:
     if body.collection:
         principal.require("collections:query", body.collection, "collection")
-    return Thread.model_validate(await _store(request).create.remote(
-        principal.key_id, body.title, body.collection, [m.model_dump() for m in body.messages]))
+    return Thread.model_validate(await _store(
+        request, "create", principal.key_id, body.title, body.collection, [m.model_dump() for m in body.messages]))
 
 
 @router.get("", response_model=ThreadList, openapi_extra=SECURED)
 async def list_threads(request: Request, principal: Principal = Depends(may_query)) -> ThreadList:
-    return ThreadList.model_validate({"data": await _store(request).list.remote(principal.key_id)})
+    return ThreadList.model_validate({"data": await _store(request, "list", principal.key_id)})
 
 
 @router.get("/{thread_id}", response_model=Thread, openapi_extra=SECURED)
 async def get_thread(request: Request, thread_id: str = ThreadId, principal: Principal = Depends(may_query)) -> Thread:
-    return Thread.model_validate(await _store(request).get.remote(principal.key_id, thread_id))
+    return Thread.model_validate(await _store(request, "get", principal.key_id, thread_id))
 
 
 @router.post("/{thread_id}/messages", response_model=Thread, openapi_extra=SECURED)
 async def append_message(body: NewMessage, request: Request, thread_id: str = ThreadId,
                          principal: Principal = Depends(may_query)) -> Thread:
-    return Thread.model_validate(await _store(request).append.remote(principal.key_id, thread_id,
-                                                                     [body.model_dump()]))
+    return Thread.model_validate(await _store(request, "append", principal.key_id, thread_id,
+                                                     [body.model_dump()]))
 
 
 @router.post("/{thread_id}/ask", response_model=RagQueryResponse, openapi_extra=SECURED)
@@ -89,5 +90,5 @@ async def ask_in_thread(body: ThreadAsk, request: Request, thread_id: str = Thre
 @router.delete("/{thread_id}", response_model=ThreadDeleted, openapi_extra=SECURED)
 async def delete_thread(request: Request, thread_id: str = ThreadId,
                         principal: Principal = Depends(may_query)) -> ThreadDeleted:
-    await _store(request).delete.remote(principal.key_id, thread_id)
+    await _store(request, "delete", principal.key_id, thread_id)
     return ThreadDeleted(id=thread_id)
