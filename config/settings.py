@@ -418,6 +418,31 @@ class RagCacheSettings(_Section):
     max_entries: int = Field(1024, ge=1, description="Answers kept per replica (least recently used out first).")
 
 
+class RagConversationSettings(_Section):
+    """Conversations (docs/rag.md#conversations): a follow-up question is rewritten to stand alone
+    from the history before retrieval, the history is packed to a token budget (recent turns
+    verbatim, older ones summarised), and server-side threads (`/v1/threads`) keep it."""
+
+    rewrite: Literal["auto", "heuristic", "off"] = Field(
+        "auto", description="How a question with history is made to stand alone: auto (the answer's chat model "
+        "when there is one, the heuristic when it fails or there is none), heuristic (carry the earlier "
+        "questions' key terms), off (retrieve with the question as asked).")
+    rewrite_max_tokens: int = Field(64, ge=8, le=512, description="Most tokens of a model-written rewrite.")
+    history_tokens: int = Field(600, ge=0, le=100_000, description="Token budget of the history handed to the "
+                                "chat model with the context (0: none).")
+    recent_turns: int = Field(4, ge=0, le=100, description="The newest messages kept verbatim (within "
+                              "history_tokens); older ones are summarised.")
+    summary: Literal["auto", "extractive"] = Field(
+        "auto", description="How older turns are summarised: auto (the chat model when there is one, else "
+        "extractive), extractive (each turn's leading sentence).")
+    summary_max_tokens: int = Field(128, ge=16, le=2048, description="Most tokens of a model-written summary.")
+    max_threads: int = Field(100, ge=1, le=100_000, description="Threads one caller (API key) may keep.")
+    max_thread_messages: int = Field(200, ge=2, le=10_000, description="Messages one thread may hold; a full "
+                                     "thread refuses more (409) until a new thread is started.")
+    max_message_chars: int = Field(16_000, ge=100, le=1_000_000, description="Characters of one thread or history "
+                                   "message.")
+
+
 class RagSettings(_Section):
     """Retrieval-augmented generation: ingestion, vector store, retrieval and answers."""
 
@@ -482,6 +507,7 @@ class RagSettings(_Section):
     num_cpus: float = Field(0.5, ge=0)
     quality: RagQualitySettings = Field(default_factory=RagQualitySettings)
     cache: RagCacheSettings = Field(default_factory=RagCacheSettings)
+    conversation: RagConversationSettings = Field(default_factory=RagConversationSettings)
 
     @model_validator(mode="after")
     def _check(self) -> "RagSettings":

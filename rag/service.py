@@ -23,6 +23,8 @@ from config import Settings
 from observability import tracing
 from rag.answer import Citation, citations_for_generated, extractive_answer
 from rag.chunking import load_tokenizer
+from rag.conversation import (MAX_HISTORY_MESSAGES, Conversation, ConversationDiagnostics, HistoryMessage,
+                              prepare as prepare_conversation)
 from rag.embedding import embedder_dir
 from rag.errors import PromptInjectionDetected, RagInvalidRequest
 from rag.injection import InjectionReport, detect_injection
@@ -58,6 +60,13 @@ class RagQueryRequest(BaseModel):
     model: str | None = Field(None, description="Chat model to generate with; the gateway resolves it.")
     include_passages: bool = True
     answer: bool = Field(True, description="False: retrieve and pack only; no answer, no citations.")
+    history: list[HistoryMessage] | None = Field(
+        None, max_length=MAX_HISTORY_MESSAGES, description="The conversation before this question, oldest first: "
+        "the question is rewritten to stand alone from it, and it is packed to rag.conversation.history_tokens "
+        "for the chat model (docs/rag.md#conversations).")
+    thread: str | None = Field(None, pattern=r"^thr_[0-9a-f]{24}$", description="A thread of this key's "
+                               "(`/v1/threads`): its messages are the history, and the question and answer are "
+                               "added to it. Not with `history`.")
 
 
 class RagDiagnostics(BaseModel):
@@ -69,6 +78,8 @@ class RagDiagnostics(BaseModel):
     gate: GateDecision | None = Field(None, description="The quality gate's verdict on a generated answer.")
     injections: list[InjectionReport] = Field(default_factory=list, description="Prompt injections found in the "
                                               "question or the retrieved passages, and what was done.")
+    conversation: ConversationDiagnostics | None = Field(None, description="With history: the standalone "
+                                                         "question retrieval used and how the history was packed.")
     retrieve_ms: float
     generate_ms: float
     total_ms: float
@@ -130,9 +141,11 @@ class RagService:
         req = parse_request(request)
         qs = self.settings.rag.quality
         injections = self._check_input(req.query)
+        conv = self._conversation(req, generate, injections)
+        question = conv.standalone if conv else req.query  # retrieval, quotes and scores read the standalone one
         with tracing.span("rag.retrieve"):
             chunks, rdiag = self.retriever.retrieve(
-                req.query, req.collection, top_k=req.top_k, mode=req.mode, fusion=req.fusion, filters=req.filters,
+                question, req.collection, top_k=req.top_k, mode=req.mode, fusion=req.fusion, filters=req.filters,
                 mmr=req.mmr, rerank=req.rerank)
         chunks = self._check_passages(chunks, injections)
         t1 = time.perf_counter()
@@ -147,8 +160,9 @@ class RagService:
         if passages and generate is not None:
             try:
                 with tracing.span("rag.generate", {"gen_ai.request.model": generator or req.model or ""}):
-                    answer = generate(self.messages(req.query.strip(), passages))
-                cites = citations_for_generated(answer, req.query, passages, embed)
+                    answer = generate(conv.messages(SYSTEM_PROMPT, format_context(passages)) if conv
+                                      else self.messages(req.query.strip(), passages))
+                cites = citations_for_generated(answer, question, passages, embed)
                 model = generator or req.model or "chat"
             except Exception as e:  # the chat path failed: fall back, and say why
                 log.warning("RAG generation failed, answering extractively: %s", e)
@@ -156,7 +170,7 @@ class RagService:
                 answer = ""
             if model != EXTRACTIVE_MODEL:
                 with tracing.span("rag.score"):
-                    quality = self._score(answer, req.query, passages, embed)
+                    quality = self._score(answer, question, passages, embed)
                 if qs.min_groundedness > 0:  # the quality gate
                     verdict = gate(quality, qs.min_groundedness, qs.gate_action)
                     if verdict.action == "refuse":
@@ -167,21 +181,49 @@ class RagService:
             fallback_reason = "no chat model available"
         if model == EXTRACTIVE_MODEL and req.answer:
             if passages:
-                answer, cites = extractive_answer(req.query, passages, embed, self.settings.rag.answer_sentences)
+                answer, cites = extractive_answer(question, passages, embed, self.settings.rag.answer_sentences)
             if not answer:
                 answer = f"No passage in collection {rdiag.collection!r} answers this question."
             elif passages:
-                quality = self._score(answer, req.query, passages, embed)  # quotes: the vectors are reused
+                quality = self._score(answer, question, passages, embed)  # quotes: the vectors are reused
         t2 = time.perf_counter()
         diag = RagDiagnostics(
             retrieval=rdiag, context_tokens=sum(p.tokens for p in passages), passages=len(passages),
             generation=("chat" if model != EXTRACTIVE_MODEL else "extractive") if req.answer else "none",
             fallback_reason=fallback_reason, gate=verdict, injections=injections,
+            conversation=conv.diagnostics if conv else None,
             retrieve_ms=round((t1 - t0) * 1e3, 2), generate_ms=round((t2 - t1) * 1e3, 2),
             total_ms=round((t2 - t0) * 1e3, 2))
         return RagQueryResponse(id=f"rag-{uuid.uuid4().hex[:24]}", created=int(time.time()), answer=answer,
                                 model=model, citations=cites, passages=passages if req.include_passages else [],
                                 quality=quality, diagnostics=diag)
+
+    def _conversation(self, req: RagQueryRequest, generate: Generate | None,
+                      reports: list[InjectionReport]) -> Conversation | None:
+        """With history: the question rewritten to stand alone and the history packed (rag.conversation).
+        An earlier user message that reads as a prompt injection is reported (input_injection: flag)
+        or left out of the history (block): refusing would refuse every later question of a thread."""
+        if not req.history or not req.query.strip():
+            return None  # (an empty question is refused by retrieval)
+        if req.thread is None:  # a thread's messages were checked when they were added
+            most = self.settings.rag.conversation.max_message_chars
+            for i, m in enumerate(req.history):
+                if len(m.content) > most:
+                    raise RagInvalidRequest(f"history message {i} has {len(m.content)} characters, over the limit "
+                                            f"of {most} (rag.conversation.max_message_chars)", f"history.{i}.content")
+        history, mode = list(req.history), self.settings.rag.quality.input_injection
+        if mode != "off":
+            history = []
+            for i, m in enumerate(req.history):
+                found = detect_injection(m.content) if m.role == "user" else []
+                if found:
+                    reports.append(InjectionReport(where="input", action="flag" if mode == "flag" else "drop",
+                                                   rules=[f.rule for f in found], source=f"history.{i}"))
+                if not found or mode == "flag":
+                    history.append(m)
+        with tracing.span("rag.conversation", {"orfeas.rag.history": len(req.history)}):
+            return prepare_conversation(req.query, history, self.settings.rag.conversation, self.count_tokens,
+                                        generate if req.answer else None, thread=req.thread)
 
     def _check_input(self, query: str) -> list[InjectionReport]:
         """The question's prompt-injection check: refused (400) or reported per input_injection."""

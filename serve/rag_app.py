@@ -30,7 +30,10 @@ from models.errors import NotFound, UpstreamTimeout
 from observability import metrics, tracing
 from rag.cache import AnswerCache, cache_key, collection_version, tenant_of
 from rag.errors import PromptInjectionDetected
-from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService
+from rag.conversation import HistoryMessage
+from rag.errors import RagInvalidRequest
+from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService, parse_request
+from rag import threads
 from rag.sync import ChangeFeed, ChangesPage, EdgeWrite, PointsRequest, apply_edge_write
 from rag.lineage import cited
 from security.audit import audit_event
@@ -117,7 +120,7 @@ class RagServer:
                 model = await asyncio.wait_for(self.gateway.rag_generator.remote(req.model, principal), timeout)
             except TimeoutError:
                 raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
-        cached = self.cache is not None  # (an empty cache is falsy: it has a length)
+        cached = self.cache is not None and not req.thread  # (an empty cache is falsy); a thread moves on
         key = await asyncio.to_thread(self._cache_key, req, model, principal) if cached else None
         out = self.cache.get(key) if key else None
         if cached:
@@ -181,16 +184,16 @@ class RagServer:
         timeout = self.settings.gateway.request_timeout_s
         gateway = self.gateway
 
-        def generate(messages: list[dict]) -> str:
+        def generate(messages: list[dict], max_tokens: int = RAG_MAX_TOKENS) -> str:
             # Called from the worker thread that runs the query. The handle call itself is made on
             # the replica's event loop: in Serve's throughput mode handles route on that loop.
             carrier = tracing.inject()  # the thread's current span (rag.generate) parents the chat
 
             async def call() -> str:
                 if carrier:
-                    return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS, principal,
+                    return await gateway.complete_chat.remote(model_id, messages, max_tokens, principal,
                                                               trace=carrier)
-                return await gateway.complete_chat.remote(model_id, messages, RAG_MAX_TOKENS, principal)
+                return await gateway.complete_chat.remote(model_id, messages, max_tokens, principal)
 
             future = asyncio.run_coroutine_threadsafe(call(), loop)
             try:
@@ -209,6 +212,9 @@ class RagServer:
         if trace:
             with tracing.attached(trace):
                 return await self.query(body, model_id, principal)
+        thread = body.get("thread") if isinstance(body, dict) else body.thread
+        if thread:  # its messages are the history (the caller's own thread only)
+            body = await self._with_thread(parse_request(body), principal)
         if principal is not None:
             collection = (body.get("collection") if isinstance(body, dict) else body.collection)
             principal.require("collections:query", collection or self.settings.rag.collection, "collection")
@@ -232,7 +238,36 @@ class RagServer:
             out["completion_tokens"] = self.service.count_tokens(response.answer)  # the chat alias's usage
             return out
 
-        return await asyncio.to_thread(run)
+        out = await asyncio.to_thread(run)
+        if thread:
+            await self._record_turn(body, out, principal)
+        return out
+
+    async def _with_thread(self, req: RagQueryRequest, principal: Principal | None) -> RagQueryRequest:
+        """The request with its thread's messages as the history (and the thread's collection when
+        it names none); a thread that is not this caller's is not found, a full one refused."""
+        if principal is None:
+            raise RagInvalidRequest("a thread belongs to a caller: a query naming one must say whose it is", "thread")
+        if req.history:
+            raise RagInvalidRequest("name a thread or send history, not both", "history")
+        turn = [{"role": "user", "content": req.query}, {"role": "assistant", "content": ""}]
+        t = await threads.call(self.settings, "room", principal.key_id, req.thread, turn)
+        update: dict[str, Any] = {"history": [HistoryMessage(role=m["role"], content=m["content"])
+                                              for m in t["messages"]]}
+        if req.collection is None and t["collection"]:
+            update["collection"] = t["collection"]
+        return req.model_copy(update=update)
+
+    async def _record_turn(self, req: RagQueryRequest, out: dict[str, Any], principal: Principal) -> None:
+        """The question (with what retrieval used) and its answer, added to the thread."""
+        conv = out["diagnostics"].get("conversation") or {}
+        turn = [{"role": "user", "content": req.query,
+                 "standalone_question": conv.get("standalone_question") or " ".join(req.query.split())}]
+        if out["answer"]:
+            turn.append({"role": "assistant", "content": out["answer"], "model": out["model"],
+                         "citations": [{k: c.get(k, "") for k in ("index", "source", "title", "doc_id")}
+                                       for c in out["citations"]]})
+        await threads.call(self.settings, "append", principal.key_id, req.thread, turn)
 
     def start_ingest(self, req: IngestRequest, owner: str) -> dict[str, Any]:
         """Check the request (allowed roots, name, readable files) before anything is written,

@@ -252,3 +252,98 @@ def test_cli_ask_with_a_model_generates_through_the_chat_path(rag_platform, ray_
     r = CliRunner().invoke(app, ["ask", "x", "--collection", "docs", "--model", "no-such-model",
                                  "--config", str(cfg)])
     assert r.exit_code == 2 and "no-such-model" in r.output
+
+
+# ------------------------------------------------------------------ conversations and threads
+
+def threads(base, key, method="GET", path="", body=None):
+    return httpx.request(method, base + "/v1/threads" + path, json=body, timeout=60,
+                         headers={"Authorization": f"Bearer {key}"})
+
+
+def test_a_follow_up_is_rewritten_from_the_conversation(rag_platform):
+    _, base, admin, _ = rag_platform
+    history = [{"role": "user", "content": "What is KubeRay?"},
+               {"role": "assistant", "content": "KubeRay runs Ray clusters on Kubernetes [1]."}]
+    body = rag(base, admin, {"query": "What else does it do?", "history": history, "top_k": 2}).json()
+    conv = body["diagnostics"]["conversation"]
+    assert conv["rewrite"] == "heuristic" and "KubeRay" in conv["standalone_question"]
+    assert conv["verbatim_messages"] == 2 and conv["history_tokens"] > 0
+    assert body["passages"][0]["source"].endswith("kuberay.md")  # retrieved with the standalone question
+    # the `rag` alias hands its messages over as the conversation
+    client = openai.OpenAI(base_url=base + "/v1", api_key=admin, max_retries=0)
+    r = client.chat.completions.create(model="rag", messages=[
+        {"role": "system", "content": "Be brief."}, *history, {"role": "user", "content": "What else does it do?"}])
+    assert r.model_extra["citations"][0]["source"].endswith("kuberay.md")
+    # with a chat model: its rewrite, or the heuristic when the (tiny, noisy) model's fails its check
+    named = rag(base, admin, {"query": "What else does it do?", "history": history, "model": CHAT}).json()
+    conv = named["diagnostics"]["conversation"]
+    assert conv["rewrite"] == "model" or (conv["rewrite"] == "heuristic" and conv["rewrite_fallback_reason"])
+
+
+def test_threads_keep_the_conversation_for_their_owner_only(rag_platform, ray_cluster):
+    settings, base, admin, scoped = rag_platform
+    r = threads(base, admin, "POST", body={"title": "KubeRay", "collection": "docs"})
+    assert r.status_code == 200, r.text
+    tid = r.json()["id"]
+    first = threads(base, admin, "POST", f"/{tid}/ask", {"query": "What is KubeRay?"})
+    assert first.status_code == 200, first.text
+    follow = threads(base, admin, "POST", f"/{tid}/ask", {"query": "What else does it do?", "top_k": 2}).json()
+    conv = follow["diagnostics"]["conversation"]
+    assert conv["thread"] == tid and conv["history_messages"] == 2 and "KubeRay" in conv["standalone_question"]
+    assert follow["citations"][0]["source"].endswith("kuberay.md")
+    got = threads(base, admin, path=f"/{tid}").json()
+    assert [m["role"] for m in got["messages"]] == ["user", "assistant"] * 2
+    assert got["messages"][2]["standalone_question"] == conv["standalone_question"]
+    assert got["messages"][3]["citations"][0]["source"].endswith("kuberay.md")
+    assert rag(base, admin, {"query": "And how?", "thread": tid}).json()["diagnostics"]["conversation"]["thread"] == tid
+    # another key: not found, whatever it tries; its list is its own
+    for method, path, body in (("GET", f"/{tid}", None), ("DELETE", f"/{tid}", None),
+                               ("POST", f"/{tid}/messages", {"role": "user", "content": "x"}),
+                               ("POST", f"/{tid}/ask", {"query": "What is KubeRay?"})):
+        r = threads(base, scoped, method, path, body)
+        assert r.status_code == 404 and r.json()["error"]["type"] == "not_found_error", (method, path, r.text)
+    assert rag(base, scoped, {"query": "x", "thread": tid}).status_code == 404
+    assert threads(base, scoped).json()["data"] == [] and tid in [t["id"] for t in threads(base, admin).json()["data"]]
+    # durable: the store's actor restarts from its files
+    from rag import threads as thread_module
+    from rag.threads import thread_store
+
+    for no_restart in (False, True):  # restarted by Ray; killed for good: made again by the next call
+        ray_cluster.kill(thread_store(settings), no_restart=no_restart)
+        deadline = time.time() + 30
+        while True:
+            r = threads(base, admin, path=f"/{tid}")
+            if r.status_code == 200 or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert r.status_code == 200 and r.json()["message_count"] == 6, r.text
+        thread_module._HANDLES.clear()  # this process's handle may have gone with it
+    assert threads(base, admin, "DELETE", f"/{tid}").json() == {"id": tid, "object": "thread.deleted", "deleted": True}
+    assert threads(base, admin, path=f"/{tid}").status_code == 404
+
+
+@pytest.mark.parametrize("method, path, body, status, param", [
+    ("POST", "", {"title": "x", "surprise": 1}, 400, "surprise"),
+    ("POST", "", {"messages": [{"role": "system", "content": "x"}]}, 400, None),
+    ("GET", "/not-a-thread", None, 400, "thread_id"),
+    ("POST", "/thr_000000000000000000000000/ask", {"query": "x"}, 404, "thread_id"),
+    ("POST", "/thr_000000000000000000000000/ask", {"query": ""}, 400, "query"),
+])
+def test_bad_thread_requests_are_clear_4xx(rag_platform, method, path, body, status, param):
+    _, base, admin, _ = rag_platform
+    r = threads(base, admin, method, path, body)
+    assert r.status_code == status, r.text
+    if param:
+        assert r.json()["error"]["param"] == param
+
+
+def test_a_query_names_a_thread_or_sends_history_not_both(rag_platform):
+    _, base, admin, _ = rag_platform
+    tid = threads(base, admin, "POST", body={}).json()["id"]
+    r = rag(base, admin, {"query": "x", "thread": tid, "history": [{"role": "user", "content": "y"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "history"
+    spec = httpx.get(base + "/openapi.json", timeout=30).json()
+    for path, op in (("/v1/threads", "post"), ("/v1/threads/{thread_id}/ask", "post"), ("/v1/threads", "get")):
+        assert spec["paths"][path][op]["security"] == [{"bearer": []}], path
+    assert "requestBody" in spec["paths"]["/v1/threads/{thread_id}/ask"]["post"]

@@ -22,6 +22,7 @@ from models.protocol import (
     new_id,
 )
 from observability import tracing
+from rag.conversation import MAX_HISTORY_CHARS, MAX_HISTORY_MESSAGES
 from security.auth import Principal
 from serve.gateway.catalog import RAG_ALIAS, Catalog
 from serve.gateway.chat import Answer, ChatCall, ChatService
@@ -35,6 +36,16 @@ def rag_collection(model: str) -> tuple[bool, str | None]:
     """(is this the RAG alias, the collection it names)."""
     name, sep, collection = model.partition(":")
     return name == RAG_ALIAS and (not sep or bool(collection)), collection or None
+
+
+def conversation_history(req: ChatCompletionRequest) -> list[dict[str, str]]:
+    """The user and assistant messages before the last user message (the RAG service rewrites the
+    question to stand alone from them and packs them to its budget): the newest
+    MAX_HISTORY_MESSAGES, each cut to MAX_HISTORY_CHARS (older text is summarised anyway)."""
+    last = max((i for i, m in enumerate(req.messages) if m.role == "user"), default=0)
+    turns = [{"role": m.role, "content": m.text()[:MAX_HISTORY_CHARS]} for m in req.messages[:last]
+             if m.role in ("user", "assistant") and m.text().strip()]
+    return turns[-MAX_HISTORY_MESSAGES:]
 
 
 def last_user_text(req: ChatCompletionRequest, what: str) -> str:
@@ -71,21 +82,30 @@ class RagAlias:
             raise NotFound(RAG_DISABLED)
         question = last_user_text(req, "rag model")
         _, collection = rag_collection(req.model)
-        if self._handle is None:
-            self._handle = serve.get_app_handle(RAG_APP)
-        body = {"query": question, "collection": collection}
-        try:
-            result = await asyncio.wait_for(
-                self._handle.query.remote(body, await self.generator(None, principal), principal,
-                                          trace=tracing.inject()), self.timeout_s)
-        except TimeoutError:
-            raise UpstreamTimeout(f"the RAG service did not answer within {self.timeout_s:g}s") from None
-        except Exception as e:
-            raise unwrap(e) from None
+        body: dict[str, Any] = {"query": question, "collection": collection}
+        if history := conversation_history(req):  # the conversation, not only its last message
+            body["history"] = history
+        result = await self.query(body, None, principal)
         completion = result.get("completion_tokens") or len(result["answer"].split())
         usage = Usage.of(result["diagnostics"]["context_tokens"], completion)
         answer = Answer(f"{RAG_ALIAS}/{result['model']}", new_id("chatcmpl"), result["answer"], "stop", usage, 0.0)
         return answer, result["citations"]
+
+    async def query(self, body: dict[str, Any], model: str | None, principal: Principal) -> dict[str, Any]:
+        """One RAG query on the RAG app (a thread's question too), generated with `model` or the
+        default generator, on this principal's behalf; the RAG app's answer as a dict."""
+        if not self.settings.rag.enabled:
+            raise NotFound(RAG_DISABLED)
+        if self._handle is None:
+            self._handle = serve.get_app_handle(RAG_APP)
+        generator = await self.generator(model, principal) if body.get("answer", True) else None
+        try:
+            return await asyncio.wait_for(
+                self._handle.query.remote(body, generator, principal, trace=tracing.inject()), self.timeout_s)
+        except TimeoutError:
+            raise UpstreamTimeout(f"the RAG service did not answer within {self.timeout_s:g}s") from None
+        except Exception as e:
+            raise unwrap(e) from None
 
 
 class OrchestratorAlias:

@@ -60,6 +60,7 @@ from serve.gateway.chat import ChatCall, ChatService
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
 from serve.gateway.responses import (SSE_HEADERS, SettledStreamingResponse, encode_vector, one_answer, stream_sse,
                                      whole)
+from serve.gateway.threads_routes import router as threads_router
 from serve.gateway.schemas import (Feedback, FeedbackResult, Health, Orchestration, Readiness, RouterStatus,
                                    UsageReport)
 from observability import tracing
@@ -79,6 +80,7 @@ app = http_app("ORFEAS gateway")
 app.include_router(auth_router)  # /v1/auth/*: sign-in, sessions, MFA enrolment (serve/gateway/auth_routes.py)
 app.include_router(admin_router)  # /v1/admin/*: keys, teams, budgets, roles, limits (serve/admin_api.py)
 app.include_router(audit_router)  # GET /v1/audit/entries, /v1/audit/verify (serve/audit_api.py)
+app.include_router(threads_router)  # /v1/threads: a key's own RAG conversations (serve/gateway/threads_routes.py)
 
 
 # Defined before the class: `serve.ingress` pickles the routes when the class is made, with the
@@ -109,6 +111,7 @@ class Gateway:
         self.chat = ChatService(self.settings, self.router, UsageBook(self.settings), self.metrics,
                                 self.router_metrics)
         self.rag = RagAlias(self.settings, self.catalog)
+        app.state.rag_alias = self.rag  # the /v1/threads routes ask through it
         self.orchestrator = OrchestratorAlias(self.settings, self.chat)
 
     def _early_refusal(self, path: str, model: str, authorization: str | None) -> APIError | None:

@@ -184,6 +184,10 @@ def _openapi_with_bearer(app: FastAPI, generate: Callable[[], dict[str, Any]]) -
                         op = schema.get("paths", {}).get(route.path_format, {}).get(method.lower())
                         if op is not None:
                             op["security"], secured = [{"bearer": []}], True
+            # Routes of an included router (FastAPI nests them) name the scheme themselves
+            # (openapi_extra): the scheme they name must be defined too.
+            secured = secured or any("security" in op for ops in schema.get("paths", {}).values()
+                                     for op in ops.values() if isinstance(op, dict))
             if secured:
                 schema.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = BEARER_SCHEME
             app.openapi_schema = schema
