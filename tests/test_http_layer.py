@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from fastapi import Depends, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from ray.exceptions import RayTaskError
@@ -201,6 +201,29 @@ def test_openapi_documents_bodies_responses_errors_and_the_bearer_scheme():
     assert "422" not in op["responses"]  # validation errors are 400s here
     assert op["security"] == [{"bearer": []}] and spec["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
     assert "security" not in spec["paths"]["/runs"]["get"]  # no auth dependency, no scheme
+
+
+def test_openapi_names_the_bearer_scheme_on_routes_of_included_routers():
+    """FastAPI >= 0.137 nests an included router's routes (and Serve's class routes) instead of
+    copying them up: their authenticated operations still carry the scheme. Before, only the
+    app's own top-level routes did, and the gateway's /v1/chat/completions had no `security`."""
+    app = unit_app()
+    inner, outer = APIRouter(), APIRouter()
+
+    @inner.post("/echo")
+    async def echo(req: Ask, principal: Principal = Depends(authenticated)) -> dict:
+        return {}
+
+    @inner.get("/open")
+    async def open_route() -> dict:
+        return {}
+
+    outer.include_router(inner, prefix="/inner")
+    app.include_router(outer, prefix="/v9")
+    spec = call(app, "GET", "/openapi.json").json()
+    assert spec["paths"]["/v9/inner/echo"]["post"]["security"] == [{"bearer": []}]
+    assert "security" not in spec["paths"]["/v9/inner/open"]["get"]
+    assert spec["paths"]["/ask"]["post"]["security"] == [{"bearer": []}]
 
 
 # ------------------------------------------------------------------ live on the cluster

@@ -173,19 +173,30 @@ def _authenticates(dependant) -> bool:
     return any(d.call in AUTH_DEPENDENCIES or _authenticates(d) for d in dependant.dependencies)
 
 
+def _api_routes(router: Any, prefix: str = ""):
+    """(route, its full path) for every API route under `router`. Since FastAPI 0.137,
+    `include_router` (and `serve.ingress`'s class routes) nest an `_IncludedRouter` node instead
+    of copying its routes up, so the walk goes into those, as Ray Serve's own route walk does."""
+    for route in router.routes:
+        if isinstance(route, APIRoute):
+            yield route, prefix + route.path_format
+        elif hasattr(route, "original_router"):
+            yield from _api_routes(route.original_router, prefix + route.include_context.prefix)
+
+
 def _openapi_with_bearer(app: FastAPI, generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = generate()
             secured = False
-            for route in app.routes:
-                if isinstance(route, APIRoute) and _authenticates(route.dependant):
+            for route, path in _api_routes(app.router):
+                if _authenticates(route.dependant):
                     for method in route.methods:
-                        op = schema.get("paths", {}).get(route.path_format, {}).get(method.lower())
+                        op = schema.get("paths", {}).get(path, {}).get(method.lower())
                         if op is not None:
                             op["security"], secured = [{"bearer": []}], True
-            # Routes of an included router (FastAPI nests them) name the scheme themselves
-            # (openapi_extra): the scheme they name must be defined too.
+            # Routes that check credentials themselves name the scheme (openapi_extra): the
+            # scheme they name must be defined too.
             secured = secured or any("security" in op for ops in schema.get("paths", {}).values()
                                      for op in ops.values() if isinstance(op, dict))
             if secured:
