@@ -10,8 +10,15 @@ ongoing requests, which is arrival rate x time in system (Little's law), and tok
 replicas report one — sampled into short buckets. It sizes the deployment for the forecast at
 `horizon = max(horizon_s, measured cold start) + look_back/2` (the metric itself lags by half its
 window), plus headroom: the `quantile` of its own past relative forecast errors at that horizon.
+The count is staffed with square-root headroom (Halfin-Whitt: `r` replicas' worth of load gets
+`r + staffing_beta * sqrt(r)`, so the spare is large at small loads and small at large ones).
 Scale-up is immediate; scale-down waits for `downscale_cooldown_s` after any change and only goes
-to a count that holds the need with `hysteresis` to spare, so the count does not flap.
+to a count that holds the highest need of the last `downscale_window_s` with `hysteresis` to
+spare, so load that returns within the window finds its replicas. Reversals are budgeted
+(`max_reversals_per_hour`): a downturn after an upward run only when the hour's budget has room,
+and an upturn after a downward run only for the load already there (not the forecast's headroom).
+The first look-back period after the policy starts only holds the load seen (Serve's mean is still
+filling and its rise would read as a trend).
 
 Everything is a pure function of `AutoscalingContext` (and the params) returning
 `(replicas, state)`, like Ray's own policies. `ForecastPolicy` / `AppForecastPolicy` are the
@@ -40,25 +47,25 @@ MIN_ERRORS = 8  # forecast errors seen before the quantile replaces the starting
 @dataclass(frozen=True)
 class PolicyParams:
     horizon_s: float = 30.0
-    quantile: float = 0.95
+    quantile: float = 0.5  # of past relative forecast errors (the spread is the staffing's job)
     downscale_cooldown_s: float = 120.0
-    hysteresis: float = 0.2
+    hysteresis: float = 0.1
     bucket_s: float = 5.0  # load samples are averaged into buckets this long
     alpha: float = 0.5  # level smoothing per bucket
     beta: float = 0.3  # trend smoothing per bucket
     errors_kept: int = 240
-    start_headroom: float = 0.5  # relative headroom until enough errors are seen
+    start_headroom: float = 0.0  # relative headroom until enough errors are seen (staffing covers it)
     max_reversals_per_hour: float = 2.0  # a scale-down that turns an upward run around must fit this
     target_tokens_per_replica: float | None = None  # size by token load too, when replicas report it
     # Square-root staffing: r replicas' worth of load gets r + staffing_beta * sqrt(r) replicas, the
     # spare that random arrivals need for few of them to wait (Halfin-Whitt); 0: off.
-    staffing_beta: float = 0.0
+    staffing_beta: float = 2.0  # Halfin-Whitt: about 3% of arrivals find every replica busy
     # Reversals a downturn after an upward run must leave in the hour's budget: itself and (2)
     # the upturn that likely follows, or (1) itself only, when the window's peak guards the level.
-    reversal_reserve: int = 2
+    reversal_reserve: int = 1
     # A scale-down goes no lower than the highest need of this recent window: load that came back
     # within it would need the replicas again (a reversal); 0: the need now.
-    downscale_window_s: float = 0.0
+    downscale_window_s: float = 600.0
 
     @classmethod
     def of(cls, kwargs: dict[str, Any]) -> "PolicyParams":

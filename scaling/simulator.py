@@ -189,7 +189,7 @@ def simulate(trace: Trace, profile: Profile, policy: Callable, config, *, name: 
 
     with _sim_clock(clock):
         t = 0.0
-        while t < end or queue or any(r.active for r in replicas):
+        while t < end or i < n or queue or any(r.active for r in replicas):
             t_next = t + dt
             # Arrivals in [t, t_next): straight to a free slot, else the queue.
             while i < n and arrivals[i] < t_next:
