@@ -152,10 +152,21 @@ def work(tr, profile) -> dict:
 
     ok = tr.prompt < profile.max_prompt_tokens if profile.max_prompt_tokens else np.ones(len(tr), bool)
     service = profile.unloaded_ttft(tr.prompt[ok]) + tr.output[ok] * profile.tpot(1)
+    from scaling.simulator import busy_replicas, fewest_replica_seconds, initial_replicas
+
     tens = np.bincount((tr.t[ok] // 10).astype(int))
-    return {"replica_seconds": round(float(service.sum())), "mean_offered_replicas":
-            round(float(service.sum() / max(tr.duration_s, 1e-9)), 1), "max_arrivals_in_10s": int(tens.max()),
-            "median_service_s": round(float(np.median(service)), 2)}
+    out = {"replica_seconds": round(float(service.sum())), "mean_offered_replicas":
+           round(float(service.sum() / max(tr.duration_s, 1e-9)), 1), "max_arrivals_in_10s": int(tens.max()),
+           "median_service_s": round(float(np.median(service)), 2)}
+    if tr.duration_s <= 4 * 3600:  # the bound's programme is quadratic-free but slow over days
+        need = busy_replicas(tr, profile)
+        budget = int(2 * max(tr.duration_s / 3600, 1.0))
+        start = initial_replicas(tr, profile, 1.0 if profile.serial else 2.0)
+        out["no_wait_bound"] = {
+            "max_busy_replicas": int(need.max()),
+            "fewest_replica_seconds_at_2_reversals_per_hour": round(fewest_replica_seconds(need, start, budget)),
+            "fewest_replica_seconds_any_reversals": round(float(need.sum()) * 10.0)}  # c = need
+    return out
 
 
 if __name__ == "__main__":

@@ -345,3 +345,50 @@ def compare(trace: Trace, profile: Profile, *, slo_s: float, min_replicas: int =
                            orfeas_config(params, target_ongoing_requests=target, **bounds),
                            name="orfeas forecast", slo_s=slo_s, dt=dt),
     }
+
+
+def busy_replicas(trace: Trace, profile: Profile, step_s: float = 10.0) -> np.ndarray:
+    """Per step, the most requests in service at once if every request started on arrival (no
+    wait): the count a serial engine needs for nobody to wait (max_ongoing per replica otherwise)."""
+    ok = trace.prompt < profile.max_prompt_tokens if profile.max_prompt_tokens else np.ones(len(trace), bool)
+    start = trace.t[ok]
+    end = start + profile.unloaded_ttft(trace.prompt[ok]) + trace.output[ok] * profile.tpot(1)
+    # In service at time x: started at or before x, not yet ended; sampled every second.
+    grid = np.arange(0.0, float(end.max()) + 1.0, 1.0)
+    busy = np.searchsorted(np.sort(start), grid, side="right") - np.searchsorted(np.sort(end), grid, side="right")
+    per = 1 if profile.serial else profile.max_ongoing_requests
+    per_step = int(round(step_s))
+    busy = np.ceil(busy / per)
+    pad = (-len(busy)) % per_step
+    return np.concatenate([busy, np.zeros(pad)]).reshape(-1, per_step).max(axis=1)
+
+
+def fewest_replica_seconds(need: np.ndarray, start: int, max_reversals: int, step_s: float = 10.0) -> float:
+    """The fewest replica-seconds of any count that is at least `need` at every step (known in
+    advance: a clairvoyant policy, no cold start) and turns around at most `max_reversals` times,
+    starting at `start`. A lower bound for every real policy under the same reversal budget that
+    lets no request wait. Dynamic programme over (reversals used, last direction, level)."""
+    top = int(max(need.max(), start)) + 1
+    levels = np.arange(top + 1, dtype=float)
+    inf = np.inf
+    # v[r, d, L]: cost so far at level L after r reversals, last direction d (0: none, 1: up, 2: down).
+    v = np.full((max_reversals + 1, 3, top + 1), inf)
+    v[0, 0, start] = 0.0
+    for n in need:
+        nv = v.copy()  # stay at the level
+        for r in range(max_reversals + 1):
+            for d in range(3):
+                row = v[r, d]
+                if not np.isfinite(row).any():
+                    continue
+                up = np.concatenate([[inf], np.minimum.accumulate(row)[:-1]])  # from any lower level
+                down = np.concatenate([np.minimum.accumulate(row[::-1])[::-1][1:], [inf]])  # from any higher
+                ru = r + (d == 2)
+                rd = r + (d == 1)
+                if ru <= max_reversals:
+                    nv[ru, 1] = np.minimum(nv[ru, 1], up)
+                if rd <= max_reversals:
+                    nv[rd, 2] = np.minimum(nv[rd, 2], down)
+        nv[:, :, levels < n] = inf
+        v = nv + levels * step_s
+    return float(v.min())
