@@ -782,11 +782,11 @@ class AutoscalingSettings(_Section):
     downscale_delay_s: float = Field(600.0, ge=0, description="default policy: Ray's downscale delay.")
     horizon_s: float = Field(30.0, gt=0, description="orfeas: shortest forecast horizon; the policy lengthens "
                              "it to the deployment's measured cold start.")
-    quantile: float = Field(0.95, gt=0, lt=1, description="orfeas: headroom covers this quantile of past "
+    quantile: float = Field(0.5, gt=0, lt=1, description="orfeas: headroom covers this quantile of past "
                             "forecast errors.")
     downscale_cooldown_s: float = Field(120.0, ge=0, description="orfeas: no scale-down sooner than this "
                                         "after any scaling.")
-    hysteresis: float = Field(0.2, ge=0, lt=1, description="orfeas: scale down only when the forecast fits "
+    hysteresis: float = Field(0.1, ge=0, lt=1, description="orfeas: scale down only when the forecast fits "
                               "the smaller count with this fraction to spare.")
     max_reversals_per_hour: float = Field(2.0, ge=0, description="orfeas: a scale-down that turns an upward "
                                           "run around must fit this budget (scale-ups are never held).")

@@ -84,15 +84,17 @@ def recommend(p: dict[str, Any], engine: Profile | None, *, slo_s: float = 1.0) 
     bursty = p["burstiness"]["interarrival_cv"] > 1.5 or p["burstiness"]["dispersion_10s"] > 3
     out: dict[str, Any] = {
         "policy": "orfeas",
-        "quantile": 0.99 if bursty else 0.95,
+        "quantile": 0.9 if bursty else 0.5,
         "downscale_cooldown_s": 300.0 if p["rate_rps"]["peak_to_mean"] > 3 else 120.0,
         "why": [],
     }
-    out["why"].append("bursty arrivals (inter-arrival CV %.2f, dispersion %.1f): headroom at the 99th percentile"
-                      % (p["burstiness"]["interarrival_cv"], p["burstiness"]["dispersion_10s"]) if bursty else
-                      "near-Poisson arrivals: headroom at the 95th percentile")
+    out["why"].append("bursty arrivals (inter-arrival CV %.2f, dispersion %.1f): headroom at the 90th percentile "
+                      "of forecast errors" % (p["burstiness"]["interarrival_cv"], p["burstiness"]["dispersion_10s"])
+                      if bursty else "near-Poisson arrivals: the median forecast error (square-root staffing "
+                      "covers the spread)")
     if engine is not None:
-        target = engine.max_ongoing_requests / 2
+        # A serial engine serves one request at a time: a second ongoing one per replica only waits.
+        target = 1.0 if engine.serial else engine.max_ongoing_requests / 2
         c = max(int(target), 1)
         service = engine.ttft(c, int(p["tokens"]["prompt"]["mean"])) + p["tokens"]["output"]["mean"] * engine.tpot(c)
         per_replica = target / service  # requests/s one replica holds at the target concurrency

@@ -10,8 +10,15 @@ ongoing requests, which is arrival rate x time in system (Little's law), and tok
 replicas report one — sampled into short buckets. It sizes the deployment for the forecast at
 `horizon = max(horizon_s, measured cold start) + look_back/2` (the metric itself lags by half its
 window), plus headroom: the `quantile` of its own past relative forecast errors at that horizon.
+The count is staffed with square-root headroom (Halfin-Whitt: `r` replicas' worth of load gets
+`r + staffing_beta * sqrt(r)`, so the spare is large at small loads and small at large ones).
 Scale-up is immediate; scale-down waits for `downscale_cooldown_s` after any change and only goes
-to a count that holds the need with `hysteresis` to spare, so the count does not flap.
+to a count that holds the highest need of the last `downscale_window_s` with `hysteresis` to
+spare, so load that returns within the window finds its replicas. Reversals are budgeted
+(`max_reversals_per_hour`): a downturn after an upward run only when the hour's budget has room,
+and an upturn after a downward run only for the load already there (not the forecast's headroom).
+The first look-back period after the policy starts only holds the load seen (Serve's mean is still
+filling and its rise would read as a trend).
 
 Everything is a pure function of `AutoscalingContext` (and the params) returning
 `(replicas, state)`, like Ray's own policies. `ForecastPolicy` / `AppForecastPolicy` are the
@@ -40,16 +47,25 @@ MIN_ERRORS = 8  # forecast errors seen before the quantile replaces the starting
 @dataclass(frozen=True)
 class PolicyParams:
     horizon_s: float = 30.0
-    quantile: float = 0.95
+    quantile: float = 0.5  # of past relative forecast errors (the spread is the staffing's job)
     downscale_cooldown_s: float = 120.0
-    hysteresis: float = 0.2
+    hysteresis: float = 0.1
     bucket_s: float = 5.0  # load samples are averaged into buckets this long
     alpha: float = 0.5  # level smoothing per bucket
     beta: float = 0.3  # trend smoothing per bucket
     errors_kept: int = 240
-    start_headroom: float = 0.5  # relative headroom until enough errors are seen
+    start_headroom: float = 0.0  # relative headroom until enough errors are seen (staffing covers it)
     max_reversals_per_hour: float = 2.0  # a scale-down that turns an upward run around must fit this
     target_tokens_per_replica: float | None = None  # size by token load too, when replicas report it
+    # Square-root staffing: r replicas' worth of load gets r + staffing_beta * sqrt(r) replicas, the
+    # spare that random arrivals need for few of them to wait (Halfin-Whitt); 0: off.
+    staffing_beta: float = 2.0  # Halfin-Whitt: about 3% of arrivals find every replica busy
+    # Reversals a downturn after an upward run must leave in the hour's budget: itself and (2)
+    # the upturn that likely follows, or (1) itself only, when the window's peak guards the level.
+    reversal_reserve: int = 1
+    # A scale-down goes no lower than the highest need of this recent window: load that came back
+    # within it would need the replicas again (a reversal); 0: the need now.
+    downscale_window_s: float = 600.0
 
     @classmethod
     def of(cls, kwargs: dict[str, Any]) -> "PolicyParams":
@@ -123,6 +139,12 @@ def need(sig: dict[str, Any], horizon_s: float, p: PolicyParams) -> tuple[float,
     return f, base + max(rel, 0.0) * max(base, 1.0)
 
 
+def staffed(load: float, beta: float) -> float:
+    """Replicas for `load` replicas' worth of work with square-root headroom (Halfin-Whitt): the
+    spare grows with the square root of the load, not in proportion to it."""
+    return load + beta * math.sqrt(max(load, 0.0))
+
+
 # ------------------------------------------------------------------------- the decision (pure)
 
 
@@ -167,6 +189,19 @@ def _cold_start(st: dict[str, Any], ctx, now: float) -> None:
     st["cold"] = cold
 
 
+def _window_peaks(peaks: list, now: float, value: float, p: PolicyParams) -> list:
+    """The need's maxima per bucket over the last `downscale_window_s` ([start, max] pairs)."""
+    out = [list(b) for b in peaks if b[0] > now - p.downscale_window_s]
+    if out and now - out[-1][0] < p.bucket_s:
+        out[-1][1] = max(out[-1][1], value)
+    else:
+        out.append([now, value])
+    if p.downscale_window_s <= 0:
+        out = out[-1:]
+        out[0][1] = value
+    return out
+
+
 def plan(ctx, p: PolicyParams, *, extra_need: float = 0.0) -> tuple[Plan, dict[str, Any]]:
     """The decision for one deployment and its new ORFEAS state (`ctx.policy_state[STATE_KEY]`)."""
     now = _now(ctx)
@@ -180,12 +215,22 @@ def plan(ctx, p: PolicyParams, *, extra_need: float = 0.0) -> tuple[Plan, dict[s
     horizon = max(p.horizon_s, (st["cold"] or {}).get("s") or 0.0) + look_back / 2
 
     requests = float(ctx.total_num_requests or 0.0)
-    st["requests"] = observe(old.get("requests") or new_signal(), now, requests, horizon, p)
-    f_req, need_req = need(st["requests"], horizon, p)
+    st["since"] = old.get("since", now)
+    if now - st["since"] < look_back:
+        # Serve's look-back mean is still filling: its rise is the window's, not the load's (a
+        # trend and forecast errors learnt from it would be wrong for long after).
+        st["requests"] = new_signal()
+        f_req = need_req = requests
+    else:
+        st["requests"] = observe(old.get("requests") or new_signal(), now, requests, horizon, p)
+        f_req, need_req = need(st["requests"], horizon, p)
     need_req = max(need_req, extra_need)
     per = _target_per_replica(ctx)
-    desired = math.ceil(need_req / per - 1e-9)
-    fit = math.ceil(need_req / (per * (1 - p.hysteresis)) - 1e-9)  # the count a scale-down may go to
+    desired = math.ceil(staffed(need_req / per, p.staffing_beta) - 1e-9)
+    # The count a scale-down may go to: the window's highest need with the hysteresis band to spare.
+    st["peaks"] = _window_peaks(old.get("peaks") or [], now, need_req, p)
+    recent = max(v for _, v in st["peaks"])
+    fit = math.ceil(staffed(recent / (per * (1 - p.hysteresis)), p.staffing_beta) - 1e-9)
 
     tokens = _tokens(ctx)
     if tokens is not None and p.target_tokens_per_replica:
@@ -198,7 +243,11 @@ def plan(ctx, p: PolicyParams, *, extra_need: float = 0.0) -> tuple[Plan, dict[s
     current = ctx.target_num_replicas
     decision = current
     pending = ctx.target_num_replicas > ctx.current_num_replicas
-    if desired > current and not (pending and desired < 2 * current):
+    if st["dir"] < 0 and desired > current:
+        # Turning a downward run around spends a reversal: only for the load already here (staffed),
+        # not for the forecast's headroom, which a noisy signal crosses and recrosses.
+        decision = max(current, math.ceil(staffed(requests / per, p.staffing_beta) - 1e-9))
+    elif desired > current and not (pending and desired < 2 * current):
         # Never held back (the SLO comes first), except while replicas asked for are still
         # starting: the load they will take is not yet visible, so only a large miss adds more.
         decision = desired
@@ -206,7 +255,7 @@ def plan(ctx, p: PolicyParams, *, extra_need: float = 0.0) -> tuple[Plan, dict[s
         cooled = now - st["last_change"] >= p.downscale_cooldown_s
         # Turning an upward run around costs a reversal now and, likely, one more when load
         # returns: only when both fit the hour's budget. Downward runs are not limited.
-        budget = st["dir"] <= 0 or len(st["revs"]) + 2 <= p.max_reversals_per_hour
+        budget = st["dir"] <= 0 or len(st["revs"]) + p.reversal_reserve <= p.max_reversals_per_hour
         if cooled and budget:
             decision = max(fit, desired)
     decision = max(lo, min(hi, decision))

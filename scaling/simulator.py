@@ -11,7 +11,8 @@ added starts serving after the cold start; one that is removed stops taking requ
 for until its last request finishes.
 
 The policy sees what Serve's controller gives it: an `AutoscalingContext` (Ray's own class) whose
-`total_num_requests` is the mean of ongoing requests over `look_back_period_s`, called every
+`total_num_requests` is the mean of ongoing requests over `look_back_period_s` (and
+`total_queued_requests` the mean of the queue over it, as Serve aggregates both), called every
 `control_s`, wrapped the way the controller wraps every policy (`_apply_autoscaling_config`:
 scaling factors, delays, bounds). Ray's delay logic reads `time.time()`; the run gives that
 module the simulated clock.
@@ -46,6 +47,10 @@ class Profile:
     cold_start_s: float
     max_ongoing_requests: int = 8
     serial: bool = False  # one request at a time per replica (TTFT grows, per-token time does not)
+    # Measured (prompt tokens, TTFT s) at concurrency 1: prefill is interpolated between them
+    # (past the last, at the last segment's slope) instead of the one linear slope.
+    prefill_points: list | None = None
+    max_prompt_tokens: int | None = None  # the model's context: a longer prompt is refused at once
 
     @classmethod
     def load(cls, path: str | Path) -> "Profile":
@@ -53,9 +58,24 @@ class Profile:
         data = data.get("profile", data)
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
 
+    def prefill(self, prompt_tokens):
+        """Prefill seconds beyond the base prompt's (a number or an array of prompt lengths)."""
+        n = np.maximum(np.asarray(prompt_tokens, dtype=float) - self.base_prompt_tokens, 0.0)
+        if not self.prefill_points or len(self.prefill_points) < 2:
+            return self.prefill_s_per_token * n
+        xs = np.asarray([p[0] for p in self.prefill_points], dtype=float) - self.base_prompt_tokens
+        ys = np.asarray([p[1] for p in self.prefill_points], dtype=float)
+        ys = ys - ys[0]
+        slope = (ys[-1] - ys[-2]) / max(xs[-1] - xs[-2], 1e-9)
+        return np.where(n <= xs[-1], np.interp(n, xs, ys), ys[-1] + slope * (n - xs[-1]))
+
     def ttft(self, c: int, prompt_tokens: int) -> float:
         base = float(np.interp(c, self.concurrency, self.ttft_s))
-        return base + self.prefill_s_per_token * max(prompt_tokens - self.base_prompt_tokens, 0)
+        return base + float(self.prefill(prompt_tokens))
+
+    def unloaded_ttft(self, prompt_tokens) -> np.ndarray:
+        """TTFT of each prompt alone on an idle replica: what no replica count can shorten."""
+        return self.ttft_s[0] + self.prefill(prompt_tokens)
 
     def tpot(self, c: int) -> float:
         return float(np.interp(max(c, 1), self.concurrency, self.tpot_s))
@@ -73,6 +93,7 @@ class _Replica:
 class Result:
     policy: str
     requests: int
+    refused: int  # prompts longer than the model's context: answered with an error at once
     slo_s: float
     slo_attainment: float
     ttft_p50_s: float
@@ -117,7 +138,10 @@ def _context(config, target: int, running: int, ongoing: float, queued: float, s
 def simulate(trace: Trace, profile: Profile, policy: Callable, config, *, name: str, slo_s: float,
              dt: float = 0.25, control_s: float = 1.0) -> Result:
     """Run `trace` through one deployment scaled by `policy` (a raw policy function or callable
-    object, wrapped here as Serve's controller wraps it) under Ray's `AutoscalingConfig`."""
+    object, wrapped here as Serve's controller wraps it) under Ray's `AutoscalingConfig`.
+
+    The SLO is on the wait scaling controls: a request attains it when its TTFT is at most its
+    unloaded TTFT (its own prefill on an idle replica) plus `slo_s`."""
     from ray.serve.autoscaling_policy import _apply_autoscaling_config
 
     wrapped = _apply_autoscaling_config(policy)
@@ -126,10 +150,13 @@ def simulate(trace: Trace, profile: Profile, policy: Callable, config, *, name: 
     target = max(config.initial_replicas or config.min_replicas, 1)
     replicas = [_Replica(ready_at=0.0) for _ in range(target)]
     queue: deque = deque()  # (arrival, prompt, output)
-    window: deque = deque()  # (t, ongoing) samples for the look-back mean
-    window_sum = 0.0
+    window: deque = deque()  # (t, ongoing, queued) samples for the look-back means
+    window_sum = queued_sum = 0.0
     ttft = np.full(len(trace), np.nan)
     arrivals, prompts, outputs = trace.t, trace.prompt, trace.output
+    refused = np.zeros(len(trace), dtype=bool)
+    if profile.max_prompt_tokens:
+        refused = prompts >= profile.max_prompt_tokens
     i, n = 0, len(trace)
     state: dict = {}
     replica_s = 0.0
@@ -162,10 +189,13 @@ def simulate(trace: Trace, profile: Profile, policy: Callable, config, *, name: 
 
     with _sim_clock(clock):
         t = 0.0
-        while t < end or queue or any(r.active for r in replicas):
+        while t < end or i < n or queue or any(r.active for r in replicas):
             t_next = t + dt
             # Arrivals in [t, t_next): straight to a free slot, else the queue.
             while i < n and arrivals[i] < t_next:
+                if refused[i]:
+                    i += 1
+                    continue
                 rep = None if queue else free_replica(arrivals[i])
                 if rep is not None:
                     admit(rep, i, 0.0)
@@ -190,16 +220,19 @@ def simulate(trace: Trace, profile: Profile, policy: Callable, config, *, name: 
             replica_s += len(replicas) * dt
             # What Serve's metrics see: ongoing (running + queued) requests, look-back mean.
             ongoing = len(queue) + sum(len(r.active) for r in replicas)
-            window.append((t_next, ongoing))
+            window.append((t_next, ongoing, len(queue)))
             window_sum += ongoing
+            queued_sum += len(queue)
             while window and window[0][0] <= t_next - config.look_back_period_s:
-                window_sum -= window.popleft()[1]
+                _, gone, gone_q = window.popleft()
+                window_sum -= gone
+                queued_sum -= gone_q
             t = t_next
             clock[0] = t
             if t >= next_control:
                 next_control += control_s
                 running = sum(1 for r in replicas if not r.draining and r.ready_at <= t)
-                ctx = _context(config, target, running, window_sum / len(window), float(len(queue)), state, t)
+                ctx = _context(config, target, running, window_sum / len(window), queued_sum / len(window), state, t)
                 decision, state = wrapped(ctx)
                 decision = max(config.min_replicas, min(config.max_replicas, math.ceil(decision)))
                 if decision != target:
@@ -208,12 +241,14 @@ def simulate(trace: Trace, profile: Profile, policy: Callable, config, *, name: 
                     target = decision
                     peak = max(peak, target)
 
-    done = ttft[~np.isnan(ttft)]
+    served = ~np.isnan(ttft)
+    done = ttft[served]
+    waited = done - profile.unloaded_ttft(prompts[served])
     reversals = sum(1 for a, b in zip(directions, directions[1:]) if a != b)
     hours = max(end, 1.0) / 3600.0
     return Result(
-        policy=name, requests=int(len(done)), slo_s=slo_s,
-        slo_attainment=float(np.mean(done <= slo_s)) if len(done) else 1.0,
+        policy=name, requests=int(len(done)), refused=int(refused.sum()), slo_s=slo_s,
+        slo_attainment=float(np.mean(waited <= slo_s + 1e-9)) if len(done) else 1.0,
         ttft_p50_s=float(np.percentile(done, 50)) if len(done) else 0.0,
         ttft_p99_s=float(np.percentile(done, 99)) if len(done) else 0.0,
         replica_seconds=replica_s, mean_replicas=replica_s / max(t, dt), max_replicas=peak,
@@ -287,13 +322,15 @@ def compare(trace: Trace, profile: Profile, *, slo_s: float, min_replicas: int =
             target_ongoing_requests: float | None = None, params: dict[str, Any] | None = None,
             dt: float = 0.25) -> dict[str, Result]:
     """Ray's default policy (its shipped settings: 30 s up / 600 s down delays) and ORFEAS's on the
-    same trace, at the same per-replica target (Ray's default, 2 ongoing requests, unless given),
+    same trace, at the same per-replica target (unless given: Ray's default, 2 ongoing requests;
+    1 for a serial engine),
     the same bounds and the same warm start."""
     from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy
 
     from scaling.policy import ForecastPolicy
 
-    target = target_ongoing_requests or 2.0
+    # A serial engine serves one request at a time: a second ongoing request per replica only waits.
+    target = target_ongoing_requests or (1.0 if profile.serial else 2.0)
     params = {"horizon_s": max(profile.cold_start_s, 10.0), **(params or {})}
     max_replicas = max_replicas or peak_replicas(trace, profile, target)
     # Both start warm: sized for the first minute's offered load (Little's law), not at the
@@ -308,3 +345,50 @@ def compare(trace: Trace, profile: Profile, *, slo_s: float, min_replicas: int =
                            orfeas_config(params, target_ongoing_requests=target, **bounds),
                            name="orfeas forecast", slo_s=slo_s, dt=dt),
     }
+
+
+def busy_replicas(trace: Trace, profile: Profile, step_s: float = 10.0) -> np.ndarray:
+    """Per step, the most requests in service at once if every request started on arrival (no
+    wait): the count a serial engine needs for nobody to wait (max_ongoing per replica otherwise)."""
+    ok = trace.prompt < profile.max_prompt_tokens if profile.max_prompt_tokens else np.ones(len(trace), bool)
+    start = trace.t[ok]
+    end = start + profile.unloaded_ttft(trace.prompt[ok]) + trace.output[ok] * profile.tpot(1)
+    # In service at time x: started at or before x, not yet ended; sampled every second.
+    grid = np.arange(0.0, float(end.max()) + 1.0, 1.0)
+    busy = np.searchsorted(np.sort(start), grid, side="right") - np.searchsorted(np.sort(end), grid, side="right")
+    per = 1 if profile.serial else profile.max_ongoing_requests
+    per_step = int(round(step_s))
+    busy = np.ceil(busy / per)
+    pad = (-len(busy)) % per_step
+    return np.concatenate([busy, np.zeros(pad)]).reshape(-1, per_step).max(axis=1)
+
+
+def fewest_replica_seconds(need: np.ndarray, start: int, max_reversals: int, step_s: float = 10.0) -> float:
+    """The fewest replica-seconds of any count that is at least `need` at every step (known in
+    advance: a clairvoyant policy, no cold start) and turns around at most `max_reversals` times,
+    starting at `start`. A lower bound for every real policy under the same reversal budget that
+    lets no request wait. Dynamic programme over (reversals used, last direction, level)."""
+    top = int(max(need.max(), start)) + 1
+    levels = np.arange(top + 1, dtype=float)
+    inf = np.inf
+    # v[r, d, L]: cost so far at level L after r reversals, last direction d (0: none, 1: up, 2: down).
+    v = np.full((max_reversals + 1, 3, top + 1), inf)
+    v[0, 0, start] = 0.0
+    for n in need:
+        nv = v.copy()  # stay at the level
+        for r in range(max_reversals + 1):
+            for d in range(3):
+                row = v[r, d]
+                if not np.isfinite(row).any():
+                    continue
+                up = np.concatenate([[inf], np.minimum.accumulate(row)[:-1]])  # from any lower level
+                down = np.concatenate([np.minimum.accumulate(row[::-1])[::-1][1:], [inf]])  # from any higher
+                ru = r + (d == 2)
+                rd = r + (d == 1)
+                if ru <= max_reversals:
+                    nv[ru, 1] = np.minimum(nv[ru, 1], up)
+                if rd <= max_reversals:
+                    nv[rd, 2] = np.minimum(nv[rd, 2], down)
+        nv[:, :, levels < n] = inf
+        v = nv + levels * step_s
+    return float(v.min())

@@ -51,7 +51,7 @@ def test_policy_scales_ahead_of_a_replayed_burst_and_back(ray_cluster, serve_por
         "policy": {"policy_function": "scaling.policy:ForecastPolicy",
                    # The replay compresses an hour into a minute: so is the reversal budget.
                    "policy_kwargs": {"horizon_s": 8, "bucket_s": 2, "downscale_cooldown_s": 10,
-                                     "max_reversals_per_hour": 120}}},
+                                     "max_reversals_per_hour": 120, "downscale_window_s": 10}}},
         ray_actor_options={"num_cpus": 0})
     class Work:
         async def __call__(self) -> str:

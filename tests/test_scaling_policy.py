@@ -11,7 +11,7 @@ from ray.serve.autoscaling_policy import _apply_autoscaling_config, _apply_app_l
 from ray.serve.config import AutoscalingConfig, AutoscalingContext
 
 from config import Settings
-from scaling.policy import STATE_KEY, AppForecastPolicy, ForecastPolicy, PolicyParams, decide, quantile
+from scaling.policy import STATE_KEY, AppForecastPolicy, ForecastPolicy, PolicyParams, decide, quantile, staffed
 from scaling.serve_options import POLICY_FUNCTION, autoscaling_config
 from serve.applications import applications, serve_config
 
@@ -40,10 +40,13 @@ def run(load, *, params=PolicyParams(), start=1, dt=1.0, **kw) -> list[int]:
 
 
 def test_steady_load_gets_need_over_target_and_stays():
-    counts = run([20.0] * 300)
-    # 20 requests at 4 per replica; a scale-down stops where the hysteresis band (20%) still holds.
-    assert math.ceil(20 / 4) <= counts[-1] <= math.ceil(20 / (4 * 0.8))
-    assert counts[0] > counts[-1], "the starting headroom is given back once the errors are known"
+    p = PolicyParams()
+    counts = run([20.0] * 300, start=20)
+    # 20 requests at 4 per replica, square-root staffed; a scale-down stops where the hysteresis
+    # band still holds.
+    assert math.ceil(staffed(20 / 4, p.staffing_beta)) <= counts[-1] <= \
+        math.ceil(staffed(20 / (4 * (1 - p.hysteresis)), p.staffing_beta))
+    assert counts[0] > counts[-1], "an oversized start is given back"
     assert len(set(counts[150:])) == 1, "a steady load must not move the count"
 
 
@@ -56,14 +59,14 @@ def test_a_ramp_is_provisioned_ahead_of_the_load():
 
 
 def test_scale_down_waits_for_the_cooldown_and_hysteresis():
-    params = PolicyParams(downscale_cooldown_s=60, hysteresis=0.2)
+    params = PolicyParams(downscale_cooldown_s=60, hysteresis=0.2, downscale_window_s=30)
     load = [40.0] * 100 + [4.0] * 300
     counts = run(load, params=params)
     high = counts[99]
     assert high >= 10
     # Not straight after the drop: the last change was less than the cooldown ago.
     assert counts[100] == high
-    assert counts[-1] < high and counts[-1] <= 3
+    assert counts[-1] < high and counts[-1] <= math.ceil(staffed(4 / (4 * 0.8), params.staffing_beta))
     changes = [i for i in range(1, len(counts)) if counts[i] != counts[i - 1]]
     downs = [i for i in changes if counts[i] < counts[i - 1]]
     assert all(b - a >= 60 for a, b in zip(downs, downs[1:])), "scale-downs closer together than the cooldown"
@@ -174,3 +177,52 @@ def test_reversals_are_budgeted_but_scale_up_never_waits():
     assert sum(1 for a, b in zip(dirs, dirs[1:]) if a != b) <= 2
     high = [c for k, c in enumerate(counts) if (k // 180) % 2 and k % 180 > 60]
     assert min(high) >= 24 / 4, "every burst is covered"
+
+
+def test_square_root_staffing_spares_less_at_scale():
+    """The spare grows with the square root of the load: a larger deployment carries a smaller
+    fraction of idle replicas for the same chance of a request waiting."""
+    small = run([8.0] * 200, start=1, per=1.0)[-1]
+    large = run([200.0] * 200, start=1, per=1.0, hi=400)[-1]
+    assert small >= 8 + 2 and large >= 200 + 2 * math.sqrt(200) * 0.9
+    assert (large - 200) / 200 < (small - 8) / 8
+
+
+def test_scale_down_holds_the_window_s_peak():
+    """A spike then a lull: the count stays at what the spike needed for downscale_window_s, then
+    goes down (load that returned within the window would find its replicas)."""
+    params = PolicyParams(downscale_cooldown_s=30, downscale_window_s=300)
+    load = [4.0] * 60 + [40.0] * 60 + [4.0] * 600
+    counts = run(load, params=params, per=1.0, hi=100)
+    peak = max(counts[:130])
+    assert peak >= 40
+    assert min(counts[130:120 + 280]) >= 40, "scaled down within the window of the spike"
+    assert counts[-1] < 20, "never gave the spike's replicas back"
+
+
+def test_an_upturn_after_a_downward_run_covers_the_load_not_the_forecast():
+    """Once the count is on its way down, turning up again spends a reversal: only to the staffed
+    load now, not to the trend's forecast."""
+    p = PolicyParams(downscale_cooldown_s=10, downscale_window_s=10, horizon_s=60)
+    state: dict = {}
+    target = 30
+    for k in range(200):  # settle down from 30 replicas at a load of 10
+        target, state = decide(ctx(k, 10.0, target=target, state=state, per=1.0, hi=200), p)
+    assert target < 30 and state[STATE_KEY]["dir"] == -1
+    low = target
+    for k in range(200, 215):  # a steep rise: the forecast 60 s ahead is far above the load now
+        load = 10.0 + 2.0 * (k - 199)
+        target, state = decide(ctx(k, load, target=target, state=state, per=1.0, hi=200), p)
+        if target > low:  # the turn: to the staffed load now (later steps follow the forecast)
+            assert target == math.ceil(staffed(load, p.staffing_beta)), (k, load, target)
+            break
+    else:
+        raise AssertionError("never turned up")
+
+
+def test_the_filling_look_back_window_is_not_read_as_a_trend():
+    """A policy that starts with the load already there: Serve's look-back mean rises from 0 over
+    its first window; that rise must not be forecast onwards."""
+    load = [min(k, 30) * 1.0 for k in range(31)] + [30.0] * 60  # the 30 s mean filling, then flat
+    counts = run(load, start=1, per=1.0, hi=200)
+    assert max(counts) <= math.ceil(staffed(30.0, PolicyParams().staffing_beta)) + 1, max(counts)

@@ -69,7 +69,7 @@ def test_a_cold_start_delays_the_new_capacity():
 
 
 def test_both_policies_run_on_the_same_trace_and_orfeas_gives_back_the_trough():
-    res = compare(burst_trace(), PROFILE, slo_s=1.0, max_replicas=20)
+    res = compare(burst_trace(), PROFILE, slo_s=1.0, max_replicas=20, params={"downscale_window_s": 60})
     d, o = res["ray_default"], res["orfeas"]
     assert {r.requests for r in res.values()} == {len(burst_trace())}
     assert d.max_replicas > 1 and o.max_replicas > 1
@@ -115,3 +115,25 @@ def test_cli_analyze(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "cluster.cli", "autoscale", "analyze", str(tmp_path / "x.csv")],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert bad.returncode == 2 and "does not exist" in (bad.stdout + bad.stderr)
+
+
+def test_long_prompts_are_refused_and_the_slo_counts_only_the_wait():
+    """A prompt over the model's context is refused (not served); the SLO is met by a request that
+    waited no more than slo_s beyond its own unloaded TTFT (a long prefill alone is no miss)."""
+    prof = Profile(**{**PROFILE.__dict__, "prefill_points": [[16, 0.02], [1016, 2.02], [2016, 6.02]],
+                      "max_prompt_tokens": 3000, "serial": True})
+    assert prof.ttft(1, 1016) == pytest.approx(2.02) and prof.ttft(1, 2516) == pytest.approx(8.02)  # past the last
+    n = 40
+    t = np.arange(n) * 30.0  # one at a time: nobody waits
+    prompt = np.where(np.arange(n) % 4 == 0, 5000, 2016)
+    tr = Trace("long", t, prompt, np.full(n, 4))
+    cfg = ray_default_config(min_replicas=1, max_replicas=2, initial_replicas=1, target_ongoing_requests=1)
+    from ray.serve.autoscaling_policy import replica_queue_length_autoscaling_policy as ray_default
+
+    r = simulate(tr, prof, ray_default, cfg, name="d", slo_s=0.5)
+    assert r.refused == n // 4 and r.requests == n - n // 4
+    assert r.ttft_p50_s > 5 and r.slo_attainment == 1.0
+    # Two at once on one serial replica: the second waits the first's service, a miss.
+    burst = Trace("pair", np.array([0.0, 0.01]), np.array([16, 16]), np.array([200, 200]))
+    r2 = simulate(burst, prof, ray_default, cfg, name="d", slo_s=0.5)
+    assert r2.slo_attainment == 0.5
