@@ -100,7 +100,9 @@ def configure(settings: TracingSettings, component: str) -> bool:
     root = ALWAYS_ON if settings.sample_ratio >= 1 else TraceIdRatioBased(settings.sample_ratio)
     provider = TracerProvider(resource=resource, sampler=ParentBased(root))
     exporter = OTLPSpanExporter(endpoint=settings.endpoint, timeout=settings.export_timeout_s)
-    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=settings.export_delay_ms))
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=settings.export_queue_size,
+                                                   schedule_delay_millis=settings.export_delay_ms,
+                                                   max_export_batch_size=settings.export_batch_size))
     _provider, _propagator = provider, TraceContextTextMapPropagator()
     _kinds.update({k.name.lower(): k for k in SpanKind})
     _current_span, _context_api, _in_context = get_current_span, context_api, set_span_in_context
