@@ -66,3 +66,14 @@ def test_spans_nest_and_carriers_join_one_trace(tmp_path):
         assert fails and fails[0].status_code == 2  # STATUS_CODE_ERROR
     finally:
         receiver.stop()
+
+
+def test_an_export_batch_larger_than_the_queue_is_refused():
+    import pytest
+    from pydantic import ValidationError
+
+    from config import TracingSettings
+
+    with pytest.raises(ValidationError, match=r"export_batch_size \(4096\) must not exceed tracing.export_queue_size"):
+        TracingSettings(export_batch_size=4096)
+    assert TracingSettings(export_batch_size=4096, export_queue_size=4096).export_batch_size == 4096
