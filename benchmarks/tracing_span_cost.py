@@ -123,6 +123,7 @@ def main() -> None:
                 out = subprocess.run([sys.executable, __file__, "--child", mode, "--requests", str(args.requests), "--rate", str(args.rate),
                                       "--endpoint", endpoint], env=env, capture_output=True, text=True, check=True)
                 per_mode[mode].append(json.loads(out.stdout.strip().splitlines()[-1])["us_per_chat"])
+                print(f"round {r + 1} {mode}: {per_mode[mode][-1]:.0f} µs per chat", flush=True)
     finally:
         receiver.terminate()
     med = {m: statistics.median(v) for m, v in per_mode.items()}
