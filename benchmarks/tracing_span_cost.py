@@ -7,8 +7,9 @@ Modes, each in its own child process (the tracer is per process), alternating in
 `off` (no SDK), `request-path` (the SDK with a processor that does nothing: what a request
 waits for), `exported` (the SDK's BatchSpanProcessor with the settings' batch defaults exporting
 over OTLP/HTTP to a real receiver on loopback in its own process: the request path plus the
-export thread's share) and `exported-1s` (the same with the 1 s batch delay ORFEAS used before,
-for a before/after in one run). The chats are paced (`--rate`, about what one gateway serves at
+export thread's share; the encoding and POST in a child process, `tracing.export_sidecar`) and
+`exported-in-process` (the same with the SDK's OTLPSpanExporter encoding and POSTing in the
+process itself, as before: a before/after in one run). The chats are paced (`--rate`, about what one gateway serves at
 concurrency 1), so the batches are as large as a live gateway's and the POSTs as many.
 tracing_overhead.py measures the end-to-end figure; this one says how much of it the spans
 themselves can be, with far less noise.
@@ -32,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("off", "request-path", "exported-1s", "exported")
+MODES = ("off", "request-path", "exported-in-process", "exported")
 
 
 def one_chat(tracing) -> None:
@@ -75,7 +76,7 @@ def child(mode: str, requests: int, endpoint: str, rate: float) -> None:
     from observability import tracing
 
     if mode != "off":
-        before = {"export_delay_ms": 1000} if mode == "exported-1s" else {}
+        before = {"export_sidecar": False} if mode == "exported-in-process" else {}
         tracing.configure(TracingSettings(enabled=True, endpoint=endpoint, **before), "bench")
     if mode == "request-path":
         from opentelemetry.sdk.trace import SpanProcessor
@@ -135,7 +136,7 @@ def main() -> None:
         "us_per_chat": per_mode, "median_us_per_chat": med,
         "added_us_request_path": med["request-path"] - med["off"],
         "added_us_exported": med["exported"] - med["off"],
-        "added_us_exported_1s": med["exported-1s"] - med["off"],
+        "added_us_exported_in_process": med["exported-in-process"] - med["off"],
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tracing_span_cost.json").write_text(json.dumps(result, indent=1))
