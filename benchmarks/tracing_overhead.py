@@ -211,6 +211,8 @@ def main() -> None:
     ap.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
                     help="serve.ingress: Serve's HAProxy ingress or its Python proxy (the same for both paths)")
     ap.add_argument("--out", default="tracing_overhead.json", help="file name under benchmarks/results/")
+    ap.add_argument("--export-sidecar", action=argparse.BooleanOptionalAction, default=True,
+                    help="tracing.export_sidecar on the traced path (encoding and POSTs in a child process)")
     ap.add_argument("--control", action="store_true",
                     help="A/A: the second path with tracing off too (its 'added' is the two deployments' own difference)")
     args = ap.parse_args()
@@ -247,7 +249,8 @@ def main() -> None:
                   rag={"enabled": False}, agents={"enabled": False})
     off = Settings(**common, models=[spec("tiny-chat")])
     on = Settings(**common, models=[spec("tiny-chat-traced")],
-                  tracing={"enabled": not args.control, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0})
+                  tracing={"enabled": not args.control, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0,
+                           "export_sidecar": args.export_sidecar})
     # A cluster of its own, never one another program left running (ray.init would join it).
     try:
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)

@@ -76,7 +76,7 @@ def child(mode: str, requests: int, endpoint: str, rate: float) -> None:
     from observability import tracing
 
     if mode != "off":
-        before = {"export_sidecar": False} if mode == "exported-in-process" else {}
+        before = {"export_sidecar": mode == "exported"} if mode.startswith("exported") else {}
         tracing.configure(TracingSettings(enabled=True, endpoint=endpoint, **before), "bench")
     if mode == "request-path":
         from opentelemetry.sdk.trace import SpanProcessor

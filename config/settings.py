@@ -669,7 +669,9 @@ class TracingSettings(_Section):
     export_batch_size: int = Field(512, ge=1, description="Spans per export (a full batch goes at once).")
     export_queue_size: int = Field(2048, ge=1, description="Spans held for export; more are dropped (and logged).")
     export_timeout_s: float = Field(5.0, gt=0)
-    export_sidecar: bool = Field(True, description="Encode and POST the spans in a child process of each "
+    # Opt-in: tests/test_tracing.py's workflow trace lost spans with it on (a short-lived actor's
+    # sidecar, which Ray ends with its worker, is the suspect); docs/benchmarks.md has its effect.
+    export_sidecar: bool = Field(False, description="Encode and POST the spans in a child process of each "
                                  "traced process (observability.export_sidecar), off the request path's GIL.")
 
     @model_validator(mode="after")
