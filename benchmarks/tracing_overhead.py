@@ -59,6 +59,24 @@ def replica_cpu_s(app: str) -> float:
     return total
 
 
+def sidecar_cpu_s(app: str) -> float:
+    """CPU seconds used so far by the span-export sidecars (observability.export_sidecar) that the
+    replicas of `app` started: the encoding and POSTs moved off the replica process."""
+    tick, replicas, sidecars = os.sysconf("SC_CLK_TCK"), set(), []
+    for proc in Path("/proc").iterdir():
+        try:
+            if not proc.name.isdigit():
+                continue
+            cmdline = (proc / "cmdline").read_bytes()
+            if cmdline.startswith(f"ray::ServeReplica:{app}:".encode()):
+                replicas.add(proc.name)
+            elif b"observability.export_sidecar" in cmdline:
+                sidecars.append((proc / "stat").read_text().rsplit(")", 1)[1].split())
+        except OSError:
+            continue
+    return sum((int(f[11]) + int(f[12])) / tick for f in sidecars if f[1] in replicas)  # f[1]: the parent's pid
+
+
 def span_count(receiver: str) -> int:
     return int(httpx.get(receiver + "/spans/count", timeout=10).text)
 
@@ -118,8 +136,13 @@ async def measure(base_url: str, key: str, levels: list[int], requests: list[int
     for c, n, nr in zip(levels, requests, rounds):
         calls = {"off": via("", "tiny-chat"), "on": via(TRACED_PREFIX, "tiny-chat-traced")}
         await run_paired(calls, c, c * 8, rounds=2)  # warm both paths
+        for _ in range(40 if not rows else 0):  # and the first export (a sidecar's start is no request's cost)
+            if span_count(receiver):
+                break
+            await asyncio.sleep(0.5)
         spans_before = span_count(receiver)
         cpu_before = {path: {a: replica_cpu_s(a) for a in names} for path, names in apps.items()}
+        sidecar_before = {a: sidecar_cpu_s(a) for a in apps["on"]}
         t0 = time.perf_counter()
         r = await run_paired(calls, c, n, rounds=nr)
         elapsed = time.perf_counter() - t0
@@ -127,6 +150,7 @@ async def measure(base_url: str, key: str, levels: list[int], requests: list[int
         await asyncio.sleep(1.5)  # the last batch of spans (and its export's CPU)
         cpu_ms = {path: {a: 1e3 * (replica_cpu_s(a) - cpu_before[path][a]) / r[path]["requests"] for a in names}
                   for path, names in apps.items()}
+        sidecar_ms = {a: 1e3 * (sidecar_cpu_s(a) - sidecar_before[a]) / r["on"]["requests"] for a in apps["on"]}
         # Round by round (each on/off pair ran back to back), the median of the added p50s: a slow
         # spell of the machine shifts both halves of a pair, not the comparison.
         paired = statistics.median(100 * (a / b - 1) for a, b in zip(on["round_p50_ms"], off["round_p50_ms"]))
@@ -137,6 +161,7 @@ async def measure(base_url: str, key: str, levels: list[int], requests: list[int
                      "added_p50_pct_95": [low, high],
                      "added_p50_pct_paired_median": paired,
                      "replica_cpu_ms_per_request": cpu_ms,  # {off|on: {app: ms}}
+                     "sidecar_cpu_ms_per_request": sidecar_ms,  # {traced app: ms}, outside the replicas' figures
                      "added_ttft_p50_ms": on["ttft_p50_ms"] - off["ttft_p50_ms"],
                      "throughput_ratio": on["req_per_s"] / off["req_per_s"],
                      "spans_per_traced_request": (span_count(receiver) - spans_before) / on["requests"]})
@@ -157,8 +182,9 @@ def mod(row: dict, path: str) -> float:
 def table(rows: list[dict]) -> str:
     out = ["| concurrency | requests per path (rounds) | off p50 / p99 (ms) | on p50 / p99 (ms) | added p50 (pooled) "
            "| 95% interval | added p50, median of rounds | TTFT added p50 (ms) | throughput on/off | spans per request "
-           "| gateway CPU off / on (ms per request) | model replica CPU off / on (ms per request) |",
-           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| gateway CPU off / on (ms per request) | model replica CPU off / on (ms per request) "
+           "| export sidecars' CPU, gateway + model (ms per request) |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         o, t = r["off"], r["on"]
         low, high = r["added_p50_pct_95"]
@@ -168,7 +194,8 @@ def table(rows: list[dict]) -> str:
                    f"| {r['added_p50_pct_paired_median']:+.1f}% "
                    f"| {r['added_ttft_p50_ms']:+.2f} | {r['throughput_ratio']:.3f} "
                    f"| {r['spans_per_traced_request']:.1f} "
-                   f"| {gw(r, 'off'):.2f} / {gw(r, 'on'):.2f} | {mod(r, 'off'):.2f} / {mod(r, 'on'):.2f} |")
+                   f"| {gw(r, 'off'):.2f} / {gw(r, 'on'):.2f} | {mod(r, 'off'):.2f} / {mod(r, 'on'):.2f} "
+                   f"| {' + '.join(f'{v:.2f}' for v in r['sidecar_cpu_ms_per_request'].values())} |")
     return "\n".join(out)
 
 
@@ -184,6 +211,8 @@ def main() -> None:
     ap.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
                     help="serve.ingress: Serve's HAProxy ingress or its Python proxy (the same for both paths)")
     ap.add_argument("--out", default="tracing_overhead.json", help="file name under benchmarks/results/")
+    ap.add_argument("--export-sidecar", action=argparse.BooleanOptionalAction, default=True,
+                    help="tracing.export_sidecar on the traced path (encoding and POSTs in a child process)")
     ap.add_argument("--control", action="store_true",
                     help="A/A: the second path with tracing off too (its 'added' is the two deployments' own difference)")
     args = ap.parse_args()
@@ -220,7 +249,8 @@ def main() -> None:
                   rag={"enabled": False}, agents={"enabled": False})
     off = Settings(**common, models=[spec("tiny-chat")])
     on = Settings(**common, models=[spec("tiny-chat-traced")],
-                  tracing={"enabled": not args.control, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0})
+                  tracing={"enabled": not args.control, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0,
+                           "export_sidecar": args.export_sidecar})
     # A cluster of its own, never one another program left running (ray.init would join it).
     try:
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)

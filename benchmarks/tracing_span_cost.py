@@ -3,14 +3,18 @@ streamed chat (the gateway's server, `chat`, `router.decision` and `backend.atte
 the model replica's `generate`), made through observability.tracing with the same attributes
 and the same calls as the chat path, against the same loop with tracing off.
 
-Three modes, each in its own child process (the tracer is per process), alternating in rounds:
+Modes, each in its own child process (the tracer is per process), alternating in rounds:
 `off` (no SDK), `request-path` (the SDK with a processor that does nothing: what a request
-waits for) and `exported` (the SDK's BatchSpanProcessor exporting over OTLP/HTTP to a real
-receiver on loopback in its own process: the request path plus the export thread's share).
+waits for), `exported` (the SDK's BatchSpanProcessor with the settings' batch defaults exporting
+over OTLP/HTTP to a real receiver on loopback in its own process: the request path plus the
+export thread's share; the encoding and POST in a child process, `tracing.export_sidecar`) and
+`exported-in-process` (the same with the SDK's OTLPSpanExporter encoding and POSTing in the
+process itself, as before: a before/after in one run). The chats are paced (`--rate`, about what one gateway serves at
+concurrency 1), so the batches are as large as a live gateway's and the POSTs as many.
 tracing_overhead.py measures the end-to-end figure; this one says how much of it the spans
 themselves can be, with far less noise.
 
-    .venv/bin/python benchmarks/tracing_span_cost.py [--rounds 5] [--requests 3000]
+    .venv/bin/python benchmarks/tracing_span_cost.py [--rounds 3] [--requests 400] [--rate 25]
 
 Writes benchmarks/results/tracing_span_cost.json and prints a markdown table.
 """
@@ -29,7 +33,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("off", "request-path", "exported")
+MODES = ("off", "request-path", "exported-in-process", "exported")
 
 
 def one_chat(tracing) -> None:
@@ -66,13 +70,14 @@ def one_chat(tracing) -> None:
         s.update_name("POST /v1/chat/completions")
 
 
-def child(mode: str, requests: int, endpoint: str) -> None:
+def child(mode: str, requests: int, endpoint: str, rate: float) -> None:
     """Run in a child process: print the CPU µs per chat of `mode`."""
     from config import TracingSettings
     from observability import tracing
 
     if mode != "off":
-        tracing.configure(TracingSettings(enabled=True, endpoint=endpoint), "bench")
+        before = {"export_sidecar": mode == "exported"} if mode.startswith("exported") else {}
+        tracing.configure(TracingSettings(enabled=True, endpoint=endpoint, **before), "bench")
     if mode == "request-path":
         from opentelemetry.sdk.trace import SpanProcessor
 
@@ -81,26 +86,26 @@ def child(mode: str, requests: int, endpoint: str) -> None:
         one_chat(tracing)
     tracing.flush()  # the warm-up's spans are not the timed chats' export
     # This process's CPU from the first chat to the last span exported (the export thread's
-    # included: its batches are sent during the pauses and by the final flush).
-    t0 = time.process_time()
-    for _ in range(5):
-        for _ in range(requests // 5):
-            one_chat(tracing)
-        time.sleep(0.3)
+    # included: its batches go while the chats are paced, the rest at the final flush).
+    t0, start = time.process_time(), time.perf_counter()
+    for i in range(requests):
+        one_chat(tracing)
+        time.sleep(max(0.0, start + (i + 1) / rate - time.perf_counter()))
     tracing.flush()
-    us = (time.process_time() - t0) / (5 * (requests // 5)) * 1e6
+    us = (time.process_time() - t0) / requests * 1e6
     print(json.dumps({"mode": mode, "us_per_chat": us}))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--requests", type=int, default=3000, help="chats per mode and round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=400, help="chats per mode and round")
+    ap.add_argument("--rate", type=float, default=25.0, help="chats per second")
     ap.add_argument("--child", choices=MODES, help=argparse.SUPPRESS)
     ap.add_argument("--endpoint", default="", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        child(args.child, args.requests, args.endpoint)
+        child(args.child, args.requests, args.endpoint, args.rate)
         return
 
     sys.path.insert(0, str(ROOT / "tests"))
@@ -111,29 +116,34 @@ def main() -> None:
     receiver = subprocess.Popen([sys.executable, str(ROOT / "tests" / "otlp_receiver.py"), str(port)], env=env)
     endpoint = f"http://127.0.0.1:{port}/v1/traces"
     per_mode: dict[str, list[float]] = {m: [] for m in MODES}
+    load_at_start = os.getloadavg()
     try:
         time.sleep(1.0)
         for r in range(args.rounds):
             for mode in (MODES if r % 2 == 0 else MODES[::-1]):
-                out = subprocess.run([sys.executable, __file__, "--child", mode, "--requests", str(args.requests),
+                out = subprocess.run([sys.executable, __file__, "--child", mode, "--requests", str(args.requests), "--rate", str(args.rate),
                                       "--endpoint", endpoint], env=env, capture_output=True, text=True, check=True)
                 per_mode[mode].append(json.loads(out.stdout.strip().splitlines()[-1])["us_per_chat"])
+                print(f"round {r + 1} {mode}: {per_mode[mode][-1]:.0f} µs per chat", flush=True)
     finally:
         receiver.terminate()
     med = {m: statistics.median(v) for m, v in per_mode.items()}
     result = {
         "benchmark": "tracing_span_cost",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "load_avg_end": os.getloadavg(), "rounds": args.rounds, "requests": args.requests,
+        "load_avg": {"start": load_at_start, "end": os.getloadavg()}, "rounds": args.rounds,
+        "requests": args.requests, "rate": args.rate,
         "us_per_chat": per_mode, "median_us_per_chat": med,
         "added_us_request_path": med["request-path"] - med["off"],
         "added_us_exported": med["exported"] - med["off"],
+        "added_us_exported_in_process": med["exported-in-process"] - med["off"],
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "tracing_span_cost.json").write_text(json.dumps(result, indent=1))
     print("| mode | CPU per chat, median of rounds (µs) | rounds (µs) |\n|---|---|---|")
     for m in MODES:
         print(f"| {m} | {med[m]:.0f} | {', '.join(f'{x:.0f}' for x in per_mode[m])} |")
+    print("load average (1 min) start → end: %.1f → %.1f" % (load_at_start[0], result["load_avg"]["end"][0]))
 
 
 if __name__ == "__main__":

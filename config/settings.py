@@ -704,8 +704,24 @@ class TracingSettings(_Section):
                                 "`traceparent` from the client is always followed).")
     service_name: str = Field("orfeas", min_length=1, description="`service.name` prefix: each process "
                               "reports as <service_name>-<component> (gateway, model, rag, agents, ...).")
-    export_delay_ms: int = Field(1000, ge=10, description="How long spans wait in the batch before export.")
+    # The OpenTelemetry spec's batch defaults (OTEL_BSP_*): a batch goes when it holds
+    # `export_batch_size` spans or its oldest has waited `export_delay_ms`, so few POSTs
+    # (each costs the request process CPU and the GIL) at any request rate.
+    export_delay_ms: int = Field(5000, ge=10, description="How long spans wait in the batch before export.")
+    export_batch_size: int = Field(512, ge=1, description="Spans per export (a full batch goes at once).")
+    export_queue_size: int = Field(2048, ge=1, description="Spans held for export; more are dropped (and logged).")
     export_timeout_s: float = Field(5.0, gt=0)
+    # Opt-in: tests/test_tracing.py's workflow trace lost spans with it on (a short-lived actor's
+    # sidecar, which Ray ends with its worker, is the suspect); docs/benchmarks.md has its effect.
+    export_sidecar: bool = Field(False, description="Encode and POST the spans in a child process of each "
+                                 "traced process (observability.export_sidecar), off the request path's GIL.")
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> "TracingSettings":
+        if self.export_batch_size > self.export_queue_size:
+            raise ValueError(f"tracing.export_batch_size ({self.export_batch_size}) must not exceed "
+                             f"tracing.export_queue_size ({self.export_queue_size})")
+        return self
 
 
 class MonitoringSettings(_Section):

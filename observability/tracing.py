@@ -31,6 +31,7 @@ TRACEPARENT = "traceparent"
 
 _tracer: Any = None       # the SDK tracer once configured (None: tracing is off in this process)
 _provider: Any = None
+_exporter: Any = None
 _propagator: Any = None
 _kinds: dict[str, Any] = {}  # "server" -> SpanKind.SERVER, ... (looked up once, not per span)
 _current_span: Any = None    # opentelemetry.trace.get_current_span
@@ -82,10 +83,9 @@ def enabled() -> bool:
 def configure(settings: TracingSettings, component: str) -> bool:
     """Install the SDK tracer for this process when `settings.enabled` (the first call wins; later
     calls, from other replicas in the same worker, keep it). Returns whether tracing is on."""
-    global _tracer, _provider, _propagator, _current_span, _context_api, _in_context
+    global _tracer, _provider, _exporter, _propagator, _current_span, _context_api, _in_context
     if _tracer is not None or not settings.enabled:
         return _tracer is not None
-    from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -99,9 +99,18 @@ def configure(settings: TracingSettings, component: str) -> bool:
     # At 1.0 every new trace is kept: ALWAYS_ON says so without the ratio sampler's work per span.
     root = ALWAYS_ON if settings.sample_ratio >= 1 else TraceIdRatioBased(settings.sample_ratio)
     provider = TracerProvider(resource=resource, sampler=ParentBased(root))
-    exporter = OTLPSpanExporter(endpoint=settings.endpoint, timeout=settings.export_timeout_s)
-    provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=settings.export_delay_ms))
-    _provider, _propagator = provider, TraceContextTextMapPropagator()
+    if settings.export_sidecar:  # the processor still batches here; a child process encodes and POSTs
+        from observability.export_sidecar import SidecarSpanExporter
+
+        exporter = SidecarSpanExporter(settings.endpoint, settings.export_timeout_s, resource, "orfeas")
+    else:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        exporter = OTLPSpanExporter(endpoint=settings.endpoint, timeout=settings.export_timeout_s)
+    provider.add_span_processor(BatchSpanProcessor(exporter, max_queue_size=settings.export_queue_size,
+                                                   schedule_delay_millis=settings.export_delay_ms,
+                                                   max_export_batch_size=settings.export_batch_size))
+    _provider, _exporter, _propagator = provider, exporter, TraceContextTextMapPropagator()
     _kinds.update({k.name.lower(): k for k in SpanKind})
     _current_span, _context_api, _in_context = get_current_span, context_api, set_span_in_context
     _tracer = provider.get_tracer("orfeas")
@@ -114,6 +123,7 @@ def flush(timeout_s: float = 5.0) -> None:
     """Export what is batched now (a job about to exit, a test about to look)."""
     if _provider is not None:
         _provider.force_flush(int(timeout_s * 1000))
+        _exporter.force_flush(int(timeout_s * 1000))  # the sidecar's POSTs too (OTLP's own: a no-op)
 
 
 def _context(parent: Mapping[str, str] | None):

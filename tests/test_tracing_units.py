@@ -9,6 +9,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
 from harness import free_port
 from observability import tracing
 from otlp_receiver import OtlpReceiver
@@ -26,7 +27,8 @@ def test_off_is_free_and_inert():
         s.set_attribute("k", 1)
 
 
-def test_spans_nest_and_carriers_join_one_trace(tmp_path):
+@pytest.mark.parametrize("sidecar", [False, True], ids=["in-process", "sidecar"])
+def test_spans_nest_and_carriers_join_one_trace(tmp_path, sidecar):
     receiver = OtlpReceiver(free_port()).start()
     try:
         script = textwrap.dedent(f"""
@@ -34,7 +36,8 @@ def test_spans_nest_and_carriers_join_one_trace(tmp_path):
             from config import TracingSettings
             from observability import tracing
             assert "opentelemetry.sdk.trace" not in sys.modules
-            tracing.configure(TracingSettings(enabled=True, endpoint="{receiver.endpoint}", export_delay_ms=50), "unit")
+            tracing.configure(TracingSettings(enabled=True, endpoint="{receiver.endpoint}", export_delay_ms=50,
+                                                export_sidecar={sidecar}), "unit")
             parent = {{"traceparent": "00-{'a' * 32}-{'b' * 16}-01"}}
             with tracing.span("outer", {{"k": "v"}}, parent=parent, kind="server"):
                 carrier = tracing.inject()
@@ -66,3 +69,13 @@ def test_spans_nest_and_carriers_join_one_trace(tmp_path):
         assert fails and fails[0].status_code == 2  # STATUS_CODE_ERROR
     finally:
         receiver.stop()
+
+
+def test_an_export_batch_larger_than_the_queue_is_refused():
+    from pydantic import ValidationError
+
+    from config import TracingSettings
+
+    with pytest.raises(ValidationError, match=r"export_batch_size \(4096\) must not exceed tracing.export_queue_size"):
+        TracingSettings(export_batch_size=4096)
+    assert TracingSettings(export_batch_size=4096, export_queue_size=4096).export_batch_size == 4096
