@@ -95,7 +95,7 @@ def test_a_similar_question_is_answered_from_the_semantic_cache_until_the_collec
     assert float(hit.headers["x-orfeas-cache-similarity"]) >= settings.rag.cache.similarity_threshold
     assert hit.json()["answer"] == first.json()["answer"] and hit.json()["id"] != first.json()["id"]
     assert rag(base, scoped, similar).headers["x-orfeas-cache"] == "miss"  # never another tenant's
-    assert rag(base, admin, {**similar, "top_k": 2}).headers["x-orfeas-cache"] == "miss"  # another request
+    assert rag(base, admin, {**similar, "mode": "dense"}).headers["x-orfeas-cache"] == "miss"  # another request
     assert rag(base, admin, {**body, "query": "What stores sparse vectors?"}).headers["x-orfeas-cache"] == "miss"
     assert rag(base, admin, body).headers["x-orfeas-cache-match"] == "exact"
     # A write that keeps the point count (a chunk upserted again as it was) is a new collection
