@@ -122,7 +122,9 @@ class RagServer:
                 model = await asyncio.wait_for(self.gateway.rag_generator.remote(req.model, principal), timeout)
             except TimeoutError:
                 raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
-        found, headers, put = await self._cached(req, model, principal) if self.cache is not None else (None, None, None)
+        # (a thread's next question moves on with its history: never answered from a cache)
+        cached = self.cache is not None and not getattr(req, "thread", None)
+        found, headers, put = await self._cached(req, model, principal) if cached else (None, None, None)
         if found is not None:  # the same answer, but a response of its own: its id leads to this query's lineage
             out = {**found.response, "id": f"rag-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
         else:
@@ -221,16 +223,16 @@ class RagServer:
         timeout = self.settings.gateway.request_timeout_s
         gateway = self.gateway
 
-        def generate(messages: list[dict]) -> str:
+        def generate(messages: list[dict], max_tokens: int = RAG_MAX_TOKENS) -> str:
             # Called from the worker thread that runs the query. The handle call itself is made on
             # the replica's event loop: in Serve's throughput mode handles route on that loop.
             carrier = tracing.inject()  # the thread's current span (rag.generate) parents the chat
 
             async def call() -> dict:
                 if carrier:
-                    return await gateway.chat_message.remote(model_id, messages, RAG_MAX_TOKENS, principal=principal,
+                    return await gateway.chat_message.remote(model_id, messages, max_tokens, principal=principal,
                                                              trace=carrier)
-                return await gateway.chat_message.remote(model_id, messages, RAG_MAX_TOKENS, principal=principal)
+                return await gateway.chat_message.remote(model_id, messages, max_tokens, principal=principal)
 
             future = asyncio.run_coroutine_threadsafe(call(), loop)
             try:
