@@ -1,7 +1,7 @@
 """RAG answer caches over HTTP: a cache miss against an exact hit and a semantic hit, in one run,
 alternating query by query so drift hits all three alike.
 
-    .venv/bin/python -m benchmarks.rag_cache [--docs 300] [--n 40] [--chat-n 15]
+    .venv/bin/python -m benchmarks.rag_cache [--scifact ../shared/eval/scifact] [--docs 300] [--n 40] [--chat-n 15]
 
 Builds its own deployment on a local Ray: SciFact documents (`../shared/eval/scifact`) ingested
 into a fresh data dir, the gateway, the RAG app with `rag.cache.semantic` on, the offline MiniLM
@@ -76,6 +76,8 @@ def run_level(client: httpx.Client, url: str, queries: list[str], model: str | N
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--scifact", default=str(SCIFACT), help="directory with SciFact's corpus.jsonl and "
+                        "queries.jsonl (default: ../shared/eval/scifact next to the repository)")
     parser.add_argument("--docs", type=int, default=300, help="SciFact documents to ingest")
     parser.add_argument("--n", type=int, default=40, help="claims in the extractive level")
     parser.add_argument("--chat-n", type=int, default=15, help="claims in the generated level")
@@ -95,9 +97,10 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="rag-cache-bench-"))
     corpus = root / "corpus"
     corpus.mkdir()
-    lines = (SCIFACT / "corpus.jsonl").read_text().splitlines()[: args.docs]
+    scifact = Path(args.scifact)
+    lines = (scifact / "corpus.jsonl").read_text().splitlines()[: args.docs]
     (corpus / "scifact.jsonl").write_text("\n".join(lines) + "\n")
-    claims = [json.loads(ln)["text"] for ln in (SCIFACT / "queries.jsonl").read_text().splitlines() if ln.strip()]
+    claims = [json.loads(ln)["text"] for ln in (scifact / "queries.jsonl").read_text().splitlines() if ln.strip()]
     claims = [c for c in claims if similar(c) != c]  # those whose "similar" string differs
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
