@@ -416,6 +416,13 @@ class RagCacheSettings(_Section):
     enabled: bool = Field(True, description="Serve a repeated identical query from the cache (x-orfeas-cache).")
     ttl_s: float = Field(300.0, gt=0, description="How long an answer is served from the cache.")
     max_entries: int = Field(1024, ge=1, description="Answers kept per replica (least recently used out first).")
+    per: Literal["team", "key"] = Field("team", description="Whose answers a caller shares: its team's (a key "
+                                        "without a team: its own), or always only its own key's.")
+    semantic: bool = Field(False, description="Also answer a similar question from the cache: one whose query "
+                           "embedding is within similarity_threshold of a cached one, all else equal "
+                           "(x-orfeas-cache-match: semantic). Off by default: a negation can be that similar.")
+    similarity_threshold: float = Field(0.95, gt=0, le=1, description="Cosine (dense embedder) from which a "
+                                        "question counts as the same as a cached one.")
 
 
 class RagConversationSettings(_Section):

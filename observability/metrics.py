@@ -101,6 +101,12 @@ CATALOG: tuple[MetricDef, ...] = (
        "refused (key, team, model), the limit (requests, tokens, concurrent), model and team.",
        ("scope", "limit", "model", "team")),
     _d("orfeas_cache_lookups", "counter", "Cache lookups by cache and result (hit, miss).", ("cache", "result")),
+    _d("orfeas_cache_hit_ratio", "gauge", "Share of a cache's lookups that hit, since this replica started "
+       "(rag: exact answers, rag_semantic: similar questions, asked after an exact miss).", ("cache",)),
+    _d("orfeas_cache_saved_cost_usd", "counter", "Chat usage in USD that cache hits did not spend again: what "
+       "each served answer cost when it was made.", ("cache",)),
+    _d("orfeas_cache_saved_seconds", "counter", "Query time cache hits did not spend again: what each served "
+       "answer took when it was made.", ("cache",)),
     _d("orfeas_budget_spent_ratio", "gauge", "Share of a team's budget spent in its period.", ("team",)),
     # RAG and ingest
     _d("orfeas_rag_retrieval_latency_seconds", "histogram", "Retrieval time (embed, search, re-rank) of a query.",
@@ -282,6 +288,20 @@ def rate_limited(scope: str, limit: str, team: str | None, model: str | None = N
 @_safe
 def cache_lookup(cache: str, hit: bool) -> None:
     metric("orfeas_cache_lookups").inc(1, {"cache": cache, "result": "hit" if hit else "miss"})
+
+
+@_safe
+def cache_hit_ratio(cache: str, ratio: float) -> None:
+    metric("orfeas_cache_hit_ratio").set(ratio, {"cache": cache})
+
+
+@_safe
+def cache_saved(cache: str, cost_usd: float, seconds: float) -> None:
+    """A cache hit: the cost and time the served answer took when it was made."""
+    if cost_usd > 0:
+        metric("orfeas_cache_saved_cost_usd").inc(cost_usd, {"cache": cache})
+    if seconds > 0:
+        metric("orfeas_cache_saved_seconds").inc(seconds, {"cache": cache})
 
 
 @_safe

@@ -122,6 +122,7 @@ class EncryptedStore(VectorStore):
     def flush(self, name: str) -> None: return self.inner.flush(name)
     def doc_states(self, name: str): return self.inner.doc_states(name)  # state fields are never encrypted
     def resolve(self, name: str) -> str: return self.inner.resolve(name)
+    def collection_version(self, name: str) -> str: return self.inner.collection_version(name)
     def collection_exists(self, name: str) -> bool: return self.inner.collection_exists(name)
     def get_alias(self, alias: str) -> str | None: return self.inner.get_alias(alias)
 

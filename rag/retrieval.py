@@ -4,7 +4,9 @@ diversity and an optional CrossEncoder re-ranking hook."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
+from collections import OrderedDict
 from typing import Any, Protocol
 
 import numpy as np
@@ -12,6 +14,7 @@ from pydantic import BaseModel
 
 from config import Settings
 from models.embedders import DenseEmbedder
+from models.errors import ModelLoadError
 from observability import tracing
 from rag.embedding import SparseEncoder, SparseVec, check_embedder, dense_source, shared_dense
 from rag.errors import RagInvalidRequest
@@ -56,18 +59,35 @@ class Reranker(Protocol):
 
 
 class CrossEncoderReranker:
-    """A sentence-transformers CrossEncoder from a local directory (or the HF cache); loaded on first use."""
+    """A sentence-transformers CrossEncoder from a local directory (or the HF cache; nothing is
+    downloaded), loaded on first use. A name that loads nothing is a ModelLoadError naming
+    `rag.reranker`, not a re-ranking that silently never happens."""
 
     def __init__(self, name: str):
         self.name = name
         self._model = None
+        self._lock = threading.Lock()
+
+    def load(self):
+        with self._lock:
+            if self._model is None:
+                from sentence_transformers import CrossEncoder
+
+                try:
+                    self._model = CrossEncoder(self.name, device="cpu", local_files_only=True)
+                except Exception as e:  # noqa: BLE001 - OSError, HF validation, a config it cannot read
+                    raise ModelLoadError(
+                        f"rag.reranker {self.name!r} is not a cross-encoder this machine has (a directory with a "
+                        f"sequence-classification model and its tokenizer, or a model in the Hugging Face cache; "
+                        f"nothing is downloaded): {type(e).__name__}: {e}"[:600]) from None
+            return self._model
 
     def score(self, query: str, texts: list[str]) -> list[float]:
-        if self._model is None:
-            from sentence_transformers import CrossEncoder
+        model = self.load()
+        return [float(s) for s in model.predict([(query, t) for t in texts], show_progress_bar=False)]
 
-            self._model = CrossEncoder(self.name, device="cpu", local_files_only=True)
-        return [float(s) for s in self._model.predict([(query, t) for t in texts], show_progress_bar=False)]
+
+QUERY_VECTORS_KEPT = 256  # recent queries' vectors: a cache lookup's embedding serves the retrieval after it
 
 
 def mmr_select(query_vec: np.ndarray, vecs: np.ndarray, relevance: np.ndarray, k: int, lam: float) -> list[int]:
@@ -104,6 +124,8 @@ class Retriever:
         if reranker is None and settings.rag.reranker:
             reranker = CrossEncoderReranker(settings.rag.reranker)
         self.reranker = reranker
+        self._vectors: OrderedDict[str, tuple[np.ndarray, SparseVec]] = OrderedDict()
+        self._vectors_lock = threading.Lock()
 
     @property
     def embedder(self) -> str:
@@ -127,6 +149,23 @@ class Retriever:
             raise RagInvalidRequest(f"fusion must be one of {', '.join(FUSIONS)}", "fusion")
         return query.strip(), k, mode, fusion
 
+    def query_vectors(self, query: str) -> tuple[np.ndarray, SparseVec]:
+        """The dense and sparse vectors of one (stripped) query, kept for the last few queries:
+        the semantic cache embeds a question to look it up, and on a miss the retrieval that
+        follows reuses that vector instead of embedding the question again."""
+        with self._vectors_lock:
+            hit = self._vectors.get(query)
+            if hit is not None:
+                self._vectors.move_to_end(query)
+                return hit
+        with tracing.span("rag.embed", {"gen_ai.operation.name": "embeddings"}):
+            out = (self.dense.embed([query])[0], self.sparse.embed_query(query))
+        with self._vectors_lock:
+            self._vectors[query] = out
+            while len(self._vectors) > QUERY_VECTORS_KEPT:
+                self._vectors.popitem(last=False)
+        return out
+
     def encode_queries(self, queries: list[str]) -> tuple[np.ndarray, list[SparseVec]]:
         return self.dense.embed(queries), [self.sparse.embed_query(q) for q in queries]
 
@@ -144,9 +183,7 @@ class Retriever:
 
         t0 = time.perf_counter()
         if vectors is None:
-            with tracing.span("rag.embed", {"gen_ai.operation.name": "embeddings"}):
-                dvec = self.dense.embed([query])[0]
-                svec = self.sparse.embed_query(query)
+            dvec, svec = self.query_vectors(query)
         else:
             dvec, svec = vectors
         t1 = time.perf_counter()

@@ -22,6 +22,7 @@ import os
 import shutil
 import threading
 import time
+import uuid
 from abc import ABC, abstractmethod
 from datetime import datetime
 from pathlib import Path
@@ -161,6 +162,13 @@ class VectorStore(ABC):
         physical = self.resolve(name)
         return physical, self.search(physical, spec)
 
+    def collection_version(self, name: str) -> str:
+        """What answers from collection `name` are valid for (rag.cache): the physical collection
+        its alias resolves to and a token of its contents. Here its point count, which misses a
+        rewrite that keeps the count; a store that sees every write says more (EdgeStore)."""
+        physical = self.resolve(name)
+        return f"{physical}:n{self.count(physical)}"
+
     def doc_states(self, name: str) -> dict[str, dict[str, Any]]:
         """Per document: the hashes its points carry, how many points and how many it should have."""
         states: dict[str, dict[str, Any]] = {}
@@ -196,6 +204,19 @@ class EdgeStore(VectorStore):
         self.root.mkdir(parents=True, exist_ok=True)
         self._shards: dict[str, Any] = {}
         self._lock = threading.RLock()
+        # Writes per collection since this store opened, under an id of this opening: together a
+        # version that every write changes, and that never repeats after a restart (rag.cache).
+        self._opened = uuid.uuid4().hex[:12]
+        self._writes: dict[str, int] = {}
+
+    def _wrote(self, name: str) -> None:
+        with self._lock:
+            self._writes[name] = self._writes.get(name, 0) + 1
+
+    def collection_version(self, name: str) -> str:
+        physical = self.resolve(name)
+        with self._lock:
+            return f"{physical}:{self._opened}.{self._writes.get(physical, 0)}"
 
     # --- helpers
     def _path(self, name: str) -> Path:
@@ -256,6 +277,7 @@ class EdgeStore(VectorStore):
 
     def drop_collection(self, name: str) -> None:
         with self._lock:
+            self._wrote(name)  # a collection made again under this name is another version
             shard = self._shards.pop(name, None)
             if shard is not None:
                 shard.close()
@@ -308,6 +330,7 @@ class EdgeStore(VectorStore):
                                  SPARSE: q.SparseVector(list(p["sparse_indices"]), list(p["sparse_values"]))},
                        p["payload"]) for p in points]
         self._shard(name).update(q.UpdateOperation.upsert_points(pts))
+        self._wrote(name)
         return len(pts)
 
     def delete_docs(self, name: str, doc_ids: list[str]) -> None:
@@ -316,12 +339,14 @@ class EdgeStore(VectorStore):
         if doc_ids:
             self._shard(name).update(q.UpdateOperation.delete_points_by_filter(
                 q.Filter(must=[q.FieldCondition(key="doc_id", match=q.MatchAny(list(doc_ids)))])))
+            self._wrote(name)
 
     def delete_points(self, name: str, ids: list[str]) -> None:
         import qdrant_edge as q
 
         if ids:
             self._shard(name).update(q.UpdateOperation.delete_points(list(ids)))
+            self._wrote(name)
 
     def delete_stale(self, name: str, doc_id: str, keep_hash: str) -> None:
         import qdrant_edge as q
@@ -329,6 +354,7 @@ class EdgeStore(VectorStore):
         self._shard(name).update(q.UpdateOperation.delete_points_by_filter(q.Filter(
             must=[q.FieldCondition(key="doc_id", match=q.MatchValue(doc_id))],
             must_not=[q.FieldCondition(key="doc_hash", match=q.MatchValue(keep_hash))])))
+        self._wrote(name)
 
     def scroll_payloads(self, name: str, fields: list[str]) -> list[dict[str, Any]]:
         import qdrant_edge as q
@@ -357,6 +383,7 @@ class EdgeStore(VectorStore):
         shard = self._shard(name)
         for u in updates:
             shard.update(q.UpdateOperation.set_payload([u["id"]], u["payload"]))
+        self._wrote(name)
         return len(updates)
     @staticmethod
     def _point(r) -> dict[str, Any]:
@@ -635,7 +662,7 @@ def edge_store_actor(settings: Settings):
 
 # Calls that only read: one lost to a dead owner is retried once, on a fresh (or restarted) owner.
 IDEMPOTENT_READS = frozenset({"list_collections", "count", "list_aliases", "scroll_payloads", "search",
-                              "search_resolved", "doc_states", "resolve", "collection_exists",
+                              "search_resolved", "doc_states", "resolve", "collection_exists", "collection_version",
                               "scroll_points", "retrieve_points", "scroll_point_payloads"})
 OWNER_RETRY_WAIT_S = 0.5
 
@@ -687,6 +714,7 @@ class RemoteStore(VectorStore):
     def flush(self, name): return self._call("flush", name)
     def doc_states(self, name): return self._call("doc_states", name)
     def resolve(self, name): return self._call("resolve", name)
+    def collection_version(self, name): return self._call("collection_version", name)
     def scroll_point_payloads(self, name, fields, offset=None, limit=512):
         return self._call("scroll_point_payloads", name, fields, offset, limit)
     def set_payloads(self, name, updates): return self._call("set_payloads", name, updates)

