@@ -633,8 +633,7 @@ def test_approve_events_and_start_are_answered_while_the_engine_is_stalled(platf
                     if seen[-1] == "step.approved":
                         break
         assert "step.started" not in seen[seen.index("step.awaiting_approval"):], seen  # the loop is held
-        r = api(platform, "POST", "/v1/workflows/runs", json={"definition": {"name": "while-held", "steps": [calc]}},
-                timeout=30)
+        r = api(platform, "POST", "/v1/workflows/runs", json={"definition": {"name": "while-held", "steps": [calc]}})
         assert r.status_code == 201 and r.json()["status"] == "pending", r.text
         started = r.json()["id"]
         assert store.load(held).status == "running" and store.load(started).steps["calc"].status == "pending"
@@ -645,6 +644,30 @@ def test_approve_events_and_start_are_answered_while_the_engine_is_stalled(platf
         run = wait_done(c, run_id)
         assert run["status"] == "succeeded", run
     assert run["output"] == {"result": 4}
+
+
+def test_a_lost_coordinator_is_a_transparent_retry_for_reads_and_a_503_for_writes(platform):
+    """The workflows app holds a handle to a coordinator that is then lost for good (ray.kill, no
+    restart): a read over HTTP is retried once on a fresh one, made on that use and resumed from
+    the checkpoints (200, the run as it was); a write on a lost handle is a 503 with Retry-After,
+    never a 500, and the call after it works."""
+    calc = {"id": "calc", "kind": "tool", "tool": "calculator", "args": {"expression": "6*7"}}
+    run_id = wait_done(coord(platform), ray.get(coord(platform).start_run.remote(
+        {"name": "survives", "steps": [calc]}))["id"])["id"]
+    for lose in ("read", "write"):
+        assert api(platform, "GET", f"/v1/workflows/runs/{run_id}").status_code == 200  # the app has a handle
+        c = coord(platform)
+        ray.kill(c, no_restart=True)
+        wait_dead(c)
+        if lose == "read":
+            r = api(platform, "GET", f"/v1/workflows/runs/{run_id}")
+            assert r.status_code == 200 and r.json()["output"] == {"result": 42}, r.text
+        else:
+            r = api(platform, "POST", f"/v1/workflows/runs/{run_id}/cancel")
+            assert r.status_code == 503 and r.headers["retry-after"].isdigit(), r.text
+            assert r.json()["error"]["code"] == "service_unavailable"
+            r = api(platform, "POST", f"/v1/workflows/runs/{run_id}/cancel")
+            assert r.status_code == 409 and "already succeeded" in r.json()["error"]["message"], r.text
 
 
 def _unblock(fifo: str) -> None:
