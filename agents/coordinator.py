@@ -11,9 +11,10 @@ import asyncio
 import hashlib
 import json
 import logging
+import threading
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,11 +50,21 @@ EVENTS_KEPT = 5_000
 # actor is taken for lost.
 AGENT_START_TIMEOUT_S = 60.0
 CANCEL_WAIT_S = 10.0
-# The coordinator's concurrency group for status and cancel: Ray gives each group of an async
-# actor its own event loop and thread, so these are answered while the default loop that drives
-# the runs is busy or held (a slow checkpoint write, a burst of step transitions).
+# Ray gives each concurrency group of an async actor its own event loop and thread, so what is
+# in these groups is answered while the default loop that drives the runs is busy or held (a slow
+# checkpoint write, a burst of step transitions, thousands of fan-out items):
+# - control: status, listing, cancel and approve;
+# - events: the event long polls (an open SSE stream holds one for up to 15 s: they have their
+#   own group, so a crowd of streams cannot take control's places);
+# - intake: starting runs (validation, limits, the first checkpoint).
+# State shared across the threads: the run table and the agent registry change under `_lock`;
+# a run's state changes under its executor's lock (agents.engine); a run's events are numbered
+# and written under that run's own lock; dicts are read as snapshots (list(...), atomic under
+# the GIL), never iterated while another thread may change them.
 CONTROL = "control"
-CONTROL_CONCURRENCY = 100
+EVENTS = "events"
+INTAKE = "intake"
+CONCURRENCY_GROUPS = {CONTROL: 100, EVENTS: 1000, INTAKE: 100}
 
 
 class Conflict(InvalidRequest):
@@ -91,7 +102,7 @@ def definitions_dir(settings: Settings) -> Path:
 
 def coordinator(settings: Settings):
     """This data directory's coordinator (created on first use; restarted by Ray if it dies)."""
-    remote = ray.remote(concurrency_groups={CONTROL: CONTROL_CONCURRENCY})(Coordinator)
+    remote = ray.remote(concurrency_groups=CONCURRENCY_GROUPS)(Coordinator)
     return detached_actor(remote, coordinator_name(settings), settings.to_dict(), durable=True,
                           max_concurrency=1000)
 
@@ -127,14 +138,16 @@ class Coordinator:
         self.name = coordinator_name(self.settings)
         self.store = CheckpointStore(checkpoint_root(self.settings), field_cipher(self.settings))
         self.metrics = WorkflowMetrics()
+        self._lock = threading.RLock()  # the run table (runs, drivers) and the registry
         self.registry: dict[tuple[str, str], Registered] = {}
         for spec in self.cfg.agents:
             self._register(spec, "global")
         self.tasks: dict[str, dict[str, Any]] = {}
         self.runs: dict[str, RunExecutor] = {}
-        self.drivers: dict[str, asyncio.Task] = {}
+        self.drivers: dict[str, asyncio.Task] = {}  # run id -> the task driving it (on the default loop)
         self.events: dict[str, list[dict]] = {}
-        self.changed: dict[str, asyncio.Condition] = {}
+        self._emitting: dict[str, threading.Lock] = {}  # run id -> the lock its events are written under
+        self._waiters: dict[str, set[tuple[asyncio.AbstractEventLoop, asyncio.Event]]] = {}  # events_after's
         self._chat = gateway_chat(self.settings)
         self._resumed_at_start: list[str] = []
         self.traces: dict[str, dict[str, str]] = {}  # run id -> the W3C carrier of the request that started it
@@ -216,7 +229,8 @@ class Coordinator:
         if unknown:
             raise InvalidRequest(f"agent {spec.name!r}: unknown tool(s) {unknown}; shipped: {list(SHIPPED_TOOLS)}")
         reg = Registered(spec, scope, [Slot(spec.name, i) for i in range(spec.replicas)])
-        self.registry[(scope, spec.name)] = reg
+        with self._lock:
+            self.registry[(scope, spec.name)] = reg
         return reg
 
     async def register_agent(self, spec: dict) -> dict:
@@ -245,7 +259,7 @@ class Coordinator:
 
     async def agents(self, capability: str | None = None, include_runs: bool = False) -> list[dict]:
         """The registry (discovery): every global agent, or those with a capability."""
-        return [self._describe(r) for r in self.registry.values()
+        return [self._describe(r) for r in list(self.registry.values())
                 if (include_runs or r.scope == "global") and (capability is None or capability in r.spec.capabilities)]
 
     def _lookup(self, run_id: str, name: str) -> Registered | None:
@@ -257,7 +271,7 @@ class Coordinator:
             return [reg] if reg else []
         cap = step.capability or "general"
         seen: dict[str, Registered] = {}
-        for (scope, name), reg in self.registry.items():
+        for (scope, name), reg in list(self.registry.items()):
             if scope in (run_id, "global") and cap in reg.spec.capabilities and (name not in seen or scope == run_id):
                 seen[name] = reg
         return list(seen.values())
@@ -396,7 +410,7 @@ class Coordinator:
                 if not s.agent and not s.agents:
                     cap = s.capability or "general"
                     if not any(cap in a.capabilities for a in wf.agents) and not any(
-                            cap in r.spec.capabilities for (sc, _), r in self.registry.items() if sc == "global"):
+                            cap in r.spec.capabilities for (sc, _), r in list(self.registry.items()) if sc == "global"):
                         raise InvalidRequest(f"step {s.id!r}: no agent has capability {cap!r}", "definition")
             if s.kind == "tool" and s.tool not in SHIPPED_TOOLS:
                 raise InvalidRequest(f"step {s.id!r}: unknown tool {s.tool!r}; shipped: {list(SHIPPED_TOOLS)}",
@@ -407,14 +421,19 @@ class Coordinator:
             if bad:
                 raise InvalidRequest(f"agent {a.name!r}: unknown tool(s) {bad}", "definition")
 
+    @ray.method(concurrency_group=INTAKE)
     async def start_run(self, definition: Any, inputs: dict | None = None, owner: str = "anonymous",
                         run_id: str | None = None, caller: Principal | None = None,
                         trace: dict[str, str] | None = None) -> dict:
         """Start a run of a registered workflow (by name) or an inline definition (dict/YAML);
         its model calls are made for `caller` (the key that started it). A Ray driver that names
         none (it holds the cluster itself: the CLI, a test) acts as the operator, by that name.
-        `trace`: the starting request's W3C carrier, the parent of the run's `workflow.run` span."""
-        await self._start_once()
+        `trace`: the starting request's W3C carrier, the parent of the run's `workflow.run` span.
+
+        In the intake group: answered while the default loop is busy with running steps. The
+        checks through the run's entry in the run table are one step under `_lock`, so two
+        starts (or a start and a resume) never both pass a limit only one fits in."""
+        await self._ensure_started()
         if isinstance(definition, str) and "\n" not in definition and ":" not in definition:
             definition = self._definition(definition)
         try:
@@ -426,31 +445,64 @@ class Coordinator:
         run_id = run_id or "run_" + uuid.uuid4().hex[:16]
         if not RUN_ID.match(run_id):
             raise InvalidRequest(f"invalid run id {run_id!r}", "run_id")
-        if run_id in self.drivers or self.store.load(run_id) is not None:
+        if run_id in self.runs or self.store.load(run_id) is not None:
             raise Conflict(f"run {run_id!r} already exists", "run_id")
         self._check_runnable(wf, run_id)
         size = limits.run_size(wf, inputs or {}, self.cfg)  # 400 over a per-run limit
-        limits.admit((ex.run for ex in self.runs.values()), owner, size, self.cfg)  # 429 over a per-key one
-        run = RunState.new(run_id, wf, inputs, owner, caller=caller if caller is not None else OPERATOR)
-        if trace:
-            self.traces[run_id] = trace
-        self.store.save(run)
+        with self._lock:
+            if run_id in self.runs or self.store.load(run_id) is not None:  # started meanwhile
+                raise Conflict(f"run {run_id!r} already exists", "run_id")
+            limits.admit([ex.run for ex in list(self.runs.values())], owner, size, self.cfg)  # 429 over a per-key one
+            run = RunState.new(run_id, wf, inputs, owner, caller=caller if caller is not None else OPERATOR)
+            if trace:
+                self.traces[run_id] = trace
+            self.store.save(run)
+            executor = self._adopt(run)
         self.metrics.run_started(wf.name)
-        await self._drive(run, "run.created")
+        await self._start_driving(executor, "run.created")
         return self._summary(run)
 
     async def _drive(self, run: RunState, first_event: str) -> None:
-        for spec in run.workflow.agents:
-            if (run.run_id, spec.name) not in self.registry:
-                self._register(spec, run.run_id)
-        self.events.setdefault(run.run_id, self.store.events(run.run_id)[-EVENTS_KEPT:])
-        executor = RunExecutor(run, self, self.store.save, lambda e, d, rid=run.run_id: self._emit(rid, e, d),
-                               self.cfg.max_parallel_steps, self.cfg.step_timeout_s,
-                               on_finish=self._finished, on_step=self.metrics.step_done,
-                               trace=self.traces.pop(run.run_id, None), max_foreach_items=self.cfg.max_foreach_items)
-        self.runs[run.run_id] = executor
+        await self._start_driving(self._adopt(run), first_event)
+
+    def _adopt(self, run: RunState) -> RunExecutor:
+        """The run's executor, entered in the run table (from then on the run counts against its
+        key's limits and a cancel or approval goes to the executor); not driven yet."""
+        with self._lock:
+            for spec in run.workflow.agents:
+                if (run.run_id, spec.name) not in self.registry:
+                    self._register(spec, run.run_id)
+            self.events.setdefault(run.run_id, self.store.events(run.run_id)[-EVENTS_KEPT:])
+            executor = RunExecutor(run, self, self.store.save, lambda e, d, rid=run.run_id: self._emit(rid, e, d),
+                                   self.cfg.max_parallel_steps, self.cfg.step_timeout_s,
+                                   on_finish=self._finished, on_step=self.metrics.step_done,
+                                   trace=self.traces.pop(run.run_id, None),
+                                   max_foreach_items=self.cfg.max_foreach_items)
+            self.runs[run.run_id] = executor
+            return executor
+
+    async def _start_driving(self, executor: RunExecutor, first_event: str) -> None:
+        """Emit the run's first event and drive it on the default loop (from another group's loop:
+        handed over, not waited for)."""
+        run = executor.run
         await self._emit(run.run_id, first_event, {"workflow": run.workflow.name, "resumed": run.resumed})
-        self.drivers[run.run_id] = asyncio.create_task(self._guarded(executor))
+
+        def drive() -> None:
+            if self.runs.get(run.run_id) is executor and run.run_id not in self.drivers:  # not erased meanwhile
+                self.drivers[run.run_id] = asyncio.get_running_loop().create_task(self._guarded(executor))
+
+        if self._on_default_loop():
+            drive()
+        else:
+            self._loop.call_soon_threadsafe(drive)
+
+    def _on_default_loop(self) -> bool:
+        return self._loop is None or asyncio.get_running_loop() is self._loop
+
+    def _driven(self, run_id: str) -> RunExecutor | None:
+        """The executor driving (or about to drive) an unfinished run; None when the run is only on disk."""
+        executor = self.runs.get(run_id)
+        return executor if executor is not None and executor.run.status not in sch.TERMINAL_RUN else None
 
     async def _guarded(self, executor: RunExecutor) -> None:
         run_id = executor.run.run_id
@@ -470,24 +522,39 @@ class Coordinator:
     def _finished(self, run: RunState) -> None:
         self.metrics.run_finished(run)
         self.inflight.pop(run.run_id, None)
-        for key in [k for k in self.registry if k[0] == run.run_id]:
-            self._release(self.registry.pop(key))
+        with self._lock:
+            for key in [k for k in list(self.registry) if k[0] == run.run_id]:
+                self._release(self.registry.pop(key))
+
+    @asynccontextmanager
+    async def _writing_events(self, run_id: str):
+        """Hold a run's event lock. Another group's thread may hold it through a slow write: this
+        waits without holding up its own loop (the other runs' calls on it go on)."""
+        lock = self._emitting.setdefault(run_id, threading.Lock())  # setdefault: atomic under the GIL
+        while not lock.acquire(blocking=False):
+            await asyncio.sleep(0.005)
+        try:
+            yield
+        finally:
+            lock.release()
 
     async def _emit(self, run_id: str, event: str, data: dict) -> None:
-        events = self.events.setdefault(run_id, [])
+        """Number, keep and write one event of a run, from any group's loop."""
+        async with self._writing_events(run_id):
+            self._append_event(run_id, event, data)
+
+    def _append_event(self, run_id: str, event: str, data: dict) -> None:
+        """(Under the run's event lock.) Then the run's events_after waiters are woken, on
+        whichever loops they wait."""
+        events = self.events.get(run_id)
+        if events is None:  # a run not loaded yet (a cancel of a run only on disk): continue its numbering
+            events = self.events.setdefault(run_id, self.store.events(run_id)[-EVENTS_KEPT:])
         record = {"seq": (events[-1]["seq"] + 1) if events else 1, "event": event, "time": time.time(), **data}
         events.append(record)
         del events[:-EVENTS_KEPT]
         self.store.append_events(run_id, [record])
-        if self._loop is None or asyncio.get_running_loop() is self._loop:
-            await self._notify(run_id)
-        else:  # from the control group's loop: the waiters wait on the default one
-            asyncio.run_coroutine_threadsafe(self._notify(run_id), self._loop)
-
-    async def _notify(self, run_id: str) -> None:
-        cond = self.changed.setdefault(run_id, asyncio.Condition())
-        async with cond:
-            cond.notify_all()
+        for loop, arrived in list(self._waiters.get(run_id, ())):
+            loop.call_soon_threadsafe(arrived.set)
 
     def _load(self, run_id: str) -> RunState:
         if run_id in self.runs:
@@ -528,26 +595,33 @@ class Coordinator:
         out.sort(key=lambda r: r["created_at"], reverse=True)
         return out[:limit]
 
+    @ray.method(concurrency_group=EVENTS)
     async def events_after(self, run_id: str, after: int = 0, timeout_s: float = 0.0,
                            owner: str | None = None) -> dict:
-        """Events with seq > after (waiting up to timeout_s for one) and whether the run is over."""
+        """Events with seq > after (waiting up to timeout_s for one) and whether the run is over.
+        In the events group: a stream is fed while the default loop is busy."""
         run = self._load(run_id)
         self._check_owner(run, owner)
         if run_id not in self.events:
-            self.events[run_id] = self.store.events(run_id)[-EVENTS_KEPT:]
-        cond = self.changed.setdefault(run_id, asyncio.Condition())
-        deadline = time.monotonic() + timeout_s
-        while True:
-            new = [e for e in self.events[run_id] if e["seq"] > after]
-            status = self._load(run_id).status
-            left = deadline - time.monotonic()
-            if new or left <= 0 or status in sch.TERMINAL_RUN:
-                return {"events": new, "status": status, "done": status in sch.TERMINAL_RUN}
-            async with cond:
+            self.events.setdefault(run_id, self.store.events(run_id)[-EVENTS_KEPT:])
+        arrived = asyncio.Event()
+        waiter = (asyncio.get_running_loop(), arrived)
+        self._waiters.setdefault(run_id, set()).add(waiter)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                arrived.clear()  # before reading: an event kept after the read sets it again
+                new = [e for e in list(self.events.get(run_id, ())) if e["seq"] > after]
+                status = self._load(run_id).status
+                left = deadline - time.monotonic()
+                if new or left <= 0 or status in sch.TERMINAL_RUN:
+                    return {"events": new, "status": status, "done": status in sch.TERMINAL_RUN}
                 try:
-                    await asyncio.wait_for(cond.wait(), left)
+                    await asyncio.wait_for(arrived.wait(), left)
                 except TimeoutError:
                     pass
+        finally:
+            self._waiters.get(run_id, set()).discard(waiter)
 
     @ray.method(concurrency_group=CONTROL)
     async def cancel(self, run_id: str, owner: str | None = None) -> dict:
@@ -560,8 +634,8 @@ class Coordinator:
         self._check_owner(run, owner)
         if run.status in sch.TERMINAL_RUN:
             raise Conflict(f"run {run_id!r} is already {run.status}")
-        executor = self.runs.get(run_id)
-        if executor is not None and run_id in self.drivers:
+        executor = self._driven(run_id)
+        if executor is not None:
             executor.request_cancel()
             for ref in list(self.inflight.get(run_id, ())):
                 ray.cancel(ref)
@@ -569,34 +643,56 @@ class Coordinator:
             while executor.run.status not in sch.TERMINAL_RUN and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
         else:  # not being driven (e.g. not resumed yet): settle it on disk
-            p = sch.plan(sch.cancel(run), time.time())
-            self.store.save(sch.apply_plan(sch.cancel(run), p, time.time()))
-            await self._emit(run_id, "run.cancelled", {})
+            with self._lock:
+                executor = self._driven(run_id)  # adopted meanwhile (a resume): cancel that
+                if executor is None:
+                    p = sch.plan(sch.cancel(run), time.time())
+                    self.store.save(sch.apply_plan(sch.cancel(run), p, time.time()))
+            if executor is not None:
+                executor.request_cancel()
+            else:
+                await self._emit(run_id, "run.cancelled", {})
         return self._summary(self._load(run_id))
 
+    @ray.method(concurrency_group=CONTROL)
     async def approve(self, run_id: str, step_id: str | None = None, by: str = "anonymous", approved: bool = True,
                       comment: str = "", owner: str | None = None, request_id: str = "", source: str = "") -> dict:
+        """Settle an approval gate, on the control group's loop: the approval is checkpointed and
+        the run's loop woken without waiting for it. The change is made on the executor's current
+        state under its lock (a step that finishes at the same moment is not lost), and the event
+        is written before the loop can emit anything that follows from it."""
+        await self._ensure_started()
         action = "workflow.approve" if approved else "workflow.reject"
         where = {"actor": by, "target": f"run:{run_id}", "request_id": request_id, "source": source}
+        settle = lambda run: sch.approve(run, step_id, by, approved, comment)  # noqa: E731
+        resumed = None
         try:
-            run = self._load(run_id)
-            self._check_owner(run, owner)
-            new = sch.approve(run, step_id, by, approved, comment)
+            self._check_owner(self._load(run_id), owner)
+            async with self._writing_events(run_id):
+                executor = self._driven(run_id)
+                if executor is not None:
+                    run, new = executor.apply(settle)
+                else:  # only on disk (not resumed): settled there, then driven
+                    with self._lock:
+                        executor = self._driven(run_id)
+                        if executor is not None:
+                            run, new = executor.apply(settle)
+                        else:
+                            run = self._load(run_id)
+                            new = settle(run)
+                            self.store.save(new)
+                            resumed = self._adopt(new)
+                settled = next(s for s in new.steps if new.steps[s].approved_by and not run.steps[s].approved_by)
+                event = "step.approved" if approved else "step.rejected"
+                self._append_event(run_id, event, {"step": settled, "by": by, "comment": comment})
         except (NotFound, sch.ApprovalError) as e:  # a refused approval is audited too
             audit_event(self.settings, action, {"step": step_id, "reason": str(e)[:300]}, outcome="error", **where)
             if isinstance(e, sch.ApprovalError):
                 raise Conflict(str(e), "step") from None
             raise
-        settled = next(s for s in new.steps if new.steps[s].approved_by and not run.steps[s].approved_by)
-        executor = self.runs.get(run_id)
-        event = "step.approved" if approved else "step.rejected"
         audit_event(self.settings, action, {"step": settled}, **where)
-        if executor is not None and run_id in self.drivers:
-            await executor.update(new, event, {"step": settled, "by": by, "comment": comment})
-        else:
-            self.store.save(new)
-            await self._emit(run_id, event, {"step": settled, "by": by})
-            await self._drive(new, "run.resumed")
+        if resumed is not None:
+            await self._start_driving(resumed, "run.resumed")
         return self._summary(new)
 
     async def resume(self, run_id: str, owner: str | None = None) -> dict:
@@ -604,13 +700,15 @@ class Coordinator:
         await self._start_once()
         run = self._load(run_id)
         self._check_owner(run, owner)
-        if run_id in self.drivers:
-            return {**self._summary(run), "resumed": False, "reason": "already running"}
-        if run.status in sch.TERMINAL_RUN:
-            return {**self._summary(run), "resumed": False, "reason": f"run is {run.status}"}
-        run = sch.resume(self.store.load(run_id) or run)
-        self.store.save(run)
-        await self._drive(run, "run.resumed")
+        with self._lock:
+            if self._driven(run_id) is not None:
+                return {**self._summary(run), "resumed": False, "reason": "already running"}
+            if run.status in sch.TERMINAL_RUN:
+                return {**self._summary(run), "resumed": False, "reason": f"run is {run.status}"}
+            run = sch.resume(self.store.load(run_id) or run)
+            self.store.save(run)
+            executor = self._adopt(run)
+        await self._start_driving(executor, "run.resumed")
         return {**self._summary(run), "resumed": True}
 
     # ------------------------------------------------------------ erasure and retention
@@ -637,11 +735,13 @@ class Coordinator:
             if driver is not None:
                 driver.cancel()
                 await asyncio.wait([driver], timeout=CANCEL_WAIT_S)
-            self.runs.pop(run_id, None)
-            for key in [k for k in self.registry if k[0] == run_id]:  # its own agents
-                self._release(self.registry.pop(key))
+            with self._lock:
+                self.runs.pop(run_id, None)
+                for key in [k for k in list(self.registry) if k[0] == run_id]:  # its own agents
+                    self._release(self.registry.pop(key))
             self.events.pop(run_id, None)
-            self.changed.pop(run_id, None)
+            self._emitting.pop(run_id, None)
+            self._waiters.pop(run_id, None)
             self.traces.pop(run_id, None)
             self.store.delete(run_id)
             gone.append(run_id)

@@ -50,9 +50,10 @@ class RunExecutor:
         self.on_finish, self.on_step = on_finish, on_step
         self.wake = asyncio.Event()
         self.tasks: dict[str, asyncio.Task] = {}
-        # A cancel comes from the coordinator's control thread (its own event loop), so that it is
-        # never queued behind this loop: the run state is swapped and saved under a lock, and once
-        # `cancelled` is set nothing of the run starts any more.
+        # Cancel and approve come from the coordinator's control thread (its own event loop), so
+        # that they never queue behind this loop. Every change of the run state, from either
+        # thread, is computed from the current state and saved under one lock (`_change`), so
+        # none is lost; once `cancelled` is set nothing of the run starts any more.
         self.cancelled = False
         self.loop: asyncio.AbstractEventLoop | None = None
         self._lock = threading.Lock()
@@ -60,31 +61,55 @@ class RunExecutor:
     # ------------------------------------------------------------ outside requests
 
     def poke(self) -> None:
-        self.wake.set()
+        """Wake the loop, from any thread."""
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if self.loop is None or here is self.loop:
+            self.wake.set()
+        else:
+            self.loop.call_soon_threadsafe(self.wake.set)
 
-    async def update(self, new: RunState, event: str, data: dict) -> None:
-        """Apply a change made outside the loop (approve), checkpoint it and wake the loop."""
-        self._commit(new)
-        await self.emit(event, data)
+    def apply(self, change: Callable[[RunState], RunState]) -> tuple[RunState, RunState]:
+        """Apply a change made outside the loop (approve) from any thread: computed from the
+        current state and checkpointed in one step, then the loop is woken. (before, after)."""
+        with self._lock:
+            before = self.run
+            self._set(change(before))
+            after = self.run
         self.poke()
+        return before, after
 
     def request_cancel(self) -> None:
         """Cancel the run from any thread: checkpointed before this returns, no step or fan-out item
         starts after it, and the loop is woken to cancel what is in flight and finish the run."""
         with self._lock:
             self.cancelled = True
-            self.run = sch.cancel(self.run)
-            self.save(self.run)
-        if self.loop is not None:
-            self.loop.call_soon_threadsafe(self.poke)
+            self._set(sch.cancel(self.run))
+        self.poke()
 
-    def _commit(self, run: RunState) -> None:
-        """The run's next state, checkpointed; a cancel that came in meanwhile is kept."""
+    def _commit(self, change: Callable[[RunState], RunState]) -> None:
+        """The run's next state, computed from the current one under the lock and checkpointed."""
         with self._lock:
-            if self.cancelled and not run.cancel_requested:
-                run = sch.cancel(run)
-            self.run = run
-            self.save(run)
+            self._set(change(self.run))
+
+    def _set(self, run: RunState) -> None:
+        """(Under the lock.) A cancel that came in meanwhile is kept."""
+        if self.cancelled and not run.cancel_requested:
+            run = sch.cancel(run)
+        self.run = run
+        self.save(run)
+
+    def _plan(self, now: float) -> tuple[sch.Plan, str]:
+        """The scheduler's next moves, checkpointed in the same locked step they were planned in
+        (an approval or cancel lands before or after, never between): (plan, status before)."""
+        with self._lock:
+            p = sch.plan(self.run, now, self.max_parallel)
+            before = self.run.status
+            if (p.start or p.skip or p.await_approval or p.finish) and not (p.finish and self.tasks):
+                self._set(sch.apply_plan(self.run, p, now))
+            return p, before
 
     # ------------------------------------------------------------ the loop
 
@@ -100,17 +125,14 @@ class RunExecutor:
         self.loop = asyncio.get_running_loop()
         try:
             while True:
-                now = time.time()
-                p = sch.plan(self.run, now, self.max_parallel)
-                if p.finish and self.tasks:
+                p, before = self._plan(time.time())
+                if p.finish and self.tasks:  # not applied yet: the steps in flight end first
                     for t in self.tasks.values():
                         t.cancel()
                     await asyncio.gather(*self.tasks.values(), return_exceptions=True)
                     self.tasks.clear()
                     continue
                 if p.start or p.skip or p.await_approval or p.finish:
-                    before = self.run.status
-                    self._commit(sch.apply_plan(self.run, p, now))
                     if self.cancelled and not p.finish:
                         continue  # cancelled while this plan was made: nothing of it starts
                     for sid in p.skip:
@@ -157,7 +179,7 @@ class RunExecutor:
         exc = task.exception()
         if exc is None:
             output, usage = task.result()
-            self._commit(sch.record_success(self.run, sid, output, now, usage))
+            self._commit(lambda run: sch.record_success(run, sid, output, now, usage))
             await self.emit("step.succeeded", {"step": sid, "output": output,
                                                "attempt": self.run.steps[sid].attempts})
             covered = self.run.workflow.handlers().get(sid)
@@ -165,8 +187,8 @@ class RunExecutor:
                 await self.emit("step.recovered", {"step": covered, "by": sid})
         else:
             failed = exc if isinstance(exc, StepFailed) else StepFailed(f"{type(exc).__name__}: {exc}")
-            self._commit(sch.record_failure(self.run, sid, str(failed), now, infra=failed.infra,
-                                            retryable=failed.retryable, usage=failed.usage))
+            self._commit(lambda run: sch.record_failure(run, sid, str(failed), now, infra=failed.infra,
+                                                        retryable=failed.retryable, usage=failed.usage))
             st = self.run.steps[sid]
             if st.status == "retry_wait":
                 await self.emit("step.retrying", {"step": sid, "error": str(failed), "infra": failed.infra,
@@ -213,7 +235,7 @@ class RunExecutor:
             if self.max_foreach_items is not None and len(items) > self.max_foreach_items:
                 raise StepFailed(f"foreach gives {len(items)} items, over the limit of {self.max_foreach_items} "
                                  "(agents.max_foreach_items)", retryable=False)
-            self._commit(sch.set_items(self.run, step.id, items))
+            self._commit(lambda run: sch.set_items(run, step.id, items))
         attempt = st.attempts
         # Items run at most max_parallel at a time: a wide fan-out is a queue, not thousands of
         # tasks at once (and a cancel finds most of it not started).
@@ -227,7 +249,7 @@ class RunExecutor:
                 out, u = await self.runner.run_step(self.run, step, ns,
                                                     f"{self.run.run_id}:{step.id}[{i}]:{attempt}")
                 # An item's usage is checkpointed with its output: a resumed run counts every call.
-                self._commit(sch.checkpoint_item(self.run, step.id, i, out, u))  # each finished item survives a crash
+                self._commit(lambda run: sch.checkpoint_item(run, step.id, i, out, u))  # each finished item survives a crash
                 await self.emit("step.item", {"step": step.id, "index": i})
 
         todo = [i for i in range(len(items)) if str(i) not in self.run.steps[step.id].item_outputs]

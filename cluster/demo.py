@@ -21,23 +21,31 @@ from cluster.console import settings_or_exit
 DEMO_ADMIN = "make demo (admin)"
 
 
+def demo_keys(settings) -> tuple[str, str | None]:
+    """A fresh demo user key and, with auth on, a fresh demo admin key, the previous demo keys
+    revoked (an admin key is never stored in clear, so a re-run of the demo makes a new one rather
+    than leave the newcomer locked out of admin commands). Keys not made by the demo are untouched."""
+    from security.keys import keystore
+
+    store = keystore(settings.resolved_data_dir())
+    for record in ray.get(store.list.remote()):
+        if record["name"] in ("make demo", DEMO_ADMIN) and not record["revoked_at"]:
+            ray.get(store.revoke.remote(record["id"]))
+    _, key = ray.get(store.create.remote("user", None, "make demo"))
+    admin_key = ray.get(store.create.remote("admin", None, DEMO_ADMIN))[1] if settings.auth.enabled else None
+    return key, admin_key
+
+
 def main() -> None:
     settings = settings_or_exit(None)
     cli.up(config=None, timeout=600)
 
     from openai import OpenAI
 
-    from security.keys import keystore
     from cluster.local import api_url
 
-    # A fresh demo key each run, the previous one revoked: the admin key is never stored in clear.
-    store = keystore(settings.resolved_data_dir())
-    for record in ray.get(store.list.remote()):
-        if record["name"] in ("make demo", DEMO_ADMIN) and not record["revoked_at"]:
-            ray.get(store.revoke.remote(record["id"]))
-    _, key = ray.get(store.create.remote("user", None, "make demo"))
-    if settings.auth.enabled:  # a re-run of the demo must not leave the newcomer locked out of admin commands
-        _, admin_key = ray.get(store.create.remote("admin", None, DEMO_ADMIN))
+    key, admin_key = demo_keys(settings)
+    if admin_key:
         out.print(f"demo admin API key (shown once; the previous demo admin key is revoked): "
                   f"[bold green]{admin_key}[/]", soft_wrap=True, highlight=False)
 

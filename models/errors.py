@@ -92,6 +92,14 @@ class ModelOverloaded(ModelUnavailable):
     retry_after_s = 1
 
 
+class ServiceUnavailable(APIError):
+    """A platform actor the request needs (the workflow coordinator, a state actor) was lost and
+    is being restarted: 503 with Retry-After, never a 500 (the HTTP layer maps Ray's actor errors)."""
+
+    status, type, code = 503, "service_unavailable", "service_unavailable"
+    retry_after_s = 2
+
+
 class ReplicaLost(ModelUnavailable):
     """The replica serving a request died before its first token; another replica may take it."""
 

@@ -13,6 +13,7 @@
 Same API keys as every /v1 route; a user sees only the runs their key started, an admin all.
 """
 
+import asyncio
 import json
 import logging
 from typing import Any, Generic, Literal, TypeVar
@@ -21,7 +22,7 @@ from fastapi import Depends, Query, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError
+from ray.exceptions import RayActorError
 
 from config import Settings, settings_from_dict
 from config.names import AGENTS_APP, WORKFLOWS_APP
@@ -35,6 +36,9 @@ from serve.http import authenticated, http_app, label_model, permitted
 log = logging.getLogger(__name__)
 
 EVENT_POLL_S = 15.0
+# Coordinator calls that change nothing: retried once when the coordinator is lost.
+IDEMPOTENT_READS = frozenset({"get_run", "list_runs", "events_after", "workflows", "agents"})
+COORDINATOR_RETRY_WAIT_S = 0.5
 
 
 class StartRun(BaseModel):
@@ -156,12 +160,18 @@ class _Api:
         return self._coord
 
     async def _call(self, method: str, *args, **kwargs) -> Any:
-        """A coordinator call; its typed errors reach the client through the HTTP layer."""
-        try:
-            return await getattr(self.coord, method).remote(*args, **kwargs)
-        except (ActorDiedError, ActorUnavailableError):
-            self._coord = None  # a restarted coordinator gets a fresh handle next time
-            raise
+        """A coordinator call; its typed errors reach the client through the HTTP layer. When the
+        coordinator is lost, a read is retried once, transparently, on a fresh handle (a new or
+        restarted coordinator, resumed from its checkpoints); anything else, or a read that fails
+        again, is the layer's 503 with Retry-After."""
+        for attempt in (1, 2):
+            try:
+                return await getattr(self.coord, method).remote(*args, **kwargs)
+            except RayActorError:
+                self._coord = None  # a restarted coordinator gets a fresh handle next time
+                if attempt == 2 or method not in IDEMPOTENT_READS:
+                    raise
+                await asyncio.sleep(COORDINATOR_RETRY_WAIT_S)
 
 
 class _BarePrefix:

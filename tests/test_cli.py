@@ -68,6 +68,24 @@ def test_status_reports_applications_and_model_health(config_file, admin_key):
     assert out["applications"]["gateway"]["status"] == "RUNNING"
     assert out["applications"]["model-tiny-chat"]["status"] == "RUNNING"
     assert out["models"] == {"tiny-chat": "ready"}
+    assert re.fullmatch(r"http://[^/]+:\d+/metrics", out["metrics"]), out["metrics"]  # Ray's export of the node
+
+
+def test_make_demo_always_leaves_a_working_admin_key(config_file, admin_key):
+    """Each `make demo` run makes a fresh demo admin key (and user key), the previous demo keys
+    revoked, also when the data directory has an admin key already (this module's `orfeas up`
+    made one, printed once): a newcomer re-running the demo is never locked out of admin commands."""
+    from cluster.demo import demo_keys
+    from config.settings import load_settings
+    from security.keys import keystore
+
+    settings = load_settings(config_file)
+    store = keystore(settings.resolved_data_dir())
+    first_user, first_admin = demo_keys(settings)
+    user, admin = demo_keys(settings)
+    assert ray.get(store.verify.remote(admin))["role"] == "admin" and ray.get(store.verify.remote(user))
+    assert ray.get(store.verify.remote(first_admin)) is None and ray.get(store.verify.remote(first_user)) is None
+    assert ray.get(store.verify.remote(admin_key))["role"] == "admin"  # the operator's own key is untouched
 
 
 def test_keys_create_list_revoke(config_file, admin_key, serve_port):

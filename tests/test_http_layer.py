@@ -14,7 +14,7 @@ import pytest
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict
-from ray.exceptions import RayTaskError
+from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from config import ModelSpec, Settings
 from harness import deployed, make_key, platform_settings, remote_model
@@ -61,6 +61,11 @@ def unit_app(auth: bool = False, behind_serve: bool = False):
                 .as_instanceof_cause()
         if req.query == "boom":
             raise ValueError("a bug")
+        if req.query == "lost":  # a detached actor died under the call (or under the actor it called)
+            raise ActorDiedError()
+        if req.query == "lost-inside":
+            raise RayTaskError("coordinator.get_run", "Traceback ...", ActorUnavailableError("gone", None)) \
+                .as_instanceof_cause()
         return Answer(request_id=current_request_id())
 
     @app.get("/runs")
@@ -148,6 +153,14 @@ def test_errors_are_openai_style_and_name_the_parameter():
     r = call(app, "POST", "/ask", content=b'{"query": "curl"}',
              headers={"content-type": "application/x-www-form-urlencoded"})
     assert r.status_code == 200, r.text
+
+
+def test_a_lost_actor_is_a_503_with_retry_after_not_a_500():
+    app = unit_app()
+    for query in ("lost", "lost-inside"):
+        r = call(app, "POST", "/ask", json={"query": query})
+        err = assert_error(r, 503, "service_unavailable", code="service_unavailable")
+        assert r.headers["retry-after"].isdigit() and "retry" in err["message"] and "Actor" not in err["message"]
 
 
 def test_unauthenticated_calls_get_401_with_the_bearer_challenge():

@@ -14,11 +14,11 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
-from ray.exceptions import RayTaskError
+from ray.exceptions import RayActorError, RayTaskError
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from models.errors import APIError, InvalidRequest, PayloadTooLarge
+from models.errors import APIError, InvalidRequest, PayloadTooLarge, ServiceUnavailable
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,24 @@ def unwrap(e: BaseException) -> BaseException:
 
 
 def api_error(e: BaseException) -> APIError | None:
-    """The typed error behind `e`, if there is one."""
+    """The typed error behind `e`, if there is one; a lost actor (Ray's RayActorError family,
+    raised here or by an actor that called it) is a 503 `ServiceUnavailable` with Retry-After."""
     e = unwrap(e)
-    return e if isinstance(e, APIError) else None
+    if isinstance(e, APIError):
+        return e
+    return ServiceUnavailable("a platform service this request needs was lost and is being restarted; "
+                              "retry shortly") if lost_actor(e) else None
+
+
+def lost_actor(e: BaseException) -> bool:
+    """Whether `e` is, or wraps, Ray's error for an actor that died or cannot be reached."""
+    for _ in range(8):
+        if isinstance(e, RayActorError):
+            return True
+        e = getattr(e, "cause", None) if isinstance(e, RayTaskError) else None
+        if e is None:
+            return False
+    return False
 
 
 def error_type_for(status: int) -> str:
@@ -162,7 +177,8 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)  # the last resort, outside every middleware
     async def _unexpected(request: Request, e: Exception) -> JSONResponse:
-        return _internal(request.scope, e)
+        typed = api_error(e)  # a lost actor
+        return error_response(typed, request) if typed is not None else _internal(request.scope, e)
 
 
 class ErrorMiddleware:

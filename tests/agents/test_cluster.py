@@ -588,6 +588,88 @@ def test_status_and_cancel_are_answered_while_the_engine_is_stalled(platform):
     assert started() == in_flight == width  # no item started after the cancel
 
 
+def test_approve_events_and_start_are_answered_while_the_engine_is_stalled(platform):
+    """Approve (control group), the event stream (events group) and starting a run (intake group)
+    do not queue behind the loop that drives the runs: with that loop held inside a step's event
+    write (the FIFO stand-in for a hung disk, as above), an approval is checkpointed and its event
+    streamed over SSE, a new run is admitted with 201, and nothing that follows from either has
+    happened yet (the loop is still held); once it is released, all of it runs to the end."""
+    import os
+    import uuid
+
+    from agents.checkpoints import CheckpointStore
+    from agents.coordinator import checkpoint_root
+    from security.encryption import field_cipher
+
+    effects, settings = platform["effects"], platform["settings"]
+    store = CheckpointStore(checkpoint_root(settings), field_cipher(settings))
+    c = coord(platform)
+    calc = {"id": "calc", "kind": "tool", "tool": "calculator", "args": {"expression": "2+2"}}
+    gated = ray.get(c.start_run.remote({"name": "gate-held", "steps": [
+        {"id": "gate", "kind": "approval"}, {**calc, "needs": ["gate"]}]}))["id"]
+    wait_status(c, gated, "awaiting_approval")
+    tag = uuid.uuid4().hex[:8]
+    held = ray.get(c.start_run.remote({"name": "hold", "steps": [
+        {"id": "hold", "kind": "tool", "tool": "http_get", "args": {"url": f"{effects.url}/gate/hold-{tag}"}}]}))["id"]
+    effects.wait_hits(f"hold-{tag}", 1)
+    log = os.path.join(store.root, "runs", held, "events.jsonl")
+    os.remove(log)
+    os.mkfifo(log)  # the step's next event blocks the engine's loop until someone reads
+    deadline = time.monotonic() + 120
+    try:
+        effects.release(f"hold-{tag}")  # the step ends: its checkpoint is written, then its event blocks
+        while store.load(held).steps["hold"].status != "succeeded":
+            assert time.monotonic() < deadline, "the held step was never checkpointed"
+            time.sleep(0.05)
+        approved = ray.get(c.approve.remote(gated, None, "ops", True, "go"), timeout=30)  # a guard, not a bound
+        assert approved["awaiting_approval"] == [] and store.load(gated).steps["gate"].approved_by == "ops"
+        with httpx.stream("GET", f"{platform['base']}/v1/workflows/runs/{gated}/events", timeout=30,
+                          headers={"Authorization": f"Bearer {platform['admin']}"}) as stream:
+            assert stream.status_code == 200
+            seen = []
+            for line in stream.iter_lines():
+                if line.startswith("event: "):
+                    seen.append(line.removeprefix("event: "))
+                    if seen[-1] == "step.approved":
+                        break
+        assert "step.started" not in seen[seen.index("step.awaiting_approval"):], seen  # the loop is held
+        r = api(platform, "POST", "/v1/workflows/runs", json={"definition": {"name": "while-held", "steps": [calc]}})
+        assert r.status_code == 201, r.text
+        started = r.json()["id"]
+        assert store.load(held).status == "running" and store.load(started).steps["calc"].status == "pending"
+    finally:
+        effects.release(f"hold-{tag}")
+        _unblock(log)
+    for run_id in (held, gated, started):
+        run = wait_done(c, run_id)
+        assert run["status"] == "succeeded", run
+    assert run["output"] == {"result": 4}
+
+
+def test_a_lost_coordinator_is_a_transparent_retry_for_reads_and_a_503_for_writes(platform):
+    """The workflows app holds a handle to a coordinator that is then lost for good (ray.kill, no
+    restart): a read over HTTP is retried once on a fresh one, made on that use and resumed from
+    the checkpoints (200, the run as it was); a write on a lost handle is a 503 with Retry-After,
+    never a 500, and the call after it works."""
+    calc = {"id": "calc", "kind": "tool", "tool": "calculator", "args": {"expression": "6*7"}}
+    run_id = wait_done(coord(platform), ray.get(coord(platform).start_run.remote(
+        {"name": "survives", "steps": [calc]}))["id"])["id"]
+    for lose in ("read", "write"):
+        assert api(platform, "GET", f"/v1/workflows/runs/{run_id}").status_code == 200  # the app has a handle
+        c = coord(platform)
+        ray.kill(c, no_restart=True)
+        wait_dead(c)
+        if lose == "read":
+            r = api(platform, "GET", f"/v1/workflows/runs/{run_id}")
+            assert r.status_code == 200 and r.json()["output"] == {"result": 42}, r.text
+        else:
+            r = api(platform, "POST", f"/v1/workflows/runs/{run_id}/cancel")
+            assert r.status_code == 503 and r.headers["retry-after"].isdigit(), r.text
+            assert r.json()["error"]["code"] == "service_unavailable"
+            r = api(platform, "POST", f"/v1/workflows/runs/{run_id}/cancel")
+            assert r.status_code == 409 and "already succeeded" in r.json()["error"]["message"], r.text
+
+
 def _unblock(fifo: str) -> None:
     """Let the write held on `fifo` through and put a regular file in its place."""
     import os
