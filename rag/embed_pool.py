@@ -124,6 +124,7 @@ class WarmPool:
                 if tries >= RETRIES:
                     raise
                 log.warning("embedding actor %s lost (%s): sending its call again", self.names[slot], e)
+                time.sleep(0.2 * (tries + 1))  # an ending actor may still hold its name for a moment
                 self.actors[slot] = self._actor(slot)  # the restarted actor, or a new one by that name
                 submit(batch, tries + 1)
 
