@@ -10,8 +10,9 @@ blocks Ray Data's parse tasks produce, two calls in flight per actor, and upsert
   cluster gives the memory back; the next job makes it again (and pays the load once).
 - Like the other detached ORFEAS actors it reserves no CPU (an idle pool must not hold CPUs
   other work could use); its torch threads are `rag.embed_threads`, spread over the nodes.
-- A call lost with its actor (killed, idle-ended, node lost) is sent again to the actor that
-  takes its name, up to `RETRIES` times; a failure inside the encoder fails the job as before.
+- A call lost with its actor is sent again: by Ray when the actor restarts (a crash, a lost
+  node), by the job to a new actor under the same name when it ended for good (killed, idle),
+  up to `RETRIES` times. A failure inside the encoder fails the job as before.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import pyarrow as pa
 log = logging.getLogger(__name__)
 
 IN_FLIGHT_PER_ACTOR = 2
-RETRIES = 3
+RETRIES = 5
 
 
 class EmbedWorker:
@@ -98,8 +99,10 @@ class WarmPool:
     def _actor(self, slot: int):
         from config.actors import detached_actor
 
+        # A restarted actor (crash, node loss) gets its calls again from Ray itself (embedding is
+        # idempotent); one that ended for good is made again under its name by `map`.
         return detached_actor(EmbedWorker, self.names[slot], self.stage_kwargs, self.idle_s,
-                              scheduling_strategy="SPREAD")
+                              max_task_retries=-1, scheduling_strategy="SPREAD")
 
     def map(self, batches: Iterable[pa.Table]) -> Iterator[pa.Table]:
         """Embedded tables, as the actors finish them (not in input order)."""

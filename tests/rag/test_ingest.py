@@ -157,7 +157,7 @@ def _pool_actors(ray) -> dict[str, str]:
 
 def test_warm_embedders_serve_the_next_job_and_a_lost_call_is_sent_again(store, settings, tmp_path, ray_cluster):
     """rag.embed_pool warm: the second job finds the first job's actors (no model load); a call whose
-    actor dies mid-job is sent again, and the job ends with every chunk embedded."""
+    actor ends for good mid-job goes to a new actor under its name, and every chunk comes back."""
     import pyarrow as pa
 
     from rag.embed_pool import WarmPool
@@ -182,9 +182,10 @@ def test_warm_embedders_serve_the_next_job_and_a_lost_call_is_sent_again(store, 
 
     def batches():
         yield table.slice(0, 3)
-        ray_cluster.kill(pool.actors[0], no_restart=False)  # its call is in flight: lost with it
+        ray_cluster.kill(pool.actors[0], no_restart=True)  # ended for good, its call in flight with it
         yield table.slice(3, 3)
 
     out = pa.concat_tables(list(pool.map(batches())))
+    assert _pool_actors(ray_cluster)[pool.names[0]] != first[pool.names[0]]  # a new actor took the name
     assert sorted(out.column("id").to_pylist()) == [f"c{i}" for i in range(6)]
     assert all(len(v) == 384 for v in out.column("dense").to_pylist())
