@@ -7,7 +7,7 @@ encode loop over the same chunks, in one run. Writes JSON under benchmarks/resul
 The ratio is job chunks/s over bare-loop chunks/s (target >= 0.9): how much of the encoder's own
 speed survives the platform's plumbing.
 
-With `rag.embed_pool: warm` (the default) the embedding actors outlive a job, so the measured job
+With `rag.embed_pool: warm` (`--embed-pool warm`) the embedding actors outlive a job, so the measured job
 follows a warm-up job (300 documents, enough to grow the pool), as on a cluster that has ingested
 before (its seconds are reported apart). `--cold` skips it: the first job on a fresh cluster, which loads the model.
 """
@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
              namespace=ACTOR_NAMESPACE)
     ray.data.DataContext.get_current().enable_progress_bars = False
     warmup = None
-    if not args.cold:
+    if not args.cold and r.embed_pool == "warm":
         few = work / "warmup.jsonl"
         few.write_text("\n".join(Path(args.corpus).read_text().splitlines()[:300]) + "\n")
         t0 = time.perf_counter()

@@ -163,6 +163,7 @@ def test_warm_embedders_serve_the_next_job_and_a_lost_call_is_sent_again(store, 
     from rag.embed_pool import WarmPool
     from rag.ingest import ROW_SCHEMA
 
+    settings.rag.embed_pool = "warm"
     src = tmp_path / "docs"
     _write_corpus(src)
     run_ingest(str(src), "warm1", settings=settings, store=store)
