@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import httpx
-import ray
 import typer
 from rich.table import Table
 
@@ -45,6 +44,8 @@ def _router_status(probe: bool = False) -> dict | None:
 
 def _metrics_address() -> str:
     """Where this node's Ray metrics export (every ORFEAS metric included) listens."""
+    import ray
+
     node = next((n for n in ray.nodes() if n.get("Alive")), {})
     port = node.get("MetricsExportPort")
     return f"http://{node.get('NodeManagerAddress', '127.0.0.1')}:{port}/metrics" if port else "(not exported)"
@@ -82,6 +83,8 @@ def _model_table(settings: Settings, states: dict[str, str] | None) -> Table:
 @app.command()
 def up(config: ConfigOpt = None, timeout: Annotated[float, typer.Option(help="Seconds to wait for health.")] = 600):
     """Start (or join) the Ray cluster, deploy the Serve applications and wait until they are healthy."""
+    import ray
+
     from cluster.deploy import DeployError, audit_config, deploy, refused_models, wait_running
     from security.keys import keystore
     from cluster.local import ClusterError, api_url, connect, dashboard_url, is_managed, start_local_head
@@ -147,6 +150,7 @@ def down(config: ConfigOpt = None):
 
     On an external cluster only ORFEAS's own applications are removed; the cluster keeps running.
     """
+    import ray
     from ray import serve
 
     from cluster.local import ClusterError, connect, is_managed, stop_local_head
@@ -178,6 +182,7 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False,
            probe: Annotated[bool, typer.Option("--probe", help="Actively probe every backend first "
                                                "(hosted providers included) instead of showing the last round.")] = False):
     """Cluster resources, Serve applications, models and their health."""
+    import ray
     from ray import serve
 
     from cluster.local import api_url, cluster_address, dashboard_url
@@ -217,6 +222,8 @@ def status(config: ConfigOpt = None, as_json: JsonOpt = False,
 
 def experiment_report(settings: Settings, name: str) -> dict:
     """Per-arm figures and significance tests for a configured experiment, from the ledger."""
+    import ray
+
     from analytics.ledger import ledger
     from serve.router.experiments import report
 
@@ -255,6 +262,8 @@ def experiments_report(name: str, config: ConfigOpt = None, as_json: JsonOpt = F
 def usage(config: ConfigOpt = None, key_id: Annotated[Optional[str], typer.Option("--key-id")] = None,
           period: Annotated[Optional[str], typer.Option(help="day or month (default: all time)")] = None):
     """Usage and cost from the ledger, by key, team and model."""
+    import ray
+
     from analytics.ledger import ledger, period_start
 
     import time as _time

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 from urllib.parse import parse_qs, urlparse
 
-import ray
 import typer
 
 from cluster.console import ConfigOpt, JsonOpt, connected, console, fail, print_json, settings_or_exit
@@ -120,6 +119,8 @@ def register(app: typer.Typer) -> None:
     @directory_app.command("sync")
     def directory_sync(config: ConfigOpt = None, as_json: JsonOpt = False):
         """Sync users' roles and teams from the directory now."""
+        import ray
+
         from security.directory import directory_store
 
         settings = connected(config)

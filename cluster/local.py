@@ -13,8 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import ray
-
 from config import Settings
 from config.names import ACTOR_NAMESPACE
 
@@ -124,6 +122,8 @@ def start_local_head(settings: Settings) -> bool:
 
 def connect(settings: Settings) -> str:
     """Connect this process to the platform's cluster; returns its address."""
+    import ray  # here, not at the top: `orfeas edge` and other Ray-less commands never load it
+
     address = cluster_address(settings)
     if is_managed(settings) and not _listening(address):
         raise ClusterError(f"no ORFEAS cluster is running at {address}: start it with `orfeas up`")

@@ -434,16 +434,25 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
                         fn_kwargs=dict(model_dir=model_dir, size=r.chunk_tokens, overlap=r.chunk_overlap,
                                        params=indexing_params(settings), root=root, states_ref=states_ref,
                                        pii=settings.pii.model_dump() if settings.pii.enabled else None))
-    # Each call gets embed_call_rows chunks; the encoder sorts them by length into batches of
-    # embed_batch_size, so batches pad little. The pool grows from one actor while chunks queue
-    # up; two tasks in flight per actor keep the small blocks spread over all of them.
-    ds = ds.map_batches(EmbedStage, batch_size=max(r.embed_call_rows, r.embed_batch_size), batch_format="pyarrow",
-                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_actors(settings),
-                                                           max_tasks_in_flight_per_actor=2),
-                        num_cpus=r.embed_threads,
-                        fn_constructor_kwargs=dict(model_dir=dense_dir, bm25=(r.bm25_k, r.bm25_b, r.bm25_avg_len),
-                                                   batch_size=r.embed_batch_size, threads=r.embed_threads,
-                                                   embedder=embedder_id(settings)))
+    stage = dict(model_dir=dense_dir, bm25=(r.bm25_k, r.bm25_b, r.bm25_avg_len), batch_size=r.embed_batch_size,
+                 threads=r.embed_threads, embedder=embedder_id(settings))
+    call_rows = max(r.embed_call_rows, r.embed_batch_size)
+    if r.embed_pool == "warm":
+        # Actors that outlive the job (rag/embed_pool.py): a job after the first pays no model load.
+        from rag.embed_pool import WarmPool
+
+        pool = WarmPool(embed_actors(settings), stage, r.embed_pool_idle_s)
+        embedded = _slices(pool.map(ds.iter_batches(batch_size=call_rows, batch_format="pyarrow")),
+                           r.upsert_batch_size)
+    else:
+        # Each call gets embed_call_rows chunks; the encoder sorts them by length into batches of
+        # embed_batch_size, so batches pad little. The pool grows from one actor while chunks queue
+        # up; two tasks in flight per actor keep the small blocks spread over all of them.
+        ds = ds.map_batches(EmbedStage, batch_size=call_rows, batch_format="pyarrow",
+                            compute=ray.data.ActorPoolStrategy(min_size=1, max_size=embed_actors(settings),
+                                                               max_tasks_in_flight_per_actor=2),
+                            num_cpus=r.embed_threads, fn_constructor_kwargs=stage)
+        embedded = ds.iter_batches(batch_size=r.upsert_batch_size, batch_format="pyarrow")
 
     seen_docs: dict[str, str] = {}     # doc_id -> index hash (written or skipped)
     written_docs: set[str] = set()
@@ -453,7 +462,7 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
     # parse, chunk and embed run in Ray Data's tasks and actors; this span covers the stream they
     # feed, with one child span per upsert batch
     stream = tracing.start("ingest.stream", {"orfeas.ingest.files": len(files)})
-    for batch in ds.iter_batches(batch_size=r.upsert_batch_size, batch_format="pyarrow"):
+    for batch in embedded:
         points = []
         for row in batch.to_pylist():
             kind = row["kind"]
@@ -505,6 +514,13 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
         failed=failed, seconds=round(secs, 2), chunks_per_s=round(chunks / secs, 1) if secs > 0 else 0.0)
     log.info("ingest done: %s", summary.model_dump_json())
     return summary
+
+
+def _slices(tables: Iterator[pa.Table], rows: int) -> Iterator[pa.Table]:
+    """Tables of at most `rows` rows (the upsert batches) from tables of any size."""
+    for t in tables:
+        for offset in range(0, t.num_rows, rows):
+            yield t.slice(offset, rows)
 
 
 def _dimension(model_dir: str) -> int:

@@ -145,3 +145,48 @@ def test_killed_job_rerun_ends_with_one_clean_run(store, settings, tmp_path, ray
     got, want = _points(store, "killed"), _points(store, "clean")
     assert got == want and len(got) == clean.chunks
     assert rerun.skipped > 0  # documents finished before the kill were not redone
+
+
+def _pool_actors(ray) -> dict[str, str]:
+    from config.names import ACTOR_NAMESPACE
+
+    return {a["name"]: ray.get_actor(a["name"], namespace=ACTOR_NAMESPACE)._actor_id.hex()
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["namespace"] == ACTOR_NAMESPACE and a["name"].startswith("orfeas-embedder-")}
+
+
+def test_warm_embedders_serve_the_next_job_and_a_lost_call_is_sent_again(store, settings, tmp_path, ray_cluster):
+    """rag.embed_pool warm: the second job finds the first job's actors (no model load); a call whose
+    actor ends for good mid-job goes to a new actor under its name, and every chunk comes back."""
+    import pyarrow as pa
+
+    from rag.embed_pool import WarmPool
+    from rag.ingest import ROW_SCHEMA
+
+    settings.rag.embed_pool = "warm"
+    src = tmp_path / "docs"
+    _write_corpus(src)
+    run_ingest(str(src), "warm1", settings=settings, store=store)
+    first = _pool_actors(ray_cluster)
+    assert first  # the pool outlives the job
+    second = run_ingest(str(src / "cities.jsonl"), "warm2", settings=settings, store=store)
+    assert second.chunks == 2 and _pool_actors(ray_cluster) == first  # the same actors: no new model load
+
+    rows = [{"kind": "chunk", "id": f"c{i}", "embed_text": f"chunk number {i} about vectors"} for i in range(6)]
+    table = pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
+    r = settings.rag
+    from rag.embedding import dense_source, embedder_id
+
+    pool = WarmPool(1, dict(model_dir=dense_source(settings), bm25=(r.bm25_k, r.bm25_b, r.bm25_avg_len),
+                            batch_size=r.embed_batch_size, threads=r.embed_threads, embedder=embedder_id(settings)),
+                    r.embed_pool_idle_s)
+
+    def batches():
+        yield table.slice(0, 3)
+        ray_cluster.kill(pool.actors[0], no_restart=True)  # ended for good, its call in flight with it
+        yield table.slice(3, 3)
+
+    out = pa.concat_tables(list(pool.map(batches())))
+    assert _pool_actors(ray_cluster)[pool.names[0]] != first[pool.names[0]]  # a new actor took the name
+    assert sorted(out.column("id").to_pylist()) == [f"c{i}" for i in range(6)]
+    assert all(len(v) == 384 for v in out.column("dense").to_pylist())
