@@ -48,24 +48,13 @@ def ray_cluster(metrics_port):
 def release_module_actors():
     """Kill the detached ORFEAS actors a module created (key store, audit log, store owner, ...,
     one set per data dir) once it ends: left alive, each idle worker held ~0.5 GB and a share of
-    the 2 cores for the rest of the session."""
-    import ray
+    the 2 cores for the rest of the session. A test package's shared platform releases its own
+    at the package's end (tests/shared_platform/conftest.py overrides this fixture)."""
+    from harness import orfeas_actors, release_actors
 
-    from config.names import ACTOR_NAMESPACE
-
-    def named() -> set[str]:
-        if not ray.is_initialized():
-            return set()
-        return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)
-                if a["namespace"] == ACTOR_NAMESPACE}
-
-    before = named()
+    before = orfeas_actors()
     yield
-    for name in named() - before:
-        try:
-            ray.kill(ray.get_actor(name, namespace=ACTOR_NAMESPACE), no_restart=True)
-        except ValueError:  # gone already
-            pass
+    release_actors(orfeas_actors() - before)
 
 
 @pytest.fixture(scope="session")
@@ -104,3 +93,20 @@ def pytest_collection_modifyitems(config, items):
     heavy = {item.path for item in items
              if CLUSTER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in heavy)
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`--dist loadfile`, except that a test package (a directory with `__init__.py`) is one unit of
+    work: its files share package-scoped fixtures (tests/shared_platform/), so one worker runs
+    them all and deploys their platform once."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class PackageScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            package = (config.rootpath / path).parent
+            return str(package.relative_to(config.rootpath)) if (package / "__init__.py").exists() else path
+
+    return PackageScheduling(config, log)

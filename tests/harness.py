@@ -33,6 +33,30 @@ def deployed(settings):
             serve.delete(name)
 
 
+def orfeas_actors() -> set[str]:
+    """The names of the live named actors in ORFEAS's namespace."""
+    import ray
+
+    from config.names import ACTOR_NAMESPACE
+
+    if not ray.is_initialized():
+        return set()
+    return {a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == ACTOR_NAMESPACE}
+
+
+def release_actors(names: set[str]) -> None:
+    """Kill these ORFEAS actors for good (those already gone are skipped)."""
+    import ray
+
+    from config.names import ACTOR_NAMESPACE
+
+    for name in names:
+        try:
+            ray.kill(ray.get_actor(name, namespace=ACTOR_NAMESPACE), no_restart=True)
+        except ValueError:  # gone already
+            pass
+
+
 def make_key(settings, role: str = "admin", models: list[str] | None = None, name: str = "") -> tuple[dict, str]:
     import ray
 

@@ -20,7 +20,7 @@ BROKEN = "broken"
 
 @pytest.fixture(scope="module")
 def platform(serve_port, tiny_model_dir, tmp_path_factory):
-    # RAG and agents are off: tests/test_rag_gateway.py and tests/agents cover them.
+    # RAG and agents are off: tests/shared_platform/test_rag_gateway.py and tests/agents cover them.
     settings = platform_settings(
         tmp_path_factory.mktemp("gateway-data"), serve_port,
         auth={"enabled": True},

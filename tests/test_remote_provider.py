@@ -29,7 +29,7 @@ def gateway(serve_port, provider, tmp_path_factory):
         serve={"host": "127.0.0.1", "port": serve_port},
         auth={"key_cache_s": 0},
         limits={"max_tokens": 64},
-        rag={"enabled": False},  # tests/test_rag_gateway.py covers the RAG service
+        rag={"enabled": False},  # tests/shared_platform/test_rag_gateway.py covers the RAG service
         agents={"enabled": False},  # tests/agents covers the agents API
         models=[
             remote("echo", "echo"),

