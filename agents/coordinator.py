@@ -611,11 +611,17 @@ class Coordinator:
             deadline = time.monotonic() + timeout_s
             while True:
                 arrived.clear()  # before reading: an event kept after the read sets it again
-                new = [e for e in list(self.events.get(run_id, ())) if e["seq"] > after]
                 status = self._load(run_id).status
+                kept = list(self.events.get(run_id, ()))
+                new = [e for e in kept if e["seq"] > after]
                 left = deadline - time.monotonic()
-                if new or left <= 0 or status in sch.TERMINAL_RUN:
-                    return {"events": new, "status": status, "done": status in sch.TERMINAL_RUN}
+                over = status in sch.TERMINAL_RUN
+                # The run's state turns terminal (on the loop that drives it) a moment before its
+                # run.<status> event is written: the stream is over once that event is kept too,
+                # or when a wait for it runs out (a finished run whose events were trimmed).
+                settled = over and any(e["event"] == f"run.{status}" for e in kept)
+                if new or left <= 0 or settled:
+                    return {"events": new, "status": status, "done": settled or (over and timeout_s > 0 and left <= 0)}
                 try:
                     await asyncio.wait_for(arrived.wait(), left)
                 except TimeoutError:

@@ -174,10 +174,12 @@ class RagServer:
         # A question that reads as an injection takes the normal path, which refuses or flags it.
         if self.semantic is not None and question and not is_injection(question):
             retriever = self.service.retriever
-            # the retrieval of a miss reuses this vector (Retriever.query_vectors keeps it)
-            vector = (await asyncio.to_thread(retriever.query_vectors, question))[0]
-            variant = semantic_variant(model, retriever.embedder, body)
-            similar = self.semantic.get(tenant, collection, version, variant, vector)
+            with tracing.span("rag.cache.lookup", {"orfeas.cache": "rag_semantic"}) as span:
+                # the retrieval of a miss reuses this vector (Retriever.query_vectors keeps it)
+                vector = (await asyncio.to_thread(retriever.query_vectors, question))[0]
+                variant = semantic_variant(model, retriever.embedder, body)
+                similar = self.semantic.get(tenant, collection, version, variant, vector)
+                span.set_attribute("orfeas.cache.hit", similar is not None)
             self._looked_up("rag_semantic", similar is not None)
             if similar is not None:
                 found, similarity = similar

@@ -93,6 +93,17 @@ def wait_done(c, run_id: str) -> dict:
             return ray.get(c.get_run.remote(run_id))
 
 
+def events_until(c, run_id: str, event: str, timeout_s: float = 30.0) -> list[dict]:
+    """The run's events up to and including the first `event`. A run's state is read on the
+    coordinator's control group and its events on their own group: the state can show a change
+    a moment before the change's event is written."""
+    events: list[dict] = []
+    deadline = time.monotonic() + timeout_s
+    while not any(e["event"] == event for e in events) and time.monotonic() < deadline:
+        events += ray.get(c.events_after.remote(run_id, events[-1]["seq"] if events else 0, 5.0))["events"]
+    return events
+
+
 def wait_status(c, run_id: str, status: str) -> dict:
     after = 0
     while True:
@@ -222,7 +233,7 @@ def test_research_draft_review_with_conflict_end_to_end(platform):
     assert steps["publish"]["output"] == {"result": 42} and run["output"] == "summary of 42"
     a = run["analytics"]
     assert a["steps_succeeded"] == 6 and a["model_calls"] >= 8 and a["tokens"] > 0
-    events = [e["event"] for e in ray.get(c.events_after.remote(run["id"], 0))["events"]]
+    events = [e["event"] for e in events_until(c, run["id"], "run.succeeded")]
     assert events[0] == "run.created" and events[-1] == "run.succeeded" and "step.skipped" in events
     # run-scoped agents are gone with their run
     assert "researcher" not in [x["name"] for x in ray.get(c.agents.remote(None, True))]
@@ -332,7 +343,7 @@ def test_approval_gate_blocks_until_approved(platform):
     run_id = ray.get(c.start_run.remote(wf))["id"]
     run = wait_status(c, run_id, "awaiting_approval")
     assert run["awaiting_approval"] == ["gate"] and run["steps"]["ship"]["status"] == "pending"
-    events = ray.get(c.events_after.remote(run_id, 0))["events"]
+    events = events_until(c, run_id, "step.awaiting_approval")
     assert any(e["event"] == "step.awaiting_approval" and e["message"] == "ship it?" for e in events)
     ray.get(c.approve.remote(run_id, None, "ops", True, "go"))
     run = wait_done(c, run_id)
