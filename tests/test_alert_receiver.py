@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import threading
 import time
 from email import message_from_bytes
 
@@ -43,7 +44,7 @@ def receiver(ray_cluster, serve_port, provider, tmp_path_factory):
         # 180 s guards) and passed alone: late in the suite the session cluster's metrics page
         # carries every series of the tests before it, on a loaded machine. The rule group still
         # evaluates every EVAL_S.
-        monitoring={"ttft_slo_s": 0.5, "scrape_interval_s": 5, "prometheus_port": free_port(),
+        monitoring={"ttft_slo_s": 0.5, "scrape_interval_s": SCRAPE_S, "prometheus_port": free_port(),
                     "alertmanager_port": free_port()},
         alerts={"enabled": True, "escalate_after_s": 4, "check_interval_s": 0.2,
                 "slack_webhooks": {"default": sink.url("/slack/default"), "search": sink.url("/slack/search")},
@@ -57,6 +58,7 @@ def receiver(ray_cluster, serve_port, provider, tmp_path_factory):
 
 
 EVAL_S = 1  # the end-to-end test's rule group interval
+SCRAPE_S = 5  # its scrape interval
 
 
 def evaluations(prometheus: str) -> float:
@@ -176,14 +178,30 @@ def test_a_latency_regression_fires_a_rule_through_alertmanager_to_slack(receive
         assert not prom.get("/api/v1/query", params=holds).json()["data"]["result"]
         for _ in range(2):
             assert client.post("/v1/chat/completions", json=ask).status_code == 200
+        # More misses, one per scrape, from a thread (the loop below keeps reading evaluations):
+        # on a loaded machine Ray's export can deliver the first misses in one sample, which is no
+        # increase to Prometheus, and the rule's 1-minute window then never held (3 full CI runs).
+        regressing = threading.Event()
+
+        def keep_missing() -> None:
+            with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {key}"}, timeout=60) as c:
+                while not regressing.wait(SCRAPE_S):
+                    c.post("/v1/chat/completions", json=ask)
+
+        misses = threading.Thread(target=keep_missing, daemon=True)
+        misses.start()
         deadline = time.monotonic() + 180  # a guard: a loaded 2-core machine delays Ray's export
-        while True:  # until Ray's export has reached Prometheus (its own delay, not the rule's)
-            n = evaluations(out["prometheus"])
-            if prom.get("/api/v1/query", params=holds).json()["data"]["result"]:
-                break
-            not_yet = n
-            assert time.monotonic() < deadline, "the regression never reached Prometheus"
-            time.sleep(0.05)
+        try:
+            while True:  # until Ray's export has reached Prometheus (its own delay, not the rule's)
+                n = evaluations(out["prometheus"])
+                if prom.get("/api/v1/query", params=holds).json()["data"]["result"]:
+                    break
+                not_yet = n
+                assert time.monotonic() < deadline, "the regression never reached Prometheus"
+                time.sleep(0.05)
+        finally:
+            regressing.set()
+            misses.join(timeout=70)
         deadline = time.monotonic() + 180  # a guard: a loaded 2-core machine delays Ray's export
         while not any("TTFTRegression" in b["text"] for b in sink.bodies("/slack/search")[before:]):
             assert time.monotonic() < deadline, prom.get("/api/v1/alerts").json()

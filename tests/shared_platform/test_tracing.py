@@ -90,7 +90,9 @@ def test_streamed_chat_is_one_trace_from_http_to_the_model_replica(traced):
 def test_generated_rag_answer_is_one_trace_through_retrieval_qdrant_and_the_gateway(traced):
     receiver, base, key = traced
     trace_id, span_id, header = client_parent()
-    r = httpx.post(base + "/v1/rag/query", json={"query": "How does KubeRay deploy Serve applications?",
+    # A question of its own: a RAG replica keeps recent query vectors, and a question another
+    # file's test asked would be answered without an embedding.
+    r = httpx.post(base + "/v1/rag/query", json={"query": "Through what does KubeRay roll out Serve upgrades?",
                                                   "model": CHAT, "collection": "docs"},
                    headers={"Authorization": f"Bearer {key}", "traceparent": header}, timeout=120)
     assert r.status_code == 200, r.text
