@@ -183,7 +183,7 @@ def test_the_authenticator_answers_from_its_cache_only_keys_it_verified_lately(t
     assert Authenticator(platform_settings(tmp_path, 8000, auth={"enabled": False})).cached(None) is ANONYMOUS_ADMIN
 
 
-def _shed_app(refuse_model: str):
+def _shed_app(refuse_model: str, armed: bool = True):
     """A small app on the HTTP layer whose Shedder refuses `refuse_model`; it counts what ran."""
     import uuid
 
@@ -219,7 +219,7 @@ def _shed_app(refuse_model: str):
         e.retry_after_s = 1.5
         return e if model == refuse_model and path == "/gen" else None
 
-    app.state.configure(Settings(auth={"enabled": False}), shed=Shedder(frozenset({"/gen"}), refuse))
+    app.state.configure(Settings(auth={"enabled": False}), shed=Shedder(frozenset({"/gen"}), refuse, lambda: armed))
     return app, ran
 
 
@@ -229,6 +229,14 @@ def _post(app, path, **kw):
             return await c.post(path, **kw)
 
     return asyncio.run(go())
+
+
+def test_an_unarmed_shedder_leaves_every_request_to_the_full_path():
+    """While nothing is full (`armed` false) the body is not peeked at, and nothing is refused."""
+    app, ran = _shed_app("full", armed=False)
+    r = _post(app, "/gen", json={"model": "full", "prompt": "p"})
+    assert r.status_code == 200 and r.json() == {"model": "full", "prompt": "p"}
+    assert ran == {"auth": 1, "handler": 1}
 
 
 def test_a_shed_request_is_refused_before_body_validation_auth_and_the_handler():

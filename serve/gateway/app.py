@@ -101,7 +101,8 @@ class Gateway:
         self.timeout_s = self.settings.gateway.request_timeout_s
         self.backends = BackendRegistry(self.settings)
         self.catalog = Catalog(self.settings, self.backends)
-        shed = Shedder(GENERATION_PATHS, self._early_refusal) if self.settings.gateway.shed_early else None
+        shed = Shedder(GENERATION_PATHS, self._early_refusal, lambda: self.router.any_full()) \
+            if self.settings.gateway.shed_early else None
         app.state.configure(self.settings, model_label=self.catalog.known, shed=shed)
         if self.settings.auth.enabled:
             bootstrap_admin(self.settings.resolved_data_dir(), self.settings.auth.bootstrap_key_env, self.settings)

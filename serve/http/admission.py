@@ -35,10 +35,17 @@ if TYPE_CHECKING:
 PEEK_BYTES = 65_536  # larger bodies (long prompts) take the full path: their parse dwarfs the saving
 
 
+def _always() -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Shedder:
     paths: frozenset[str]  # the POST paths (without the app's root path) whose requests it may refuse
     refuse: Callable[[str, str, str | None], APIError | None]  # (path, model, Authorization) -> refusal
+    # Whether `refuse` could refuse anything now (cheap, no body needed): when not, which is
+    # nearly always, a request goes on without its body being buffered and parsed twice.
+    armed: Callable[[], bool] = _always
 
 
 def peek_model(body: bytes, max_depth: int) -> str | None:
@@ -63,7 +70,7 @@ class ShedMiddleware(HttpMiddleware):
         path = scope.get("path", "")
         root = scope.get("root_path", "").rstrip("/")
         local = path[len(root):] if root and path.startswith(root) else path
-        if shed is None or scope.get("method") != "POST" or local not in shed.paths:
+        if shed is None or scope.get("method") != "POST" or local not in shed.paths or not shed.armed():
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])

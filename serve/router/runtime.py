@@ -436,6 +436,11 @@ class Router:
             return None
         return self._overloaded(chain)
 
+    def any_full(self) -> bool:
+        """Whether any model has its whole queue in flight: `early_refusal` can refuse nothing
+        otherwise (a refused chain is all full), so the HTTP layer need not read the body."""
+        return any(self._full(m) for m in self.specs)
+
     def _overloaded(self, plan: list[str]) -> ModelOverloaded:
         return self._jittered(ModelOverloaded(
             f"model {plan[0]!r} is at capacity (its request queue is full); retry shortly "
