@@ -54,7 +54,7 @@ def platform(serve_port, provider, tiny_model_dir, tmp_path_factory):
             "classifier": "rules",
             "budget_cache_s": 0,
             "fallback": {"max_attempts": 3, "backoff_base_s": 0.01},
-            "breaker": {"failure_threshold": 2, "cooldown_s": 1.0},
+            "breaker": {"failure_threshold": 2, "cooldown_s": 5.0},  # outlasts a loaded CI worker's two calls
             "experiments": [{"name": "ab", "arms": [{"name": "one", "model": "pool-1"},
                                                     {"name": "two", "model": "pool-2"}]}],
             "orchestrator": {"planner": "p-plan", "synthesizer": "p-echo", "judge": "p-yes"},
