@@ -17,12 +17,18 @@ def free_port() -> int:
 
 
 @contextmanager
-def deployed(settings):
-    """Deploy the settings' applications on the session cluster; remove them afterwards."""
+def deployed(settings, autoscaling: bool = False):
+    """Deploy the settings' applications on the session cluster; remove them afterwards.
+
+    Fixed replica counts unless `autoscaling`: left on, the policy scaled test models (a broken one
+    too) to 2-4 replicas in the suite's bursts, each start 10-70 s of the two cores, and a chaos
+    kill met a replica the policy had just added. tests/test_scaling_live.py runs the policy live.
+    The settings object is changed in place, so a redeploy of it (a restart) keeps the counts."""
     from ray import serve
 
     from cluster.deploy import deploy, wait_running
 
+    settings.autoscaling.enabled = autoscaling
     names = deploy(settings)
     try:
         states = wait_running(names, timeout_s=300)

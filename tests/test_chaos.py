@@ -168,7 +168,9 @@ def test_killing_the_only_replica_comes_back_without_the_breakers_cooldown(platf
     headers = {"Authorization": f"Bearer {platform['admin']}"}
     status = httpx.get(platform["base"] + "/v1/router/status", headers=headers, timeout=30).json()["backends"]["one"]
     # Served again well inside the 600 s cooldown: a passing probe (or no opening at all) readmitted it.
-    assert status["state"] == "closed", status
+    # Half-open is readmitted too: the status may come from the other gateway replica, whose probe
+    # passed but which has had no live request (its trial) since.
+    assert status["state"] in ("closed", "half_open"), status
 
 
 def test_killing_one_of_two_gateway_replicas_loses_at_most_what_was_in_flight(platform):

@@ -36,6 +36,7 @@ def config_file(serve_port, tiny_model_dir, tmp_path_factory):
         "auth": {"key_cache_s": 0},
         "rag": {"enabled": False},
         "agents": {"enabled": False},
+        "autoscaling": {"enabled": False},  # fixed replica counts, as harness.deployed gives the others
         "models": [{"id": "tiny-chat", "engine": "transformers", "source": str(tiny_model_dir)}],
     }))
     yield path

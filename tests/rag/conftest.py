@@ -45,6 +45,7 @@ def settings(tmp_path) -> Settings:
     s.rag.embed_call_rows = 16
     s.rag.embed_actors = 2  # the session's 8 logical CPUs are 2 cores: an 8-actor pool would thrash
     s.rag.upsert_batch_size = 16
+    s.rag.embed_pool = "warm"  # a job after the first pays no model load (~13 s each, rag/embed_pool.py)
     return s
 
 

