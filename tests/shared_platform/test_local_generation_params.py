@@ -4,22 +4,16 @@ official `openai` client: each is honoured, or refused with a 400 naming it, nev
 import openai
 import pytest
 
-from config import ModelSpec
-from harness import deployed, make_key, platform_settings
+from harness import make_key
 
-CHAT = "tiny-params"
+from . import CHAT
 
 
 @pytest.fixture(scope="module")
-def client(serve_port, tiny_model_dir, tmp_path_factory):
-    settings = platform_settings(
-        tmp_path_factory.mktemp("params-data"), serve_port,
-        limits={"max_tokens": 64},
-        models=[ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=256)],
-    )
-    with deployed(settings):
-        _, key = make_key(settings, "admin")
-        yield openai.OpenAI(base_url=f"http://127.0.0.1:{serve_port}/v1", api_key=key, max_retries=0)
+def client(shared_platform):
+    """The package's platform (conftest.py): its tiny chat model is the local transformers model."""
+    _, key = make_key(shared_platform.settings, "admin")
+    return openai.OpenAI(base_url=shared_platform.base + "/v1", api_key=key, max_retries=0)
 
 
 def ask(client, **kw):
