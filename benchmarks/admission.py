@@ -102,9 +102,10 @@ def server_side(done: list[tuple], lines: list[tuple[int, int, dict[str, int]]])
         by_port[port].append((status, timers))
     matched = []  # (client seconds, status, timers)
     for d in sorted(done, key=lambda d: d[4]):
-        logged = by_port.get(d[5])
-        if logged and logged[0][0] == d[0]:
-            matched.append((d[1], *logged.pop(0)))
+        logged = by_port.get(d[5], [])
+        i = next((i for i, (status, _) in enumerate(logged) if status == d[0]), None)  # a line may be lost (UDP)
+        if i is not None:
+            matched.append((d[1], *logged.pop(i)))
     refused = [(secs * 1000, t) for secs, status, t in matched if status != 200]
     if not refused:
         return {"matched": len(matched), "of": len(done)}
