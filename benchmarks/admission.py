@@ -107,6 +107,7 @@ def server_side(done: list[tuple], lines: list[tuple[int, int, dict[str, int]]])
         if i is not None:
             matched.append((d[1], *logged.pop(i)))
     refused = [(secs * 1000, t) for secs, status, t in matched if status != 200]
+    logged_refusals = [t for _, status, t in lines if status != 200]  # every refusal HAProxy logged
     if not refused:
         return {"matched": len(matched), "of": len(done)}
 
@@ -114,7 +115,12 @@ def server_side(done: list[tuple], lines: list[tuple[int, int, dict[str, int]]])
         return {"p50": p(values, 0.5), "p99": p(values, 0.99), "max": max(values)}
 
     slowest = sorted(refused, key=lambda r: -r[0])[:6]
-    return {"matched": len(matched), "of": len(done), "refusals": len(refused),
+    return {"logged_refusals": len(logged_refusals),
+            "all_logged_replica_Tr_ms": stats([t["Tr"] for t in logged_refusals]),
+            "all_logged_haproxy_Ta_ms": stats([t["Ta"] for t in logged_refusals]),
+            # matched to the client's requests (those whose connection was still held when its
+            # headers came: a short refusal's connection can be released before the client reads it)
+            "matched": len(matched), "of": len(done), "refusals": len(refused),
             # Tr: the gateway replica, from HAProxy's request sent to its response headers
             "replica_Tr_ms": stats([t["Tr"] for _, t in refused]),
             "haproxy_Ta_ms": stats([t["Ta"] for _, t in refused]),
