@@ -169,7 +169,9 @@ def _kill_an_embedding_worker() -> list[str]:
     workers = []
     for proc in psutil.process_iter(["cmdline"]):
         title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith("ray::") and "EmbedStage" in title:
+        # Ray Data's actor pool (only the embedding stage is one): "ray::_MapWorker[.submit]" or
+        # titled by its repr, "ray::MapWorker(MapBatches(EmbedStage))[.submit]"
+        if title.startswith("ray::") and ("EmbedStage" in title or "MapWorker" in title):
             workers.append((title, proc))
     workers.sort(key=lambda w: "." not in w[0].split(")")[-1])  # busy ones ("...).submit") first
     for title, proc in workers:
