@@ -87,17 +87,7 @@ def head_env(settings: Settings) -> dict[str, str]:
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not any(m.allow_download for m in settings.models):
         env.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach for the hub unless a model allows it
-    if settings.ray.node_ip_address in LOOPBACK:
-        # On Linux `ray start` turns a loopback --node-ip-address into the machine's outward
-        # address (services.resolve_ip_for_localhost), and the metrics export then listens on
-        # every interface. With Ray's single-machine mode (as on macOS) the node keeps
-        # 127.0.0.1, and the export binds loopback only (reporter_agent: is_localhost).
-        env[LOOPBACK_NODE_ENV] = "0"
     return env
-
-
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-LOOPBACK_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
 
 
 # Logical CPUs of a local head at least: Serve replicas reserve CPUs while mostly waiting, and an
@@ -115,8 +105,7 @@ def start_local_head(settings: Settings) -> bool:
         f"--port={settings.ray.gcs_port}",
         f"--dashboard-host={settings.ray.dashboard_host}",
         f"--dashboard-port={settings.ray.dashboard_port}",
-        # Ray binds its metrics export to loopback only when the node's address is loopback
-        # (and stays loopback: head_env).
+        # Ray binds its metrics export to loopback only when the node's address is loopback.
         f"--node-ip-address={settings.ray.node_ip_address}",
         "--disable-usage-stats",
     ]
