@@ -16,6 +16,14 @@ The clients are one process on uvloop with aiohttp (lighter than httpx: the clie
 cores with the gateway); a 10 ms ticker beside them records how late the client's own loop ran
 (`client_loop_lag_*`), so a slow client shows instead of reading as slow refusals.
 
+Where a refusal's time goes (HAProxy ingress): the benchmark is HAProxy's syslog target (a UDP
+socket on loopback, `RAY_SERVE_HAPROXY_LOG_TARGET`) and reads each request's `option httplog`
+timers: TR (receiving the client's request), Tw + Tc (queue, connect), Tr (the gateway replica:
+from the request sent to it until its response headers), Ta (HAProxy's whole answer). Each log
+line is matched to the client's request by the client's TCP port and order, so a refusal's
+client-side time (what the client saw minus HAProxy's Ta: the client's loop, its kernel) and its
+server-side time are both reported (`server_side`).
+
 Writes benchmarks/results/admission.json and prints a markdown table for docs/benchmarks.md.
 """
 
@@ -26,8 +34,12 @@ import asyncio
 import json
 import os
 import platform
+import re
+import socket
 import tempfile
+import threading
 import time
+from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,21 +62,92 @@ def p(values: list[float], q: float) -> float | None:
     return s[min(int(q * len(s)), len(s) - 1)]
 
 
-async def one(c: aiohttp.ClientSession, base: str, key: str) -> tuple[int, float, float | None, float | None]:
-    """(status, answer or first-token seconds, ttft, the seconds the refusal said to wait, sent at)."""
+# HAProxy's `option httplog` line: client ip:port ... TR/Tw/Tc/Tr/Ta status ...
+HTTPLOG = re.compile(rb" [\d.:]+:(\d+) \[[^\]]+\] \S+ \S+ (-?\d+)/(-?\d+)/(-?\d+)/(-?\d+)/\+?(-?\d+) (\d{3}) ")
+
+
+class HaproxyLog:
+    """A syslog target on loopback UDP for HAProxy's access log; keeps (port, status, timers ms)."""
+
+    def __init__(self):
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.lines: list[tuple[int, int, dict[str, int]]] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        while True:
+            data = self.sock.recv(65536)
+            m = HTTPLOG.search(data)
+            if m and b"POST /v1/chat/completions" in data:
+                tr, tw, tc, tserver, ta = (int(m.group(i)) for i in range(2, 7))
+                self.lines.append((int(m.group(1)), int(m.group(7)),
+                                   {"TR": tr, "Tw": tw, "Tc": tc, "Tr": tserver, "Ta": ta}))
+
+    def take(self) -> list[tuple[int, int, dict[str, int]]]:
+        time.sleep(0.5)  # the last lines of a level in flight
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def server_side(done: list[tuple], lines: list[tuple[int, int, dict[str, int]]]) -> dict | None:
+    """The refusals' time split by HAProxy's timers, matched to the client's requests by the
+    client's port and order (one connection's requests are sequential)."""
+    if not lines:
+        return None
+    by_port: dict[int, list] = defaultdict(list)
+    for port, status, timers in lines:
+        by_port[port].append((status, timers))
+    matched = []  # (client seconds, status, timers)
+    for d in sorted(done, key=lambda d: d[4]):
+        logged = by_port.get(d[5], [])
+        i = next((i for i, (status, _) in enumerate(logged) if status == d[0]), None)  # a line may be lost (UDP)
+        if i is not None:
+            matched.append((d[1], *logged.pop(i)))
+    refused = [(secs * 1000, t) for secs, status, t in matched if status != 200]
+    logged_refusals = [t for _, status, t in lines if status != 200]  # every refusal HAProxy logged
+    if not refused:
+        return {"matched": len(matched), "of": len(done)}
+
+    def stats(values: list[float]) -> dict:
+        return {"p50": p(values, 0.5), "p99": p(values, 0.99), "max": max(values)}
+
+    slowest = sorted(refused, key=lambda r: -r[0])[:6]
+    return {"logged_refusals": len(logged_refusals),
+            "all_logged_replica_Tr_ms": stats([t["Tr"] for t in logged_refusals]),
+            "all_logged_haproxy_Ta_ms": stats([t["Ta"] for t in logged_refusals]),
+            # matched to the client's requests (those whose connection was still held when its
+            # headers came: a short refusal's connection can be released before the client reads it)
+            "matched": len(matched), "of": len(done), "refusals": len(refused),
+            # Tr: the gateway replica, from HAProxy's request sent to its response headers
+            "replica_Tr_ms": stats([t["Tr"] for _, t in refused]),
+            "haproxy_Ta_ms": stats([t["Ta"] for _, t in refused]),
+            "haproxy_TR_Tw_Tc_ms": stats([max(t["TR"], 0) + max(t["Tw"], 0) + max(t["Tc"], 0) for _, t in refused]),
+            # what the client saw beyond HAProxy's whole answer: the client's own side
+            "client_side_ms": stats([c - t["Ta"] for c, t in refused]),
+            "slowest": [{"client_ms": round(c, 1), **t} for c, t in slowest]}
+
+
+async def one(c: aiohttp.ClientSession, base: str, key: str) -> tuple[int, float, float | None, float | None, float, int]:
+    """(status, answer or first-token seconds, ttft, the seconds the refusal said to wait, sent at,
+    the client's TCP port)."""
     start = time.perf_counter()
     async with c.post(base + "/v1/chat/completions", json=BODY, headers={"Authorization": f"Bearer {key}"}) as r:
+        sockname = r.connection.transport.get_extra_info("sockname") if r.connection and r.connection.transport else None
+        port = sockname[1] if sockname else 0
         if r.status != 200:
             await r.read()
             elapsed = time.perf_counter() - start
             ms, s = r.headers.get("retry-after-ms"), r.headers.get("retry-after")
             told = float(ms) / 1000 if ms else (float(s) if s else None)
-            return r.status, elapsed, None, told, start
+            return r.status, elapsed, None, told, start, port
         ttft = None
         async for line in r.content:
             if ttft is None and line.startswith(b"data: {") and b'"content"' in line:
                 ttft = time.perf_counter() - start
-        return 200, time.perf_counter() - start, ttft, None, start
+        return 200, time.perf_counter() - start, ttft, None, start, port
 
 
 async def ticker(lags: list[float], stop: asyncio.Event, every: float = 0.01) -> None:
@@ -75,9 +158,10 @@ async def ticker(lags: list[float], stop: asyncio.Event, every: float = 0.01) ->
         lags.append(max(time.perf_counter() - t - every, 0.0))
 
 
-async def level(base: str, key: str, concurrency: int, requests: int, backoff: str = "retry-after") -> dict:
+async def level(base: str, key: str, concurrency: int, requests: int, backoff: str = "retry-after",
+                haproxy: HaproxyLog | None = None) -> dict:
     """`concurrency` clients, each sending requests back to back, `requests` in all."""
-    done: list[tuple[int, float, float | None, float | None, float]] = []
+    done: list[tuple[int, float, float | None, float | None, float, int]] = []
     began = time.perf_counter()
     left = requests
 
@@ -117,7 +201,8 @@ async def level(base: str, key: str, concurrency: int, requests: int, backoff: s
             # The slowest refusals and when they were sent (s into the level): periodic stalls show.
             "rejected_slowest": [(round(d[4] - began, 3), round(d[1] * 1000, 1))
                                  for d in sorted(refused, key=lambda d: -d[1])[:6]],
-            "client_loop_lag_p99_ms": (p(lags, 0.99) or 0) * 1000, "client_loop_lag_max_ms": max(lags, default=0) * 1000}
+            "client_loop_lag_p99_ms": (p(lags, 0.99) or 0) * 1000, "client_loop_lag_max_ms": max(lags, default=0) * 1000,
+            "server_side": server_side(done, haproxy.take()) if haproxy else None}
 
 
 def table(rows: list[dict], base_p99: float) -> str:
@@ -156,6 +241,10 @@ def main() -> None:
         models=[ModelSpec(id="tiny-chat", engine="transformers", source=str(model_dir), max_context=256,
                           max_ongoing_requests=args.ongoing, max_queued_requests=args.queued)]))
     capacity = args.ongoing + args.queued
+    haproxy = None
+    if settings.serve.ingress == "haproxy":  # HAProxy logs to us (the Serve controller reads this at start)
+        haproxy = HaproxyLog()
+        os.environ["RAY_SERVE_HAPROXY_LOG_TARGET"] = f"127.0.0.1:{haproxy.port}"
     # A fresh instance (never a head someone else started on this machine).
     ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
     try:
@@ -164,10 +253,10 @@ def main() -> None:
         _, key = ray.get(keystore(settings.resolved_data_dir()).create.remote("admin", None, "bench"))
         base = f"http://127.0.0.1:{args.port}"
         load_start = os.getloadavg()
-        uvloop.run(level(base, key, 1, 5))  # warm up
+        uvloop.run(level(base, key, 1, 5, haproxy=haproxy))  # warm up
         rows = []
         for label, factor in (("capacity", 1), ("2x", 2), ("5x", 5)):
-            row = uvloop.run(level(base, key, capacity * factor, args.requests * factor, args.backoff))
+            row = uvloop.run(level(base, key, capacity * factor, args.requests * factor, args.backoff, haproxy))
             row["label"] = label
             rows.append(row)
             print(json.dumps(row))

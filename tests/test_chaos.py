@@ -3,7 +3,7 @@ transformers model, streaming chat over real HTTP on 127.0.0.1, `ray.kill` on Se
 actors. Figures (requests lost, seconds to recover) are printed for docs/benchmarks.md; the
 assertions are on outcomes, never on time. The other kills of the chaos list have their own tests:
 the Qdrant owner (tests/rag/test_store_owner_loss.py), an agent actor and the coordinator mid-run
-(tests/agents/test_cluster.py), an ingest job (tests/rag/test_ingest.py). The last test here restarts
+(tests/agents/test_cluster.py), an ingest job and an ingest worker (tests/rag/test_ingest.py). The last test here restarts
 the whole platform on its data directory.
 
 - two replicas, one killed while requests flow: no request fails before its first token (those
