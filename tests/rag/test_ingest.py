@@ -144,6 +144,7 @@ def test_killed_job_rerun_ends_with_one_clean_run(store, settings, tmp_path, ray
     # actors is SIGKILLed once the first points are upserted; Ray restarts it and sends its call
     # again. Small calls, so that more are in flight when it dies.
     settings.rag.embed_call_rows = settings.rag.embed_batch_size = settings.rag.upsert_batch_size = 4
+    settings.rag.embed_pool = "job"  # the default pool, Ray Data's (the warm pool's loss has its own test)
     victims: list[str] = []
 
     def kill_a_worker(_progress) -> None:
