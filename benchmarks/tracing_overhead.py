@@ -78,10 +78,12 @@ def sidecar_cpu_s(app: str) -> float:
             if cmdline.startswith(f"ray::ServeReplica:{app}:".encode()):
                 replicas.add(proc.name)
             elif b"observability.export_sidecar" in cmdline:
-                sidecars.append((proc / "stat").read_text().rsplit(")", 1)[1].split())
+                args = cmdline.decode().split("\0")  # "--parent PID": the traced process (its parent exited)
+                parent = args[args.index("--parent") + 1] if "--parent" in args else ""
+                sidecars.append((parent, (proc / "stat").read_text().rsplit(")", 1)[1].split()))
         except OSError:
             continue
-    return sum((int(f[11]) + int(f[12])) / tick for f in sidecars if f[1] in replicas)  # f[1]: the parent's pid
+    return sum((int(f[11]) + int(f[12])) / tick for parent, f in sidecars if parent in replicas)
 
 
 def span_count(receiver: str) -> int:
