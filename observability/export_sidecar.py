@@ -60,6 +60,20 @@ class SidecarSpanExporter(SpanExporter):
         self._child: _Sidecar | None = None
         self._flushes = 0
 
+    def start_soon(self) -> None:
+        """Start the sidecar now, in the background, instead of at the first export: a process
+        that lives a short while (an agent actor a workflow run kills when it ends) hands its
+        batches to a running sidecar, not to one still starting when the process is killed."""
+        threading.Thread(target=self._start_quietly, name="span-export-sidecar-start", daemon=True).start()
+
+    def _start_quietly(self) -> None:
+        with self._lock:
+            try:
+                self._start()
+            except (OSError, ValueError) as e:  # the first export tries again
+                log.warning("span export sidecar did not start (%s)", e)
+                self._close()
+
     def _start(self) -> _Sidecar:
         if self._child is None:
             self._child = _Sidecar.spawn(self._config["timeout_s"] + 5)

@@ -103,6 +103,7 @@ def configure(settings: TracingSettings, component: str) -> bool:
         from observability.export_sidecar import SidecarSpanExporter
 
         exporter = SidecarSpanExporter(settings.endpoint, settings.export_timeout_s, resource, "orfeas")
+        exporter.start_soon()
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
