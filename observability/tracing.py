@@ -120,11 +120,14 @@ def configure(settings: TracingSettings, component: str) -> bool:
     return True
 
 
-def flush(timeout_s: float = 5.0) -> None:
-    """Export what is batched now (a job about to exit, a test about to look)."""
+def flush(timeout_s: float = 5.0, *, sent: bool = True) -> None:
+    """Export what is batched now (a job about to exit, a test about to look). `sent=False`: only
+    hand the batch to the exporter (with the sidecar: into its pipe, which outlives this process)
+    without waiting for the sidecar's POST."""
     if _provider is not None:
         _provider.force_flush(int(timeout_s * 1000))
-        _exporter.force_flush(int(timeout_s * 1000))  # the sidecar's POSTs too (OTLP's own: a no-op)
+        if sent:
+            _exporter.force_flush(int(timeout_s * 1000))  # the sidecar's POSTs too (OTLP's own: a no-op)
 
 
 def _context(parent: Mapping[str, str] | None):
