@@ -180,26 +180,26 @@ class _Current:
 class _Active(_Current):
     """`span`'s context manager: the span is current inside the block, an error raised in it is
     recorded on it, and it ends on exit, as the SDK's `start_as_current_span` does, without that
-    one's two generator-based context managers per span (they were a fifth of the span's cost)."""
+    one's two generator-based context managers per span (~6% of a chat's span CPU, in process)."""
 
     __slots__ = ()
 
     def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
         _context_api.detach(self.token)
         if isinstance(exc, Exception):  # not GeneratorExit or a cancellation: those are no errors
-            fail(self.span, exc, f"{type(exc).__name__}: {exc}")
+            fail(self.span, exc)
         self.span.end()
         return False
 
 
-def fail(s: Any, e: BaseException, description: str | None = None) -> None:
+def fail(s: Any, e: BaseException) -> None:
     """Mark a span failed by `e` (for spans from `start`)."""
     if s is NO_SPAN or not s.is_recording():
         return
     from opentelemetry.trace import Status, StatusCode
 
     s.record_exception(e)
-    s.set_status(Status(StatusCode.ERROR, description or f"{type(e).__name__}: {e}"[:200]))
+    s.set_status(Status(StatusCode.ERROR, f"{type(e).__name__}: {e}"[:200]))
 
 
 def attached(parent: Mapping[str, str] | None):
