@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import threading
 from typing import Any, Awaitable, Callable
 
 import ray
@@ -195,6 +196,9 @@ class AgentActor:
         finally:
             beat.cancel()
             self.busy -= 1
+            if tracing.enabled():  # a run's own agents are killed as soon as it ends: export the task's spans
+                # now, not after tracing.export_delay_ms; in a thread of its own, so no step waits on it
+                threading.Thread(target=tracing.flush, args=(5.0,), kwargs={"sent": False}, daemon=True).start()
 
     async def call_tool(self, name: str, arguments: Any, idempotency_key: str | None = None) -> tuple[bool, str]:
         return await self.core.call_tool(name, arguments, None, idempotency_key)

@@ -1,15 +1,21 @@
-"""What tracing costs: the same streamed chat through two gateways deployed side by side in one run,
+"""What tracing costs: the same streamed chat through gateways deployed side by side in one run,
 one with tracing off and one with 100% sampling exporting every span over OTLP/HTTP to a real
 receiver on loopback (tests/otlp_receiver.py, in its own process, as a collector would be), each
-in front of its own replica of the same tiny model (the traced one traces its generations too).
+in front of its own replica of the same tiny model (the traced one traces its generations too),
+and (by default) a third, untraced deployment as an A/A control measured in the same run.
 
-Method: per level, the two paths run in short alternating blocks, paired into rounds whose order
-alternates (on-off, off-on, ...), so a slow spell of the shared machine lands on both paths alike
-and neither always goes first. The target's figure is the added p50 over all requests (pooled);
-with it come a 95% bootstrap interval (rounds resampled with replacement: how far the figure
-moves with the machine's noise) and, as a cross-check, the median of the rounds' added p50s.
+Method (`--interleave request`, the default): the paths take turns request by request, in tuples
+(one request per path, in a shuffled order each tuple), so the machine's drift, which on a shared
+2-core VM is larger than tracing's cost, lands on every path alike. The target's figure is the
+added p50 (p50 of the traced path's requests over p50 of the untraced path's, less 1), with a 95%
+interval from a moving-block bootstrap over the tuples (blocks of `--block` consecutive tuples
+resampled with replacement, so slow spells stay whole) and, as a cross-check, the Hodges-Lehmann
+estimate of the paired differences (the median of the tuples' pairwise mean differences). The A/A
+control's figure, measured the same way in the same run, says how honest the interval is: it
+must straddle 0. `--interleave block` is the earlier method (alternating blocks of requests per
+path, the interval over rounds), kept to reproduce the earlier runs.
 
-    .venv/bin/python benchmarks/tracing_overhead.py [--concurrency 1 4] [--requests 2000 1200] [--rounds 100 30]
+    .venv/bin/python benchmarks/tracing_overhead.py [--concurrency 1] [--requests 3000] [--block 25]
 
 Writes benchmarks/results/tracing_overhead.json and prints a markdown table for docs/benchmarks.md.
 """
@@ -40,6 +46,7 @@ from ray import serve  # noqa: E402
 from gateway_overhead import MAX_TOKENS, PAYLOAD, RESULTS, run_block, streamed_chat, summarise  # noqa: E402
 
 TRACED_PREFIX = "/traced"
+CONTROL_PREFIX = "/control"  # the A/A path: a second untraced deployment
 
 
 def replica_cpu_s(app: str) -> float:
@@ -71,10 +78,12 @@ def sidecar_cpu_s(app: str) -> float:
             if cmdline.startswith(f"ray::ServeReplica:{app}:".encode()):
                 replicas.add(proc.name)
             elif b"observability.export_sidecar" in cmdline:
-                sidecars.append((proc / "stat").read_text().rsplit(")", 1)[1].split())
+                args = cmdline.decode().split("\0")  # "--parent PID": the traced process (its parent exited)
+                parent = args[args.index("--parent") + 1] if "--parent" in args else ""
+                sidecars.append((parent, (proc / "stat").read_text().rsplit(")", 1)[1].split()))
         except OSError:
             continue
-    return sum((int(f[11]) + int(f[12])) / tick for f in sidecars if f[1] in replicas)  # f[1]: the parent's pid
+    return sum((int(f[11]) + int(f[12])) / tick for parent, f in sidecars if parent in replicas)
 
 
 def span_count(receiver: str) -> int:
@@ -123,19 +132,78 @@ def bootstrap_interval(on_blocks: list[list[float]], off_blocks: list[list[float
     return stats[int(0.025 * BOOTSTRAP)], stats[int(0.975 * BOOTSTRAP) - 1]
 
 
+async def run_tuples(calls: dict, concurrency: int, n: int, seed: int = 16) -> dict:
+    """`n` tuples of one request per path, the order shuffled in each tuple, `concurrency`
+    workers taking tuples in turn: every path is measured in the same moments of the machine.
+    Returns each path's summary and its latencies by tuple (aligned across paths: one tuple's
+    requests ran back to back)."""
+    rng = random.Random(seed)
+    orders = [rng.sample(list(calls), len(calls)) for _ in range(n)]
+    lat = {name: [0.0] * n for name in calls}
+    ttfts: dict[str, list[float]] = {name: [] for name in calls}
+    walls = dict.fromkeys(calls, 0.0)
+    next_tuple = iter(range(n))
+
+    async def worker() -> None:
+        for k in next_tuple:
+            for name in orders[k]:
+                t0 = time.perf_counter()
+                first = await calls[name]()
+                t1 = time.perf_counter()
+                lat[name][k], walls[name] = t1 - t0, walls[name] + (t1 - t0) / concurrency
+                ttfts[name].append(first - t0)
+
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    out = {name: summarise(lat[name], ttfts[name], walls[name]) for name in calls}
+    out["tuples"] = lat
+    return out
+
+
+def block_bootstrap(on: list[float], off: list[float], block: int) -> tuple[float, float]:
+    """The 95% interval of the added p50 (%) of `on` over `off` (aligned by tuple): a moving-block
+    bootstrap, blocks of `block` consecutive tuples drawn with replacement (a tuple keeps its
+    pairing; a block keeps a slow spell of the machine whole)."""
+    import numpy as np
+
+    a, b = np.asarray(on), np.asarray(off)
+    n = len(a)
+    block = max(1, min(block, n))
+    rng = np.random.default_rng(16)  # the same data give the same interval
+    starts = rng.integers(0, n - block + 1, size=(BOOTSTRAP, -(-n // block)))
+    idx = (starts[:, :, None] + np.arange(block)).reshape(BOOTSTRAP, -1)[:, :n]
+    pct = 100 * (np.median(a[idx], axis=1) / np.median(b[idx], axis=1) - 1)
+    low, high = np.percentile(pct, [2.5, 97.5])
+    return float(low), float(high)
+
+
+def hodges_lehmann(on: list[float], off: list[float]) -> float:
+    """The Hodges-Lehmann estimate of the paired differences on - off (seconds): the median of
+    all pairwise means (d_i + d_j) / 2, i <= j. Robust to the tail, like the p50, but paired."""
+    import numpy as np
+
+    d = (np.asarray(on) - np.asarray(off)).astype(np.float64)
+    i, j = np.triu_indices(len(d))
+    if len(i) > 20_000_000:  # more than ~6300 tuples: a fixed random subset of the pairs
+        keep = np.random.default_rng(16).choice(len(i), 20_000_000, replace=False)
+        i, j = i[keep], j[keep]
+    return float(np.median((d[i] + d[j]) / 2))
+
+
 async def measure(base_url: str, key: str, levels: list[int], requests: list[int], receiver: str,
-                  rounds: list[int], apps: dict[str, list[str]]) -> list[dict]:
+                  rounds: list[int], apps: dict[str, list[str]], interleave: str, block: int) -> list[dict]:
     client = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
-                               limits=httpx.Limits(max_connections=max(levels) * 2))
+                               limits=httpx.Limits(max_connections=max(levels) * 3))
 
     def via(prefix: str, model: str):
         body = {"model": model, **PAYLOAD, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
         return lambda: streamed_chat(client, prefix + "/v1/chat/completions", body)
 
+    paths = {"off": ("", "tiny-chat"), "on": (TRACED_PREFIX, "tiny-chat-traced"),
+             "ctl": (CONTROL_PREFIX, "tiny-chat-control")}
+    calls = {name: via(*paths[name]) for name in apps}
     rows = []
     for c, n, nr in zip(levels, requests, rounds):
-        calls = {"off": via("", "tiny-chat"), "on": via(TRACED_PREFIX, "tiny-chat-traced")}
-        await run_paired(calls, c, c * 8, rounds=2)  # warm both paths
+        await run_paired(calls, c, c * 8, rounds=2)  # warm every path
         for _ in range(40 if not rows else 0):  # and the first export (a sidecar's start is no request's cost)
             if span_count(receiver):
                 break
@@ -143,29 +211,48 @@ async def measure(base_url: str, key: str, levels: list[int], requests: list[int
         spans_before = span_count(receiver)
         cpu_before = {path: {a: replica_cpu_s(a) for a in names} for path, names in apps.items()}
         sidecar_before = {a: sidecar_cpu_s(a) for a in apps["on"]}
+        load_before = os.getloadavg()
         t0 = time.perf_counter()
-        r = await run_paired(calls, c, n, rounds=nr)
+        if interleave == "request":
+            r = await run_tuples(calls, c, n)
+            per_path = r.pop("tuples")
+        else:
+            r = await run_paired(calls, c, n, rounds=nr)
+            blocks = r.pop("blocks")
         elapsed = time.perf_counter() - t0
-        off, on, blocks = r["off"], r["on"], r.pop("blocks")
         await asyncio.sleep(1.5)  # the last batch of spans (and its export's CPU)
         cpu_ms = {path: {a: 1e3 * (replica_cpu_s(a) - cpu_before[path][a]) / r[path]["requests"] for a in names}
                   for path, names in apps.items()}
         sidecar_ms = {a: 1e3 * (sidecar_cpu_s(a) - sidecar_before[a]) / r["on"]["requests"] for a in apps["on"]}
-        # Round by round (each on/off pair ran back to back), the median of the added p50s: a slow
-        # spell of the machine shifts both halves of a pair, not the comparison.
-        paired = statistics.median(100 * (a / b - 1) for a, b in zip(on["round_p50_ms"], off["round_p50_ms"]))
-        low, high = bootstrap_interval(blocks["on"], blocks["off"])
-        rows.append({"concurrency": c, "rounds": nr, "seconds": elapsed, "off": off, "on": on,
-                     "added_p50_ms": on["p50_ms"] - off["p50_ms"],
-                     "added_p50_pct": 100 * (on["p50_ms"] / off["p50_ms"] - 1),
-                     "added_p50_pct_95": [low, high],
-                     "added_p50_pct_paired_median": paired,
-                     "replica_cpu_ms_per_request": cpu_ms,  # {off|on: {app: ms}}
-                     "sidecar_cpu_ms_per_request": sidecar_ms,  # {traced app: ms}, outside the replicas' figures
-                     "added_ttft_p50_ms": on["ttft_p50_ms"] - off["ttft_p50_ms"],
-                     "throughput_ratio": on["req_per_s"] / off["req_per_s"],
-                     "spans_per_traced_request": (span_count(receiver) - spans_before) / on["requests"]})
-        print(json.dumps({k: v for k, v in rows[-1].items() if k not in ("off", "on")}, indent=1))
+        off, on = r["off"], r["on"]
+        row = {"concurrency": c, "interleave": interleave, "seconds": elapsed, "off": off, "on": on,
+               "load_avg": {"start": load_before, "end": os.getloadavg()},
+               "added_p50_ms": on["p50_ms"] - off["p50_ms"],
+               "added_p50_pct": 100 * (on["p50_ms"] / off["p50_ms"] - 1),
+               "replica_cpu_ms_per_request": cpu_ms,  # {off|on|ctl: {app: ms}}
+               "sidecar_cpu_ms_per_request": sidecar_ms,  # {traced app: ms}, outside the replicas' figures
+               "added_ttft_p50_ms": on["ttft_p50_ms"] - off["ttft_p50_ms"],
+               "throughput_ratio": on["req_per_s"] / off["req_per_s"],
+               "spans_per_traced_request": (span_count(receiver) - spans_before) / on["requests"]}
+        if interleave == "request":
+            row["block"] = block
+            row["added_p50_pct_95"] = list(block_bootstrap(per_path["on"], per_path["off"], block))
+            row["added_hl_ms"] = 1e3 * hodges_lehmann(per_path["on"], per_path["off"])
+            row["added_hl_pct"] = 100 * row["added_hl_ms"] / off["p50_ms"]
+            if "ctl" in r:  # the A/A control, the same statistics
+                ctl = r["ctl"]
+                row["ctl"] = ctl
+                row["aa_p50_pct"] = 100 * (ctl["p50_ms"] / off["p50_ms"] - 1)
+                row["aa_p50_pct_95"] = list(block_bootstrap(per_path["ctl"], per_path["off"], block))
+                row["aa_hl_pct"] = 100 * 1e3 * hodges_lehmann(per_path["ctl"], per_path["off"]) / off["p50_ms"]
+        else:
+            row["rounds"] = nr
+            row["added_p50_pct_95"] = list(bootstrap_interval(blocks["on"], blocks["off"]))
+            # Round by round (each on/off pair ran back to back), the median of the added p50s.
+            row["added_p50_pct_paired_median"] = statistics.median(
+                100 * (a / b - 1) for a, b in zip(on["round_p50_ms"], off["round_p50_ms"]))
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("off", "on", "ctl")}, indent=1), flush=True)
     await client.aclose()
     return rows
 
@@ -180,6 +267,26 @@ def mod(row: dict, path: str) -> float:
 
 
 def table(rows: list[dict]) -> str:
+    if rows and rows[0]["interleave"] == "request":
+        out = ["| concurrency | tuples | load avg start → end | off p50 / p99 (ms) | on p50 / p99 (ms) | added p50 "
+               "| 95% interval (block bootstrap) | Hodges-Lehmann, paired | A/A control: added p50, 95% interval "
+               "| spans per request | gateway CPU off / on (ms per request) | model replica CPU off / on "
+               "| export sidecars' CPU, gateway + model |",
+               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            o, t = r["off"], r["on"]
+            low, high = r["added_p50_pct_95"]
+            aa = (f"{r['aa_p50_pct']:+.1f}% ({r['aa_p50_pct_95'][0]:+.1f}% .. {r['aa_p50_pct_95'][1]:+.1f}%)"
+                  if "ctl" in r else "")
+            out.append(f"| {r['concurrency']} | {o['requests']} | {r['load_avg']['start'][0]:.1f} → "
+                       f"{r['load_avg']['end'][0]:.1f} | {o['p50_ms']:.1f} / {o['p99_ms']:.1f} "
+                       f"| {t['p50_ms']:.1f} / {t['p99_ms']:.1f} | {r['added_p50_ms']:+.2f} ms "
+                       f"({r['added_p50_pct']:+.1f}%) | {low:+.1f}% .. {high:+.1f}% "
+                       f"| {r['added_hl_ms']:+.2f} ms ({r['added_hl_pct']:+.1f}%) | {aa} "
+                       f"| {r['spans_per_traced_request']:.1f} "
+                       f"| {gw(r, 'off'):.2f} / {gw(r, 'on'):.2f} | {mod(r, 'off'):.2f} / {mod(r, 'on'):.2f} "
+                       f"| {' + '.join(f'{v:.2f}' for v in r['sidecar_cpu_ms_per_request'].values())} |")
+        return "\n".join(out)
     out = ["| concurrency | requests per path (rounds) | off p50 / p99 (ms) | on p50 / p99 (ms) | added p50 (pooled) "
            "| 95% interval | added p50, median of rounds | TTFT added p50 (ms) | throughput on/off | spans per request "
            "| gateway CPU off / on (ms per request) | model replica CPU off / on (ms per request) "
@@ -201,12 +308,17 @@ def table(rows: list[dict]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4])
-    # Concurrency 1 needs the most requests: its p50 is the smallest, so the same noise is a larger share.
-    ap.add_argument("--requests", type=int, nargs="+", default=[2000, 1200],
-                    help="requests per path, one per level (or one for all)")
-    ap.add_argument("--rounds", type=int, nargs="+", default=[100, 30],
-                    help="rounds (one block per path each) per level (or one for all)")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1])
+    ap.add_argument("--requests", type=int, nargs="+", default=[3000],
+                    help="requests per path (tuples), one per level (or one for all)")
+    ap.add_argument("--interleave", choices=["request", "block"], default="request",
+                    help="paths take turns per request (tuples, shuffled) or per block of requests (the earlier method)")
+    ap.add_argument("--block", type=int, default=25,
+                    help="--interleave request: tuples per bootstrap block (consecutive tuples resampled together)")
+    ap.add_argument("--rounds", type=int, nargs="+", default=[100],
+                    help="--interleave block: rounds (one block per path each) per level (or one for all)")
+    ap.add_argument("--aa", action=argparse.BooleanOptionalAction, default=True,
+                    help="--interleave request: a third path, a second untraced deployment, as an A/A control in the same run")
     ap.add_argument("--port", type=int, default=18432)
     ap.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
                     help="serve.ingress: Serve's HAProxy ingress or its Python proxy (the same for both paths)")
@@ -251,6 +363,8 @@ def main() -> None:
     on = Settings(**common, models=[spec("tiny-chat-traced")],
                   tracing={"enabled": not args.control, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0,
                            "export_sidecar": args.export_sidecar})
+    ctl = Settings(**common, models=[spec("tiny-chat-control")])
+    with_aa = args.aa and args.interleave == "request"
     # A cluster of its own, never one another program left running (ray.init would join it).
     try:
         ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=False)
@@ -262,15 +376,23 @@ def main() -> None:
         traced_model = model_app(on.models[0], on.serve, tracing=on.tracing)
         traced_gateway = AppSpec(GATEWAY_APP + "-traced", GATEWAY_IMPORT_PATH, TRACED_PREFIX,
                                  app_settings(on, GATEWAY_SECTIONS))
+        extra = [traced_model, traced_gateway]
+        if with_aa:
+            ctl_model = model_app(ctl.models[0], ctl.serve)
+            ctl_gateway = AppSpec(GATEWAY_APP + "-control", GATEWAY_IMPORT_PATH, CONTROL_PREFIX,
+                                  app_settings(ctl, GATEWAY_SECTIONS))
+            extra += [ctl_model, ctl_gateway]
         serve.run_many([serve.RunTarget(a.build(), name=a.name, route_prefix=a.route_prefix)
-                        for a in (traced_model, traced_gateway)], wait_for_applications_running=False)
-        names += [traced_model.name, traced_gateway.name]
+                        for a in extra], wait_for_applications_running=False)
+        names += [a.name for a in extra]
         assert set(wait_running(names).values()) == {"RUNNING"}, names
         _, key = ray.get(keystore(off.resolved_data_dir()).create.remote("admin", None, "bench"))
         apps = {"off": [GATEWAY_APP, model_app_name("tiny-chat")],
                 "on": [traced_gateway.name, traced_model.name]}
+        if with_aa:
+            apps["ctl"] = [ctl_gateway.name, ctl_model.name]
         rows = asyncio.run(measure(f"http://127.0.0.1:{args.port}", key, args.concurrency, args.requests, receiver,
-                                   args.rounds, apps))
+                                   args.rounds, apps, args.interleave, args.block))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -280,7 +402,9 @@ def main() -> None:
         "benchmark": "tracing_overhead",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "model": "tiny-chat (random weights, 2 layers, hidden 64), one replica per path",
-        "max_tokens": MAX_TOKENS, "requests_per_level": args.requests, "rounds": args.rounds, "sample_ratio": 1.0,
+        "max_tokens": MAX_TOKENS, "requests_per_level": args.requests, "interleave": args.interleave,
+        "block": args.block, "rounds": args.rounds, "sample_ratio": 1.0, "aa_control_path": with_aa,
+        "export_sidecar": args.export_sidecar,
         "command": " ".join(sys.argv), "control": args.control, "ingress": resolve_ingress(off).serve.ingress,
         "load_avg": {"start": load_at_start, "end": os.getloadavg()},  # 1, 5, 15 min: was the machine quiet?
         "rows": rows, "targets": {"added_p50_pct": 3.0},  # pooled p50, at every level

@@ -1,14 +1,20 @@
 """OTLP export from a child process: the request process's BatchSpanProcessor hands each batch to
 `SidecarSpanExporter`, which ships the spans' plain fields (ints, strings, attribute dicts) over a
-pipe to a child Python process; there the SDK's own OTLPSpanExporter rebuilds them as
+pipe to a sidecar Python process; there the SDK's own OTLPSpanExporter rebuilds them as
 `ReadableSpan`s, encodes them as OTLP protobuf and POSTs them.
 
 Why: in a replica, encoding a span to protobuf and the POST cost ~5x more CPU than pickling its
 fields, all of it holding the GIL the request path needs (docs/benchmarks.md, "Tracing
-overhead"). The child exits when the pipe closes (its parent ended or shut the exporter down),
+overhead"). The sidecar exits when the pipe closes (its parent ended or shut the exporter down),
 after exporting what it was given.
 
-    python -m observability.export_sidecar   # started by SidecarSpanExporter, not by hand
+The sidecar is a grandchild, not a child: the process started here forks it and exits at once.
+Ray kills a worker's direct children when the worker exits (`RAY_kill_child_processes_on_worker_exit`,
+on by default), and the agent actors a workflow run starts for itself are killed (`ray.kill`) as
+soon as the run finishes: a child sidecar died with them, the run's last spans still in its pipe.
+A grandchild outlives its parent just long enough to export what the pipe holds, then exits.
+
+    python -m observability.export_sidecar --parent PID   # started by SidecarSpanExporter, not by hand
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import logging
 import os
 import pickle
 import select
+import signal
 import struct
 import subprocess
 import sys
@@ -50,14 +57,26 @@ class SidecarSpanExporter(SpanExporter):
         self._config = {"endpoint": endpoint, "timeout_s": timeout_s, "scope": scope_name,
                         "resource": dict(resource.attributes), "schema_url": resource.schema_url}
         self._lock = threading.Lock()  # the export thread and a flush() caller share the pipe
-        self._child: subprocess.Popen | None = None
+        self._child: _Sidecar | None = None
         self._flushes = 0
 
-    def _start(self) -> subprocess.Popen:
-        if self._child is None or self._child.poll() is not None:
-            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-            self._child = subprocess.Popen([sys.executable, "-m", "observability.export_sidecar"], env=env,
-                                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+    def start_soon(self) -> None:
+        """Start the sidecar now, in the background, instead of at the first export: a process
+        that lives a short while (an agent actor a workflow run kills when it ends) hands its
+        batches to a running sidecar, not to one still starting when the process is killed."""
+        threading.Thread(target=self._start_quietly, name="span-export-sidecar-start", daemon=True).start()
+
+    def _start_quietly(self) -> None:
+        with self._lock:
+            try:
+                self._start()
+            except (OSError, ValueError) as e:  # the first export tries again
+                log.warning("span export sidecar did not start (%s)", e)
+                self._close()
+
+    def _start(self) -> _Sidecar:
+        if self._child is None:
+            self._child = _Sidecar.spawn(self._config["timeout_s"] + 5)
             self._send(self._config)
         return self._child
 
@@ -72,16 +91,16 @@ class SidecarSpanExporter(SpanExporter):
             try:
                 self._start()
                 self._send(batch)
-            except (OSError, ValueError) as e:  # the child died: the next batch starts another
+            except (OSError, ValueError) as e:  # the sidecar died (a broken pipe): the next batch starts another
                 log.warning("span export sidecar failed (%s); %d spans dropped", e, len(batch))
-                self._child = None
+                self._close()
                 return SpanExportResult.FAILURE
         return SpanExportResult.SUCCESS
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        """Wait until the child has sent everything handed to it so far."""
+        """Wait until the sidecar has sent everything handed to it so far."""
         with self._lock:
-            if self._child is None or self._child.poll() is not None:
+            if self._child is None:
                 return True
             self._flushes += 1
             try:
@@ -89,23 +108,71 @@ class SidecarSpanExporter(SpanExporter):
                 out = self._child.stdout
                 while select.select([out], [], [], timeout_millis / 1000)[0]:
                     line = out.readline()
-                    if not line:
+                    if not line:  # it exited
+                        self._close()
                         return False
                     if int(line) == self._flushes:
                         return True
             except (OSError, ValueError):
-                self._child = None
+                self._close()
             return False
 
     def shutdown(self) -> None:
         with self._lock:
-            if self._child is not None and self._child.poll() is None:
+            if self._child is not None:
                 try:
-                    self._child.stdin.close()  # the child exports what it has and exits
-                    self._child.wait(timeout=self._config["timeout_s"] + 5)
-                except (OSError, subprocess.TimeoutExpired):
-                    self._child.kill()
+                    self._child.stdin.close()  # the sidecar exports what it has and exits
+                except OSError:
+                    pass
+                self._child.wait_exit(self._config["timeout_s"] + 5)
+            self._close()
+
+    def _close(self) -> None:
+        if self._child is not None:
+            self._child.close()
             self._child = None
+
+
+class _Sidecar:
+    """The pipes to a running sidecar, and its pid. It is a grandchild of this process (its
+    parent exited), so it is not waited for: its stdout ends when it exits."""
+
+    def __init__(self, pid: int, stdin: Any, stdout: Any):
+        self.pid, self.stdin, self.stdout = pid, stdin, stdout
+
+    @classmethod
+    def spawn(cls, timeout_s: float) -> _Sidecar:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        launcher = subprocess.Popen([sys.executable, "-m", "observability.export_sidecar", "--parent", str(os.getpid())],
+                                    env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        try:
+            launcher.wait(timeout=timeout_s)  # it forks the sidecar (which keeps the pipes) and exits
+            ready = select.select([launcher.stdout], [], [], timeout_s)[0]
+            line = launcher.stdout.readline() if ready else b""
+        except subprocess.TimeoutExpired:
+            launcher.kill()
+            line = b""
+        if not line.strip().isdigit():
+            cls(0, launcher.stdin, launcher.stdout).close()
+            raise OSError("the span export sidecar did not start")
+        return cls(int(line), launcher.stdin, launcher.stdout)
+
+    def wait_exit(self, timeout_s: float) -> None:
+        """Until its stdout ends (it exported what it had and exited); killed after `timeout_s`."""
+        try:
+            while select.select([self.stdout], [], [], timeout_s)[0]:
+                if not self.stdout.readline():
+                    return
+            os.kill(self.pid, signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
+
+    def close(self) -> None:
+        for f in (self.stdin, self.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def _read(stream) -> Any:
@@ -115,7 +182,18 @@ def _read(stream) -> Any:
     return pickle.loads(stream.read(_FRAME.unpack(head)[0]))
 
 
+def _detach() -> None:
+    """Fork: the parent (the process SidecarSpanExporter started) exits at once; the child, the
+    sidecar, a grandchild of the traced process, says its pid on stdout and carries on."""
+    if os.fork():
+        os._exit(0)
+    os.setsid()  # its own session: a signal to the traced process's group does not reach it
+    sys.stdout.write(f"{os.getpid()}\n")
+    sys.stdout.flush()
+
+
 def main() -> None:
+    _detach()
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
     from opentelemetry.sdk.resources import Resource
     from opentelemetry.sdk.trace import Event, ReadableSpan

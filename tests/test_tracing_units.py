@@ -79,3 +79,36 @@ def test_an_export_batch_larger_than_the_queue_is_refused():
     with pytest.raises(ValidationError, match=r"export_batch_size \(4096\) must not exceed tracing.export_queue_size"):
         TracingSettings(export_batch_size=4096)
     assert TracingSettings(export_batch_size=4096, export_queue_size=4096).export_batch_size == 4096
+
+
+def test_sidecar_exports_what_it_was_handed_after_its_process_is_killed():
+    """A workflow run's agent actors are killed (`ray.kill`) as soon as the run finishes, and Ray
+    kills a dying worker's direct children: the spans already handed to the export sidecar must
+    still arrive (the sidecar is a grandchild, so it outlives both)."""
+    receiver = OtlpReceiver(free_port()).start()
+    try:
+        script = textwrap.dedent(f"""
+            import os, signal
+            from pathlib import Path
+            from config import TracingSettings
+            from observability import tracing
+            tracing.configure(TracingSettings(enabled=True, endpoint="{receiver.endpoint}", export_sidecar=True), "unit")
+            parent = {{"traceparent": "00-{'c' * 32}-{'d' * 16}-01"}}
+            with tracing.span("last", parent=parent):
+                pass
+            tracing._provider.force_flush()  # the batch is in the sidecar's pipe, not yet sent
+            me = str(os.getpid())
+            for proc in Path("/proc").iterdir():  # as a Ray worker does on exit: its direct children
+                try:
+                    if proc.name.isdigit() and (proc / "stat").read_text().rsplit(")", 1)[1].split()[1] == me:
+                        os.kill(int(proc.name), signal.SIGKILL)
+                except OSError:
+                    pass
+            os.kill(os.getpid(), signal.SIGKILL)
+        """)
+        r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+        assert r.returncode == -9, r.stderr
+        assert [s.name for s in receiver.wait_for("c" * 32, {"last"}, 20)] == ["last"]
+    finally:
+        receiver.stop()
