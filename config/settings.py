@@ -924,6 +924,9 @@ class RetentionSettings(_Section):
     workflow_runs_days: float | None = Field(90.0, gt=0, description="Finished workflow runs (checkpoint and "
                                              "events), counted from when they finished.")
     log_dirs: list[str] = Field(default_factory=list, description="Log folders to prune; empty: data_dir/logs.")
+    threads_days: float | None = Field(90.0, gt=0, description="Conversation threads (`/v1/threads`): "
+                                       "messages older are dropped, a thread left empty and not updated since "
+                                       "is deleted.")
 
     @model_validator(mode="after")
     def _check(self) -> "RetentionSettings":
