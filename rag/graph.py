@@ -8,7 +8,8 @@ Extraction is rule- and statistics-based and works offline (no model):
 - **names**: runs of capitalised words (`Ray Serve`, `Qdrant Edge`); a lone capitalised word
   that opens a sentence is left out (any word may open one);
 - **phrases**: RAKE-style candidates, the runs of content words between stop words, names and
-  punctuation, at most the last four words of one (`insulin resistance`, `hybrid fusion`).
+  punctuation, at most the last four words of one, and a longer run's last two (`insulin
+  resistance` of "raises insulin resistance"; `hybrid fusion`).
 
 Two entities in one sentence are related by a `co_occurs` edge whose evidence is the chunks it
 was seen in. An LLM-based extractor (typed relations from a chat model) is not written yet.
@@ -26,9 +27,12 @@ from __future__ import annotations
 import json
 import math
 import re
+import threading
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Literal
+
+from pydantic import BaseModel, Field
 
 RELATION = "co_occurs"
 EXTRACTOR = "rules-1"  # in the indexing parameters: a changed extractor re-writes documents on ingest
@@ -129,6 +133,8 @@ def sentence_mentions(sentence: str) -> list[Mention]:
             continue
         if len(run) >= 2:
             add(run[-MAX_PHRASE_WORDS:], "phrase")
+        if len(run) >= 3:  # and its last two words: a verb may open the run ("raises insulin resistance")
+            add(run[-2:], "phrase")
         run = []
     return list(out.values())
 
@@ -148,7 +154,7 @@ def extract(text: str) -> dict[str, Any]:
             ids.append(index[m.key])
         ids = ids[:MAX_PER_SENTENCE]
         pairs.update((min(a, b), max(a, b)) for n, a in enumerate(ids) for b in ids[n + 1:] if a != b)
-    return {"e": entities, "r": sorted(pairs)}
+    return {"e": entities, "r": [list(p) for p in sorted(pairs)]}
 
 
 def extract_json(text: str) -> str:
@@ -196,15 +202,19 @@ class KnowledgeGraph:
         self.nodes: dict[str, Node] = {}
         self.edges: dict[tuple[str, str], Edge] = {}
         self.adj: dict[str, set[str]] = {}
+        self.doc_of: dict[str, str] = {}  # chunk id -> its document's id
+        self.doc_chunks: Counter = Counter()  # document id -> its chunks
         self.chunks = 0
 
     @classmethod
-    def build(cls, chunks: Iterable[tuple[str, str | dict[str, Any] | None]]) -> "KnowledgeGraph":
-        """From (chunk id, the chunk's `graph` payload) pairs; a chunk without one (written before
-        extraction, or with it off) adds nothing."""
+    def build(cls, chunks: Iterable[tuple[str, str, str | dict[str, Any] | None]]) -> "KnowledgeGraph":
+        """From (chunk id, document id, the chunk's `graph` payload) triples; a chunk without one
+        (written before extraction, or with it off) adds nothing."""
         g = cls()
-        for chunk_id, stored in chunks:
+        for chunk_id, doc_id, stored in chunks:
             g.chunks += 1
+            g.doc_of[chunk_id] = doc_id
+            g.doc_chunks[doc_id] += 1
             if not stored:
                 continue
             data = json.loads(stored) if isinstance(stored, str) else stored
@@ -301,6 +311,32 @@ class KnowledgeGraph:
         return ranked, [s.key for s in seeds]
 
 
+class GraphCache:
+    """The assembled graph of each physical collection, for the collection version it was built
+    from (VectorStore.collection_version: a write makes the next request build it again)."""
+
+    def __init__(self, store: Any, keep: int = 4):
+        self.store, self.keep = store, keep
+        self._graphs: dict[str, tuple[str, KnowledgeGraph]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, physical: str) -> KnowledgeGraph:
+        from rag.chunking import point_id
+
+        version = self.store.collection_version(physical)
+        with self._lock:  # one build at a time: a second request for it waits and reuses it
+            have = self._graphs.get(physical)
+            if have is not None and have[0] == version:
+                return have[1]
+            rows = self.store.scroll_payloads(physical, ["doc_id", "chunk_index", "graph"])
+            g = KnowledgeGraph.build((point_id(p["doc_id"], int(p.get("chunk_index") or 0)), p["doc_id"],
+                                      p.get("graph")) for p in rows)
+            self._graphs[physical] = (version, g)
+            while len(self._graphs) > self.keep:
+                self._graphs.pop(next(iter(self._graphs)))
+            return g
+
+
 def rrf(lists: list[list[str]], weights: list[float], k: int) -> list[tuple[str, float]]:
     """Reciprocal-rank fusion of ranked id lists: sum of weight / (k + rank), rank from 1."""
     score: dict[str, float] = {}
@@ -308,3 +344,81 @@ def rrf(lists: list[list[str]], weights: list[float], k: int) -> list[tuple[str,
         for r, i in enumerate(ids, start=1):
             score[i] = score.get(i, 0.0) + w / (k + r)
     return sorted(score.items(), key=lambda kv: (-kv[1], kv[0]))
+
+
+# --- the console's view: GET /v1/rag/collections/{name}/graph ------------------------------------
+
+EVIDENCE_SHOWN = 20  # chunk ids listed per entity or relation (the count says how many there are)
+
+
+class GraphEntity(BaseModel):
+    key: str = Field(description="The normal form (lower case): what `entity` and `to` take.")
+    name: str = Field(description="As most often written.")
+    kind: Literal["acronym", "name", "phrase"]
+    mentions: int = Field(description="Chunks that mention it.")
+    chunks: list[str] = Field(description=f"Point ids of chunks that mention it (at most {EVIDENCE_SHOWN}).")
+
+
+class GraphRelation(BaseModel):
+    source: str
+    target: str
+    type: Literal["co_occurs"] = RELATION
+    weight: int = Field(description="Chunks it was seen in (its evidence).")
+    evidence: list[str] = Field(description=f"Point ids of those chunks (at most {EVIDENCE_SHOWN}).")
+
+
+class GraphStats(BaseModel):
+    chunks: int
+    entities: int
+    relations: int
+
+
+class GraphView(BaseModel):
+    """The entities of a collection version's knowledge graph; with `entity`, it and its
+    neighbours; with `entity` and `to`, a shortest path between the two."""
+
+    object: Literal["rag.graph"] = "rag.graph"
+    collection: str
+    resolved_collection: str = Field(description="The physical collection (version) the graph is of.")
+    stats: GraphStats
+    entities: list[GraphEntity]
+    relations: list[GraphRelation] = Field(default_factory=list)
+    path: list[str] | None = Field(None, description="With `to`: the entity keys from `entity` to `to`, or null "
+                                   "when none joins them within 6 hops.")
+
+
+def _entity(n: Node) -> GraphEntity:
+    return GraphEntity(key=n.key, name=n.name, kind=n.kind, mentions=len(n.mentions),  # type: ignore[arg-type]
+                       chunks=sorted(n.mentions)[:EVIDENCE_SHOWN])
+
+
+def _relation(e: Edge, source: str) -> GraphRelation:
+    return GraphRelation(source=source, target=e.b if source == e.a else e.a, weight=len(e.evidence),
+                         evidence=sorted(e.evidence)[:EVIDENCE_SHOWN])
+
+
+def graph_view(kg: KnowledgeGraph, collection: str, physical: str, *, entity: str | None = None,
+               to: str | None = None, prefix: str = "", limit: int = 25) -> GraphView:
+    from models.errors import InvalidRequest, NotFound
+
+    stats = GraphStats(chunks=kg.chunks, entities=len(kg.nodes), relations=len(kg.edges))
+    base = {"collection": collection, "resolved_collection": physical, "stats": stats}
+    if to is not None and entity is None:
+        raise InvalidRequest("`to` asks for a path: name the entity it starts from too (`entity`)", "entity")
+    if entity is None:
+        return GraphView(**base, entities=[_entity(n) for n in kg.top_entities(limit, prefix)])
+    found = kg.find(entity)
+    if found is None:
+        raise NotFound(f"collection {collection!r} has no entity {entity!r} in its graph", "entity")
+    if to is None:
+        near = kg.neighbours(found.key, limit)
+        return GraphView(**base, entities=[_entity(found)] + [_entity(n) for n, _ in near],
+                         relations=[_relation(e, found.key) for _, e in near])
+    end = kg.find(to)
+    if end is None:
+        raise NotFound(f"collection {collection!r} has no entity {to!r} in its graph", "to")
+    path = kg.path(found.key, end.key)
+    if path is None:
+        return GraphView(**base, entities=[_entity(found), _entity(end)], path=None)
+    return GraphView(**base, entities=[_entity(kg.nodes[k]) for k in path], path=path,
+                     relations=[_relation(kg.edge(a, b), a) for a, b in zip(path, path[1:])])  # type: ignore[arg-type]
