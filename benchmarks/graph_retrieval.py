@@ -29,7 +29,6 @@ DEFAULT_DATASET = "/work/shared/eval/scifact"
 SETTINGS = [
     ("default", {}),
     ("weight 0.25", {"weight": 0.25}),
-    ("weight 1.0", {"weight": 1.0}),
     ("own chunks only (neighbours 0)", {"neighbours": 0}),
 ]
 
@@ -40,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--split", default="train")
     parser.add_argument("--limit", type=int, default=200, help="first N corpus documents plus the judged ones (0: all)")
     parser.add_argument("--max-queries", type=int, default=None)
+    parser.add_argument("--settings", type=int, default=len(SETTINGS), help="try the first N graph settings")
     parser.add_argument("--num-cpus", type=int, default=None)
     parser.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = parser.parse_args(argv)
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
             kg = Retriever(settings, store).graphs.get(graph)
             build_s = time.perf_counter() - t1
             runs = []
-            for label, over in SETTINGS:
+            for label, over in SETTINGS[:args.settings]:
                 s = settings.model_copy(deep=True)
                 s.rag.graph = s.rag.graph.model_copy(update=over)
                 out = evaluate(str(data), args.split, settings=s, collection="eval-graph", reuse=True, store=store,
