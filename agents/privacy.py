@@ -1,5 +1,6 @@
 """A data subject's erasure across every store that holds them (GDPR art. 17): their documents
-and chunks with their data key crypto-shredded (rag/erasure.py), their usage-ledger details
+and chunks with their data key crypto-shredded and their conversation threads (rag/erasure.py),
+their usage-ledger details
 (analytics/ledger.py), their workflow runs with checkpoints and events (the coordinator), and
 the user and name their API keys were given (the keys are revoked; security/keys.py).
 This is the lowest room that sees all three, so the CLI (`orfeas privacy erase`) and the admin
@@ -63,7 +64,7 @@ def erase_subject(settings: Settings, subject: str, *, actor: str = "", request_
     where = {"actor": actor, "target": scope, "request_id": request_id, "source": source}
     try:
         out["keys"] = subject_keys(settings, subject)
-        out.update(erase_documents(settings, subject, actor=actor, audit=False))
+        out.update(erase_documents(settings, subject, actor=actor, audit=False, key_ids=out["keys"]))
         out["ledger"] = ray.get(ledger(settings.resolved_data_dir(), settings).erase_subject.remote(subject,
                                                                                                      out["keys"]))
         out["workflow_runs"] = _delete_runs(settings, out["keys"], subject)

@@ -1,5 +1,6 @@
 """Retention across the platform (settings `retention`): expired documents of each collection
-(rag/retention.py), usage-ledger records (analytics/ledger.py), finished workflow runs (the
+(rag/retention.py), conversation-thread messages (rag/threads.py), usage-ledger records
+(analytics/ledger.py), finished workflow runs (the
 coordinator, or the checkpoint store when the agents app is off) and log files
 (observability/log_retention.py). `python -m jobs.retention` runs it; one audit entry records
 what was removed. Like erasure this is the lowest room that sees every store."""
@@ -48,6 +49,7 @@ def enforce_retention(settings: Settings, *, now: float | None = None, actor: st
     from observability.log_retention import prune_logs
     from rag.retention import expire_documents
     from rag.store import open_store
+    from rag.threads import call_sync
     from security.audit import audit_event
 
     r = settings.retention
@@ -56,6 +58,8 @@ def enforce_retention(settings: Settings, *, now: float | None = None, actor: st
     try:
         if r.collections or r.collection_days is not None:
             out["collections"] = expire_documents(open_store(settings), r.collections, r.collection_days, now)
+        if r.threads_days is not None:
+            out["threads"] = call_sync(settings, "expire", now - r.threads_days * 86400)
         if r.usage_events_days is not None:
             out["usage_events"] = ray.get(ledger(settings.resolved_data_dir(), settings).expire.remote(
                 now - r.usage_events_days * 86400))

@@ -271,6 +271,7 @@ def eval_retrieval(
     dataset: Annotated[Path, typer.Option("--dataset", help="BEIR directory: corpus.jsonl, queries.jsonl, qrels/.")],
     split: Annotated[str, typer.Option("--split", help="train or test (qrels/SPLIT.tsv).")] = "test",
     output: Annotated[Optional[Path], typer.Option("--output", help="Also write the JSON here.")] = None,
+    graph: Annotated[bool, typer.Option("--graph", help="Also graph-augmented hybrid retrieval (rag.graph).")] = False,
     config: ConfigOpt = None,
 ):
     """nDCG@10, Recall@100 and MRR@10 of dense, sparse and hybrid retrieval on a BEIR dataset (JSON)."""
@@ -286,6 +287,8 @@ def eval_retrieval(
     args = ["-m", "jobs.eval_retrieval", "--dataset", str(dataset.resolve()), "--split", split]
     if output:
         args += ["--output", str(output.resolve())]
+    if graph:
+        args.append("--graph")
     result: dict[str, Any] = {}
 
     def on_line(line: str) -> None:

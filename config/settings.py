@@ -450,6 +450,28 @@ class RagConversationSettings(_Section):
                                    "message.")
 
 
+class RagGraphSettings(_Section):
+    """The knowledge graph (rag/graph.py, docs/rag.md#knowledge-graph): entities and `co_occurs`
+    relations extracted per chunk at ingest, graph-augmented retrieval, `GET
+    /v1/rag/collections/{name}/graph`."""
+
+    extract: bool = Field(True, description="Extract each chunk's entities and relations at ingest (rule-based, "
+                          "offline; stored in the chunk's payload, so with its collection version). Part of the "
+                          "indexing parameters: switching it re-writes documents on their next ingest.")
+    retrieval: bool = Field(False, description="Graph-augmented retrieval by default (a request's `graph` "
+                            "overrides): the question's entities, their neighbours and the chunks that mention "
+                            "them, fused (RRF) with the hybrid results. Off: on SciFact it measured no better "
+                            "(docs/benchmarks.md).")
+    weight: float = Field(0.5, gt=0, le=10, description="RRF weight of the graph's ranked chunks (the search's "
+                          "list weighs 1).")
+    candidates: int = Field(50, ge=1, le=1000, description="Most chunks the graph adds to the fusion.")
+    neighbours: int = Field(5, ge=0, le=100, description="Strongest neighbours of each question entity expanded "
+                            "to (0: the entities' own chunks only).")
+    hop_weight: float = Field(0.3, ge=0, le=1, description="A neighbour's chunks score this share of its weight.")
+    max_df: float = Field(0.05, gt=0, le=1, description="An entity mentioned by more than this share of the "
+                          "collection's chunks says nothing of a question: not expanded.")
+
+
 class RagSettings(_Section):
     """Retrieval-augmented generation: ingestion, vector store, retrieval and answers."""
 
@@ -520,6 +542,7 @@ class RagSettings(_Section):
     quality: RagQualitySettings = Field(default_factory=RagQualitySettings)
     cache: RagCacheSettings = Field(default_factory=RagCacheSettings)
     conversation: RagConversationSettings = Field(default_factory=RagConversationSettings)
+    graph: RagGraphSettings = Field(default_factory=RagGraphSettings)
 
     @model_validator(mode="after")
     def _check(self) -> "RagSettings":
@@ -924,6 +947,9 @@ class RetentionSettings(_Section):
     workflow_runs_days: float | None = Field(90.0, gt=0, description="Finished workflow runs (checkpoint and "
                                              "events), counted from when they finished.")
     log_dirs: list[str] = Field(default_factory=list, description="Log folders to prune; empty: data_dir/logs.")
+    threads_days: float | None = Field(90.0, gt=0, description="Conversation threads (`/v1/threads`): "
+                                       "messages older are dropped, a thread left empty and not updated since "
+                                       "is deleted.")
 
     @model_validator(mode="after")
     def _check(self) -> "RetentionSettings":

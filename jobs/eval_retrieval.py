@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from jobs.cli import job_parser, job_settings, join_cluster
-from rag.evaluation import RESULT_TAG, evaluate
+from rag.evaluation import DEFAULT_VARIANTS, GRAPH_VARIANTS, RESULT_TAG, evaluate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--collection", default=None)
     parser.add_argument("--reuse", action="store_true", help="query an existing collection instead of re-ingesting")
     parser.add_argument("--output", default=None, help="also write the JSON here")
+    parser.add_argument("--graph", action="store_true", help="also graph-augmented hybrid retrieval (rag.graph)")
     args = parser.parse_args(argv)
     settings = job_settings(args)
     import ray
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     join_cluster(settings)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        result = evaluate(args.dataset, args.split, settings=settings, collection=args.collection, reuse=args.reuse)
+        variants = {**DEFAULT_VARIANTS, **GRAPH_VARIANTS} if args.graph else None
+        result = evaluate(args.dataset, args.split, settings=settings, collection=args.collection, reuse=args.reuse,
+                          variants=variants)
     except APIError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2

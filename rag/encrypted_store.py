@@ -1,6 +1,7 @@
 """A VectorStore that keeps chunk text encrypted at rest (around either backend).
 
-The payload fields that hold user content (`ENCRYPTED_FIELDS`: text, title, section) are
+The payload fields that hold user content (`ENCRYPTED_FIELDS`: text, title, section and the
+knowledge graph's extraction) are
 encrypted before they leave this process for the store (the Edge owner actor or a Qdrant
 server) and decrypted only in the process that asked for them (the RAG replica answering an
 authorised caller, the CLI). Vectors, BM25 terms and the filter fields (doc_id, source, tags,
@@ -23,7 +24,7 @@ from rag.versions import parse_physical
 from security.crypto import DecryptionFailed, FieldCipher, NotEncrypted
 from security.encryption import collection_scope, subject_of, subject_scope
 
-ENCRYPTED_FIELDS = ("text", "title", "section")
+ENCRYPTED_FIELDS = ("text", "title", "section", "graph")  # graph: entity names are the text's words
 _RECORD_FIELDS = ("doc_id", "chunk_index")
 
 

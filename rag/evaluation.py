@@ -89,6 +89,11 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "hybrid-rrf": {"mode": "hybrid", "fusion": "rrf"},
     "hybrid-dbsf": {"mode": "hybrid", "fusion": "dbsf"},
 }
+# Graph-augmented retrieval (rag.graph): the knowledge graph's chunks fused with the search's.
+GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
+    "hybrid-rrf+graph": {"mode": "hybrid", "fusion": "rrf", "graph": True},
+    "hybrid-dbsf+graph": {"mode": "hybrid", "fusion": "dbsf", "graph": True},
+}
 
 
 def run_queries(retriever, collection: str, queries: dict[str, str], variants: dict[str, dict[str, Any]],
@@ -101,7 +106,7 @@ def run_queries(retriever, collection: str, queries: dict[str, str], variants: d
         for i, qid in enumerate(qids):
             chunks, _ = retriever.retrieve(queries[qid], collection, top_k=top_k, mode=v["mode"],
                                            fusion=v.get("fusion"), group_by_doc=True, vectors=(dense[i], sparse[i]),
-                                           payload_fields=["doc_id", "record_id"])
+                                           payload_fields=["doc_id", "record_id"], graph=v.get("graph", False))
             runs[qid] = [c.record_id for c in chunks]
         out[name] = runs
     return out

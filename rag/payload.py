@@ -63,6 +63,7 @@ class ChunkPayload(BaseModel):
     tags: list[str] = Field(default_factory=list)
     date: str | None = None                                # ISO 8601, UTC
     embedder: Annotated[str, STATE, BOOKKEEPING] = ""      # model/variant that wrote the vector ("" = .../fp32)
+    graph: Annotated[str, BOOKKEEPING] = ""                # the chunk's entities and relations (rag/graph.py), JSON
 
     def payload(self) -> dict[str, Any]:
         """The stored payload: the payload fields only (a subclass's own fields left out)."""

@@ -1,5 +1,6 @@
 """Dense, sparse and hybrid retrieval over a VectorStore, with grouping per document, MMR
-diversity and an optional CrossEncoder re-ranking hook."""
+diversity, optional graph augmentation (the knowledge graph's chunks for the question's
+entities, fused by RRF: rag/graph.py) and an optional CrossEncoder re-ranking hook."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from collections import OrderedDict
 from typing import Any, Protocol
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from config import Settings
 from models.embedders import DenseEmbedder
@@ -18,6 +19,7 @@ from models.errors import ModelLoadError
 from observability import tracing
 from rag.embedding import SparseEncoder, SparseVec, check_embedder, dense_source, shared_dense
 from rag.errors import RagInvalidRequest
+from rag.graph import GraphCache, rrf
 from rag.payload import ChunkPayload, read_payload
 from rag.store import Hit, PayloadFilter, SearchSpec, VectorStore
 
@@ -39,6 +41,15 @@ class RetrievedChunk(ChunkPayload):
         return cls(id=h.id, score=h.score, **read_payload(h.payload))
 
 
+class GraphDiagnostics(BaseModel):
+    """What graph augmentation did (rag.graph)."""
+
+    entities: list[str] = Field(description="The graph's entities the question names (normal form).")
+    ranked: int = Field(description="Chunks the graph ranked for them (their own and their neighbours').")
+    added: int = Field(description="Of those, chunks the search had not found (fused in).")
+    graph_ms: float
+
+
 class RetrievalDiagnostics(BaseModel):
     collection: str
     resolved_collection: str
@@ -52,6 +63,7 @@ class RetrievalDiagnostics(BaseModel):
     embed_ms: float
     search_ms: float
     rerank_ms: float = 0.0
+    graph: GraphDiagnostics | None = None
 
 
 class Reranker(Protocol):
@@ -126,6 +138,7 @@ class Retriever:
         self.reranker = reranker
         self._vectors: OrderedDict[str, tuple[np.ndarray, SparseVec]] = OrderedDict()
         self._vectors_lock = threading.Lock()
+        self.graphs = GraphCache(store)  # each collection version's knowledge graph, built on first use
 
     @property
     def embedder(self) -> str:
@@ -173,7 +186,8 @@ class Retriever:
                  mode: str | None = None, fusion: str | None = None, filters: PayloadFilter | None = None,
                  mmr: bool = False, mmr_lambda: float | None = None, group_by_doc: bool = False,
                  rerank: bool | None = None, vectors: tuple[Any, SparseVec] | None = None,
-                 payload_fields: list[str] | None = None) -> tuple[list[RetrievedChunk], RetrievalDiagnostics]:
+                 payload_fields: list[str] | None = None,
+                 graph: bool | None = None) -> tuple[list[RetrievedChunk], RetrievalDiagnostics]:
         query, k, mode, fusion = self.validate(query, top_k, mode, fusion)
         r = self.settings.rag
         name = collection or r.collection
@@ -214,6 +228,10 @@ class Retriever:
             physical, hits = self.store.search_resolved(name, spec)
             s.set_attribute("orfeas.rag.candidates", len(hits))
         t2 = time.perf_counter()
+        graph_diag = None
+        use_graph = r.graph.retrieval if graph is None else graph
+        if use_graph:
+            hits, graph_diag = self._graph_fused(query, physical, spec, hits)
         if spec.mode != "sparse":
             for stored in {h.payload.get("embedder", "") for h in hits}:
                 check_embedder(name, stored, self.embedder)
@@ -250,5 +268,38 @@ class Retriever:
             collection=name, resolved_collection=physical, mode=spec.mode,
             fusion=fusion if spec.mode == "hybrid" else None, candidates=candidates, returned=len(chunks),
             grouped_by_doc=group_by_doc, mmr=mmr, reranked=do_rerank, embed_ms=round((t1 - t0) * 1e3, 2),
-            search_ms=round((t2 - t1) * 1e3, 2), rerank_ms=round(rerank_ms, 2))
+            search_ms=round((t2 - t1) * 1e3, 2), rerank_ms=round(rerank_ms, 2), graph=graph_diag)
         return chunks, diag
+
+    def _graph_fused(self, query: str, physical: str, spec: SearchSpec,
+                     hits: list[Hit]) -> tuple[list[Hit], GraphDiagnostics]:
+        """The search's hits fused (RRF) with the chunks the knowledge graph ranks for the
+        question's entities. A graph chunk the search did not return is fetched by a second
+        search restricted to its documents (same vectors and filters: a filter the caller set
+        still applies), so this works on every store."""
+        gs, t0 = self.settings.rag.graph, time.perf_counter()
+        with tracing.span("rag.graph", {"db.collection.name": physical}) as s:
+            kg = self.graphs.get(physical)
+            ranked, seeds = kg.rank_chunks(query, neighbours=gs.neighbours, hop_weight=gs.hop_weight,
+                                           max_df=gs.max_df, limit=gs.candidates)
+            have = {h.id: h for h in hits}
+            missing = {c for c in ranked if c not in have}
+            added = 0
+            if missing:
+                flt = (spec.filter or PayloadFilter()).model_copy()
+                docs = {kg.doc_of[c] for c in missing}
+                flt.doc_ids = sorted(docs & set(flt.doc_ids) if flt.doc_ids else docs)
+                if flt.doc_ids:
+                    n = min(1000, sum(kg.doc_chunks[d] for d in flt.doc_ids))
+                    fetch = spec.model_copy(update={"filter": flt, "limit": n, "prefetch": max(spec.prefetch, n),
+                                                    "mode": "dense" if spec.dense else spec.mode})
+                    for h in self.store.search(physical, fetch):
+                        if h.id in missing:
+                            have[h.id] = h
+                            added += 1
+            from_graph = [c for c in ranked if c in have]
+            fused = rrf([[h.id for h in hits], from_graph], [1.0, gs.weight], self.settings.rag.rrf_k)
+            out = [have[i].model_copy(update={"score": score}) for i, score in fused[:max(len(hits), spec.limit)]]
+            s.set_attribute("orfeas.rag.graph_added", added)
+        return out, GraphDiagnostics(entities=seeds, ranked=len(ranked), added=added,
+                                     graph_ms=round((time.perf_counter() - t0) * 1e3, 2))

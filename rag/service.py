@@ -56,6 +56,8 @@ class RagQueryRequest(BaseModel):
     filters: PayloadFilter | None = None
     mmr: bool = False
     rerank: bool | None = None
+    graph: bool | None = Field(None, description="Graph-augmented retrieval: the knowledge graph's chunks for the "
+                               "question's entities, fused with the search's (default rag.graph.retrieval).")
     max_context_tokens: int | None = Field(None, ge=64, le=1_000_000)
     model: str | None = Field(None, description="Chat model to generate with; the gateway resolves it.")
     include_passages: bool = True
@@ -146,7 +148,7 @@ class RagService:
         with tracing.span("rag.retrieve"):
             chunks, rdiag = self.retriever.retrieve(
                 question, req.collection, top_k=req.top_k, mode=req.mode, fusion=req.fusion, filters=req.filters,
-                mmr=req.mmr, rerank=req.rerank)
+                mmr=req.mmr, rerank=req.rerank, graph=req.graph)
         chunks = self._check_passages(chunks, injections)
         t1 = time.perf_counter()
         budget = req.max_context_tokens or self.settings.rag.context_tokens

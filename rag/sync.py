@@ -184,6 +184,10 @@ def apply_edge_write(store: VectorStore, settings: Settings, collection: str, wr
     for c, d, s in zip(chunks, dense, sparse):
         payload = c.payload()
         payload.update(root="edge", doc_hash=doc.doc_hash, embedder=embedder_id(settings))
+        if r.graph.extract:  # the knowledge graph's entities, as ingest extracts them (rag/graph.py)
+            from rag.graph import extract_json
+
+            payload["graph"] = extract_json(c.text)
         points.append({"id": c.id, "dense": d.tolist(), "sparse_indices": s.indices, "sparse_values": s.values,
                        "payload": payload})
     store.upsert(physical, points)

@@ -81,6 +81,14 @@ class ThreadDeleted(BaseModel):
     deleted: bool = True
 
 
+class ThreadsErased(BaseModel):
+    """What a data subject's erasure removed from the thread store."""
+
+    deleted: list[str] = Field(description="Their threads (made with their keys or for them), deleted.")
+    turns_removed: int = Field(description="Answers in other people's threads that cited their documents, "
+                               "removed with the questions they answered.")
+
+
 class NewMessage(BaseModel):
     """A message appended to a thread as it is (no answer is made)."""
 
@@ -164,7 +172,9 @@ class ThreadStore:
 
     # --- the API
     def create(self, owner: str, title: str = "", collection: str | None = None,
-               messages: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+               messages: list[dict[str, Any]] | None = None, user: str = "") -> dict[str, Any]:
+        """A new thread of key `owner`; `user` (the person behind the key, when known) is kept
+        beside it so a data subject's erasure finds threads of credentials other than API keys."""
         now = int(time.time())
         msgs = [{"role": m["role"], "content": m["content"], "created": now} for m in messages or []]
         self._check_messages(msgs, 0)
@@ -173,7 +183,7 @@ class ThreadStore:
             if mine >= self.limits.max_threads:
                 raise ThreadFull(f"this key keeps {mine} threads, the limit (rag.conversation.max_threads): "
                                  "delete one first", "threads")
-            doc = {"id": f"thr_{secrets.token_hex(12)}", "owner": owner, "collection": collection,
+            doc = {"id": f"thr_{secrets.token_hex(12)}", "owner": owner, "user": user, "collection": collection,
                    "created": now, "updated": now, "title": title, "messages": msgs}
             self._write(doc)
             self.owners[doc["id"]] = owner
@@ -210,9 +220,67 @@ class ThreadStore:
     def delete(self, owner: str, thread_id: str) -> bool:
         with self._lock:
             self._owned(owner, thread_id)
-            self._path(thread_id).unlink(missing_ok=True)
-            self.owners.pop(thread_id, None)
+            self._drop(thread_id)
         return True
+
+
+    # --- erasure and retention (rag/erasure.py, agents/retention.py)
+    def _drop(self, thread_id: str) -> None:
+        self._path(thread_id).unlink(missing_ok=True)
+        self.owners.pop(thread_id, None)
+
+    def erase_subject(self, user: str, key_ids: list[str], doc_ids: list[str]) -> dict[str, Any]:
+        """A data subject's erasure: the threads that belong to them (made with one of `key_ids`,
+        or for `user`) are deleted; in everyone else's threads, each turn whose answer cited one
+        of their erased documents (`doc_ids`, whatever the collection: a collision errs towards
+        erasing) loses that answer and the question that drew it, which may name them too."""
+        keys, docs = set(key_ids), set(doc_ids)
+        deleted, turns = [], 0
+        with self._lock:
+            for tid, owner in sorted(self.owners.items()):
+                if owner in keys:
+                    self._drop(tid)
+                    deleted.append(tid)
+                    continue
+                doc = self._read(tid)
+                if user and doc.get("user") == user:
+                    self._drop(tid)
+                    deleted.append(tid)
+                    continue
+                if not docs:
+                    continue
+                kept: list[dict[str, Any]] = []
+                cut = 0
+                for m in doc["messages"]:
+                    if m["role"] == "assistant" and any(c.get("doc_id") in docs for c in m.get("citations") or ()):
+                        cut += 1
+                        if kept and kept[-1]["role"] == "user":
+                            kept.pop()  # the question this answer was made for
+                        continue
+                    kept.append(m)
+                if cut:
+                    doc["messages"] = kept
+                    self._write(doc)
+                    turns += cut
+        return {"deleted": deleted, "turns_removed": turns}
+
+    def expire(self, before: float) -> dict[str, int]:
+        """Retention: messages written before `before` (epoch seconds) are dropped; a thread left
+        without messages and last updated before it is deleted."""
+        dropped = deleted = 0
+        with self._lock:
+            for tid in sorted(self.owners):
+                doc = self._read(tid)
+                kept = [m for m in doc["messages"] if m["created"] >= before]
+                if not kept and doc["updated"] < before:
+                    self._drop(tid)
+                    deleted += 1
+                    dropped += len(doc["messages"])
+                elif len(kept) < len(doc["messages"]):
+                    dropped += len(doc["messages"]) - len(kept)
+                    doc["messages"] = kept
+                    self._write(doc)
+        return {"messages": dropped, "threads": deleted}
 
 
 def _summary(doc: dict[str, Any]) -> dict[str, Any]:
@@ -251,6 +319,18 @@ def thread_store(settings):
         name = "orfeas-threads-" + hashlib.sha1(where.encode()).hexdigest()[:10]
         handle = _HANDLES[where] = detached_actor(ThreadStoreActor, name, settings.to_dict(), durable=True)
     return handle
+
+
+def call_sync(settings, method: str, *args: Any) -> Any:
+    """`call` for a driver outside the event loop (erasure, retention)."""
+    import ray
+    from ray.exceptions import ActorDiedError
+
+    try:
+        return ray.get(getattr(thread_store(settings), method).remote(*args))
+    except ActorDiedError:
+        _HANDLES.pop(str(threads_dir(settings).resolve()), None)
+        return ray.get(getattr(thread_store(settings), method).remote(*args))
 
 
 async def call(settings, method: str, *args: Any) -> Any:

@@ -258,6 +258,7 @@ def c_retention(ctx: Context) -> list[Evidence]:
     out = [Evidence(r.usage_events_days is not None, f"retention.usage_events_days: {r.usage_events_days}"),
            Evidence(r.logs_days is not None, f"retention.logs_days: {r.logs_days}"),
            Evidence(r.workflow_runs_days is not None, f"retention.workflow_runs_days: {r.workflow_runs_days}"),
+           Evidence(r.threads_days is not None, f"retention.threads_days: {r.threads_days}"),
            Evidence(r.collection_days is not None or bool(r.collections),
                     f"collections: retention.collection_days {r.collection_days}, per collection "
                     f"{dict(r.collections) or 'none'}")]
@@ -488,6 +489,8 @@ def privacy_impact(settings: Any, facts: Facts, inventory: list[dict[str, Any]] 
         ("workflow runs", ["inputs, outputs and approvals (user content, encrypted)"], "workflows:read",
          r.workflow_runs_days),
         ("API keys", ["the user and name a key was given"], "keys:read", None),
+        ("conversation threads", ["questions and answers (user content, encrypted)", "key ids", "user ids"],
+         "collections:query", r.threads_days),
     ]
     for name, kinds, perm, days in fixed:
         stores.append({"store": name, "pii_types": kinds, "readers": readers(settings, facts, perm),

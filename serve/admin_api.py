@@ -31,6 +31,7 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.errors import InvalidRequest, NotFound, PermissionDenied
+from rag.threads import ThreadsErased
 from security.auth import Principal
 from security.rbac import PERMISSIONS
 from serve.http import http_state, permitted, unwrap
@@ -323,6 +324,8 @@ class ErasureResult(BaseModel):
     shredded_keys: list[str] = Field(description="The subject's data keys, destroyed.")
     ledger: dict[str, int] = Field(description="Ledger records scrubbed of the subject's details.")
     workflow_runs: list[str] = Field(description="Workflow runs removed.")
+    threads: ThreadsErased | None = Field(None, description="Conversation threads (/v1/threads): theirs deleted, "
+                                          "and the turns of others' threads that cited their documents.")
     keys_scrubbed: list[str] = Field(default_factory=list, description="The subject's API keys, revoked and "
                                      "stripped of the user and name they were given.")
 

@@ -4,6 +4,8 @@ postponed annotations: FastAPI reads the route signatures at class-decoration ti
     POST /v1/rag/query             a cited answer, or ranked passages with "answer": false
     POST /v1/rag/ingest            collections:ingest (admin, developer): ingest a source under rag.allowed_roots (202, a run)
     GET  /v1/rag/ingest/{run_id}   collections:ingest: that run's status and summary
+    GET  /v1/rag/collections/{name}/graph   collections:query: the knowledge graph (entities,
+                                   an entity's neighbours, a path between two: rag/graph.py)
 
 The app serves its routes itself under the `/v1/rag` prefix, with the same API keys as every
 /v1 route: a query pays one Serve hop, not two through the gateway. Answers are generated
@@ -19,7 +21,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from fastapi import Depends, Request
+from fastapi import Depends, Query, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
@@ -33,6 +35,7 @@ from rag.cache import (AnswerCache, CachedAnswer, SemanticCache, cache_key, coll
 from rag.errors import PromptInjectionDetected
 from rag.conversation import HistoryMessage
 from rag.errors import RagInvalidRequest
+from rag.graph import GraphView, graph_view
 from rag.injection import is_injection
 from rag.service import EXTRACTIVE_MODEL, RagQueryRequest, RagQueryResponse, RagService, parse_request
 from rag import threads
@@ -208,6 +211,25 @@ class RagServer:
     @rag_api.get("/ingest/{run_id}", response_model=IngestRun, dependencies=[Depends(permitted("collections:ingest"))])
     async def ingest_status_http(self, run_id: str) -> IngestRun:
         return IngestRun.model_validate(self.ingest_status(run_id))
+
+    @rag_api.get("/collections/{name}/graph", response_model=GraphView)
+    async def graph_http(self, name: str,
+                         entity: str | None = Query(None, max_length=200, description="An entity (name or key): "
+                                                    "it and its neighbours, strongest relation first."),
+                         to: str | None = Query(None, max_length=200, description="With `entity`: a shortest "
+                                                "path from it to this one."),
+                         q: str = Query("", max_length=200, description="Without `entity`: entities whose name "
+                                        "has a word starting so."),
+                         limit: int = Query(25, ge=1, le=500, description="Most entities (or neighbours)."),
+                         principal: Principal = Depends(authenticated)) -> GraphView:
+        principal.require("collections:query", name, "collection")
+
+        def view() -> GraphView:
+            physical = self.service.store.resolve(name)
+            return graph_view(self.service.retriever.graphs.get(physical), name, physical, entity=entity, to=to,
+                              prefix=q, limit=limit)
+
+        return await asyncio.to_thread(view)
 
     # --- edge sync (rag.sync: a content-addressed change feed, pages of one version)
     @rag_api.get("/collections/{name}/changes", response_model=ChangesPage, dependencies=[Depends(authenticated)])

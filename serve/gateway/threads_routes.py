@@ -57,7 +57,8 @@ async def create_thread(body: ThreadCreate, request: Request, principal: Princip
     if body.collection:
         principal.require("collections:query", body.collection, "collection")
     return Thread.model_validate(await _store(
-        request, "create", principal.key_id, body.title, body.collection, [m.model_dump() for m in body.messages]))
+        request, "create", principal.key_id, body.title, body.collection, [m.model_dump() for m in body.messages],
+        principal.user))
 
 
 @router.get("", response_model=ThreadList, openapi_extra=SECURED)

@@ -180,6 +180,45 @@ def test_thread_content_is_encrypted_at_rest(tmp_path):
     assert store(tmp_path, cipher()).get("k", t["id"])["messages"][0]["content"] == "my private question"
 
 
+def test_a_subjects_erasure_deletes_their_threads_and_the_turns_that_cited_their_documents(tmp_path):
+    s = store(tmp_path)
+    by_key = s.create("their-key", "mine")["id"]
+    by_user = s.create("oidc:sub-9", "via a token", user="s-42")["id"]
+    other = s.create("other-key", "someone else's", messages=[{"role": "user", "content": "Where does Q live?"}])["id"]
+    s.append("other-key", other, [{"role": "assistant", "content": "Q lives at 12 Harbour Lane [1].",
+                                   "citations": [{"index": 1, "source": "people.jsonl", "doc_id": "p42"}]},
+                                  {"role": "user", "content": "What is KubeRay?"},
+                                  {"role": "assistant", "content": "It runs Ray on Kubernetes [1].",
+                                   "citations": [{"index": 1, "source": "kuberay.md", "doc_id": "kuberay.md"}]}])
+    out = s.erase_subject("s-42", ["their-key"], ["p42"])
+    assert sorted(out["deleted"]) == sorted([by_key, by_user]) and out["turns_removed"] == 1
+    left = store(tmp_path)  # what is on disk
+    assert [t["id"] for t in left.list("their-key") + left.list("oidc:sub-9")] == []
+    assert [m["content"] for m in left.get("other-key", other)["messages"]] == \
+        ["What is KubeRay?", "It runs Ray on Kubernetes [1]."]
+    assert "Harbour" not in (tmp_path / "threads" / f"{other}.json").read_text()
+    assert s.erase_subject("nobody", [], []) == {"deleted": [], "turns_removed": 0}
+
+
+def test_thread_retention_drops_old_messages_then_emptied_threads(tmp_path):
+    import time
+
+    s = store(tmp_path)
+    s.create("k", messages=[{"role": "user", "content": "old question"}])
+    s.create("k")
+    now = time.time()
+    assert s.expire(now - 86400) == {"messages": 0, "threads": 0}  # nothing is a day old yet
+    assert s.expire(now + 86400) == {"messages": 1, "threads": 2}
+    assert store(tmp_path).list("k") == []
+    kept = s.create("k", messages=[{"role": "user", "content": "q"}])["id"]
+    s.append("k", kept, [{"role": "assistant", "content": "a"}])
+    doc = json.loads((tmp_path / "threads" / f"{kept}.json").read_text())
+    doc["messages"][0]["created"] -= 10 * 86400  # the question was written ten days ago
+    (tmp_path / "threads" / f"{kept}.json").write_text(json.dumps(doc))
+    assert s.expire(now - 86400) == {"messages": 1, "threads": 0}
+    assert [m["content"] for m in store(tmp_path).get("k", kept)["messages"]] == ["a"]
+
+
 def test_an_injected_earlier_message_is_left_out_of_the_history():
     from rag.service import RagQueryRequest, RagService
 

@@ -19,7 +19,8 @@ from rag.store import Hit
 # What collections written before the one model hold: existing collections must keep working.
 STORED_KEYS = ["doc_id", "chunk_index", "n_chunks", "source", "root", "title", "section", "text", "start", "end",
                "page", "token_count", "hash", "doc_hash", "record_id", "tags", "date",
-               "embedder"]  # added later: points without it read as the catalog model's fp32 (rag.embedding)
+               "embedder",  # added later: points without it read as the catalog model's fp32 (rag.embedding)
+               "graph"]  # added later: points without it add nothing to the knowledge graph (rag/graph.py)
 
 
 def _chunk(**kw) -> Chunk:

@@ -278,7 +278,8 @@ def test_data_key_rotation_reencrypts_online(platform):
 
 def test_erasure_removes_the_subject_and_shreds_their_key(platform, tmp_path):
     """`POST /v1/admin/privacy/erase` (what `orfeas privacy erase` calls too): the subject's
-    documents, ledger details and workflow runs are gone, their data key shredded; audited."""
+    documents, threads, ledger details and workflow runs are gone, their data key shredded, and
+    the turns of other people's threads that quoted their documents; audited."""
     import json
 
     from analytics.ledger import ledger, ledger_name
@@ -319,6 +320,17 @@ def test_erasure_removes_the_subject_and_shreds_their_key(platform, tmp_path):
         runs[key] = r.json()["id"]
     runs_dir = settings.resolved_data_dir() / "workflows" / "runs"
     assert (runs_dir / runs[their_key] / "run.json").exists()
+    # Their own thread, and an admin's thread whose answer quoted their record.
+    def thread(key, method="GET", path="", body=None):
+        return httpx.request(method, base + "/v1/threads" + path, json=body, timeout=120,
+                             headers={"Authorization": f"Bearer {key}"})
+
+    their_thread = thread(their_key, "POST", body={"title": "about me", "messages": [
+        {"role": "user", "content": "Remember Quokka-9981 at Harbour Lane"}]}).json()["id"]
+    admins_thread = thread(admin, "POST", body={"title": "people", "collection": "people"}).json()["id"]
+    asked = thread(admin, "POST", f"/{admins_thread}/ask", {"query": "Where does Quokka-9981 live?"})
+    assert asked.status_code == 200 and "Harbour Lane" in asked.text, asked.text
+    thread(admin, "POST", f"/{admins_thread}/messages", {"role": "user", "content": "a note of my own"})
 
     # Closed to a user's key (and that refusal is audited); an admin's erases.
     refused = httpx.post(base + "/v1/admin/privacy/erase", headers={"Authorization": f"Bearer {their_key}"},
@@ -334,6 +346,11 @@ def test_erasure_removes_the_subject_and_shreds_their_key(platform, tmp_path):
     assert out["documents"] == {"people__v1": 1} and len(out["shredded_keys"]) == 1
     assert out["keys"] == [theirs["id"]] and out["workflow_runs"] == [runs[their_key]]
     assert out["ledger"] == {"changed": 2, "dropped": 0}  # their call and the feedback on it
+    # Their thread is gone; the admin's keeps only what did not come from their record.
+    assert out["threads"] == {"deleted": [their_thread], "turns_removed": 1}
+    assert not (settings.resolved_data_dir() / "rag" / "threads" / f"{their_thread}.json").exists()
+    kept_thread = thread(admin, path=f"/{admins_thread}").json()
+    assert [m["content"] for m in kept_thread["messages"]] == ["a note of my own"]
     # Their key keeps its id (the ledger's figures refer to it) but not the user and name it was given.
     assert out["keys_scrubbed"] == [theirs["id"]]
     keys_file = (settings.resolved_data_dir() / "auth" / "keys.json").read_text()
@@ -397,7 +414,10 @@ def test_retention_removes_what_is_older_than_its_period(platform, tmp_path):
     kept.retention = type(settings.retention)(collections={"people": 1.0}, usage_events_days=400,
                                               workflow_runs_days=30, logs_days=30, log_dirs=[str(logs)])
     # Two days on: the people collection's documents (dated at ingest: now) have expired, nothing else.
+    tid = httpx.post(base + "/v1/threads", headers={"Authorization": f"Bearer {admin}"}, timeout=60,
+                     json={"messages": [{"role": "user", "content": "kept 90 days"}]}).json()["id"]
     out = enforce_retention(kept, now=time.time() + 2 * 86400, actor="test")
+    assert out["threads"] == {"messages": 0, "threads": 0}
     assert out["collections"]["removed"] == {"people__v1": 1} and store.scroll_payloads("people__v1", ["doc_id"]) == []
     assert {p["doc_id"] for c in docs for p in store.scroll_payloads(c, ["doc_id"])} == docs_before
     assert out["usage_events"]["dropped"] == 0 and out["workflow_runs"] == []
@@ -407,6 +427,9 @@ def test_retention_removes_what_is_older_than_its_period(platform, tmp_path):
     # awaiting approval is not finished, so it stays.
     out = enforce_retention(kept, now=time.time() + 500 * 86400, actor="test")
     assert out["usage_events"]["dropped"] >= 1 and ray.get(book.entry.remote("resp-retained")) is None
+    assert out["threads"]["threads"] >= 1 and out["threads"]["messages"] >= 1
+    assert httpx.get(base + f"/v1/threads/{tid}", headers={"Authorization": f"Bearer {admin}"},
+                     timeout=60).status_code == 404
     assert out["workflow_runs"], out
     for run_id in out["workflow_runs"]:
         assert not (runs_dir / run_id).exists()

@@ -346,3 +346,39 @@ def test_a_query_names_a_thread_or_sends_history_not_both(rag_platform):
     for path, op in (("/v1/threads", "post"), ("/v1/threads/{thread_id}/ask", "post"), ("/v1/threads", "get")):
         assert spec["paths"][path][op]["security"] == [{"bearer": []}], path
     assert "requestBody" in spec["paths"]["/v1/threads/{thread_id}/ask"]["post"]
+
+
+# ------------------------------------------------------------------ the knowledge graph
+
+def test_the_collection_graph_is_built_at_ingest_and_augments_retrieval(rag_platform):
+    _, base, admin, scoped = rag_platform
+
+    def graph(key, name="docs", **params):
+        return httpx.get(f"{base}/v1/rag/collections/{name}/graph", params=params, timeout=60,
+                         headers={"Authorization": f"Bearer {key}"})
+
+    top = graph(admin, limit=500)
+    assert top.status_code == 200, top.text
+    body = top.json()
+    assert body["object"] == "rag.graph" and body["resolved_collection"].startswith("docs__")
+    found = {e["key"]: e for e in body["entities"]}
+    assert {"qdrant edge", "ray serve", "kuberay", "bm25"} <= set(found)  # extracted by the ingest job
+    assert found["qdrant edge"]["kind"] == "name" and found["qdrant edge"]["chunks"]
+    near = graph(scoped, entity="Qdrant Edge").json()  # any key that may query the collection
+    assert {r["target"] for r in near["relations"]} >= {"bm25"} and near["relations"][0]["type"] == "co_occurs"
+    assert all(r["evidence"] for r in near["relations"])
+    path = graph(admin, entity="qdrant edge", to="bm25").json()
+    assert path["path"][0] == "qdrant edge" and path["path"][-1] == "bm25"
+    assert graph(admin, entity="no such entity").status_code == 404
+    assert graph(admin, name="nope").status_code == 404
+    assert graph(admin, to="bm25").json()["error"]["param"] == "entity"
+    assert graph("orf_bad_key").status_code == 401
+    # graph-augmented retrieval, asked for by the request (rag.graph.retrieval is off by default)
+    r = rag(base, admin, {"query": "What does Qdrant Edge store?", "graph": True, "answer": False, "top_k": 2})
+    g = r.json()["diagnostics"]["retrieval"]["graph"]
+    assert "qdrant edge" in g["entities"] and g["ranked"] >= 1
+    assert r.json()["passages"][0]["source"].endswith("qdrant.md")
+    spec = httpx.get(base + "/v1/rag/openapi.json", timeout=30).json()
+    op = next(v["get"] for k, v in spec["paths"].items() if k.endswith("/collections/{name}/graph"))
+    assert op["responses"]["200"]["content"]["application/json"]["schema"]["$ref"].endswith("/GraphView")
+    assert op.get("security") == [{"bearer": []}]
