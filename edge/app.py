@@ -28,7 +28,8 @@ from pydantic import BaseModel, ConfigDict
 from edge.node import EdgeNode
 from models.errors import APIError, InvalidRequest, ModelUnavailable
 from models.protocol import (AssistantMessage, ChatChoice, ChatCompletion, ChatCompletionRequest, Embedding,
-                             EmbeddingList, EmbeddingRequest, Usage, new_id, now)
+                             EmbeddingList, EmbeddingRequest, GenerationKind, GenerationParams, GenerationRequest,
+                             Usage, new_id, now)
 from rag.service import RagQueryRequest, parse_request
 
 CHAT_MAX_TOKENS = 512
@@ -140,16 +141,20 @@ async def _sse(node: EdgeNode, gen, model: str):
     yield "data: [DONE]\n\n"
 
 
+def rag_generation(messages: list[dict], max_tokens: int = CHAT_MAX_TOKENS) -> GenerationRequest:
+    """The chat call a RAG answer (or a question rewrite) makes: the cluster's (the gateway's
+    `chat_message`): greedy, and as many tokens as fit up to `max_tokens`. (It used to sample at
+    the default temperature 1.0, so the edge's answers were not the cluster's and changed per call.)"""
+    return GenerationRequest(kind=GenerationKind.CHAT, messages=messages,
+                             params=GenerationParams(max_tokens_cap=min(max_tokens, CHAT_MAX_TOKENS), temperature=0.0))
+
+
 def _generator(node: EdgeNode):
     loop = asyncio.get_event_loop()
 
-    def generate(messages: list[dict]) -> str:
-        from models.protocol import GenerationKind, GenerationParams, GenerationRequest
-
+    def generate(messages: list[dict], max_tokens: int = CHAT_MAX_TOKENS) -> str:
         async def run() -> str:
-            gen = GenerationRequest(kind=GenerationKind.CHAT, messages=messages,
-                                    params=GenerationParams(max_tokens=CHAT_MAX_TOKENS, max_tokens_cap=CHAT_MAX_TOKENS))
-            return "".join([ev.text async for ev in node.chat.stream(gen)])
+            return "".join([ev.text async for ev in node.chat.stream(rag_generation(messages, max_tokens))])
 
         return asyncio.run_coroutine_threadsafe(run(), loop).result(timeout=120)
 

@@ -9,9 +9,11 @@ here: Serve wraps it in `serve/model_apps.py`, the edge node runs it in its own 
   message, with the Hermes `<tool_call>` format that `models.engines.tool_parser` reads.
 - Sampling follows OpenAI's definitions: temperature, then top_p (no top_k, min_p or repeat
   penalty of llama.cpp's own defaults); `presence_penalty` / `frequency_penalty` over the
-  generated tokens; `logit_bias` added to the named tokens' logits; `seed` seeds the sampler,
-  and a seeded request is evaluated from an empty KV cache so that its answer never depends on
-  what an earlier request left there.
+  generated tokens; `logit_bias` added to the named tokens' logits; `seed` seeds the sampler.
+  A seeded or greedy (temperature 0) request is evaluated from an empty KV cache, so that its
+  answer never depends on what an earlier request left there: a prompt found in the cache has its
+  last token decoded again alone, and those logits differ from the batched ones in the last bits,
+  enough to flip a near-tie ("What is 2 + 2?" answered two ways at temperature 0, by turns).
 - Constrained decoding with llama.cpp grammars: `response_format` `json_object` (any JSON
   object) and `json_schema` (the schema compiled to a grammar), and `tool_choice` "required"
   or a named tool (a `<tool_call>` whose arguments follow the tool's parameter schema). The
@@ -381,8 +383,8 @@ class LlamaCppEngine(Engine):
         (None at the end, or the exception)."""
         llm = self.llm
         try:
-            if params.seed is not None:
-                llm.reset()  # evaluated from scratch: the same seed gives the same answer
+            if params.seed is not None or params.temperature <= 0:
+                llm.reset()  # evaluated from scratch: the same request gives the same answer
             llm.set_seed(params.seed if params.seed is not None else random.getrandbits(32))
             llm.request_logit_bias = {int(k): float(v) for k, v in (params.logit_bias or {}).items()}
             generated: list[int] = []

