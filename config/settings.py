@@ -460,8 +460,8 @@ class RagGraphSettings(_Section):
                           "indexing parameters: switching it re-writes documents on their next ingest.")
     retrieval: bool = Field(False, description="Graph-augmented retrieval by default (a request's `graph` "
                             "overrides): the question's entities, their neighbours and the chunks that mention "
-                            "them, fused (RRF) with the hybrid results. Off: on SciFact it measured no better "
-                            "(docs/benchmarks.md).")
+                            "them, fused (RRF) with the hybrid results. Off until it measures better than plain "
+                            "hybrid on SciFact (not measured yet: docs/benchmarks.md).")
     weight: float = Field(0.5, gt=0, le=10, description="RRF weight of the graph's ranked chunks (the search's "
                           "list weighs 1).")
     candidates: int = Field(50, ge=1, le=1000, description="Most chunks the graph adds to the fusion.")
