@@ -46,7 +46,8 @@ def receiver(ray_cluster, serve_port, provider, tmp_path_factory):
         # evaluates every EVAL_S.
         monitoring={"ttft_slo_s": 0.5, "scrape_interval_s": SCRAPE_S, "prometheus_port": free_port(),
                     "alertmanager_port": free_port()},
-        alerts={"enabled": True, "escalate_after_s": 4, "check_interval_s": 0.2,
+        # escalate_after_s outlasts the steps before the ack on a loaded CI worker (4 s did not)
+        alerts={"enabled": True, "escalate_after_s": 15, "check_interval_s": 0.2,
                 "slack_webhooks": {"default": sink.url("/slack/default"), "search": sink.url("/slack/search")},
                 "pagerduty_url": sink.url("/pagerduty"), "pagerduty_routing_keys": {"default": "ORFEAS_TEST_PROVIDER_KEY"},
                 "email": {"smtp_host": "127.0.0.1", "smtp_port": smtp.port, "to": {"default": ["ops@example.org"]}}})

@@ -59,7 +59,7 @@ def test_spans_nest_and_carriers_join_one_trace(tmp_path, sidecar):
         r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
         assert r.returncode == 0, r.stderr
-        spans = {s.name: s for s in receiver.wait_for("a" * 32, {"outer", "stream", "inner", "remote"}, 10)}
+        spans = {s.name: s for s in receiver.wait_for("a" * 32, {"outer", "stream", "inner", "remote"}, 60)}
         assert spans["outer"].parent_id == "b" * 16 and spans["outer"].service == "orfeas-unit"
         assert spans["outer"].attributes == {"k": "v"} and spans["outer"].kind == 2
         assert spans["stream"].parent_id == spans["outer"].span_id

@@ -116,7 +116,10 @@ def test_killed_job_rerun_ends_with_one_clean_run(store, settings, tmp_path, ray
                ORFEAS_RAG__EMBED_BATCH_SIZE="4", ORFEAS_CONFIG=str(tmp_path / "none.yaml"),
                # Calls of 4 chunks: the points land a few at a time whichever pool embeds them (a
                # warm pool's one call of 256 rows came back at once, all 40 between two polls).
-               ORFEAS_RAG__EMBED_CALL_ROWS="4", ORFEAS_RAG__EMBED_POOL="warm")
+               ORFEAS_RAG__EMBED_CALL_ROWS="4", ORFEAS_RAG__EMBED_POOL="warm",
+               # two embedders, as the fixture's settings: unset, the job sized its pool to the
+               # session cluster's 8 logical CPUs, eight model loads on two cores
+               ORFEAS_RAG__EMBED_ACTORS="2")
     (tmp_path / "none.yaml").write_text("{}\n")
     proc = subprocess.Popen([sys.executable, "-m", "jobs.ingest", str(src), "--collection", "killed"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=str(tmp_path))
