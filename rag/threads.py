@@ -223,7 +223,6 @@ class ThreadStore:
             self._drop(thread_id)
         return True
 
-
     # --- erasure and retention (rag/erasure.py, agents/retention.py)
     def _drop(self, thread_id: str) -> None:
         self._path(thread_id).unlink(missing_ok=True)
