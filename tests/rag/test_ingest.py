@@ -113,7 +113,10 @@ def test_killed_job_rerun_ends_with_one_clean_run(store, settings, tmp_path, ray
         (src / f"doc{i:03d}.txt").write_text(" ".join(sents))
     env = dict(os.environ, PYTHONPATH=str(REPO), RAY_ADDRESS=ray_cluster.get_runtime_context().gcs_address,
                ORFEAS_DATA_DIR=str(settings.data_dir), ORFEAS_RAG__UPSERT_BATCH_SIZE="4",
-               ORFEAS_RAG__EMBED_BATCH_SIZE="4", ORFEAS_CONFIG=str(tmp_path / "none.yaml"),
+               # The fixture's batch size: the warm pool's name hashes it, so the job finds the
+               # module's warm embedders (another size made a second pool, two more model loads).
+               ORFEAS_RAG__EMBED_BATCH_SIZE=str(settings.rag.embed_batch_size),
+               ORFEAS_CONFIG=str(tmp_path / "none.yaml"),
                # Calls of 4 chunks: the points land a few at a time whichever pool embeds them (a
                # warm pool's one call of 256 rows came back at once, all 40 between two polls).
                ORFEAS_RAG__EMBED_CALL_ROWS="4", ORFEAS_RAG__EMBED_POOL="warm",
@@ -150,6 +153,7 @@ def test_killed_job_rerun_ends_with_one_clean_run(store, settings, tmp_path, ray
     # again. Small calls, so that more are in flight when it dies.
     settings.rag.embed_call_rows = settings.rag.embed_batch_size = settings.rag.upsert_batch_size = 4
     settings.rag.embed_pool = "job"  # the default pool, Ray Data's (the warm pool's loss has its own test)
+    settings.rag.embed_actors = 1  # one model load, and one more when Ray restarts the killed actor
     victims: list[str] = []
 
     def kill_a_worker(_progress) -> None:
