@@ -64,6 +64,14 @@ def test_up_twice_is_harmless(config_file, admin_key, serve_port):
     assert models(base, admin_key).json()["data"][0]["status"] == "ready"
 
 
+def test_rag_routes_say_the_service_is_off(admin_key, serve_port):
+    """This config has `rag.enabled: false`: the gateway answers the RAG routes with a 404 that says so."""
+    for method, path in [("POST", "/v1/rag/query"), ("GET", "/v1/rag/ingest/ingest-1")]:
+        r = httpx.request(method, f"http://127.0.0.1:{serve_port}{path}", json={"query": "x"},
+                          headers={"Authorization": f"Bearer {admin_key}"}, timeout=30)
+        assert r.status_code == 404 and "rag.enabled: false" in r.json()["error"]["message"]
+
+
 def test_status_reports_applications_and_model_health(config_file, admin_key):
     out = json.loads(orfeas("status", "--json", config=config_file).stdout)
     assert out["applications"]["gateway"]["status"] == "RUNNING"

