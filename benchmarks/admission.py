@@ -274,7 +274,8 @@ def main() -> None:
         r["ttft_p99_vs_capacity"] = r["accepted_ttft_p99_s"] / base_p99 if base_p99 and r["accepted_ttft_p99_s"] else None
     result = {"benchmark": "admission", "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "model": "tiny-chat (random weights)", "ingress": settings.serve.ingress,
-              "backoff": args.backoff, "gateway_replicas": args.gateway_replicas, "max_ongoing_requests": args.ongoing, "max_queued_requests": args.queued, "capacity": capacity,
+              "backoff": args.backoff, "gateway_replicas": args.gateway_replicas,
+              "max_ongoing_requests": args.ongoing, "max_queued_requests": args.queued, "capacity": capacity,
               "load_average_start": load_start, "load_average_end": load_end,
               "rows": rows, "targets": {"ttft_p99_vs_capacity": 2.0, "rejected_answer_max_ms": 50.0}}
     RESULTS.mkdir(exist_ok=True)
