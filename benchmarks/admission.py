@@ -7,6 +7,7 @@ capacity, measured in the same run. Targets (issue 18): at 2x and 5x, accepted p
 2x the baseline, and every rejected request answered (503 with Retry-After) in under 50 ms.
 
     .venv/bin/python benchmarks/admission.py [--requests 60] [--ongoing 2] [--queued 2] [--backoff retry-after]
+        [--gateway-replicas 1] [--out admission.json]
 
 A refused client waits what its 503 says (`--backoff retry-after`, as OpenAI's clients do:
 `retry-after-ms` when present, else `Retry-After`), or a fixed number of seconds (`--backoff
@@ -225,6 +226,9 @@ def main() -> None:
     ap.add_argument("--port", type=int, default=18433)
     ap.add_argument("--backoff", default="retry-after",
                     help="what a refused client waits: 'retry-after' (the header) or seconds")
+    ap.add_argument("--gateway-replicas", type=int, default=1,
+                    help="gateway replicas (HAProxy splits the clients between them; each counts its own share)")
+    ap.add_argument("--out", default="admission.json", help="the result's file name under benchmarks/results/")
     args = ap.parse_args()
 
     from cluster.deploy import deploy, wait_running
@@ -237,7 +241,7 @@ def main() -> None:
     model_dir = build_tiny_chat_model(work / "tiny-chat")
     settings = resolve_ingress(Settings(
         data_dir=work / "data", serve={"host": "127.0.0.1", "port": args.port},
-        rag={"enabled": False}, agents={"enabled": False},
+        rag={"enabled": False}, agents={"enabled": False}, gateway={"num_replicas": args.gateway_replicas},
         models=[ModelSpec(id="tiny-chat", engine="transformers", source=str(model_dir), max_context=256,
                           max_ongoing_requests=args.ongoing, max_queued_requests=args.queued)]))
     capacity = args.ongoing + args.queued
@@ -270,11 +274,12 @@ def main() -> None:
         r["ttft_p99_vs_capacity"] = r["accepted_ttft_p99_s"] / base_p99 if base_p99 and r["accepted_ttft_p99_s"] else None
     result = {"benchmark": "admission", "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
               "model": "tiny-chat (random weights)", "ingress": settings.serve.ingress,
-              "backoff": args.backoff, "max_ongoing_requests": args.ongoing, "max_queued_requests": args.queued, "capacity": capacity,
+              "backoff": args.backoff, "gateway_replicas": args.gateway_replicas,
+              "max_ongoing_requests": args.ongoing, "max_queued_requests": args.queued, "capacity": capacity,
               "load_average_start": load_start, "load_average_end": load_end,
               "rows": rows, "targets": {"ttft_p99_vs_capacity": 2.0, "rejected_answer_max_ms": 50.0}}
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "admission.json").write_text(json.dumps(result, indent=1))
+    (RESULTS / args.out).write_text(json.dumps(result, indent=1))
     print(f"load average (1/5/15 min) at start {load_start}, at end {load_end}")
     print(table(rows, base_p99))
 

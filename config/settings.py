@@ -95,8 +95,9 @@ class GatewaySettings(_Section):
                                   "(in the background: requests use the last answer).")
     # Admission control (issue 18; serve/http/admission.py, serve/router/runtime.py `Router.refusal`).
     shed_early: bool = Field(True, description="Refuse a chat or completion request for a named model whose whole "
-                             "queue is in flight before the HTTP layer's body checks, validation and routing run "
-                             "(only for a key this replica verified recently; any other request takes the full path).")
+                             "queue is in flight or claimed before the HTTP layer's body checks, validation and "
+                             "routing run, and count each one let in against its model from there (only for a key "
+                             "this replica verified recently; any other request takes the full path).")
     overload_retry_after_min_s: float = Field(1.0, ge=0, description="A capacity refusal (503 model_overloaded) "
                                               "says to retry after a time drawn uniformly between this and "
                                               "overload_retry_after_max_s (`retry-after-ms`; `Retry-After` rounds "

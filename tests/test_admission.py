@@ -5,6 +5,7 @@ real HTTP on 127.0.0.1. Beyond the queue a request gets 503 `model_overloaded` w
 a breaker re-admits a backend on a passing probe, before its cooldown."""
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -139,23 +140,52 @@ def test_capacity_refusals_say_retry_after_a_jittered_time_within_the_configured
         platform_settings(tmp_path, 8000, gateway={"overload_retry_after_min_s": 3, "overload_retry_after_max_s": 1})
 
 
-def test_the_early_refusal_sheds_a_named_model_only_when_it_and_its_fallbacks_are_full(tmp_path):
+def test_the_door_sheds_a_named_model_only_when_it_and_its_fallbacks_are_full(tmp_path):
     from security.auth import Principal
 
     router = _router(tmp_path)
     anyone = Principal("k1", "user", None)
     router.outstanding.update(a=3)
-    assert router.early_refusal("a", anyone) is None  # its fallback b has room: the router falls back
+    claim = router.claim("a", anyone)  # its fallback b has room: claimed there, the router falls back
+    assert claim.model == "b" and router.claimed["b"] == 1
+    claim.release()
     router.outstanding.update(b=1)
-    refused = router.early_refusal("a", anyone)
-    assert refused is not None and refused.status == 503 and refused.code == "model_overloaded"
+    refused = router.claim("a", anyone)
+    assert refused.status == 503 and refused.code == "model_overloaded"
     only_a = Principal("k2", "user", ("a",))  # may not use b: a alone decides
     router.outstanding.update(b=0)
-    assert router.early_refusal("a", only_a) is not None and router.early_refusal("a", anyone) is None
-    assert router.early_refusal("b", only_a) is None  # a model the key may not use: its 403 comes from the full path
+    assert router.claim("a", only_a).status == 503 and router.claim("a", anyone).model == "b"
+    assert router.claim("b", only_a) is None  # a model the key may not use: its 403 comes from the full path
     router.outstanding.update(c=1)
-    assert router.early_refusal("pool", anyone) is None  # groups, policies, unknown names: the full path
-    assert router.early_refusal("auto", anyone) is None and router.early_refusal("nope", anyone) is None
+    assert router.claim("pool", anyone) is None  # groups, policies, unknown names: the full path
+    assert router.claim("auto", anyone) is None and router.claim("nope", anyone) is None
+
+
+def test_a_burst_is_counted_at_the_door_and_every_claim_is_given_back_once(tmp_path):
+    """Requests claimed at the door count against their model before any of them has started
+    (a burst from idle: the 4th request for a queue of 3 is refused there), and a claim is
+    handed over or released exactly once."""
+    from security.auth import Principal
+    from serve.router.runtime import Route
+
+    router = _router(tmp_path)
+    only_a = Principal("k", "user", ("a",))
+    burst = [router.claim("a", only_a) for _ in range(4)]
+    assert [getattr(c, "model", None) for c in burst[:3]] == ["a"] * 3 and burst[3].status == 503
+    assert router.claimed["a"] == 3 and router.outstanding["a"] == 0
+    route = Route("a", "named", ["a"], "test")
+    # Each claimant is not refused for its own claim, one without a claim is (the queue is taken).
+    assert router.refusal(route, burst[0]) is None and router.refusal(route) is not None
+    router.outstanding["a"] += 1  # what Router.open does when burst[0]'s attempt starts...
+    burst[0].release()  # ...handing its claim over
+    burst[0].release()  # and the door's release afterwards counts nothing twice
+    assert router.claimed["a"] == 2 and router.outstanding["a"] == 1
+    assert router.refusal(route, burst[1]) is None and router.claim("a", only_a).status == 503
+    for c in burst[1:3]:
+        c.release()
+    router.outstanding["a"] -= 1
+    assert router.claimed == {"a": 0, "b": 0, "c": 0} and router.claim("a", only_a).model == "a"
+    assert router.status()["a"]["claimed"] == 1
 
 
 def test_the_authenticator_answers_from_its_cache_only_keys_it_verified_lately(tmp_path):
@@ -183,8 +213,20 @@ def test_the_authenticator_answers_from_its_cache_only_keys_it_verified_lately(t
     assert Authenticator(platform_settings(tmp_path, 8000, auth={"enabled": False})).cached(None) is ANONYMOUS_ADMIN
 
 
+class _Ticket:
+    def __init__(self, counts: dict):
+        self.counts, self.held = counts, True
+        counts["held"] += 1
+
+    def release(self):
+        if self.held:
+            self.held = False
+            self.counts["held"] -= 1
+
+
 def _shed_app(refuse_model: str, armed: bool = True):
-    """A small app on the HTTP layer whose Shedder refuses `refuse_model`; it counts what ran."""
+    """A small app on the HTTP layer whose Shedder refuses `refuse_model` and gives model
+    "counted" a ticket (its count in ran["held"]); it counts what ran."""
     import uuid
 
     from fastapi import Depends
@@ -196,7 +238,12 @@ def _shed_app(refuse_model: str, armed: bool = True):
     from serve.http import authenticated, http_app
     from serve.http.admission import Shedder
 
-    ran = {"auth": 0, "handler": 0}
+    from fastapi import Request
+    from fastapi.responses import StreamingResponse
+
+    from serve.http.admission import admitted
+
+    ran = {"auth": 0, "handler": 0, "held": 0, "seen": []}
 
     class Ask(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -210,14 +257,25 @@ def _shed_app(refuse_model: str, armed: bool = True):
         return principal
 
     @app.post("/gen")
-    async def gen(req: Ask, principal: Principal = Depends(counted)) -> dict:
+    async def gen(req: Ask, request: Request, principal: Principal = Depends(counted)):
         ran["handler"] += 1
+        ran["seen"].append(ran["held"] if admitted(request) is not None else None)
+        if req.prompt == "fail":
+            raise RuntimeError("the handler failed")
+        if req.prompt == "stream":
+            async def words():
+                for i in range(200):
+                    yield f"data: {i}\n\n"
+                    await asyncio.sleep(0.002)
+            return StreamingResponse(words(), media_type="text/event-stream")
         return {"model": req.model, "prompt": req.prompt}
 
     def refuse(path, model, authorization):
         e = ModelOverloaded(f"model {model!r} is at capacity", "model")
         e.retry_after_s = 1.5
-        return e if model == refuse_model and path == "/gen" else None
+        if path != "/gen":
+            return None
+        return e if model == refuse_model else (_Ticket(ran) if model == "counted" else None)
 
     app.state.configure(Settings(auth={"enabled": False}), shed=Shedder(frozenset({"/gen"}), refuse, lambda: armed))
     return app, ran
@@ -236,7 +294,7 @@ def test_an_unarmed_shedder_leaves_every_request_to_the_full_path():
     app, ran = _shed_app("full", armed=False)
     r = _post(app, "/gen", json={"model": "full", "prompt": "p"})
     assert r.status_code == 200 and r.json() == {"model": "full", "prompt": "p"}
-    assert ran == {"auth": 1, "handler": 1}
+    assert (ran["auth"], ran["handler"]) == (1, 1)
 
 
 def test_a_shed_request_is_refused_before_body_validation_auth_and_the_handler():
@@ -245,7 +303,7 @@ def test_a_shed_request_is_refused_before_body_validation_auth_and_the_handler()
     r = _post(app, "/gen", json={"model": "full", "unknown": 1})
     assert r.status_code == 503 and r.headers["retry-after"] == "2" and r.headers["retry-after-ms"] == "1500"
     assert r.json()["error"]["code"] == "model_overloaded" and r.headers["x-orfeas-api-version"] == "v1"
-    assert r.headers["x-request-id"] and ran == {"auth": 0, "handler": 0}
+    assert r.headers["x-request-id"] and (ran["auth"], ran["handler"]) == (0, 0)
     # Every other request takes the full path with its body as it came.
     ok = _post(app, "/gen", json={"model": "free", "prompt": "é" * 10})
     assert ok.status_code == 200 and ok.json() == {"model": "free", "prompt": "é" * 10} and ran["handler"] == 1
@@ -262,3 +320,80 @@ def test_a_shed_request_is_refused_before_body_validation_auth_and_the_handler()
         yield b'"prompt": "p"}'
 
     assert _post(app, "/gen", content=chunks(), headers={"content-type": "application/json"}).status_code == 200
+
+
+def test_a_ticket_from_the_door_is_released_however_the_request_ends():
+    """The door's count (a ticket) is seen by the route and given back after an answer, a 400, a
+    failing handler, a stream read to its end and a client gone mid-stream: no leak."""
+    app, ran = _shed_app("full")
+    assert _post(app, "/gen", json={"model": "counted", "prompt": "p"}).status_code == 200
+    assert _post(app, "/gen", json={"model": "counted", "unknown": 1}).status_code == 400
+    assert _post(app, "/gen", json={"model": "counted", "prompt": "fail"}).status_code == 500
+    whole = _post(app, "/gen", json={"model": "counted", "prompt": "stream"})
+    assert whole.status_code == 200 and whole.text.count("data:") == 200
+    assert ran["seen"] == [1, 1, 1] and ran["held"] == 0  # held while the route ran, released after each
+
+    async def gone_mid_stream():
+        """A raw ASGI call whose client disconnects after the stream's first chunk."""
+        body = json.dumps({"model": "counted", "prompt": "stream"}).encode()
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/gen", "raw_path": b"/gen", "root_path": "", "query_string": b"",
+                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                 "client": ("127.0.0.1", 1), "server": ("unit", 80)}
+        chunks, first = [], asyncio.Event()
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await first.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message):
+            if message["type"] == "http.response.body" and message.get("body"):
+                chunks.append(message["body"])
+                assert ran["held"] == 1  # still counted while it streams
+                first.set()
+
+        await asyncio.wait_for(app(scope, receive, send), 10)
+        return chunks
+
+    chunks = asyncio.run(gone_mid_stream())
+    assert 0 < len(chunks) < 200 and ran["held"] == 0
+
+
+def test_the_door_count_returns_to_zero_after_refusals_errors_and_clients_gone_mid_stream(platform):
+    """Requests counted at the door (serve.http.admission) give their count back however they end:
+    a 400 after the door, a burst partly refused, clients that leave after the first event."""
+    headers = {"Authorization": f"Bearer {platform['admin']}"}
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": 48, "stream": True}
+
+    async def gone(c: httpx.AsyncClient) -> int:
+        async with c.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            if r.status_code == 200:
+                async for _ in r.aiter_lines():
+                    break  # the first event, then the client leaves
+            return r.status_code
+
+    async def run():
+        async with httpx.AsyncClient(base_url=platform["base"], timeout=120) as c:
+            ok = await c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2},
+                              headers=headers)
+            assert ok.status_code == 200, ok.text  # the key verified lately: its requests are counted at the door
+            bad = await c.post("/v1/chat/completions", json={**body, "max_tokens": 10**7}, headers=headers)
+            assert bad.status_code == 400, bad.text
+            return await asyncio.gather(*(gone(c) for _ in range(6)))
+
+    statuses = asyncio.run(run())
+    assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+    deadline, counts = time.monotonic() + 30, None
+    while time.monotonic() < deadline:
+        b = httpx.get(platform["base"] + "/v1/router/status", headers=headers, timeout=30).json()["backends"][CHAT]
+        counts = (b["outstanding"], b["claimed"])
+        if counts == (0, 0):
+            break
+        time.sleep(0.2)
+    assert counts == (0, 0), counts

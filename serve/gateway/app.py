@@ -65,10 +65,10 @@ from serve.gateway.schemas import (Feedback, FeedbackResult, Health, Orchestrati
                                    UsageReport)
 from observability import tracing
 from serve.http import admin, authenticated, http_app, label_model, permitted
-from serve.http.admission import Shedder
+from serve.http.admission import Shedder, admitted
 from serve.router.features import estimate_tokens
 from serve.router.orchestrator import OrchestrateRequest
-from serve.router.runtime import Router
+from serve.router.runtime import Claim, Router
 
 # The router's own embedding calls (its task classifier): the platform's work, never a user's.
 ROUTER_SELF = Principal("router", "admin", None, credential="platform")
@@ -101,8 +101,7 @@ class Gateway:
         self.timeout_s = self.settings.gateway.request_timeout_s
         self.backends = BackendRegistry(self.settings)
         self.catalog = Catalog(self.settings, self.backends)
-        shed = Shedder(GENERATION_PATHS, self._early_refusal, lambda: self.router.any_full()) \
-            if self.settings.gateway.shed_early else None
+        shed = Shedder(GENERATION_PATHS, self._door) if self.settings.gateway.shed_early else None
         app.state.configure(self.settings, model_label=self.catalog.known, shed=shed)
         if self.settings.auth.enabled:
             bootstrap_admin(self.settings.resolved_data_dir(), self.settings.auth.bootstrap_key_env, self.settings)
@@ -115,17 +114,18 @@ class Gateway:
         app.state.rag_alias = self.rag  # the /v1/threads routes ask through it
         self.orchestrator = OrchestratorAlias(self.settings, self.chat)
 
-    def _early_refusal(self, path: str, model: str, authorization: str | None) -> APIError | None:
-        """A capacity refusal before the HTTP layer's body checks and this route's work
-        (serve.http.admission): only for a key verified lately that may call `path`, when the
-        router would refuse the named model anyway (`Router.early_refusal`). "Lately": within
+    def _door(self, path: str, model: str, authorization: str | None) -> APIError | Claim | None:
+        """Admission before the HTTP layer's body checks and this route's work
+        (serve.http.admission), only for a key verified lately that may call `path`: a capacity
+        refusal when the router would refuse the named model anyway, else the request's claim
+        on it, which `_generate` hands to the router (`Router.claim`). "Lately": within
         SHED_KEY_AGE_S, past the key cache's TTL, since a refusal grants nothing (a key revoked
         meanwhile gets a 503 instead of its 401 until then) and accepted requests, which take
         the full path, keep verifying the key."""
         principal = app.state.authenticator.cached(authorization, max(SHED_KEY_AGE_S, self.settings.auth.key_cache_s))
         if principal is None or (principal.endpoints is not None and not principal.allows("endpoints:call", path)):
             return None
-        return self.router.early_refusal(model, principal)
+        return self.router.claim(model, principal)
 
     async def _classifier_embed(self, texts: list[str]) -> list[list[float]]:
         """Embeddings for the router's task classifier (router.classifier_model)."""
@@ -179,7 +179,7 @@ class Gateway:
     async def _generate(self, kind: GenerationKind, req: ChatCompletionRequest | CompletionRequest, request: Request,
                         principal: Principal):
         self.chat.check_limit(req.token_limit())
-        call = ChatCall(principal, kind.value)
+        call = ChatCall(principal, kind.value, claim=admitted(request))
         try:
             stream = await self.chat.open(call, req.model, req.to_generation(self.limits.max_tokens),
                                           features=req.model_dump(exclude_none=True), headers=request.headers)

@@ -27,7 +27,7 @@ from serve.gateway import tracing as gtrace
 from security.ratelimit import Admission, Limiter, RateLimited
 from serve.gateway.metrics import GatewayMetrics, RouterMetrics
 from serve.router.features import estimate_tokens
-from serve.router.runtime import Opened, Route, Router, ascii_header
+from serve.router.runtime import Claim, Opened, Route, Router, ascii_header
 
 
 @dataclass
@@ -45,6 +45,7 @@ class ChatCall:
     fallback_admissions: dict[str, Admission] = field(default_factory=dict)  # model -> its own scope's
     tokens: int = 0  # the most tokens the call may use, as reserved
     reservation: str | None = None  # budget reservation id (analytics.budgets)
+    claim: Claim | None = None  # counted against its model since the gateway's door (serve.http.admission)
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -212,12 +213,12 @@ class ChatService:
         expected = gen.params.max_tokens or min(self.settings.router.expected_output_tokens, self.max_tokens)
         route = call.routed = await self.router.resolve(requested, body, call.principal, headers or {}, expected,
                                                         remaining)
-        if (full := self.router.refusal(route)) is not None:
+        if (full := self.router.refusal(route, call.claim)) is not None:
             raise full  # capacity first: shed before any rate-limit or budget round trip
         await self.reserve(call, route, gen, expected)
         try:
             opened = await self.router.open(route, gen, deadline or time.monotonic() + self.timeout_s,
-                                            admit=lambda mid: self.admit_fallback(call, mid))
+                                            admit=lambda mid: self.admit_fallback(call, mid), claim=call.claim)
         except BaseException:
             self.release(call)
             raise

@@ -60,6 +60,23 @@ class Opened:
     attempts: list[tuple[str, str]] = field(default_factory=list)  # (model, outcome) in order
 
 
+class Claim:
+    """A request counted against one model from the gateway's door (serve.http.admission) until
+    its first attempt starts, when `Router.outstanding` counts it instead: the load-shedding
+    checks see a burst as it arrives, not only once each request has awaited its budget, route
+    and rate limits. `release` is idempotent: `Router.open` hands the claim over, and the door
+    releases it however the request ends (answered, refused, failed, cancelled)."""
+
+    def __init__(self, counts: dict[str, int], model: str):
+        self.model, self._counts, self.held = model, counts, True
+        counts[model] += 1
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            self._counts[self.model] -= 1
+
+
 def ascii_header(value: str, limit: int = 900) -> str:
     return value.encode("ascii", "replace").decode()[:limit].replace("\n", " ").replace("\r", " ")
 
@@ -78,7 +95,8 @@ class Router:
                 self.groups.setdefault(m.serves, []).append(m.id)
         self.experiments = {e.entry: e for e in self.cfg.experiments if e.enabled}
         self.health: dict[str, health.BackendHealth] = {m: health.BackendHealth() for m in self.specs}
-        self.outstanding: dict[str, int] = {m: 0 for m in self.specs}
+        self.outstanding: dict[str, int] = {m: 0 for m in self.specs}  # attempts started, not yet ended
+        self.claimed: dict[str, int] = {m: 0 for m in self.specs}  # requests past the door, not yet started
         self.rng = random.Random()
         self._centroids: dict[str, list[float]] | None = None
         self._probe_task: asyncio.Task | None = None
@@ -183,6 +201,7 @@ class Router:
             out[mid] = {"state": h.state, "requests": h.requests, "failures": h.failures,
                         "consecutive_failures": h.consecutive_failures, "error_rate_ewma": round(h.error_ewma, 4),
                         "latency_ewma_s": h.latency_ewma, "outstanding": self.outstanding[mid],
+                        "claimed": self.claimed[mid],
                         "open_for_s": round(max(self.cfg.breaker.cooldown_s - (now - h.opened_at), 0), 3)
                         if h.state == health.OPEN else None, "last_error": h.last_error}
         return out
@@ -318,10 +337,13 @@ class Router:
     # ------------------------------------------------------------ calling
 
     async def open(self, route: Route, request: GenerationRequest, deadline: float,
-                   admit: Callable[[str], Awaitable[APIError | None]] | None = None) -> Opened:
+                   admit: Callable[[str], Awaitable[APIError | None]] | None = None,
+                   claim: Claim | None = None) -> Opened:
         """The first event from the first backend in the route's plan that gives one. `admit`, when
         given, is asked before each attempt on a model other than the plan's first (which the
-        caller admitted already): an error it returns (the model's own rate limit) skips that model."""
+        caller admitted already): an error it returns (the model's own rate limit) skips that model.
+        `claim`, the request's count from the door, is handed over to `outstanding` when its first
+        attempt starts."""
         cfg = self.cfg.fallback
         plan = fallback.attempt_plan(route.plan, cfg)
         attempts: list[tuple[str, str]] = []
@@ -344,7 +366,7 @@ class Router:
             if not ok:
                 attempts.append((mid, "circuit_open"))
                 continue
-            if self._full(mid):  # this replica's own bound: refused without a round trip to Serve
+            if self._full(mid, claim):  # this replica's own bound: refused without a round trip to Serve
                 self._set(mid, health.release(h))
                 full.add(mid)
                 attempts.append((mid, "overloaded"))
@@ -362,6 +384,8 @@ class Router:
             backend = self.backends.get(mid)
             start = time.monotonic()
             self.outstanding[mid] += 1
+            if claim is not None:
+                claim.release()  # counted in `outstanding` from here on
             events = _bounded(backend.stream(request), deadline, mid)
             # The attempt's span is current while the first event is awaited: the engine's first
             # step (which sends the trace carrier to the replica) runs in it.
@@ -416,30 +440,29 @@ class Router:
             err.headers = last.headers
         raise self._jittered(err) if isinstance(err, ModelOverloaded) else err
 
-    def refusal(self, route: Route) -> ModelOverloaded | None:
+    def refusal(self, route: Route, claim: Claim | None = None) -> ModelOverloaded | None:
         """The refusal of a request that no model of its plan has room for (each one's whole queue
-        in flight from this replica), or None. Asked before the rate limits and budgets, so a shed
-        request costs no Ray call and spends no quota (issue 18: refused in < 50 ms)."""
-        if not route.plan or not all(mid in self.specs and self._full(mid) for mid in route.plan):
+        in flight from this replica, or claimed at its door by other requests), or None. Asked
+        before the rate limits and budgets, so a shed request costs no Ray call and spends no
+        quota (issue 18: refused in < 50 ms)."""
+        if not route.plan or not all(mid in self.specs and self._full(mid, claim) for mid in route.plan):
             return None
         return self._overloaded(route.plan)
 
-    def early_refusal(self, name: str, principal) -> ModelOverloaded | None:
-        """`refusal` for a request not yet routed, from its model name alone (no await, no Ray
-        call): a named chat model (not an experiment entry) that `principal` may use, whose
-        fallbacks this key may use are all full too; None whenever the full path might admit it."""
+    def claim(self, name: str, principal) -> Claim | ModelOverloaded | None:
+        """A request at the gateway's door, from its model name alone (no await, no Ray call): for
+        a named chat model (not an experiment entry) that `principal` may use, a claim on the
+        first model of its chain (it, then the fallbacks this key may use) that has room, or the
+        refusal when every one is full; None (not counted: the full path decides) for any other
+        name, or when the first with room has no bound."""
         spec = self.specs.get(name)
         if spec is None or name in self.experiments or not principal.may_use(name):
             return None
         chain = [name] + [m for m in spec.fallbacks if m in self.specs and principal.may_use(m)]
-        if not all(self._full(m) for m in chain):
-            return None
+        for mid in chain:
+            if not self._full(mid):
+                return Claim(self.claimed, mid) if self._capacity(mid) is not None else None
         return self._overloaded(chain)
-
-    def any_full(self) -> bool:
-        """Whether any model has its whole queue in flight: `early_refusal` can refuse nothing
-        otherwise (a refused chain is all full), so the HTTP layer need not read the body."""
-        return any(self._full(m) for m in self.specs)
 
     def _overloaded(self, plan: list[str]) -> ModelOverloaded:
         return self._jittered(ModelOverloaded(
@@ -453,14 +476,22 @@ class Router:
         err.retry_after_s = round(lo + (hi - lo) * self.rng.random(), 3)
         return err
 
-    def _full(self, mid: str) -> bool:
-        """Whether this gateway replica already has a Serve-hosted model's whole queue in flight
-        (`max_ongoing_requests` x replicas + `max_queued_requests`): the same bound Serve's
-        handle enforces, checked here first so that a refusal costs no Ray call."""
+    def _capacity(self, mid: str) -> int | None:
+        """A Serve-hosted model's whole queue (`max_ongoing_requests` x replicas +
+        `max_queued_requests`): the same bound Serve's handle enforces; None when unbounded."""
         spec = self.specs[mid]
         if spec.engine == "openai" or spec.max_queued_requests < 0:
+            return None
+        return spec.max_ongoing_requests * spec.num_replicas + spec.max_queued_requests
+
+    def _full(self, mid: str, claim: Claim | None = None) -> bool:
+        """Whether this gateway replica already has `mid`'s whole queue in flight or claimed (the
+        request's own `claim` not counted), checked here first so that a refusal costs no Ray call."""
+        capacity = self._capacity(mid)
+        if capacity is None:
             return False
-        return self.outstanding[mid] >= spec.max_ongoing_requests * spec.num_replicas + spec.max_queued_requests
+        mine = 1 if claim is not None and claim.held and claim.model == mid else 0
+        return self.outstanding[mid] + self.claimed[mid] - mine >= capacity
 
     @staticmethod
     def _first_failure(mid: str, e: Exception) -> tuple[None, APIError]:

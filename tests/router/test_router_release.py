@@ -104,3 +104,31 @@ def test_a_finished_stream_closes_the_half_open_circuit(router):
         assert router.health["echo"].state == health.CLOSED
 
     asyncio.run(run())
+
+
+def test_a_door_claim_is_handed_over_when_the_attempt_starts_and_released_once(router):
+    """A request counted at the gateway's door (`Claim`) moves to the in-flight count when its
+    first attempt starts; a client gone before the first token leaves neither count behind."""
+    from serve.router.runtime import Claim
+
+    async def run():
+        claim = Claim(router.claimed, "echo")
+        route = await router.resolve("echo", {"model": "echo"}, Caller(), {}, 16, None)
+        assert router.claimed["echo"] == 1
+        stream = await router.open(route, chat("a b"), time.monotonic() + 30, claim=claim)
+        assert (router.claimed["echo"], router.outstanding["echo"]) == (0, 1)
+        claim.release()  # the door's own release afterwards counts nothing twice
+        await stream.events.aclose()
+        assert (router.claimed["echo"], router.outstanding["echo"]) == (0, 0)
+        claim = Claim(router.claimed, "slow")
+        route = await router.resolve("slow", {"model": "slow"}, Caller(), {}, 16, None)
+        task = asyncio.create_task(router.open(route, chat("hello"), time.monotonic() + 30, claim=claim))
+        await asyncio.sleep(0.5)  # the provider holds its first byte for `slow_s` (5 s)
+        assert (router.claimed["slow"], router.outstanding["slow"]) == (0, 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        claim.release()
+        assert (router.claimed["slow"], router.outstanding["slow"]) == (0, 0)
+
+    asyncio.run(run())
