@@ -30,7 +30,6 @@ import argparse
 import itertools
 import json
 import logging
-import math
 import os
 import platform
 import re
@@ -343,7 +342,8 @@ def stage_embed(args) -> dict:
         done += len(part)
         log.info("%s: %d embedded this run, %d left", args.model, done, len(todo))
     secs = time.perf_counter() - t0
-    return {"model": args.model, "precision": args.precision, "embedded": done, "left": len(todo), "total": len(keys), "seconds": round(secs, 1),
+    return {"model": args.model, "precision": args.precision, "embedded": done, "left": len(todo), "total": len(keys),
+            "seconds": round(secs, 1),
             "per_s": round(done / secs, 2) if secs else None}
 
 
@@ -525,7 +525,8 @@ def stage_score(args) -> dict:
             results[f"{label} {method}"] = entry
             log.info("%s %s: equal %.4f, best %.4f %s", label, method, entry["equal_weights"]["ndcg@10"],
                      best_score, best_w)
-    return {"precision": args.precision, "results": results, "timings": timings, "depth": args.depth, "queries": len(qids),
+    return {"precision": args.precision, "results": results, "timings": timings, "depth": args.depth,
+            "queries": len(qids),
             "documents": len(doc_ids), "chunks": len(chunk_texts), "grid": grid}
 
 
