@@ -78,7 +78,7 @@ demo: $(STAMP) $(HAPROXY)
 # Two workers, each with its own local Ray cluster, a whole test file at a time (its module
 # fixtures deploy once): one worker left ~30% of 2 cores idle while replicas started.
 test: $(STAMP) $(HAPROXY) $(MONITORING) $(SLAPD) $(POPPLER)
-	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=25
+	$(BIN)/python -m pytest -n 2 --dist loadfile --durations=50
 
 down: $(STAMP)
 	$(BIN)/orfeas down
