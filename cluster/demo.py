@@ -12,6 +12,7 @@ from pathlib import Path
 
 import ray
 import typer
+from rich.markup import escape
 
 from cluster import cli
 from cluster.console import console as out
@@ -104,10 +105,15 @@ def ask_the_sample_corpus(client, settings) -> None:
     out.print(f"[bold]> {SAMPLE_QUESTION}[/]")
     r = client.chat.completions.create(model="rag", messages=[{"role": "user", "content": SAMPLE_QUESTION}])
     out.print(r.choices[0].message.content, highlight=False)
-    out.print(f"[dim]answered by {r.model}[/]")
+    info = (r.model_extra or {}).get("rag") or {}
+    if info.get("fallback_reason"):  # quotes instead of the chat model's answer: say why
+        out.print(f"[yellow]answered by {r.model}: {escape(info['fallback_reason'])}[/]", highlight=False)
+    else:
+        out.print(f"[dim]answered by {r.model}[/]")
     sources = {c["index"]: c for c in (r.model_extra or {}).get("citations", [])}  # one line per cited passage
     for index, c in sorted(sources.items()):
-        out.print(f"[{index}] {c['source']} ({c.get('title') or 'untitled'})", highlight=False)
+        matched = " [dim](matched by the service: the model did not cite it)[/]" if c.get("attributed") else ""
+        out.print(f"[{index}] {c['source']} ({c.get('title') or 'untitled'}){matched}", highlight=False)
 
 
 AGENT_TASK = "In one sentence: what does Ray Serve do in ORFEAS?"

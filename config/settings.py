@@ -406,6 +406,9 @@ class RagQualitySettings(_Section):
                                                          "answer extractively (quotes) or refuse.")
     refusal: str = Field("I cannot answer this reliably from the retrieved documents.",
                          description="The answer the gate gives when it refuses.")
+    attribute_citations: bool = Field(True, description="A generated answer the gate passed gets [n] after each "
+                                      "sentence that cites nothing but passage n supports (by support_threshold); "
+                                      "such citations say `attributed` (small models seldom cite).")
     input_injection: Literal["off", "flag", "block"] = Field("block", description="A question that reads as a "
                                                              "prompt injection: ignore, report it, or refuse (400).")
     passage_injection: Literal["off", "flag", "drop"] = Field("drop", description="A retrieved passage with "

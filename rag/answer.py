@@ -6,7 +6,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from rag.packing import Passage
 
@@ -25,6 +25,8 @@ class Citation(BaseModel):
     position: dict             # start/end character offsets, page, chunk ids
     score: float
     quote: str                 # the quoted span
+    attributed: bool = Field(False, description="The model did not cite this passage: the service matched an "
+                             "uncited answer sentence to it by the quality scores' support rule (rag/attribution.py).")
 
 
 def sentences(text: str, offset: int = 0) -> list[tuple[int, int, str]]:
@@ -119,11 +121,13 @@ def cited_indices(answer: str) -> list[int]:
     return seen
 
 
-def citations_for_generated(answer: str, query: str, passages: list[Passage], embed) -> list[Citation]:
+def citations_for_generated(answer: str, query: str, passages: list[Passage], embed,
+                            attributed: set[int] = frozenset()) -> list[Citation]:
     """Citations for a generated answer: the passages it cites as [n], each with its sentence
     closest to the answer as the quoted span. An answer that cites nothing gets no citations:
     attaching the top passage would claim support the model never gave (citation coverage and
-    the quality gate judge such an answer instead)."""
+    the quality gate judge such an answer instead). `attributed`: the passage numbers the service
+    added (rag/attribution.py), not the model."""
     by_index = {p.index: p for p in passages}
     idx = [i for i in cited_indices(answer) if i in by_index]
     if not idx:
@@ -137,5 +141,6 @@ def citations_for_generated(answer: str, query: str, passages: list[Passage], em
         j = int(np.argmax(sv @ av))
         st, en, s = sents[j]
         cites.append(Citation(index=i, source=p.source, title=p.title, doc_id=p.doc_id,
-                              position=_position(p, st, en), score=round(p.score, 4), quote=s))
+                              position=_position(p, st, en), score=round(p.score, 4), quote=s,
+                              attributed=i in attributed))
     return cites

@@ -136,9 +136,13 @@ def pack_context(chunks: list[RetrievedChunk], count_tokens: Callable[[str], int
 
 
 def format_context(passages: list[Passage]) -> str:
-    """The numbered context block handed to a chat model."""
+    """The numbered context block handed to a chat model: each passage's number and its text,
+    Markdown heading lines left out. No title, section or source path: the citations carry them,
+    and a small model copies such headers instead of answering (SmolLM2-135M listed
+    "[1] Retrieval in ORFEAS (/path/retrieval.md)" for every passage: docs/benchmarks.md, RAG
+    answers from SmolLM2)."""
     blocks = []
     for p in passages:
-        head = f"[{p.index}] {p.title}" + (f" — {p.section}" if p.section and p.section != p.title else "")
-        blocks.append(f"{head} ({p.source})\n{p.text}")
+        text = "\n".join(line for line in p.text.split("\n") if line.strip() and not line.lstrip().startswith("#"))
+        blocks.append(f"[{p.index}] {text or p.text.strip()}")
     return "\n\n".join(blocks)

@@ -21,7 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from config import Settings
 from observability import tracing
-from rag.answer import Citation, citations_for_generated, extractive_answer
+from rag.answer import Citation, cited_indices, citations_for_generated, extractive_answer
+from rag.attribution import attribute_citations
 from rag.chunking import load_tokenizer
 from rag.conversation import (MAX_HISTORY_MESSAGES, Conversation, ConversationDiagnostics, HistoryMessage,
                               prepare as prepare_conversation)
@@ -179,6 +180,9 @@ class RagService:
                         answer, cites = qs.refusal, []
                     elif verdict.action == "extractive":
                         model, fallback_reason, answer = EXTRACTIVE_MODEL, f"quality gate: {verdict.reason}", ""
+                if qs.attribute_citations and answer and (verdict is None or verdict.action == "pass"):
+                    # (scored before: citation_coverage is the model's own citing)
+                    answer, cites = self._attribute(answer, question, passages, embed)
         elif generate is None and req.answer:
             fallback_reason = "no chat model available"
         if model == EXTRACTIVE_MODEL and req.answer:
@@ -255,6 +259,15 @@ class RagService:
             if not found or mode == "flag":
                 kept.append(c)
         return kept
+
+    def _attribute(self, answer: str, query: str, passages: list[Passage], embed) -> tuple[str, list[Citation]]:
+        """The answer with [n] after each uncited sentence a passage supports, and its citations
+        (those the service added marked `attributed`)."""
+        qs = self.settings.rag.quality
+        own = set(cited_indices(answer))
+        answer, added = attribute_citations(answer, passages, embed, support_threshold=qs.support_threshold,
+                                            max_context_sentences=qs.max_context_sentences)
+        return answer, citations_for_generated(answer, query, passages, embed, attributed=added - own)
 
     def _score(self, answer: str, query: str, passages: list[Passage], embed) -> AnswerQuality:
         qs = self.settings.rag.quality

@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from typing import Any, Literal
 
+from pydantic import BaseModel, Field
 from ray import serve
 
 from config import Settings
@@ -30,6 +31,23 @@ from serve.http import unwrap
 from serve.router.orchestrator import CallResult, OrchestrateRequest, Orchestrator
 
 RAG_DISABLED = "the RAG service is not enabled on this platform (rag.enabled: false)"
+
+
+class RagAliasInfo(BaseModel):
+    """The `rag` field of a `rag` chat alias response (and its x-orfeas-rag-* headers)."""
+
+    generation: Literal["chat", "extractive", "none"] = Field(description="Who wrote the answer: the chat model, "
+                                                              "or the extractive answerer (quotes).")
+    fallback_reason: str | None = Field(None, description="Why the answer is extractive: no chat model usable, the "
+                                        "generation failed, or the quality gate replaced it (with its scores).")
+    groundedness: float | None = Field(None, description="The answer's groundedness (rag.quality).")
+
+    def headers(self) -> dict[str, str]:
+        out = {"x-orfeas-rag-generation": self.generation}
+        if self.fallback_reason:  # a header value is one line of latin-1
+            out["x-orfeas-rag-fallback"] = " ".join(self.fallback_reason.split()).encode("latin-1", "replace").decode(
+                "latin-1")[:300]
+        return out
 
 
 def rag_collection(model: str) -> tuple[bool, str | None]:
@@ -76,8 +94,10 @@ class RagAlias:
                 pass  # the default generator is not usable now: answer extractively
         return None
 
-    async def answer(self, req: ChatCompletionRequest, principal: Principal) -> tuple[Answer, list[dict]]:
-        """A chat request to `rag[:collection]`: the last user message is the question."""
+    async def answer(self, req: ChatCompletionRequest, principal: Principal) -> tuple[Answer, dict[str, Any]]:
+        """A chat request to `rag[:collection]`: the last user message is the question. Returns
+        the answer and the response's extra fields: `citations` and `rag` (a RagAliasInfo: how the
+        answer was made and, when it was not the chat model's, why)."""
         if not self.settings.rag.enabled:
             raise NotFound(RAG_DISABLED)
         question = last_user_text(req, "rag model")
@@ -89,7 +109,10 @@ class RagAlias:
         completion = result.get("completion_tokens") or len(result["answer"].split())
         usage = Usage.of(result["diagnostics"]["context_tokens"], completion)
         answer = Answer(f"{RAG_ALIAS}/{result['model']}", new_id("chatcmpl"), result["answer"], "stop", usage, 0.0)
-        return answer, result["citations"]
+        d = result["diagnostics"]
+        info = RagAliasInfo(generation=d["generation"], fallback_reason=d.get("fallback_reason"),
+                            groundedness=(result.get("quality") or {}).get("groundedness"))
+        return answer, {"citations": result["citations"], "rag": info.model_dump()}
 
     async def query(self, body: dict[str, Any], model: str | None, principal: Principal) -> dict[str, Any]:
         """One RAG query on the RAG app (a thread's question too), generated with `model` or the

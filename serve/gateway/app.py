@@ -52,7 +52,7 @@ from scaling.serve_options import replica_count
 from serve.admin_api import admin_router
 from serve.applications import GATEWAY_DEPLOYMENT, replica_actor_options
 from serve.audit_api import router as audit_router
-from serve.gateway.aliases import RAG_DISABLED, OrchestratorAlias, RagAlias, rag_collection
+from serve.gateway.aliases import RAG_DISABLED, OrchestratorAlias, RagAlias, RagAliasInfo, rag_collection
 from serve.gateway.auth_routes import router as auth_router
 from serve.gateway.backends import BackendRegistry
 from serve.gateway.catalog import Catalog
@@ -163,8 +163,8 @@ class Gateway:
                                principal: Principal = Depends(authenticated)):
         label_model(request, req.model)
         if rag_collection(req.model)[0]:
-            answer, citations = await self.rag.answer(req, principal)
-            return self._alias_response(req, answer, {"citations": citations})
+            answer, extra = await self.rag.answer(req, principal)
+            return self._alias_response(req, answer, extra, RagAliasInfo(**extra["rag"]).headers())
         if req.model == self.settings.router.orchestrator.alias:
             answer, orchestration = await self.orchestrator.answer(req, principal)
             return self._alias_response(req, answer, {"orchestration": orchestration})
@@ -199,12 +199,13 @@ class Gateway:
                           counted=stream.usage_or_counted)
         return SettledStreamingResponse(body, lambda: stream.close(error=True), headers={**SSE_HEADERS, **headers})
 
-    def _alias_response(self, req: ChatCompletionRequest, answer, extra: dict[str, Any]):
+    def _alias_response(self, req: ChatCompletionRequest, answer, extra: dict[str, Any],
+                        headers: dict[str, str] | None = None):
         if req.stream:
             return StreamingResponse(stream_sse(GenerationKind.CHAT, one_answer(answer.text, answer.usage),
                                                 answer.response_id, answer.model, req.include_usage),
-                                     media_type="text/event-stream", headers=SSE_HEADERS)
-        return JSONResponse({**whole(GenerationKind.CHAT, answer).model_dump(), **extra})
+                                     media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+        return JSONResponse({**whole(GenerationKind.CHAT, answer).model_dump(), **extra}, headers=headers)
 
     @app.post("/v1/embeddings", response_model=EmbeddingList)
     async def embeddings(self, req: EmbeddingRequest, request: Request,

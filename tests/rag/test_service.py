@@ -149,10 +149,22 @@ def test_packing_uses_ingest_token_counts_and_recounts_only_merged_text(tokenize
 
 
 def test_generated_answer_citing_nothing_gets_no_citation(service):
-    # Review defect: the top passage was attached as a citation the model never gave.
-    r = service.query({"query": "capital of Germany?", "top_k": 3},
-                      generate=lambda messages: "Berlin is Germany's capital.", generator="tiny-chat")
-    assert r.diagnostics.generation == "chat" and r.citations == []
+    # Review defect: the top passage was attached as a citation the model never gave. A citation
+    # the model did not write is now only one whose passage supports the sentence, marked so
+    # (rag.quality.attribute_citations; tests/rag/test_generated_answer.py); off, none at all.
+    def ask():
+        return service.query({"query": "capital of Germany?", "top_k": 3},
+                             generate=lambda messages: "Berlin is Germany's capital.", generator="tiny-chat")
+
+    r = ask()
+    assert r.diagnostics.generation == "chat" and r.quality.citation_coverage == 0.0
+    assert [(c.attributed, c.quote) for c in r.citations] == [(True, "Berlin is the capital of Germany.")]
+    qs = service.settings.rag.quality
+    qs.attribute_citations = False
+    try:
+        assert ask().citations == []
+    finally:
+        qs.attribute_citations = True
 
 
 def test_packing_merges_adjacent_chunks_and_folds_passages_a_merge_makes_touch(tokenizer):

@@ -101,8 +101,14 @@ def test_chat_alias_lets_the_openai_client_do_rag(rag_platform):
     _, base, admin, _ = rag_platform
     client = openai.OpenAI(base_url=base + "/v1", api_key=admin, max_retries=0)
     assert any(m.id == "rag" and m.model_extra["status"] == "ready" for m in client.models.list().data)
-    r = client.chat.completions.create(model="rag", messages=[{"role": "user", "content": "What hosts the ORFEAS gateway?"}])
+    raw = client.chat.completions.with_raw_response.create(
+        model="rag", messages=[{"role": "user", "content": "What hosts the ORFEAS gateway?"}])
+    r = raw.parse()
     assert r.model == "rag/extractive" and "gateway" in r.choices[0].message.content
+    # Quotes, and why: this platform names no rag.chat_model (the demo prints the reason).
+    assert r.model_extra["rag"] == {"generation": "extractive", "fallback_reason": "no chat model available",
+                                    "groundedness": 1.0}
+    assert raw.headers["x-orfeas-rag-fallback"] == "no chat model available"
     assert r.model_extra["citations"][0]["source"].endswith("ray-serve.md")
     assert r.usage.prompt_tokens > 0
     named = client.chat.completions.create(model="rag:docs", messages=[{"role": "user", "content": "BM25?"}])
