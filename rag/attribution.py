@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from rag.packing import Passage
-from rag.quality import _END, _MARK, MIN_CLAIM_CHARS, Embed, context_sentences
+from rag.quality import CITATION_MARK, MIN_CLAIM_CHARS, Embed, answer_pieces, context_sentences
 
 
 def attribute_citations(answer: str, passages: list[Passage], embed: Embed, *, support_threshold: float,
@@ -26,13 +26,9 @@ def attribute_citations(answer: str, passages: list[Passage], embed: Embed, *, s
     owner = [i for i, _ in ctx]
     texts = {p.index: p.text for p in passages}
     pieces: list[tuple[int, str]] = []  # (where the marker goes, the sentence) for uncited sentences
-    pos = 0
-    for m in list(_END.finditer(answer)) + [None]:
-        end = m.end() if m else len(answer)
-        piece = answer[pos:end]
-        pos = end
+    for piece, m in answer_pieces(answer):
         text = " ".join(piece.split()).lstrip("#*-• ").strip()
-        if len(text) >= MIN_CLAIM_CHARS and not _MARK.search(piece) and "```" not in piece:
+        if len(text) >= MIN_CLAIM_CHARS and not CITATION_MARK.search(piece) and "```" not in piece:
             if m is None:
                 at = len(answer.rstrip())
             elif m.group(0).startswith("\n"):
@@ -40,8 +36,6 @@ def attribute_citations(answer: str, passages: list[Passage], embed: Embed, *, s
             else:
                 at = m.end()
             pieces.append((at, text))
-        if m is None:
-            break
     if not pieces:
         return answer, set()
     cv = embed([s for _, s in ctx])

@@ -18,6 +18,7 @@ extractive answer's scores reuse its vectors (`MemoEmbed`) and cost no second pa
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from typing import Callable, Literal
 
 import numpy as np
@@ -31,7 +32,7 @@ Embed = Callable[[list[str]], np.ndarray]
 # A sentence ends at . ! ? (closing quotes/brackets allowed), then any citation markers, then a
 # space or the end; a newline always ends one. Decimals ("3.7") never end a sentence.
 _END = re.compile(r"[.!?]+[\"')\]]*((?:\s*\[\d+(?:\s*,\s*\d+)*\])*)(?=\s|$)|\n+")
-_MARK = re.compile(r"\s*\[(\d+(?:\s*,\s*\d+)*)\]")
+CITATION_MARK = re.compile(r"\s*\[(\d+(?:\s*,\s*\d+)*)\]")
 MIN_CLAIM_CHARS = 12
 
 
@@ -80,21 +81,25 @@ class MemoEmbed:
         return np.stack([self._seen[t] for t in texts])
 
 
-def answer_claims(answer: str) -> list[tuple[str, list[int]]]:
-    """(sentence without markers, cited passage numbers) for each sentence of an answer. Markers
-    after the full stop ("... capital. [1]") belong to the sentence before them."""
-    out: list[tuple[str, list[int]]] = []
+def answer_pieces(answer: str) -> Iterator[tuple[str, re.Match | None]]:
+    """Each sentence of an answer as written (markers and spacing kept), with the match that ended
+    it (None for a last sentence without an end). Markers after the full stop ("... capital. [1]")
+    belong to the sentence before them."""
     pos = 0
     for m in list(_END.finditer(answer)) + [None]:
         end = m.end() if m else len(answer)
-        piece = answer[pos:end]
+        yield answer[pos:end], m
         pos = end
-        cites = [int(n) for g in _MARK.findall(piece) for n in g.split(",")]
-        text = " ".join(_MARK.sub("", piece).split()).lstrip("#*-• ").strip()
+
+
+def answer_claims(answer: str) -> list[tuple[str, list[int]]]:
+    """(sentence without markers, cited passage numbers) for each sentence of an answer."""
+    out: list[tuple[str, list[int]]] = []
+    for piece, _ in answer_pieces(answer):
+        cites = [int(n) for g in CITATION_MARK.findall(piece) for n in g.split(",")]
+        text = " ".join(CITATION_MARK.sub("", piece).split()).lstrip("#*-• ").strip()
         if len(text) >= MIN_CLAIM_CHARS:
             out.append((text, list(dict.fromkeys(cites))))
-        if m is None:
-            break
     return out
 
 
