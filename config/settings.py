@@ -532,6 +532,9 @@ class RagSettings(_Section):
     embed_threads: int = Field(1, ge=1, description="Torch threads (and CPUs) per embedding actor. Single-threaded "
                                "actors never wait on each other's threads: on 2 cores two of them embed ~20% more "
                                "chunks/s than one actor with 2 threads (docs/benchmarks.md).")
+    parse_tasks: int | None = Field(None, ge=1, description="Most parse-and-chunk tasks at once in the ingest job; "
+                                    "empty: as many as embedding actors. Each is a worker process that loads the "
+                                    "tokenizer: more than the embedders can take only adds start-ups.")
     upsert_batch_size: int = Field(256, ge=1)
     embed_pool: Literal["warm", "job"] = Field("job", description="warm: embedding actors outlive the ingest job "
                                                "and serve the next one (no model load; rag/embed_pool.py); job: "

@@ -438,7 +438,11 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
     # Ray Data from fusing them): it overlaps the actors' model load, the encoders never stop to
     # chunk, and the chunks of one big file spread over every actor. Half a CPU: it is light
     # next to embedding, and an actor can start beside it on a 2-CPU node.
+    # At most parse_tasks at once: each task is a worker process that imports the tokenizer, and a
+    # local head's logical CPUs are several per core (16 half-CPU parsers started on 2 cores took
+    # ~18 s before a small job's first chunk).
     ds = ds.map_batches(parse_and_chunk, batch_size=1, batch_format="pyarrow", num_cpus=0.5,
+                        compute=ray.data.TaskPoolStrategy(size=min(len(files), r.parse_tasks or embed_actors(settings))),
                         fn_kwargs=dict(model_dir=model_dir, size=r.chunk_tokens, overlap=r.chunk_overlap,
                                        params=indexing_params(settings), root=root, states_ref=states_ref,
                                        pii=settings.pii.model_dump() if settings.pii.enabled else None,
