@@ -11,8 +11,8 @@ export thread's share; the encoding and POST in a child process, `tracing.export
 `exported-in-process` (the same with the SDK's OTLPSpanExporter encoding and POSTing in the
 process itself, as before: a before/after in one run). The `-sdk-tracer` modes make the same
 spans with the SDK's own `Tracer.start_span` instead of observability.recorded_span's Recorder
-(what tracing did before): the before/after of that change in one run. The chats are paced (`--rate`, about what one gateway serves at
-concurrency 1), so the batches are as large as a live gateway's and the POSTs as many.
+(what tracing did before): the before/after of that change in one run. The chats are paced
+(`--rate`, about what one gateway serves at concurrency 1), so the batches are as large as a live gateway's and the POSTs as many.
 tracing_overhead.py measures the end-to-end figure; this one says how much of it the spans
 themselves can be, with far less noise.
 

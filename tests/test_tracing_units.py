@@ -80,8 +80,8 @@ def test_spans_nest_and_carriers_join_one_trace(tmp_path, sidecar):
         assert fails and fails[0].status_code == 2  # STATUS_CODE_ERROR
         assert fails[0].events == ["exception"]
         checked = receiver.wait_for("a" * 32, {"checked"}, 30)
-        assert next(s for s in checked if s.name == "checked").attributes == {"n": 1, "tags": ["a", "b"], "long": "abcd",
-                                                                              "late": 2.5}
+        checked = next(s for s in checked if s.name == "checked")
+        assert checked.attributes == {"n": 1, "tags": ["a", "b"], "long": "abcd", "late": 2.5}
         assert not receiver.trace("e" * 32)  # an unsampled trace is not recorded
     finally:
         receiver.stop()
