@@ -38,6 +38,7 @@ _current_span: Any = None    # opentelemetry.trace.get_current_span
 _context_api: Any = None     # opentelemetry.context
 _in_context: Any = None      # opentelemetry.trace.set_span_in_context
 
+
 class NoSpan:
     """What `span` and `start` give when tracing is off: every method does nothing."""
 
