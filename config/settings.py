@@ -536,9 +536,10 @@ class RagSettings(_Section):
                                     "empty: as many as embedding actors. Each is a worker process that loads the "
                                     "tokenizer: more than the embedders can take only adds start-ups.")
     upsert_batch_size: int = Field(256, ge=1)
-    embed_pool: Literal["warm", "job"] = Field("job", description="warm: embedding actors outlive the ingest job "
+    embed_pool: Literal["warm", "job"] = Field("warm", description="warm: embedding actors outlive the ingest job "
                                                "and serve the next one (no model load; rag/embed_pool.py); job: "
-                                               "Ray Data's own actor pool, started by every job.")
+                                               "Ray Data's own actor pool, started by every job. warm is as fast "
+                                               "on the whole corpus and faster on small jobs (docs/benchmarks.md).")
     embed_pool_idle_s: float = Field(600.0, ge=0, description="A warm embedding actor with no call for this long "
                                      "ends itself (0: never).")
     edge_actor_name: str = Field("orfeas-qdrant-edge", description="Named detached actor owning the Edge shards.")

@@ -213,7 +213,10 @@ def optimize(source: str, method: str, out: str | os.PathLike, *, prune: float =
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        model = SentenceTransformer(str(src), device="cpu", local_files_only=True)
+        # Exported with eager attention (plain MatMul/Softmax): quantised, it embedded SciFact's
+        # chunks ~10% faster on one thread than the SDPA export, with the same cosine to fp32.
+        model = SentenceTransformer(str(src), device="cpu", local_files_only=True,
+                                    model_kwargs={"attn_implementation": "eager"})
         if prune:
             prune_linear(model[0].auto_model, prune)
         fp32_path = tmp / "fp32.onnx"
