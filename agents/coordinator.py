@@ -1,6 +1,7 @@
-"""The coordinator: a detached, named async actor that keeps the agent registry, assigns tasks
-by capability and load, tracks every task with heartbeats, settles conflicting answers, and
-runs workflows (checkpointed, so a new coordinator resumes them from the last checkpoint).
+"""The coordinator: a detached, named async actor that runs workflows (checkpointed, so a new
+coordinator resumes them from the last checkpoint), settles conflicting answers, and gives agent
+steps to its agent registry (agents.registry: discovery, assignment by capability and load, tasks
+tracked with heartbeats).
 
     coordinator(settings)            # handle to this data directory's coordinator (created once)
 """
@@ -15,16 +16,15 @@ import threading
 import time
 import uuid
 from contextlib import asynccontextmanager, contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError, RayTaskError
+from ray.exceptions import RayTaskError
 
 from agents import limits
 from agents import scheduling as sch
-from agents.agent import AgentActor, AgentError, gateway_chat, usage_of
+from agents.agent import AgentError, gateway_chat, usage_of
 from agents.assignment import Candidate, judge_prompt, pick, read_judge_choice, resolve
 from agents.checkpoints import RUN_ID, CheckpointStore
 from security.audit import audit_event
@@ -33,12 +33,12 @@ from security.log_redaction import install_log_redaction
 from agents.engine import RunExecutor, StepFailed
 from agents.expressions import ExpressionError, render
 from agents.metrics import WorkflowMetrics
+from agents.registry import AgentRegistry, Conflict
 from agents.scheduling import RunState
 from agents.spec import StepSpec, WorkflowError, WorkflowSpec
 from agents.tools import SHIPPED_TOOLS, ToolError, build_tools
 from config import AgentSpec, Settings, settings_from_dict
 from config.actors import detached_actor
-from config.names import ACTOR_NAMESPACE
 from security.auth import OPERATOR, Principal
 from models.errors import InvalidRequest, NotFound
 from observability import tracing
@@ -46,9 +46,6 @@ from observability import tracing
 log = logging.getLogger(__name__)
 
 EVENTS_KEPT = 5_000
-# How long a task waits for its agent actor's first heartbeat (process start, imports) before the
-# actor is taken for lost.
-AGENT_START_TIMEOUT_S = 60.0
 CANCEL_WAIT_S = 10.0
 # Ray gives each concurrency group of an async actor its own event loop and thread, so what is
 # in these groups is answered while the default loop that drives the runs is busy or held (a slow
@@ -65,10 +62,6 @@ CONTROL = "control"
 EVENTS = "events"
 INTAKE = "intake"
 CONCURRENCY_GROUPS = {CONTROL: 100, EVENTS: 1000, INTAKE: 100}
-
-
-class Conflict(InvalidRequest):
-    status, type = 409, "conflict_error"
 
 
 @ray.remote(num_cpus=0, max_retries=0)
@@ -113,24 +106,6 @@ def _text(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value, default=str)
 
 
-@dataclass
-class Slot:
-    agent: str
-    index: int
-    actor: Any = None
-    actor_name: str = ""
-    generation: int = 0
-    load: int = 0
-    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-
-
-@dataclass
-class Registered:
-    spec: AgentSpec
-    scope: str  # "global" or a run id
-    slots: list[Slot]
-
-
 class Coordinator:
     def __init__(self, settings: dict):
         self.settings = settings_from_dict(settings)
@@ -139,10 +114,7 @@ class Coordinator:
         self.store = CheckpointStore(checkpoint_root(self.settings), field_cipher(self.settings))
         self.metrics = WorkflowMetrics()
         self._lock = threading.RLock()  # the run table (runs, drivers) and the registry
-        self.registry: dict[tuple[str, str], Registered] = {}
-        for spec in self.cfg.agents:
-            self._register(spec, "global")
-        self.tasks: dict[str, dict[str, Any]] = {}
+        self.registry = AgentRegistry(self.cfg, self.name, self.settings.to_dict(), self._lock, self._tracked)
         self.runs: dict[str, RunExecutor] = {}
         self.drivers: dict[str, asyncio.Task] = {}  # run id -> the task driving it (on the default loop)
         self.events: dict[str, list[dict]] = {}
@@ -168,7 +140,7 @@ class Coordinator:
             return
         self._started = True
         self._loop = asyncio.get_running_loop()
-        asyncio.create_task(self._watchdog())
+        asyncio.create_task(self.registry.watchdog())
         if self.cfg.auto_resume:
             for run_id in self.store.run_ids():
                 run = self.store.load(run_id)
@@ -201,135 +173,20 @@ class Coordinator:
         finally:
             refs.discard(ref)
 
-    async def _watchdog(self) -> None:
-        """Kill agents whose task stopped heartbeating: the step fails over to a new actor.
-
-        Silence counts from the agent's first heartbeat; before it, a new actor may still be
-        starting (a worker process on a busy node takes seconds), so it gets a longer limit."""
-        limit = max(10 * self.cfg.heartbeat_s, 5.0)
-        start_limit = max(limit, AGENT_START_TIMEOUT_S)
-        while True:
-            await asyncio.sleep(self.cfg.heartbeat_s)
-            now = time.time()
-            for task in list(self.tasks.values()):
-                beat = task["heartbeat"]
-                silent = now - (beat or task["started"])
-                if silent > (limit if beat else start_limit) and task.get("slot") is not None:
-                    slot = task["slot"]
-                    log.warning("task %s on %s %s for %.0fs: replacing the agent", task["id"], slot.actor_name,
-                                "missed heartbeats" if beat else "did not start", silent)
-                    if slot.actor is not None:
-                        ray.kill(slot.actor, no_restart=True)
-                    task["heartbeat"] = now
-
-    # ------------------------------------------------------------ registry and discovery
-
-    def _register(self, spec: AgentSpec, scope: str) -> Registered:
-        unknown = [t for t in spec.tools if t not in SHIPPED_TOOLS]
-        if unknown:
-            raise InvalidRequest(f"agent {spec.name!r}: unknown tool(s) {unknown}; shipped: {list(SHIPPED_TOOLS)}")
-        reg = Registered(spec, scope, [Slot(spec.name, i) for i in range(spec.replicas)])
-        with self._lock:
-            self.registry[(scope, spec.name)] = reg
-        return reg
+    # ------------------------------------------------------------ registry and tasks (agents.registry)
 
     async def register_agent(self, spec: dict) -> dict:
-        parsed = AgentSpec.model_validate(spec)
-        old = self.registry.get(("global", parsed.name))
-        if old is not None:
-            if any(s.load for s in old.slots):
-                raise Conflict(f"agent {parsed.name!r} is busy; register it again when its tasks are done")
-            self._release(old)
-        return self._describe(self._register(parsed, "global"))
-
-    def _release(self, reg: Registered) -> None:
-        for slot in reg.slots:
-            if slot.actor is not None:
-                ray.kill(slot.actor, no_restart=True)
-                slot.actor = None
-
-    def _describe(self, reg: Registered) -> dict:
-        s = reg.spec
-        return {"name": s.name, "role": s.role, "capabilities": s.capabilities, "tools": s.tools,
-                "model": s.model or self.cfg.default_model, "fallback_models": s.fallback_models,
-                "priority": s.priority, "replicas": s.replicas, "scope": reg.scope,
-                "load": sum(sl.load for sl in reg.slots),
-                "actors": [{"name": sl.actor_name or None, "alive": sl.actor is not None, "load": sl.load}
-                           for sl in reg.slots]}
+        return self.registry.replace_global(AgentSpec.model_validate(spec))
 
     async def agents(self, capability: str | None = None, include_runs: bool = False) -> list[dict]:
         """The registry (discovery): every global agent, or those with a capability."""
-        return [self._describe(r) for r in list(self.registry.values())
-                if (include_runs or r.scope == "global") and (capability is None or capability in r.spec.capabilities)]
-
-    def _lookup(self, run_id: str, name: str) -> Registered | None:
-        return self.registry.get((run_id, name)) or self.registry.get(("global", name))
-
-    def _candidates(self, run_id: str, step: StepSpec) -> list[Registered]:
-        if step.agent:
-            reg = self._lookup(run_id, step.agent)
-            return [reg] if reg else []
-        cap = step.capability or "general"
-        seen: dict[str, Registered] = {}
-        for (scope, name), reg in list(self.registry.items()):
-            if scope in (run_id, "global") and cap in reg.spec.capabilities and (name not in seen or scope == run_id):
-                seen[name] = reg
-        return list(seen.values())
-
-    # ------------------------------------------------------------ tasks
+        return self.registry.listing(capability, include_runs)
 
     async def heartbeat(self, task_id: str) -> None:
-        task = self.tasks.get(task_id)
-        if task is not None:
-            task["heartbeat"] = time.time()
+        self.registry.heartbeat(task_id)
 
     async def tasks_in_flight(self) -> list[dict]:
-        return [{k: v for k, v in t.items() if k != "slot"} for t in self.tasks.values()]
-
-    def _actor(self, reg: Registered, slot: Slot):
-        if slot.actor is None:
-            slot.generation += 1
-            scope = "" if reg.scope == "global" else f"-{reg.scope[:12]}"
-            slot.actor_name = f"{self.name}-{reg.spec.name}{scope}-{slot.index}-g{slot.generation}"
-            slot.actor = ray.remote(AgentActor).options(
-                name=slot.actor_name, namespace=ACTOR_NAMESPACE, num_cpus=0, max_restarts=0,
-            ).remote(reg.spec.model_dump(mode="json"), self.settings.to_dict(), self.name)
-        return slot.actor
-
-    async def _on_agent(self, reg: Registered, run: RunState, step_id: str, task: str, idem: str) -> dict:
-        """One task on the least-loaded replica of an agent; one task at a time per replica."""
-        slot = min(reg.slots, key=lambda s: (s.load, s.index))
-        return await self._on_slot(reg, slot, run, step_id, task, idem)
-
-    async def _on_slot(self, reg: Registered, slot: Slot, run: RunState, step_id: str, task: str, idem: str) -> dict:
-        run_id = run.run_id
-        slot.load += 1
-        task_id = uuid.uuid4().hex[:16]
-        try:
-            async with slot.lock:
-                actor = self._actor(reg, slot)
-                self.tasks[task_id] = {"id": task_id, "run_id": run_id, "step": step_id, "agent": reg.spec.name,
-                                       "actor": slot.actor_name, "started": time.time(), "heartbeat": None,
-                                       "slot": slot}
-                carrier = tracing.inject()  # the step's span parents the agent's task
-                ref = actor.run_task.remote(task_id, task, idem, run.caller, trace=carrier) if carrier else \
-                    actor.run_task.remote(task_id, task, idem, run.caller)
-                try:
-                    with self._tracked(run_id, ref):
-                        return await ref
-                except asyncio.CancelledError:
-                    ray.cancel(ref)
-                    raise
-                except (ActorDiedError, ActorUnavailableError, RayActorError) as e:
-                    if slot.actor is actor:
-                        slot.actor = None  # the next task gets a fresh actor
-                    raise StepFailed(f"agent actor {slot.actor_name} was lost: {type(e).__name__}", infra=True) from None
-                except RayTaskError as e:
-                    cause = getattr(e, "cause", None)
-                    raise StepFailed(str(cause) if isinstance(cause, AgentError) else f"agent failed: {e}") from None
-        finally:
-            slot.load -= 1
-            self.tasks.pop(task_id, None)
+        return self.registry.tasks_in_flight()
 
     # ------------------------------------------------------------ running steps (StepRunner)
 
@@ -370,8 +227,8 @@ class Coordinator:
 
     async def _agent_step(self, run: RunState, step: StepSpec, task: str, idem: str) -> tuple[Any, dict]:
         if step.agents:
-            regs = [self._lookup(run.run_id, n) for n in step.agents]
-            results = await asyncio.gather(*(self._on_agent(r, run, step.id, task, f"{idem}:{r.spec.name}")
+            regs = [self.registry.lookup(run.run_id, n) for n in step.agents]
+            results = await asyncio.gather(*(self.registry.on_agent(r, run, step.id, task, f"{idem}:{r.spec.name}")
                                              for r in regs))
             usage = _sum_usage(r.pop("usage", {}) for r in results)
             answers = [{"agent": r["agent"], "answer": r["answer"], "priority": reg.spec.priority}
@@ -388,12 +245,12 @@ class Coordinator:
                 except AgentError as e:
                     log.warning("judge model failed, falling back to a vote: %s", e)
             return resolve(answers, policy, choice), usage
-        regs = self._candidates(run.run_id, step)
+        regs = self.registry.candidates(run.run_id, step)
         if not regs:
             raise StepFailed(f"no agent for step {step.id!r}", retryable=False)
         chosen = pick([Candidate(r.spec.name, s.index, s.load, r.spec.priority) for r in regs for s in r.slots])
         reg = next(r for r in regs if r.spec.name == chosen.agent)
-        result = await self._on_slot(reg, reg.slots[chosen.slot], run, step.id, task, idem)
+        result = await self.registry.on_slot(reg, reg.slots[chosen.slot], run, step.id, task, idem)
         usage = result.pop("usage", {})
         return result, usage
 
@@ -405,12 +262,11 @@ class Coordinator:
         for s in wf.steps:
             if s.kind == "agent":
                 for name in ([s.agent] if s.agent else []) + s.agents:
-                    if name not in local and ("global", name) not in self.registry:
+                    if name not in local and not self.registry.has_global(name):
                         raise InvalidRequest(f"step {s.id!r}: no agent named {name!r}", "definition")
                 if not s.agent and not s.agents:
                     cap = s.capability or "general"
-                    if not any(cap in a.capabilities for a in wf.agents) and not any(
-                            cap in r.spec.capabilities for (sc, _), r in list(self.registry.items()) if sc == "global"):
+                    if not any(cap in a.capabilities for a in wf.agents) and not self.registry.global_capability(cap):
                         raise InvalidRequest(f"step {s.id!r}: no agent has capability {cap!r}", "definition")
             if s.kind == "tool" and s.tool not in SHIPPED_TOOLS:
                 raise InvalidRequest(f"step {s.id!r}: unknown tool {s.tool!r}; shipped: {list(SHIPPED_TOOLS)}",
@@ -469,9 +325,7 @@ class Coordinator:
         """The run's executor, entered in the run table (from then on the run counts against its
         key's limits and a cancel or approval goes to the executor); not driven yet."""
         with self._lock:
-            for spec in run.workflow.agents:
-                if (run.run_id, spec.name) not in self.registry:
-                    self._register(spec, run.run_id)
+            self.registry.adopt_run(run.run_id, run.workflow.agents)
             self.events.setdefault(run.run_id, self.store.events(run.run_id)[-EVENTS_KEPT:])
             executor = RunExecutor(run, self, self.store.save, lambda e, d, rid=run.run_id: self._emit(rid, e, d),
                                    self.cfg.max_parallel_steps, self.cfg.step_timeout_s,
@@ -523,8 +377,7 @@ class Coordinator:
         self.metrics.run_finished(run)
         self.inflight.pop(run.run_id, None)
         with self._lock:
-            for key in [k for k in list(self.registry) if k[0] == run.run_id]:
-                self._release(self.registry.pop(key))
+            self.registry.release_run(run.run_id)
 
     @asynccontextmanager
     async def _writing_events(self, run_id: str):
@@ -743,8 +596,7 @@ class Coordinator:
                 await asyncio.wait([driver], timeout=CANCEL_WAIT_S)
             with self._lock:
                 self.runs.pop(run_id, None)
-                for key in [k for k in list(self.registry) if k[0] == run_id]:  # its own agents
-                    self._release(self.registry.pop(key))
+                self.registry.release_run(run_id)  # its own agents
             self.events.pop(run_id, None)
             self._emitting.pop(run_id, None)
             self._waiters.pop(run_id, None)
