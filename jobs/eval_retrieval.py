@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from jobs.cli import job_parser, job_settings, join_cluster
-from rag.evaluation import DEFAULT_VARIANTS, GRAPH_VARIANTS, RESULT_TAG, evaluate
+from rag.evaluation import DEFAULT_VARIANTS, GRAPH_VARIANTS, RESULT_TAG, SECOND_VARIANTS, evaluate, weight_variants
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +23,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="query an existing collection instead of re-ingesting")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     parser.add_argument("--graph", action="store_true", help="also graph-augmented hybrid retrieval (rag.graph)")
+    parser.add_argument("--weights", choices=["dbsf", "rrf"], default=None,
+                        help="with rag.second_dense: also three-way fusion over a grid of weights")
+    parser.add_argument("--max-queries", type=int, default=None, help="only the first N queries (a quick look)")
     args = parser.parse_args(argv)
     settings = job_settings(args)
     import ray
@@ -32,9 +35,15 @@ def main(argv: list[str] | None = None) -> int:
     join_cluster(settings)
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
-        variants = {**DEFAULT_VARIANTS, **GRAPH_VARIANTS} if args.graph else None
+        variants = dict(DEFAULT_VARIANTS)
+        if settings.rag.second_dense.enabled:
+            variants.update(SECOND_VARIANTS)
+            if args.weights:
+                variants.update(weight_variants(args.weights))
+        if args.graph:
+            variants.update(GRAPH_VARIANTS)
         result = evaluate(args.dataset, args.split, settings=settings, collection=args.collection, reuse=args.reuse,
-                          variants=variants)
+                          variants=variants, max_queries=args.max_queries)
     except APIError as e:
         print(f"error: {e.message}", file=sys.stderr)
         return 2

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 DENSE = "dense"
 SPARSE = "bm25"
+DENSE_E5 = "dense_e5"  # the second dense model's named vector (rag.second_dense)
 
 
 def embedder_dir(settings: Settings) -> str:
@@ -73,6 +74,45 @@ def check_embedder(collection: str, stored: str | None, current: str) -> None:
         raise EmbedderMismatch(f"collection {collection!r} was written by embedder {stored!r}; this service embeds "
                                f"with {current!r}: set rag.embedding_variant to match, or re-ingest with --rebuild",
                                "collection")
+
+
+def second_embedder_id(settings: Settings) -> str:
+    """What a collection records about its e5 vectors (`<model>/<precision>`), "" when
+    rag.second_dense is off."""
+    sd = settings.rag.second_dense
+    if not sd.enabled:
+        return ""
+    from models.e5 import E5Embedder
+
+    return E5Embedder(sd.model, precision=sd.precision).id
+
+
+def check_second_embedder(collection: str, stored: str, current: str) -> None:
+    """A query fusing e5 vectors refuses points that carry none, or another model's/precision's."""
+    if stored != current:
+        from rag.errors import EmbedderMismatch
+
+        what = f"e5 vectors of {stored!r}" if stored else "no e5 vectors"
+        raise EmbedderMismatch(f"collection {collection!r} holds {what}; this service fuses {current!r} "
+                               "(rag.second_dense): re-ingest it with --rebuild, or switch rag.second_dense off",
+                               "collection")
+
+
+def second_passage_text(title: str, section: str, text: str, embed_text: str, style: str) -> str:
+    """What e5 sees for a chunk (after its `passage: ` prefix): `lead` the same text as the first
+    dense model (title and section on lines before the text), `sentence` `title. section. text`."""
+    if style == "lead":
+        return embed_text
+    head = [p.strip().rstrip(".") for p in (title, section) if p and p.strip() and p not in text[: len(p) + 8]]
+    return ". ".join(head + [text]) if head else text
+
+
+@lru_cache(maxsize=2)
+def shared_second(model: str, precision: str = "bf16"):
+    """One loaded e5 model per (file, precision) in this process (queries)."""
+    from models.e5 import E5Embedder
+
+    return E5Embedder(model, precision=precision).load()
 
 
 @dataclass(frozen=True)

@@ -86,9 +86,22 @@ def evaluate_runs(runs: dict[str, list[str]], qrels: dict[str, dict[str, int]]) 
 DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "dense": {"mode": "dense"},
     "sparse": {"mode": "sparse"},
-    "hybrid-rrf": {"mode": "hybrid", "fusion": "rrf"},
-    "hybrid-dbsf": {"mode": "hybrid", "fusion": "dbsf"},
+    "hybrid-rrf": {"mode": "hybrid", "fusion": "rrf", "second_dense": False},
+    "hybrid-dbsf": {"mode": "hybrid", "fusion": "dbsf", "second_dense": False},
 }
+# With rag.second_dense on: the e5 list fused in as a third (the same queries, the same collection).
+SECOND_VARIANTS: dict[str, dict[str, Any]] = {
+    "hybrid-rrf+e5": {"mode": "hybrid", "fusion": "rrf", "second_dense": True},
+    "hybrid-dbsf+e5": {"mode": "hybrid", "fusion": "dbsf", "second_dense": True},
+}
+WEIGHT_GRID = (0.5, 1.0, 1.5, 2.0)
+
+
+def weight_variants(fusion: str = "dbsf", grid: tuple[float, ...] = WEIGHT_GRID) -> dict[str, dict[str, Any]]:
+    """Three-way fusion over a grid of weights, dense 1.0 (DBSF takes them in steps of 0.5)."""
+    return {f"hybrid-{fusion}+e5 w1:{s:g}:{e:g}": {"mode": "hybrid", "fusion": fusion, "second_dense": True,
+                                                   "weights": [1.0, s, e]}
+            for s in grid for e in grid}
 # Graph-augmented retrieval (rag.graph): the knowledge graph's chunks fused with the search's.
 GRAPH_VARIANTS: dict[str, dict[str, Any]] = {
     "hybrid-rrf+graph": {"mode": "hybrid", "fusion": "rrf", "graph": True},
@@ -100,13 +113,19 @@ def run_queries(retriever, collection: str, queries: dict[str, str], variants: d
                 top_k: int = 100) -> dict[str, dict[str, list[str]]]:
     qids = list(queries)
     dense, sparse = retriever.encode_queries([queries[q] for q in qids])
+    second = None
+    if any(v.get("second_dense") for v in variants.values()):
+        second = retriever.encode_second([queries[q] for q in qids])
     out: dict[str, dict[str, list[str]]] = {}
     for name, v in variants.items():
         runs = {}
         for i, qid in enumerate(qids):
+            use = bool(v.get("second_dense"))
             chunks, _ = retriever.retrieve(queries[qid], collection, top_k=top_k, mode=v["mode"],
                                            fusion=v.get("fusion"), group_by_doc=True, vectors=(dense[i], sparse[i]),
-                                           payload_fields=["doc_id", "record_id"], graph=v.get("graph", False))
+                                           payload_fields=["doc_id", "record_id"], graph=v.get("graph", False),
+                                           second_dense=use, second_vector=second[i] if use else None,
+                                           weights=v.get("weights"))
             runs[qid] = [c.record_id for c in chunks]
         out[name] = runs
     return out
@@ -134,7 +153,7 @@ def evaluate(dataset: str, split: str = "train", *, settings: Settings | None = 
     runs = run_queries(retriever, name, queries, variants or DEFAULT_VARIANTS)
     qsecs = time.perf_counter() - t0
     metrics = {v: evaluate_runs(r, qrels) for v, r in runs.items()}
-    configured = f"hybrid-{settings.rag.fusion}"
+    configured = f"hybrid-{settings.rag.fusion}" + ("+e5" if settings.rag.second_dense.enabled else "")
     if configured in metrics:
         metrics["hybrid"] = dict(metrics[configured], fusion=settings.rag.fusion)
     r = settings.rag
@@ -144,7 +163,8 @@ def evaluate(dataset: str, split: str = "train", *, settings: Settings | None = 
         "metrics": metrics,
         "config": {"chunk_tokens": r.chunk_tokens, "chunk_overlap": r.chunk_overlap, "bm25_k": r.bm25_k,
                    "bm25_b": r.bm25_b, "bm25_avg_len": r.bm25_avg_len, "fusion": r.fusion, "rrf_k": r.rrf_k,
-                   "prefetch": r.prefetch, "embedding_model": r.embedding_model, "grouped_by_doc": True},
+                   "prefetch": r.prefetch, "embedding_model": r.embedding_model, "grouped_by_doc": True,
+                   "second_dense": r.second_dense.model_dump() if r.second_dense.enabled else None},
         "ingest": ingest.model_dump() if ingest else None,
         "query_seconds": round(qsecs, 2),
     }

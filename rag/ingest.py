@@ -43,6 +43,7 @@ _URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "abfss://", "az://", "hdf
 BLOCK_BYTES = 512 * 1024
 CHUNK_ROWS_OUT = 256
 EMBED_ACTORS_AUTO_MAX = 8
+SECOND_DIM = 384  # multilingual-e5-small's width (rag.second_dense)
 
 
 class StreamRow(Chunk):
@@ -60,6 +61,7 @@ class EmbeddedRow(StreamRow):
     """A row after the embed stage: its dense and BM25 vectors (empty for skipped and failed rows)."""
 
     dense: list[float] = []
+    dense_e5: list[float] = []   # the second dense model's vector (rag.second_dense), else empty
     sparse_indices: list[int] = []
     sparse_values: list[float] = []
 
@@ -291,10 +293,11 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
 
 
 class EmbedStage:
-    """Ray Data actor: loads the dense model once, embeds dense + BM25 for chunk rows."""
+    """Ray Data actor: loads the dense model once, embeds dense + BM25 for chunk rows, and the
+    second dense model's vector too when `second` ({model, precision, passage_title}) is given."""
 
     def __init__(self, model_dir: str, bm25: tuple[float, float, float], batch_size: int, threads: int,
-                 embedder: str = ""):
+                 embedder: str = "", second: dict[str, str] | None = None):
         from models.embedders import DenseEmbedder
         from rag.embedding import SparseEncoder
 
@@ -303,6 +306,13 @@ class EmbedStage:
         self.dense = DenseEmbedder(model_dir, batch_size=batch_size, threads=threads).load()
         self.sparse = SparseEncoder(*bm25)
         self.embedder = embedder  # recorded on every point: which model/variant wrote the vector
+        self.second = self.second_id = None
+        if second:
+            from models.e5 import E5Embedder
+
+            self.second = E5Embedder(second["model"], precision=second["precision"], threads=threads,
+                                     max_batch=batch_size).load()
+            self.second_id, self.passage_title = self.second.id, second["passage_title"]
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -310,11 +320,21 @@ class EmbedStage:
         texts = [rows[i]["embed_text"] for i in idx]
         dense = self.dense.embed(texts)
         sparse = self.sparse.embed_documents(texts)
+        second = None
+        if self.second is not None:
+            from rag.embedding import second_passage_text
+
+            second = self.second.embed([second_passage_text(rows[i]["title"], rows[i]["section"], rows[i]["text"],
+                                                            rows[i]["embed_text"], self.passage_title) for i in idx],
+                                       is_query=False)
         for r in rows:
-            r["dense"], r["sparse_indices"], r["sparse_values"] = [], [], []
+            r["dense"], r["dense_e5"], r["sparse_indices"], r["sparse_values"] = [], [], [], []
         for j, i in enumerate(idx):
             rows[i]["embedder"] = self.embedder
             rows[i]["dense"] = dense[j].tolist()
+            if second is not None:
+                rows[i]["second_embedder"] = self.second_id
+                rows[i]["dense_e5"] = second[j].tolist()
             rows[i]["sparse_indices"] = sparse[j].indices
             rows[i]["sparse_values"] = sparse[j].values
         return pa.Table.from_pylist(rows, schema=EMBEDDED_SCHEMA)
@@ -341,8 +361,13 @@ def indexing_params(settings: Settings) -> str:
     pii = f";pii={settings.pii.ingest}" if settings.pii.enabled and settings.pii.ingest != "off" else ""
     enc = ";enc" if settings.encryption.enabled else ""
     graph = f";graph={GRAPH_EXTRACTOR}" if r.graph.extract else ""
+    second = ""
+    if r.second_dense.enabled:
+        from rag.embedding import second_embedder_id
+
+        second = f";e5={second_embedder_id(settings)}/{r.second_dense.passage_title}"
     return (f"chunk={r.chunk_tokens}/{r.chunk_overlap};bm25={r.bm25_k}/{r.bm25_b}/{r.bm25_avg_len};"
-            f"model={r.embedding_model}{graph}{enc}{pii}")
+            f"model={r.embedding_model}{graph}{second}{enc}{pii}")
 
 
 def run_ingest(source: str, collection: str | None = None, *, settings: Settings | None = None,
@@ -403,7 +428,16 @@ def _run_ingest(source: str, collection: str | None, *, settings: Settings | Non
     model_dir = embedder_dir(settings)
     dense_dir = dense_source(settings)  # the variant's model (fp32, or an optimised directory)
     dim = 384 if r.embedding_model == "all-minilm-l6-v2" else _dimension(model_dir)
-    target, flip = ingest_target(store, collection, dim, rebuild)
+    second_dim = SECOND_DIM if r.second_dense.enabled else None
+    target, flip = ingest_target(store, collection, dim, rebuild, second_dim)
+    if second_dim:
+        from rag.embedding import DENSE_E5
+        from rag.errors import EmbedderMismatch
+
+        if DENSE_E5 not in store.dense_vectors(target):
+            raise EmbedderMismatch(f"collection {collection!r} ({target}) was made without {DENSE_E5!r} vectors and "
+                                   "rag.second_dense is on: ingest with --rebuild to write a version that has them",
+                                   "collection")
     log.info("ingesting %d file(s) from %s into %s (version %s)", len(files), source, collection, target)
 
     states = store.doc_states(target)
@@ -449,6 +483,9 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
                                        graph=r.graph.extract))
     stage = dict(model_dir=dense_dir, bm25=(r.bm25_k, r.bm25_b, r.bm25_avg_len), batch_size=r.embed_batch_size,
                  threads=r.embed_threads, embedder=embedder_id(settings))
+    if r.second_dense.enabled:
+        sd = r.second_dense
+        stage["second"] = {"model": sd.model, "precision": sd.precision, "passage_title": sd.passage_title}
     call_rows = max(r.embed_call_rows, r.embed_batch_size)
     if r.embed_pool == "warm":
         # Actors that outlive the job (rag/embed_pool.py): a job after the first pays no model load.
@@ -489,7 +526,8 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
                 continue
             seen_docs[row["doc_id"]] = row["doc_hash"]
             written_docs.add(row["doc_id"])
-            points.append({"id": row["id"], "dense": row["dense"], "sparse_indices": row["sparse_indices"],
+            points.append({"id": row["id"], "dense": row["dense"], "dense_e5": row["dense_e5"] or None,
+                           "sparse_indices": row["sparse_indices"],
                            "sparse_values": row["sparse_values"], "payload": {k: row[k] for k in PAYLOAD_FIELDS}})
         if points:
             with tracing.current(stream), tracing.span("ingest.upsert", {"orfeas.ingest.points": len(points)}):

@@ -64,6 +64,7 @@ class ChunkPayload(BaseModel):
     date: str | None = None                                # ISO 8601, UTC
     embedder: Annotated[str, STATE, BOOKKEEPING] = ""      # model/variant that wrote the vector ("" = .../fp32)
     graph: Annotated[str, BOOKKEEPING] = ""                # the chunk's entities and relations (rag/graph.py), JSON
+    second_embedder: Annotated[str, BOOKKEEPING] = ""      # model/precision of the e5 vector ("" = none: rag.second_dense)
 
     def payload(self) -> dict[str, Any]:
         """The stored payload: the payload fields only (a subclass's own fields left out)."""

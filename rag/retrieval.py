@@ -17,7 +17,8 @@ from config import Settings
 from models.embedders import DenseEmbedder
 from models.errors import ModelLoadError
 from observability import tracing
-from rag.embedding import SparseEncoder, SparseVec, check_embedder, dense_source, shared_dense
+from rag.embedding import (SparseEncoder, SparseVec, check_embedder, check_second_embedder, dense_source,
+                           second_embedder_id, shared_dense, shared_second)
 from rag.errors import RagInvalidRequest
 from rag.graph import GraphCache, rrf
 from rag.payload import ChunkPayload, read_payload
@@ -64,6 +65,7 @@ class RetrievalDiagnostics(BaseModel):
     search_ms: float
     rerank_ms: float = 0.0
     graph: GraphDiagnostics | None = None
+    second_dense: bool = False  # the e5 list was fused in (rag.second_dense)
 
 
 class Reranker(Protocol):
@@ -138,6 +140,11 @@ class Retriever:
         self.reranker = reranker
         self._vectors: OrderedDict[str, tuple[np.ndarray, SparseVec]] = OrderedDict()
         self._vectors_lock = threading.Lock()
+        # The second dense model (rag.second_dense: e5), a third list in hybrid fusion.
+        sd = settings.rag.second_dense
+        self.second = shared_second(sd.model, sd.precision) if sd.enabled else None
+        self.second_id = second_embedder_id(settings)
+        self._second_vectors: OrderedDict[str, np.ndarray] = OrderedDict()
         self.graphs = GraphCache(store)  # each collection version's knowledge graph, built on first use
 
     @property
@@ -179,16 +186,42 @@ class Retriever:
                 self._vectors.popitem(last=False)
         return out
 
+    def second_vector(self, query: str) -> np.ndarray:
+        """The e5 vector of one (stripped) query, kept for the last few queries like query_vectors'."""
+        with self._vectors_lock:
+            hit = self._second_vectors.get(query)
+            if hit is not None:
+                self._second_vectors.move_to_end(query)
+                return hit
+        with tracing.span("rag.embed_second", {"gen_ai.operation.name": "embeddings"}):
+            vec = self.second.embed([query], is_query=True)[0]
+        with self._vectors_lock:
+            self._second_vectors[query] = vec
+            while len(self._second_vectors) > QUERY_VECTORS_KEPT:
+                self._second_vectors.popitem(last=False)
+        return vec
+
     def encode_queries(self, queries: list[str]) -> tuple[np.ndarray, list[SparseVec]]:
         return self.dense.embed(queries), [self.sparse.embed_query(q) for q in queries]
+
+    def encode_second(self, queries: list[str]) -> np.ndarray | None:
+        """The e5 vectors of many queries (None when rag.second_dense is off)."""
+        return self.second.embed(queries, is_query=True) if self.second is not None else None
 
     def retrieve(self, query: str, collection: str | None = None, *, top_k: int | None = None,
                  mode: str | None = None, fusion: str | None = None, filters: PayloadFilter | None = None,
                  mmr: bool = False, mmr_lambda: float | None = None, group_by_doc: bool = False,
                  rerank: bool | None = None, vectors: tuple[Any, SparseVec] | None = None,
-                 payload_fields: list[str] | None = None,
-                 graph: bool | None = None) -> tuple[list[RetrievedChunk], RetrievalDiagnostics]:
+                 payload_fields: list[str] | None = None, graph: bool | None = None,
+                 second_dense: bool | None = None, second_vector: Any = None,
+                 weights: list[float] | None = None) -> tuple[list[RetrievedChunk], RetrievalDiagnostics]:
+        """`second_dense`: fuse the e5 list into hybrid retrieval (default: rag.second_dense.enabled);
+        `weights`: [dense, sparse(, e5)] fusion weights (default: rag.dense_weight, sparse_weight,
+        second_dense.weight)."""
         query, k, mode, fusion = self.validate(query, top_k, mode, fusion)
+        use_second = mode == "hybrid" and (self.second is not None if second_dense is None else second_dense)
+        if use_second and self.second is None and second_vector is None:
+            raise RagInvalidRequest("the second dense model asked for, but rag.second_dense is off", "second_dense")
         r = self.settings.rag
         name = collection or r.collection
         do_rerank = bool(self.reranker) if rerank is None else rerank
@@ -200,6 +233,8 @@ class Retriever:
             dvec, svec = self.query_vectors(query)
         else:
             dvec, svec = vectors
+        if use_second and second_vector is None:
+            second_vector = self.second_vector(query)
         t1 = time.perf_counter()
 
         want = k
@@ -208,13 +243,16 @@ class Retriever:
         if mmr or do_rerank:
             want = max(want, k * 4, 20)
         want = min(want, 1000)
-        weights = None
-        if mode == "hybrid" and fusion == "rrf" and (r.dense_weight != 1.0 or r.sparse_weight != 1.0):
-            weights = [r.dense_weight, r.sparse_weight]
+        if weights is None and mode == "hybrid":
+            weights = [r.dense_weight, r.sparse_weight] + ([r.second_dense.weight] if use_second else [])
+        if weights is not None and all(w == 1.0 for w in weights):
+            weights = None
+        checked = ["embedder", "second_embedder"] if use_second else ["embedder"]
         spec = SearchSpec(mode=mode, dense=[float(x) for x in dvec], sparse=svec if svec.indices else None,
                           fusion=fusion, rrf_k=r.rrf_k, weights=weights, limit=want,
+                          second=[float(x) for x in second_vector] if use_second else None,
                           prefetch=max(r.prefetch, want), filter=filters, with_dense=mmr,
-                          payload_fields=[*payload_fields, "embedder"] if payload_fields else None)
+                          payload_fields=[*payload_fields, *checked] if payload_fields else None)
         if spec.sparse is None and mode in ("sparse", "hybrid"):
             # no indexable word in the query (only stop words): fall back to dense ranking
             spec.mode = "dense" if mode == "hybrid" else mode
@@ -235,6 +273,9 @@ class Retriever:
         if spec.mode != "sparse":
             for stored in {h.payload.get("embedder", "") for h in hits}:
                 check_embedder(name, stored, self.embedder)
+        if spec.second is not None and spec.mode == "hybrid":
+            for stored in {h.payload.get("second_embedder", "") for h in hits}:
+                check_second_embedder(name, stored, self.second_id or stored)
         candidates = len(hits)
 
         if group_by_doc:
@@ -268,7 +309,8 @@ class Retriever:
             collection=name, resolved_collection=physical, mode=spec.mode,
             fusion=fusion if spec.mode == "hybrid" else None, candidates=candidates, returned=len(chunks),
             grouped_by_doc=group_by_doc, mmr=mmr, reranked=do_rerank, embed_ms=round((t1 - t0) * 1e3, 2),
-            search_ms=round((t2 - t1) * 1e3, 2), rerank_ms=round(rerank_ms, 2), graph=graph_diag)
+            search_ms=round((t2 - t1) * 1e3, 2), rerank_ms=round(rerank_ms, 2), graph=graph_diag,
+            second_dense=spec.second is not None and spec.mode == "hybrid")
         return chunks, diag
 
     def _graph_fused(self, query: str, physical: str, spec: SearchSpec,

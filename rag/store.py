@@ -8,8 +8,10 @@
 - `QdrantServerStore`: a Qdrant server or cluster through qdrant-client (URL, API key, TLS),
   with the Query API's prefetch + fusion; `":memory:"` gives qdrant-client's local mode.
 
-Both store named vectors `dense` (cosine) and `bm25` (sparse, IDF modifier) and the chunk
-payload written by the ingest job (`rag.payload.ChunkPayload`). Collection names given to
+Both store named vectors `dense` (cosine) and `bm25` (sparse, IDF modifier), with
+`rag.second_dense` a third, `dense_e5` (cosine), and the chunk payload written by the ingest job
+(`rag.payload.ChunkPayload`). A hybrid query fuses two lists, or three when it carries an e5
+vector; a collection made without `dense_e5` refuses such a query (`EmbedderMismatch`). Collection names given to
 queries may be aliases.
 """
 
@@ -33,8 +35,8 @@ from pydantic import BaseModel, Field
 from config import Settings
 from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
-from rag.embedding import DENSE, SPARSE, SparseVec
-from rag.errors import CollectionNotFound, RagInvalidRequest, StoreUnavailable
+from rag.embedding import DENSE, DENSE_E5, SPARSE, SparseVec
+from rag.errors import CollectionNotFound, EmbedderMismatch, RagInvalidRequest, StoreUnavailable
 from rag.payload import STATE_FIELDS
 
 log = logging.getLogger(__name__)
@@ -62,7 +64,8 @@ class SearchSpec(BaseModel):
     sparse: SparseVec | None = None
     fusion: FusionName = "dbsf"
     rrf_k: int = 60
-    weights: list[float] | None = None  # [dense, sparse] for weighted RRF
+    weights: list[float] | None = None  # [dense, sparse(, e5)]: RRF's weights; DBSF repeats lists (dbsf_repeats)
+    second: list[float] | None = None   # the e5 query vector (rag.second_dense): a third list in hybrid fusion
     limit: int = Field(10, ge=1)
     prefetch: int = Field(100, ge=1)
     filter: PayloadFilter | None = None
@@ -86,7 +89,12 @@ class VectorStore(ABC):
 
     # collections
     @abstractmethod
-    def create_collection(self, name: str, dim: int) -> None: ...
+    def create_collection(self, name: str, dim: int, second_dim: int | None = None) -> None:
+        """Make collection `name` (no-op if it exists): `dense` of `dim`, `bm25`, and `dense_e5` of
+        `second_dim` when given."""
+    @abstractmethod
+    def dense_vectors(self, name: str) -> list[str]:
+        """The named dense vectors collection `name` holds (`dense`, and `dense_e5` if made with it)."""
     @abstractmethod
     def drop_collection(self, name: str) -> None: ...
     @abstractmethod
@@ -181,6 +189,27 @@ class VectorStore(ABC):
         return states
 
 
+def check_second(name: str, vectors: list[str], spec: SearchSpec) -> None:
+    """A query that carries an e5 vector on a collection made without `dense_e5` is refused."""
+    if spec.second is not None and spec.mode == "hybrid" and DENSE_E5 not in vectors:
+        raise EmbedderMismatch(f"collection {name!r} holds no {DENSE_E5!r} vectors (it was written without "
+                               "rag.second_dense): re-ingest it with --rebuild and rag.second_dense.enabled, or "
+                               "query without the second dense model", "collection")
+
+
+def dbsf_repeats(weights: list[float] | None, n: int) -> list[int]:
+    """DBSF sums each list's normalised scores and Qdrant takes no weights: a list repeated r times
+    counts r times. Weights in steps of 0.5 -> the smallest repeat counts in their ratio (0 drops
+    a list); no weights: once each."""
+    import math
+
+    if not weights:
+        return [1] * n
+    reps = [max(0, round(2 * w)) for w in weights[:n]] + [2] * (n - len(weights[:n]))
+    g = math.gcd(*[r for r in reps if r]) if any(reps) else 1
+    return [r // g for r in reps] if any(reps) else [1] * n
+
+
 def _check_name(name: str) -> None:
     import re
 
@@ -208,6 +237,7 @@ class EdgeStore(VectorStore):
         # version that every write changes, and that never repeats after a restart (rag.cache).
         self._opened = uuid.uuid4().hex[:12]
         self._writes: dict[str, int] = {}
+        self._vectors: dict[str, list[str]] = {}  # each collection's named dense vectors (orfeas.json)
 
     def _wrote(self, name: str) -> None:
         with self._lock:
@@ -254,7 +284,7 @@ class EdgeStore(VectorStore):
         return q.Filter(must=must) if must else None
 
     # --- collections
-    def create_collection(self, name: str, dim: int) -> None:
+    def create_collection(self, name: str, dim: int, second_dim: int | None = None) -> None:
         import qdrant_edge as q
 
         with self._lock:
@@ -263,8 +293,11 @@ class EdgeStore(VectorStore):
                 return
             if path.exists():
                 shutil.rmtree(path)  # a half-created collection
+            vectors = {DENSE: q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine)}
+            if second_dim:
+                vectors[DENSE_E5] = q.EdgeVectorParams(size=second_dim, distance=q.Distance.Cosine)
             cfg = q.EdgeConfig(
-                vectors={DENSE: q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine)},
+                vectors=vectors,
                 sparse_vectors={SPARSE: q.EdgeSparseVectorParams(modifier=q.Modifier.Idf)},
             )
             shard = q.EdgeShard.create(str(path), cfg)
@@ -272,12 +305,23 @@ class EdgeStore(VectorStore):
                 shard.update(q.UpdateOperation.create_field_index(fld, q.PayloadSchemaType.Keyword))
             shard.update(q.UpdateOperation.create_field_index("date", q.PayloadSchemaType.Datetime))
             shard.flush()
-            (path / "orfeas.json").write_text(json.dumps({"dim": dim}))
+            (path / "orfeas.json").write_text(json.dumps({"dim": dim, "vectors": sorted(vectors)}))
             self._shards[name] = shard
+
+    def dense_vectors(self, name: str) -> list[str]:
+        with self._lock:
+            known = self._vectors.get(name)
+            if known is None:
+                f = self._path(name) / "orfeas.json"
+                if not f.exists():
+                    raise CollectionNotFound(f"collection {name!r} does not exist", "collection")
+                known = self._vectors[name] = list(json.loads(f.read_text()).get("vectors", [DENSE]))  # older: dense
+            return list(known)
 
     def drop_collection(self, name: str) -> None:
         with self._lock:
             self._wrote(name)  # a collection made again under this name is another version
+            self._vectors.pop(name, None)
             shard = self._shards.pop(name, None)
             if shard is not None:
                 shard.close()
@@ -327,7 +371,8 @@ class EdgeStore(VectorStore):
         if not points:
             return 0
         pts = [q.Point(p["id"], {DENSE: list(p["dense"]),
-                                 SPARSE: q.SparseVector(list(p["sparse_indices"]), list(p["sparse_values"]))},
+                                 SPARSE: q.SparseVector(list(p["sparse_indices"]), list(p["sparse_values"])),
+                                 **({DENSE_E5: list(p["dense_e5"])} if p.get("dense_e5") else {})},
                        p["payload"]) for p in points]
         self._shard(name).update(q.UpdateOperation.upsert_points(pts))
         self._wrote(name)
@@ -419,6 +464,9 @@ class EdgeStore(VectorStore):
         def sparse_q():
             return q.Query.Nearest(q.SparseVector(list(spec.sparse.indices), list(spec.sparse.values)), using=SPARSE)
 
+        def second_q():
+            return q.Query.Nearest(list(spec.second), using=DENSE_E5)
+
         if spec.mode == "dense":
             req = q.QueryRequest(limit=spec.limit, query=dense_q(), filter=flt, with_payload=with_payload,
                                  with_vector=with_vector)
@@ -426,11 +474,22 @@ class EdgeStore(VectorStore):
             req = q.QueryRequest(limit=spec.limit, query=sparse_q(), filter=flt, with_payload=with_payload,
                                  with_vector=with_vector)
         else:
-            fusion = q.Fusion.Dbsf() if spec.fusion == "dbsf" else q.Fusion.Rrf(k=spec.rrf_k, weights=spec.weights)
+            queries = [dense_q, sparse_q]
+            if spec.second is not None:
+                check_second(name, self.dense_vectors(name), spec)
+                queries.append(second_q)
+            if spec.fusion == "dbsf":
+                fusion = q.Fusion.Dbsf()
+                reps = dbsf_repeats(spec.weights, len(queries))
+            else:
+                weights = spec.weights
+                if weights is not None and len(weights) != len(queries):
+                    weights = list(weights[:len(queries)]) + [1.0] * (len(queries) - len(weights))
+                fusion, reps = q.Fusion.Rrf(k=spec.rrf_k, weights=weights), [1] * len(queries)
             req = q.QueryRequest(
                 limit=spec.limit, query=fusion, with_payload=with_payload, with_vector=with_vector,
-                prefetches=[q.Prefetch(limit=spec.prefetch, query=dense_q(), filter=flt),
-                            q.Prefetch(limit=spec.prefetch, query=sparse_q(), filter=flt)])
+                prefetches=[q.Prefetch(limit=spec.prefetch, query=mk(), filter=flt)
+                            for mk, r in zip(queries, reps) for _ in range(r)])
         if spec.mode in ("dense", "hybrid") and spec.dense is None:
             raise RagInvalidRequest("a dense query vector is required", "dense")
         if spec.mode in ("sparse", "hybrid") and spec.sparse is None:
@@ -478,15 +537,18 @@ class QdrantServerStore(VectorStore):
             must.append(m.FieldCondition(key="date", range=m.DatetimeRange(gte=flt.date_from, lte=flt.date_to)))
         return m.Filter(must=must)
 
-    def create_collection(self, name: str, dim: int) -> None:
+    def create_collection(self, name: str, dim: int, second_dim: int | None = None) -> None:
         from qdrant_client import models as m
 
         _check_name(name)
         if self.client.collection_exists(name):
             return
+        vectors = {DENSE: m.VectorParams(size=dim, distance=m.Distance.COSINE)}
+        if second_dim:
+            vectors[DENSE_E5] = m.VectorParams(size=second_dim, distance=m.Distance.COSINE)
         self.client.create_collection(
             name,
-            vectors_config={DENSE: m.VectorParams(size=dim, distance=m.Distance.COSINE)},
+            vectors_config=vectors,
             sparse_vectors_config={SPARSE: m.SparseVectorParams(modifier=m.Modifier.IDF)},
         )
         if self.url != ":memory:":  # local mode has no payload indexes
@@ -505,6 +567,12 @@ class QdrantServerStore(VectorStore):
 
     def list_collections(self) -> list[str]:
         return sorted(c.name for c in self.client.get_collections().collections)
+
+    def dense_vectors(self, name: str) -> list[str]:
+        if not self.client.collection_exists(name):
+            raise CollectionNotFound(f"collection {name!r} does not exist", "collection")
+        vectors = self.client.get_collection(name).config.params.vectors
+        return sorted(vectors) if isinstance(vectors, dict) else [DENSE]
 
     def count(self, name: str, flt: PayloadFilter | None = None) -> int:
         if not self.client.collection_exists(name):
@@ -534,7 +602,8 @@ class QdrantServerStore(VectorStore):
         self.client.upsert(name, points=[
             m.PointStruct(id=p["id"], payload=p["payload"], vector={
                 DENSE: list(p["dense"]),
-                SPARSE: m.SparseVector(indices=list(p["sparse_indices"]), values=list(p["sparse_values"]))})
+                SPARSE: m.SparseVector(indices=list(p["sparse_indices"]), values=list(p["sparse_values"])),
+                **({DENSE_E5: list(p["dense_e5"])} if p.get("dense_e5") else {})})
             for p in points], wait=True)
         return len(points)
 
@@ -579,11 +648,20 @@ class QdrantServerStore(VectorStore):
             res = self.client.query_points(name, query=sparse, using=SPARSE, limit=spec.limit,
                                            query_filter=flt, with_payload=wp, with_vectors=with_vectors)
         else:
-            fusion = (m.FusionQuery(fusion=m.Fusion.DBSF) if spec.fusion == "dbsf"
-                      else m.RrfQuery(rrf=m.Rrf(k=spec.rrf_k, weights=spec.weights)))
+            lists = [(list(spec.dense), DENSE), (sparse, SPARSE)]
+            if spec.second is not None:
+                check_second(name, self.dense_vectors(name), spec)
+                lists.append((list(spec.second), DENSE_E5))
+            if spec.fusion == "dbsf":
+                fusion, reps = m.FusionQuery(fusion=m.Fusion.DBSF), dbsf_repeats(spec.weights, len(lists))
+            else:
+                weights = spec.weights
+                if weights is not None and len(weights) != len(lists):
+                    weights = list(weights[:len(lists)]) + [1.0] * (len(lists) - len(weights))
+                fusion, reps = m.RrfQuery(rrf=m.Rrf(k=spec.rrf_k, weights=weights)), [1] * len(lists)
             res = self.client.query_points(
-                name, prefetch=[m.Prefetch(query=list(spec.dense), using=DENSE, limit=spec.prefetch, filter=flt),
-                                m.Prefetch(query=sparse, using=SPARSE, limit=spec.prefetch, filter=flt)],
+                name, prefetch=[m.Prefetch(query=qv, using=using, limit=spec.prefetch, filter=flt)
+                                for (qv, using), r in zip(lists, reps) for _ in range(r)],
                 query=fusion, limit=spec.limit, with_payload=wp, with_vectors=with_vectors)
         hits = []
         for p in res.points:
@@ -661,7 +739,7 @@ def edge_store_actor(settings: Settings):
 
 
 # Calls that only read: one lost to a dead owner is retried once, on a fresh (or restarted) owner.
-IDEMPOTENT_READS = frozenset({"list_collections", "count", "list_aliases", "scroll_payloads", "search",
+IDEMPOTENT_READS = frozenset({"list_collections", "dense_vectors", "count", "list_aliases", "scroll_payloads", "search",
                               "search_resolved", "doc_states", "resolve", "collection_exists", "collection_version",
                               "scroll_points", "retrieve_points", "scroll_point_payloads"})
 OWNER_RETRY_WAIT_S = 0.5
@@ -699,7 +777,8 @@ class RemoteStore(VectorStore):
                 if attempt == 2 or method not in IDEMPOTENT_READS:
                     raise StoreUnavailable(lost) from None
 
-    def create_collection(self, name, dim): return self._call("create_collection", name, dim)
+    def create_collection(self, name, dim, second_dim=None): return self._call("create_collection", name, dim, second_dim)
+    def dense_vectors(self, name): return self._call("dense_vectors", name)
     def drop_collection(self, name): return self._call("drop_collection", name)
     def list_collections(self): return self._call("list_collections")
     def count(self, name, flt=None): return self._call("count", name, flt)

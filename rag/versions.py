@@ -62,7 +62,8 @@ def list_versions(store: VectorStore, name: str | None = None) -> list[Collectio
     return sorted(rows, key=lambda r: (r.name, r.version))
 
 
-def ingest_target(store: VectorStore, name: str, dim: int, rebuild: bool) -> tuple[str, bool]:
+def ingest_target(store: VectorStore, name: str, dim: int, rebuild: bool,
+                  second_dim: int | None = None) -> tuple[str, bool]:
     """(physical collection to write, whether to flip the alias to it when the ingest completes)."""
     check_logical_name(name)
     current = store.get_alias(name)
@@ -76,7 +77,7 @@ def ingest_target(store: VectorStore, name: str, dim: int, rebuild: bool) -> tup
         target = physical(name, versions[-1])
         return target, True
     target = physical(name, (versions[-1] + 1) if versions else 1)
-    store.create_collection(target, dim)
+    store.create_collection(target, dim, second_dim)
     return target, True
 
 

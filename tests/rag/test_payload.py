@@ -20,7 +20,8 @@ from rag.store import Hit
 STORED_KEYS = ["doc_id", "chunk_index", "n_chunks", "source", "root", "title", "section", "text", "start", "end",
                "page", "token_count", "hash", "doc_hash", "record_id", "tags", "date",
                "embedder",  # added later: points without it read as the catalog model's fp32 (rag.embedding)
-               "graph"]  # added later: points without it add nothing to the knowledge graph (rag/graph.py)
+               "graph",  # added later: points without it add nothing to the knowledge graph (rag/graph.py)
+               "second_embedder"]  # added later: points without it hold no e5 vector (rag.second_dense)
 
 
 def _chunk(**kw) -> Chunk:
