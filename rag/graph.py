@@ -323,10 +323,10 @@ class KnowledgeGraph:
                 e = g.edges.get((ka, kb))
                 if e is None:
                     e = g.edges[(ka, kb)] = Edge(ka, kb, rel[2] if len(rel) > 2 else RELATION)
-                elif len(rel) > 2 and e.type == RELATION:
-                    e.type = rel[2]
                     g.adj.setdefault(ka, set()).add(kb)
                     g.adj.setdefault(kb, set()).add(ka)
+                elif len(rel) > 2 and e.type == RELATION:
+                    e.type = rel[2]
                 e.evidence.add(chunk_id)
         for n in g.nodes.values():  # the name most often written; an acronym beats a name for its kind
             n.name = n.names.most_common(1)[0][0]
