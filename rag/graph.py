@@ -15,7 +15,9 @@ Two entities in one sentence are related by a `co_occurs` edge whose evidence is
 was seen in. `extract_llm` is the LLM-based extractor: it asks an OpenAI-compatible chat model
 for JSON entities and typed relations per chunk (validated with pydantic), adds the rules'
 entities, and stores typed edges as `[a, b, relation]`; a bad reply or a down endpoint falls
-back to the rules for that chunk (counted in `LLM_FALLBACKS`). It is not wired into ingest yet.
+back to the rules for that chunk (counted in `LLM_FALLBACKS`, per worker process). Ingest
+uses it with `rag.graph.extractor: llm` (`chunk_extractor`); the extractor's name
+(`llm-1:<model>`) is in the indexing parameters. Its edges are undirected, like `co_occurs`.
 
 Each chunk's extraction is stored in its own payload (`graph`, JSON: encrypted with the text
 when encryption is on), so a collection version holds its graph with its chunks: erasure and
@@ -251,6 +253,24 @@ def extract_llm(text: str, *, url: str, model: str, timeout: float = 30.0,
     pairs = [[a, b, t] for (a, b), t in sorted(typed.items())]
     pairs += [p for p in base["r"] if (p[0], p[1]) not in typed]
     return {"e": entities, "r": pairs}
+
+
+def extractor_name(graph_settings: dict) -> str:
+    """What extracts a collection's graph (`rag.graph` as a dict): part of the indexing
+    parameters, so switching extractor or model re-writes documents on their next ingest."""
+    if graph_settings.get("extractor") == "llm":
+        return llm_extractor_name(graph_settings["llm_model"])
+    return EXTRACTOR
+
+
+def chunk_extractor(graph_settings: dict):
+    """`rag.graph` (a dict: it travels to Ray Data workers) -> text -> a chunk's `graph`
+    payload (JSON): the rules, or the chat model with the rules as its per-chunk fallback."""
+    if graph_settings.get("extractor") == "llm":
+        url, model, timeout = graph_settings["llm_url"], graph_settings["llm_model"], graph_settings["llm_timeout"]
+        return lambda text: json.dumps(extract_llm(text, url=url, model=model, timeout=timeout),
+                                       separators=(",", ":"))
+    return extract_json
 
 
 def query_keys(query: str, max_words: int = MAX_PHRASE_WORDS) -> list[str]:

@@ -83,3 +83,18 @@ def test_settings_validation():
         RagGraphSettings(extractor="llm")
     with pytest.raises(ValidationError):
         RagGraphSettings(extractor="gpt")
+
+
+def test_ingest_uses_the_configured_extractor(server):
+    """What ingest and the edge sync call per chunk (`chunk_extractor` of `rag.graph`), and the
+    indexing parameters, which re-write documents when the extractor changes."""
+    from config import Settings
+    from rag.ingest import indexing_params
+
+    settings = Settings()
+    rules = indexing_params(settings)
+    assert json.loads(graph.chunk_extractor(settings.rag.graph.model_dump())(TEXT)) == graph.extract(TEXT)
+    settings.rag.graph = RagGraphSettings(extractor="llm", llm_url=server, llm_model="m", llm_timeout=5)
+    out = json.loads(graph.chunk_extractor(settings.rag.graph.model_dump())(TEXT))
+    assert ["raises"] == [p[2] for p in out["r"] if len(p) == 3]
+    assert indexing_params(settings) != rules and "graph=llm-1:m" in indexing_params(settings)
