@@ -464,6 +464,18 @@ class RagGraphSettings(_Section):
     extract: bool = Field(True, description="Extract each chunk's entities and relations at ingest (rule-based, "
                           "offline; stored in the chunk's payload, so with its collection version). Part of the "
                           "indexing parameters: switching it re-writes documents on their next ingest.")
+    extractor: Literal["rules", "llm"] = Field("rules", description="`rules`: offline rule-based extraction; "
+                                               "`llm`: a chat model at `llm_url` (rag/graph.py `extract_llm`; "
+                                               "falls back to the rules per chunk, counted). Part of the indexing parameters (`llm-1:<model>`).")
+    llm_url: str = Field("", description="OpenAI-compatible base URL (ending in `/v1`) for `extractor: llm`.")
+    llm_model: str = Field("", description="Chat model name for `extractor: llm`.")
+    llm_timeout: float = Field(30.0, gt=0, le=600, description="Seconds per chunk's extraction request.")
+
+    @model_validator(mode="after")
+    def _llm_needs_endpoint(self) -> "RagGraphSettings":
+        if self.extractor == "llm" and not (self.llm_url.startswith(("http://", "https://")) and self.llm_model):
+            raise ValueError("rag.graph.extractor 'llm' needs llm_url (http(s)://.../v1) and llm_model")
+        return self
     retrieval: bool = Field(False, description="Graph-augmented retrieval by default (a request's `graph` "
                             "overrides): the question's entities, their neighbours and the chunks that mention "
                             "them, fused (RRF) with the hybrid results. Off until it measures better than plain "

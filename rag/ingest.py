@@ -31,7 +31,7 @@ from config import Settings, load_settings
 from observability import metrics, tracing
 from rag.chunking import Chunk, Chunker, embedding_text, load_tokenizer
 from rag.errors import ParseError, SourceNotAllowed, SourceUnreadable
-from rag.graph import EXTRACTOR as GRAPH_EXTRACTOR
+from rag.graph import extractor_name as graph_extractor_name
 from rag.payload import PAYLOAD_FIELDS, arrow_schema
 
 log = logging.getLogger(__name__)
@@ -234,15 +234,16 @@ def apply_pii_policy(row: dict[str, Any], policy: str, detector) -> dict[str, An
 
 def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int, params: str, root: str,
                     states_ref, with_title: bool = True, pii: dict[str, Any] | None = None,
-                    graph: bool = False) -> Iterator[pa.Table]:
+                    graph: dict[str, Any] | None = None) -> Iterator[pa.Table]:
     """Files -> chunk rows (kind=chunk), plus one row per unchanged (skipped) doc or failed file;
-    with `graph`, each chunk's entities and relations (rag/graph.py, after the PII policy: a
+    with `graph` (`rag.graph` as a dict), each chunk's entities and relations (rag/graph.py, after the PII policy: a
     redacted name is no entity).
     Yields every CHUNK_ROWS_OUT rows, so one file holding a whole corpus still streams to the
     encoder instead of arriving all at once."""
     from rag.documents import parse_bytes
-    from rag.graph import extract_json
+    from rag.graph import chunk_extractor
 
+    extract_graph = chunk_extractor(graph) if graph else None
     complete = _complete_hashes(states_ref)
     chunker = Chunker(load_tokenizer(model_dir), size, overlap)
     detector = None
@@ -282,8 +283,8 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
                     r = apply_pii_policy(r, pii["ingest"], detector)
                 r.update(kind="chunk", root=root, doc_hash=h,
                          embed_text=embedding_text(r["title"], r["section"], r["text"], with_title))
-                if graph:
-                    r["graph"] = extract_json(r["text"])
+                if extract_graph is not None:
+                    r["graph"] = extract_graph(r["text"])
                 rows.append(r)
             if len(rows) >= CHUNK_ROWS_OUT:
                 yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
@@ -360,7 +361,7 @@ def indexing_params(settings: Settings) -> str:
     r = settings.rag
     pii = f";pii={settings.pii.ingest}" if settings.pii.enabled and settings.pii.ingest != "off" else ""
     enc = ";enc" if settings.encryption.enabled else ""
-    graph = f";graph={GRAPH_EXTRACTOR}" if r.graph.extract else ""
+    graph = f";graph={graph_extractor_name(r.graph.model_dump())}" if r.graph.extract else ""
     second = ""
     if r.second_dense.enabled:
         from rag.embedding import second_embedder_id
@@ -480,7 +481,7 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
                         fn_kwargs=dict(model_dir=model_dir, size=r.chunk_tokens, overlap=r.chunk_overlap,
                                        params=indexing_params(settings), root=root, states_ref=states_ref,
                                        pii=settings.pii.model_dump() if settings.pii.enabled else None,
-                                       graph=r.graph.extract))
+                                       graph=r.graph.model_dump() if r.graph.extract else None))
     stage = dict(model_dir=dense_dir, bm25=(r.bm25_k, r.bm25_b, r.bm25_avg_len), batch_size=r.embed_batch_size,
                  threads=r.embed_threads, embedder=embedder_id(settings))
     if r.second_dense.enabled:
