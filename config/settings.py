@@ -470,6 +470,8 @@ class RagGraphSettings(_Section):
     llm_url: str = Field("", description="OpenAI-compatible base URL (ending in `/v1`) for `extractor: llm`.")
     llm_model: str = Field("", description="Chat model name for `extractor: llm`.")
     llm_timeout: float = Field(30.0, gt=0, le=600, description="Seconds per chunk's extraction request.")
+    llm_api_key_env: str | None = Field(None, description="Environment variable holding the endpoint's API key "
+                                        "(sent as a bearer token; an ORFEAS gateway or a hosted provider needs one).")
 
     @model_validator(mode="after")
     def _llm_needs_endpoint(self) -> "RagGraphSettings":

@@ -267,8 +267,12 @@ def chunk_extractor(graph_settings: dict):
     """`rag.graph` (a dict: it travels to Ray Data workers) -> text -> a chunk's `graph`
     payload (JSON): the rules, or the chat model with the rules as its per-chunk fallback."""
     if graph_settings.get("extractor") == "llm":
+        import os
+
         url, model, timeout = graph_settings["llm_url"], graph_settings["llm_model"], graph_settings["llm_timeout"]
-        return lambda text: json.dumps(extract_llm(text, url=url, model=model, timeout=timeout),
+        # Read where the extraction runs (a Ray Data worker inherits the node's environment).
+        api_key = os.environ.get(graph_settings.get("llm_api_key_env") or "") or None
+        return lambda text: json.dumps(extract_llm(text, url=url, model=model, timeout=timeout, api_key=api_key),
                                        separators=(",", ":"))
     return extract_json
 

@@ -18,9 +18,13 @@ REPLY = {"content": json.dumps({"entities": [{"name": "Interleukin 6", "kind": "
                                                "target": "Insulin resistance"}]})}
 
 
+AUTH: list[str | None] = []  # each request's Authorization header
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802
         self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        AUTH.append(self.headers.get("Authorization"))
         body = json.dumps({"id": "x", "object": "chat.completion", "model": "m",
                            "choices": [{"index": 0, "finish_reason": "stop",
                                         "message": {"role": "assistant", "content": REPLY["content"]}}]})
@@ -85,7 +89,7 @@ def test_settings_validation():
         RagGraphSettings(extractor="gpt")
 
 
-def test_ingest_uses_the_configured_extractor(server):
+def test_ingest_uses_the_configured_extractor(server, monkeypatch):
     """What ingest and the edge sync call per chunk (`chunk_extractor` of `rag.graph`), and the
     indexing parameters, which re-write documents when the extractor changes."""
     from config import Settings
@@ -94,7 +98,10 @@ def test_ingest_uses_the_configured_extractor(server):
     settings = Settings()
     rules = indexing_params(settings)
     assert json.loads(graph.chunk_extractor(settings.rag.graph.model_dump())(TEXT)) == graph.extract(TEXT)
-    settings.rag.graph = RagGraphSettings(extractor="llm", llm_url=server, llm_model="m", llm_timeout=5)
+    monkeypatch.setenv("GRAPH_LLM_KEY", "sk-test")
+    settings.rag.graph = RagGraphSettings(extractor="llm", llm_url=server, llm_model="m", llm_timeout=5,
+                                          llm_api_key_env="GRAPH_LLM_KEY")
     out = json.loads(graph.chunk_extractor(settings.rag.graph.model_dump())(TEXT))
+    assert AUTH[-1] == "Bearer sk-test"
     assert ["raises"] == [p[2] for p in out["r"] if len(p) == 3]
     assert indexing_params(settings) != rules and "graph=llm-1:m" in indexing_params(settings)
