@@ -206,7 +206,7 @@ def _parse_llm(content: str) -> _LLMReply:
 
 
 def extract_llm(text: str, *, url: str, model: str, timeout: float = 30.0,
-                api_key: str | None = None) -> dict[str, Any]:
+                api_key: str | None = None, max_tokens: int = 384) -> dict[str, Any]:
     """One chunk's extraction by a chat model at an OpenAI-compatible `url` (its `/v1` base), in
     `extract`'s payload format with typed edges `[a, b, relation]`, plus the rules' entities.
     Any failure (endpoint down, bad or partial JSON) falls back to `extract(text)`, counted."""
@@ -215,7 +215,8 @@ def extract_llm(text: str, *, url: str, model: str, timeout: float = 30.0,
     try:
         r = httpx.post(url.rstrip("/") + "/chat/completions", timeout=timeout,
                        headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
-                       json={"model": model, "temperature": 0,
+                       json={"model": model, "temperature": 0, "max_tokens": max_tokens,
+                             "response_format": {"type": "json_object"},  # JSON mode: a small model too
                              "messages": [{"role": "system", "content": LLM_PROMPT},
                                           {"role": "user", "content": text}]})
         r.raise_for_status()
