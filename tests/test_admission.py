@@ -378,6 +378,20 @@ def test_the_door_count_returns_to_zero_after_refusals_errors_and_clients_gone_m
                     break  # the first event, then the client leaves
             return r.status_code
 
+    def counts() -> tuple[int, int]:
+        b = httpx.get(platform["base"] + "/v1/router/status", headers=headers, timeout=30).json()["backends"][CHAT]
+        return b["outstanding"], b["claimed"]
+
+    def wait_idle() -> tuple[int, int]:
+        deadline, now = time.monotonic() + 30, counts()
+        while now != (0, 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+            now = counts()
+        return now
+
+    # An earlier test's streams may still hold the model's queue: start from an idle model.
+    assert wait_idle() == (0, 0)
+
     async def run():
         async with httpx.AsyncClient(base_url=platform["base"], timeout=120) as c:
             ok = await c.post("/v1/chat/completions", json={**body, "stream": False, "max_tokens": 2},
@@ -389,11 +403,4 @@ def test_the_door_count_returns_to_zero_after_refusals_errors_and_clients_gone_m
 
     statuses = asyncio.run(run())
     assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
-    deadline, counts = time.monotonic() + 30, None
-    while time.monotonic() < deadline:
-        b = httpx.get(platform["base"] + "/v1/router/status", headers=headers, timeout=30).json()["backends"][CHAT]
-        counts = (b["outstanding"], b["claimed"])
-        if counts == (0, 0):
-            break
-        time.sleep(0.2)
-    assert counts == (0, 0), counts
+    assert wait_idle() == (0, 0)
