@@ -4,7 +4,7 @@
         --api-key-env ORFEAS_API_KEY [--chunks 20] [--dataset /work/shared/eval/scifact]
 
 For each of the first `--chunks` corpus abstracts (cut to its first 150 words, about one ingest
-chunk) it runs `rag.graph.extract` (the rules) and `rag.graph.extract_llm` (one chat completion
+chunk) it runs `rag.graph.extract` (the rules) and `rag.graph_llm.extract_llm` (one chat completion
 per chunk at `--url`, any OpenAI-compatible endpoint: an ORFEAS gateway, a hosted provider), and
 reports how many replies parsed (the rest fell back to the rules), the typed relations and the
 entities the model added, and the seconds per chunk of each (the rules are the baseline measured
@@ -21,7 +21,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from rag import graph
+from rag import graph, graph_llm
 
 DEFAULT_DATASET = "/work/shared/eval/scifact"
 
@@ -53,11 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     rules = [graph.extract(t) for t in texts]
     rules_s = time.perf_counter() - t0
 
-    before = dict(graph.LLM_FALLBACKS)
+    before = dict(graph_llm.LLM_FALLBACKS)
     t0 = time.perf_counter()
-    llm = [graph.extract_llm(t, url=args.url, model=args.model, timeout=args.timeout, api_key=key) for t in texts]
+    llm = [graph_llm.extract_llm(t, url=args.url, model=args.model, timeout=args.timeout, api_key=key) for t in texts]
     llm_s = time.perf_counter() - t0
-    fell_back = {k: graph.LLM_FALLBACKS[k] - before.get(k, 0) for k in ("http", "json")}
+    fell_back = {k: graph_llm.LLM_FALLBACKS[k] - before.get(k, 0) for k in ("http", "json")}
 
     typed = [p[2] for out in llm for p in out["r"] if len(p) == 3]
     added = sum(len(o["e"]) - len(r["e"]) for o, r in zip(llm, rules))

@@ -465,7 +465,7 @@ class RagGraphSettings(_Section):
                           "offline; stored in the chunk's payload, so with its collection version). Part of the "
                           "indexing parameters: switching it re-writes documents on their next ingest.")
     extractor: Literal["rules", "llm"] = Field("rules", description="`rules`: offline rule-based extraction; "
-                                               "`llm`: a chat model at `llm_url` (rag/graph.py `extract_llm`; "
+                                               "`llm`: a chat model at `llm_url` (rag/graph_llm.py `extract_llm`; "
                                                "falls back to the rules per chunk, counted). Part of the indexing parameters (`llm-1:<model>`).")
     llm_url: str = Field("", description="OpenAI-compatible base URL (ending in `/v1`) for `extractor: llm`.")
     llm_model: str = Field("", description="Chat model name for `extractor: llm`.")

@@ -12,7 +12,7 @@ Extraction is rule- and statistics-based and works offline (no model):
   resistance` of "raises insulin resistance"; `hybrid fusion`).
 
 Two entities in one sentence are related by a `co_occurs` edge whose evidence is the chunks it
-was seen in. `extract_llm` is the LLM-based extractor: it asks an OpenAI-compatible chat model
+was seen in. `rag/graph_llm.py` holds the LLM-based extractor: it asks an OpenAI-compatible chat model
 for JSON entities and typed relations per chunk (validated with pydantic), adds the rules'
 entities, and stores typed edges as `[a, b, relation]`; a bad reply or a down endpoint falls
 back to the rules for that chunk (counted in `LLM_FALLBACKS`, per worker process). Ingest
@@ -30,7 +30,6 @@ mention an entity) are computed there, over the whole collection.
 from __future__ import annotations
 
 import json
-import logging
 import math
 import re
 import threading
@@ -41,7 +40,6 @@ from typing import Any, Iterable, Literal
 from pydantic import BaseModel, Field
 
 RELATION = "co_occurs"
-log = logging.getLogger(__name__)
 EXTRACTOR = "rules-1"  # in the indexing parameters: a changed extractor re-writes documents on ingest
 Kind = Literal["acronym", "name", "phrase"]
 
@@ -166,116 +164,6 @@ def extract(text: str) -> dict[str, Any]:
 
 def extract_json(text: str) -> str:
     return json.dumps(extract(text), separators=(",", ":"))
-
-
-class _LLMEntity(BaseModel):
-    name: str = Field(min_length=1, max_length=200)
-    kind: str = "entity"
-
-
-class _LLMRelation(BaseModel):
-    source: str = Field(min_length=1, max_length=200)
-    relation: str = Field(min_length=1, max_length=80)
-    target: str = Field(min_length=1, max_length=200)
-
-
-class _LLMReply(BaseModel):
-    entities: list[_LLMEntity] = Field(default_factory=list)
-    relations: list[_LLMRelation] = Field(default_factory=list)
-
-
-LLM_PROMPT = ("Extract the named entities and the relations between them from the text. Reply with JSON "
-              'only: {"entities":[{"name":...,"kind":...}],"relations":[{"source":...,"relation":...,'
-              '"target":...}]}. Relation names are short verbs in snake_case.')
-LLM_FALLBACKS: Counter = Counter()  # why a chunk fell back to the rules: "http", "json"
-
-
-def llm_extractor_name(model: str) -> str:
-    return f"llm-1:{model}"
-
-
-def _relation_name(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:60] or RELATION
-
-
-def _parse_llm(content: str) -> _LLMReply:
-    start, end = content.find("{"), content.rfind("}")
-    if start < 0 or end < start:
-        raise ValueError("no JSON object in the reply")
-    return _LLMReply.model_validate_json(content[start:end + 1])
-
-
-def extract_llm(text: str, *, url: str, model: str, timeout: float = 30.0,
-                api_key: str | None = None, max_tokens: int = 384) -> dict[str, Any]:
-    """One chunk's extraction by a chat model at an OpenAI-compatible `url` (its `/v1` base), in
-    `extract`'s payload format with typed edges `[a, b, relation]`, plus the rules' entities.
-    Any failure (endpoint down, bad or partial JSON) falls back to `extract(text)`, counted."""
-    import httpx
-    base = extract(text)
-    try:
-        r = httpx.post(url.rstrip("/") + "/chat/completions", timeout=timeout,
-                       headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
-                       json={"model": model, "temperature": 0, "max_tokens": max_tokens,
-                             "response_format": {"type": "json_object"},  # JSON mode: a small model too
-                             "messages": [{"role": "system", "content": LLM_PROMPT},
-                                          {"role": "user", "content": text}]})
-        r.raise_for_status()
-        content = r.json()["choices"][0]["message"]["content"]
-    except Exception as exc:  # noqa: BLE001 - any transport/protocol failure: the rules' extraction
-        LLM_FALLBACKS["http"] += 1
-        log.warning("LLM graph extraction failed (%s); rule-based extraction for this chunk", exc)
-        return base
-    try:
-        reply = _parse_llm(content or "")
-    except Exception as exc:  # noqa: BLE001 - pydantic/JSON errors
-        LLM_FALLBACKS["json"] += 1
-        log.warning("LLM graph reply not valid JSON (%s); rule-based extraction for this chunk", exc)
-        return base
-    entities = [list(e) for e in base["e"]]
-    index = {e[0]: i for i, e in enumerate(entities)}
-
-    def ent(name: str, kind: str) -> int:
-        key = normal(name)
-        if key not in index:
-            index[key] = len(entities)
-            entities.append([key, name.strip(), kind])
-        return index[key]
-
-    for e in reply.entities:
-        if normal(e.name):
-            ent(e.name, _relation_name(e.kind) if e.kind else "entity")
-    typed: dict[tuple[int, int], str] = {}
-    for rel in reply.relations:
-        if not normal(rel.source) or not normal(rel.target):
-            continue
-        a, b = ent(rel.source, "entity"), ent(rel.target, "entity")
-        if a != b:
-            typed.setdefault((min(a, b), max(a, b)), _relation_name(rel.relation))
-    pairs = [[a, b, t] for (a, b), t in sorted(typed.items())]
-    pairs += [p for p in base["r"] if (p[0], p[1]) not in typed]
-    return {"e": entities, "r": pairs}
-
-
-def extractor_name(graph_settings: dict) -> str:
-    """What extracts a collection's graph (`rag.graph` as a dict): part of the indexing
-    parameters, so switching extractor or model re-writes documents on their next ingest."""
-    if graph_settings.get("extractor") == "llm":
-        return llm_extractor_name(graph_settings["llm_model"])
-    return EXTRACTOR
-
-
-def chunk_extractor(graph_settings: dict):
-    """`rag.graph` (a dict: it travels to Ray Data workers) -> text -> a chunk's `graph`
-    payload (JSON): the rules, or the chat model with the rules as its per-chunk fallback."""
-    if graph_settings.get("extractor") == "llm":
-        import os
-
-        url, model, timeout = graph_settings["llm_url"], graph_settings["llm_model"], graph_settings["llm_timeout"]
-        # Read where the extraction runs (a Ray Data worker inherits the node's environment).
-        api_key = os.environ.get(graph_settings.get("llm_api_key_env") or "") or None
-        return lambda text: json.dumps(extract_llm(text, url=url, model=model, timeout=timeout, api_key=api_key),
-                                       separators=(",", ":"))
-    return extract_json
 
 
 def query_keys(query: str, max_words: int = MAX_PHRASE_WORDS) -> list[str]:

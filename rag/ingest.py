@@ -31,7 +31,7 @@ from config import Settings, load_settings
 from observability import metrics, tracing
 from rag.chunking import Chunk, Chunker, embedding_text, load_tokenizer
 from rag.errors import ParseError, SourceNotAllowed, SourceUnreadable
-from rag.graph import extractor_name as graph_extractor_name
+from rag.graph_llm import extractor_name as graph_extractor_name
 from rag.payload import PAYLOAD_FIELDS, arrow_schema
 
 log = logging.getLogger(__name__)
@@ -241,7 +241,7 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
     Yields every CHUNK_ROWS_OUT rows, so one file holding a whole corpus still streams to the
     encoder instead of arriving all at once."""
     from rag.documents import parse_bytes
-    from rag.graph import chunk_extractor
+    from rag.graph_llm import chunk_extractor
 
     extract_graph = chunk_extractor(graph) if graph else None
     complete = _complete_hashes(states_ref)

@@ -185,7 +185,7 @@ def apply_edge_write(store: VectorStore, settings: Settings, collection: str, wr
         payload = c.payload()
         payload.update(root="edge", doc_hash=doc.doc_hash, embedder=embedder_id(settings))
         if r.graph.extract:  # the knowledge graph's entities, as ingest extracts them (rag/graph.py)
-            from rag.graph import chunk_extractor
+            from rag.graph_llm import chunk_extractor
 
             payload["graph"] = chunk_extractor(r.graph.model_dump())(c.text)
         points.append({"id": c.id, "dense": d.tolist(), "sparse_indices": s.indices, "sparse_values": s.values,

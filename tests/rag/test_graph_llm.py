@@ -10,7 +10,7 @@ import pytest
 from pydantic import ValidationError
 
 from config.settings import RagGraphSettings
-from rag import graph
+from rag import graph, graph_llm
 
 REPLY = {"content": json.dumps({"entities": [{"name": "Interleukin 6", "kind": "protein"},
                                              {"name": "Insulin resistance", "kind": "condition"}],
@@ -50,21 +50,21 @@ TEXT = "Interleukin 6 raises insulin resistance in adipose tissue. BM25 is unrel
 
 
 def test_typed_edges_in_built_graph(server):
-    data = graph.extract_llm(TEXT, url=server, model="m", timeout=5)
+    data = graph_llm.extract_llm(TEXT, url=server, model="m", timeout=5)
     kg = graph.KnowledgeGraph.build([("c1", "d1", json.dumps(data))])
     e = kg.edge(graph.normal("Interleukin 6"), graph.normal("Insulin resistance"))
     assert e is not None and e.type == "raises" and e.evidence == {"c1"}
     assert kg.find("BM25") is not None  # the rules' entities are kept
-    assert graph.llm_extractor_name("m") != graph.EXTRACTOR
+    assert graph_llm.llm_extractor_name("m") != graph.EXTRACTOR
 
 
 def test_malformed_reply_falls_back_to_rules(server):
     good = REPLY["content"]
     REPLY["content"] = '{"entities": [{"name": ' # partial JSON
     try:
-        before = graph.LLM_FALLBACKS["json"]
-        assert graph.extract_llm(TEXT, url=server, model="m", timeout=5) == graph.extract(TEXT)
-        assert graph.LLM_FALLBACKS["json"] == before + 1
+        before = graph_llm.LLM_FALLBACKS["json"]
+        assert graph_llm.extract_llm(TEXT, url=server, model="m", timeout=5) == graph.extract(TEXT)
+        assert graph_llm.LLM_FALLBACKS["json"] == before + 1
     finally:
         REPLY["content"] = good
 
@@ -74,9 +74,9 @@ def test_down_endpoint_falls_back(caplog):
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
     s.close()
-    before = graph.LLM_FALLBACKS["http"]
-    assert graph.extract_llm(TEXT, url=f"http://127.0.0.1:{port}/v1", model="m", timeout=2) == graph.extract(TEXT)
-    assert graph.LLM_FALLBACKS["http"] == before + 1
+    before = graph_llm.LLM_FALLBACKS["http"]
+    assert graph_llm.extract_llm(TEXT, url=f"http://127.0.0.1:{port}/v1", model="m", timeout=2) == graph.extract(TEXT)
+    assert graph_llm.LLM_FALLBACKS["http"] == before + 1
     assert "rule-based extraction" in caplog.text
 
 
@@ -97,11 +97,11 @@ def test_ingest_uses_the_configured_extractor(server, monkeypatch):
 
     settings = Settings()
     rules = indexing_params(settings)
-    assert json.loads(graph.chunk_extractor(settings.rag.graph.model_dump())(TEXT)) == graph.extract(TEXT)
+    assert json.loads(graph_llm.chunk_extractor(settings.rag.graph.model_dump())(TEXT)) == graph.extract(TEXT)
     monkeypatch.setenv("GRAPH_LLM_KEY", "sk-test")
     settings.rag.graph = RagGraphSettings(extractor="llm", llm_url=server, llm_model="m", llm_timeout=5,
                                           llm_api_key_env="GRAPH_LLM_KEY")
-    out = json.loads(graph.chunk_extractor(settings.rag.graph.model_dump())(TEXT))
+    out = json.loads(graph_llm.chunk_extractor(settings.rag.graph.model_dump())(TEXT))
     assert AUTH[-1] == "Bearer sk-test"
     assert ["raises"] == [p[2] for p in out["r"] if len(p) == 3]
     assert indexing_params(settings) != rules and "graph=llm-1:m" in indexing_params(settings)
