@@ -80,10 +80,34 @@ def _use_token_auth() -> None:
     token_setup._enable_token_auth()
 
 
+# Ray's own switch (ray_constants.ENABLE_RAY_CLUSTER, on by default on Linux): while on, Ray turns a
+# loopback node address into the machine's routable one (services.resolve_ip_for_localhost), so a
+# head started with --node-ip-address=127.0.0.1 still exported metrics on 0.0.0.0 and ran its raylet
+# on every interface. Off, the node is 127.0.0.1 and every server of it binds to loopback.
+RAY_CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def _loopback_node(settings: Settings) -> bool:
+    return is_managed(settings) and settings.ray.node_ip_address in ("127.0.0.1", "localhost", "::1")
+
+
+def _keep_ray_on_loopback(settings: Settings) -> None:
+    """Make this process's Ray treat a loopback head as loopback: a driver that resolved
+    127.0.0.1 to the routable address would dial a GCS that is not listening there and hang."""
+    if not _loopback_node(settings):
+        return
+    os.environ[RAY_CLUSTER_SWITCH] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray read the switch when it was imported; tell an already loaded one
+        constants.ENABLE_RAY_CLUSTER = False
+
+
 def head_env(settings: Settings) -> dict[str, str]:
-    """Environment for the local head and so for every worker it starts."""
+    """Environment for the local head and so for every worker and job driver it starts."""
     _use_token_auth()
     env = dict(os.environ)
+    if _loopback_node(settings):
+        env[RAY_CLUSTER_SWITCH] = "0"
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not any(m.allow_download for m in settings.models):
         env.setdefault("HF_HUB_OFFLINE", "1")  # nothing may reach for the hub unless a model allows it
@@ -105,7 +129,8 @@ def start_local_head(settings: Settings) -> bool:
         f"--port={settings.ray.gcs_port}",
         f"--dashboard-host={settings.ray.dashboard_host}",
         f"--dashboard-port={settings.ray.dashboard_port}",
-        # Ray binds its metrics export to loopback only when the node's address is loopback.
+        # Loopback by default (with RAY_CLUSTER_SWITCH off in head_env): GCS, raylet, object
+        # manager, Ray client server and the metrics export all bind to it.
         f"--node-ip-address={settings.ray.node_ip_address}",
         "--disable-usage-stats",
     ]
@@ -129,6 +154,7 @@ def connect(settings: Settings) -> str:
         raise ClusterError(f"no ORFEAS cluster is running at {address}: start it with `orfeas up`")
     if is_managed(settings):
         _use_token_auth()
+        _keep_ray_on_loopback(settings)
     if not ray.is_initialized():
         try:
             ray.init(address=address, namespace=ACTOR_NAMESPACE, logging_level=logging.WARNING, log_to_driver=False)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 
 from config import Settings, load_settings
 from config.names import ACTOR_NAMESPACE
@@ -39,4 +41,10 @@ def join_cluster(settings: Settings, address: str | None = None) -> None:
     import ray
 
     if not ray.is_initialized():
+        if not (address or settings.ray.address or os.environ.get("RAY_ADDRESS")) and \
+                settings.ray.node_ip_address in ("127.0.0.1", "localhost", "::1"):
+            # A job run by hand on the machine of a loopback head (`orfeas up`): Ray must not turn
+            # 127.0.0.1 into the outward address, as cluster.local.connect explains.
+            os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+            sys.modules["ray._private.ray_constants"].ENABLE_RAY_CLUSTER = False
         ray.init(address=address or settings.ray.address or None, namespace=ACTOR_NAMESPACE, log_to_driver=False)

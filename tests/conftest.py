@@ -4,6 +4,7 @@ and a tiny random-weight chat model built locally. Plain helpers are in harness.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,11 @@ from harness import PROVIDER_KEY, free_port
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Serve's controller gives a new proxy 5 s to answer its readiness check, three times, then kills it
+# and starts another: with both test workers starting their clusters at once on two cores, the
+# first proxy of one missed it and serve.start failed the session (CI, 2 December 15:38). The
+# cluster's processes inherit this from the driver that starts it.
+os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
 
 
 @pytest.fixture(scope="session")
@@ -60,10 +66,25 @@ def release_module_actors():
 @pytest.fixture(scope="session")
 def serve_port(ray_cluster) -> int:
     """Serve's HTTP proxy for the session, on a free loopback port."""
+    import httpx
+    import ray
     from ray import serve
 
     port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+    except (ray.exceptions.ActorDiedError, TimeoutError):
+        # The controller killed a proxy that was slow to start (or it is still starting) and
+        # starts another itself: wait for it instead of failing every test of this worker.
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/-/healthz", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "Serve's HTTP proxy did not come back within 120 s"
+            time.sleep(1)
     return port
 
 
