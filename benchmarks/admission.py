@@ -2,7 +2,7 @@
 capacity and at 2x and 5x it (closed-loop clients, streaming chat over HTTP through the gateway).
 
 Capacity is the concurrency the deployment admits (`max_ongoing_requests` x replicas +
-`max_queued_requests`); the baseline is the accepted requests' p99 time to first token at
+`max_queued_requests` per gateway replica: Serve bounds that queue per caller); the baseline is the accepted requests' p99 time to first token at
 capacity, measured in the same run. Targets (issue 18): at 2x and 5x, accepted p99 TTFT within
 2x the baseline, and every rejected request answered (503 with Retry-After) in under 50 ms.
 
@@ -244,7 +244,7 @@ def main() -> None:
         rag={"enabled": False}, agents={"enabled": False}, gateway={"num_replicas": args.gateway_replicas},
         models=[ModelSpec(id="tiny-chat", engine="transformers", source=str(model_dir), max_context=256,
                           max_ongoing_requests=args.ongoing, max_queued_requests=args.queued)]))
-    capacity = args.ongoing + args.queued
+    capacity = args.ongoing + args.queued * args.gateway_replicas  # Serve bounds the queue per caller
     haproxy = None
     if settings.serve.ingress == "haproxy":  # HAProxy logs to us (the Serve controller reads this at start)
         haproxy = HaproxyLog()

@@ -87,7 +87,8 @@ class ServeSettings(_Section):
 
 
 class GatewaySettings(_Section):
-    num_replicas: int = Field(1, ge=1)
+    num_replicas: int = Field(1, ge=1, description="Gateway replicas (the autoscaler's minimum). Each admits its "
+                              "share of every model's running slots plus its own max_queued_requests.")
     num_cpus: float = Field(0.25, ge=0)
     max_ongoing_requests: int = Field(100, ge=1)
     request_timeout_s: float = Field(120.0, gt=0)

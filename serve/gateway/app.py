@@ -16,6 +16,7 @@ from typing import Any, Literal
 from fastapi import Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.exceptions import RayServeException
 
 from analytics.budgets import UsageBook
 from analytics.ledger import period_start
@@ -93,6 +94,16 @@ async def _has_valid_key(request: Request) -> bool:
         return False
 
 
+def _replica_rank() -> int:
+    """This gateway replica's rank in its deployment (0 .. replicas - 1; Serve keeps ranks
+    contiguous), 0 outside Serve."""
+    try:
+        rank = serve.get_replica_context().rank
+    except RayServeException:
+        return 0
+    return getattr(rank, "rank", rank) or 0
+
+
 @serve.ingress(app)
 class Gateway:
     def __init__(self, settings: dict[str, Any]):
@@ -107,6 +118,7 @@ class Gateway:
             bootstrap_admin(self.settings.resolved_data_dir(), self.settings.auth.bootstrap_key_env, self.settings)
         self.metrics, self.router_metrics = GatewayMetrics(), RouterMetrics()
         self.router = Router(self.settings, self.backends, embed=self._classifier_embed)
+        self.router.gateway_share = (_replica_rank(), self.settings.gateway.num_replicas)
         self.router.listeners.append(self.router_metrics.breaker_transition)
         self.chat = ChatService(self.settings, self.router, UsageBook(self.settings), self.metrics,
                                 self.router_metrics)

@@ -103,6 +103,9 @@ class Router:
         self.listeners: list[Callable[[str, str, str], None]] = []  # (model, old state, new state)
         g = settings.gateway
         self.retry_after_s = (g.overload_retry_after_min_s, g.overload_retry_after_max_s)
+        # (this gateway replica's rank, gateway replicas): each counts only its own requests, so
+        # the models' shared slots are split between them (see _capacity). The gateway sets it.
+        self.gateway_share: tuple[int, int] = (0, 1)
 
     # ------------------------------------------------------------ names
 
@@ -477,12 +480,19 @@ class Router:
         return err
 
     def _capacity(self, mid: str) -> int | None:
-        """A Serve-hosted model's whole queue (`max_ongoing_requests` x replicas +
-        `max_queued_requests`): the same bound Serve's handle enforces; None when unbounded."""
+        """How many requests for a Serve-hosted model this gateway replica may have in flight:
+        its share of the model's running slots (`max_ongoing_requests` x replicas, split over
+        the `gateway.num_replicas` gateway replicas by rank, the remainder to the lowest ranks)
+        plus its own `max_queued_requests` (Serve bounds that queue per caller). Over all
+        gateway replicas that is the bound Serve's handles enforce, so a request past it is
+        refused here and not by Serve after the full path. None when unbounded."""
         spec = self.specs[mid]
         if spec.engine == "openai" or spec.max_queued_requests < 0:
             return None
-        return spec.max_ongoing_requests * spec.num_replicas + spec.max_queued_requests
+        slots = spec.max_ongoing_requests * spec.num_replicas
+        rank, count = self.gateway_share
+        share = slots // count + (1 if rank % count < slots % count else 0)
+        return max(1, share + spec.max_queued_requests)
 
     def _full(self, mid: str, claim: Claim | None = None) -> bool:
         """Whether this gateway replica already has `mid`'s whole queue in flight or claimed (the
