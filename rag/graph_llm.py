@@ -37,6 +37,9 @@ LLM_PROMPT = ("Extract the named entities and the relations between them from th
               'only: {"entities":[{"name":...,"kind":...}],"relations":[{"source":...,"relation":...,'
               '"target":...}]}. Relation names are short verbs in snake_case.')
 LLM_FALLBACKS: Counter = Counter()  # why a chunk fell back to the rules: "http", "json"
+# A fallen-back chunk's payload says so ({"e", "r", "fallback": reason}): ingest counts them in its
+# summary (the counter above is per worker process), and they can be found and re-extracted later.
+FALLBACK = "fallback"
 
 
 def llm_extractor_name(model: str) -> str:
@@ -58,7 +61,8 @@ def extract_llm(text: str, *, url: str, model: str, timeout: float = 30.0,
                 api_key: str | None = None, max_tokens: int = 384) -> dict[str, Any]:
     """One chunk's extraction by a chat model at an OpenAI-compatible `url` (its `/v1` base), in
     `extract`'s payload format with typed edges `[a, b, relation]`, plus the rules' entities.
-    Any failure (endpoint down, bad or partial JSON) falls back to `extract(text)`, counted."""
+    Any failure (endpoint down, bad or partial JSON) falls back to `extract(text)`, counted, with
+    `"fallback": "http" | "json"` added."""
     import httpx
     base = extract(text)
     try:
@@ -73,13 +77,13 @@ def extract_llm(text: str, *, url: str, model: str, timeout: float = 30.0,
     except Exception as exc:  # noqa: BLE001 - any transport/protocol failure: the rules' extraction
         LLM_FALLBACKS["http"] += 1
         log.warning("LLM graph extraction failed (%s); rule-based extraction for this chunk", exc)
-        return base
+        return {**base, FALLBACK: "http"}
     try:
         reply = _parse_llm(content or "")
     except Exception as exc:  # noqa: BLE001 - pydantic/JSON errors
         LLM_FALLBACKS["json"] += 1
         log.warning("LLM graph reply not valid JSON (%s); rule-based extraction for this chunk", exc)
-        return base
+        return {**base, FALLBACK: "json"}
     entities = [list(e) for e in base["e"]]
     index = {e[0]: i for i, e in enumerate(entities)}
 

@@ -17,20 +17,23 @@ from __future__ import annotations
 import fnmatch
 import glob
 import hashlib
+import json
 import logging
 import os
 import time
+from collections import Counter
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
 import pyarrow as pa
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from config import Settings, load_settings
 from observability import metrics, tracing
 from rag.chunking import Chunk, Chunker, embedding_text, load_tokenizer
 from rag.errors import ParseError, SourceNotAllowed, SourceUnreadable
+from rag.graph_llm import FALLBACK as GRAPH_FALLBACK
 from rag.graph_llm import extractor_name as graph_extractor_name
 from rag.payload import PAYLOAD_FIELDS, arrow_schema
 
@@ -67,6 +70,7 @@ class EmbeddedRow(StreamRow):
 
 
 ROW_SCHEMA = arrow_schema(StreamRow)
+GRAPH_FALLBACK_MARK = f'"{GRAPH_FALLBACK}":'  # only such chunks' graph JSON is parsed while writing
 EMBEDDED_SCHEMA = arrow_schema(EmbeddedRow)
 
 
@@ -84,6 +88,8 @@ class IngestSummary(BaseModel):
     failed: list[dict[str, str]]   # [{"path", "reason"}]
     seconds: float
     chunks_per_s: float
+    # chunks whose LLM graph extraction (rag.graph.extractor: llm) fell back to the rules, by reason
+    graph_fallbacks: dict[str, int] = Field(default_factory=dict)
 
 
 # --- sources ------------------------------------------------------------------------------------
@@ -508,6 +514,7 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
     seen_docs: dict[str, str] = {}     # doc_id -> index hash (written or skipped)
     written_docs: set[str] = set()
     failed: list[dict[str, str]] = []
+    graph_fallbacks: Counter = Counter()
     chunks = skipped = 0
     last = 0.0
     # parse, chunk and embed run in Ray Data's tasks and actors; this span covers the stream they
@@ -527,6 +534,8 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
                 continue
             seen_docs[row["doc_id"]] = row["doc_hash"]
             written_docs.add(row["doc_id"])
+            if row["graph"] and GRAPH_FALLBACK_MARK in row["graph"]:
+                graph_fallbacks[json.loads(row["graph"]).get(GRAPH_FALLBACK, "")] += 1
             points.append({"id": row["id"], "dense": row["dense"], "dense_e5": row["dense_e5"] or None,
                            "sparse_indices": row["sparse_indices"],
                            "sparse_values": row["sparse_values"], "payload": {k: row[k] for k in PAYLOAD_FIELDS}})
@@ -563,7 +572,8 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
     summary = IngestSummary(
         source=source, collection=collection, version_collection=target, alias_flipped=flip, files=len(files),
         documents=len(seen_docs), indexed=len(written_docs), chunks=chunks, skipped=skipped, deleted=len(gone),
-        failed=failed, seconds=round(secs, 2), chunks_per_s=round(chunks / secs, 1) if secs > 0 else 0.0)
+        failed=failed, seconds=round(secs, 2), chunks_per_s=round(chunks / secs, 1) if secs > 0 else 0.0,
+        graph_fallbacks=dict(graph_fallbacks))
     log.info("ingest done: %s", summary.model_dump_json())
     return summary
 
@@ -587,6 +597,9 @@ def format_summary(s: IngestSummary) -> str:
              f"  documents {s.documents}  indexed {s.indexed}  chunks {s.chunks}  skipped {s.skipped}  "
              f"deleted {s.deleted}  failed {len(s.failed)}",
              f"  {s.seconds:.1f} s  {s.chunks_per_s:.1f} chunks/s"]
+    if s.graph_fallbacks:
+        lines.append("  graph: LLM extraction fell back to the rules for "
+                     + ", ".join(f"{n} chunk(s) ({why})" for why, n in sorted(s.graph_fallbacks.items())))
     for f in s.failed:
         lines.append(f"  failed: {f['path']}: {f['reason']}")
     return "\n".join(lines)
