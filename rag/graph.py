@@ -15,9 +15,10 @@ Two entities in one sentence are related by a `co_occurs` edge whose evidence is
 was seen in. `rag/graph_llm.py` holds the LLM-based extractor: it asks an OpenAI-compatible chat model
 for JSON entities and typed relations per chunk (validated with pydantic), adds the rules'
 entities, and stores typed edges as `[a, b, relation]`; a bad reply or a down endpoint falls
-back to the rules for that chunk (counted in `LLM_FALLBACKS`, per worker process). Ingest
-uses it with `rag.graph.extractor: llm` (`chunk_extractor`); the extractor's name
-(`llm-1:<model>`) is in the indexing parameters. Its edges are undirected, like `co_occurs`.
+back to the rules for that chunk, marked `"fallback"` in its payload and counted in the ingest
+summary (`graph_fallbacks`). Ingest uses it with `rag.graph.extractor: llm` (`chunk_extractor`);
+the extractor's name (`llm-1:<model>`) is in the indexing parameters. Its edges are undirected,
+like `co_occurs`.
 
 Each chunk's extraction is stored in its own payload (`graph`, JSON: encrypted with the text
 when encryption is on), so a collection version holds its graph with its chunks: erasure and

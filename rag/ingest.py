@@ -70,8 +70,8 @@ class EmbeddedRow(StreamRow):
 
 
 ROW_SCHEMA = arrow_schema(StreamRow)
-GRAPH_FALLBACK_MARK = f'"{GRAPH_FALLBACK}":'  # only such chunks' graph JSON is parsed while writing
 EMBEDDED_SCHEMA = arrow_schema(EmbeddedRow)
+GRAPH_FALLBACK_MARK = f'"{GRAPH_FALLBACK}":'  # only such chunks' graph JSON is parsed while writing
 
 
 class IngestSummary(BaseModel):

@@ -180,14 +180,17 @@ def apply_edge_write(store: VectorStore, settings: Settings, collection: str, wr
     texts = [embedding_text(c.title, c.section, c.text) for c in chunks]
     dense = shared_dense(dense_source(settings), r.query_embedding_runtime).embed(texts)
     sparse = SparseEncoder.from_settings(settings).embed_documents(texts)
+    extract_graph = None
+    if r.graph.extract:  # the knowledge graph's entities, as ingest extracts them (rag/graph_llm.py)
+        from rag.graph_llm import chunk_extractor
+
+        extract_graph = chunk_extractor(r.graph.model_dump())
     points = []
     for c, d, s in zip(chunks, dense, sparse):
         payload = c.payload()
         payload.update(root="edge", doc_hash=doc.doc_hash, embedder=embedder_id(settings))
-        if r.graph.extract:  # the knowledge graph's entities, as ingest extracts them (rag/graph.py)
-            from rag.graph_llm import chunk_extractor
-
-            payload["graph"] = chunk_extractor(r.graph.model_dump())(c.text)
+        if extract_graph is not None:
+            payload["graph"] = extract_graph(c.text)
         points.append({"id": c.id, "dense": d.tolist(), "sparse_indices": s.indices, "sparse_values": s.values,
                        "payload": payload})
     store.upsert(physical, points)
