@@ -390,7 +390,7 @@ class ModelSpec(_Section):
         return self
 
 
-Fusion = Literal["rrf", "dbsf"]
+Fusion = Literal["rrf", "dbsf", "dbsf-doc"]
 RetrievalMode = Literal["dense", "sparse", "hybrid"]
 
 
@@ -548,6 +548,8 @@ class RagSettings(_Section):
     dense_weight: float = Field(1.0, ge=0, description="Weight of the dense list in fusion.")
     sparse_weight: float = Field(1.0, ge=0, description="Weight of the sparse list in fusion.")
     prefetch: int = Field(100, ge=1, le=1000, description="Candidates each retriever hands to fusion.")
+    doc_fusion_depth: int = Field(1000, ge=1, le=5000, description="Chunks each list hands to fusion 'dbsf-doc' "
+                                  "(fused per document in Python: deeper lists help it, unlike Qdrant's own).")
     top_k: int = Field(8, ge=1)
     max_top_k: int = Field(100, ge=1)
     mmr_lambda: float = Field(0.7, ge=0, le=1)

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reuse", action="store_true", help="query an existing collection instead of re-ingesting")
     parser.add_argument("--output", default=None, help="also write the JSON here")
     parser.add_argument("--graph", action="store_true", help="also graph-augmented hybrid retrieval (rag.graph)")
-    parser.add_argument("--weights", choices=["dbsf", "rrf"], default=None,
+    parser.add_argument("--weights", choices=["dbsf", "rrf", "dbsf-doc"], default=None,
                         help="with rag.second_dense: also three-way fusion over a grid of weights")
     parser.add_argument("--max-queries", type=int, default=None, help="only the first N queries (a quick look)")
     args = parser.parse_args(argv)

@@ -88,17 +88,20 @@ DEFAULT_VARIANTS: dict[str, dict[str, Any]] = {
     "sparse": {"mode": "sparse"},
     "hybrid-rrf": {"mode": "hybrid", "fusion": "rrf", "second_dense": False},
     "hybrid-dbsf": {"mode": "hybrid", "fusion": "dbsf", "second_dense": False},
+    "hybrid-dbsf-doc": {"mode": "hybrid", "fusion": "dbsf-doc", "second_dense": False},
 }
 # With rag.second_dense on: the e5 list fused in as a third (the same queries, the same collection).
 SECOND_VARIANTS: dict[str, dict[str, Any]] = {
     "hybrid-rrf+e5": {"mode": "hybrid", "fusion": "rrf", "second_dense": True},
     "hybrid-dbsf+e5": {"mode": "hybrid", "fusion": "dbsf", "second_dense": True},
+    "hybrid-dbsf-doc+e5": {"mode": "hybrid", "fusion": "dbsf-doc", "second_dense": True},
 }
 WEIGHT_GRID = (0.5, 1.0, 1.5, 2.0)
 
 
 def weight_variants(fusion: str = "dbsf", grid: tuple[float, ...] = WEIGHT_GRID) -> dict[str, dict[str, Any]]:
-    """Three-way fusion over a grid of weights, dense 1.0 (DBSF takes them in steps of 0.5)."""
+    """Three-way fusion over a grid of weights, dense 1.0 (DBSF takes them in steps of 0.5;
+    RRF and dbsf-doc as they are)."""
     return {f"hybrid-{fusion}+e5 w1:{s:g}:{e:g}": {"mode": "hybrid", "fusion": fusion, "second_dense": True,
                                                    "weights": [1.0, s, e]}
             for s in grid for e in grid}

@@ -27,7 +27,7 @@ from rag.store import Hit, PayloadFilter, SearchSpec, VectorStore
 log = logging.getLogger(__name__)
 
 MODES = ("dense", "sparse", "hybrid")
-FUSIONS = ("rrf", "dbsf")
+FUSIONS = ("rrf", "dbsf", "dbsf-doc")
 
 
 class RetrievedChunk(ChunkPayload):
@@ -251,7 +251,8 @@ class Retriever:
         spec = SearchSpec(mode=mode, dense=[float(x) for x in dvec], sparse=svec if svec.indices else None,
                           fusion=fusion, rrf_k=r.rrf_k, weights=weights, limit=want,
                           second=[float(x) for x in second_vector] if use_second else None,
-                          prefetch=max(r.prefetch, want), filter=filters, with_dense=mmr,
+                          prefetch=max(r.doc_fusion_depth if fusion == "dbsf-doc" else r.prefetch, want),
+                          filter=filters, with_dense=mmr,
                           payload_fields=[*payload_fields, *checked] if payload_fields else None)
         if spec.sparse is None and mode in ("sparse", "hybrid"):
             # no indexable word in the query (only stop words): fall back to dense ranking

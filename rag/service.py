@@ -53,7 +53,7 @@ class RagQueryRequest(BaseModel):
     collection: str | None = None
     top_k: int | None = None
     mode: Literal["dense", "sparse", "hybrid"] | None = None
-    fusion: Literal["rrf", "dbsf"] | None = None
+    fusion: Literal["rrf", "dbsf", "dbsf-doc"] | None = None
     filters: PayloadFilter | None = None
     mmr: bool = False
     rerank: bool | None = None

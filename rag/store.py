@@ -37,12 +37,13 @@ from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
 from rag.embedding import DENSE, DENSE_E5, SPARSE, SparseVec
 from rag.errors import CollectionNotFound, EmbedderMismatch, RagInvalidRequest, StoreUnavailable
+from rag.fusion import fuse_by_document
 from rag.payload import STATE_FIELDS
 
 log = logging.getLogger(__name__)
 
 Mode = Literal["dense", "sparse", "hybrid"]
-FusionName = Literal["rrf", "dbsf"]
+FusionName = Literal["rrf", "dbsf", "dbsf-doc"]
 
 
 class PayloadFilter(BaseModel):
@@ -64,7 +65,7 @@ class SearchSpec(BaseModel):
     sparse: SparseVec | None = None
     fusion: FusionName = "dbsf"
     rrf_k: int = 60
-    weights: list[float] | None = None  # [dense, sparse(, e5)]: RRF's weights; DBSF repeats lists (dbsf_repeats)
+    weights: list[float] | None = None  # [dense, sparse(, e5)]: RRF's and dbsf-doc's; DBSF repeats lists (dbsf_repeats)
     second: list[float] | None = None   # the e5 query vector (rag.second_dense): a third list in hybrid fusion
     limit: int = Field(10, ge=1)
     prefetch: int = Field(100, ge=1)
@@ -208,6 +209,14 @@ def dbsf_repeats(weights: list[float] | None, n: int) -> list[int]:
     reps = [max(0, round(2 * w)) for w in weights[:n]] + [2] * (n - len(weights[:n]))
     g = math.gcd(*[r for r in reps if r]) if any(reps) else 1
     return [r // g for r in reps] if any(reps) else [1] * n
+
+
+def fusion_weights(weights: list[float] | None, n: int) -> list[float] | None:
+    """`weights` fitted to `n` lists: missing ones weigh 1, extra ones are dropped (a two-list
+    query given three weights ignores e5's)."""
+    if weights is None:
+        return None
+    return list(weights[:n]) + [1.0] * (n - len(weights[:n]))
 
 
 def _check_name(name: str) -> None:
@@ -453,6 +462,10 @@ class EdgeStore(VectorStore):
     def search(self, name: str, spec: SearchSpec) -> list[Hit]:
         import qdrant_edge as q
 
+        if spec.mode in ("dense", "hybrid") and spec.dense is None:
+            raise RagInvalidRequest("a dense query vector is required", "dense")
+        if spec.mode in ("sparse", "hybrid") and spec.sparse is None:
+            raise RagInvalidRequest("a sparse query vector is required", "sparse")
         shard = self._shard(name)
         flt = self._filter(spec.filter)
         with_vector = [DENSE] if spec.with_dense else False
@@ -478,27 +491,43 @@ class EdgeStore(VectorStore):
             if spec.second is not None:
                 check_second(name, self.dense_vectors(name), spec)
                 queries.append(second_q)
+            if spec.fusion == "dbsf-doc":
+                return self._search_by_document(shard, spec, [mk() for mk in queries], flt)
             if spec.fusion == "dbsf":
                 fusion = q.Fusion.Dbsf()
                 reps = dbsf_repeats(spec.weights, len(queries))
             else:
-                weights = spec.weights
-                if weights is not None and len(weights) != len(queries):
-                    weights = list(weights[:len(queries)]) + [1.0] * (len(queries) - len(weights))
+                weights = fusion_weights(spec.weights, len(queries))
                 fusion, reps = q.Fusion.Rrf(k=spec.rrf_k, weights=weights), [1] * len(queries)
             req = q.QueryRequest(
                 limit=spec.limit, query=fusion, with_payload=with_payload, with_vector=with_vector,
                 prefetches=[q.Prefetch(limit=spec.prefetch, query=mk(), filter=flt)
                             for mk, r in zip(queries, reps) for _ in range(r)])
-        if spec.mode in ("dense", "hybrid") and spec.dense is None:
-            raise RagInvalidRequest("a dense query vector is required", "dense")
-        if spec.mode in ("sparse", "hybrid") and spec.sparse is None:
-            raise RagInvalidRequest("a sparse query vector is required", "sparse")
         hits = []
         for p in shard.query(req):
             vec = p.vector.get(DENSE) if spec.with_dense and isinstance(p.vector, dict) else None
             hits.append(Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}), dense=vec))
         return hits
+
+    @staticmethod
+    def _search_by_document(shard, spec: SearchSpec, queries: list, flt) -> list[Hit]:
+        """dbsf-doc: each list `spec.prefetch` deep in one batch (doc ids only), fused per document
+        here (rag.fusion), then the top `limit` chunks fetched with what the caller asked for."""
+        import qdrant_edge as q
+
+        batch = shard.query_batch(q.QueryBatchRequest([
+            q.QueryRequest(limit=spec.prefetch, query=qv, filter=flt, with_payload=["doc_id"], with_vector=False)
+            for qv in queries]))
+        fused = fuse_by_document([[(str(p.id), (p.payload or {}).get("doc_id", str(p.id)), float(p.score))
+                                   for p in points] for points in batch],
+                                 fusion_weights(spec.weights, len(queries)))[:spec.limit]
+        with_payload = list(spec.payload_fields) if spec.payload_fields else True
+        records = {str(r.id): r for r in shard.retrieve([c.id for c in fused], with_payload,
+                                                        [DENSE] if spec.with_dense else False)}
+        return [Hit(id=c.id, score=c.score, payload=dict(records[c.id].payload or {}),
+                    dense=records[c.id].vector.get(DENSE) if spec.with_dense and isinstance(records[c.id].vector, dict)
+                    else None)
+                for c in fused if c.id in records]
 
     def close(self) -> None:
         with self._lock:
@@ -652,12 +681,12 @@ class QdrantServerStore(VectorStore):
             if spec.second is not None:
                 check_second(name, self.dense_vectors(name), spec)
                 lists.append((list(spec.second), DENSE_E5))
+            if spec.fusion == "dbsf-doc":
+                return self._search_by_document(name, spec, lists, flt, wp, with_vectors)
             if spec.fusion == "dbsf":
                 fusion, reps = m.FusionQuery(fusion=m.Fusion.DBSF), dbsf_repeats(spec.weights, len(lists))
             else:
-                weights = spec.weights
-                if weights is not None and len(weights) != len(lists):
-                    weights = list(weights[:len(lists)]) + [1.0] * (len(lists) - len(weights))
+                weights = fusion_weights(spec.weights, len(lists))
                 fusion, reps = m.RrfQuery(rrf=m.Rrf(k=spec.rrf_k, weights=weights)), [1] * len(lists)
             res = self.client.query_points(
                 name, prefetch=[m.Prefetch(query=qv, using=using, limit=spec.prefetch, filter=flt)
@@ -669,6 +698,27 @@ class QdrantServerStore(VectorStore):
             if spec.with_dense and isinstance(p.vector, dict):
                 vec = list(p.vector.get(DENSE) or []) or None
             hits.append(Hit(id=str(p.id), score=float(p.score), payload=dict(p.payload or {}), dense=vec))
+        return hits
+
+    def _search_by_document(self, name: str, spec: SearchSpec, lists: list, flt, wp, with_vectors) -> list[Hit]:
+        """dbsf-doc, as EdgeStore's: the lists in one batch, fused per document, the top fetched."""
+        from qdrant_client import models as m
+
+        batch = self.client.query_batch_points(name, requests=[
+            m.QueryRequest(query=qv, using=using, limit=spec.prefetch, filter=flt, with_payload=["doc_id"])
+            for qv, using in lists])
+        fused = fuse_by_document([[(str(p.id), (p.payload or {}).get("doc_id", str(p.id)), float(p.score))
+                                   for p in res.points] for res in batch],
+                                 fusion_weights(spec.weights, len(lists)))[:spec.limit]
+        records = {str(r.id): r for r in self.client.retrieve(name, [c.id for c in fused], with_payload=wp,
+                                                              with_vectors=with_vectors)}
+        hits = []
+        for c in fused:
+            r = records.get(c.id)
+            if r is None:  # deleted between the two calls
+                continue
+            vec = list(r.vector.get(DENSE) or []) or None if spec.with_dense and isinstance(r.vector, dict) else None
+            hits.append(Hit(id=c.id, score=c.score, payload=dict(r.payload or {}), dense=vec))
         return hits
 
     def collection_exists(self, name: str) -> bool:

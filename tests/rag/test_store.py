@@ -9,6 +9,7 @@ import pytest
 
 from rag.chunking import point_id
 from rag.errors import CollectionNotFound
+from rag.fusion import fuse_by_document
 from rag.store import EdgeStore, PayloadFilter, QdrantServerStore, RemoteStore, SearchSpec, edge_store_actor
 
 TEXTS = {
@@ -82,13 +83,49 @@ def test_delete_stale_and_docs(store, points):
     assert {p["doc_id"] for p in store.scroll_payloads("c2", ["doc_id"])} == {"ray", "qdrant", "paris", "berlin"}
 
 
-@pytest.mark.parametrize("mode,fusion", [("dense", "dbsf"), ("sparse", "dbsf"), ("hybrid", "rrf"), ("hybrid", "dbsf")])
+@pytest.mark.parametrize("mode,fusion", [("dense", "dbsf"), ("sparse", "dbsf"), ("hybrid", "rrf"), ("hybrid", "dbsf"),
+                                         ("hybrid", "dbsf-doc")])
 def test_search_modes_find_the_right_document(store, points, dense, sparse, mode, fusion):
     store.create_collection("c3", 384)
     store.upsert("c3", points)
     hits = store.search("c3", _spec(dense, sparse, "capital city of Germany", mode=mode, fusion=fusion, limit=3))
     assert hits[0].payload["doc_id"] == "berlin"
     assert len(hits) <= 3 and hits[0].score >= hits[-1].score
+
+
+def test_document_fusion_fuses_each_lists_chunks_per_document(store, points, dense, sparse):
+    """dbsf-doc: the store's answer is rag.fusion's over the store's own single-list searches,
+    a document's chunks come together under its score, and filters and weights apply."""
+    extra = "Germany's capital Berlin has a parliament, the Bundestag, in the Reichstag building."
+    second = {"id": point_id("berlin", 1), "dense": dense.embed([extra])[0].tolist(),
+              "sparse_indices": sparse.embed_documents([extra])[0].indices,
+              "sparse_values": sparse.embed_documents([extra])[0].values,
+              "payload": dict(points[3]["payload"], chunk_index=1, n_chunks=2, text=extra)}
+    assert points[3]["payload"]["doc_id"] == "berlin"
+    store.create_collection("c6", 384)
+    store.upsert("c6", [*points, second])
+    query = "capital of Germany parliament"
+
+    def single(mode, **kw):
+        hits = store.search("c6", _spec(dense, sparse, query, mode=mode, limit=10, **kw))
+        return [(h.id, h.payload["doc_id"], h.score) for h in hits]
+
+    for weights, flt in ((None, None), ([1.0, 0.0], None), ([0.5, 2.0], None), (None, PayloadFilter(tags=["tech"]))):
+        expected = fuse_by_document([single("dense", filter=flt), single("sparse", filter=flt)],
+                                    [1.0, 1.0] if weights is None else weights)
+        hits = store.search("c6", _spec(dense, sparse, query, mode="hybrid", fusion="dbsf-doc", limit=10, prefetch=10,
+                                        weights=weights, filter=flt))
+        assert [h.id for h in hits] == [c.id for c in expected]
+        assert [h.score for h in hits] == pytest.approx([c.score for c in expected])
+        assert all("text" in h.payload for h in hits)
+    hits = store.search("c6", _spec(dense, sparse, query, mode="hybrid", fusion="dbsf-doc", limit=10, prefetch=10))
+    docs = [h.payload["doc_id"] for h in hits]
+    assert docs[:2] == ["berlin", "berlin"] and hits[0].score == hits[1].score  # one document, one score
+    assert all(docs.index(d) + docs.count(d) - 1 == len(docs) - 1 - docs[::-1].index(d) for d in docs)  # contiguous
+    hits = store.search("c6", _spec(dense, sparse, query, mode="hybrid", fusion="dbsf-doc", limit=3, prefetch=10,
+                                    filter=PayloadFilter(tags=["tech"]), payload_fields=["doc_id"], with_dense=True))
+    assert len(hits) == 3 and {h.payload["doc_id"] for h in hits} <= {"ray", "qdrant", "cats", "pasta"}
+    assert set(hits[0].payload) == {"doc_id"} and len(hits[0].dense) == 384
 
 
 def test_filters_source_tags_dates(store, points, dense, sparse):
