@@ -446,3 +446,30 @@ def test_the_door_count_returns_to_zero_after_refusals_errors_and_clients_gone_m
     statuses = asyncio.run(run())
     assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
     assert wait_idle() == (0, 0)
+
+
+def test_pairs_that_fill_the_queue_back_to_back_are_never_refused_by_serves_lagging_count(platform):
+    """One running slot and a queue of one: two requests at a time always fit. Serve frees a slot
+    in its handle's count only when the replica's generator has returned; the router released its
+    own at the answer's last event, so the next pair passed its count and Serve refused one of
+    them after the whole path (issue 18). Now a finished stream is read to its end before its slot
+    is released, and a Serve refusal the router's count did not expect is tried once more."""
+    headers = {"Authorization": f"Bearer {platform['admin']}"}
+    body = {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
+
+    async def run():
+        async with httpx.AsyncClient(base_url=platform["base"], timeout=120) as c:
+            deadline = time.monotonic() + 30  # an earlier test's generations may still hold the replica
+            while (await c.post("/v1/chat/completions", json=body, headers=headers)).status_code == 503:
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.5)
+            out = []
+            for _ in range(25):
+                pair = await asyncio.gather(*(c.post("/v1/chat/completions", json=body, headers=headers)
+                                              for _ in range(2)))
+                out.extend((r.status_code, r.headers.get("x-orfeas-attempts", ""), r.text[:200]) for r in pair)
+            return out
+
+    results = asyncio.run(run())
+    refused = [r for r in results if r[0] != 200]
+    assert not refused, refused

@@ -37,6 +37,11 @@ from serve.router.selection import Candidate, Decision, PolicyParams, SelectionC
 log = logging.getLogger("orfeas.router")
 
 AUTO = "auto"
+# A finished answer's stream may take this long to end on its own before it is closed (TrackedEvents).
+FINISHED_DRAIN_S = 0.5
+# Serve's handle refusing a request that this replica's count admitted is its count lagging ours
+# (a slot it frees a moment after the replica's generator returns): tried once more after this.
+SERVE_LAG_RETRY_S = 0.01
 
 
 @dataclass
@@ -353,7 +358,7 @@ class Router:
         last: APIError | None = None
         prev = None
         full: set[str] = set()  # models whose queue is full: not tried again in this request
-        relost = False
+        relost = lagged = False
         for i, mid in enumerate(plan, 1):
             if mid in full:
                 attempts.append((mid, "overloaded"))
@@ -417,6 +422,13 @@ class Router:
             await events.aclose()
             if isinstance(err, ModelOverloaded):  # load, not failure: the breaker does not count it
                 self._set(mid, health.release(self.health[mid]))
+                if not lagged and self._capacity(mid) is not None and not self._full(mid, claim):
+                    lagged = True  # our count had room: Serve's lags it
+                    attempts.append((mid, "lagged"))
+                    last = err
+                    plan.insert(i, mid)
+                    await asyncio.sleep(SERVE_LAG_RETRY_S)
+                    continue
                 full.add(mid)
                 attempts.append((mid, "overloaded"))
                 last = err
@@ -569,7 +581,21 @@ class TrackedEvents:
         return event
 
     async def aclose(self) -> None:
+        if not self._ended and self.outcome is not None and self.outcome[0]:
+            await self._drain()
         await self._end(self.outcome)
+
+    async def _drain(self) -> None:
+        """A finished answer's stream read to its end (briefly) before its slot is released: Serve
+        frees the replica's slot in its own count only when the replica's generator returns, so a
+        slot freed here first would let this count admit a request that Serve's handle then
+        refuses after the whole path (issue 18)."""
+        try:
+            async with asyncio.timeout(FINISHED_DRAIN_S):
+                async for _ in self.events:
+                    pass
+        except Exception:  # noqa: BLE001 - the answer is complete; how its stream ends changes nothing
+            pass
 
     async def _end(self, outcome: tuple[bool, str | None] | None) -> None:
         if self._ended:
