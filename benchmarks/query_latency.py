@@ -101,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = resolve_ingress(settings)
     settings.models = [m for m in settings.models if m.task == "embedding"]  # no chat model needed
     settings.rag.max_top_k = max(settings.rag.max_top_k, args.top_k)
+    # Every query is asked on both paths and at every level: with the answer cache on, the HTTP
+    # path (the only one that uses it) would serve the repeats from it and measure the cache.
+    settings.rag.cache.enabled = False
     texts = [json.loads(ln)["text"] for ln in Path(args.queries).read_text().splitlines() if ln.strip()][: args.n]
     body = {"collection": args.collection, "top_k": args.top_k, "mode": "hybrid", "answer": False,
             "include_passages": False}

@@ -548,7 +548,11 @@ class RagSettings(_Section):
     dense_weight: float = Field(1.0, ge=0, description="Weight of the dense list in fusion.")
     sparse_weight: float = Field(1.0, ge=0, description="Weight of the sparse list in fusion.")
     prefetch: int = Field(100, ge=1, le=1000, description="Candidates each retriever hands to fusion.")
-    doc_fusion_depth: int = Field(1000, ge=1, le=5000, description="Chunks each list hands to fusion 'dbsf-doc' "
+    dense_window_tokens: int = Field(0, ge=0, le=512, description="Multi-vector MiniLM: besides its one vector, "
+                                     "each chunk gets the vectors of its windows of this many tokens (cut like "
+                                     "chunks, rag.chunk_overlap apart at most), and the dense list scores a chunk by "
+                                     "its best window (Qdrant MaxSim). 0: off. Part of the indexing parameters.")
+    doc_fusion_depth: int = Field(300, ge=1, le=5000, description="Chunks each list hands to fusion 'dbsf-doc' "
                                   "(fused per document in Python: deeper lists help it, unlike Qdrant's own).")
     top_k: int = Field(8, ge=1)
     max_top_k: int = Field(100, ge=1)
@@ -597,6 +601,9 @@ class RagSettings(_Section):
     def _check(self) -> "RagSettings":
         if self.chunk_overlap >= self.chunk_tokens:
             raise ValueError("chunk_overlap must be smaller than chunk_tokens")
+        if 0 < self.dense_window_tokens < 16 or self.dense_window_tokens >= self.chunk_tokens:
+            raise ValueError("dense_window_tokens must be 0 (off) or at least 16 and smaller than chunk_tokens "
+                             f"({self.chunk_tokens}): a window is a part of a chunk")
         if self.top_k > self.max_top_k:
             raise ValueError("top_k must not exceed max_top_k")
         return self

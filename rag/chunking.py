@@ -16,6 +16,7 @@ import re
 import uuid
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Any
 
 from rag.documents import Document
 from rag.payload import ChunkPayload
@@ -196,3 +197,14 @@ def embedding_text(title: str, section: str, text: str, with_title: bool = True)
     """What the dense and sparse encoders see for a chunk: its title and section lead the text."""
     head = [p for p in ((title if with_title else ""), section) if p and p not in text[: len(p) + 8]]
     return "\n".join(head + [text]) if head else text
+
+
+def window_texts(chunker: "Chunker", chunk: dict[str, Any], with_title: bool = True) -> list[str]:
+    """What the dense encoder sees for each window of a chunk (rag.dense_window_tokens): the chunk
+    cut again by `chunker` (sentence-aligned, as chunks are), each window led by the chunk's title
+    and section; a chunk no longer than one window is its own only window."""
+    doc = Document(doc_id=chunk["doc_id"], source=chunk["source"], title=chunk["title"], text=chunk["text"])
+    pieces = chunker.split(doc)
+    if len(pieces) <= 1:
+        return [embedding_text(chunk["title"], chunk["section"], chunk["text"], with_title)]
+    return [embedding_text(chunk["title"], chunk["section"], w.text, with_title) for w in pieces]

@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 DENSE = "dense"
 SPARSE = "bm25"
 DENSE_E5 = "dense_e5"  # the second dense model's named vector (rag.second_dense)
+DENSE_WINDOWS = "dense_windows"  # the dense model's vectors of each chunk's windows (rag.dense_window_tokens)
 
 
 def embedder_dir(settings: Settings) -> str:

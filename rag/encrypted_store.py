@@ -112,8 +112,8 @@ class EncryptedStore(VectorStore):
         return [{**p, "payload": self.decrypt_payload(name, p["payload"])} for p in self.inner.retrieve_points(name, ids)]
 
     # --- everything else as the inner store does it
-    def create_collection(self, name: str, dim: int, second_dim: int | None = None) -> None:
-        return self.inner.create_collection(name, dim, second_dim)
+    def create_collection(self, name: str, dim: int, second_dim: int | None = None, windows: bool = False) -> None:
+        return self.inner.create_collection(name, dim, second_dim, windows=windows)
     def dense_vectors(self, name: str) -> list[str]: return self.inner.dense_vectors(name)
     def drop_collection(self, name: str) -> None: return self.inner.drop_collection(name)
     def list_collections(self) -> list[str]: return self.inner.list_collections()

@@ -31,7 +31,7 @@ from pydantic import BaseModel, Field
 
 from config import Settings, load_settings
 from observability import metrics, tracing
-from rag.chunking import Chunk, Chunker, embedding_text, load_tokenizer
+from rag.chunking import Chunk, Chunker, embedding_text, load_tokenizer, window_texts
 from rag.errors import ParseError, SourceNotAllowed, SourceUnreadable
 from rag.graph_llm import FALLBACK as GRAPH_FALLBACK
 from rag.graph_llm import extractor_name as graph_extractor_name
@@ -57,6 +57,7 @@ class StreamRow(Chunk):
     kind: Literal["chunk", "skipped", "failed"] = "chunk"
     id: str = ""
     embed_text: str = ""     # what the encoders see (embedding_text)
+    window_texts: list[str] = []  # what the dense encoder sees per window (rag.dense_window_tokens), else empty
     error: str = ""          # why a file failed
 
 
@@ -65,6 +66,7 @@ class EmbeddedRow(StreamRow):
 
     dense: list[float] = []
     dense_e5: list[float] = []   # the second dense model's vector (rag.second_dense), else empty
+    dense_windows: list[list[float]] = []  # the dense model's vector of each window, else empty
     sparse_indices: list[int] = []
     sparse_values: list[float] = []
 
@@ -240,7 +242,7 @@ def apply_pii_policy(row: dict[str, Any], policy: str, detector) -> dict[str, An
 
 def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int, params: str, root: str,
                     states_ref, with_title: bool = True, pii: dict[str, Any] | None = None,
-                    graph: dict[str, Any] | None = None) -> Iterator[pa.Table]:
+                    graph: dict[str, Any] | None = None, window: int = 0) -> Iterator[pa.Table]:
     """Files -> chunk rows (kind=chunk), plus one row per unchanged (skipped) doc or failed file;
     with `graph` (`rag.graph` as a dict), each chunk's entities and relations (rag/graph.py, after the PII policy: a
     redacted name is no entity).
@@ -252,6 +254,7 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
     extract_graph = chunk_extractor(graph) if graph else None
     complete = _complete_hashes(states_ref)
     chunker = Chunker(load_tokenizer(model_dir), size, overlap)
+    windower = Chunker(chunker.tok, window, min(overlap, window - 1)) if window else None
     detector = None
     if pii and pii["ingest"] != "off":
         from security.pii import detector_for
@@ -291,6 +294,8 @@ def parse_and_chunk(batch: pa.Table, *, model_dir: str, size: int, overlap: int,
                          embed_text=embedding_text(r["title"], r["section"], r["text"], with_title))
                 if extract_graph is not None:
                     r["graph"] = extract_graph(r["text"])
+                if windower is not None:
+                    r["window_texts"] = window_texts(windower, r, with_title)
                 rows.append(r)
             if len(rows) >= CHUNK_ROWS_OUT:
                 yield pa.Table.from_pylist(rows, schema=ROW_SCHEMA)
@@ -327,6 +332,10 @@ class EmbedStage:
         texts = [rows[i]["embed_text"] for i in idx]
         dense = self.dense.embed(texts)
         sparse = self.sparse.embed_documents(texts)
+        windows = [rows[i]["window_texts"] or [] for i in idx]
+        # a chunk that is its own only window has its chunk vector as its window's
+        flat = [t for j, ws in enumerate(windows) if ws != [texts[j]] for t in ws]
+        window_vecs = iter(self.dense.embed(flat)) if flat else iter(())
         second = None
         if self.second is not None:
             from rag.embedding import second_passage_text
@@ -336,9 +345,12 @@ class EmbedStage:
                                        is_query=False)
         for r in rows:
             r["dense"], r["dense_e5"], r["sparse_indices"], r["sparse_values"] = [], [], [], []
+            r["dense_windows"] = []
         for j, i in enumerate(idx):
             rows[i]["embedder"] = self.embedder
             rows[i]["dense"] = dense[j].tolist()
+            rows[i]["dense_windows"] = ([dense[j].tolist()] if windows[j] == [texts[j]]
+                                        else [next(window_vecs).tolist() for _ in windows[j]])
             if second is not None:
                 rows[i]["second_embedder"] = self.second_id
                 rows[i]["dense_e5"] = second[j].tolist()
@@ -373,8 +385,9 @@ def indexing_params(settings: Settings) -> str:
         from rag.embedding import second_embedder_id
 
         second = f";e5={second_embedder_id(settings)}/{r.second_dense.passage_title}"
+    windows = f";win={r.dense_window_tokens}" if r.dense_window_tokens else ""
     return (f"chunk={r.chunk_tokens}/{r.chunk_overlap};bm25={r.bm25_k}/{r.bm25_b}/{r.bm25_avg_len};"
-            f"model={r.embedding_model}{graph}{second}{enc}{pii}")
+            f"model={r.embedding_model}{graph}{second}{windows}{enc}{pii}")
 
 
 def run_ingest(source: str, collection: str | None = None, *, settings: Settings | None = None,
@@ -436,7 +449,15 @@ def _run_ingest(source: str, collection: str | None, *, settings: Settings | Non
     dense_dir = dense_source(settings)  # the variant's model (fp32, or an optimised directory)
     dim = 384 if r.embedding_model == "all-minilm-l6-v2" else _dimension(model_dir)
     second_dim = SECOND_DIM if r.second_dense.enabled else None
-    target, flip = ingest_target(store, collection, dim, rebuild, second_dim)
+    target, flip = ingest_target(store, collection, dim, rebuild, second_dim, windows=bool(r.dense_window_tokens))
+    if r.dense_window_tokens:
+        from rag.embedding import DENSE_WINDOWS
+        from rag.errors import EmbedderMismatch
+
+        if DENSE_WINDOWS not in store.dense_vectors(target):
+            raise EmbedderMismatch(f"collection {collection!r} ({target}) was made without {DENSE_WINDOWS!r} vectors "
+                                   "and rag.dense_window_tokens is set: ingest with --rebuild to write a version that "
+                                   "has them", "collection")
     if second_dim:
         from rag.embedding import DENSE_E5
         from rag.errors import EmbedderMismatch
@@ -487,7 +508,8 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
                         fn_kwargs=dict(model_dir=model_dir, size=r.chunk_tokens, overlap=r.chunk_overlap,
                                        params=indexing_params(settings), root=root, states_ref=states_ref,
                                        pii=settings.pii.model_dump() if settings.pii.enabled else None,
-                                       graph=r.graph.model_dump() if r.graph.extract else None))
+                                       graph=r.graph.model_dump() if r.graph.extract else None,
+                                       window=r.dense_window_tokens))
     stage = dict(model_dir=dense_dir, bm25=(r.bm25_k, r.bm25_b, r.bm25_avg_len), batch_size=r.embed_batch_size,
                  threads=r.embed_threads, embedder=embedder_id(settings))
     if r.second_dense.enabled:
@@ -537,6 +559,7 @@ def _pipeline(settings: Settings, store, *, files, model_dir, dense_dir, root, s
             if row["graph"] and GRAPH_FALLBACK_MARK in row["graph"]:
                 graph_fallbacks[json.loads(row["graph"]).get(GRAPH_FALLBACK, "")] += 1
             points.append({"id": row["id"], "dense": row["dense"], "dense_e5": row["dense_e5"] or None,
+                           "dense_windows": row["dense_windows"] or None,
                            "sparse_indices": row["sparse_indices"],
                            "sparse_values": row["sparse_values"], "payload": {k: row[k] for k in PAYLOAD_FIELDS}})
         if points:

@@ -251,6 +251,7 @@ class Retriever:
         spec = SearchSpec(mode=mode, dense=[float(x) for x in dvec], sparse=svec if svec.indices else None,
                           fusion=fusion, rrf_k=r.rrf_k, weights=weights, limit=want,
                           second=[float(x) for x in second_vector] if use_second else None,
+                          windows=bool(r.dense_window_tokens),
                           prefetch=max(r.doc_fusion_depth if fusion == "dbsf-doc" else r.prefetch, want),
                           filter=filters, with_dense=mmr,
                           payload_fields=[*payload_fields, *checked] if payload_fields else None)

@@ -9,10 +9,12 @@
   with the Query API's prefetch + fusion; `":memory:"` gives qdrant-client's local mode.
 
 Both store named vectors `dense` (cosine) and `bm25` (sparse, IDF modifier), with
-`rag.second_dense` a third, `dense_e5` (cosine), and the chunk payload written by the ingest job
+`rag.second_dense` a third, `dense_e5` (cosine), with `rag.dense_window_tokens` the multi-vector
+`dense_windows` (each chunk's windows, MaxSim), and the chunk payload written by the ingest job
 (`rag.payload.ChunkPayload`). A hybrid query fuses two lists, or three when it carries an e5
-vector; a collection made without `dense_e5` refuses such a query (`EmbedderMismatch`). Collection names given to
-queries may be aliases.
+vector; a collection made without `dense_e5` refuses such a query (`EmbedderMismatch`). Fusion is
+Qdrant's (RRF, DBSF) or per document in Python (`dbsf-doc`, rag/fusion.py). Collection names given
+to queries may be aliases.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pydantic import BaseModel, Field
 from config import Settings
 from config.actors import detached_actor
 from config.names import ACTOR_NAMESPACE
-from rag.embedding import DENSE, DENSE_E5, SPARSE, SparseVec
+from rag.embedding import DENSE, DENSE_E5, DENSE_WINDOWS, SPARSE, SparseVec
 from rag.errors import CollectionNotFound, EmbedderMismatch, RagInvalidRequest, StoreUnavailable
 from rag.fusion import fuse_by_document
 from rag.payload import STATE_FIELDS
@@ -67,6 +69,7 @@ class SearchSpec(BaseModel):
     rrf_k: int = 60
     weights: list[float] | None = None  # [dense, sparse(, e5)]: RRF's and dbsf-doc's; DBSF repeats lists (dbsf_repeats)
     second: list[float] | None = None   # the e5 query vector (rag.second_dense): a third list in hybrid fusion
+    windows: bool = False  # the dense list scores chunks by their best window where the collection has them
     limit: int = Field(10, ge=1)
     prefetch: int = Field(100, ge=1)
     filter: PayloadFilter | None = None
@@ -90,9 +93,9 @@ class VectorStore(ABC):
 
     # collections
     @abstractmethod
-    def create_collection(self, name: str, dim: int, second_dim: int | None = None) -> None:
-        """Make collection `name` (no-op if it exists): `dense` of `dim`, `bm25`, and `dense_e5` of
-        `second_dim` when given."""
+    def create_collection(self, name: str, dim: int, second_dim: int | None = None, windows: bool = False) -> None:
+        """Make collection `name` (no-op if it exists): `dense` of `dim`, `bm25`, `dense_e5` of
+        `second_dim` when given, and with `windows` the multi-vector `dense_windows` of `dim` (MaxSim)."""
     @abstractmethod
     def dense_vectors(self, name: str) -> list[str]:
         """The named dense vectors collection `name` holds (`dense`, and `dense_e5` if made with it)."""
@@ -198,6 +201,13 @@ def check_second(name: str, vectors: list[str], spec: SearchSpec) -> None:
                                "query without the second dense model", "collection")
 
 
+def dense_using(vectors: list[str], spec: SearchSpec) -> str:
+    """The named vector of the dense list: the chunks' windows (a multi-vector, scored by its best
+    window) when the query asks for them and the collection has them, else the one vector per chunk
+    (a collection written before rag.dense_window_tokens was set still answers, as before)."""
+    return DENSE_WINDOWS if spec.windows and DENSE_WINDOWS in vectors else DENSE
+
+
 def dbsf_repeats(weights: list[float] | None, n: int) -> list[int]:
     """DBSF sums each list's normalised scores and Qdrant takes no weights: a list repeated r times
     counts r times. Weights in steps of 0.5 -> the smallest repeat counts in their ratio (0 drops
@@ -293,7 +303,7 @@ class EdgeStore(VectorStore):
         return q.Filter(must=must) if must else None
 
     # --- collections
-    def create_collection(self, name: str, dim: int, second_dim: int | None = None) -> None:
+    def create_collection(self, name: str, dim: int, second_dim: int | None = None, windows: bool = False) -> None:
         import qdrant_edge as q
 
         with self._lock:
@@ -305,6 +315,10 @@ class EdgeStore(VectorStore):
             vectors = {DENSE: q.EdgeVectorParams(size=dim, distance=q.Distance.Cosine)}
             if second_dim:
                 vectors[DENSE_E5] = q.EdgeVectorParams(size=second_dim, distance=q.Distance.Cosine)
+            if windows:
+                vectors[DENSE_WINDOWS] = q.EdgeVectorParams(
+                    size=dim, distance=q.Distance.Cosine,
+                    multivector_config=q.MultiVectorConfig(q.MultiVectorComparator.MaxSim))
             cfg = q.EdgeConfig(
                 vectors=vectors,
                 sparse_vectors={SPARSE: q.EdgeSparseVectorParams(modifier=q.Modifier.Idf)},
@@ -381,7 +395,9 @@ class EdgeStore(VectorStore):
             return 0
         pts = [q.Point(p["id"], {DENSE: list(p["dense"]),
                                  SPARSE: q.SparseVector(list(p["sparse_indices"]), list(p["sparse_values"])),
-                                 **({DENSE_E5: list(p["dense_e5"])} if p.get("dense_e5") else {})},
+                                 **({DENSE_E5: list(p["dense_e5"])} if p.get("dense_e5") else {}),
+                                 **({DENSE_WINDOWS: [list(v) for v in p["dense_windows"]]}
+                                    if p.get("dense_windows") else {})},
                        p["payload"]) for p in points]
         self._shard(name).update(q.UpdateOperation.upsert_points(pts))
         self._wrote(name)
@@ -471,7 +487,11 @@ class EdgeStore(VectorStore):
         with_vector = [DENSE] if spec.with_dense else False
         with_payload = list(spec.payload_fields) if spec.payload_fields else True
 
+        using = dense_using(self.dense_vectors(name), spec) if spec.windows else DENSE
+
         def dense_q():
+            if using == DENSE_WINDOWS:  # one query vector against each chunk's windows: its best window
+                return q.Query.Nearest([list(spec.dense)], using=DENSE_WINDOWS)
             return q.Query.Nearest(list(spec.dense), using=DENSE)
 
         def sparse_q():
@@ -524,10 +544,14 @@ class EdgeStore(VectorStore):
         with_payload = list(spec.payload_fields) if spec.payload_fields else True
         records = {str(r.id): r for r in shard.retrieve([c.id for c in fused], with_payload,
                                                         [DENSE] if spec.with_dense else False)}
-        return [Hit(id=c.id, score=c.score, payload=dict(records[c.id].payload or {}),
-                    dense=records[c.id].vector.get(DENSE) if spec.with_dense and isinstance(records[c.id].vector, dict)
-                    else None)
-                for c in fused if c.id in records]
+        hits = []
+        for c in fused:
+            r = records.get(c.id)
+            if r is None:  # deleted between the two calls
+                continue
+            vec = r.vector.get(DENSE) if spec.with_dense and isinstance(r.vector, dict) else None
+            hits.append(Hit(id=c.id, score=c.score, payload=dict(r.payload or {}), dense=vec))
+        return hits
 
     def close(self) -> None:
         with self._lock:
@@ -566,7 +590,7 @@ class QdrantServerStore(VectorStore):
             must.append(m.FieldCondition(key="date", range=m.DatetimeRange(gte=flt.date_from, lte=flt.date_to)))
         return m.Filter(must=must)
 
-    def create_collection(self, name: str, dim: int, second_dim: int | None = None) -> None:
+    def create_collection(self, name: str, dim: int, second_dim: int | None = None, windows: bool = False) -> None:
         from qdrant_client import models as m
 
         _check_name(name)
@@ -575,6 +599,9 @@ class QdrantServerStore(VectorStore):
         vectors = {DENSE: m.VectorParams(size=dim, distance=m.Distance.COSINE)}
         if second_dim:
             vectors[DENSE_E5] = m.VectorParams(size=second_dim, distance=m.Distance.COSINE)
+        if windows:
+            vectors[DENSE_WINDOWS] = m.VectorParams(size=dim, distance=m.Distance.COSINE, multivector_config=(
+                m.MultiVectorConfig(comparator=m.MultiVectorComparator.MAX_SIM)))
         self.client.create_collection(
             name,
             vectors_config=vectors,
@@ -632,7 +659,8 @@ class QdrantServerStore(VectorStore):
             m.PointStruct(id=p["id"], payload=p["payload"], vector={
                 DENSE: list(p["dense"]),
                 SPARSE: m.SparseVector(indices=list(p["sparse_indices"]), values=list(p["sparse_values"])),
-                **({DENSE_E5: list(p["dense_e5"])} if p.get("dense_e5") else {})})
+                **({DENSE_E5: list(p["dense_e5"])} if p.get("dense_e5") else {}),
+                **({DENSE_WINDOWS: [list(v) for v in p["dense_windows"]]} if p.get("dense_windows") else {})})
             for p in points], wait=True)
         return len(points)
 
@@ -670,14 +698,16 @@ class QdrantServerStore(VectorStore):
             if spec.sparse is not None else None
         with_vectors = [DENSE] if spec.with_dense else False
         wp = list(spec.payload_fields) if spec.payload_fields else True
+        using = dense_using(self.dense_vectors(name), spec) if spec.windows else DENSE
+        dense_q = ([list(spec.dense)] if using == DENSE_WINDOWS else list(spec.dense)) if spec.dense is not None else None
         if spec.mode == "dense":
-            res = self.client.query_points(name, query=list(spec.dense), using=DENSE, limit=spec.limit,
+            res = self.client.query_points(name, query=dense_q, using=using, limit=spec.limit,
                                            query_filter=flt, with_payload=wp, with_vectors=with_vectors)
         elif spec.mode == "sparse":
             res = self.client.query_points(name, query=sparse, using=SPARSE, limit=spec.limit,
                                            query_filter=flt, with_payload=wp, with_vectors=with_vectors)
         else:
-            lists = [(list(spec.dense), DENSE), (sparse, SPARSE)]
+            lists = [(dense_q, using), (sparse, SPARSE)]
             if spec.second is not None:
                 check_second(name, self.dense_vectors(name), spec)
                 lists.append((list(spec.second), DENSE_E5))
@@ -827,7 +857,8 @@ class RemoteStore(VectorStore):
                 if attempt == 2 or method not in IDEMPOTENT_READS:
                     raise StoreUnavailable(lost) from None
 
-    def create_collection(self, name, dim, second_dim=None): return self._call("create_collection", name, dim, second_dim)
+    def create_collection(self, name, dim, second_dim=None, windows=False):
+        return self._call("create_collection", name, dim, second_dim, windows=windows)
     def dense_vectors(self, name): return self._call("dense_vectors", name)
     def drop_collection(self, name): return self._call("drop_collection", name)
     def list_collections(self): return self._call("list_collections")

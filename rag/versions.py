@@ -63,7 +63,7 @@ def list_versions(store: VectorStore, name: str | None = None) -> list[Collectio
 
 
 def ingest_target(store: VectorStore, name: str, dim: int, rebuild: bool,
-                  second_dim: int | None = None) -> tuple[str, bool]:
+                  second_dim: int | None = None, windows: bool = False) -> tuple[str, bool]:
     """(physical collection to write, whether to flip the alias to it when the ingest completes)."""
     check_logical_name(name)
     current = store.get_alias(name)
@@ -77,7 +77,7 @@ def ingest_target(store: VectorStore, name: str, dim: int, rebuild: bool,
         target = physical(name, versions[-1])
         return target, True
     target = physical(name, (versions[-1] + 1) if versions else 1)
-    store.create_collection(target, dim, second_dim)
+    store.create_collection(target, dim, second_dim, windows=windows)
     return target, True
 
 

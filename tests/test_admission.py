@@ -453,7 +453,7 @@ def test_pairs_that_fill_the_queue_back_to_back_are_never_refused_by_serves_lagg
     in its handle's count only when the replica's generator has returned; the router released its
     own at the answer's last event, so the next pair passed its count and Serve refused one of
     them after the whole path (issue 18). Now a finished stream is read to its end before its slot
-    is released, and a Serve refusal the router's count did not expect is tried once more."""
+    is released, and a Serve refusal the router's count did not expect is tried again (a few ms later)."""
     headers = {"Authorization": f"Bearer {platform['admin']}"}
     body = {"model": CHAT, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2}
 

@@ -40,8 +40,9 @@ AUTO = "auto"
 # A finished answer's stream may take this long to end on its own before it is closed (TrackedEvents).
 FINISHED_DRAIN_S = 0.5
 # Serve's handle refusing a request that this replica's count admitted is its count lagging ours
-# (a slot it frees a moment after the replica's generator returns): tried once more after this.
-SERVE_LAG_RETRY_S = 0.01
+# (a slot it frees a moment after the replica's generator returns, later under load): tried again
+# after each of these waits while our count still has room.
+SERVE_LAG_RETRIES_S = (0.01, 0.02, 0.04)
 
 
 @dataclass
@@ -358,7 +359,7 @@ class Router:
         last: APIError | None = None
         prev = None
         full: set[str] = set()  # models whose queue is full: not tried again in this request
-        relost = lagged = False
+        relost, lagged = False, 0
         for i, mid in enumerate(plan, 1):
             if mid in full:
                 attempts.append((mid, "overloaded"))
@@ -422,12 +423,13 @@ class Router:
             await events.aclose()
             if isinstance(err, ModelOverloaded):  # load, not failure: the breaker does not count it
                 self._set(mid, health.release(self.health[mid]))
-                if not lagged and self._capacity(mid) is not None and not self._full(mid, claim):
-                    lagged = True  # our count had room: Serve's lags it
+                if lagged < len(SERVE_LAG_RETRIES_S) and self._capacity(mid) is not None and not self._full(mid, claim):
+                    wait = SERVE_LAG_RETRIES_S[lagged]  # our count had room: Serve's lags it
+                    lagged += 1
                     attempts.append((mid, "lagged"))
                     last = err
                     plan.insert(i, mid)
-                    await asyncio.sleep(SERVE_LAG_RETRY_S)
+                    await asyncio.sleep(wait)
                     continue
                 full.add(mid)
                 attempts.append((mid, "overloaded"))

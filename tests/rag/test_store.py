@@ -128,6 +128,30 @@ def test_document_fusion_fuses_each_lists_chunks_per_document(store, points, den
     assert set(hits[0].payload) == {"doc_id"} and len(hits[0].dense) == 384
 
 
+def test_windows_score_a_chunk_by_its_best_window(store, points, dense, sparse):
+    """rag.dense_window_tokens: a chunk whose own vector misses the question but one of whose
+    windows matches it comes first in the dense list when the query asks for windows; without
+    them, or on a collection made without windows, the one vector per chunk ranks as before."""
+    question = "Which river flows through Berlin?"
+    hidden = dict(points[4], dense_windows=[points[4]["dense"], dense.embed(["The Spree river flows through Berlin."])[0].tolist()])
+    assert hidden["payload"]["doc_id"] == "cats"
+    rest = [dict(p, dense_windows=[p["dense"]]) for p in points if p["payload"]["doc_id"] != "cats"]
+    store.create_collection("w1", 384, windows=True)
+    assert "dense_windows" in store.dense_vectors("w1")
+    store.upsert("w1", [*rest, hidden])
+    def docs(mode, **kw):
+        return [h.payload["doc_id"] for h in store.search("w1", _spec(dense, sparse, question, mode=mode, limit=6, **kw))]
+
+    assert docs("dense", windows=True)[0] == "cats" and docs("dense")[0] == "berlin"
+    assert docs("hybrid", windows=True).index("cats") < docs("hybrid").index("cats")  # BM25 still says Berlin
+    store.create_collection("w2", 384)
+    store.upsert("w2", points)
+    assert "dense_windows" not in store.dense_vectors("w2")
+    with_windows = store.search("w2", _spec(dense, sparse, question, mode="dense", limit=3, windows=True))
+    assert [h.id for h in with_windows] == [h.id for h in store.search("w2", _spec(dense, sparse, question,
+                                                                                   mode="dense", limit=3))]
+
+
 def test_filters_source_tags_dates(store, points, dense, sparse):
     store.create_collection("c4", 384)
     store.upsert("c4", points)
