@@ -58,7 +58,7 @@ def test_the_consumers_take_their_fields_from_the_model():
         assert ingest.ROW_SCHEMA.field(f.name).type == f.type
         assert ingest.EMBEDDED_SCHEMA.field(f.name).type == f.type
     assert ingest.EMBEDDED_SCHEMA.field("dense").type == pa.list_(pa.float32())
-    assert set(ingest.ROW_SCHEMA.names) - set(PAYLOAD_FIELDS) == {"id", "kind", "embed_text", "error"}
+    assert set(ingest.ROW_SCHEMA.names) - set(PAYLOAD_FIELDS) == {"id", "kind", "embed_text", "window_texts", "error"}
     # Hits carry every payload field; passages the passage fields, with the model's annotations.
     assert set(PAYLOAD_FIELDS) <= set(RetrievedChunk.model_fields)
     assert [f for f in Passage.model_fields if f in ChunkPayload.model_fields] == PASSAGE_FIELDS
