@@ -216,7 +216,9 @@ def test_a_latency_regression_fires_a_rule_through_alertmanager_to_slack(receive
         # to Slack): that wait is counted apart, in evaluations too.
         group_wait_s = int(monitoring.alertmanager_config(settings, "")["route"]["group_wait"].removesuffix("ms")) / 1000
         elapsed = at_slack[0] - not_yet
-        assert 1 <= elapsed <= 2 + math.ceil(group_wait_s / EVAL_S), (elapsed, group_wait_s)
+        # One evaluation more for the receiver's own post on a loaded 2-core machine (fresh-clone CI,
+        # 3 December: 5 evaluations against a bound of 4, the suite's load average ~6).
+        assert 1 <= elapsed <= 3 + math.ceil(group_wait_s / EVAL_S), (elapsed, group_wait_s)
     finally:
         sink.on_post = None
         provider.slow_s = 0.0
